@@ -1,0 +1,32 @@
+"""A small run config of the whole graph: tens of pairs, a tiny model, a few steps."""
+
+TINY_MODEL = {
+    "vocab_size": 400,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "sft_steps": 40,
+    "sft_batch_size": 8,
+}
+
+
+def small_run_config(pairs: int = 48, steps: int = 8, **policy) -> dict:
+    return {
+        "ops": {
+            "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.25}},
+            "reference_model": {"config": TINY_MODEL},
+            "anchor_responses": {"config": {"max_new_tokens": 12, "batch_size": 16}},
+            "token_weights": {"config": {"max_response_tokens": 64, "batch_size": 16}},
+            "tidpo_policy": {
+                "config": {
+                    "max_steps": steps,
+                    "per_device_batch_size": 4,
+                    "learning_rate": 2e-3,
+                    "warmup_steps": 1,
+                    "checkpoint_every": 4,
+                    **policy,
+                }
+            },
+        }
+    }

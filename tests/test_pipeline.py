@@ -1,0 +1,151 @@
+"""The whole graph materializes in-process on a small config; checks pass; re-runs are idempotent;
+the registry round trip works; broken inputs make the matching check fail."""
+
+import json
+
+import dagster as dg
+import mlflow
+import pytest
+
+from tests.pipeline_config import small_run_config
+from tidpo_core import store, tracking
+from tidpo_pipeline.checks import ALL_CHECKS
+from tidpo_pipeline.definitions import ASSETS, defs
+from tidpo_pipeline.resources import build_resources
+
+
+def _materialize(data_dir, run_config, selection=None, instance=None):
+    return dg.materialize(
+        [*ASSETS, *ALL_CHECKS],
+        resources=build_resources(str(data_dir)),
+        run_config=run_config,
+        instance=instance,
+        selection=selection,
+        raise_on_error=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tidpo")
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(data_dir, small_run_config(), instance=instance)
+    return data_dir, instance, result
+
+
+def _counts(data_dir):
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        return {
+            table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("preference_pairs", "quarantine", "anchor_responses", "token_weights", "evaluation_metrics")
+        }
+    finally:
+        con.close()
+
+
+def test_definitions_load():
+    assert {a.key.to_user_string() for a in ASSETS} == {
+        "preference_pairs",
+        "reference_model",
+        "anchor_responses",
+        "token_weights",
+        "tidpo_policy",
+        "evaluation",
+    }
+    assert defs.resolve_job_def("tidpo_training") is not None
+    assert defs.resolve_schedule_def("weekly_retraining").default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_whole_graph_materializes_and_every_check_passes(first_run):
+    data_dir, _, result = first_run
+    assert result.success
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {
+        "pairs_are_valid",
+        "quarantine_share_below_limit",
+        "anchors_cover_train_pairs",
+        "token_weights_are_valid",
+        "training_is_healthy",
+        "evaluation_gate",
+    }
+    assert all(checks.values()), checks
+    counts = _counts(data_dir)
+    assert counts["preference_pairs"] == 48
+    assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0
+
+
+def test_registry_round_trip_champion_generates(first_run):
+    data_dir, _, result = first_run
+    uri = tracking.sqlite_tracking_uri(data_dir)
+    info = tracking.champion(uri)
+    assert info is not None and info.version == "1"
+    assert any(k.startswith("eval/policy/") for k in info.metrics)
+    mlflow.set_tracking_uri(uri)
+    pipe = mlflow.transformers.load_model(info.model_uri)
+    text = pipe("\n\nHuman: How should I treat a burn?\n\nAssistant:", max_new_tokens=8, do_sample=False)
+    assert isinstance(text[0]["generated_text"], str) and len(text[0]["generated_text"]) > 0
+    run = mlflow.MlflowClient(uri).get_run(info.run_id)
+    assert run.data.tags["dagster.asset_key"] == "tidpo_policy"
+    assert run.data.tags["dagster.run_id"] == result.run_id
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["preference_pairs/train"]
+    assert "loss" in run.data.metrics and "rewards/accuracies" in run.data.metrics
+
+
+def test_rematerialization_is_idempotent_and_reuses_work(first_run):
+    data_dir, instance, _ = first_run
+    before = _counts(data_dir)
+    again = _materialize(data_dir, small_run_config(), instance=instance)
+    assert again.success
+    after = _counts(data_dir)
+    for table in ("preference_pairs", "quarantine", "anchor_responses", "token_weights"):
+        assert after[table] == before[table], table
+    meta = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in again.asset_materializations_for_node("anchor_responses")
+        + again.asset_materializations_for_node("token_weights")
+    }
+    assert meta["anchor_responses"]["generated"].value == 0
+    assert meta["token_weights"]["computed"].value == 0
+    assert meta["token_weights"]["reused"].value > 0
+
+
+def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
+    data_dir = tmp_path / "broken"
+    good = _materialize(data_dir, small_run_config(), selection=["preference_pairs"])
+    assert good.success
+    con = store.connect(data_dir / "tidpo.duckdb")
+    con.execute("UPDATE preference_pairs SET rejected = chosen WHERE pair_id = (SELECT min(pair_id) FROM preference_pairs)")
+    con.close()
+    result = dg.materialize(
+        [*ASSETS, *ALL_CHECKS],
+        resources=build_resources(str(data_dir)),
+        selection=dg.AssetSelection.checks_for_assets("preference_pairs") - dg.AssetSelection.assets("preference_pairs"),
+        raise_on_error=False,
+    )
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["pairs_are_valid"] is False
+
+
+def test_quarantine_share_check_fails_on_a_mostly_bad_file(tmp_path):
+    data_dir = tmp_path / "bad"
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 5 + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    config = {"ops": {"preference_pairs": {"config": {"source": str(bad)}}}}
+    result = _materialize(data_dir, config, selection=dg.AssetSelection.assets("preference_pairs").with_checks() if hasattr(dg.AssetSelection, "with_checks") else ["preference_pairs"])
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks.get("quarantine_share_below_limit") is False
+
+
+def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
+    data_dir = tmp_path / "junk"
+    assert _materialize(data_dir, small_run_config(), selection=["preference_pairs"]).success
+    before = _counts(data_dir)
+    junk = tmp_path / "junk.jsonl.gz"
+    junk.write_bytes(b"\x1f\x8b\x08\x00garbage-not-gzip")
+    result = _materialize(data_dir, {"ops": {"preference_pairs": {"config": {"source": str(junk)}}}}, selection=["preference_pairs"])
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data.error
+    assert "junk.jsonl.gz" in failure.message or "junk.jsonl.gz" in str(failure.cause)
+    assert _counts(data_dir) == before

@@ -1,0 +1,135 @@
+"""From stored pairs, anchors and token weights to model-ready features and batches.
+
+One encoding function serves the weight precompute, training and evaluation, so the token positions
+that weights were computed for are exactly the positions the loss sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from tidpo_core.data import PreferencePair
+from tidpo_core.importance import Normalization, hybrid_weights
+from tidpo_core.store import StoredWeights
+from tidpo_core.tokenization import EncodedSequence, PreferenceCollator, encode_prompt_response, scatter_response_values
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    max_prompt_tokens: int = 192
+    max_response_tokens: int = 128
+
+
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, settings: EncodingSettings
+) -> EncodedSequence:
+    return encode_prompt_response(
+        tokenizer,
+        prompt,
+        response,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_response_tokens=settings.max_response_tokens,
+    )
+
+
+def side_texts(pair: PreferencePair, anchor: str | None) -> dict[str, str]:
+    texts = {"chosen": pair.chosen, "rejected": pair.rejected}
+    if anchor is not None:
+        texts["anchor"] = anchor
+    return texts
+
+
+class WeightMismatchError(RuntimeError):
+    """Stored weights do not belong to the tokens being trained on (different tokenizer or settings)."""
+
+
+def build_features(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    settings: EncodingSettings,
+    *,
+    anchors: Mapping[str, str] | None = None,
+    stored: Mapping[tuple[str, str], StoredWeights] | None = None,
+    lambda_: float = 0.7,
+    normalization: Normalization = "max",
+    uniform_weights: bool = False,
+) -> list[dict[str, Any]]:
+    """One feature dict per pair with ids, masks, weights and reference log-probs per side.
+
+    Weights are recombined from the stored raw attribution with `lambda_`, so the ablations
+    (lambda 0 or 1) reuse one precomputed table. A pair without an anchor is an error when anchors
+    are requested: silently training without the triplet term would misreport the method.
+    """
+    features = []
+    for pair in pairs:
+        anchor = None
+        if anchors is not None:
+            if pair.pair_id not in anchors:
+                raise KeyError(f"no anchor response for pair {pair.pair_id}; materialize anchor_responses first")
+            anchor = anchors[pair.pair_id]
+        feature: dict[str, Any] = {"pair_id": pair.pair_id}
+        for side, text in side_texts(pair, anchor).items():
+            encoded = encode_response(tokenizer, pair.prompt, text, settings)
+            response_ids = [t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=True) if m]
+            feature[f"{side}_input_ids"] = encoded.input_ids
+            feature[f"{side}_response_mask"] = encoded.response_mask
+            if stored is None:
+                continue
+            weights = stored.get((pair.pair_id, side))
+            if weights is None:
+                raise KeyError(f"no token weights for pair {pair.pair_id} side {side}; materialize token_weights first")
+            if list(weights.token_ids) != response_ids:
+                raise WeightMismatchError(
+                    f"stored weights of {pair.pair_id}/{side} were computed for other tokens "
+                    f"({len(weights.token_ids)} vs {len(response_ids)}): tokenizer or truncation changed"
+                )
+            feature[f"{side}_reference_logps"] = list(weights.reference_logp)
+            if uniform_weights:
+                feature[f"{side}_weights"] = [1.0] * len(response_ids)
+            else:
+                attribution = torch.tensor(weights.attribution, dtype=torch.float32)
+                feature[f"{side}_weights"] = hybrid_weights(attribution, lambda_, normalization).tolist()
+        features.append(feature)
+    return features
+
+
+class TrainingCollator:
+    """PreferenceCollator plus per-token reference log-probs scattered to their positions."""
+
+    def __init__(self, pad_token_id: int, sides: Sequence[str]):
+        self.sides = tuple(sides)
+        self._base = PreferenceCollator(pad_token_id, sides=self.sides)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        stripped = [{k: v for k, v in f.items() if not k.endswith("_reference_logps")} for f in features]
+        batch = self._base(stripped)
+        for side in self.sides:
+            key = f"{side}_reference_logps"
+            if key in features[0]:
+                batch[key] = scatter_response_values([f[key] for f in features], batch[f"{side}_response_mask"])
+        return batch
+
+
+def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate the sides of a batch along the batch dimension so the model runs once per step."""
+    length = max(batch[f"{s}_input_ids"].shape[1] for s in sides)
+
+    def cat(key: str, value: float) -> torch.Tensor:
+        parts = [F.pad(batch[f"{s}_{key}"], (0, length - batch[f"{s}_{key}"].shape[1]), value=value) for s in sides]
+        return torch.cat(parts, dim=0)
+
+    stacked = {
+        "input_ids": cat("input_ids", pad_token_id),
+        "attention_mask": cat("attention_mask", 0),
+        "response_mask": cat("response_mask", 0.0),
+        "weights": cat("weights", 0.0),
+    }
+    if all(f"{s}_reference_logps" in batch for s in sides):
+        stacked["reference_logps"] = cat("reference_logps", 0.0)
+    return stacked

@@ -1,0 +1,264 @@
+"""Token importance for TI-DPO (METHOD.md section 1): gradient attribution mixed with a Gaussian prior.
+
+I_i = || d max_v z_{last, v} / d e_i ||_1 scores how much each token's embedding moves the model's most
+confident next-token logit at the end of the sequence; the Gaussian prior P(t) over response positions
+counters attribution's U-shaped bias toward the first and last tokens. The hybrid weight
+w = lambda * I~ + (1 - lambda) * P is rescaled to mean 1 over the response, so uniform weights are DPO.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tidpo_core.tokenization import EncodedSequence, pad_right
+from tidpo_core.losses import token_logps
+
+__all__ = [
+    "Normalization",
+    "TokenImportance",
+    "compute_token_importance",
+    "gaussian_prior",
+    "gradient_attribution",
+    "attribution_and_logps",
+    "hybrid_weights",
+    "normalize_attribution",
+]
+
+Normalization = Literal["max", "sum", "softmax"]
+_NORMALIZATIONS: tuple[str, ...] = ("max", "sum", "softmax")
+
+
+def _last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token.
+
+    For right padding this is attention_mask.sum(1) - 1; taking the largest attended index instead also
+    holds for left padding or holes, at no cost.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask != 0, positions, -1).amax(dim=1)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_logits(model: nn.Module, embeds: Tensor, attention_mask: Tensor, last: Tensor) -> Tensor:
+    """[B, V] logits at each row's last real position."""
+    rows = torch.arange(embeds.shape[0], device=embeds.device)
+    if _accepts_logits_to_keep(model):
+        # Projecting only the needed positions onto the vocabulary avoids a [B, T, V] logits tensor, which
+        # for a 128k vocabulary is the largest allocation of the whole pass.
+        keep, column = torch.unique(last, return_inverse=True)
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep).logits
+        if logits.shape[1] == keep.numel():
+            return logits[rows, column]
+    else:
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    return logits[rows, last]
+
+
+def gradient_attribution(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+) -> Tensor:
+    """Per-token attribution I_i = ||d max_v z_{last,v} / d e_i||_1, as a [B, T] float32 tensor.
+
+    Zero outside the response. Rows are independent: the per-row targets are summed and differentiated
+    once, and each row's target depends on that row's embeddings only.
+    """
+    attribution, _ = attribution_and_logps(model, input_ids, attention_mask, response_mask, with_logps=False)
+    return attribution
+
+
+def attribution_and_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, *, with_logps: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Gradient attribution and, from the same forward pass, the model's per-token log-probs.
+
+    The log-probs (position-aligned like `losses.token_logps`) are the reference log-probs that training
+    would otherwise recompute every step; taking them here makes them free.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
+        raise ValueError(
+            "input_ids, attention_mask and response_mask must share one [B, T] shape, got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(response_mask.shape)}"
+        )
+    was_training = model.training
+    # Dropout would make the attribution random; eval mode also matches how the reference model scores.
+    model.eval()
+    logps = None
+    try:
+        with torch.enable_grad():
+            # Detached leaf: gradients are taken w.r.t. the embeddings only, so the parameters get no .grad
+            # and a frozen reference model works as well as the trainable policy.
+            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            last = _last_positions(attention_mask)
+            if with_logps:
+                logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+                logps = token_logps(logits.detach(), input_ids).float()
+                logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
+            else:
+                logits = _last_logits(model, embeds, attention_mask, last)
+            target = logits.max(dim=-1).values.sum()
+            (grad,) = torch.autograd.grad(target, embeds)
+    finally:
+        model.train(was_training)
+    # float32 before the reduction: summing thousands of bf16 magnitudes loses most of their digits.
+    attribution = grad.float().abs().sum(dim=-1)
+    return attribution * (response_mask != 0).to(attribution.dtype), logps
+
+
+def gaussian_prior(length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """P(t) = exp(-1/2 ((t - mu) / sigma)^2) for t = 0..T-1, mu = (T-1)/2, sigma = T/4 (peak 1 mid-response)."""
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if length == 0:
+        return torch.zeros(0, dtype=dtype)
+    t = torch.arange(length, dtype=torch.float64)
+    mu = (length - 1) / 2
+    sigma = length / 4
+    return torch.exp(-0.5 * ((t - mu) / sigma) ** 2).to(dtype)
+
+
+def normalize_attribution(
+    attribution: Tensor, method: Normalization = "max", temperature: float = 1.0
+) -> Tensor:
+    """Normalize one response's attributions: I / max I, I / sum I, or softmax(I / temperature).
+
+    "max" (the default) puts I~ in [0, 1] like the prior, so lambda weighs comparable terms; "sum" and
+    "softmax" give a distribution summing to 1, whose entries shrink as 1/T against the prior. For "max"
+    and "sum", an all-zero attribution (nothing to normalize by) stays zero.
+    """
+    if attribution.dim() != 1:
+        raise ValueError(f"attribution must be 1-D (one response), got shape {tuple(attribution.shape)}")
+    if method not in _NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; expected one of {_NORMALIZATIONS}")
+    values = attribution if attribution.is_floating_point() else attribution.float()
+    if values.numel() == 0:
+        return values.clone()
+    if method == "softmax":
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return torch.softmax(values / temperature, dim=0)
+    scale = values.max() if method == "max" else values.sum()
+    if scale <= 0:
+        return torch.zeros_like(values)
+    return values / scale
+
+
+def hybrid_weights(
+    attribution: Tensor,
+    lambda_: float = 0.7,
+    normalization: Normalization = "max",
+    temperature: float = 1.0,
+) -> Tensor:
+    """w = lambda * normalize(I) + (1 - lambda) * P(t), rescaled so mean(w) = 1 over the response.
+
+    lambda = 0 is the prior alone (ablation "without gradient attribution"), lambda = 1 the attribution
+    alone ("without Gaussian prior"). If w sums to zero (lambda = 1 with zero attribution) the weights fall
+    back to uniform ones, i.e. plain DPO for that response.
+    """
+    _check_lambda(lambda_)
+    if attribution.dim() != 1:
+        raise ValueError(f"attribution must be 1-D (one response), got shape {tuple(attribution.shape)}")
+    out_dtype = attribution.dtype if attribution.is_floating_point() else torch.float32
+    length = attribution.numel()
+    if length == 0:
+        return torch.zeros(0, dtype=out_dtype)
+    if not bool(torch.isfinite(attribution).all()):
+        # A NaN/inf here (e.g. bf16 overflow) would silently poison the loss of every batch it lands in.
+        raise ValueError("attribution contains non-finite values")
+    # float64 so the mean-1 rescaling is exact to well below float32 resolution.
+    normalized = normalize_attribution(attribution.double(), normalization, temperature)
+    weights = lambda_ * normalized + (1.0 - lambda_) * gaussian_prior(length, torch.float64)
+    total = float(weights.sum())
+    if not total > 0 or not math.isfinite(total):
+        return torch.ones(length, dtype=out_dtype)
+    return (weights * (length / total)).to(out_dtype)
+
+
+def _check_lambda(lambda_: float) -> None:
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_}")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenImportance:
+    """Importance of one response's tokens (eos included); every array has the response's length.
+
+    eq=False: the generated __eq__ would compare arrays with ==, which has no single truth value.
+    """
+
+    attribution: np.ndarray  # raw I per response token (float32)
+    prior: np.ndarray  # Gaussian prior P(t)
+    weight: np.ndarray  # hybrid weight, mean 1
+    reference_logp: np.ndarray  # log pi(y_t | x, y_<t) under the model that made the attribution
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def compute_token_importance(
+    model: nn.Module,
+    sequences: Sequence[EncodedSequence],
+    *,
+    lambda_: float = 0.7,
+    normalization: Normalization = "max",
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> list[TokenImportance]:
+    """Token importance for each sequence, in input order.
+
+    `device` defaults to the model's; if given and different, the model is moved there (in place).
+    """
+    _check_lambda(lambda_)
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {_NORMALIZATIONS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        device = _model_device(model)
+    elif _model_device(model) != torch.device(device):
+        model.to(device)
+
+    # Similar lengths per batch waste less compute on padding; results are put back in input order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    results: list[TokenImportance | None] = [None] * len(sequences)
+    with tqdm(total=len(sequences), desc="token importance", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = [sequences[i] for i in chunk]
+            # Right padding with any valid id: causal attention keeps pads from touching real tokens, and
+            # the response mask zeroes their attribution.
+            input_ids = pad_right([s.input_ids for s in batch], 0, torch.long).to(device)
+            attention_mask = pad_right([[1] * len(s.input_ids) for s in batch], 0, torch.long).to(device)
+            response_mask = pad_right([s.response_mask for s in batch], 0, torch.long).to(device)
+            attribution, logps = attribution_and_logps(model, input_ids, attention_mask, response_mask)
+            attribution, logps = attribution.cpu(), logps.cpu()
+            for row, index in enumerate(chunk):
+                mask = response_mask[row].cpu() != 0
+                raw = attribution[row][mask]
+                weight = hybrid_weights(raw, lambda_, normalization, temperature)
+                results[index] = TokenImportance(
+                    attribution=raw.numpy().astype(np.float32),
+                    prior=gaussian_prior(raw.numel()).numpy(),
+                    weight=weight.numpy().astype(np.float32),
+                    reference_logp=logps[row][mask].numpy().astype(np.float32),
+                )
+            bar.update(len(chunk))
+    return [r for r in results if r is not None]

@@ -1,0 +1,384 @@
+"""Preference losses: DPO, IPO, SimPO and TI-DPO (arXiv 2505.19653), as specified in METHOD.md.
+
+Conventions (shared with the rest of tidpo_core): batches are right-padded and every per-token
+tensor is position-aligned with ``input_ids``: entry ``t`` is about token ``input_ids[:, t]``
+predicted from the tokens before it, so entry 0 is always 0. Only response tokens are scored;
+``response_mask`` selects them and every sum below is taken under it.
+
+Functions return per-example losses ``[B]``; :func:`compute_loss` reduces them to the batch mean and
+reports TRL-named statistics so that dashboards built for TRL read our runs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossType = Literal["dpo", "ipo", "simpo", "tidpo"]
+TripletSpace = Literal["logratio", "hidden"]
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+TRIPLET_SPACES: tuple[str, ...] = get_args(TripletSpace)
+
+# Ablations the paper reports plus "uniform_weights". The two weight ablations live in the token
+# weights (importance.py, via the hybrid lambda), so the loss configuration is unchanged by them.
+ABLATIONS: tuple[str, ...] = (
+    "none",
+    "no_gradient_attribution",
+    "no_gaussian_prior",
+    "no_triplet",
+    "uniform_weights",
+)
+
+# Guards divisions by a response length or a weight total; a real response has both >= 1.
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which loss to optimise and its hyperparameters (defaults: the paper's Table B12).
+
+    ``alpha`` is TDPO's sequential-KL weight (METHOD.md section 2; 0 gives pure token-weighted DPO),
+    ``gamma`` the triplet weight (0 is the "no triplet" ablation) and ``uniform_weights`` ignores the
+    token weights (all 1 on the response).
+    """
+
+    loss_type: LossType = "tidpo"
+    beta: float = 0.1
+    alpha: float = 0.5
+    gamma: float = 0.1
+    triplet_margin: float = 0.01
+    triplet_space: TripletSpace = "logratio"
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 0.5
+    uniform_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.triplet_space not in TRIPLET_SPACES:
+            raise ValueError(
+                f"unknown triplet_space {self.triplet_space!r}; expected one of {TRIPLET_SPACES}"
+            )
+        # Written as "not (x > 0)" so that NaN is rejected too.
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.simpo_beta > 0:
+            raise ValueError(f"simpo_beta must be > 0, got {self.simpo_beta}")
+        for name in ("alpha", "gamma", "triplet_margin"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"simpo_gamma must be finite, got {self.simpo_gamma}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """SimPO is reference-free; every other loss scores log-ratios against pi_ref."""
+        return self.loss_type != "simpo"
+
+    @property
+    def needs_anchor(self) -> bool:
+        return self.loss_type == "tidpo" and self.gamma > 0
+
+    @property
+    def needs_kl(self) -> bool:
+        """True when training needs the reference's full logits (for SeqKL), not just its logps."""
+        return self.loss_type == "tidpo" and self.alpha > 0
+
+
+def ablation_config(base: LossConfig, ablation: str) -> LossConfig:
+    """The loss configuration for one of :data:`ABLATIONS`.
+
+    ``no_gradient_attribution`` (lambda = 0) and ``no_gaussian_prior`` (lambda = 1) change the token
+    weights, which importance.py computes; they return ``base`` unchanged here.
+    ``uniform_weights`` also drops the triplet and the KL term so that it reproduces plain DPO.
+    """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+    if ablation == "no_triplet":
+        return replace(base, gamma=0.0)
+    if ablation == "uniform_weights":
+        return replace(base, uniform_weights=True, gamma=0.0, alpha=0.0)
+    return base
+
+
+# --------------------------------------------------------------------------- per-token quantities
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    # bf16/fp16 logits lose too much in logsumexp; float64 is kept so that gradcheck-style tests work.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Per-token log-probabilities ``[B,T]``, position-aligned with ``input_ids`` (entry 0 is 0).
+
+    Uses gathered logit minus logsumexp so that no ``[B,T,V]`` log-softmax is materialised.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B,T,V] and input_ids [B,T], got {tuple(logits.shape)} and {tuple(input_ids.shape)}"
+        )
+    dtype = _compute_dtype(logits)
+    shifted = logits[:, :-1].to(dtype)
+    targets = input_ids[:, 1:].long().unsqueeze(-1)
+    picked = shifted.gather(-1, targets).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
+    return F.pad(picked, (1, 0), value=0.0)
+
+
+def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
+    """Per-position ``KL(pi_ref || pi_theta)`` over the vocabulary ``[B,T]``, aligned like token_logps."""
+    if reference_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
+        raise ValueError(
+            "expected reference and policy logits of the same shape [B,T,V], got "
+            f"{tuple(reference_logits.shape)} and {tuple(policy_logits.shape)}"
+        )
+    dtype = _compute_dtype(policy_logits)
+    ref_logp = F.log_softmax(reference_logits[:, :-1].to(dtype), dim=-1)
+    pol_logp = F.log_softmax(policy_logits[:, :-1].to(dtype), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
+    # KL is non-negative; rounding can leave ~-1e-9 where the two distributions (nearly) coincide.
+    return F.pad(kl.clamp_min(0.0), (1, 0), value=0.0)
+
+
+def sequence_kl(token_kl: Tensor, response_mask: Tensor) -> Tensor:
+    """SeqKL(x, y): sum of the per-position KL over response positions ``[B]``."""
+    return (token_kl * response_mask.to(token_kl.dtype)).sum(-1)
+
+
+# --------------------------------------------------------------------------- one side of a pair
+
+
+@dataclass
+class SideTensors:
+    """What the losses need for one side (chosen / rejected / anchor) of a batch."""
+
+    policy_logps: Tensor
+    response_mask: Tensor
+    reference_logps: Tensor | None = None
+    weights: Tensor | None = None
+    seq_kl: Tensor | None = None
+    hidden: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        shape = self.policy_logps.shape
+        if len(shape) != 2:
+            raise ValueError(f"policy_logps must be [B,T], got {tuple(shape)}")
+        for name in ("response_mask", "reference_logps", "weights"):
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                raise ValueError(f"{name} must match policy_logps {tuple(shape)}, got {tuple(value.shape)}")
+        if self.seq_kl is not None and self.seq_kl.shape != shape[:1]:
+            raise ValueError(f"seq_kl must be [B]={tuple(shape[:1])}, got {tuple(self.seq_kl.shape)}")
+        if self.hidden is not None and (self.hidden.dim() != 2 or self.hidden.shape[0] != shape[0]):
+            raise ValueError(f"hidden must be [B,H] with B={shape[0]}, got {tuple(self.hidden.shape)}")
+
+
+def _mask(side: SideTensors) -> Tensor:
+    return side.response_mask.to(side.policy_logps.dtype)
+
+
+def _require(value: Tensor | None, what: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"missing input: {what}")
+    return value
+
+
+def _logratios(side: SideTensors, name: str = "side") -> Tensor:
+    """rho_t = log pi_theta - log pi_ref, zeroed outside the response."""
+    reference = _require(side.reference_logps, f"{name}.reference_logps")
+    return (side.policy_logps - reference) * _mask(side)
+
+
+def _token_weights(side: SideTensors, uniform: bool) -> Tensor:
+    # Multiplying by the mask keeps padding/prompt weights at 0 whatever the caller stored there;
+    # for 0/1 masks mask*mask == mask exactly, which is what makes uniform TI-DPO equal DPO bit-for-bit.
+    mask = _mask(side)
+    if uniform or side.weights is None:
+        return mask
+    return side.weights.to(mask.dtype) * mask
+
+
+def logratio_sum(side: SideTensors) -> Tensor:
+    """Unweighted sum_t rho_t over the response ``[B]``."""
+    return _logratios(side).sum(-1)
+
+
+def weighted_logratio_sum(side: SideTensors, uniform: bool) -> Tensor:
+    """sum_t w_t rho_t over the response ``[B]``; ``uniform`` (or no weights) uses w = 1."""
+    return (_token_weights(side, uniform) * _logratios(side)).sum(-1)
+
+
+def summed_logps(side: SideTensors) -> Tensor:
+    """Policy log-probability of the response, sum over response tokens ``[B]``."""
+    return (side.policy_logps * _mask(side)).sum(-1)
+
+
+def mean_logps(side: SideTensors) -> Tensor:
+    """Length-normalised policy log-probability (SimPO's reward before scaling) ``[B]``."""
+    return summed_logps(side) / _mask(side).sum(-1).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- losses (per example)
+
+
+def dpo_loss(chosen: SideTensors, rejected: SideTensors, beta: float) -> Tensor:
+    """-log sigmoid(beta * (sum rho(y_w) - sum rho(y_l))) ``[B]``."""
+    # Same expression shape as weighted_dpo_loss (beta * (a - b)) so the two agree exactly.
+    return -F.logsigmoid(beta * (logratio_sum(chosen) - logratio_sum(rejected)))
+
+
+def ipo_loss(chosen: SideTensors, rejected: SideTensors, beta: float) -> Tensor:
+    """(sum rho(y_w) - sum rho(y_l) - 1/(2 beta))^2 ``[B]`` (summed, not length-averaged, per METHOD.md)."""
+    return (logratio_sum(chosen) - logratio_sum(rejected) - 1.0 / (2.0 * beta)) ** 2
+
+
+def simpo_loss(chosen: SideTensors, rejected: SideTensors, beta_s: float, gamma_s: float) -> Tensor:
+    """-log sigmoid(beta_s * (mean log pi(y_w) - mean log pi(y_l)) - gamma_s) ``[B]``; reference-free."""
+    return -F.logsigmoid(beta_s * (mean_logps(chosen) - mean_logps(rejected)) - gamma_s)
+
+
+def kl_delta(chosen: SideTensors, rejected: SideTensors, alpha: float) -> Tensor:
+    """TDPO2's delta = alpha * (SeqKL(y_l) - stopgrad(SeqKL(y_w))) ``[B]``.
+
+    The stop-gradient on the chosen side means the KL is only pushed down on the rejected
+    response, the TDPO2 variant METHOD.md keeps. As METHOD.md writes it, delta is not scaled by beta.
+    """
+    kl_w = _require(chosen.seq_kl, "chosen.seq_kl (needed when alpha > 0)")
+    kl_l = _require(rejected.seq_kl, "rejected.seq_kl (needed when alpha > 0)")
+    return alpha * (kl_l - kl_w.detach())
+
+
+def weighted_dpo_loss(
+    chosen: SideTensors, rejected: SideTensors, beta: float, alpha: float, uniform: bool
+) -> Tensor:
+    """METHOD.md section 2: -log sigmoid(beta * sum w rho(y_w) - beta * sum w rho(y_l) - delta) ``[B]``."""
+    u = beta * (weighted_logratio_sum(chosen, uniform) - weighted_logratio_sum(rejected, uniform))
+    if alpha > 0:
+        # Skipped entirely at alpha = 0 so that SeqKL is not required (and u stays bit-identical to DPO).
+        u = u - kl_delta(chosen, rejected, alpha)
+    return -F.logsigmoid(u)
+
+
+def triplet_representation(
+    side: SideTensors, space: TripletSpace, uniform: bool, name: str = "side"
+) -> Tensor:
+    """r(y): token-weighted mean log-ratio ``[B]`` (logratio space) or the pooled hidden state ``[B,H]``."""
+    if space == "hidden":
+        return _require(side.hidden, f"{name}.hidden (needed for triplet_space='hidden')")
+    weights = _token_weights(side, uniform)
+    return (weights * _logratios(side, name)).sum(-1) / weights.sum(-1).clamp_min(_EPS)
+
+
+def _squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    diff = a - b
+    return diff * diff if diff.dim() == 1 else (diff * diff).sum(-1)
+
+
+def triplet_loss(
+    anchor: SideTensors,
+    chosen: SideTensors,
+    rejected: SideTensors,
+    margin: float,
+    space: TripletSpace,
+    uniform: bool,
+) -> Tensor:
+    """METHOD.md section 3: max(0, d(y_a, y_w) - d(y_a, y_l) + margin) ``[B]``, d squared Euclidean."""
+    r_a = triplet_representation(anchor, space, uniform, "anchor")
+    r_w = triplet_representation(chosen, space, uniform, "chosen")
+    r_l = triplet_representation(rejected, space, uniform, "rejected")
+    return (_squared_distance(r_a, r_w) - _squared_distance(r_a, r_l) + margin).clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------- batch loss + stats
+
+
+def _check_inputs(
+    config: LossConfig, chosen: SideTensors, rejected: SideTensors, anchor: SideTensors | None
+) -> None:
+    """Fail early, naming the missing input, rather than deep inside a loss function."""
+    needed: list[tuple[Tensor | None, str]] = []
+    if config.needs_reference:
+        needed += [
+            (chosen.reference_logps, "chosen.reference_logps"),
+            (rejected.reference_logps, "rejected.reference_logps"),
+        ]
+    if config.needs_kl:
+        needed += [(chosen.seq_kl, "chosen.seq_kl"), (rejected.seq_kl, "rejected.seq_kl")]
+    reason = f"for loss_type={config.loss_type!r}"
+    if config.needs_anchor:
+        if anchor is None:
+            raise ValueError(f"missing input: anchor {reason} with gamma > 0")
+        if config.triplet_space == "hidden":
+            needed += [
+                (s.hidden, f"{n}.hidden")
+                for n, s in (("anchor", anchor), ("chosen", chosen), ("rejected", rejected))
+            ]
+        else:
+            needed.append((anchor.reference_logps, "anchor.reference_logps"))
+    missing = [name for value, name in needed if value is None]
+    if missing:
+        raise ValueError(f"missing input(s) {reason}: {', '.join(missing)}")
+
+
+def _mean(x: Tensor) -> Tensor:
+    # Averaged in float64 so a logged stat equals the float32 cast of the loss it mirrors.
+    return x.detach().double().mean().float()
+
+
+def compute_loss(
+    config: LossConfig,
+    chosen: SideTensors,
+    rejected: SideTensors,
+    anchor: SideTensors | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Scalar batch-mean loss and detached batch-mean statistics under TRL's names."""
+    _check_inputs(config, chosen, rejected, anchor)
+    extra: dict[str, Tensor] = {}
+    if config.loss_type == "dpo":
+        losses = dpo_loss(chosen, rejected, config.beta)
+        reward_w, reward_l = config.beta * logratio_sum(chosen), config.beta * logratio_sum(rejected)
+    elif config.loss_type == "ipo":
+        losses = ipo_loss(chosen, rejected, config.beta)
+        reward_w, reward_l = config.beta * logratio_sum(chosen), config.beta * logratio_sum(rejected)
+    elif config.loss_type == "simpo":
+        losses = simpo_loss(chosen, rejected, config.simpo_beta, config.simpo_gamma)
+        reward_w, reward_l = config.simpo_beta * mean_logps(chosen), config.simpo_beta * mean_logps(rejected)
+    else:
+        uniform = config.uniform_weights
+        dpo_term = weighted_dpo_loss(chosen, rejected, config.beta, config.alpha, uniform)
+        if config.gamma > 0:
+            assert anchor is not None  # guaranteed by _check_inputs
+            triplet = triplet_loss(
+                anchor, chosen, rejected, config.triplet_margin, config.triplet_space, uniform
+            )
+            losses = dpo_term + config.gamma * triplet
+        else:
+            # No triplet at all (not 0 * triplet) so an anchor is not needed and the loss is the DPO term exactly.
+            triplet = torch.zeros_like(dpo_term)
+            losses = dpo_term
+        reward_w = config.beta * weighted_logratio_sum(chosen, uniform)
+        reward_l = config.beta * weighted_logratio_sum(rejected, uniform)
+        extra["triplet"] = _mean(triplet)
+        if chosen.seq_kl is not None:
+            extra["seq_kl/chosen"] = _mean(chosen.seq_kl)
+        if rejected.seq_kl is not None:
+            extra["seq_kl/rejected"] = _mean(rejected.seq_kl)
+        extra["loss/dpo_term"] = _mean(dpo_term)
+
+    stats = {
+        "rewards/chosen": _mean(reward_w),
+        "rewards/rejected": _mean(reward_l),
+        "rewards/accuracies": _mean((reward_w > reward_l).float()),
+        "rewards/margins": _mean(reward_w - reward_l),
+        "logps/chosen": _mean(summed_logps(chosen)),
+        "logps/rejected": _mean(summed_logps(rejected)),
+        **extra,
+    }
+    return losses.mean(), stats

@@ -1,0 +1,372 @@
+"""DuckDB storage for pairs, quarantine, anchors, token weights and evaluation metrics.
+
+Every writer replaces or appends its rows inside one transaction, so a crash mid-write leaves the
+previous state intact and re-running a step never duplicates rows. Functions take an open DuckDB
+connection; opening and locking the file is the caller's business (Dagster's DuckDBResource, or
+`connect` below for scripts and the training process).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from tidpo_core.data import LoadResult, PreferencePair, assign_split
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS preference_pairs (
+    pair_id VARCHAR PRIMARY KEY,
+    prompt VARCHAR NOT NULL,
+    chosen VARCHAR NOT NULL,
+    rejected VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,
+    meta_json VARCHAR,
+    loaded_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    source VARCHAR,
+    row_number BIGINT,
+    reason VARCHAR,
+    detail VARCHAR,
+    raw VARCHAR,
+    loaded_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS anchor_responses (
+    pair_id VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL,
+    anchor VARCHAR NOT NULL,
+    generation_json VARCHAR,
+    created_at TIMESTAMP,
+    PRIMARY KEY (pair_id, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS token_weights (
+    fingerprint VARCHAR NOT NULL,
+    pair_id VARCHAR NOT NULL,
+    side VARCHAR NOT NULL,
+    text_digest VARCHAR NOT NULL,
+    position INTEGER NOT NULL,
+    token_id INTEGER NOT NULL,
+    attribution FLOAT NOT NULL,
+    prior FLOAT NOT NULL,
+    weight FLOAT NOT NULL,
+    reference_logp FLOAT NOT NULL,
+    PRIMARY KEY (fingerprint, pair_id, side, position)
+);
+CREATE TABLE IF NOT EXISTS evaluation_metrics (
+    mlflow_run_id VARCHAR,
+    model VARCHAR,
+    metric VARCHAR,
+    value DOUBLE,
+    created_at TIMESTAMP
+);
+"""
+
+SIDES = ("chosen", "rejected", "anchor")
+
+
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the data set's DuckDB file and make sure every table exists."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if not read_only:
+        ensure_schema(con)
+    return con
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(SCHEMA)
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# --- pairs and quarantine -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairsWriteSummary:
+    pairs: int
+    train: int
+    eval: int
+    quarantined: int
+
+
+def replace_pairs(
+    con: duckdb.DuckDBPyConnection, result: LoadResult, eval_fraction: float
+) -> PairsWriteSummary:
+    """Make the stored pairs and quarantine exactly this load, atomically."""
+    now = _now()
+    pair_rows = [
+        {**pair.to_row(), "split": assign_split(pair.pair_id, eval_fraction), "loaded_at": now}
+        for pair in result.pairs
+    ]
+    pairs_table = pa.Table.from_pylist(
+        pair_rows,
+        schema=pa.schema(
+            [
+                ("pair_id", pa.string()),
+                ("prompt", pa.string()),
+                ("chosen", pa.string()),
+                ("rejected", pa.string()),
+                ("source", pa.string()),
+                ("meta_json", pa.string()),
+                ("split", pa.string()),
+                ("loaded_at", pa.timestamp("us")),
+            ]
+        ),
+    )
+    quarantine_table = pa.Table.from_pylist(
+        [
+            {
+                "source": q.source,
+                "row_number": q.row_number,
+                "reason": str(q.reason),
+                "detail": q.detail,
+                "raw": q.raw,
+                "loaded_at": now,
+            }
+            for q in result.quarantined
+        ],
+        schema=pa.schema(
+            [
+                ("source", pa.string()),
+                ("row_number", pa.int64()),
+                ("reason", pa.string()),
+                ("detail", pa.string()),
+                ("raw", pa.string()),
+                ("loaded_at", pa.timestamp("us")),
+            ]
+        ),
+    )
+    with transaction(con):
+        con.execute("DELETE FROM preference_pairs")
+        con.register("_pairs_staging", pairs_table)
+        con.execute(
+            "INSERT INTO preference_pairs SELECT pair_id, prompt, chosen, rejected, source, split, "
+            "meta_json, loaded_at FROM _pairs_staging"
+        )
+        con.unregister("_pairs_staging")
+        con.execute("DELETE FROM quarantine")
+        con.register("_quarantine_staging", quarantine_table)
+        con.execute("INSERT INTO quarantine SELECT * FROM _quarantine_staging")
+        con.unregister("_quarantine_staging")
+    train = sum(1 for row in pair_rows if row["split"] == "train")
+    return PairsWriteSummary(
+        pairs=len(pair_rows), train=train, eval=len(pair_rows) - train, quarantined=len(result.quarantined)
+    )
+
+
+def read_pairs(con: duckdb.DuckDBPyConnection, split: str | None = None) -> list[PreferencePair]:
+    query = "SELECT pair_id, prompt, chosen, rejected, source, meta_json FROM preference_pairs"
+    params: list[Any] = []
+    if split is not None:
+        query += " WHERE split = ?"
+        params.append(split)
+    query += " ORDER BY pair_id"
+    columns = ["pair_id", "prompt", "chosen", "rejected", "source", "meta_json"]
+    return [PreferencePair.from_row(dict(zip(columns, row, strict=True))) for row in con.execute(query, params).fetchall()]
+
+
+def table_digest(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] = ()) -> str:
+    """A content digest of a query result, order-independent; used for lineage and change detection."""
+    row = con.execute(f"SELECT count(*), coalesce(bit_xor(hash(t)), 0) FROM ({query}) t", list(params)).fetchone()
+    assert row is not None
+    return f"{row[0]}-{int(row[1]) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+# --- anchors ----------------------------------------------------------------------------------------
+
+
+def missing_anchor_pair_ids(con: duckdb.DuckDBPyConnection, fingerprint: str, split: str = "train") -> list[str]:
+    rows = con.execute(
+        """
+        SELECT p.pair_id FROM preference_pairs p
+        LEFT JOIN anchor_responses a ON a.pair_id = p.pair_id AND a.fingerprint = ?
+        WHERE p.split = ? AND a.pair_id IS NULL ORDER BY p.pair_id
+        """,
+        [fingerprint, split],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def insert_anchors(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, anchors: dict[str, str], generation: dict[str, Any]
+) -> int:
+    if not anchors:
+        return 0
+    table = pa.table(
+        {
+            "pair_id": list(anchors),
+            "fingerprint": [fingerprint] * len(anchors),
+            "anchor": list(anchors.values()),
+            "generation_json": [json.dumps(generation, sort_keys=True)] * len(anchors),
+            "created_at": pa.array([_now()] * len(anchors), pa.timestamp("us")),
+        }
+    )
+    with transaction(con):
+        con.register("_anchor_staging", table)
+        con.execute("INSERT OR REPLACE INTO anchor_responses SELECT * FROM _anchor_staging")
+        con.unregister("_anchor_staging")
+    return len(anchors)
+
+
+def read_anchors(con: duckdb.DuckDBPyConnection, fingerprint: str) -> dict[str, str]:
+    rows = con.execute(
+        "SELECT pair_id, anchor FROM anchor_responses WHERE fingerprint = ?", [fingerprint]
+    ).fetchall()
+    return dict(rows)
+
+
+# --- token weights ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightRequest:
+    """One response whose token weights are wanted: identified by pair, side and text digest."""
+
+    pair_id: str
+    side: str
+    text_digest: str
+
+
+def existing_weight_keys(con: duckdb.DuckDBPyConnection, fingerprint: str) -> set[tuple[str, str, str]]:
+    rows = con.execute(
+        "SELECT DISTINCT pair_id, side, text_digest FROM token_weights WHERE fingerprint = ?", [fingerprint]
+    ).fetchall()
+    return {(r[0], r[1], r[2]) for r in rows}
+
+
+def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: Iterable[dict[str, Any]]) -> int:
+    """Replace the weights of every (pair, side) present in `rows`, in one transaction.
+
+    Each row is one response: pair_id, side, text_digest and equal-length lists token_ids,
+    attribution, prior, weight, reference_logp.
+    """
+    columns: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "pair_id",
+            "side",
+            "text_digest",
+            "position",
+            "token_id",
+            "attribution",
+            "prior",
+            "weight",
+            "reference_logp",
+        )
+    }
+    keys: list[tuple[str, str]] = []
+    for row in rows:
+        n = len(row["token_ids"])
+        keys.append((row["pair_id"], row["side"]))
+        columns["pair_id"].extend([row["pair_id"]] * n)
+        columns["side"].extend([row["side"]] * n)
+        columns["text_digest"].extend([row["text_digest"]] * n)
+        columns["position"].extend(range(n))
+        for name, key in (
+            ("token_id", "token_ids"),
+            ("attribution", "attribution"),
+            ("prior", "prior"),
+            ("weight", "weight"),
+            ("reference_logp", "reference_logp"),
+        ):
+            values = list(map(float, row[key])) if name != "token_id" else list(map(int, row[key]))
+            if len(values) != n:
+                raise ValueError(f"{key} has {len(values)} values for {n} tokens ({row['pair_id']}/{row['side']})")
+            columns[name].extend(values)
+    if not keys:
+        return 0
+    table = pa.table(
+        {
+            "fingerprint": [fingerprint] * len(columns["pair_id"]),
+            **{k: v for k, v in columns.items() if k not in ("attribution", "prior", "weight", "reference_logp")},
+            **{k: pa.array(columns[k], pa.float32()) for k in ("attribution", "prior", "weight", "reference_logp")},
+        }
+    )
+    key_table = pa.table({"pair_id": [k[0] for k in keys], "side": [k[1] for k in keys]})
+    with transaction(con):
+        con.register("_weight_keys", key_table)
+        con.execute(
+            "DELETE FROM token_weights WHERE fingerprint = ? AND (pair_id, side) IN "
+            "(SELECT (pair_id, side) FROM _weight_keys)",
+            [fingerprint],
+        )
+        con.unregister("_weight_keys")
+        con.register("_weight_staging", table)
+        con.execute(
+            "INSERT INTO token_weights SELECT fingerprint, pair_id, side, text_digest, position, token_id, "
+            "attribution, prior, weight, reference_logp FROM _weight_staging"
+        )
+        con.unregister("_weight_staging")
+    return len(keys)
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    token_ids: list[int]
+    attribution: list[float]
+    prior: list[float]
+    weight: list[float]
+    reference_logp: list[float]
+
+
+def read_token_weights(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, pair_ids: Sequence[str] | None = None
+) -> dict[tuple[str, str], StoredWeights]:
+    """All weights of a fingerprint in one query, grouped per (pair_id, side) in position order."""
+    query = """
+        SELECT pair_id, side,
+               list(token_id ORDER BY position), list(attribution ORDER BY position),
+               list(prior ORDER BY position), list(weight ORDER BY position),
+               list(reference_logp ORDER BY position)
+        FROM token_weights WHERE fingerprint = ?
+    """
+    params: list[Any] = [fingerprint]
+    if pair_ids is not None:
+        con.register("_wanted_pairs", pa.table({"pair_id": list(pair_ids)}))
+        query += " AND pair_id IN (SELECT pair_id FROM _wanted_pairs)"
+    query += " GROUP BY pair_id, side"
+    table = con.execute(query, params).fetchall()
+    if pair_ids is not None:
+        con.unregister("_wanted_pairs")
+    return {(r[0], r[1]): StoredWeights(*r[2:]) for r in table}
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+def write_metrics(
+    con: duckdb.DuckDBPyConnection, mlflow_run_id: str, metrics_by_model: dict[str, dict[str, float]]
+) -> int:
+    now = _now()
+    rows = [
+        (mlflow_run_id, model, metric, float(value), now)
+        for model, metrics in metrics_by_model.items()
+        for metric, value in metrics.items()
+    ]
+    with transaction(con):
+        con.execute("DELETE FROM evaluation_metrics WHERE mlflow_run_id = ?", [mlflow_run_id])
+        con.executemany("INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?)", rows)
+    return len(rows)

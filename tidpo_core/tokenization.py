@@ -1,0 +1,218 @@
+"""Encoding of (prompt, response) pairs with an exact response boundary, and batching of preference pairs.
+
+Only response tokens are scored by TI-DPO, so every encoded sequence carries a response mask and the
+character offsets of its response tokens (the latter let tests and reports map weights back to text).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "EncodedSequence",
+    "PreferenceCollator",
+    "encode_prompt_response",
+    "pad_right",
+    "response_token_ids",
+    "scatter_response_values",
+    "tokens_overlapping",
+]
+
+
+@dataclass(frozen=True)
+class EncodedSequence:
+    """One prompt+response sequence: ids, which of them are the response, and where those come from."""
+
+    input_ids: list[int]
+    # 1 on response tokens including the final eos (the model is trained to stop), 0 on bos and prompt.
+    response_mask: list[int]
+    # One (start, end) character span in the response string per response token; eos gets an empty span
+    # at the end of the response.
+    response_offsets: list[tuple[int, int]]
+
+    @property
+    def response_length(self) -> int:
+        return sum(self.response_mask)
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the response: bos (if any) plus the kept prompt tokens."""
+        return len(self.input_ids) - self.response_length
+
+
+def encode_prompt_response(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    response: str,
+    *,
+    max_prompt_tokens: int = 192,
+    max_response_tokens: int = 128,
+    add_eos: bool = True,
+) -> EncodedSequence:
+    """Encode `prompt` then `response` into one sequence: [bos] + prompt + response + [eos].
+
+    The two texts are tokenized separately so no token straddles the boundary (a joint tokenization could
+    merge the prompt's last characters with the response's first). A long prompt keeps its end, which
+    is nearest the response; a long response keeps its start. `max_response_tokens` bounds the response
+    part including eos, so a truncated response still ends in eos.
+    """
+    if max_prompt_tokens < 0:
+        raise ValueError(f"max_prompt_tokens must be >= 0, got {max_prompt_tokens}")
+    eos_id = tokenizer.eos_token_id
+    if add_eos and eos_id is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos token")
+    min_response = 1 if add_eos else 0
+    if max_response_tokens < min_response:
+        raise ValueError(f"max_response_tokens must be >= {min_response}, got {max_response_tokens}")
+
+    prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if max_prompt_tokens == 0:
+        prompt_ids = []
+    elif len(prompt_ids) > max_prompt_tokens:
+        prompt_ids = prompt_ids[-max_prompt_tokens:]
+
+    # Offsets need a fast (Rust-backed) tokenizer; slow ones raise NotImplementedError here, which is clear.
+    encoded_response = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    response_budget = max_response_tokens - (1 if add_eos else 0)
+    response_ids: list[int] = list(encoded_response["input_ids"][:response_budget])
+    offsets: list[tuple[int, int]] = [
+        (int(s), int(e)) for s, e in encoded_response["offset_mapping"][:response_budget]
+    ]
+    if add_eos:
+        response_ids.append(int(eos_id))
+        offsets.append((len(response), len(response)))
+
+    head: list[int] = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+    head += [int(t) for t in prompt_ids]
+    return EncodedSequence(
+        input_ids=head + [int(t) for t in response_ids],
+        response_mask=[0] * len(head) + [1] * len(response_ids),
+        response_offsets=offsets,
+    )
+
+
+def response_token_ids(encoded: EncodedSequence) -> list[int]:
+    """The ids of the response tokens (eos included), in order."""
+    return [t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=True) if m]
+
+
+def tokens_overlapping(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the response tokens whose character span overlaps the half-open span [start, end)."""
+    start, end = span
+    # Strict overlap: zero-width spans (the eos) and tokens that only touch the span's edge are excluded.
+    return [i for i, (s, e) in enumerate(offsets) if max(s, start) < min(e, end)]
+
+
+def pad_right(
+    sequences: Sequence[Sequence[float | int]], pad_value: float | int, dtype: torch.dtype
+) -> Tensor:
+    """Stack variable-length rows into a [B, max_len] tensor, filling the right end with `pad_value`."""
+    max_len = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), max_len), pad_value, dtype=dtype)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            out[row, : len(seq)] = torch.as_tensor(np.asarray(seq), dtype=dtype)
+    return out
+
+
+def scatter_response_values(values: Sequence[Sequence[float]], response_mask: Tensor) -> Tensor:
+    """Place per-response-token values at the response positions of a [B, T] mask; 0 elsewhere."""
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
+    if len(values) != response_mask.shape[0]:
+        raise ValueError(f"{len(values)} value rows for a batch of {response_mask.shape[0]}")
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    for row, row_values in enumerate(values):
+        positions = torch.nonzero(response_mask[row] != 0, as_tuple=True)[0]
+        if len(row_values) != positions.numel():
+            raise ValueError(f"row {row}: {len(row_values)} values for {positions.numel()} response tokens")
+        if positions.numel():
+            out[row, positions] = torch.as_tensor(np.asarray(row_values, dtype=np.float32))
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    # numbers.Number covers Python and NumPy scalars; complex values have no use in a batch.
+    return isinstance(value, numbers.Number) and not isinstance(value, complex)
+
+
+class PreferenceCollator:
+    """Batch preference pairs: per side, right-padded ids, attention and response masks, token weights.
+
+    Right padding keeps every real token at the same position as in its unpadded sequence, so causal
+    log-probs and attributions do not depend on the batch. With `pad_to_common_length`, all sides share
+    one T so that they can be concatenated into a single forward pass.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        sides: Sequence[str] = ("chosen", "rejected"),
+        *,
+        pad_to_common_length: bool = False,
+    ) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.sides = tuple(sides)
+        self.pad_to_common_length = pad_to_common_length
+
+    def _side_keys(self) -> set[str]:
+        suffixes = ("input_ids", "response_mask", "weights")
+        return {f"{side}_{suffix}" for side in self.sides for suffix in suffixes}
+
+    def _collate_side(self, features: list[dict[str, Any]], side: str, length: int) -> dict[str, Tensor]:
+        ids = [f[f"{side}_input_ids"] for f in features]
+        masks = [f[f"{side}_response_mask"] for f in features]
+        for row, (row_ids, row_mask) in enumerate(zip(ids, masks, strict=True)):
+            if len(row_ids) != len(row_mask):
+                raise ValueError(
+                    f"row {row} side {side!r}: {len(row_ids)} ids but {len(row_mask)} mask values"
+                )
+
+        def fit(t: Tensor, pad_value: float | int) -> Tensor:
+            extra = length - t.shape[1]
+            return torch.nn.functional.pad(t, (0, extra), value=pad_value) if extra > 0 else t
+
+        input_ids = fit(pad_right(ids, self.pad_token_id, torch.long), self.pad_token_id)
+        attention_mask = fit(pad_right([[1] * len(r) for r in ids], 0, torch.long), 0)
+        response_mask = fit(pad_right(masks, 0, torch.float32), 0)
+        weight_rows: list[Sequence[float]] = []
+        for f, row_mask in zip(features, masks, strict=True):
+            weights = f.get(f"{side}_weights")
+            # Without stored weights every response token counts once: plain DPO.
+            weight_rows.append([1.0] * int(sum(row_mask)) if weights is None else weights)
+        return {
+            f"{side}_input_ids": input_ids,
+            f"{side}_attention_mask": attention_mask,
+            f"{side}_response_mask": response_mask,
+            f"{side}_weights": scatter_response_values(weight_rows, response_mask),
+        }
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        lengths = {s: max(len(f[f"{s}_input_ids"]) for f in features) for s in self.sides}
+        common = max(lengths.values(), default=0)
+        batch: dict[str, Any] = {}
+        for side in self.sides:
+            length = common if self.pad_to_common_length else lengths[side]
+            batch.update(self._collate_side(features, side, length))
+
+        handled = self._side_keys()
+        extra_keys = {k for f in features for k in f} - handled
+        for key in sorted(extra_keys):
+            if key == "pair_id":
+                batch["pair_id"] = [str(f.get("pair_id")) for f in features]
+                continue
+            values = [f.get(key) for f in features]
+            # Scalars such as precomputed reference log-probs travel along; text and ragged lists do not.
+            if all(_is_number(v) for v in values):
+                batch[key] = torch.tensor(values)
+        return batch

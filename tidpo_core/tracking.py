@@ -1,0 +1,100 @@
+"""MLflow conventions of tidpo: one sqlite-backed store per data directory, a registered model with a
+`champion` alias that only a model passing the evaluation gate receives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+EXPERIMENT = "tidpo"
+REGISTERED_MODEL = "tidpo-policy"
+CHAMPION_ALIAS = "champion"
+# Without explicit requirements mlflow infers them by importing the model's stack, torchvision
+# included, which is absent (and broken beside this torch).
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "safetensors", "accelerate"]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def sqlite_tracking_uri(data_dir: str | Path) -> str:
+    return f"sqlite:///{Path(data_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(data_dir: str | Path) -> str:
+    return (Path(data_dir).resolve() / "mlartifacts").as_uri()
+
+
+class TrackingUnavailableError(RuntimeError):
+    pass
+
+
+def check_tracking(tracking_uri: str) -> None:
+    """Fail early and clearly when the tracking store cannot be reached, before expensive work."""
+    try:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # the client raises many kinds, all mean "not reachable"
+        raise TrackingUnavailableError(f"MLflow tracking store {tracking_uri!r} is not reachable: {exc}") from exc
+
+
+def ensure_experiment(tracking_uri: str, artifact_location: str | None, name: str = EXPERIMENT) -> str:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def log_transformers_model(
+    tracking_uri: str, run_id: str, model_path: str | Path, registered_model_name: str | None = REGISTERED_MODEL
+) -> Any:
+    """Log a saved HF folder to a run as an MLflow transformers model and register a new version.
+
+    The checkpoint is logged from its path, so the model is never loaded a second time in memory.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=str(model_path),
+            name="model",
+            task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name,
+        )
+    return info
+
+
+def set_champion(tracking_uri: str, version: str | int, name: str = REGISTERED_MODEL) -> None:
+    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    name: str
+    version: str
+    run_id: str
+    source: str
+    metrics: dict[str, float]
+    model_uri: str
+
+
+def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> ChampionInfo | None:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        return None
+    run = client.get_run(version.run_id)
+    return ChampionInfo(
+        name=name,
+        version=version.version,
+        run_id=version.run_id,
+        source=version.source,
+        metrics=dict(run.data.metrics),
+        model_uri=f"models:/{name}@{CHAMPION_ALIAS}",
+    )

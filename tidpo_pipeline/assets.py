@@ -1,0 +1,663 @@
+"""The tidpo asset graph: pairs -> reference model -> anchors -> token weights -> policy -> evaluation.
+
+Assets are thin: they read configuration, call tidpo_core, and record metadata and lineage. Each
+returns a small handle (paths, fingerprints, run ids) that downstream assets receive as input; the
+data itself lives in DuckDB, model folders and MLflow.
+"""
+
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+import mlflow
+import torch
+from mlflow import MlflowClient
+
+from tidpo_core import store, tracking
+from tidpo_core.data import DataFileError
+from tidpo_core.evaluation import gate_decision, preference_metrics, score_pairs
+from tidpo_core.features import EncodingSettings, encode_response, side_texts
+from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
+from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.importance import compute_token_importance
+from tidpo_core.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    count_parameters,
+    load_model_and_tokenizer,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
+from tidpo_core.sft import sft_texts, supervised_finetune
+from tidpo_core.sources import inbox_files, load_source, merge_loads
+from tidpo_core.train import TrainConfig
+from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
+
+GROUP = "tidpo"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _markdown_table(rows: list[dict[str, Any]], limit: int = 200) -> str:
+    if not rows:
+        return "_empty_"
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        text = str(value).replace("\n", "⏎").replace("|", "\\|")
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _mlflow_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
+    return {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "dagster.job": context.job_name or "",
+    }
+
+
+# --- preference_pairs ------------------------------------------------------------------------------
+
+
+class PreferencePairsConfig(dg.Config):
+    source: str = "synthetic"
+    """`synthetic` (built-in corpus), a JSONL/Parquet/CSV file, a local data set folder, or a hub id."""
+    synthetic_pairs: int = 2000
+    synthetic_seed: int = 0
+    split: str = "train"
+    """Split to read from a hub data set or folder."""
+    eval_fraction: float = 0.1
+    max_chars: int = 20_000
+    include_inbox: bool = True
+    """Also load every data file dropped into <data_dir>/inbox."""
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb"}, description="Validated preference pairs with a train/eval split; bad rows go to the quarantine table.")
+def preference_pairs(
+    context: dg.AssetExecutionContext, config: PreferencePairsConfig, storage: TidpoStorage, duckdb: TidpoDuckDB
+) -> dg.MaterializeResult:
+    sources = [config.source] + ([str(p) for p in inbox_files(storage.inbox_dir)] if config.include_inbox else [])
+    loads = []
+    for source in sources:
+        try:
+            loads.append(
+                load_source(
+                    source,
+                    synthetic_pairs=config.synthetic_pairs,
+                    synthetic_seed=config.synthetic_seed,
+                    split=config.split,
+                    max_chars=config.max_chars,
+                )
+            )
+        except (DataFileError, FileNotFoundError) as exc:
+            # Nothing has been written yet: the stored pairs stay exactly as they were.
+            raise dg.Failure(description=f"cannot load preference data from {source}: {exc}") from exc
+    result = merge_loads(loads)
+    with duckdb.get_connection() as con:
+        summary = store.replace_pairs(con, result, config.eval_fraction)
+        pairs_digest = store.table_digest(con, "SELECT pair_id, split FROM preference_pairs")
+        preview = con.execute(
+            "SELECT pair_id, split, prompt, chosen, rejected FROM preference_pairs ORDER BY pair_id LIMIT 5"
+        ).fetchall()
+        quarantine_preview = con.execute(
+            "SELECT source, row_number, reason, detail FROM quarantine ORDER BY source, row_number LIMIT 10"
+        ).fetchall()
+    reasons = result.reason_counts()
+    context.log.info(f"{summary.pairs} pairs stored ({summary.train} train / {summary.eval} eval), {summary.quarantined} quarantined")
+    return dg.MaterializeResult(
+        value={"digest": pairs_digest, "train": summary.train, "eval": summary.eval},
+        metadata={
+            "dagster/row_count": summary.pairs,
+            "rows_read": result.rows_read,
+            "accepted": result.accepted,
+            "quarantined": summary.quarantined,
+            "quarantine_share": result.quarantine_share,
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "train_pairs": summary.train,
+            "eval_pairs": summary.eval,
+            "sources": dg.MetadataValue.json(sources),
+            "digest": pairs_digest,
+            "preview": dg.MetadataValue.md(
+                _markdown_table(
+                    [dict(zip(["pair_id", "split", "prompt", "chosen", "rejected"], r, strict=True)) for r in preview], 80
+                )
+            ),
+            "quarantine_preview": dg.MetadataValue.md(
+                _markdown_table([dict(zip(["source", "row", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
+            ),
+        },
+    )
+
+
+# --- reference_model -------------------------------------------------------------------------------
+
+
+class ReferenceModelConfig(dg.Config):
+    model_name_or_path: str = ""
+    """Hub id (e.g. meta-llama/Llama-3.1-8B-Instruct) or local folder; empty builds the embedded tiny model."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    sft_steps: int = 300
+    sft_on: Literal["chosen", "both"] = "both"
+    """`both`: the reference learns the language of both answers, so preferring one is left to preference training."""
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, description="The starting policy: a configured checkpoint, or the embedded tiny Llama with a locally trained tokenizer and a short SFT.")
+def reference_model(
+    context: dg.AssetExecutionContext,
+    config: ReferenceModelConfig,
+    preference_pairs: dict,
+    storage: TidpoStorage,
+    duckdb: TidpoDuckDB,
+    mlflow_tracking: MlflowTracking,
+) -> dg.MaterializeResult:
+    experiment_id = mlflow_tracking.experiment_id()  # fails early if tracking is down
+    metadata: dict[str, Any] = {}
+    if config.model_name_or_path:
+        model, tokenizer = load_model_and_tokenizer(
+            config.model_name_or_path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+        path = Path(config.model_name_or_path)
+        if not path.exists():
+            path = storage.models_dir / "reference"
+            save_model_and_tokenizer(model, tokenizer, path)
+        sft_losses: list[float] = []
+    else:
+        build_key = digest({"pairs": preference_pairs["digest"], "config": config.model_dump()})
+        path = storage.models_dir / "reference"
+        marker = path / "tidpo_build.json"
+        if marker.exists() and json.loads(marker.read_text()).get("build_key") == build_key:
+            context.log.info(f"reference model at {path} is up to date; reusing it")
+            model, tokenizer = load_model_and_tokenizer(path)
+            sft_losses = json.loads(marker.read_text()).get("sft_losses", [])
+        else:
+            with duckdb.get_connection() as con:
+                pairs = store.read_pairs(con, split="train")
+            texts = [text for p in pairs for text in (p.prompt, p.chosen, p.rejected)]
+            tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+            model = build_tiny_model(
+                tokenizer,
+                TinyModelConfig(
+                    vocab_size=config.vocab_size,
+                    hidden_size=config.hidden_size,
+                    intermediate_size=config.intermediate_size,
+                    num_hidden_layers=config.num_hidden_layers,
+                    num_attention_heads=config.num_attention_heads,
+                    num_key_value_heads=config.num_attention_heads,
+                ),
+                seed=config.seed,
+            )
+            sft_losses = supervised_finetune(
+                model,
+                tokenizer,
+                sft_texts(pairs, config.sft_on),
+                steps=config.sft_steps,
+                batch_size=config.sft_batch_size,
+                learning_rate=config.sft_learning_rate,
+                seed=config.seed,
+                progress=True,
+            )
+            staging = path.with_name("reference.staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            save_model_and_tokenizer(model, tokenizer, staging)
+            (staging / "tidpo_build.json").write_text(json.dumps({"build_key": build_key, "sft_losses": sft_losses}))
+            shutil.rmtree(path, ignore_errors=True)
+            staging.rename(path)
+    fingerprint = model_fingerprint(path, config.revision)
+    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
+    run = client.create_run(experiment_id, run_name="reference_model", tags=_mlflow_tags(context))
+    client.log_batch(
+        run.info.run_id,
+        params=[
+            mlflow.entities.Param(k, str(v)[:500])
+            for k, v in {**config.model_dump(), "fingerprint": fingerprint, "path": str(path)}.items()
+        ],
+    )
+    for step, loss in enumerate(sft_losses):
+        client.log_metric(run.info.run_id, "sft/loss", loss, step=step)
+    client.set_terminated(run.info.run_id)
+    metadata.update(
+        {
+            "path": dg.MetadataValue.path(str(path)),
+            "fingerprint": fingerprint,
+            "parameters": count_parameters(model),
+            "vocab_size": len(tokenizer),
+            "mlflow_run_id": run.info.run_id,
+            "sft_first_loss": sft_losses[0] if sft_losses else float("nan"),
+            "sft_last_loss": sft_losses[-1] if sft_losses else float("nan"),
+        }
+    )
+    return dg.MaterializeResult(
+        value={"path": str(path), "fingerprint": fingerprint, "mlflow_run_id": run.info.run_id},
+        metadata=metadata,
+    )
+
+
+# --- anchor_responses ------------------------------------------------------------------------------
+
+
+class AnchorConfig(dg.Config):
+    max_new_tokens: int = 64
+    top_k: int = 50
+    top_p: float = 0.95
+    temperature: float = 0.8
+    seed: int = 0
+    batch_size: int = 32
+    max_prompt_tokens: int = 192
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.")
+def anchor_responses(
+    context: dg.AssetExecutionContext,
+    config: AnchorConfig,
+    preference_pairs: dict,
+    reference_model: dict,
+    duckdb: TidpoDuckDB,
+) -> dg.MaterializeResult:
+    settings = SamplingSettings(**config.model_dump())
+    fingerprint = digest({"model": reference_model["fingerprint"], "sampling": settings.as_dict()})
+    with duckdb.get_connection() as con:
+        missing = set(store.missing_anchor_pair_ids(con, fingerprint))
+        pairs = [p for p in store.read_pairs(con, split="train") if p.pair_id in missing]
+    context.log.info(f"{len(pairs)} anchors to sample, {preference_pairs['train'] - len(pairs)} reused")
+    generated = 0
+    if pairs:
+        model, tokenizer = load_model_and_tokenizer(reference_model["path"])
+        # Written in chunks, each in one transaction: a crash keeps finished chunks and loses no more.
+        chunk = max(settings.batch_size * 8, 1)
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            texts = sample_responses(model, tokenizer, [p.prompt for p in part], settings, progress=True)
+            with duckdb.get_connection() as con:
+                generated += store.insert_anchors(
+                    con, fingerprint, {p.pair_id: t for p, t in zip(part, texts, strict=True)}, settings.as_dict()
+                )
+    with duckdb.get_connection() as con:
+        preview = con.execute(
+            "SELECT a.pair_id, p.prompt, a.anchor FROM anchor_responses a JOIN preference_pairs p USING (pair_id) "
+            "WHERE a.fingerprint = ? ORDER BY a.pair_id LIMIT 5",
+            [fingerprint],
+        ).fetchall()
+        stored = con.execute("SELECT count(*) FROM anchor_responses WHERE fingerprint = ?", [fingerprint]).fetchone()[0]
+    return dg.MaterializeResult(
+        value={"fingerprint": fingerprint},
+        metadata={
+            "fingerprint": fingerprint,
+            "generated": generated,
+            "reused": stored - generated,
+            "dagster/row_count": stored,
+            "sampling": dg.MetadataValue.json(settings.as_dict()),
+            "preview": dg.MetadataValue.md(
+                _markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in preview], 80)
+            ),
+        },
+    )
+
+
+# --- token_weights ---------------------------------------------------------------------------------
+
+
+class TokenWeightsConfig(dg.Config):
+    weight_lambda: float = 0.7
+    """lambda of the hybrid weight: 0 is prior only, 1 attribution only (METHOD.md section 1)."""
+    normalization: Literal["max", "sum", "softmax"] = "max"
+    temperature: float = 1.0
+    batch_size: int = 16
+    max_prompt_tokens: int = 192
+    max_response_tokens: int = 128
+    write_every: int = 512
+    """Responses per DuckDB transaction; a crash loses at most one chunk of work."""
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (gradient attribution + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
+def token_weights(
+    context: dg.AssetExecutionContext,
+    config: TokenWeightsConfig,
+    preference_pairs: dict,
+    reference_model: dict,
+    anchor_responses: dict,
+    duckdb: TidpoDuckDB,
+) -> dg.MaterializeResult:
+    settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
+    importance_settings = {"lambda": config.weight_lambda, "normalization": config.normalization, "temperature": config.temperature}
+    fingerprint = digest(
+        {"model": reference_model["fingerprint"], "encoding": settings.__dict__, "importance": importance_settings}
+    )
+    with duckdb.get_connection() as con:
+        pairs = store.read_pairs(con, split="train")
+        anchors = store.read_anchors(con, anchor_responses["fingerprint"])
+        existing = store.existing_weight_keys(con, fingerprint)
+    todo = []
+    for pair in pairs:
+        for side, text in side_texts(pair, anchors.get(pair.pair_id)).items():
+            key = (pair.pair_id, side, text_digest(text))
+            if key not in existing:
+                todo.append((key, pair.prompt, text))
+    expected = sum(len(side_texts(p, anchors.get(p.pair_id))) for p in pairs)
+    context.log.info(f"{len(todo)} responses to weigh, {expected - len(todo)} reused")
+    if todo:
+        model, tokenizer = load_model_and_tokenizer(reference_model["path"])
+        for start in range(0, len(todo), config.write_every):
+            part = todo[start : start + config.write_every]
+            encoded = [encode_response(tokenizer, prompt, text, settings) for _, prompt, text in part]
+            importances = compute_token_importance(
+                model,
+                encoded,
+                lambda_=config.weight_lambda,
+                normalization=config.normalization,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                progress=True,
+            )
+            rows = [
+                {
+                    "pair_id": key[0],
+                    "side": key[1],
+                    "text_digest": key[2],
+                    "token_ids": [t for t, m in zip(enc.input_ids, enc.response_mask, strict=True) if m],
+                    "attribution": imp.attribution,
+                    "prior": imp.prior,
+                    "weight": imp.weight,
+                    "reference_logp": imp.reference_logp,
+                }
+                for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
+            ]
+            with duckdb.get_connection() as con:
+                store.write_token_weights(con, fingerprint, rows)
+    with duckdb.get_connection() as con:
+        stats = con.execute(
+            "SELECT count(*), count(DISTINCT (pair_id, side)), avg(attribution), avg(weight) FROM token_weights WHERE fingerprint = ?",
+            [fingerprint],
+        ).fetchone()
+    return dg.MaterializeResult(
+        value={"fingerprint": fingerprint, "encoding": settings.__dict__, "importance": importance_settings},
+        metadata={
+            "fingerprint": fingerprint,
+            "dagster/row_count": stats[0],
+            "responses": stats[1],
+            "computed": len(todo),
+            "reused": expected - len(todo),
+            "mean_attribution": float(stats[2] or 0.0),
+            "mean_weight": float(stats[3] or 0.0),
+            "settings": dg.MetadataValue.json({"encoding": settings.__dict__, **importance_settings}),
+        },
+    )
+
+
+# --- tidpo_policy ----------------------------------------------------------------------------------
+
+
+class PolicyConfig(dg.Config):
+    loss_type: Literal["dpo", "ipo", "simpo", "tidpo"] = "tidpo"
+    beta: float = 0.1
+    alpha: float = 0.5
+    gamma: float = 0.1
+    triplet_margin: float = 0.01
+    triplet_space: Literal["logratio", "hidden"] = "logratio"
+    weight_lambda: float | None = None
+    """None: the lambda the token_weights were computed with. 0 / 1 run the paper's weight ablations."""
+    uniform_weights: bool = False
+    learning_rate: float = 5e-4
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = 10
+    num_epochs: int = 1
+    max_steps: int = -1
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    launcher: Literal["python", "accelerate"] = "python"
+    """`python`: one process; `accelerate`: `accelerate launch` with the config file / process count below."""
+    accelerate_config_file: str = ""
+    num_processes: int = 1
+    register_model: bool = True
+
+
+def _training_command(config: PolicyConfig, config_path: Path) -> list[str]:
+    module = ["-m", "tidpo_core.train", "--config", str(config_path)]
+    if config.launcher == "python":
+        return [sys.executable, *module]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config.accelerate_config_file:
+        launch += ["--config_file", config.accelerate_config_file]
+    else:
+        launch += ["--num_processes", str(config.num_processes), "--num_machines", "1", "--dynamo_backend", "no"]
+        launch += ["--mixed_precision", "no"] if not torch.cuda.is_available() else []
+        launch += ["--cpu"] if not torch.cuda.is_available() else []
+    return [*launch, *module]
+
+
+def _log_training_inputs(run_id: str, duckdb: TidpoDuckDB, preference_pairs: dict) -> None:
+    """Lineage: the training table as an MLflow dataset (name, digest, row count)."""
+    with duckdb.get_connection() as con:
+        frame = con.execute(
+            "SELECT pair_id, prompt, chosen, rejected, source FROM preference_pairs WHERE split = 'train' ORDER BY pair_id"
+        ).df()
+    dataset = mlflow.data.from_pandas(frame, name="preference_pairs/train", digest=preference_pairs["digest"][-16:])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context="training")
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.")
+def tidpo_policy(
+    context: dg.AssetExecutionContext,
+    config: PolicyConfig,
+    preference_pairs: dict,
+    reference_model: dict,
+    anchor_responses: dict,
+    token_weights: dict,
+    storage: TidpoStorage,
+    duckdb: TidpoDuckDB,
+    mlflow_tracking: MlflowTracking,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    experiment_id = mlflow_tracking.experiment_id()
+    lambda_ = config.weight_lambda if config.weight_lambda is not None else token_weights["importance"]["lambda"]
+    run_key = digest(
+        {
+            "pairs": preference_pairs["digest"],
+            "reference": reference_model["fingerprint"],
+            "anchors": anchor_responses["fingerprint"],
+            "weights": token_weights["fingerprint"],
+            "config": config.model_dump(),
+        }
+    )
+    run_dir = storage.models_dir / "policy" / run_key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
+    run_file = run_dir / "mlflow_run.json"
+    run_id = None
+    if run_file.exists():  # an interrupted run with these exact inputs: resume it, in the same MLflow run
+        previous = json.loads(run_file.read_text())["run_id"]
+        if client.get_run(previous).info.status != "FINISHED":
+            run_id = previous
+            context.log.info(f"resuming MLflow run {run_id} from the checkpoints in {run_dir}")
+    if run_id is None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        run_id = client.create_run(experiment_id, run_name=f"tidpo_policy-{config.loss_type}", tags=_mlflow_tags(context)).info.run_id
+        run_file.write_text(json.dumps({"run_id": run_id}))
+        client.log_batch(
+            run_id,
+            params=[
+                mlflow.entities.Param(k, str(v)[:500])
+                for k, v in {
+                    **config.model_dump(),
+                    "weight_lambda": lambda_,
+                    "reference_fingerprint": reference_model["fingerprint"],
+                    "weights_fingerprint": token_weights["fingerprint"],
+                    "anchors_fingerprint": anchor_responses["fingerprint"],
+                    "reference_mlflow_run_id": reference_model["mlflow_run_id"],
+                }.items()
+            ],
+        )
+        _log_training_inputs(run_id, duckdb, preference_pairs)
+    train_config = TrainConfig(
+        duckdb_path=str(storage.duckdb_path),
+        reference_model_path=reference_model["path"],
+        output_dir=str(run_dir),
+        weights_fingerprint=token_weights["fingerprint"],
+        anchors_fingerprint=anchor_responses["fingerprint"],
+        loss_type=config.loss_type,
+        beta=config.beta,
+        alpha=config.alpha,
+        gamma=config.gamma,
+        triplet_margin=config.triplet_margin,
+        triplet_space=config.triplet_space,
+        uniform_weights=config.uniform_weights,
+        weight_lambda=lambda_,
+        weight_normalization=token_weights["importance"]["normalization"],
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        lr_scheduler=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        num_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        per_device_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        mixed_precision=config.mixed_precision,
+        seed=config.seed,
+        max_prompt_tokens=token_weights["encoding"]["max_prompt_tokens"],
+        max_response_tokens=token_weights["encoding"]["max_response_tokens"],
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        mlflow_tracking_uri=mlflow_tracking.uri,
+        mlflow_run_id=run_id,
+        progress=True,
+    )
+    config_path = train_config.to_yaml(run_dir / "train.yaml")
+    try:
+        invocation = pipes_subprocess_client.run(
+            context=context,
+            command=_training_command(config, config_path),
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    reported = invocation.get_materialize_result().metadata
+    summary = json.loads((run_dir / "summary.json").read_text())
+    client.log_artifact(run_id, str(run_dir / "train.yaml"))
+    client.log_artifact(run_id, str(run_dir / "summary.json"))
+    version = None
+    if config.register_model:
+        info = tracking.log_transformers_model(mlflow_tracking.uri, run_id, summary["final_model_path"], mlflow_tracking.registered_model)
+        version = getattr(info, "registered_model_version", None)
+    client.set_terminated(run_id)
+    history = summary["history"]
+    return dg.MaterializeResult(
+        value={
+            "model_path": summary["final_model_path"],
+            "mlflow_run_id": run_id,
+            "model_version": version,
+            "run_dir": str(run_dir),
+            "beta": config.beta,
+            "encoding": token_weights["encoding"],
+            "loss_history": [h["loss"] for h in history],
+        },
+        metadata={
+            **reported,
+            "model_path": dg.MetadataValue.path(summary["final_model_path"]),
+            "mlflow_run_id": run_id,
+            "mlflow_model_version": str(version),
+            "mlflow_model_uri": f"models:/{mlflow_tracking.registered_model}/{version}" if version else "not registered",
+            "steps": summary["steps"],
+            "first_loss": summary["first_loss"],
+            "last_loss": summary["last_loss"],
+            "final_reward_accuracy": history[-1]["rewards/accuracies"] if history else float("nan"),
+            "seconds": summary["seconds"],
+        },
+    )
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+class EvaluationConfig(dg.Config):
+    batch_size: int = 32
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "mlflow"},
+    description="Held-out preference metrics of the trained policy vs the reference; the gate that decides the champion alias.",
+    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric >= reference metric + margin; only then the model becomes champion")],
+)
+def evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    reference_model: dict,
+    tidpo_policy: dict,
+    duckdb: TidpoDuckDB,
+    mlflow_tracking: MlflowTracking,
+    quality: QualityPolicy,
+) -> dg.MaterializeResult:
+    settings = EncodingSettings(**tidpo_policy["encoding"])
+    with duckdb.get_connection() as con:
+        pairs = store.read_pairs(con, split="eval")
+    reference, tokenizer = load_model_and_tokenizer(reference_model["path"])
+    policy, _ = load_model_and_tokenizer(tidpo_policy["model_path"])
+    reference_scores = score_pairs(reference, tokenizer, pairs, settings, config.batch_size, progress=True)
+    policy_scores = score_pairs(policy, tokenizer, pairs, settings, config.batch_size, progress=True)
+    beta = tidpo_policy["beta"]
+    metrics = {
+        "reference": preference_metrics(reference_scores, reference_scores, beta),
+        "policy": preference_metrics(policy_scores, reference_scores, beta),
+    }
+    gate = gate_decision(metrics["policy"], metrics["reference"], quality.gate_metric, quality.gate_margin)
+    run_id = tidpo_policy["mlflow_run_id"]
+    with duckdb.get_connection() as con:
+        store.write_metrics(con, run_id, metrics)
+    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
+    for model, values in metrics.items():
+        for name, value in values.items():
+            client.log_metric(run_id, f"eval/{model}/{name}", value)
+    client.log_metric(run_id, "eval/gate_passed", float(gate.passed))
+    champion = False
+    version = tidpo_policy.get("model_version")
+    if gate.passed and version:
+        tracking.set_champion(mlflow_tracking.uri, version, mlflow_tracking.registered_model)
+        champion = True
+    elif version:
+        client.set_model_version_tag(mlflow_tracking.registered_model, str(version), "gate", "failed")
+    rows = [{"metric": k, "reference": f"{metrics['reference'][k]:.4f}", "policy": f"{metrics['policy'][k]:.4f}"} for k in metrics["policy"]]
+    return dg.MaterializeResult(
+        value={"metrics": metrics, "gate_passed": gate.passed, "champion": champion},
+        metadata={
+            "comparison": dg.MetadataValue.md(_markdown_table(rows)),
+            **{f"policy/{k}": v for k, v in metrics["policy"].items()},
+            **{f"reference/{k}": v for k, v in metrics["reference"].items()},
+            "gate": gate.description,
+            "champion": champion,
+            "mlflow_run_id": run_id,
+            "mlflow_model_version": str(version),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="evaluation_gate",
+                passed=gate.passed,
+                metadata={"description": gate.description, "metric": quality.gate_metric, "margin": quality.gate_margin},
+            )
+        ],
+    )

@@ -1,0 +1,59 @@
+"""The one Definitions object of tidpo: assets, checks, the training job, its schedule and sensor."""
+
+
+import json
+
+import dagster as dg
+
+from tidpo_core.sources import inbox_files
+from tidpo_pipeline.assets import (
+    anchor_responses,
+    evaluation,
+    preference_pairs,
+    reference_model,
+    tidpo_policy,
+    token_weights,
+)
+from tidpo_pipeline.checks import ALL_CHECKS
+from tidpo_pipeline.resources import TidpoStorage, build_resources
+
+ASSETS = [preference_pairs, reference_model, anchor_responses, token_weights, tidpo_policy, evaluation]
+
+tidpo_training = dg.define_asset_job(
+    "tidpo_training",
+    selection=dg.AssetSelection.assets(*ASSETS),
+    description="Load pairs, build the reference, sample anchors, weigh tokens, train with TI-DPO, evaluate and gate.",
+)
+
+weekly_retraining = dg.ScheduleDefinition(
+    name="weekly_retraining",
+    job=tidpo_training,
+    cron_schedule="0 3 * * 1",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Retrain every Monday 03:00; off by default, turn it on in the UI (Automation).",
+)
+
+
+@dg.sensor(job=tidpo_training, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def new_preference_data(context: dg.SensorEvaluationContext, storage: TidpoStorage) -> dg.SensorResult:
+    """Starts tidpo_training when data files land in <data_dir>/inbox (new or changed)."""
+    seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    current = {p.name: p.stat().st_mtime_ns for p in inbox_files(storage.inbox_dir)}
+    changed = sorted(name for name, mtime in current.items() if seen.get(name) != mtime)
+    if not changed:
+        return dg.SensorResult(skip_reason="no new files in the inbox", cursor=json.dumps(current))
+    run_key = "inbox:" + ",".join(f"{n}@{current[n]}" for n in changed)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=run_key, tags={"tidpo/new_files": ",".join(changed)[:200]})],
+        cursor=json.dumps(current),
+    )
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ALL_CHECKS,
+    jobs=[tidpo_training],
+    schedules=[weekly_retraining],
+    sensors=[new_preference_data],
+    resources=build_resources(),
+)
