@@ -7,9 +7,9 @@ import dagster as dg
 import mlflow
 import pytest
 
-from tests.pipeline_config import small_run_config
+from pipeline_config import small_run_config
 from tidpo_core import store, tracking
-from tidpo_pipeline.checks import ALL_CHECKS
+from tidpo_pipeline.checks import ALL_CHECKS, pairs_are_valid
 from tidpo_pipeline.definitions import ASSETS, defs
 from tidpo_pipeline.resources import build_resources
 
@@ -23,6 +23,10 @@ def _materialize(data_dir, run_config, selection=None, instance=None):
         selection=selection,
         raise_on_error=False,
     )
+
+
+def _pairs_only() -> dict:
+    return {"ops": {"preference_pairs": small_run_config()["ops"]["preference_pairs"]}}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +116,7 @@ def test_rematerialization_is_idempotent_and_reuses_work(first_run):
 
 def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
     data_dir = tmp_path / "broken"
-    good = _materialize(data_dir, small_run_config(), selection=["preference_pairs"])
+    good = _materialize(data_dir, _pairs_only(), selection=["preference_pairs"])
     assert good.success
     con = store.connect(data_dir / "tidpo.duckdb")
     con.execute("UPDATE preference_pairs SET rejected = chosen WHERE pair_id = (SELECT min(pair_id) FROM preference_pairs)")
@@ -120,7 +124,7 @@ def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
     result = dg.materialize(
         [*ASSETS, *ALL_CHECKS],
         resources=build_resources(str(data_dir)),
-        selection=dg.AssetSelection.checks_for_assets("preference_pairs") - dg.AssetSelection.assets("preference_pairs"),
+        selection=dg.AssetSelection.checks(pairs_are_valid),
         raise_on_error=False,
     )
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
@@ -133,14 +137,14 @@ def test_quarantine_share_check_fails_on_a_mostly_bad_file(tmp_path):
     rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 5 + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
     bad.write_text("\n".join(json.dumps(r) for r in rows))
     config = {"ops": {"preference_pairs": {"config": {"source": str(bad)}}}}
-    result = _materialize(data_dir, config, selection=dg.AssetSelection.assets("preference_pairs").with_checks() if hasattr(dg.AssetSelection, "with_checks") else ["preference_pairs"])
+    result = _materialize(data_dir, config, selection=dg.AssetSelection.assets("preference_pairs"))
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks.get("quarantine_share_below_limit") is False
 
 
 def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
     data_dir = tmp_path / "junk"
-    assert _materialize(data_dir, small_run_config(), selection=["preference_pairs"]).success
+    assert _materialize(data_dir, _pairs_only(), selection=["preference_pairs"]).success
     before = _counts(data_dir)
     junk = tmp_path / "junk.jsonl.gz"
     junk.write_bytes(b"\x1f\x8b\x08\x00garbage-not-gzip")

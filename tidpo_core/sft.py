@@ -59,6 +59,6 @@ def supervised_finetune(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses

@@ -55,12 +55,16 @@ def log_transformers_model(
 ) -> Any:
     """Log a saved HF folder to a run as an MLflow transformers model and register a new version.
 
-    The checkpoint is logged from its path, so the model is never loaded a second time in memory.
+    mlflow 3.17's memory-saving path (`transformers_model=<folder>`) breaks on transformers 5
+    (`pipelines.check_task` returns class names), so the components are loaded and logged instead.
     """
+    from tidpo_core.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_path)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=str(model_path),
+            transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
             task="text-generation",
             pip_requirements=PIP_REQUIREMENTS,
@@ -92,9 +96,9 @@ def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> ChampionInfo | 
     run = client.get_run(version.run_id)
     return ChampionInfo(
         name=name,
-        version=version.version,
+        version=str(version.version),
         run_id=version.run_id,
-        source=version.source,
+        source=client.get_model_version_download_uri(name, str(version.version)),
         metrics=dict(run.data.metrics),
         model_uri=f"models:/{name}@{CHAMPION_ALIAS}",
     )

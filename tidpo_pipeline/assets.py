@@ -448,13 +448,14 @@ def _training_command(config: PolicyConfig, config_path: Path) -> list[str]:
     return [*launch, *module]
 
 
-def _log_training_inputs(run_id: str, duckdb: TidpoDuckDB, preference_pairs: dict) -> None:
+def _log_training_inputs(tracking_uri: str, run_id: str, duckdb: TidpoDuckDB, preference_pairs: dict) -> None:
     """Lineage: the training table as an MLflow dataset (name, digest, row count)."""
     with duckdb.get_connection() as con:
         frame = con.execute(
             "SELECT pair_id, prompt, chosen, rejected, source FROM preference_pairs WHERE split = 'train' ORDER BY pair_id"
         ).df()
     dataset = mlflow.data.from_pandas(frame, name="preference_pairs/train", digest=preference_pairs["digest"][-16:])
+    mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context="training")
 
@@ -511,7 +512,7 @@ def tidpo_policy(
                 }.items()
             ],
         )
-        _log_training_inputs(run_id, duckdb, preference_pairs)
+        _log_training_inputs(mlflow_tracking.uri, run_id, duckdb, preference_pairs)
     train_config = TrainConfig(
         duckdb_path=str(storage.duckdb_path),
         reference_model_path=reference_model["path"],
@@ -612,7 +613,7 @@ def evaluation(
     duckdb: TidpoDuckDB,
     mlflow_tracking: MlflowTracking,
     quality: QualityPolicy,
-) -> dg.MaterializeResult:
+):
     settings = EncodingSettings(**tidpo_policy["encoding"])
     with duckdb.get_connection() as con:
         pairs = store.read_pairs(con, split="eval")
