@@ -6,8 +6,8 @@ import json
 import dagster as dg
 import mlflow
 import pytest
-
 from pipeline_config import small_run_config
+
 from tidpo_core import store, tracking
 from tidpo_pipeline.checks import ALL_CHECKS, pairs_are_valid
 from tidpo_pipeline.definitions import ASSETS, defs

@@ -17,7 +17,12 @@ from transformers import PreTrainedTokenizerBase
 from tidpo_core.data import PreferencePair
 from tidpo_core.importance import Normalization, hybrid_weights
 from tidpo_core.store import StoredWeights
-from tidpo_core.tokenization import EncodedSequence, PreferenceCollator, encode_prompt_response, scatter_response_values
+from tidpo_core.tokenization import (
+    EncodedSequence,
+    PreferenceCollator,
+    encode_prompt_response,
+    scatter_response_values,
+)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tidpo_core.tokenization import EncodedSequence, pad_right
 from tidpo_core.losses import token_logps
+from tidpo_core.tokenization import EncodedSequence, pad_right
 
 __all__ = [
     "Normalization",

@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 
 from tidpo_core import store, tracking
 from tidpo_core.data import DataFileError
-from tidpo_core.evaluation import gate_decision, preference_metrics, score_pairs
 from tidpo_core.features import EncodingSettings, encode_response, side_texts
 from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
 from tidpo_core.generation import SamplingSettings, sample_responses
@@ -36,33 +35,11 @@ from tidpo_core.modeling import (
 from tidpo_core.sft import sft_texts, supervised_finetune
 from tidpo_core.sources import inbox_files, load_source, merge_loads
 from tidpo_core.train import TrainConfig
-from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
+from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
 
-GROUP = "tidpo"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def _markdown_table(rows: list[dict[str, Any]], limit: int = 200) -> str:
-    if not rows:
-        return "_empty_"
-    columns = list(rows[0])
-
-    def cell(value: Any) -> str:
-        text = str(value).replace("\n", "⏎").replace("|", "\\|")
-        return text if len(text) <= limit else text[: limit - 1] + "…"
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _mlflow_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
-    return {
-        "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": context.asset_key.to_user_string(),
-        "dagster.job": context.job_name or "",
-    }
 
 
 # --- preference_pairs ------------------------------------------------------------------------------
@@ -127,12 +104,12 @@ def preference_pairs(
             "sources": dg.MetadataValue.json(sources),
             "digest": pairs_digest,
             "preview": dg.MetadataValue.md(
-                _markdown_table(
+                markdown_table(
                     [dict(zip(["pair_id", "split", "prompt", "chosen", "rejected"], r, strict=True)) for r in preview], 80
                 )
             ),
             "quarantine_preview": dg.MetadataValue.md(
-                _markdown_table([dict(zip(["source", "row", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
+                markdown_table([dict(zip(["source", "row", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
             ),
         },
     )
@@ -222,7 +199,7 @@ def reference_model(
             staging.rename(path)
     fingerprint = model_fingerprint(path, config.revision)
     client = MlflowClient(tracking_uri=mlflow_tracking.uri)
-    run = client.create_run(experiment_id, run_name="reference_model", tags=_mlflow_tags(context))
+    run = client.create_run(experiment_id, run_name="reference_model", tags=mlflow_tags(context))
     client.log_batch(
         run.info.run_id,
         params=[
@@ -305,7 +282,7 @@ def anchor_responses(
             "dagster/row_count": stored,
             "sampling": dg.MetadataValue.json(settings.as_dict()),
             "preview": dg.MetadataValue.md(
-                _markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in preview], 80)
+                markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in preview], 80)
             ),
         },
     )
@@ -496,7 +473,7 @@ def tidpo_policy(
             context.log.info(f"resuming MLflow run {run_id} from the checkpoints in {run_dir}")
     if run_id is None:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        run_id = client.create_run(experiment_id, run_name=f"tidpo_policy-{config.loss_type}", tags=_mlflow_tags(context)).info.run_id
+        run_id = client.create_run(experiment_id, run_name=f"tidpo_policy-{config.loss_type}", tags=mlflow_tags(context)).info.run_id
         run_file.write_text(json.dumps({"run_id": run_id}))
         client.log_batch(
             run_id,
@@ -592,73 +569,3 @@ def tidpo_policy(
     )
 
 
-# --- evaluation ------------------------------------------------------------------------------------
-
-
-class EvaluationConfig(dg.Config):
-    batch_size: int = 32
-
-
-@dg.asset(
-    group_name=GROUP,
-    kinds={"duckdb", "mlflow"},
-    description="Held-out preference metrics of the trained policy vs the reference; the gate that decides the champion alias.",
-    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric >= reference metric + margin; only then the model becomes champion")],
-)
-def evaluation(
-    context: dg.AssetExecutionContext,
-    config: EvaluationConfig,
-    reference_model: dict,
-    tidpo_policy: dict,
-    duckdb: TidpoDuckDB,
-    mlflow_tracking: MlflowTracking,
-    quality: QualityPolicy,
-):
-    settings = EncodingSettings(**tidpo_policy["encoding"])
-    with duckdb.get_connection() as con:
-        pairs = store.read_pairs(con, split="eval")
-    reference, tokenizer = load_model_and_tokenizer(reference_model["path"])
-    policy, _ = load_model_and_tokenizer(tidpo_policy["model_path"])
-    reference_scores = score_pairs(reference, tokenizer, pairs, settings, config.batch_size, progress=True)
-    policy_scores = score_pairs(policy, tokenizer, pairs, settings, config.batch_size, progress=True)
-    beta = tidpo_policy["beta"]
-    metrics = {
-        "reference": preference_metrics(reference_scores, reference_scores, beta),
-        "policy": preference_metrics(policy_scores, reference_scores, beta),
-    }
-    gate = gate_decision(metrics["policy"], metrics["reference"], quality.gate_metric, quality.gate_margin)
-    run_id = tidpo_policy["mlflow_run_id"]
-    with duckdb.get_connection() as con:
-        store.write_metrics(con, run_id, metrics)
-    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
-    for model, values in metrics.items():
-        for name, value in values.items():
-            client.log_metric(run_id, f"eval/{model}/{name}", value)
-    client.log_metric(run_id, "eval/gate_passed", float(gate.passed))
-    champion = False
-    version = tidpo_policy.get("model_version")
-    if gate.passed and version:
-        tracking.set_champion(mlflow_tracking.uri, version, mlflow_tracking.registered_model)
-        champion = True
-    elif version:
-        client.set_model_version_tag(mlflow_tracking.registered_model, str(version), "gate", "failed")
-    rows = [{"metric": k, "reference": f"{metrics['reference'][k]:.4f}", "policy": f"{metrics['policy'][k]:.4f}"} for k in metrics["policy"]]
-    return dg.MaterializeResult(
-        value={"metrics": metrics, "gate_passed": gate.passed, "champion": champion},
-        metadata={
-            "comparison": dg.MetadataValue.md(_markdown_table(rows)),
-            **{f"policy/{k}": v for k, v in metrics["policy"].items()},
-            **{f"reference/{k}": v for k, v in metrics["reference"].items()},
-            "gate": gate.description,
-            "champion": champion,
-            "mlflow_run_id": run_id,
-            "mlflow_model_version": str(version),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="evaluation_gate",
-                passed=gate.passed,
-                metadata={"description": gate.description, "metric": quality.gate_metric, "margin": quality.gate_margin},
-            )
-        ],
-    )

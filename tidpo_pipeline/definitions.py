@@ -8,13 +8,13 @@ import dagster as dg
 from tidpo_core.sources import inbox_files
 from tidpo_pipeline.assets import (
     anchor_responses,
-    evaluation,
     preference_pairs,
     reference_model,
     tidpo_policy,
     token_weights,
 )
 from tidpo_pipeline.checks import ALL_CHECKS
+from tidpo_pipeline.evaluation_assets import evaluation
 from tidpo_pipeline.resources import TidpoStorage, build_resources
 
 ASSETS = [preference_pairs, reference_model, anchor_responses, token_weights, tidpo_policy, evaluation]
