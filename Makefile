@@ -13,6 +13,7 @@ export DAGSTER_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install run test lint ui e2e bench stress clean
+BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -36,6 +37,18 @@ lint: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c <(echo "torch==2.13.0") -e '.[dev,eval,bench]'
+	touch $(BENCH_STAMP)
+
+# Speed, memory and quality figures; writes bench/results/*.json and refreshes the README table.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run_all
+
+# Longer reliability checks: bad input, crashes, concurrency; prints a table.
+stress: $(STAMP)
+	$(BIN)/python -m stress.run
 
 clean:
 	rm -rf .tidpo dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs

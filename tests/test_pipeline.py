@@ -153,3 +153,42 @@ def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert "junk.jsonl.gz" in failure.message or "junk.jsonl.gz" in str(failure.cause)
     assert _counts(data_dir) == before
+
+
+def test_cli_prints_the_champion(first_run, capsys):
+    from tidpo_core.cli import main
+
+    data_dir, _, _ = first_run
+    expected = tracking.champion(tracking.sqlite_tracking_uri(data_dir))
+    assert main(["champion", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "models:/tidpo-policy@champion" in out and f"version {expected.version}" in out
+    assert "eval/policy/reward_accuracy" in out
+    assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
+
+
+def test_cli_without_champion_says_so(tmp_path, capsys):
+    from tidpo_core.cli import main
+
+    assert main(["champion", "--data-dir", str(tmp_path)]) == 1
+    assert "no champion" in capsys.readouterr().err
+
+
+def test_inbox_sensor_requests_a_run_for_new_files_only(tmp_path):
+    from tidpo_pipeline.definitions import new_preference_data
+    from tidpo_pipeline.resources import TidpoStorage
+
+    storage = TidpoStorage(data_dir=str(tmp_path))
+    (storage.inbox_dir / "notes.txt").write_text("not data")
+    with dg.build_sensor_context(resources={"storage": storage}) as context:
+        first = new_preference_data(context)
+        assert not first.run_requests
+        (storage.inbox_dir / "new.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+        context.update_cursor(first.cursor)
+        second = new_preference_data(context)
+        assert len(second.run_requests) == 1 and "new.jsonl" in second.run_requests[0].run_key
+        context.update_cursor(second.cursor)
+        third = new_preference_data(context)
+        assert not third.run_requests

@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("champion", help="print the champion model's version, run, metrics and path")
     show.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
-    show.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    show.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
     show.add_argument("--name", default=REGISTERED_MODEL)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)

@@ -1,9 +1,20 @@
-"""Held-out preference metrics of a policy against its reference."""
+"""Held-out metrics of a policy against its reference.
+
+- preference metrics on the eval split: implicit-reward accuracy and margin, likelihood win rates;
+- KL(pi || ref) estimated by Monte Carlo on responses sampled from pi, with its standard error, and
+  the samples' diversity (distinct-1/2, length);
+- on data with known critical spans (the built-in synthetic corpus): importance precision@k of
+  gradient attribution, Gaussian prior, hybrid and uniform weights, and the critical-phrase rate of
+  the sampled answers;
+- the gate that decides whether the trained policy replaces the champion.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,8 +22,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tidpo_core.data import PreferencePair
-from tidpo_core.features import EncodingSettings, TrainingCollator, build_features, stack_sides
+from tidpo_core.features import (
+    EncodingSettings,
+    TrainingCollator,
+    build_features,
+    encode_response,
+    stack_sides,
+)
+from tidpo_core.fingerprint import digest
+from tidpo_core.generation import SamplingSettings, prompt_ids
+from tidpo_core.importance import Normalization, compute_token_importance
 from tidpo_core.losses import token_logps
+from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
 
 
 @dataclass(frozen=True)
@@ -105,3 +126,524 @@ def gate_decision(policy: dict[str, float], reference: dict[str, float], metric:
     passed = bool(np.isfinite(trained) and trained >= baseline + margin)
     verdict = "passed" if passed else "failed"
     return GateDecision(passed, f"{verdict}: {metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin}")
+
+
+# --- sampling with the exact sampled tokens ------------------------------------------------------------
+
+# Pure ancestral sampling (no temperature, top-k or top-p): the samples then come from pi itself, which
+# the Monte-Carlo KL estimate below needs to be unbiased.
+KL_SAMPLING = SamplingSettings(max_new_tokens=128, top_k=0, top_p=1.0, temperature=1.0, seed=0, batch_size=16)
+
+
+def is_pure_sampling(settings: SamplingSettings) -> bool:
+    return settings.temperature == 1.0 and settings.top_k in (0, None) and settings.top_p >= 1.0
+
+
+@dataclass(frozen=True)
+class SampledResponses:
+    """Responses sampled from one model, with the exact token ids that were sampled.
+
+    `response_ids` runs up to and including the first eos (if the model stopped within the budget);
+    `texts` are those tokens decoded as `generation.sample_responses` decodes them (same prompts,
+    same seeding, so the same texts).
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    finished: list[bool]
+
+
+@torch.no_grad()
+def sample_with_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: SamplingSettings = KL_SAMPLING,
+    progress: bool = False,
+) -> SampledResponses:
+    """`generation.sample_responses`, keeping the sampled token ids.
+
+    Re-encoding decoded text would score a canonical tokenization rather than the sampled path, which
+    biases a likelihood-ratio estimate; so the ids come straight from `generate`.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out = SampledResponses([], [], [], [], [])
+    for start in tqdm(range(0, len(prompts), settings.batch_size), disable=not progress, desc="sample", unit="batch"):
+        chunk = list(prompts[start : start + settings.batch_size])
+        encoded = [prompt_ids(tokenizer, p, settings.max_prompt_tokens) for p in chunk]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        torch.manual_seed(settings.seed + int(digest(chunk, 8), 16))
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for prompt, ids, row in zip(chunk, encoded, generated[:, width:].tolist(), strict=True):
+            finished = eos in row
+            response = row[: row.index(eos) + 1] if finished else row
+            out.prompts.append(prompt)
+            out.prompt_ids.append(ids)
+            out.response_ids.append(response)
+            out.finished.append(finished)
+            out.texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def response_logps(
+    model: PreTrainedModel,
+    prompt_token_ids: Sequence[Sequence[int]],
+    response_token_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[np.ndarray]:
+    """log pi(y_t | x, y_<t) of every response token, one array per (prompt, response), right-padded batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    result: list[np.ndarray] = []
+    for start in range(0, len(prompt_token_ids), batch_size):
+        prompts = prompt_token_ids[start : start + batch_size]
+        responses = response_token_ids[start : start + batch_size]
+        rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=device)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logps = token_logps(logits, input_ids).cpu().numpy()
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            result.append(logps[i, len(p) : len(p) + len(r)].astype(np.float64))
+    model.train(was_training)
+    return result
+
+
+# --- KL to the reference and generation diversity -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KLEstimate:
+    """Monte-Carlo KL(pi || ref) = E_{y ~ pi}[sum_t log pi(y_t|.) - log ref(y_t|.)] over sampled responses."""
+
+    kl: float
+    stderr: float
+    kl_per_token: float
+    samples: int
+    per_sample: np.ndarray
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "kl_to_reference": self.kl,
+            "kl_to_reference_stderr": self.stderr,
+            "kl_per_token": self.kl_per_token,
+            "kl_samples": float(self.samples),
+        }
+
+
+def kl_from_logps(
+    policy_logps: Sequence[Sequence[float]], reference_logps: Sequence[Sequence[float]]
+) -> KLEstimate:
+    """The estimate from per-token log-probs of responses sampled from the policy.
+
+    Each sample contributes s_i = sum_t [log pi - log ref]; the estimate is mean(s_i), its standard error
+    std(s_i, ddof=1) / sqrt(n). Single samples can be negative; the expectation cannot.
+    """
+    sums, tokens = [], 0
+    for p, r in zip(policy_logps, reference_logps, strict=True):
+        p, r = np.asarray(p, np.float64), np.asarray(r, np.float64)
+        if p.shape != r.shape:
+            raise ValueError(f"policy and reference log-probs differ in length: {p.shape} vs {r.shape}")
+        sums.append(float(np.sum(p - r)))
+        tokens += p.size
+    per_sample = np.asarray(sums)
+    n = per_sample.size
+    if n == 0:
+        return KLEstimate(float("nan"), float("nan"), float("nan"), 0, per_sample)
+    stderr = float(np.std(per_sample, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return KLEstimate(float(per_sample.mean()), stderr, float(per_sample.sum() / max(tokens, 1)), n, per_sample)
+
+
+def kl_to_reference(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str] | None = None,
+    settings: SamplingSettings = KL_SAMPLING,
+    *,
+    samples: SampledResponses | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[KLEstimate, SampledResponses]:
+    """Sample from the policy (or take given samples of it) and estimate KL(pi || ref) on them.
+
+    With `settings` other than pure sampling (temperature 1, no top-k/top-p) the samples come from a
+    modified distribution and the estimate is only an approximation; callers should say so.
+    """
+    if samples is None:
+        if prompts is None:
+            raise ValueError("give prompts to sample from, or samples")
+        samples = sample_with_tokens(policy, tokenizer, prompts, settings, progress=progress)
+    pad = tokenizer.pad_token_id
+    policy_logps = response_logps(policy, samples.prompt_ids, samples.response_ids, pad, batch_size)
+    if reference is policy:
+        reference_logps = policy_logps
+    else:
+        reference_logps = response_logps(reference, samples.prompt_ids, samples.response_ids, pad, batch_size)
+    return kl_from_logps(policy_logps, reference_logps), samples
+
+
+def distinct_n(texts: Sequence[str] | Sequence[Sequence[Any]], n: int) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): unique n-grams / all n-grams over every text.
+
+    A text is either a string (split on whitespace) or a sequence of tokens (ids or strings) used as
+    is. NaN when there is no n-gram at all.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    seen: set[tuple] = set()
+    total = 0
+    for text in texts:
+        tokens = text.split() if isinstance(text, str) else list(text)
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else float("nan")
+
+
+def diversity_metrics(samples: SampledResponses, eos_token_id: int | None) -> dict[str, float]:
+    """distinct-1/2 over the sampled token ids (eos excluded), mean length in tokens, share that stopped."""
+    tokens = [[t for t in ids if t != eos_token_id] for ids in samples.response_ids]
+    return {
+        "distinct_1": distinct_n(tokens, 1),
+        "distinct_2": distinct_n(tokens, 2),
+        "mean_length": float(np.mean([len(t) for t in tokens])) if tokens else float("nan"),
+        "eos_rate": float(np.mean(samples.finished)) if samples.finished else float("nan"),
+    }
+
+
+# --- critical tokens (synthetic data: meta carries the critical spans) ------------------------------------
+
+
+def importance_precision_at_k(
+    weights: Sequence[float], span_token_indices: Sequence[int], k: int | None = None
+) -> float:
+    """Share of the k highest-weighted tokens that lie in the critical span (k = span size by default).
+
+    Ties at the k-th place are broken uniformly at random and the *expected* precision is returned, so
+    the result is deterministic: uniform weights give |span| / T exactly (the chance level), a weight
+    vector that is higher on every span token than elsewhere gives 1.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain non-finite values")
+    span = sorted({int(i) for i in span_token_indices})
+    if not span:
+        raise ValueError("the span has no tokens")
+    if span[0] < 0 or span[-1] >= w.size:
+        raise ValueError(f"span token indices {span[0]}..{span[-1]} outside 0..{w.size - 1}")
+    k = len(span) if k is None else int(k)
+    if not 1 <= k:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, w.size)
+    threshold = np.sort(w)[::-1][k - 1]
+    above, tied = w > threshold, w == threshold
+    in_span = np.zeros(w.size, dtype=bool)
+    in_span[span] = True
+    free_places = k - int(above.sum())
+    hits = float((above & in_span).sum()) + free_places * float((tied & in_span).sum()) / float(tied.sum())
+    return hits / k
+
+
+def _normalize_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def critical_phrase_rate(
+    samples: Sequence[str], chosen_phrases: Sequence[str], rejected_phrases: Sequence[str]
+) -> dict[str, float]:
+    """Which critical phrase the sampled answers use, sample i judged against its own prompt's phrases.
+
+    chosen_rate / rejected_rate: among samples containing either phrase, the share containing only the
+    chosen / only the rejected one (both_rate: both; the three sum to 1; NaN when no sample contains
+    either); neither_rate: share of all samples containing neither. Matching ignores case and runs of
+    whitespace.
+    """
+    if not len(samples) == len(chosen_phrases) == len(rejected_phrases):
+        raise ValueError(
+            f"one chosen and one rejected phrase per sample: {len(samples)} samples, "
+            f"{len(chosen_phrases)} chosen, {len(rejected_phrases)} rejected phrases"
+        )
+    counts = {"chosen": 0, "rejected": 0, "both": 0, "neither": 0}
+    for text, chosen, rejected in zip(samples, chosen_phrases, rejected_phrases, strict=True):
+        norm = _normalize_text(text)
+        has_c, has_r = _normalize_text(chosen) in norm, _normalize_text(rejected) in norm
+        key = "both" if has_c and has_r else "chosen" if has_c else "rejected" if has_r else "neither"
+        counts[key] += 1
+    n = len(samples)
+    matched = counts["chosen"] + counts["rejected"] + counts["both"]
+
+    def share(value: int, total: int) -> float:
+        return value / total if total else float("nan")
+
+    return {
+        "chosen_rate": share(counts["chosen"], matched),
+        "rejected_rate": share(counts["rejected"], matched),
+        "both_rate": share(counts["both"], matched),
+        "neither_rate": share(counts["neither"], n),
+        "matched": float(matched),
+        "samples": float(n),
+    }
+
+
+def has_critical_spans(pair: PreferencePair) -> bool:
+    meta = pair.meta or {}
+    return all(isinstance(meta.get(k), list | tuple) and len(meta[k]) == 2 for k in ("chosen_span", "rejected_span"))
+
+
+def has_critical_phrases(pair: PreferencePair) -> bool:
+    meta = pair.meta or {}
+    return all(isinstance(meta.get(k), str) and meta[k].strip() for k in ("chosen_phrase", "rejected_phrase"))
+
+
+@dataclass(frozen=True)
+class SpanResponse:
+    """One response of a pair with a critical span: its encoding and the span's token indices."""
+
+    pair_id: str
+    side: str
+    encoded: EncodedSequence
+    span_tokens: list[int]
+
+
+def span_responses(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], settings: EncodingSettings
+) -> list[SpanResponse]:
+    """Chosen and rejected responses of the pairs that carry spans; a span truncated away is left out."""
+    out = []
+    for pair in pairs:
+        if not has_critical_spans(pair):
+            continue
+        for side in ("chosen", "rejected"):
+            encoded = encode_response(tokenizer, pair.prompt, getattr(pair, side), settings)
+            start, end = pair.meta[f"{side}_span"]
+            span = tokens_overlapping(encoded.response_offsets, (int(start), int(end)))
+            if span:
+                out.append(SpanResponse(pair.pair_id, side, encoded, span))
+    return out
+
+
+IMPORTANCE_METHODS = ("attribution", "prior", "hybrid", "uniform")
+
+
+def critical_token_precision(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    settings: EncodingSettings = EncodingSettings(),
+    *,
+    weight_lambda: float = 0.7,
+    normalization: Normalization = "max",
+    k: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Mean importance precision@k over the chosen and rejected responses of pairs with critical spans.
+
+    attribution: the model's gradient attribution I; prior: the Gaussian prior; hybrid: their mix with
+    `weight_lambda` (what TI-DPO trains with); uniform: all weights equal, whose expected precision is
+    the span's share of the response, |span| / T (chance level). Empty dict when no pair has a span.
+    """
+    responses = span_responses(tokenizer, pairs, settings)
+    if not responses:
+        return {}
+    importances = compute_token_importance(
+        model, [r.encoded for r in responses], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
+    )
+    scores: dict[str, list[float]] = {m: [] for m in IMPORTANCE_METHODS}
+    for response, importance in zip(responses, importances, strict=True):
+        by_method = {
+            "attribution": importance.attribution,
+            "prior": importance.prior,
+            "hybrid": importance.weight,
+            "uniform": np.ones_like(importance.weight),
+        }
+        for method, weights in by_method.items():
+            scores[method].append(importance_precision_at_k(weights, response.span_tokens, k))
+    metrics = {f"precision_at_k_{m}": float(np.mean(v)) for m, v in scores.items()}
+    metrics["critical_responses"] = float(len(responses))
+    metrics["mean_span_tokens"] = float(np.mean([len(r.span_tokens) for r in responses]))
+    return metrics
+
+
+# --- the whole evaluation of one model --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `evaluate_model` measures and how; defaults fit the embedded tiny model on a CPU."""
+
+    beta: float = 0.1
+    batch_size: int = 32
+    encoding: EncodingSettings = EncodingSettings()
+    sample_prompts: int = 64
+    """Eval prompts sampled for KL, diversity and the critical-phrase rate (0: skip those metrics)."""
+    sampling: SamplingSettings = KL_SAMPLING
+    critical_k: int | None = None
+    weight_lambda: float = 0.7
+    weight_normalization: Normalization = "max"
+
+
+@dataclass
+class ModelEvaluation:
+    metrics: dict[str, float]
+    samples: SampledResponses | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Metric group -> why it was not measured."""
+
+
+def sample_prompt_pairs(pairs: Sequence[PreferencePair], n: int) -> list[PreferencePair]:
+    """The eval pairs whose prompts are sampled: the first n by pair_id (stable as the corpus grows little)."""
+    return sorted(pairs, key=lambda p: p.pair_id)[: max(n, 0)]
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    settings: EvalSettings = EvalSettings(),
+    *,
+    reference_scores: PairScores | None = None,
+    progress: bool = False,
+) -> ModelEvaluation:
+    """Every held-out metric of `model` against `reference` on the eval pairs.
+
+    Preference metrics (accuracy, margin, win rates), KL(model || reference) with its standard error,
+    generation diversity, and on pairs with critical spans (the synthetic corpus) importance
+    precision@k and the critical-phrase rate. Pass `model=reference` for the reference's own row.
+    """
+    skipped: dict[str, str] = {}
+    if reference_scores is None:
+        reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size, progress)
+    scores = reference_scores if model is reference else score_pairs(
+        model, tokenizer, pairs, settings.encoding, settings.batch_size, progress
+    )
+    metrics = preference_metrics(scores, reference_scores, settings.beta)
+
+    samples = None
+    chosen_pairs = sample_prompt_pairs(pairs, settings.sample_prompts)
+    if chosen_pairs:
+        estimate, samples = kl_to_reference(
+            model,
+            reference,
+            tokenizer,
+            [p.prompt for p in chosen_pairs],
+            settings.sampling,
+            batch_size=settings.batch_size,
+            progress=progress,
+        )
+        metrics.update(estimate.as_metrics())
+        metrics.update(diversity_metrics(samples, tokenizer.eos_token_id))
+        if not is_pure_sampling(settings.sampling):
+            skipped["kl_exactness"] = (
+                "samples were drawn with temperature/top-k/top-p: the KL estimate is of the modified distribution"
+            )
+    else:
+        skipped["sampling"] = "no eval prompts to sample (sample_prompts = 0 or no eval pairs)"
+
+    critical = critical_token_precision(
+        model,
+        tokenizer,
+        pairs,
+        settings.encoding,
+        weight_lambda=settings.weight_lambda,
+        normalization=settings.weight_normalization,
+        k=settings.critical_k,
+        batch_size=settings.batch_size,
+    )
+    if critical:
+        metrics.update(critical)
+    else:
+        skipped["critical_tokens"] = "no eval pair carries chosen_span/rejected_span in its meta (non-synthetic data)"
+    if samples is not None:
+        phrase_pairs = [(p, text) for p, text in zip(chosen_pairs, samples.texts, strict=True) if has_critical_phrases(p)]
+        if phrase_pairs:
+            rates = critical_phrase_rate(
+                [t for _, t in phrase_pairs],
+                [p.meta["chosen_phrase"] for p, _ in phrase_pairs],
+                [p.meta["rejected_phrase"] for p, _ in phrase_pairs],
+            )
+            metrics.update({f"critical_phrase_{k}": v for k, v in rates.items()})
+        else:
+            skipped["critical_phrases"] = "no sampled eval pair carries chosen_phrase/rejected_phrase in its meta"
+    return ModelEvaluation(metrics=metrics, samples=samples, skipped=skipped)
+
+
+# --- token-importance pictures --------------------------------------------------------------------------
+
+
+def _prompt_title(prompt: str, limit: int = 150) -> str:
+    text = " ".join(prompt.replace("Human:", " ").replace("Assistant:", " ").split())
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+def importance_heatmap_sections(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    settings: EncodingSettings = EncodingSettings(),
+    *,
+    anchors: dict[str, str] | None = None,
+    weight_lambda: float = 0.7,
+    normalization: Normalization = "max",
+    batch_size: int = 16,
+) -> list[Any]:
+    """Heatmap sections (tidpo_core.plots.HeatmapSection) of the pairs' chosen, rejected and anchor responses.
+
+    Each token is shaded by its hybrid weight under `model` (the TI-DPO weight, mean 1 per response);
+    tokens of the critical span, where the pair's meta has one, are outlined.
+    """
+    from tidpo_core.plots import HeatmapRow, HeatmapSection, token_display_text
+
+    items: list[tuple[PreferencePair, str, str, EncodedSequence]] = []
+    for pair in pairs:
+        texts = {"chosen": pair.chosen, "rejected": pair.rejected}
+        if anchors and pair.pair_id in anchors:
+            texts["anchor"] = anchors[pair.pair_id]
+        for side, text in texts.items():
+            items.append((pair, side, text, encode_response(tokenizer, pair.prompt, text, settings)))
+    if not items:
+        return []
+    importances = compute_token_importance(
+        model, [e for *_, e in items], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
+    )
+    sections: dict[str, Any] = {}
+    for (pair, side, text, encoded), importance in zip(items, importances, strict=True):
+        span: list[int] = []
+        if side in ("chosen", "rejected") and has_critical_spans(pair):
+            start, end = pair.meta[f"{side}_span"]
+            span = tokens_overlapping(encoded.response_offsets, (int(start), int(end)))
+        section = sections.setdefault(pair.pair_id, HeatmapSection(_prompt_title(pair.prompt), []))
+        section.rows.append(
+            HeatmapRow(
+                label=side,
+                tokens=token_display_text(text, encoded.response_offsets),
+                weights=[float(w) for w in importance.weight],
+                span=frozenset(span),
+            )
+        )
+    return list(sections.values())

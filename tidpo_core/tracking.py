@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,24 +32,62 @@ def artifact_root(data_dir: str | Path) -> str:
     return (Path(data_dir).resolve() / "mlartifacts").as_uri()
 
 
+def client(tracking_uri: str) -> MlflowClient:
+    """A client bound to one store for tracking AND registry: without registry_uri the client takes
+    the process-global registry, which is whatever store the last `mlflow.set_tracking_uri` named."""
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 class TrackingUnavailableError(RuntimeError):
     pass
 
 
-def check_tracking(tracking_uri: str) -> None:
-    """Fail early and clearly when the tracking store cannot be reached, before expensive work."""
+# The probe's HTTP budget: MLflow's defaults (7 retries with exponential backoff, 120 s timeout) make
+# an unreachable server look like a hang of about four minutes; the probe answers within seconds.
+CHECK_HTTP_RETRIES = 0
+CHECK_HTTP_TIMEOUT_S = 10
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def check_tracking(tracking_uri: str) -> None:
+    """Fail early and clearly when the tracking store cannot be reached, before expensive work.
+
+    The probe runs without HTTP retries and with a short timeout; later calls keep MLflow's retries,
+    which ride out a server that blips during a long run.
+    """
+    try:
+        with _env(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(CHECK_HTTP_RETRIES),
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(CHECK_HTTP_TIMEOUT_S),
+        ):
+            client(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # the client raises many kinds, all mean "not reachable"
-        raise TrackingUnavailableError(f"MLflow tracking store {tracking_uri!r} is not reachable: {exc}") from exc
+        detail = (str(exc).splitlines() or [""])[0][:400]
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {tracking_uri!r} is not reachable ({type(exc).__name__}: {detail}); "
+            "start the server or fix the mlflow_tracking resource's tracking_uri (empty: sqlite in the data dir)"
+        ) from exc
 
 
 def ensure_experiment(tracking_uri: str, artifact_location: str | None, name: str = EXPERIMENT) -> str:
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(name)
+    store = client(tracking_uri)
+    experiment = store.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return store.create_experiment(name, artifact_location=artifact_location)
 
 
 def log_transformers_model(
@@ -62,6 +102,7 @@ def log_transformers_model(
 
     model, tokenizer = load_model_and_tokenizer(model_path)
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -74,7 +115,7 @@ def log_transformers_model(
 
 
 def set_champion(tracking_uri: str, version: str | int, name: str = REGISTERED_MODEL) -> None:
-    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    client(tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
 
 @dataclass(frozen=True)
@@ -88,17 +129,17 @@ class ChampionInfo:
 
 
 def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> ChampionInfo | None:
-    client = MlflowClient(tracking_uri=tracking_uri)
+    store = client(tracking_uri)
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        version = store.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException:
         return None
-    run = client.get_run(version.run_id)
+    run = store.get_run(version.run_id)
     return ChampionInfo(
         name=name,
         version=str(version.version),
         run_id=version.run_id,
-        source=client.get_model_version_download_uri(name, str(version.version)),
+        source=store.get_model_version_download_uri(name, str(version.version)),
         metrics=dict(run.data.metrics),
         model_uri=f"models:/{name}@{CHAMPION_ALIAS}",
     )

@@ -1,10 +1,26 @@
 """The TI-DPO training engine.
 
-Runs unchanged under plain `python -m tidpo_core.train --config run.yaml` (one process) and under
-`accelerate launch [--config_file F] -m tidpo_core.train --config run.yaml` (DDP, FSDP, DeepSpeed).
-The reference model's per-token log-probs and the token weights are precomputed (DuckDB), so a step
-runs the policy only, plus a no-grad reference forward when the TDPO sequential-KL term (alpha > 0)
-needs full reference distributions.
+One code path for every scale:
+
+    python -m tidpo_core.train --config run.yaml                                    # one process
+    accelerate launch --multi_gpu --num_processes 2 -m tidpo_core.train --config run.yaml  # DDP (CPU: gloo)
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m tidpo_core.train --config run.yaml
+
+On a machine without a GPU the engine asks accelerate for CPU processes itself, so the torchrun-based
+launcher (``--multi_gpu``) gives N gloo processes; ``accelerate launch --cpu`` on the other hand picks
+accelerate's simple/MPI launcher, which starts ONE process unless mpirun is used (see
+configs/accelerate/README.md).
+
+The reference model's per-token log-probs and the token weights are precomputed (DuckDB), so a step runs
+the policy only, plus a no-grad reference forward when the TDPO sequential-KL term (alpha > 0) needs the
+full reference distributions. With ``lora: true`` that reference is the policy's own base with the
+adapter disabled: no second model in memory.
+
+Checkpoints (``accelerator.save_state``: model, optimizer, scheduler, RNG states; the data position in
+the COMPLETE marker, written last) are taken every ``checkpoint_every`` optimizer steps; a re-run with
+``resume: true`` continues from the newest complete one and ends with the same weights as an
+uninterrupted run with the same seed: the sampler is seeded per epoch (accelerate's seedable sampler),
+``skip_first_batches`` skips what was already consumed, and the scheduler is registered for checkpointing.
 """
 
 from __future__ import annotations
@@ -14,10 +30,13 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -25,19 +44,36 @@ from typing import Any, Literal
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tidpo_core import store
 from tidpo_core.features import EncodingSettings, TrainingCollator, build_features, stack_sides
-from tidpo_core.importance import Normalization
+from tidpo_core.importance import Normalization, gradient_attribution, hybrid_weights
 from tidpo_core.losses import LossConfig, SideTensors, compute_loss, sequence_kl, token_kl, token_logps
 from tidpo_core.modeling import load_model_and_tokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE.json"
+# The metrics every optimizer step reports, under TRL's DPOTrainer names (plus triplet for TI-DPO).
+STEP_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_second",
+    "num_tokens",
+    "epoch",
+    "step_seconds",
+)
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
 @dataclass
@@ -61,6 +97,9 @@ class TrainConfig:
     uniform_weights: bool = False
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
+    weights_mode: Literal["precomputed", "online"] = "precomputed"
+    """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
+    recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
     # optimisation
     learning_rate: float = 5e-4
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
@@ -73,9 +112,22 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    """`auto`: bf16 (or fp16) on a GPU, none on CPU; an explicit value wins over the launcher's."""
+    model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """dtype the policy is loaded in; float32 master weights are what mixed precision expects."""
+    cpu: bool | None = None
+    """None: run on CPU exactly when no GPU/accelerator is visible (also under torchrun: gloo)."""
     seed: int = 0
     max_prompt_tokens: int = 192
     max_response_tokens: int = 128
+    # parameter-efficient training
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    merge_lora: bool = True
+    """Save the final model with the adapter merged (a plain HF model); false saves the adapter only."""
     # checkpoints
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -85,8 +137,11 @@ class TrainConfig:
     mlflow_run_id: str | None = None
     log_every: int = 1
     progress: bool = True
-    # test hook: make the loss of this optimizer step non-finite (exercises the NaN guard)
+    # test hooks
     inject_nan_at_step: int | None = None
+    """Make the loss of this optimizer step non-finite on the last process (exercises the NaN guard)."""
+    inject_kill_at_step: int | None = None
+    """SIGKILL the training process(es) right after this optimizer step (simulates a crash)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -117,9 +172,18 @@ class TrainConfig:
             uniform_weights=self.uniform_weights,
         )
 
+    def __post_init__(self) -> None:
+        if self.weights_mode not in ("precomputed", "online"):
+            raise ValueError(f"weights_mode must be 'precomputed' or 'online', got {self.weights_mode!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.per_device_batch_size < 1:
+            raise ValueError(f"per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
+        self.lora_target_modules = list(self.lora_target_modules)
+
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss (or the gradient norm) of a step was NaN/inf; the last good state is checkpointed."""
 
 
 @dataclass
@@ -133,6 +197,14 @@ class TrainSummary:
     tokens_per_second: float
     seconds: float
     history: list[dict[str, float]]
+    steps_this_run: int = 0
+    num_processes: int = 1
+    distributed_type: str = "NO"
+    mixed_precision: str = "no"
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    peak_rss_mb: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --- reporting ---------------------------------------------------------------------------------------
@@ -144,6 +216,7 @@ class Reporter:
     def __init__(self, config: TrainConfig, is_main: bool):
         self.is_main = is_main
         self._pipes = None
+        self._pipes_cm = None
         self._mlflow = None
         if not is_main:
             return
@@ -163,8 +236,7 @@ class Reporter:
             return
         if self._pipes is not None:
             self._pipes.log.info(message)
-        else:
-            print(message, file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if self._mlflow is not None:
@@ -179,20 +251,32 @@ class Reporter:
         if self._pipes is not None:
             self._pipes.report_custom_message(payload)
 
-    def close(self, summary: dict[str, Any] | None) -> None:
-        if self._pipes is not None:
-            if summary is not None:
-                self._pipes.report_asset_materialization(
-                    metadata={
-                        "steps": summary["steps"],
-                        "first_loss": summary["first_loss"],
-                        "last_loss": summary["last_loss"],
-                        "tokens_per_second": summary["tokens_per_second"],
-                        "final_model_path": {"raw_value": summary["final_model_path"], "type": "path"},
-                        "resumed_from": str(summary["resumed_from"]),
-                    }
-                )
-            self._pipes_cm.__exit__(None, None, None)
+    def close(self, summary: dict[str, Any] | None, exc: BaseException | None = None) -> None:
+        """Report the materialization (success) or the exception (failure) and close the Pipes session."""
+        if self._pipes is None or self._pipes_cm is None:
+            return
+        if summary is not None and exc is None:
+            self._pipes.report_asset_materialization(
+                metadata={
+                    "steps": summary["steps"],
+                    "steps_this_run": summary["steps_this_run"],
+                    "first_loss": summary["first_loss"],
+                    "last_loss": summary["last_loss"],
+                    "tokens_per_second": summary["tokens_per_second"],
+                    "num_processes": summary["num_processes"],
+                    "distributed_type": summary["distributed_type"],
+                    "mixed_precision": summary["mixed_precision"],
+                    "trainable_parameters": summary["trainable_parameters"],
+                    "peak_rss_mb": summary["peak_rss_mb"],
+                    "final_model_path": {"raw_value": summary["final_model_path"], "type": "path"},
+                    "resumed_from": str(summary["resumed_from"]),
+                }
+            )
+        cm, self._pipes, self._pipes_cm = self._pipes_cm, None, None
+        if exc is None:
+            cm.__exit__(None, None, None)
+        else:
+            cm.__exit__(type(exc), exc, exc.__traceback__)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -210,9 +294,19 @@ def complete_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _remove_incomplete(checkpoint_root: Path) -> None:
+    """A save interrupted by a crash leaves a folder without the marker: never resumable, so remove it."""
+    if not checkpoint_root.exists():
+        return
+    for path in checkpoint_root.iterdir():
+        if CHECKPOINT_PATTERN.match(path.name) and not (path / COMPLETE_MARKER).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     accelerator: Accelerator, checkpoint_root: Path, step: int, state: dict[str, Any], keep: int
 ) -> Path:
+    """Save model, optimizer, scheduler and RNG states, then the marker with the data position; rotate."""
     path = checkpoint_root / f"step_{step}"
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)
@@ -220,7 +314,9 @@ def save_checkpoint(
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / COMPLETE_MARKER).write_text(json.dumps(state))
+        tmp = path / (COMPLETE_MARKER + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path / COMPLETE_MARKER)
         for _, old in complete_checkpoints(checkpoint_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -230,22 +326,94 @@ def save_checkpoint(
 # --- the step ------------------------------------------------------------------------------------------
 
 
+ReferenceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+WeightsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
 def _pooled_hidden(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     mask = response_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def frozen_reference(model: torch.nn.Module, autocast: Callable[[], Any] | None = None) -> ReferenceFn:
+    """Logits of a separate frozen reference model (no grad, eval mode)."""
+    model.eval().requires_grad_(False)
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return logits
+
+
+def adapter_disabled_reference(policy: torch.nn.Module, peft_model: Any) -> ReferenceFn:
+    """Logits of the policy's base model with its LoRA adapter disabled: the reference, at no memory cost.
+
+    The forward goes through `policy` (the DDP/FSDP wrapper, if any) so sharded models gather their
+    parameters as usual; eval mode for the duration so dropout never touches the reference.
+    """
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            with torch.no_grad(), peft_model.disable_adapter():
+                return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            peft_model.train(was_training)
+
+    return logits
+
+
+def online_weights(model: torch.nn.Module, lambda_: float, normalization: Normalization) -> WeightsFn:
+    """`weights: online` (METHOD.md section 1): hybrid weights from the current policy's attribution.
+
+    Gradients are taken with respect to the input embeddings only, so the parameters' .grad (the training
+    gradient being accumulated) is untouched. `model` is the unwrapped policy.
+    """
+
+    def weights(stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = stacked["response_mask"] != 0
+        attribution = gradient_attribution(
+            model, stacked["input_ids"], stacked["attention_mask"], mask.long()
+        ).detach()
+        out = torch.zeros_like(stacked["weights"])
+        for row in range(out.shape[0]):
+            if mask[row].any():
+                out[row, mask[row]] = hybrid_weights(attribution[row][mask[row]].float().cpu(), lambda_, normalization).to(
+                    out.device, out.dtype
+                )
+        return out
+
+    return weights
+
+
 def compute_batch_loss(
     policy: torch.nn.Module,
-    reference: torch.nn.Module | None,
+    reference: ReferenceFn | torch.nn.Module | None,
     batch: dict[str, Any],
     loss_config: LossConfig,
     sides: Sequence[str],
     pad_token_id: int,
+    weights_fn: WeightsFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Loss and statistics of one micro-batch; the model runs once over all sides stacked."""
+    """Loss and statistics of one micro-batch; the model runs once over all sides stacked.
+
+    `reference` gives full reference logits (needed for SeqKL when alpha > 0): a function of
+    (input_ids, attention_mask), or a module used as a frozen reference. Without it the precomputed
+    reference log-probs of the batch are used.
+    """
+    if isinstance(reference, torch.nn.Module):
+        reference = frozen_reference(reference)
     stacked = stack_sides(batch, sides, pad_token_id)
+    if weights_fn is not None:
+        stacked["weights"] = weights_fn(stacked)
     want_hidden = loss_config.loss_type == "tidpo" and loss_config.triplet_space == "hidden"
+    reference_logps = stacked.get("reference_logps")
+    ref_logits = None
+    if reference is not None:
+        ref_logits = reference(stacked["input_ids"], stacked["attention_mask"]).float()
+        reference_logps = token_logps(ref_logits, stacked["input_ids"])
     out = policy(
         input_ids=stacked["input_ids"],
         attention_mask=stacked["attention_mask"],
@@ -253,15 +421,9 @@ def compute_batch_loss(
     )
     logits = out.logits.float()
     policy_logps = token_logps(logits, stacked["input_ids"])
-    reference_logps = stacked.get("reference_logps")
     kl = None
-    if reference is not None:
-        with torch.no_grad():
-            ref_logits = reference(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]).logits
-        ref_logits = ref_logits.float()
-        reference_logps = token_logps(ref_logits, stacked["input_ids"])
-        if loss_config.needs_kl:
-            kl = sequence_kl(token_kl(ref_logits, logits), stacked["response_mask"])
+    if ref_logits is not None and loss_config.needs_kl:
+        kl = sequence_kl(token_kl(ref_logits, logits), stacked["response_mask"])
     hidden = _pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None
 
     batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
@@ -290,17 +452,36 @@ def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def _mixed_precision(config: TrainConfig) -> str:
+def _has_gpu() -> bool:
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
+        return bool(accelerator_api.is_available())
+    return torch.cuda.is_available()
+
+
+def _use_cpu(config: TrainConfig) -> bool:
+    return (not _has_gpu()) if config.cpu is None else config.cpu
+
+
+def _mixed_precision(config: TrainConfig, cpu: bool) -> str:
     if config.mixed_precision != "auto":
         return config.mixed_precision
-    if torch.cuda.is_available():
+    if not cpu and torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
 
 
-def load_training_features(config: TrainConfig, tokenizer) -> list[dict[str, Any]]:
-    """Pairs, anchors and weights read from DuckDB in bulk, turned into features."""
+def _model_dtype(config: TrainConfig) -> str | torch.dtype:
+    return "auto" if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
+
+
+def load_training_features(
+    config: TrainConfig, tokenizer, timings: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Pairs, anchors and weights read from DuckDB in bulk (one query each), turned into features."""
+    timings = timings if timings is not None else {}
     loss_config = config.loss_config()
+    started = time.perf_counter()
     con = store.connect(config.duckdb_path, read_only=True)
     try:
         pairs = store.read_pairs(con, split="train")
@@ -314,12 +495,14 @@ def load_training_features(config: TrainConfig, tokenizer) -> list[dict[str, Any
             stored = store.read_token_weights(con, config.weights_fingerprint)
     finally:
         con.close()
+    timings["duckdb_read_s"] = time.perf_counter() - started
     if not pairs:
         raise ValueError(f"no training pairs in {config.duckdb_path}")
     if stored is None and loss_config.needs_reference and not loss_config.needs_kl:
         raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
+    started = time.perf_counter()
     settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
-    return build_features(
+    features = build_features(
         tokenizer,
         pairs,
         settings,
@@ -329,67 +512,197 @@ def load_training_features(config: TrainConfig, tokenizer) -> list[dict[str, Any
         normalization=config.weight_normalization,
         uniform_weights=config.uniform_weights or config.loss_type != "tidpo",
     )
+    timings["features_s"] = time.perf_counter() - started
+    return features
+
+
+def _peak_rss_mb() -> float:
+    scale = 1024**2 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def _warn_single_cpu_launch(accelerator: Accelerator, reporter: Reporter) -> None:
+    """`accelerate launch --cpu --num_processes N` without mpirun starts one process: say so."""
+    if (
+        accelerator.num_processes == 1
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        reporter.log(
+            "warning: `accelerate launch --cpu` with several processes needs mpirun; this is ONE process. "
+            "For N CPU processes (gloo) use `accelerate launch --multi_gpu --num_processes N` (tidpo falls "
+            "back to CPU when no GPU is visible)."
+        )
+
+
+def _apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+    )
+    return get_peft_model(model, lora_config)
+
+
+def _save_final(
+    accelerator: Accelerator, policy: torch.nn.Module, tokenizer, config: TrainConfig, final_path: Path
+) -> None:
+    """Write the final model atomically (a staging folder renamed into place) as a plain HF folder.
+
+    LoRA with merge_lora: the adapter is merged into the base (merge_and_unload) so the folder loads as a
+    plain model; without merge_lora the folder holds the adapter (it names the base it belongs to).
+    Under FSDP/DeepSpeed the full state dict is gathered first (a collective: every process calls it).
+    """
+    staging = final_path.with_name(final_path.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(policy)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = accelerator.get_state_dict(policy) if sharded else None
+    if accelerator.is_main_process:
+        if config.lora and config.merge_lora:
+            if sharded:
+                # The wrapped copy is sharded: rebuild the adapter on a CPU copy of the base and merge there.
+                base, _ = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+                unwrapped = _apply_lora(base, config)
+                unwrapped.load_state_dict(state_dict)
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(staging, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(final_path, ignore_errors=True)
+        staging.rename(final_path)
+    accelerator.wait_for_everyone()
 
 
 def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainSummary:
-    loss_config = config.loss_config()
+    """Run (or resume) one training run; see the module docstring."""
+    cpu = _use_cpu(config)
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=_mixed_precision(config),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        mixed_precision=_mixed_precision(config, cpu),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
-    set_seed(config.seed)
     reporter = Reporter(config, accelerator.is_main_process)
+    try:
+        summary = _run(config, accelerator, reporter, on_step)
+    except BaseException as exc:
+        reporter.close(None, exc)
+        raise
+    reporter.close(asdict(summary))
+    accelerator.end_training()
+    return summary
+
+
+def _run(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    reporter: Reporter,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> TrainSummary:
+    loss_config = config.loss_config()
+    timings: dict[str, float] = {}
+    set_seed(config.seed)
+    _warn_single_cpu_launch(accelerator, reporter)
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
 
-    policy, tokenizer = load_model_and_tokenizer(config.reference_model_path)
-    reference = None
-    if loss_config.needs_kl:
-        reference, _ = load_model_and_tokenizer(config.reference_model_path)
-        reference.eval().requires_grad_(False)
+    started = time.perf_counter()
+    policy, tokenizer = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+    peft_model = None
+    if config.lora:
+        policy = peft_model = _apply_lora(policy, config)
+    reference_module = None
+    if loss_config.needs_kl and not config.lora:
+        reference_module, _ = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+    timings["model_load_s"] = time.perf_counter() - started
     pad_token_id = tokenizer.pad_token_id
     sides = ("chosen", "rejected", "anchor") if loss_config.needs_anchor else ("chosen", "rejected")
 
-    features = load_training_features(config, tokenizer)
-    generator = torch.Generator().manual_seed(config.seed)
+    features = load_training_features(config, tokenizer, timings)
     loader = DataLoader(
         features,  # type: ignore[arg-type]
         batch_size=config.per_device_batch_size,
         shuffle=True,
         collate_fn=TrainingCollator(pad_token_id, sides),
-        generator=generator,
+        generator=torch.Generator().manual_seed(config.seed),
         drop_last=False,
     )
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps / accelerator.num_processes)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    trainable_count = sum(p.numel() for p in trainable)
+    total_count = sum(p.numel() for p in policy.parameters())
+    optimizer = _optimizer(config, trainable)
+    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    # Per process after sharding; a step consumes gradient_accumulation_steps batches on every process.
+    steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
-    num_epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
-
-    optimizer = _optimizer(config, [p for p in policy.parameters() if p.requires_grad])
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Not passed to prepare(): accelerate's prepared scheduler steps num_processes times per optimizer step,
+    # which would make the schedule depend on the process count. Stepped here once per optimizer step,
+    # and saved/restored with the checkpoints.
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=min(config.warmup_steps, total_steps),
         num_training_steps=total_steps,
     )
-    policy, optimizer, loader, scheduler = accelerator.prepare(policy, optimizer, loader, scheduler)
-    if reference is not None:
-        reference = reference.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler)
+    reference: ReferenceFn | None = None
+    if reference_module is not None:
+        reference = frozen_reference(reference_module.to(accelerator.device), accelerator.autocast)
+    elif loss_config.needs_kl and peft_model is not None:
+        reference = adapter_disabled_reference(policy, accelerator.unwrap_model(policy))
+    weights_fn = None
+    if config.weights_mode == "online" and config.loss_type == "tidpo" and not config.uniform_weights:
+        weights_fn = online_weights(accelerator.unwrap_model(policy), config.weight_lambda, config.weight_normalization)
 
     step, resumed_from, history = 0, None, []
+    if accelerator.is_main_process:
+        _remove_incomplete(checkpoint_root)
+    accelerator.wait_for_everyone()
     checkpoints = complete_checkpoints(checkpoint_root) if config.resume else []
+    layout = {
+        "num_processes": accelerator.num_processes,
+        "per_device_batch_size": config.per_device_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "seed": config.seed,
+    }
     if checkpoints:
         step, path = checkpoints[-1]
         accelerator.load_state(str(path))
-        history = json.loads((path / COMPLETE_MARKER).read_text()).get("history", [])
+        state = json.loads((path / COMPLETE_MARKER).read_text())
+        history = state.get("history", [])
         resumed_from = str(path)
+        if any(state.get("layout", {}).get(k, v) != v for k, v in layout.items()):
+            reporter.log(
+                f"warning: checkpoint {path} was written with {state.get('layout')}, resuming with {layout}: "
+                "the data order after resuming differs from an uninterrupted run"
+            )
         reporter.log(f"resumed from {path} at step {step}")
 
-    if accelerator.is_main_process:
-        reporter.log(
-            f"training {config.loss_type} on {len(features)} pairs: {total_steps} steps, "
-            f"{accelerator.num_processes} process(es), device {accelerator.device}"
-        )
+    def checkpoint_state(at_step: int) -> dict[str, Any]:
+        return {
+            "step": at_step,
+            "epoch": at_step // steps_per_epoch,
+            "batches_into_epoch": (at_step % steps_per_epoch) * config.gradient_accumulation_steps,
+            "layout": layout,
+            "history": history,
+        }
+
+    reporter.log(
+        f"training {config.loss_type}{' + LoRA' if config.lora else ''} on {len(features)} pairs: {total_steps} steps "
+        f"({steps_per_epoch}/epoch), {accelerator.num_processes} process(es) [{accelerator.distributed_type.value}], "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+        f"{trainable_count:,} of {total_count:,} parameters trainable"
+    )
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -397,51 +710,72 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         desc=f"train {config.loss_type}",
         dynamic_ncols=True,
     )
-    started = time.perf_counter()
+    loop_started = time.perf_counter()
+    step_started = loop_started
     tokens_seen = 0
+    start_step = step
+    report_every = max(1, total_steps // 10)
     policy.train()
-    start_epoch = step // steps_per_epoch if steps_per_epoch else 0
+    start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, num_epochs):
+        if step >= total_steps:
+            break
         loader.set_epoch(epoch)
-        batches_done = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-        epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done > 0 else loader
+        skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
         micro: list[dict[str, torch.Tensor]] = []
+        micro_tokens = 0
         for batch in epoch_loader:
             with accelerator.accumulate(policy):
-                loss, stats, tokens = compute_batch_loss(policy, reference, batch, loss_config, sides, pad_token_id)
-                if config.inject_nan_at_step is not None and step + 1 == config.inject_nan_at_step:
+                loss, stats, tokens = compute_batch_loss(
+                    policy, reference, batch, loss_config, sides, pad_token_id, weights_fn
+                )
+                if (
+                    config.inject_nan_at_step is not None
+                    and step + 1 == config.inject_nan_at_step
+                    and accelerator.process_index == accelerator.num_processes - 1
+                ):
                     loss = loss * float("nan")
-                if not torch.isfinite(loss).all():
-                    # The update of this step has not been applied: the model is still the last good state.
-                    path = save_checkpoint(
-                        accelerator, checkpoint_root, step, {"step": step, "history": history}, config.keep_checkpoints
-                    )
-                    raise NonFiniteLossError(
-                        f"non-finite loss at optimizer step {step + 1} (epoch {epoch}, batch of pairs "
-                        f"{batch['pair_id'][:4]}{'...' if len(batch['pair_id']) > 4 else ''}); "
-                        f"last good state saved to {path}"
-                    )
+                _guard_finite(
+                    accelerator, loss.detach(), "loss", step, epoch, len(micro), batch, checkpoint_root,
+                    checkpoint_state, config,
+                )
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+                    if grad_norm is not None and accelerator.mixed_precision != "fp16":
+                        # fp16's scaler skips overflowing steps by itself; elsewhere inf grads are a failure.
+                        _guard_finite(
+                            accelerator, grad_norm.detach(), "gradient norm", step, epoch, len(micro), batch,
+                            checkpoint_root, checkpoint_state, config,
+                        )
+                    learning_rate = optimizer.param_groups[0]["lr"]
                 optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=True)
             micro.append({"loss": loss.detach(), **stats})
-            tokens_seen += tokens
+            micro_tokens += tokens
             if not accelerator.sync_gradients:
                 continue
+            if not optimizer.step_was_skipped:
+                scheduler.step()
             step += 1
-            keys = micro[0].keys()
+            keys = list(micro[0].keys())
             local = torch.stack([torch.stack([m[k].float() for k in keys]) for m in micro]).mean(0)
             reduced = accelerator.reduce(local.to(accelerator.device), reduction="mean")
+            step_tokens = accelerator.reduce(torch.tensor([micro_tokens], device=accelerator.device), "sum")
+            tokens_seen += int(step_tokens.item())
+            now = time.perf_counter()
             metrics = {k: float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
             metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
-            elapsed = time.perf_counter() - started
-            metrics["tokens_per_second"] = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
-            micro = []
+            metrics["learning_rate"] = float(learning_rate)
+            metrics["tokens_per_second"] = tokens_seen / max(now - loop_started, 1e-9)
+            metrics["num_tokens"] = float(tokens_seen)
+            metrics["epoch"] = step / steps_per_epoch
+            metrics["step_seconds"] = now - step_started
+            step_started = now
+            micro, micro_tokens = [], 0
             history.append({"step": step, **metrics})
             if step % config.log_every == 0 or step == total_steps:
                 reporter.metrics(step, metrics)
@@ -453,41 +787,97 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
                 acc=f"{metrics['rewards/accuracies']:.2f}",
                 tok_s=f"{metrics['tokens_per_second']:.0f}",
             )
+            if step % report_every == 0 and not (config.progress and accelerator.is_main_process):
+                reporter.log(
+                    f"step {step}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.2f} "
+                    f"{metrics['tokens_per_second']:.0f} tok/s"
+                )
             if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < total_steps:
                 path = save_checkpoint(
-                    accelerator, checkpoint_root, step, {"step": step, "history": history}, config.keep_checkpoints
+                    accelerator, checkpoint_root, step, checkpoint_state(step), config.keep_checkpoints
                 )
                 reporter.custom({"event": "checkpoint", "step": step, "path": str(path)})
+                reporter.log(f"checkpoint {path}")
+            if config.inject_kill_at_step is not None and step == config.inject_kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - loop_started
+    timings["loop_s"] = seconds
 
+    started = time.perf_counter()
     final_path = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(final_path, safe_serialization=True)
-        tokenizer.save_pretrained(final_path)
-    accelerator.wait_for_everyone()
+    _save_final(accelerator, policy, tokenizer, config, final_path)
+    timings["save_s"] = time.perf_counter() - started
+    steps_this_run = step - start_step
     summary = TrainSummary(
         steps=step,
-        epochs_completed=num_epochs,
+        epochs_completed=min(num_epochs, math.ceil(step / steps_per_epoch)),
         final_model_path=str(final_path),
         first_loss=history[0]["loss"] if history else float("nan"),
         last_loss=history[-1]["loss"] if history else float("nan"),
         resumed_from=resumed_from,
-        tokens_per_second=tokens_seen * accelerator.num_processes / max(seconds, 1e-9),
+        tokens_per_second=tokens_seen / max(seconds, 1e-9),
         seconds=seconds,
         history=history,
+        steps_this_run=steps_this_run,
+        num_processes=accelerator.num_processes,
+        distributed_type=str(accelerator.distributed_type.value),
+        mixed_precision=str(accelerator.mixed_precision),
+        trainable_parameters=trainable_count,
+        total_parameters=total_count,
+        peak_rss_mb=_peak_rss_mb(),
+        timings={k: round(v, 4) for k, v in timings.items()},
     )
     if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
-    reporter.close(asdict(summary))
-    accelerator.end_training()
+        tmp = output_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(asdict(summary), indent=1))
+        tmp.replace(output_dir / "summary.json")
     return summary
+
+
+def _guard_finite(
+    accelerator: Accelerator,
+    value: torch.Tensor,
+    what: str,
+    step: int,
+    epoch: int,
+    micro_index: int,
+    batch: dict[str, Any],
+    checkpoint_root: Path,
+    checkpoint_state: Callable[[int], dict[str, Any]],
+    config: TrainConfig,
+) -> None:
+    """Stop every process when `value` is non-finite on any of them, after checkpointing the last good state.
+
+    Collective (a one-element all-reduce): a process that stopped alone would leave the others waiting
+    in the next gradient all-reduce. The update of the failing step has not been applied, so the model,
+    optimizer and scheduler are still those after `step` optimizer steps.
+    """
+    bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if float(bad.item()) == 0.0:
+        return
+    local = {
+        "process": accelerator.process_index,
+        "finite": bool(torch.isfinite(value).all()),
+        "value": float(value.float().flatten()[0]) if value.numel() else float("nan"),
+        "pairs": list(batch.get("pair_id", [])),
+    }
+    everyone = gather_object([local]) if accelerator.num_processes > 1 else [local]
+    culprits = [r for r in everyone if not r["finite"]]
+    path = save_checkpoint(accelerator, checkpoint_root, step, checkpoint_state(step), config.keep_checkpoints)
+    where = "; ".join(
+        f"process {r['process']}: {what} {r['value']} on pairs {r['pairs'][:8]}{'...' if len(r['pairs']) > 8 else ''}"
+        for r in culprits
+    )
+    raise NonFiniteLossError(
+        f"non-finite {what} at optimizer step {step + 1} (epoch {epoch}, micro-batch {micro_index + 1} of "
+        f"{config.gradient_accumulation_steps}; {where}). The update was not applied; the last good state "
+        f"(after step {step}) is saved in {path}."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

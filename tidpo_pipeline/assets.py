@@ -16,7 +16,6 @@ from typing import Any, Literal
 import dagster as dg
 import mlflow
 import torch
-from mlflow import MlflowClient
 
 from tidpo_core import store, tracking
 from tidpo_core.data import DataFileError
@@ -198,7 +197,7 @@ def reference_model(
             shutil.rmtree(path, ignore_errors=True)
             staging.rename(path)
     fingerprint = model_fingerprint(path, config.revision)
-    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
+    client = tracking.client(mlflow_tracking.uri)
     run = client.create_run(experiment_id, run_name="reference_model", tags=mlflow_tags(context))
     client.log_batch(
         run.info.run_id,
@@ -463,7 +462,7 @@ def tidpo_policy(
     )
     run_dir = storage.models_dir / "policy" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=mlflow_tracking.uri)
+    client = tracking.client(mlflow_tracking.uri)
     run_file = run_dir / "mlflow_run.json"
     run_id = None
     if run_file.exists():  # an interrupted run with these exact inputs: resume it, in the same MLflow run

@@ -16,7 +16,9 @@ def main() -> int:
     started = time.perf_counter()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_job_def(tidpo_training.name)
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    # Step events at INFO: the DEBUG stream of every input load would drown the progress bars.
+    run_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("TIDPO_LOG_LEVEL", "INFO")}}}}
+    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     minutes = (time.perf_counter() - started) / 60
     storage: TidpoStorage = defs.resources["storage"]  # type: ignore[assignment]
     tracking: MlflowTracking = defs.resources["mlflow_tracking"]  # type: ignore[assignment]

@@ -1,0 +1,477 @@
+"""Shared plumbing of the benchmarks: environment, machine description, result files, data preparation.
+
+Every benchmark module exposes ``run(quick: bool = False) -> dict``; it prints its figures and writes them,
+with the machine description and the git commit, to ``bench/results/<name>.json`` (``<name>-quick.json``
+for the tiny smoke-test sizes, so a smoke run never overwrites real figures). ``TIDPO_BENCH_RESULTS``
+redirects the output folder (the smoke test points it at a temporary directory).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch/transformers/datasets are imported anywhere: offline, quiet, deterministic thread use.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DAGSTER_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+THREADS = 2
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def setup_threads(threads: int = THREADS) -> None:
+    """Every measurement runs on the same number of intra-op threads (2: the machine's core count)."""
+    torch.set_num_threads(threads)
+
+
+setup_threads()
+
+
+# --- machine and provenance ------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": _memory_gb(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "duckdb": _version("duckdb"),
+        "dagster": _version("dagster"),
+    }
+
+
+def git_commit() -> str:
+    """The checked-out commit (read-only `git rev-parse HEAD`); 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def results_dir() -> Path:
+    path = Path(os.environ.get("TIDPO_BENCH_RESULTS") or DEFAULT_RESULTS_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def result_path(name: str, quick: bool) -> Path:
+    return results_dir() / f"{name}{'-quick' if quick else ''}.json"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_results(name: str, figures: dict[str, Any], quick: bool, started: float | None = None) -> dict[str, Any]:
+    """Attach provenance to `figures`, write `<name>.json` atomically and return the full document."""
+    document = {
+        "benchmark": name,
+        "quick": quick,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": None if started is None else round(time.perf_counter() - started, 1),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        **figures,
+    }
+    document = _json_safe(document)
+    path = result_path(name, quick)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    print(f"[{name}] wrote {path}", flush=True)
+    return document
+
+
+def log(name: str, message: str) -> None:
+    print(f"[{name}] {message}", flush=True)
+
+
+# --- small statistics ------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    values = [float(v) for v in values]
+    return {
+        "mean": statistics.fmean(values) if values else float("nan"),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
+        "n": len(values),
+    }
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of log(y) against log(x): the exponent b of y ~ a * x^b."""
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den if den else float("nan")
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1024**2 if sys.platform == "darwin" else 1024
+    return resource.getrusage(who).ru_maxrss / scale
+
+
+@contextmanager
+def timed(store: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = round(time.perf_counter() - start, 3)
+
+
+# --- data preparation through tidpo_core (what the pipeline's assets do, with an explicit split) ---------
+
+
+@dataclass
+class Prepared:
+    """A DuckDB file with pairs, anchors and token weights, and the reference model folder beside it."""
+
+    data_dir: Path
+    duckdb_path: Path
+    reference_path: Path
+    weights_fingerprint: str
+    anchors_fingerprint: str | None
+    max_prompt_tokens: int
+    max_response_tokens: int
+    n_train: int
+    n_eval: int
+    parameters: int
+    timings: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("data_dir", "duckdb_path", "reference_path"):
+            out.pop(key)
+        return out
+
+
+def prepare(
+    data_dir: Path,
+    pairs: Sequence[Any],
+    *,
+    eval_ids: set[str] | None = None,
+    eval_fraction: float = 0.1,
+    model_config: Any = None,
+    vocab_size: int = 2048,
+    sft_steps: int = 200,
+    sft_batch_size: int = 16,
+    sft_learning_rate: float = 3e-3,
+    seed: int = 0,
+    anchors: bool = True,
+    anchor_new_tokens: int = 64,
+    sampling_batch_size: int = 32,
+    max_prompt_tokens: int = 192,
+    max_response_tokens: int = 128,
+    weight_batch_size: int = 16,
+    weight_lambda: float = 0.7,
+) -> Prepared:
+    """Pairs -> reference model (tokenizer + tiny Llama + short SFT) -> anchors -> token weights.
+
+    The same steps as the assets preference_pairs, reference_model, anchor_responses and token_weights,
+    called through tidpo_core so that a benchmark can fix the train/eval split exactly. `eval_ids` (if
+    given) decides the split; otherwise the stored hash split with `eval_fraction` does.
+    """
+    import pyarrow as pa
+
+    from tidpo_core import store
+    from tidpo_core.data import LoadResult
+    from tidpo_core.features import EncodingSettings, encode_response, side_texts
+    from tidpo_core.fingerprint import text_digest
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.importance import compute_token_importance
+    from tidpo_core.modeling import (
+        TinyModelConfig,
+        build_tiny_model,
+        count_parameters,
+        save_model_and_tokenizer,
+        train_tokenizer,
+    )
+    from tidpo_core.sft import sft_texts, supervised_finetune
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    duckdb_path = data_dir / "tidpo.duckdb"
+    timings: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    settings = EncodingSettings(max_prompt_tokens, max_response_tokens)
+    model_config = model_config or TinyModelConfig(vocab_size=vocab_size)
+
+    with timed(timings, "pairs"):
+        con = store.connect(duckdb_path)
+        store.replace_pairs(con, LoadResult(list(pairs), [], len(pairs)), eval_fraction if eval_ids is None else 0.0)
+        if eval_ids is not None:
+            con.register("_bench_eval", pa.table({"pair_id": sorted(eval_ids)}))
+            con.execute("UPDATE preference_pairs SET split = 'eval' WHERE pair_id IN (SELECT pair_id FROM _bench_eval)")
+            con.unregister("_bench_eval")
+        train = store.read_pairs(con, split="train")
+        n_eval = con.execute("SELECT count(*) FROM preference_pairs WHERE split = 'eval'").fetchone()[0]
+
+    with timed(timings, "reference_model"):
+        texts = [t for p in train for t in (p.prompt, p.chosen, p.rejected)]
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+        model = build_tiny_model(tokenizer, model_config, seed=seed)
+        supervised_finetune(
+            model,
+            tokenizer,
+            sft_texts(train, "both"),
+            steps=sft_steps,
+            batch_size=sft_batch_size,
+            learning_rate=sft_learning_rate,
+            seed=seed,
+            settings=settings,
+        )
+        reference_path = data_dir / "reference"
+        save_model_and_tokenizer(model, tokenizer, reference_path)
+
+    anchors_fp = None
+    anchor_texts: dict[str, str] = {}
+    if anchors:
+        with timed(timings, "anchor_responses"):
+            sampling = SamplingSettings(
+                max_new_tokens=anchor_new_tokens,
+                seed=seed,
+                batch_size=sampling_batch_size,
+                max_prompt_tokens=max_prompt_tokens,
+            )
+            anchors_fp = f"bench-anchors-{seed}"
+            generated = sample_responses(model, tokenizer, [p.prompt for p in train], sampling)
+            # An empty sample (eos first) is a valid anchor text for the triplet only if non-empty.
+            anchor_texts = {p.pair_id: (t if t.strip() else " ") for p, t in zip(train, generated, strict=True)}
+            store.insert_anchors(con, anchors_fp, anchor_texts, sampling.as_dict())
+
+    with timed(timings, "token_weights"):
+        weights_fp = f"bench-weights-{seed}"
+        todo = []
+        for pair in train:
+            for side, text in side_texts(pair, anchor_texts.get(pair.pair_id) if anchors else None).items():
+                todo.append((pair.pair_id, side, text_digest(text), encode_response(tokenizer, pair.prompt, text, settings)))
+        encoded = [item[3] for item in todo]
+        importances = compute_token_importance(model, encoded, lambda_=weight_lambda, batch_size=weight_batch_size)
+        rows = [
+            {
+                "pair_id": pid,
+                "side": side,
+                "text_digest": digest_,
+                "token_ids": [t for t, m in zip(enc.input_ids, enc.response_mask, strict=True) if m],
+                "attribution": imp.attribution,
+                "prior": imp.prior,
+                "weight": imp.weight,
+                "reference_logp": imp.reference_logp,
+            }
+            for (pid, side, digest_, enc), imp in zip(todo, importances, strict=True)
+        ]
+        store.write_token_weights(con, weights_fp, rows)
+        tokens["weighted_sequences"] = len(encoded)
+        tokens["weighted_tokens"] = sum(len(e.input_ids) for e in encoded)
+    con.close()
+    return Prepared(
+        data_dir=data_dir,
+        duckdb_path=duckdb_path,
+        reference_path=reference_path,
+        weights_fingerprint=weights_fp,
+        anchors_fingerprint=anchors_fp,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        n_train=len(train),
+        n_eval=int(n_eval),
+        parameters=count_parameters(model),
+        timings=timings,
+        tokens=tokens,
+    )
+
+
+# --- training through tidpo_core.train ----------------------------------------------------------------------
+
+
+def train_config(prepared: Prepared, loss_type: str, output_dir: Path, **overrides: Any):
+    """A TrainConfig for `prepared`; fields the installed TrainConfig lacks raise a clear error."""
+    from tidpo_core.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"TrainConfig has no field(s) {sorted(unknown)}")
+    values: dict[str, Any] = {
+        "duckdb_path": str(prepared.duckdb_path),
+        "reference_model_path": str(prepared.reference_path),
+        "output_dir": str(output_dir),
+        "weights_fingerprint": prepared.weights_fingerprint,
+        "anchors_fingerprint": prepared.anchors_fingerprint,
+        "loss_type": loss_type,
+        "max_prompt_tokens": prepared.max_prompt_tokens,
+        "max_response_tokens": prepared.max_response_tokens,
+        "checkpoint_every": 0,
+        "resume": False,
+        "progress": False,
+        "mixed_precision": "no",
+    }
+    values.update(overrides)
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class TimedRun:
+    summary: Any
+    step_times: list[float]
+    wall: float
+
+    def per_step(self, skip: int = 1) -> dict[str, float]:
+        """Median/mean seconds per optimizer step, the first `skip` (warm-up) steps left out."""
+        steps = self.step_times[skip:] if len(self.step_times) > skip + 2 else self.step_times
+        return {
+            "median_s": statistics.median(steps) if steps else float("nan"),
+            "mean_s": statistics.fmean(steps) if steps else float("nan"),
+            "steps": len(self.step_times),
+        }
+
+
+def run_training(config: Any) -> TimedRun:
+    """tidpo_core.train.train with a timestamp per optimizer step."""
+    from tidpo_core.train import train
+
+    stamps: list[float] = []
+    start = time.perf_counter()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        stamps.append(time.perf_counter())
+
+    summary = train(config, on_step=on_step)
+    wall = time.perf_counter() - start
+    # Intervals between consecutive optimizer steps (the first step, which includes warm-up, has no start stamp).
+    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    return TimedRun(summary=summary, step_times=steps, wall=wall)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+def eval_pairs(prepared: Prepared) -> list[Any]:
+    from tidpo_core import store
+
+    con = store.connect(prepared.duckdb_path, read_only=True)
+    try:
+        return store.read_pairs(con, split="eval")
+    finally:
+        con.close()
+
+
+def train_pairs(prepared: Prepared) -> list[Any]:
+    from tidpo_core import store
+
+    con = store.connect(prepared.duckdb_path, read_only=True)
+    try:
+        return store.read_pairs(con, split="train")
+    finally:
+        con.close()
+
+
+def optional(module: str, name: str) -> Callable[..., Any] | None:
+    """A function another engineer is adding (imported lazily); None while it is not there yet."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def main_for(run: Callable[..., dict]) -> None:
+    """`python -m bench.bench_x [--quick]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (what the smoke test runs)")
+    args = parser.parse_args()
+    run(quick=args.quick)

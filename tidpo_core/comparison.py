@@ -1,0 +1,405 @@
+"""The paper's method comparison in miniature: DPO, SimPO, TI-DPO and its three ablations, trained
+from one reference model on one data set over several seeds, each evaluated with every metric of
+`tidpo_core.evaluation` (and, on request, the benchmarks), aggregated to mean and spread per method.
+
+Plain functions over paths and fingerprints: `run_method_comparison` trains in-process through
+`tidpo_core.train.train`, so a notebook, a test or the Dagster asset drive it alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import yaml
+
+from tidpo_core import store
+from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
+from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
+from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.train import TrainConfig, train
+
+# Method name -> TrainConfig fields that make it. The three ablations are the paper's (METHOD.md):
+# lambda 0 drops the gradient attribution, lambda 1 the Gaussian prior, gamma 0 the triplet term.
+METHODS: dict[str, dict[str, Any]] = {
+    "dpo": {"loss_type": "dpo"},
+    "simpo": {"loss_type": "simpo"},
+    "tidpo": {"loss_type": "tidpo"},
+    "tidpo_no_attribution": {"loss_type": "tidpo", "weight_lambda": 0.0},
+    "tidpo_no_prior": {"loss_type": "tidpo", "weight_lambda": 1.0},
+    "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
+}
+REFERENCE = "reference"
+
+# The rows of the summary table, in order; every other metric is kept in the CSV and DuckDB.
+TABLE_METRICS: tuple[str, ...] = (
+    "reward_accuracy",
+    "reward_margin",
+    "likelihood_win_rate",
+    "normalized_likelihood_win_rate",
+    "kl_to_reference",
+    "kl_to_reference_stderr",
+    "distinct_1",
+    "distinct_2",
+    "mean_length",
+    "precision_at_k_attribution",
+    "precision_at_k_prior",
+    "precision_at_k_hybrid",
+    "precision_at_k_uniform",
+    "critical_phrase_chosen_rate",
+    "critical_phrase_rejected_rate",
+    "critical_phrase_neither_rate",
+)
+# What the bar chart shows.
+PLOT_METRICS: tuple[str, ...] = (
+    "reward_accuracy",
+    "reward_margin",
+    "likelihood_win_rate",
+    "kl_to_reference",
+    "distinct_2",
+    "precision_at_k_attribution",
+    "critical_phrase_chosen_rate",
+    "critical_phrase_neither_rate",
+)
+CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS method_comparison (
+    comparison_id VARCHAR NOT NULL,
+    mlflow_run_id VARCHAR,
+    method VARCHAR NOT NULL,
+    metric VARCHAR NOT NULL,
+    mean DOUBLE,
+    std DOUBLE,
+    n INTEGER,
+    seed_values VARCHAR,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS method_comparison_runs (
+    comparison_id VARCHAR NOT NULL,
+    method VARCHAR NOT NULL,
+    seed INTEGER NOT NULL,
+    metric VARCHAR NOT NULL,
+    value DOUBLE,
+    created_at TIMESTAMP
+);
+"""
+
+
+@dataclass(frozen=True)
+class ComparisonInputs:
+    """The shared starting point: data, reference model, stored token weights and anchors."""
+
+    duckdb_path: str
+    reference_model_path: str
+    weights_fingerprint: str
+    anchors_fingerprint: str
+    weight_lambda: float = 0.7
+    weight_normalization: str = "max"
+    max_prompt_tokens: int = 192
+    max_response_tokens: int = 128
+
+
+@dataclass
+class ComparisonRun:
+    method: str
+    seed: int
+    metrics: dict[str, float]
+    model_path: str = ""
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    reused: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ComparisonResult:
+    runs: list[ComparisonRun]
+    table: list[dict[str, Any]]
+    seconds: float
+
+    def methods(self) -> list[str]:
+        return [str(row["method"]) for row in self.table]
+
+
+def method_train_config(
+    method: str, seed: int, inputs: ComparisonInputs, output_dir: str | Path, overrides: Mapping[str, Any]
+) -> TrainConfig:
+    """The TrainConfig of one (method, seed): shared inputs, the method's switches, common overrides."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    fields = {
+        "duckdb_path": inputs.duckdb_path,
+        "reference_model_path": inputs.reference_model_path,
+        "output_dir": str(output_dir),
+        "weights_fingerprint": inputs.weights_fingerprint,
+        "anchors_fingerprint": inputs.anchors_fingerprint,
+        "weight_lambda": inputs.weight_lambda,
+        "weight_normalization": inputs.weight_normalization,
+        "max_prompt_tokens": inputs.max_prompt_tokens,
+        "max_response_tokens": inputs.max_response_tokens,
+        "checkpoint_every": 0,
+        "keep_checkpoints": 0,
+        "resume": False,
+        "progress": False,
+        **dict(overrides),
+        **METHODS[method],
+        "seed": seed,
+    }
+    return TrainConfig(**fields)
+
+
+def _train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], bool]:
+    """Train, unless this exact config already finished in its output folder (then reuse it)."""
+    out = Path(config.output_dir)
+    wanted = yaml.safe_dump(asdict(config), sort_keys=True)
+    summary_file, config_file = out / "summary.json", out / "comparison_config.yaml"
+    if summary_file.exists() and config_file.exists() and config_file.read_text() == wanted:
+        summary = json.loads(summary_file.read_text())
+        if Path(summary["final_model_path"]).exists():
+            return summary, True
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    summary = asdict(train(config))
+    config_file.write_text(wanted)
+    return summary, False
+
+
+def run_method_comparison(
+    inputs: ComparisonInputs,
+    output_dir: str | Path,
+    *,
+    methods: Sequence[str] = tuple(METHODS),
+    seeds: Sequence[int] = (0, 1, 2),
+    train_overrides: Mapping[str, Any] | None = None,
+    eval_settings: EvalSettings = EvalSettings(),
+    benchmarks: Sequence[str] = (),
+    benchmark_options: BenchmarkOptions | None = None,
+    keep_models: bool = True,
+    log: Callable[[str], None] = print,
+) -> ComparisonResult:
+    """Train every method with every seed from the same reference and data, evaluate each, aggregate.
+
+    The reference is evaluated once (row "reference"); eval sampling uses the same seed for every run,
+    so differences between runs come from training. Finished runs whose config is unchanged are
+    reused. With keep_models False, each policy folder is deleted after its evaluation.
+    """
+    started = time.perf_counter()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    overrides = dict(train_overrides or {})
+    output_dir = Path(output_dir)
+    con = store.connect(inputs.duckdb_path, read_only=True)
+    try:
+        pairs = store.read_pairs(con, split="eval")
+    finally:
+        con.close()
+    if not pairs:
+        raise ValueError(f"no eval pairs in {inputs.duckdb_path}: the comparison needs a held-out split")
+    settings = replace(
+        eval_settings,
+        weight_lambda=inputs.weight_lambda,
+        weight_normalization=inputs.weight_normalization,  # type: ignore[arg-type]
+    )
+    reference, tokenizer = load_model_and_tokenizer(inputs.reference_model_path)
+    reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size)
+    tic = time.perf_counter()
+    reference_eval = evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
+    reference_run = ComparisonRun(REFERENCE, 0, reference_eval.metrics, inputs.reference_model_path, eval_seconds=time.perf_counter() - tic)
+    if benchmarks:
+        bench = run_benchmarks(inputs.reference_model_path, benchmarks, benchmark_options or BenchmarkOptions())
+        reference_run.metrics.update(benchmark_metrics(bench))
+        reference_run.benchmarks = [b.as_dict() for b in bench]
+    runs = [reference_run]
+    total = len(methods) * len(seeds)
+    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
+        config = method_train_config(method, seed, inputs, output_dir / method / f"seed_{seed}", overrides)
+        tic = time.perf_counter()
+        summary, reused = _train_or_reuse(config)
+        train_seconds = time.perf_counter() - tic
+        tic = time.perf_counter()
+        policy, _ = load_model_and_tokenizer(summary["final_model_path"])
+        evaluation = evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
+        run = ComparisonRun(
+            method,
+            seed,
+            evaluation.metrics,
+            summary["final_model_path"],
+            train_seconds=train_seconds,
+            reused=reused,
+            history=summary.get("history", []),
+        )
+        if benchmarks:
+            bench_results: list[BenchmarkResult] = run_benchmarks(
+                summary["final_model_path"], benchmarks, benchmark_options or BenchmarkOptions()
+            )
+            run.metrics.update(benchmark_metrics(bench_results))
+            run.benchmarks = [b.as_dict() for b in bench_results]
+        run.eval_seconds = time.perf_counter() - tic
+        run.metrics["train_seconds"] = train_seconds
+        run.metrics["final_train_loss"] = float(summary.get("last_loss", float("nan")))
+        runs.append(run)
+        del policy
+        gc.collect()
+        if not keep_models:
+            shutil.rmtree(Path(summary["final_model_path"]), ignore_errors=True)
+        log(
+            f"[{index}/{total}] {method} seed {seed}: "
+            f"{'reused' if reused else f'trained in {train_seconds:.0f} s'}, evaluated in {run.eval_seconds:.0f} s, "
+            f"reward_accuracy {run.metrics.get('reward_accuracy', float('nan')):.3f}"
+        )
+    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started)
+
+
+# --- aggregation and reports -------------------------------------------------------------------------------
+
+
+def aggregate(runs: Sequence[ComparisonRun]) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order): seeds, and per metric its mean and sample std over seeds.
+
+    std is NaN with a single seed. Non-finite values are left out of a metric's mean.
+    """
+    order: list[str] = []
+    by_method: dict[str, list[ComparisonRun]] = {}
+    for run in runs:
+        if run.method not in by_method:
+            order.append(run.method)
+        by_method.setdefault(run.method, []).append(run)
+    rows = []
+    for method in order:
+        group = by_method[method]
+        metrics = list(dict.fromkeys(k for r in group for k in r.metrics))
+        row: dict[str, Any] = {"method": method, "seeds": len(group)}
+        for metric in metrics:
+            values = np.array([r.metrics.get(metric, float("nan")) for r in group], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            row[f"{metric}_mean"] = float(finite.mean()) if finite.size else float("nan")
+            row[f"{metric}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def table_metrics(table: Sequence[Mapping[str, Any]], preferred: Sequence[str] = TABLE_METRICS) -> list[str]:
+    """The preferred metrics present in the table, then any benchmark scores, in a stable order."""
+    present = {k[: -len("_mean")] for row in table for k in row if k.endswith("_mean")}
+    extra = sorted(m for m in present if m.startswith(("truthfulqa", "ifeval_", "humaneval")))
+    return [m for m in preferred if m in present] + extra
+
+
+def _cell(mean: Any, std: Any) -> str:
+    mean, std = float(mean), float(std)
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def comparison_markdown(table: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
+    """Metrics as rows, methods as columns, each cell mean ± sample std over seeds."""
+    if not table:
+        return "_no runs_"
+    metrics = list(metrics) if metrics is not None else table_metrics(table)
+    methods = [str(r["method"]) for r in table]
+    header = "| metric | " + " | ".join(f"{m} (n={r['seeds']})" for m, r in zip(methods, table, strict=True)) + " |"
+    lines = [header, "|" + "---|" * (len(methods) + 1)]
+    for metric in metrics:
+        cells = [_cell(r.get(f"{metric}_mean", float("nan")), r.get(f"{metric}_std", float("nan"))) for r in table]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison_csv(result: ComparisonResult, path: str | Path) -> Path:
+    """One row per method: seeds, then <metric>_mean and <metric>_std for every metric."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in result.table for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in result.table:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    return path
+
+
+def write_runs_csv(result: ComparisonResult, path: str | Path) -> Path:
+    """The per-seed values behind the table: method, seed, metric, value."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "seed", "metric", "value"])
+        for run in result.runs:
+            for metric, value in run.metrics.items():
+                writer.writerow([run.method, run.seed, metric, value])
+    return path
+
+
+def write_comparison_table(
+    con: duckdb.DuckDBPyConnection, comparison_id: str, result: ComparisonResult, mlflow_run_id: str | None = None
+) -> int:
+    """Replace this comparison's rows in DuckDB tables method_comparison (aggregated) and
+    method_comparison_runs (per seed), in one transaction; returns the aggregated row count."""
+    con.execute(SCHEMA)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    by_method: dict[str, list[ComparisonRun]] = {}
+    for run in result.runs:
+        by_method.setdefault(run.method, []).append(run)
+    aggregated = []
+    for row in result.table:
+        method = str(row["method"])
+        for key in row:
+            if not key.endswith("_mean"):
+                continue
+            metric = key[: -len("_mean")]
+            values = {str(r.seed): r.metrics.get(metric) for r in by_method.get(method, [])}
+            aggregated.append(
+                (comparison_id, mlflow_run_id, method, metric, float(row[key]), float(row[f"{metric}_std"]), int(row["seeds"]), json.dumps(values), now)
+            )
+    per_seed = [
+        (comparison_id, run.method, int(run.seed), metric, float(value), now)
+        for run in result.runs
+        for metric, value in run.metrics.items()
+    ]
+    with store.transaction(con):
+        con.execute("DELETE FROM method_comparison WHERE comparison_id = ?", [comparison_id])
+        con.execute("DELETE FROM method_comparison_runs WHERE comparison_id = ?", [comparison_id])
+        if aggregated:
+            con.executemany("INSERT INTO method_comparison VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", aggregated)
+        if per_seed:
+            con.executemany("INSERT INTO method_comparison_runs VALUES (?, ?, ?, ?, ?, ?)", per_seed)
+    return len(aggregated)
+
+
+def training_curves(result: ComparisonResult, metrics: Sequence[str] = CURVE_METRICS) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per method, each curve metric averaged over seeds at every step all seeds reached."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    by_method: dict[str, list[ComparisonRun]] = {}
+    for run in result.runs:
+        if run.history:
+            by_method.setdefault(run.method, []).append(run)
+    for method, group in by_method.items():
+        series[method] = {}
+        for metric in metrics:
+            per_step: dict[int, list[float]] = {}
+            for run in group:
+                for entry in run.history:
+                    if metric in entry and math.isfinite(float(entry[metric])):
+                        per_step.setdefault(int(entry["step"]), []).append(float(entry[metric]))
+            series[method][metric] = [
+                (step, float(np.mean(values))) for step, values in sorted(per_step.items()) if len(values) == len(group)
+            ]
+    return series
