@@ -50,5 +50,11 @@ bench: $(BENCH_STAMP)
 stress: $(STAMP)
 	$(BIN)/python -m stress.run
 
+# UI end to end in headless Chromium (Debian's package), after a run of the pipeline.
+e2e: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	test -f $(TIDPO_DATA_DIR)/mlflow.db || $(BIN)/python -m tidpo_pipeline.run
+	$(BIN)/python e2e/run.py
+
 clean:
 	rm -rf .tidpo dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
