@@ -53,6 +53,7 @@ stress: $(STAMP)
 # UI end to end in headless Chromium (Debian's package), after a run of the pipeline.
 e2e: $(STAMP)
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(BIN)/pip install --quiet -c <(echo "torch==2.13.0") -e '.[dev,eval,e2e]'
 	test -f $(TIDPO_DATA_DIR)/mlflow.db || $(BIN)/python -m tidpo_pipeline.run
 	$(BIN)/python e2e/run.py
 

@@ -1,13 +1,13 @@
 """End-to-end check of the UI: after a run, headless Chromium opens the asset graph, every asset name
 is on the page, and a screenshot is saved (e2e/asset-graph.png)."""
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +15,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = ["preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation"]
 CHROMIUM_FLAGS = [
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -23,8 +22,6 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1600,1000",
-    "--virtual-time-budget=25000",
 ]
 
 
@@ -45,18 +42,45 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
-def chromium(url: str, *args: str) -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
+def open_asset_graph(url: str, screenshot: Path) -> str:
+    """Open the page in Debian's Chromium driven by Playwright; return the rendered page text."""
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
         raise SystemExit("chromium not found: `make e2e` installs Debian's chromium package")
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-    return result.stdout
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(url)
+        skip = page.get_by_role("button", name="Skip")  # Dagster's first-visit newsletter dialog
+        try:
+            skip.click(timeout=10_000)
+        except Exception:
+            pass
+        try:
+            page.get_by_text(ASSETS[-1], exact=True).first.wait_for(timeout=60_000)
+        except Exception:
+            pass
+        page.wait_for_timeout(2_000)
+        page.screenshot(path=str(screenshot))
+        text = page.inner_text("body")
+        browser.close()
+    return text
+
+
+def wait_for_assets(base: str, seconds: float) -> None:
+    """The code location loads after the server answers (it imports torch): poll GraphQL until it lists assets."""
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"{base}/graphql", data=query, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = (json.loads(response.read()).get("data") or {}).get("assetNodes") or []
+        if nodes:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"no assets listed by {base}/graphql within {seconds} s: is the code location failing to load?")
 
 
 def main() -> int:
@@ -72,12 +96,11 @@ def main() -> int:
     )
     try:
         wait_for(f"{base}/server_info", 120)
-        time.sleep(5)  # let the code location finish loading
+        wait_for_assets(base, 180)
         url = f"{base}/asset-groups"
-        dom = chromium(url, "--dump-dom")
-        missing = [name for name in ASSETS if name not in dom]
         screenshot = REPO / "e2e" / "asset-graph.png"
-        chromium(url, f"--screenshot={screenshot}")
+        text = open_asset_graph(url, screenshot)
+        missing = [name for name in ASSETS if name not in text]
         print(f"asset graph: {url}\nscreenshot: {screenshot} ({screenshot.stat().st_size if screenshot.exists() else 0} bytes)")
         if missing:
             print(f"FAILED: assets missing from the page: {missing}")

@@ -49,6 +49,7 @@ def _counts(data_dir):
 
 
 def test_definitions_load():
+    dg.Definitions.validate_loadable(defs)  # what `dagster dev` does: names unique, jobs resolvable
     assert {a.key.to_user_string() for a in ASSETS} == {
         "preference_pairs",
         "reference_model",
