@@ -14,16 +14,19 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
 __all__ = [
+    "check_model_available",
     "BOS_TOKEN",
     "EOS_TOKEN",
     "PAD_TOKEN",
@@ -130,14 +133,7 @@ def _looks_local(name_or_path: str | os.PathLike) -> bool:
     return text.startswith(("/", ".", "~")) or os.path.exists(text) or isinstance(name_or_path, Path)
 
 
-def load_model_and_tokenizer(
-    name_or_path: str | os.PathLike,
-    *,
-    trust_remote_code: bool = False,
-    dtype: str | torch.dtype | None = None,
-    revision: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory or a hub id (safetensors only)."""
+def _resolve_source(name_or_path: str | os.PathLike) -> str:
     if _looks_local(name_or_path):
         path = Path(os.fspath(name_or_path)).expanduser()
         # Fail here with a plain message: otherwise transformers treats the path as a repo id and reports
@@ -146,10 +142,28 @@ def load_model_and_tokenizer(
             raise FileNotFoundError(f"model path does not exist: {path}")
         if not path.is_dir():
             raise NotADirectoryError(f"model path is not a directory: {path}")
-        source: str = str(path)
-    else:
-        source = os.fspath(name_or_path)
+        return str(path)
+    return os.fspath(name_or_path)
 
+
+def check_model_available(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PretrainedConfig:
+    """Fail fast, before any expensive work, when a checkpoint cannot be found: reads its config only."""
+    return AutoConfig.from_pretrained(
+        _resolve_source(name_or_path), trust_remote_code=trust_remote_code, revision=revision
+    )
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub id (safetensors only)."""
+    source = _resolve_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         # Many base checkpoints ship without a pad token; padding positions are masked out everywhere, so
