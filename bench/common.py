@@ -148,6 +148,16 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children so far.
+
+    On a shared machine, wall time overstates what a benchmark costs; CPU time over the thread count
+    estimates its wall time on an otherwise idle machine.
+    """
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def write_results(name: str, figures: dict[str, Any], quick: bool, started: float | None = None) -> dict[str, Any]:
     """Attach provenance to `figures`, write `<name>.json` atomically and return the full document."""
     document = {
@@ -155,6 +165,7 @@ def write_results(name: str, figures: dict[str, Any], quick: bool, started: floa
         "quick": quick,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": None if started is None else round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(cpu_seconds(), 1),
         "commit": git_commit(),
         "machine": machine_info(),
         **figures,
@@ -195,10 +206,95 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den if den else float("nan")
 
 
+def _status_kib(pid: int | str, field_name: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """Peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size in MiB.
+
+    For this process, Linux's VmHWM (per address space, so it starts afresh at exec). ru_maxrss is the
+    fallback; on Linux it also counts the parent's pages a subprocess inherited before its exec, which
+    is why child processes are measured with :class:`ChildRssSampler` instead.
+    """
+    if who == resource.RUSAGE_SELF:
+        hwm = _status_kib("self", "VmHWM")
+        if hwm is not None:
+            return hwm / 1024
     scale = 1024**2 if sys.platform == "darwin" else 1024
     return resource.getrusage(who).ru_maxrss / scale
+
+
+class ChildRssSampler:
+    """Samples the peak RSS (VmHWM) of this process's descendants from /proc every `interval` seconds.
+
+    A descendant's own high-water mark is read on every sample, so a peak is missed only if the process
+    both reaches it and exits between two samples.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval = interval
+        self.peaks: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _descendants(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        wanted, frontier = set(), {os.getpid()}
+        while frontier:
+            frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in wanted}
+            wanted |= frontier
+        return sorted(wanted)
+
+    def _sample(self) -> None:
+        for pid in self._descendants():
+            hwm = _status_kib(pid, "VmHWM")
+            if hwm is None:
+                continue
+            self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm / 1024)
+            if pid not in self.names:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        self.names[pid] = fh.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+                except OSError:
+                    pass
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ChildRssSampler:
+        if os.path.isdir("/proc"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peaks.values(), default=0.0)
 
 
 @contextmanager
@@ -237,7 +333,43 @@ class Prepared:
         return out
 
 
-def prepare(
+def prepare(data_dir: Path, pairs: Sequence[Any], **kwargs: Any) -> Prepared:
+    """Pairs -> reference model -> anchors -> token weights (see :func:`prepare_uncached`).
+
+    With TIDPO_BENCH_CACHE set (development only), a preparation with the same pairs and arguments is
+    copied from that folder instead of being recomputed; its timings are then those of the run that made
+    it, marked as cached.
+    """
+    import shutil
+
+    cache_root = os.environ.get("TIDPO_BENCH_CACHE")
+    if not cache_root:
+        return prepare_uncached(data_dir, pairs, **kwargs)
+    from tidpo_core.fingerprint import digest
+
+    key = digest(
+        {
+            "pairs": [(p.pair_id, p.prompt, p.chosen, p.rejected) for p in pairs],
+            "kwargs": {k: (sorted(v) if isinstance(v, set) else v) for k, v in kwargs.items()},
+        }
+    )
+    cached = Path(cache_root) / key
+    stamp = cached / "prepared.json"
+    data_dir = Path(data_dir)
+    if stamp.exists():
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(cached, data_dir)
+        values = json.loads(stamp.read_text())
+        values["timings"] = {**values.get("timings", {}), "cached": True}
+        return Prepared(data_dir=data_dir, duckdb_path=data_dir / "tidpo.duckdb", reference_path=data_dir / "reference", **values)
+    prepared = prepare_uncached(data_dir, pairs, **kwargs)
+    shutil.rmtree(cached, ignore_errors=True)
+    shutil.copytree(data_dir, cached)
+    (cached / "prepared.json").write_text(json.dumps(prepared.summary()))
+    return prepared
+
+
+def prepare_uncached(
     data_dir: Path,
     pairs: Sequence[Any],
     *,

@@ -395,3 +395,27 @@ def test_messy_file_fixture_counts(tmp_path):
     rows, bad = messy_file(tmp_path / "messy.jsonl")
     result = load_preferences(tmp_path / "messy.jsonl")
     assert (result.rows_read, len(result.quarantined)) == (rows, bad)
+
+
+def test_the_quarantine_check_reports_the_share_of_a_messy_file(tmp_path):
+    import dagster as dg
+
+    from tidpo_pipeline.checks import ALL_CHECKS
+    from tidpo_pipeline.definitions import ASSETS
+    from tidpo_pipeline.resources import build_resources
+
+    rows, bad = messy_file(tmp_path / "messy.jsonl")
+    result = dg.materialize(
+        [*ASSETS, *ALL_CHECKS],
+        resources=build_resources(str(tmp_path / "data")),
+        run_config={"ops": {"preference_pairs": {"config": {"source": str(tmp_path / "messy.jsonl")}}}},
+        selection=["preference_pairs"],
+        raise_on_error=False,
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("preference_pairs")[0].metadata
+    assert (meta["rows_read"].value, meta["accepted"].value, meta["quarantined"].value) == (rows, rows - bad, bad)
+    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_share_below_limit")
+    assert check.metadata["quarantine_share"].value == pytest.approx(bad / rows)
+    assert meta["quarantine_share"].value == pytest.approx(bad / rows)
+    assert check.passed is (bad / rows <= 0.2)

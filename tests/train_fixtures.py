@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,10 @@ def subprocess_env() -> dict[str, str]:
             "HF_DATASETS_OFFLINE": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "TOKENIZERS_PARALLELISM": "false",
+            # One thread per process: the tiny model gains nothing from more, and on a busy 2-core machine
+            # OpenMP threads spinning against each other make a step 10-50x slower.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         }
     )
@@ -123,6 +129,26 @@ def run_engine(config_path: Path, *, launcher: list[str] | None = None, timeout:
     """`python -m tidpo_core.train --config F` (or the given launcher prefix) in a fresh process."""
     command = [*(launcher or [sys.executable]), "-m", "tidpo_core.train", "--config", str(config_path)]
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """In-process runs on one intra-op thread, like the subprocesses (see subprocess_env)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; each in-process run builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def load_weights(folder: Path | str) -> dict[str, torch.Tensor]:

@@ -54,10 +54,8 @@ RAW_MAX_CHARS = 2_000
 EXTRA_MAX_CHARS = 1_000
 # Above this share of undecodable lines (and with no line parsed) a file is junk, not data.
 JUNK_LINE_SHARE = 0.3
-# A CSV whose first bytes hold more NULs than this share (or NULs among non-UTF-8 bytes) is binary.
+# A CSV whose header line (within these first bytes) is not UTF-8 text is binary, not data.
 BINARY_SNIFF_BYTES = 4096
-BINARY_NUL_SHARE = 0.01
-BINARY_UNDECODABLE_SHARE = 0.1
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -582,27 +580,27 @@ def _csv_cell(column: str, value: str) -> Any:
     return value
 
 
-def _looks_binary(sample: bytes) -> bool:
-    """Binary (or UTF-16) content, as opposed to a text file with a stray NUL in one of its rows.
+def _header_is_text(data: bytes) -> bool:
+    """Whether a CSV's first line is text: no NUL, valid UTF-8 (a BOM is fine).
 
-    A NUL or a non-UTF-8 byte inside a text cell is one bad row for validate_rows to quarantine; many
-    NULs (binary formats, UTF-16 text), or NULs among many bytes that are not UTF-8, make the file junk.
+    Binary files (images, archives, UTF-16 text) fail here. A NUL or a non-UTF-8 byte further down is
+    one bad row for validate_rows to quarantine, not a reason to refuse the file.
     """
-    nuls = sample.count(b"\x00")
-    if not nuls:
+    header = data[:BINARY_SNIFF_BYTES].split(b"\n", 1)[0]
+    if b"\x00" in header:
         return False
-    if nuls > max(8, BINARY_NUL_SHARE * len(sample)):
-        return True
-    # Bytes that are not UTF-8 decode to lone surrogates here; a few are a bad row, many are binary.
-    text = sample.decode("utf-8", "surrogateescape")
-    undecodable = sum(1 for ch in text[:-3] if "\udc80" <= ch <= "\udcff")
-    return undecodable > BINARY_UNDECODABLE_SHARE * len(sample)
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A header longer than the sniffed bytes may end inside a multi-byte character.
+        return len(header) == BINARY_SNIFF_BYTES and exc.start >= BINARY_SNIFF_BYTES - 3
+    return True
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     data = _read_bytes(path)
-    if _looks_binary(data[:BINARY_SNIFF_BYTES]):
-        raise DataFileError(f"{path.name}: not a CSV text file (binary content: NUL bytes or undecodable data)")
+    if not _header_is_text(data):
+        raise DataFileError(f"{path.name}: not a CSV text file (its header line holds NUL bytes or bytes that are not UTF-8)")
     # surrogateescape keeps a bad byte local to its row; validate_rows then quarantines that row.
     text = data.decode("utf-8-sig", errors="surrogateescape")
     old_limit = csv.field_size_limit()

@@ -503,6 +503,9 @@ class EvalSettings:
     """Eval prompts sampled for KL, diversity and the critical-phrase rate (0: skip those metrics)."""
     sampling: SamplingSettings = KL_SAMPLING
     critical_k: int | None = None
+    critical_pairs: int | None = 64
+    """Pairs (with spans, first by pair_id) whose attribution is computed for precision@k; None: all.
+    Attribution costs a forward and backward pass per response, the most expensive metric here."""
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
 
@@ -565,10 +568,13 @@ def evaluate_model(
     else:
         skipped["sampling"] = "no eval prompts to sample (sample_prompts = 0 or no eval pairs)"
 
+    span_pairs = sorted((p for p in pairs if has_critical_spans(p)), key=lambda p: p.pair_id)
+    if settings.critical_pairs is not None:
+        span_pairs = span_pairs[: max(settings.critical_pairs, 0)]
     critical = critical_token_precision(
         model,
         tokenizer,
-        pairs,
+        span_pairs,
         settings.encoding,
         weight_lambda=settings.weight_lambda,
         normalization=settings.weight_normalization,
@@ -578,7 +584,11 @@ def evaluate_model(
     if critical:
         metrics.update(critical)
     else:
-        skipped["critical_tokens"] = "no eval pair carries chosen_span/rejected_span in its meta (non-synthetic data)"
+        skipped["critical_tokens"] = (
+            "no eval pair carries chosen_span/rejected_span in its meta (non-synthetic data)"
+            if not any(has_critical_spans(p) for p in pairs)
+            else "critical_pairs is 0"
+        )
     if samples is not None:
         phrase_pairs = [(p, text) for p, text in zip(chosen_pairs, samples.texts, strict=True) if has_critical_phrases(p)]
         if phrase_pairs:

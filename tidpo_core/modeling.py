@@ -150,9 +150,13 @@ def check_model_available(
     name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None
 ) -> PretrainedConfig:
     """Fail fast, before any expensive work, when a checkpoint cannot be found: reads its config only."""
-    return AutoConfig.from_pretrained(
-        _resolve_source(name_or_path), trust_remote_code=trust_remote_code, revision=revision
-    )
+    source = _resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as exc:
+        # transformers' offline message does not say which model it looked for.
+        where = f" at revision {revision}" if revision else ""
+        raise OSError(f"model {os.fspath(name_or_path)!r}{where} is not available: {exc}") from exc
 
 
 def load_model_and_tokenizer(

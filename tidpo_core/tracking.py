@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -100,6 +101,15 @@ def log_transformers_model(
     """
     from tidpo_core.modeling import load_model_and_tokenizer
 
+    if registered_model_name:
+        # A run killed after registering but before it was marked finished is resumed in the same
+        # MLflow run; its version is complete (MLflow registers after the artifacts are logged), so
+        # the re-run reuses it instead of registering the same run twice.
+        for version in client(tracking_uri).search_model_versions(
+            f"name='{registered_model_name}' and run_id='{run_id}'"
+        ):
+            if version.status == "READY":
+                return SimpleNamespace(registered_model_version=int(version.version), reused=True)
     model, tokenizer = load_model_and_tokenizer(model_path)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

@@ -47,7 +47,6 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from tidpo_core import store
 from tidpo_core.features import EncodingSettings, TrainingCollator, build_features, stack_sides
@@ -218,6 +217,7 @@ class Reporter:
         self._pipes = None
         self._pipes_cm = None
         self._mlflow = None
+        self._pending: list[Any] = []
         if not is_main:
             return
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
@@ -239,13 +239,20 @@ class Reporter:
         print(message, file=sys.stderr, flush=True)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Log one step's metrics; asynchronously (a sqlite write costs tens of ms, a tiny step ~50 ms)."""
         if self._mlflow is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self._mlflow.log_batch(
-                self._run_id, metrics=[Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
-            )
+            metrics = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
+            self._pending.append(self._mlflow.log_batch(self._run_id, metrics=metrics, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every logged metric is stored (before the process reports success or failure)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            if operation is not None:
+                operation.wait()
 
     def custom(self, payload: dict[str, Any]) -> None:
         if self._pipes is not None:
@@ -253,6 +260,10 @@ class Reporter:
 
     def close(self, summary: dict[str, Any] | None, exc: BaseException | None = None) -> None:
         """Report the materialization (success) or the exception (failure) and close the Pipes session."""
+        try:
+            self.flush()
+        except Exception as flush_error:  # a tracking hiccup must not hide the run's own outcome
+            self.log(f"warning: could not flush MLflow metrics: {flush_error}")
         if self._pipes is None or self._pipes_cm is None:
             return
         if summary is not None and exc is None:
@@ -409,11 +420,17 @@ def compute_batch_loss(
     if weights_fn is not None:
         stacked["weights"] = weights_fn(stacked)
     want_hidden = loss_config.loss_type == "tidpo" and loss_config.triplet_space == "hidden"
+    batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
+    # Precomputed reference log-probs (DuckDB) are used wherever they exist; the reference forward is
+    # for SeqKL, which only the chosen and rejected rows (the first 2B) need: the anchor rows are skipped.
     reference_logps = stacked.get("reference_logps")
     ref_logits = None
-    if reference is not None:
-        ref_logits = reference(stacked["input_ids"], stacked["attention_mask"]).float()
-        reference_logps = token_logps(ref_logits, stacked["input_ids"])
+    pair_rows = slice(0, 2 * batch_size)
+    if reference is not None and (reference_logps is None or loss_config.needs_kl):
+        rows = slice(None) if reference_logps is None else pair_rows
+        ref_logits = reference(stacked["input_ids"][rows], stacked["attention_mask"][rows]).float()
+        if reference_logps is None:
+            reference_logps = token_logps(ref_logits, stacked["input_ids"])
     out = policy(
         input_ids=stacked["input_ids"],
         attention_mask=stacked["attention_mask"],
@@ -423,10 +440,8 @@ def compute_batch_loss(
     policy_logps = token_logps(logits, stacked["input_ids"])
     kl = None
     if ref_logits is not None and loss_config.needs_kl:
-        kl = sequence_kl(token_kl(ref_logits, logits), stacked["response_mask"])
+        kl = sequence_kl(token_kl(ref_logits[pair_rows], logits[pair_rows]), stacked["response_mask"][pair_rows])
     hidden = _pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None
-
-    batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
 
     def side(i: int) -> SideTensors:
         part = slice(i * batch_size, (i + 1) * batch_size)
@@ -435,7 +450,7 @@ def compute_batch_loss(
             response_mask=stacked["response_mask"][part],
             reference_logps=None if reference_logps is None else reference_logps[part],
             weights=stacked["weights"][part],
-            seq_kl=None if kl is None else kl[part],
+            seq_kl=None if kl is None or i >= 2 else kl[part],
             hidden=None if hidden is None else hidden[part],
         )
 
@@ -444,6 +459,29 @@ def compute_batch_loss(
     loss, stats = compute_loss(loss_config, chosen, rejected, anchor)
     tokens = int(stacked["attention_mask"].sum().item())
     return loss, stats, tokens
+
+
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of step s: HF transformers' linear / cosine (half cycle) /
+    constant_with_warmup schedules, formula for formula.
+
+    Written here rather than imported (transformers.get_scheduler) because transformers.optimization
+    imports its Trainer utilities and, with them, peft: seconds of start-up on every training process.
+    """
+    if kind not in ("linear", "cosine", "constant_with_warmup"):
+        raise ValueError(f"unknown lr_scheduler {kind!r}; expected linear, cosine or constant_with_warmup")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        if kind == "constant_with_warmup":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    return multiplier
 
 
 def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -641,18 +679,17 @@ def _run(
     total_count = sum(p.numel() for p in policy.parameters())
     optimizer = _optimizer(config, trainable)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
-    # Per process after sharding; a step consumes gradient_accumulation_steps batches on every process.
-    steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
+    # DeepSpeed's own config may override the accumulation (accelerate warns and uses its value).
+    gas = accelerator.gradient_accumulation_steps
+    # Per process after sharding; a step consumes `gas` batches on every process.
+    steps_per_epoch = max(1, math.ceil(len(loader) / gas))
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # Not passed to prepare(): accelerate's prepared scheduler steps num_processes times per optimizer step,
     # which would make the schedule depend on the process count. Stepped here once per optimizer step,
     # and saved/restored with the checkpoints.
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=min(config.warmup_steps, total_steps),
-        num_training_steps=total_steps,
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(config.lr_scheduler, min(config.warmup_steps, total_steps), total_steps)
     )
     accelerator.register_for_checkpointing(scheduler)
     reference: ReferenceFn | None = None
@@ -666,13 +703,17 @@ def _run(
 
     step, resumed_from, history = 0, None, []
     if accelerator.is_main_process:
+        if not config.resume and complete_checkpoints(checkpoint_root):
+            # Checkpoints of an earlier run would mix into the keep-last-K rotation (and a later resume).
+            reporter.log(f"resume: false, removing the earlier checkpoints in {checkpoint_root}")
+            shutil.rmtree(checkpoint_root, ignore_errors=True)
         _remove_incomplete(checkpoint_root)
     accelerator.wait_for_everyone()
     checkpoints = complete_checkpoints(checkpoint_root) if config.resume else []
     layout = {
         "num_processes": accelerator.num_processes,
         "per_device_batch_size": config.per_device_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_accumulation_steps": gas,
         "seed": config.seed,
     }
     if checkpoints:
@@ -692,7 +733,7 @@ def _run(
         return {
             "step": at_step,
             "epoch": at_step // steps_per_epoch,
-            "batches_into_epoch": (at_step % steps_per_epoch) * config.gradient_accumulation_steps,
+            "batches_into_epoch": (at_step % steps_per_epoch) * gas,
             "layout": layout,
             "history": history,
         }
@@ -721,7 +762,7 @@ def _run(
         if step >= total_steps:
             break
         loader.set_epoch(epoch)
-        skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+        skip = (step - epoch * steps_per_epoch) * gas
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
         micro: list[dict[str, torch.Tensor]] = []
         micro_tokens = 0
@@ -745,6 +786,8 @@ def _run(
                 if accelerator.sync_gradients:
                     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
                     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+                    if grad_norm is not None:  # DeepSpeed clips itself and reports a float (or None)
+                        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
                     if grad_norm is not None and accelerator.mixed_precision != "fp16":
                         # fp16's scaler skips overflowing steps by itself; elsewhere inf grads are a failure.
                         _guard_finite(
@@ -875,7 +918,7 @@ def _guard_finite(
     )
     raise NonFiniteLossError(
         f"non-finite {what} at optimizer step {step + 1} (epoch {epoch}, micro-batch {micro_index + 1} of "
-        f"{config.gradient_accumulation_steps}; {where}). The update was not applied; the last good state "
+        f"{accelerator.gradient_accumulation_steps}; {where}). The update was not applied; the last good state "
         f"(after step {step}) is saved in {path}."
     )
 

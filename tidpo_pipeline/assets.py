@@ -9,6 +9,7 @@ data itself lives in DuckDB, model folders and MLflow.
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import dagster as dg
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 
 from tidpo_core import store, tracking
 from tidpo_core.data import DataFileError
@@ -26,6 +28,7 @@ from tidpo_core.importance import compute_token_importance
 from tidpo_core.modeling import (
     TinyModelConfig,
     build_tiny_model,
+    check_model_available,
     count_parameters,
     load_model_and_tokenizer,
     save_model_and_tokenizer,
@@ -35,7 +38,7 @@ from tidpo_core.sft import sft_texts, supervised_finetune
 from tidpo_core.sources import inbox_files, load_source, merge_loads
 from tidpo_core.train import TrainConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
-from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage, bind_to_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -146,14 +149,15 @@ def reference_model(
 ) -> dg.MaterializeResult:
     experiment_id = mlflow_tracking.experiment_id()  # fails early if tracking is down
     metadata: dict[str, Any] = {}
+    parameters: int | None = None
     if config.model_name_or_path:
-        model, tokenizer = load_model_and_tokenizer(
+        # Validate the checkpoint without loading its weights: an 8B model has no business in the
+        # orchestrator's memory; the steps that need it load it themselves.
+        model_config = check_model_available(
             config.model_name_or_path, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
-        path = Path(config.model_name_or_path)
-        if not path.exists():
-            path = storage.models_dir / "reference"
-            save_model_and_tokenizer(model, tokenizer, path)
+        path = config.model_name_or_path
+        metadata["architecture"] = (model_config.architectures or ["?"])[0]
         sft_losses: list[float] = []
     else:
         build_key = digest({"pairs": preference_pairs["digest"], "config": config.model_dump()})
@@ -196,6 +200,8 @@ def reference_model(
             (staging / "tidpo_build.json").write_text(json.dumps({"build_key": build_key, "sft_losses": sft_losses}))
             shutil.rmtree(path, ignore_errors=True)
             staging.rename(path)
+        parameters = count_parameters(model)
+        metadata["vocab_size"] = len(tokenizer)
     fingerprint = model_fingerprint(path, config.revision)
     client = tracking.client(mlflow_tracking.uri)
     run = client.create_run(experiment_id, run_name="reference_model", tags=mlflow_tags(context))
@@ -213,17 +219,31 @@ def reference_model(
         {
             "path": dg.MetadataValue.path(str(path)),
             "fingerprint": fingerprint,
-            "parameters": count_parameters(model),
-            "vocab_size": len(tokenizer),
+            "parameters": parameters if parameters is not None else "not loaded",
             "mlflow_run_id": run.info.run_id,
             "sft_first_loss": sft_losses[0] if sft_losses else float("nan"),
             "sft_last_loss": sft_losses[-1] if sft_losses else float("nan"),
         }
     )
     return dg.MaterializeResult(
-        value={"path": str(path), "fingerprint": fingerprint, "mlflow_run_id": run.info.run_id},
+        value={
+            "path": str(path),
+            "fingerprint": fingerprint,
+            "mlflow_run_id": run.info.run_id,
+            "revision": config.revision,
+            "trust_remote_code": config.trust_remote_code,
+        },
         metadata=metadata,
     )
+
+
+def reference_loading(reference_model: dict) -> dict[str, Any]:
+    """Arguments of `load_model_and_tokenizer` for the reference_model asset's handle."""
+    return {
+        "name_or_path": reference_model["path"],
+        "revision": reference_model.get("revision"),
+        "trust_remote_code": reference_model.get("trust_remote_code", False),
+    }
 
 
 # --- anchor_responses ------------------------------------------------------------------------------
@@ -255,7 +275,7 @@ def anchor_responses(
     context.log.info(f"{len(pairs)} anchors to sample, {preference_pairs['train'] - len(pairs)} reused")
     generated = 0
     if pairs:
-        model, tokenizer = load_model_and_tokenizer(reference_model["path"])
+        model, tokenizer = load_model_and_tokenizer(**reference_loading(reference_model))
         # Written in chunks, each in one transaction: a crash keeps finished chunks and loses no more.
         chunk = max(settings.batch_size * 8, 1)
         for start in range(0, len(pairs), chunk):
@@ -329,7 +349,7 @@ def token_weights(
     expected = sum(len(side_texts(p, anchors.get(p.pair_id))) for p in pairs)
     context.log.info(f"{len(todo)} responses to weigh, {expected - len(todo)} reused")
     if todo:
-        model, tokenizer = load_model_and_tokenizer(reference_model["path"])
+        model, tokenizer = load_model_and_tokenizer(**reference_loading(reference_model))
         for start in range(0, len(todo), config.write_every):
             part = todo[start : start + config.write_every]
             encoded = [encode_response(tokenizer, prompt, text, settings) for _, prompt, text in part]
@@ -403,11 +423,27 @@ class PolicyConfig(dg.Config):
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    weights_mode: Literal["precomputed", "online"] = "precomputed"
+    """`online` recomputes the attribution with the current policy every step (the paper's way, ~2x cost)."""
+    lora: bool = False
+    """Train a LoRA adapter instead of all weights; the KL reference is the base with the adapter disabled."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = ["q_proj", "v_proj"]
+    merge_lora: bool = True
+    """Merge the adapter into the saved model (a plain HF model); false saves the adapter only."""
     launcher: Literal["python", "accelerate"] = "python"
     """`python`: one process; `accelerate`: `accelerate launch` with the config file / process count below."""
     accelerate_config_file: str = ""
     num_processes: int = 1
     register_model: bool = True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _training_command(config: PolicyConfig, config_path: Path) -> list[str]:
@@ -419,8 +455,15 @@ def _training_command(config: PolicyConfig, config_path: Path) -> list[str]:
         launch += ["--config_file", config.accelerate_config_file]
     else:
         launch += ["--num_processes", str(config.num_processes), "--num_machines", "1", "--dynamo_backend", "no"]
-        launch += ["--mixed_precision", "no"] if not torch.cuda.is_available() else []
-        launch += ["--cpu"] if not torch.cuda.is_available() else []
+        launch += ["--main_process_port", str(_free_port())]  # two runs at once must not share 29500
+        if not torch.cuda.is_available():
+            launch += ["--mixed_precision", "no"]
+        if config.num_processes > 1:
+            # torchrun; the engine falls back to CPU + gloo itself when no GPU is visible (`--cpu` would
+            # make accelerate start a single process whatever num_processes says).
+            launch += ["--multi_gpu"]
+        elif not torch.cuda.is_available():
+            launch += ["--cpu"]
     return [*launch, *module]
 
 
@@ -467,7 +510,11 @@ def tidpo_policy(
     run_id = None
     if run_file.exists():  # an interrupted run with these exact inputs: resume it, in the same MLflow run
         previous = json.loads(run_file.read_text())["run_id"]
-        if client.get_run(previous).info.status != "FINISHED":
+        try:
+            status = client.get_run(previous).info.status
+        except MlflowException:  # deleted from MLflow since: start over in a new run
+            status = "DELETED"
+        if status not in ("FINISHED", "DELETED"):
             run_id = previous
             context.log.info(f"resuming MLflow run {run_id} from the checkpoints in {run_dir}")
     if run_id is None:
@@ -519,6 +566,13 @@ def tidpo_policy(
         max_response_tokens=token_weights["encoding"]["max_response_tokens"],
         checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
+        weights_mode=config.weights_mode,
+        lora=config.lora,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        lora_target_modules=list(config.lora_target_modules),
+        merge_lora=config.merge_lora,
         mlflow_tracking_uri=mlflow_tracking.uri,
         mlflow_run_id=run_id,
         progress=True,
@@ -527,7 +581,7 @@ def tidpo_policy(
     try:
         invocation = pipes_subprocess_client.run(
             context=context,
-            command=_training_command(config, config_path),
+            command=bind_to_parent(_training_command(config, config_path)),  # dies with this step
             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
         )
     except Exception:

@@ -14,6 +14,7 @@ from tidpo_pipeline.assets import (
     token_weights,
 )
 from tidpo_pipeline.checks import ALL_CHECKS
+from tidpo_pipeline.comparison_assets import COMPARISON_ASSETS, method_comparison_job
 from tidpo_pipeline.evaluation_assets import evaluation
 from tidpo_pipeline.resources import TidpoStorage, build_resources
 
@@ -50,9 +51,9 @@ def new_preference_data(context: dg.SensorEvaluationContext, storage: TidpoStora
 
 
 defs = dg.Definitions(
-    assets=ASSETS,
+    assets=[*ASSETS, *COMPARISON_ASSETS],
     asset_checks=ALL_CHECKS,
-    jobs=[tidpo_training],
+    jobs=[tidpo_training, method_comparison_job],
     schedules=[weekly_retraining],
     sensors=[new_preference_data],
     resources=build_resources(),

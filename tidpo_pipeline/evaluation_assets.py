@@ -54,6 +54,8 @@ class EvaluationConfig(dg.Config):
     sample_seed: int = 0
     critical_k: int | None = None
     """k of importance precision@k; None: the number of critical-span tokens of each response."""
+    critical_pairs: int | None = 64
+    """Eval pairs with critical spans whose token attribution is computed for precision@k (None: all)."""
     heatmap_pairs: int = 3
     """Eval pairs drawn as token-importance heatmaps (0: none)."""
     docs_dir: str = ""
@@ -180,6 +182,7 @@ def evaluation(
             max_prompt_tokens=encoding.max_prompt_tokens,
         ),
         critical_k=config.critical_k,
+        critical_pairs=config.critical_pairs,
         weight_lambda=float(importance.get("lambda", 0.7)),
         weight_normalization=importance.get("normalization", "max"),
     )

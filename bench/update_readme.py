@@ -1,0 +1,272 @@
+"""Replace the README's benchmark table (between the bench markers) with the latest figures.
+
+    python -m bench.update_readme [--readme README.md]
+
+Reads bench/results/<name>.json (never the -quick smoke files). If the README lacks either marker, it
+prints a warning and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+START = "<!-- bench:start -->"
+END = "<!-- bench:end -->"
+
+
+def load_results(directory: Path | None = None) -> dict[str, dict[str, Any]]:
+    directory = directory or common.results_dir()
+    out = {}
+    for path in sorted(directory.glob("*.json")):
+        if path.stem.endswith("-quick"):
+            continue
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.1f} s" if x < 100 else f"{x:,.0f} s"
+
+
+def _r(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}x"
+
+
+def _ms(values: dict[str, Any] | None, digits: int = 3) -> str:
+    if not isinstance(values, dict) or values.get("mean") is None:
+        return "n/a"
+    if values.get("n", 1) > 1:
+        return f"{values['mean']:.{digits}f} ± {values['std']:.{digits}f}"
+    return f"{values['mean']:.{digits}f}"
+
+
+def _mark(ok: Any) -> str:
+    return "met" if ok is True else "not met" if ok is False else ""
+
+
+Row = tuple[str, str, str, str]
+
+
+def rows_trl(doc: dict[str, Any]) -> list[Row]:
+    m, setup = doc["methods"], doc["setup"]
+    label = f"vs TRL DPOTrainer ({setup['pairs']:,} pairs, batch {setup['batch_size']})"
+    check = doc["first_batch_loss_check"]
+    return [
+        (
+            label,
+            "epoch: TRL DPO / tidpo `dpo` / tidpo `tidpo`",
+            f"{_s(m['trl_dpo']['epoch_s_best'])} / {_s(m['tidpo_dpo']['epoch_s_best'])} ({_r(m['tidpo_dpo']['epoch_ratio_vs_trl'])}) / "
+            f"{_s(m['tidpo_tidpo']['epoch_s_best'])} ({_r(m['tidpo_tidpo']['epoch_ratio_vs_trl'])})",
+            f"`tidpo` <= 0.8x TRL: {_mark(doc['target']['met'])}",
+        ),
+        *(
+            [
+                (
+                    "",
+                    "epoch: tidpo `tidpo` without the KL term (alpha 0)",
+                    f"{_s(m['tidpo_tidpo_alpha0']['epoch_s_best'])} ({_r(m['tidpo_tidpo_alpha0']['epoch_ratio_vs_trl'])})",
+                    "",
+                )
+            ]
+            if "tidpo_tidpo_alpha0" in m
+            else []
+        ),
+        (
+            "",
+            "step (median): TRL / `dpo` / `tidpo`",
+            " / ".join(f"{m[k]['step_median_s_best'] * 1000:.0f} ms" for k in ("trl_dpo", "tidpo_dpo", "tidpo_tidpo")),
+            "",
+        ),
+        (
+            "",
+            "first-batch DPO loss, tidpo vs TRL",
+            f"{check['tidpo_loss_stored_reference']:.6f} vs {check['trl_loss']:.6f} (|diff| {check['abs_diff_stored']:.1e})",
+            f"<= 1e-5: {_mark(check['passed'])}",
+        ),
+    ]
+
+
+def rows_weights(doc: dict[str, Any]) -> list[Row]:
+    tps, ratio = doc["tokens_per_s"], doc["ratios"]["importance_over_forward_backward"]
+    return [
+        (
+            "token-weight precompute",
+            "tokens/s: precompute vs plain forward+backward",
+            f"{tps['importance']:,.0f} vs {tps['forward_backward']:,.0f} ({_r(ratio)} the time)",
+            f"<= 1.5x: {_mark(doc['target']['met'])}",
+        )
+    ]
+
+
+def rows_training(doc: dict[str, Any]) -> list[Row]:
+    ratios = doc.get("ratios", {})
+    parts = [f"{k.replace('_vs_', ' / ')} {_r(v)}" for k, v in ratios.items() if v is not None]
+    return [("training engine (bench_training)", "step time ratios", ", ".join(parts) or "n/a", "")]
+
+
+def rows_scaling(doc: dict[str, Any]) -> list[Row]:
+    ms = doc["measurements"]
+    sizes = " / ".join(f"{m['pairs']:,}" for m in ms)
+    exp = doc["exponents"]
+    mem = doc["memory"]
+    return [
+        (
+            f"end-to-end pipeline ({sizes} pairs)",
+            "wall time",
+            " / ".join(_s(m["seconds"]) for m in ms)
+            + f"; wall ~ pairs^{exp['pipeline_seconds']:.2f}, CPU ~ pairs^{exp.get('pipeline_cpu_seconds', float('nan')):.2f} "
+            f"(two largest: {exp.get('pipeline_cpu_seconds_two_largest', float('nan')):.2f})",
+            f"linear: {_mark(doc['targets']['time_linear'])}",
+        ),
+        (
+            "",
+            "peak RSS: pipeline process / training process",
+            " / ".join(f"{m['peak_rss_mb']:,.0f}" for m in ms)
+            + " MiB; "
+            + " / ".join(f"{m['training_process_peak_rss_mb']:,.0f}" for m in ms)
+            + " MiB",
+            f"flat: {_mark(doc['targets']['memory_flat'])} (x{mem['peak_rss_growth_largest_over_smallest']:.2f})",
+        ),
+    ]
+
+
+def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
+    table = doc["methods"]
+    methods = [m for m in ("dpo", "simpo", "tidpo") if m in table]
+    ref = doc.get("reference", {})
+    rows = [
+        (
+            label,
+            "held-out reward accuracy: " + " / ".join(methods),
+            " / ".join(_ms(table[m].get("reward_accuracy")) for m in methods),
+            "TI-DPO > DPO (paper)",
+        ),
+        (
+            "",
+            "held-out likelihood win rate: reference / " + " / ".join(methods),
+            f"{ref.get('likelihood_win_rate', float('nan')):.3f} / "
+            + " / ".join(_ms(table[m].get("likelihood_win_rate")) for m in methods),
+            "",
+        ),
+    ]
+    if all("critical_phrase_chosen_rate" in table[m] for m in methods):
+        ref_rate = (ref.get("critical_phrase") or {}).get("chosen_rate") if isinstance(ref.get("critical_phrase"), dict) else None
+        rows.append(
+            (
+                "",
+                "samples using the safe phrase: reference / " + " / ".join(methods),
+                ("n/a" if ref_rate is None else f"{ref_rate:.3f}")
+                + " / "
+                + " / ".join(_ms(table[m]["critical_phrase_chosen_rate"]) for m in methods),
+                "",
+            )
+        )
+    elif any(table[m].get("critical_phrase") == "pending" for m in methods):
+        rows.append(("", "critical-phrase rate", "pending", ""))
+    return rows
+
+
+def rows_quality(doc: dict[str, Any]) -> list[Row]:
+    seeds = len(doc["setup"]["seeds"])
+    rows = _method_rows(doc, f"quality, built-in data ({seeds} seed{'s, mean ± std' if seeds > 1 else ''})")
+    precision = doc.get("importance_precision_at_k")
+    if isinstance(precision, dict):
+        rows.append(
+            (
+                "",
+                "importance precision@k: hybrid / attribution / prior / uniform",
+                f"{precision['hybrid (stored, lambda 0.7)']:.3f} / {precision['attribution only']:.3f} / "
+                f"{precision['prior only']:.3f} / {precision['uniform']:.3f}",
+                "hybrid > uniform",
+            )
+        )
+    elif precision == "pending":
+        rows.append(("", "importance precision@k", "pending", ""))
+    return rows
+
+
+def rows_hh(doc: dict[str, Any]) -> list[Row]:
+    if "skipped" in doc:
+        return [("HH-RLHF harmless-base", "", doc["skipped"], "")]
+    info = doc["setup"]["data_info"]
+    seeds = len(doc["setup"]["seeds"])
+    return _method_rows(doc, f"HH-RLHF harmless-base ({info['train']:,} train / {info['eval']} eval, {seeds} seed{'s' if seeds > 1 else ''})")
+
+
+RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
+    ("trl", rows_trl),
+    ("weights", rows_weights),
+    ("training", rows_training),
+    ("scaling", rows_scaling),
+    ("quality", rows_quality),
+    ("hh", rows_hh),
+)
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    rows: list[Row] = []
+    for name, renderer in RENDERERS:
+        if name not in results:
+            continue
+        try:
+            rows += renderer(results[name])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            rows.append((name, "", f"(result file not readable: {type(exc).__name__} {exc})", ""))
+    if not rows:
+        return "_No benchmark results yet: run `make bench`._"
+    lines = ["| Benchmark | Figure | Result | Target |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    any_doc = next(iter(results.values()))
+    machine = any_doc.get("machine", {})
+    commits = sorted({d.get("commit", "unknown")[:10] for d in results.values()})
+    dates = sorted(d.get("created_at", "")[:10] for d in results.values() if d.get("created_at"))
+    lines.append("")
+    lines.append(
+        f"Measured on {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} cores, "
+        f"{common.THREADS} torch threads, torch {machine.get('torch', '?')}, trl {machine.get('trl', '?')}; "
+        f"commit {', '.join(commits)}; {dates[0] if dates else '?'}"
+        f"{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}. "
+        "The machine was shared with other work, so absolute times are noisy: compare within a row "
+        "(methods are interleaved in rounds and each keeps its best round). Full figures and notes: `bench/results/*.json`."
+    )
+    return "\n".join(lines)
+
+
+def update(readme: Path | None = None, results_directory: Path | None = None) -> bool:
+    """Rewrite the block between the markers; False (with a warning) if the README has no markers."""
+    readme = readme or common.ROOT / "README.md"
+    if not readme.exists():
+        print(f"warning: {readme} does not exist; benchmark table not written")
+        return False
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        print(f"warning: {readme} has no '{START}' ... '{END}' markers; benchmark table not written")
+        return False
+    table = render(load_results(results_directory))
+    new = text[: start + len(START)] + "\n" + table + "\n" + text[end:]
+    if new != text:
+        readme.write_text(new)
+    print(f"benchmark table refreshed in {readme}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", type=Path, default=None)
+    args = parser.parse_args(argv)
+    update(args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

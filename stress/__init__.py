@@ -1,0 +1,1 @@
+"""`make stress`: reliability checks that take minutes: bad input, crashes, concurrency, registry safety."""

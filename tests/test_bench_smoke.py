@@ -1,0 +1,123 @@
+"""Every benchmark runs end to end at a tiny size (quick=True), so that none of them can rot.
+
+The figures at these sizes mean nothing; what is checked is that each benchmark finishes, writes its
+result file with the machine description and the commit, and that the README table renders from it.
+Results go to a temporary folder (TIDPO_BENCH_RESULTS), never over bench/results. bench_training has
+its own smoke test (test_bench_smoke_training.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # `bench` is a folder of the repository, not an installed package
+    path = tmp_path / "results"
+    monkeypatch.setenv("TIDPO_BENCH_RESULTS", str(path))
+    return path
+
+
+def _written(results_dir, name: str) -> dict:
+    path = results_dir / f"{name}-quick.json"
+    assert path.exists(), f"{path} not written"
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == name and doc["quick"] is True
+    assert doc["machine"]["torch"] and doc["machine"]["cpu_model"] and doc["machine"]["usable_cores"] >= 1
+    assert isinstance(doc["commit"], str) and doc["commit"]
+    return doc
+
+
+def test_trl_throughput_and_loss_agreement(results_dir):
+    pytest.importorskip("trl", reason="TRL is in the `bench` extra only")
+    from bench import bench_trl
+
+    doc = bench_trl.run(quick=True)
+    assert doc == _written(results_dir, "trl")
+    for method in ("trl_dpo", "tidpo_dpo", "tidpo_tidpo"):
+        assert doc["methods"][method]["epoch_s_best"] > 0
+    assert doc["methods"]["trl_dpo"]["token_ids"]["mismatched_pairs"] == 0
+    # The loss agreement is exact arithmetic, not a timing: it must hold at any size.
+    assert doc["first_batch_loss_check"]["passed"], doc["first_batch_loss_check"]
+
+
+def test_weight_precompute_cost(results_dir):
+    from bench import bench_weights
+
+    doc = bench_weights.run(quick=True)
+    assert doc == _written(results_dir, "weights")
+    assert doc["tokens_per_s"]["importance"] > 0 and doc["tokens_per_s"]["forward_backward"] > 0
+
+
+def test_scaling(results_dir):
+    from bench import bench_scaling
+
+    doc = bench_scaling.run(quick=True)
+    assert doc == _written(results_dir, "scaling")
+    assert [m["pairs"] for m in doc["measurements"]] == [8, 16]
+    assert all(m["success"] for m in doc["measurements"])
+    assert all(m["peak_rss_mb"] > 0 for m in doc["measurements"])
+    assert math.isfinite(doc["exponents"]["pipeline_seconds"])
+
+
+def test_quality(results_dir):
+    from bench import bench_quality
+
+    doc = bench_quality.run(quick=True)
+    assert doc == _written(results_dir, "quality")
+    assert set(doc["methods"]) == {"dpo", "simpo", "tidpo"}
+    assert 0.0 <= doc["methods"]["tidpo"]["reward_accuracy"]["mean"] <= 1.0
+    precision = doc["importance_precision_at_k"]
+    assert precision == "pending" or 0.0 <= precision["uniform"] <= 1.0
+    assert isinstance(doc["notes"], list) and doc["notes"]
+
+
+def test_hh(results_dir, shared_data):
+    from bench import bench_hh
+
+    doc = bench_hh.run(quick=True)
+    assert doc == _written(results_dir, "hh")
+    assert doc["setup"]["data_info"]["train"] == 24
+    assert set(doc["methods"]) == {"dpo", "simpo", "tidpo"}
+
+
+def test_readme_table_between_markers(tmp_path, capsys):
+    from bench import update_readme
+
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / "weights.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "weights",
+                "commit": "abc",
+                "machine": {"cpu_model": "cpu", "usable_cores": 2, "torch": "2"},
+                "tokens_per_s": {"importance": 900.0, "forward_backward": 1000.0},
+                "ratios": {"importance_over_forward_backward": 1.11},
+                "target": {"met": True},
+            }
+        )
+    )
+    (results / "weights-quick.json").write_text("{not json")  # smoke files are never read
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\nafter\n")
+    assert update_readme.update(readme, results)
+    text = readme.read_text()
+    assert "old table" not in text and "token-weight precompute" in text and "1.11x" in text
+    assert text.startswith("# x\n") and text.endswith("<!-- bench:end -->\n\nafter\n")
+    # Idempotent: a second refresh gives the same file.
+    update_readme.update(readme, results)
+    assert readme.read_text() == text
+
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    assert not update_readme.update(bare, results)
+    assert bare.read_text() == "# no markers\n"
+    assert "warning" in capsys.readouterr().out

@@ -1,0 +1,115 @@
+"""The method comparison: aggregation by hand, and the asset end to end on a tiny config."""
+
+import csv
+import math
+
+import dagster as dg
+import pytest
+from mlflow import MlflowClient
+from pipeline_config import small_run_config
+
+from tidpo_core import store, tracking
+from tidpo_core.comparison import (
+    METHODS,
+    ComparisonInputs,
+    ComparisonResult,
+    ComparisonRun,
+    aggregate,
+    comparison_markdown,
+    method_train_config,
+)
+from tidpo_pipeline.assets import anchor_responses, preference_pairs, reference_model, token_weights
+from tidpo_pipeline.comparison_assets import method_comparison
+from tidpo_pipeline.definitions import defs
+from tidpo_pipeline.resources import build_resources
+
+
+def test_aggregate_mean_and_sample_std_by_hand():
+    runs = [
+        ComparisonRun("dpo", 0, {"reward_accuracy": 0.5, "kl_to_reference": 1.0}),
+        ComparisonRun("dpo", 1, {"reward_accuracy": 0.7, "kl_to_reference": float("nan")}),
+        ComparisonRun("tidpo", 0, {"reward_accuracy": 0.9}),
+    ]
+    table = aggregate(runs)
+    assert [r["method"] for r in table] == ["dpo", "tidpo"]
+    dpo, tidpo = table
+    assert dpo["seeds"] == 2 and dpo["reward_accuracy_mean"] == pytest.approx(0.6)
+    assert dpo["reward_accuracy_std"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
+    assert dpo["kl_to_reference_mean"] == 1.0 and math.isnan(dpo["kl_to_reference_std"])
+    assert math.isnan(tidpo["reward_accuracy_std"])
+    markdown = comparison_markdown(table, ["reward_accuracy", "kl_to_reference"])
+    assert "| reward_accuracy | 0.600 ± 0.141 | 0.900 |" in markdown
+    assert "| kl_to_reference | 1.000 | n/a |" in markdown
+    assert ComparisonResult(runs, table, 0.0).methods() == ["dpo", "tidpo"]
+
+
+def test_each_method_is_one_switch():
+    inputs = ComparisonInputs("db", "ref", "w", "a", weight_lambda=0.7)
+    configs = {m: method_train_config(m, 3, inputs, "out", {"max_steps": 5, "gamma": 0.2}) for m in METHODS}
+    assert configs["dpo"].loss_type == "dpo" and configs["simpo"].loss_type == "simpo"
+    assert configs["tidpo"].weight_lambda == 0.7 and configs["tidpo"].gamma == 0.2
+    assert configs["tidpo_no_attribution"].weight_lambda == 0.0
+    assert configs["tidpo_no_prior"].weight_lambda == 1.0
+    assert configs["tidpo_no_triplet"].gamma == 0.0 and configs["tidpo_no_triplet"].weight_lambda == 0.7
+    assert all(c.seed == 3 and c.max_steps == 5 and c.checkpoint_every == 0 for c in configs.values())
+    with pytest.raises(ValueError):
+        method_train_config("grpo", 0, inputs, "out", {})
+
+
+def test_method_comparison_job_is_separate_from_training():
+    training = defs.resolve_job_def("tidpo_training")
+    comparison = defs.resolve_job_def("method_comparison")
+    assert "method_comparison" not in training.graph.node_dict
+    assert list(comparison.graph.node_dict) == ["compare_methods"]
+
+
+def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
+    run_config = small_run_config(pairs=24)
+    del run_config["ops"]["tidpo_policy"]
+    run_config["ops"]["reference_model"]["config"]["sft_steps"] = 4  # the reference's quality does not matter here
+    run_config["ops"]["compare_methods"] = {  # the op of asset method_comparison
+        "config": {
+            "seeds": [0],
+            "max_steps": 2,
+            "per_device_batch_size": 4,
+            "warmup_steps": 1,
+            "learning_rate": 2e-3,
+            "batch_size": 16,
+            "sample_prompts": 3,
+            "max_new_tokens": 8,
+            "docs_dir": str(tmp_path / "docs"),
+        }
+    }
+    result = dg.materialize(
+        [preference_pairs, reference_model, anchor_responses, token_weights, method_comparison],
+        resources=build_resources(str(tmp_path / "data")),
+        run_config=run_config,
+        raise_on_error=False,
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("compare_methods")[0].metadata
+    table = meta["table"].value
+    for method in ("reference", *METHODS):
+        assert f"{method} (n=1)" in table
+    for metric in ("reward_accuracy", "kl_to_reference", "distinct_2", "precision_at_k_hybrid", "critical_phrase_chosen_rate"):
+        assert f"| {metric} |" in table
+    report = meta["report_dir"].value
+    with open(f"{report}/method_comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["reference", *METHODS]
+    assert all(0.0 <= float(r["reward_accuracy_mean"]) <= 1.0 for r in rows)
+    assert (tmp_path / "docs" / "img" / "method_comparison.png").stat().st_size > 0
+
+    con = store.connect(tmp_path / "data" / "tidpo.duckdb", read_only=True)
+    try:
+        methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()}
+        per_seed = con.execute("SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'").fetchone()[0]
+    finally:
+        con.close()
+    assert methods == {"reference", *METHODS} and per_seed == len(METHODS) + 1
+
+    client = MlflowClient(tracking.sqlite_tracking_uri(tmp_path / "data"))
+    run = client.get_run(meta["mlflow_run_id"].value)
+    assert "comparison/tidpo/reward_accuracy_mean" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "method_comparison")}
+    assert {"method_comparison/method_comparison.csv", "method_comparison/method_comparison.png"} <= artifacts

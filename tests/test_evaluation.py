@@ -1,0 +1,223 @@
+"""Every evaluation metric against a hand-made case with a known answer, then on a tiny model."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tidpo_core.data import PreferencePair
+from tidpo_core.evaluation import (
+    EvalSettings,
+    PairScores,
+    critical_phrase_rate,
+    critical_token_precision,
+    distinct_n,
+    evaluate_model,
+    gate_decision,
+    importance_precision_at_k,
+    kl_from_logps,
+    kl_to_reference,
+    preference_metrics,
+    sample_with_tokens,
+    span_responses,
+)
+from tidpo_core.features import EncodingSettings
+from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+from tidpo_core.synthetic import generate_synthetic_pairs
+
+ENCODING = EncodingSettings(max_prompt_tokens=64, max_response_tokens=96)
+FAST_SAMPLING = SamplingSettings(max_new_tokens=12, top_k=0, top_p=1.0, temperature=1.0, seed=3, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return generate_synthetic_pairs(10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny(pairs):
+    tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
+    config = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    return build_tiny_model(tokenizer, config, seed=0), build_tiny_model(tokenizer, config, seed=1), tokenizer
+
+
+# --- preference metrics and the gate ----------------------------------------------------------------------
+
+
+def _scores(chosen, rejected, tokens=10):
+    n = len(chosen)
+    return PairScores(np.asarray(chosen, float), np.asarray(rejected, float), np.full(n, tokens), np.full(n, tokens))
+
+
+def test_a_policy_that_always_prefers_chosen_has_accuracy_one():
+    reference = _scores([-10.0, -12.0, -9.0], [-10.0, -11.0, -9.5])
+    policy = _scores([-8.0, -10.0, -7.0], [-13.0, -12.0, -11.5])
+    metrics = preference_metrics(policy, reference, beta=0.1)
+    assert metrics["reward_accuracy"] == 1.0
+    assert metrics["likelihood_win_rate"] == 1.0
+    # margins: 0.1 * ((2 - -3) , (2 - -1), (2 - -2)) = 0.5, 0.3, 0.4
+    assert metrics["reward_margin"] == pytest.approx(0.4)
+    against_itself = preference_metrics(reference, reference, beta=0.1)
+    assert against_itself["reward_accuracy"] == 0.5 and against_itself["reward_margin"] == 0.0
+    assert gate_decision(metrics, against_itself, "reward_accuracy", 0.1).passed
+    assert not gate_decision(against_itself, metrics, "reward_accuracy", 0.0).passed
+
+
+# --- importance precision@k ----------------------------------------------------------------------------
+
+
+def test_precision_of_weights_concentrated_on_the_span_is_one():
+    weights = [0.1, 0.2, 5.0, 4.0, 6.0, 0.3, 0.1]
+    assert importance_precision_at_k(weights, [2, 3, 4]) == 1.0
+    assert importance_precision_at_k(weights, [0, 1]) == 0.0
+    # k = 4 over a 3-token span: at most 3 of the 4 places can hit
+    assert importance_precision_at_k(weights, [2, 3, 4], k=4) == pytest.approx(0.75)
+    # k larger than the response is capped at T
+    assert importance_precision_at_k(weights, [2, 3, 4], k=100) == pytest.approx(3 / 7)
+
+
+def test_uniform_weights_give_the_chance_level_and_ties_are_expected_values():
+    assert importance_precision_at_k([1.0] * 10, [3, 4]) == pytest.approx(0.2)
+    assert importance_precision_at_k([1.0] * 10, [3, 4], k=5) == pytest.approx(0.2)
+    # top-2 of [3, 1, 1, 1]: position 0 surely, then one of three tied -> span {1} hit with prob 1/3
+    assert importance_precision_at_k([3.0, 1.0, 1.0, 1.0], [0, 1]) == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_precision_rejects_bad_input():
+    with pytest.raises(ValueError):
+        importance_precision_at_k([1.0, 2.0], [])
+    with pytest.raises(ValueError):
+        importance_precision_at_k([1.0, 2.0], [2])
+    with pytest.raises(ValueError):
+        importance_precision_at_k([1.0, float("nan")], [0])
+    with pytest.raises(ValueError):
+        importance_precision_at_k([1.0, 2.0], [0], k=0)
+
+
+# --- distinct-n, critical phrases, KL by hand -------------------------------------------------------------
+
+
+def test_distinct_n_by_hand():
+    texts = ["a b a b", "a c"]
+    # unigrams: a b a b a c -> 3 unique of 6; bigrams: ab ba ab, ac -> 3 unique of 4
+    assert distinct_n(texts, 1) == pytest.approx(3 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n([[1, 2, 3], [1, 2]], 2) == pytest.approx(2 / 3)  # token ids work too
+    assert math.isnan(distinct_n(["a"], 2))
+    with pytest.raises(ValueError):
+        distinct_n(texts, 0)
+
+
+def test_critical_phrase_rate_by_hand():
+    samples = [
+        "You should Call  an ambulance now.",  # chosen (case and spaces ignored)
+        "Just wait a few days.",  # rejected
+        "call an ambulance, or wait a few days",  # both
+        "Drink some water.",  # neither
+        "call an ambulance",  # chosen
+    ]
+    chosen = ["call an ambulance"] * 5
+    rejected = ["wait a few days"] * 5
+    rates = critical_phrase_rate(samples, chosen, rejected)
+    assert rates["chosen_rate"] == pytest.approx(2 / 4)
+    assert rates["rejected_rate"] == pytest.approx(1 / 4)
+    assert rates["both_rate"] == pytest.approx(1 / 4)
+    assert rates["neither_rate"] == pytest.approx(1 / 5)
+    assert rates["chosen_rate"] + rates["rejected_rate"] + rates["both_rate"] == pytest.approx(1.0)
+    empty = critical_phrase_rate(["nothing"], ["x y"], ["z w"])
+    assert math.isnan(empty["chosen_rate"]) and empty["neither_rate"] == 1.0
+    with pytest.raises(ValueError):
+        critical_phrase_rate(["a"], [], ["b"])
+
+
+def test_kl_from_logps_by_hand():
+    estimate = kl_from_logps([[-1.0, -2.0], [-1.0]], [[-1.5, -2.5], [-3.0]])
+    # per-sample sums: 1.0 and 2.0 -> mean 1.5, sd 0.7071, se 0.5; 3 nats over 3 tokens
+    assert estimate.kl == pytest.approx(1.5)
+    assert estimate.stderr == pytest.approx(0.5)
+    assert estimate.kl_per_token == pytest.approx(1.0)
+    assert estimate.samples == 2
+
+
+# --- on a tiny model ---------------------------------------------------------------------------------------
+
+
+def test_kl_of_a_model_against_itself_is_zero(tiny, pairs):
+    model, _, tokenizer = tiny
+    prompts = [p.prompt for p in pairs[:4]]
+    estimate, samples = kl_to_reference(model, model, tokenizer, prompts, FAST_SAMPLING)
+    assert estimate.kl == 0.0 and estimate.stderr == 0.0 and estimate.samples == 4
+    twin = copy.deepcopy(model)  # identical weights, a different object: still exactly 0
+    estimate_twin, _ = kl_to_reference(model, twin, tokenizer, samples=samples)
+    assert estimate_twin.kl == 0.0
+    other = tiny[1]
+    estimate_other, _ = kl_to_reference(model, other, tokenizer, samples=samples)
+    assert math.isfinite(estimate_other.kl) and estimate_other.kl != 0.0
+
+
+def test_sampled_tokens_match_sample_responses(tiny, pairs):
+    model, _, tokenizer = tiny
+    prompts = [p.prompt for p in pairs[:5]]
+    sampled = sample_with_tokens(model, tokenizer, prompts, FAST_SAMPLING)
+    assert sampled.texts == sample_responses(model, tokenizer, prompts, FAST_SAMPLING)
+    for ids, finished in zip(sampled.response_ids, sampled.finished, strict=True):
+        assert 1 <= len(ids) <= FAST_SAMPLING.max_new_tokens
+        assert (ids[-1] == tokenizer.eos_token_id) == finished
+        assert tokenizer.eos_token_id not in ids[:-1]
+
+
+def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
+    model, _, tokenizer = tiny
+    metrics = critical_token_precision(model, tokenizer, pairs, ENCODING)
+    responses = span_responses(tokenizer, pairs, ENCODING)
+    assert metrics["critical_responses"] == len(responses) == 2 * len(pairs)
+    for method in ("attribution", "prior", "hybrid", "uniform"):
+        assert 0.0 <= metrics[f"precision_at_k_{method}"] <= 1.0
+    chance = np.mean([len(r.span_tokens) / r.encoded.response_length for r in responses])
+    assert metrics["precision_at_k_uniform"] == pytest.approx(chance)
+    # The synthetic span sits mid-answer, where the Gaussian prior peaks: better than chance.
+    assert metrics["precision_at_k_prior"] > metrics["precision_at_k_uniform"]
+    without_spans = [PreferencePair(p.pair_id, p.prompt, p.chosen, p.rejected, "file", {}) for p in pairs]
+    assert critical_token_precision(model, tokenizer, without_spans, ENCODING) == {}
+
+
+def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs):
+    model, other, tokenizer = tiny
+    settings = EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=4, sampling=FAST_SAMPLING)
+    torch.manual_seed(0)
+    reference_eval = evaluate_model(model, model, tokenizer, pairs, settings)
+    policy_eval = evaluate_model(other, model, tokenizer, pairs, settings)
+    for key in (
+        "reward_accuracy",
+        "reward_margin",
+        "likelihood_win_rate",
+        "kl_to_reference",
+        "kl_to_reference_stderr",
+        "distinct_1",
+        "distinct_2",
+        "mean_length",
+        "precision_at_k_attribution",
+        "precision_at_k_prior",
+        "precision_at_k_hybrid",
+        "precision_at_k_uniform",
+        "critical_phrase_chosen_rate",
+        "critical_phrase_rejected_rate",
+        "critical_phrase_neither_rate",
+    ):
+        assert key in policy_eval.metrics, key
+    assert reference_eval.metrics["kl_to_reference"] == 0.0
+    assert reference_eval.metrics["reward_accuracy"] == 0.5
+    assert policy_eval.skipped == {}
+    plain = [PreferencePair(p.pair_id, p.prompt, p.chosen, p.rejected, "file", {}) for p in pairs]
+    no_spans = evaluate_model(other, model, tokenizer, plain, settings)
+    assert "precision_at_k_hybrid" not in no_spans.metrics
+    assert "critical_tokens" in no_spans.skipped and "critical_phrases" in no_spans.skipped
+    assert "non-synthetic" in no_spans.skipped["critical_tokens"]
+    capped = evaluate_model(other, model, tokenizer, pairs, EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=0, critical_pairs=1))
+    assert capped.metrics["critical_responses"] == 2 and "sampling" in capped.skipped
+    assert policy_eval.metrics["critical_responses"] == 2 * len(pairs)
+    biased = evaluate_model(other, model, tokenizer, pairs, EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)))
+    assert "kl_exactness" in biased.skipped

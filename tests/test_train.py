@@ -1,0 +1,237 @@
+"""The training engine (tidpo_core.train): resume after SIGKILL gives the uninterrupted run's weights,
+the NaN guard stops with the step named and a checkpoint saved (also through Dagster Pipes), LoRA
+trains only the adapter and uses the adapter-disabled base as the reference, TRL-named metrics reach
+MLflow, and `weights_mode: online` reproduces the stored weights at step 0."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+from train_fixtures import (
+    build_tiny_data,
+    load_weights,
+    reset_accelerate,
+    run_engine,
+    single_thread,
+    subprocess_env,
+)
+
+from tidpo_core.features import TrainingCollator, stack_sides
+from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.train import (
+    COMPLETE_MARKER,
+    NonFiniteLossError,
+    TrainConfig,
+    adapter_disabled_reference,
+    complete_checkpoints,
+    load_training_features,
+    online_weights,
+    train,
+)
+
+TRL_METRICS = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "triplet",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_second",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # 16 pairs, batch 4: 4 batches an epoch.
+    with single_thread():
+        return build_tiny_data(tmp_path_factory.mktemp("tiny_train"), pairs=16)
+
+
+@pytest.fixture(autouse=True)
+def isolated_run():
+    with single_thread():
+        yield
+    reset_accelerate()
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tiny, tmp_path):
+    # 2 epochs x 2 steps (accumulation 2 over 4 batches); checkpoints every step, keep 2; killed after step 3
+    # (epoch 1, mid-epoch), so the re-run must restore model, optimizer, scheduler and the data position.
+    common = {"num_epochs": 2, "gradient_accumulation_steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2}
+    uninterrupted = train(tiny.config(tmp_path / "a", **common))
+    assert uninterrupted.steps == 4
+
+    killed = tiny.config(tmp_path / "b", inject_kill_at_step=3, **common)
+    result = run_engine(killed.to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == -9, result.stderr[-2000:]
+    steps = [s for s, _ in complete_checkpoints(tmp_path / "b" / "checkpoints")]
+    assert steps == [2, 3]  # keep-last-2
+    assert not (tmp_path / "b" / "final").exists()
+    # A save interrupted by the crash (no marker) is never resumed from.
+    (tmp_path / "b" / "checkpoints" / "step_9").mkdir()
+
+    rerun = tiny.config(tmp_path / "b", **common)  # the same run, minus the crash
+    result = run_engine(rerun.to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr and "step_3" in result.stderr
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 1
+    assert summary["resumed_from"].endswith("step_3")
+    assert not (tmp_path / "b" / "checkpoints" / "step_9").exists()
+
+    expected, got = load_weights(tmp_path / "a" / "final"), load_weights(tmp_path / "b" / "final")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in uninterrupted.history]
+    assert [h["learning_rate"] for h in summary["history"]] == [h["learning_rate"] for h in uninterrupted.history]
+
+
+def test_planted_nan_stops_with_the_step_named_and_the_last_good_state_saved(tiny, tmp_path):
+    config = tiny.config(tmp_path / "run", max_steps=4, inject_nan_at_step=3, checkpoint_every=0)
+    with pytest.raises(NonFiniteLossError) as raised:
+        train(config)
+    message = str(raised.value)
+    assert "optimizer step 3" in message and "pairs [" in message
+    checkpoints = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in checkpoints] == [2]
+    assert str(checkpoints[0][1]) in message
+    marker = json.loads((checkpoints[0][1] / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 2 and len(marker["history"]) == 2
+    assert not (tmp_path / "run" / "final").exists()
+    # Without the fault, a re-run resumes from the saved state and finishes.
+    resumed = train(tiny.config(tmp_path / "run", max_steps=4, checkpoint_every=0))
+    assert resumed.steps == 4 and resumed.steps_this_run == 2 and resumed.resumed_from.endswith("step_2")
+
+
+def test_nan_through_pipes_fails_the_asset_and_closes_the_session(tiny, tmp_path):
+    import dagster as dg
+
+    config_path = tiny.config(tmp_path / "run", max_steps=3, inject_nan_at_step=2).to_yaml(tmp_path / "run.yaml")
+
+    @dg.asset
+    def policy(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient):
+        command = [sys.executable, "-m", "tidpo_core.train", "--config", str(config_path)]
+        return pipes.run(context=context, command=command, env=subprocess_env()).get_materialize_result()
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [policy], resources={"pipes": dg.PipesSubprocessClient()}, instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data.error
+    assert "failed with code 1" in (failure.cause.message if failure.cause else failure.message)
+    logs = instance.all_logs(result.run_id)
+    messages = [r.user_message or "" for r in logs]
+    assert any("opened dagster pipes" in m for m in messages)
+    closed = [r for r in logs if "pipes closed with exception" in (r.user_message or "")]
+    assert len(closed) == 1, messages
+    error = closed[0].dagster_event.engine_event_data.error
+    assert "NonFiniteLossError" in error.cls_name or "non-finite loss" in error.message
+    assert "optimizer step 2" in error.message
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def _lora_config(tiny, output_dir, **overrides):
+    return tiny.config(output_dir, lora=True, lora_r=4, lora_alpha=8, max_steps=3, learning_rate=1e-2, **overrides)
+
+
+def test_lora_trains_only_the_adapter_and_its_reference_is_the_base(tiny, tmp_path):
+    from peft import PeftModel
+
+    base, tokenizer = load_model_and_tokenizer(tiny.reference_path)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    summary = train(_lora_config(tiny, tmp_path / "adapter", merge_lora=False, checkpoint_every=2))
+    assert 0 < summary.trainable_parameters < summary.total_parameters / 4
+    # The checkpoint holds the full wrapped model: every base weight is untouched, the adapter has moved.
+    (_, ckpt), = complete_checkpoints(tmp_path / "adapter" / "checkpoints")
+    state = load_weights(ckpt)
+    base_keys = [k for k in state if "lora_" not in k]
+    assert base_keys and any("lora_B" in k for k in state)
+    for key in base_keys:
+        plain = key.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(state[key], base_state[plain]), key
+    assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
+
+    # The final folder is the adapter; with it disabled the model is exactly the base (the KL reference).
+    model = PeftModel.from_pretrained(load_model_and_tokenizer(tiny.reference_path)[0], tmp_path / "adapter" / "final")
+    features = load_training_features(_lora_config(tiny, tmp_path), tokenizer)[:4]
+    batch = TrainingCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(features)
+    stacked = stack_sides(batch, ("chosen", "rejected"), tokenizer.pad_token_id)
+    ids, mask = stacked["input_ids"], stacked["attention_mask"]
+    reference_logits = adapter_disabled_reference(model, model)(ids, mask)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+        adapted_logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(reference_logits, base_logits, atol=1e-6)
+    assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)
+
+
+def test_lora_merged_final_model_loads_as_a_plain_model(tiny, tmp_path):
+    summary = train(_lora_config(tiny, tmp_path / "merged", merge_lora=True))
+    final = tmp_path / "merged" / "final"
+    assert not (final / "adapter_config.json").exists()
+    merged, _ = load_model_and_tokenizer(final)
+    base, _ = load_model_and_tokenizer(tiny.reference_path)
+    assert type(merged) is type(base)
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+    assert summary.steps == 3
+
+
+def test_trl_metric_names_reach_mlflow(tiny, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    train(tiny.config(tmp_path / "run", max_steps=3, mlflow_tracking_uri=uri, mlflow_run_id=run_id))
+    metrics = client.get_run(run_id).data.metrics
+    assert TRL_METRICS <= set(metrics), sorted(TRL_METRICS - set(metrics))
+    assert len(client.get_metric_history(run_id, "loss")) == 3
+    assert all(v == v for v in metrics.values())  # no NaN logged
+
+
+def test_online_weights_equal_the_stored_weights_while_the_policy_is_the_reference(tiny, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(tiny.reference_path)
+    config = tiny.config(tmp_path)
+    sides = ("chosen", "rejected", "anchor")
+    features = load_training_features(config, tokenizer)[:6]
+    stacked = stack_sides(TrainingCollator(tokenizer.pad_token_id, sides)(features), sides, tokenizer.pad_token_id)
+    online = online_weights(model, config.weight_lambda, config.weight_normalization)(stacked)
+    assert online.shape == stacked["weights"].shape
+    assert torch.allclose(online, stacked["weights"], atol=1e-4)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_online_weights_mode_trains(tiny, tmp_path):
+    summary = train(tiny.config(tmp_path / "online", max_steps=2, weights_mode="online"))
+    assert summary.steps == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in summary.history)
+
+
+def test_config_yaml_round_trip_and_unknown_keys(tiny, tmp_path):
+    config = tiny.config(tmp_path, lora=True, lora_target_modules=["q_proj", "k_proj"])
+    path = config.to_yaml(tmp_path / "run.yaml")
+    assert TrainConfig.from_yaml(path) == config
+    raw = yaml.safe_load(path.read_text())
+    raw["no_such_option"] = 1
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="no_such_option"):
+        TrainConfig.from_yaml(path)
+
+
+def test_fixture_pairs_differ_within_the_encoded_length(tiny, tmp_path):
+    """The synthetic pairs differ mid-response; truncated too short, chosen == rejected and nothing trains."""
+    _, tokenizer = load_model_and_tokenizer(tiny.reference_path)
+    features = load_training_features(tiny.config(tmp_path), tokenizer)
+    assert len(features) == tiny.train_pairs
+    differ = sum(f["chosen_input_ids"] != f["rejected_input_ids"] for f in features)
+    assert differ >= 0.9 * len(features)
