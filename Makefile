@@ -13,7 +13,6 @@ export DAGSTER_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install run test lint ui e2e bench stress clean
-BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -21,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel on the build machines, never an unpinned CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e '.[dev,eval]'
+	$(BIN)/pip install --quiet -e '.[dev,eval,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,12 +37,8 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -c <(echo "torch==2.13.0") -e '.[dev,eval,bench]'
-	touch $(BENCH_STAMP)
-
 # Speed, memory and quality figures; writes bench/results/*.json and refreshes the README table.
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 # Longer reliability checks: bad input, crashes, concurrency; prints a table.
@@ -53,7 +48,7 @@ stress: $(STAMP)
 # UI end to end in headless Chromium (Debian's package), after a run of the pipeline.
 e2e: $(STAMP)
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
-	$(BIN)/pip install --quiet -c <(echo "torch==2.13.0") -e '.[dev,eval,e2e]'
+	$(BIN)/pip install --quiet -c <(echo "torch==2.13.0") -e '.[dev,eval,bench,e2e]'
 	test -f $(TIDPO_DATA_DIR)/mlflow.db || $(BIN)/python -m tidpo_pipeline.run
 	$(BIN)/python e2e/run.py
 
