@@ -11,7 +11,7 @@ TINY_MODEL = {
 }
 
 
-def small_run_config(pairs: int = 48, steps: int = 8, **policy) -> dict:
+def small_run_config(pairs: int = 48, steps: int = 16, **policy) -> dict:
     return {
         "ops": {
             "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.25}},

@@ -96,7 +96,8 @@ def token_weights_are_valid(token_weights: dict, anchor_responses: dict, duckdb:
 def training_is_healthy(tidpo_policy: dict) -> dg.AssetCheckResult:
     losses = tidpo_policy["loss_history"]
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    window = max(1, len(losses) // 5)
+    # Quarter-length windows: single-batch losses are too noisy to compare one step against one step.
+    window = max(1, len(losses) // 4)
     first = sum(losses[:window]) / window if losses else float("nan")
     last = sum(losses[-window:]) / window if losses else float("nan")
     return dg.AssetCheckResult(
