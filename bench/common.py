@@ -538,32 +538,50 @@ class TimedRun:
     summary: Any
     step_times: list[float]
     wall: float
+    step_cpu_times: list[float] = field(default_factory=list)
 
     def per_step(self, skip: int = 1) -> dict[str, float]:
-        """Median/mean seconds per optimizer step, the first `skip` (warm-up) steps left out."""
+        """Median/mean seconds per optimizer step, the first `skip` (warm-up) intervals left out."""
         steps = self.step_times[skip:] if len(self.step_times) > skip + 2 else self.step_times
+        cpu = self.step_cpu_times[skip:] if len(self.step_cpu_times) > skip + 2 else self.step_cpu_times
         return {
             "median_s": statistics.median(steps) if steps else float("nan"),
             "mean_s": statistics.fmean(steps) if steps else float("nan"),
-            "steps": len(self.step_times),
+            "median_cpu_s": statistics.median(cpu) if cpu else float("nan"),
+            "steps": len(self.step_times) + 1,
         }
+
+    @property
+    def epoch_cpu_s(self) -> float:
+        """Process CPU time (all threads) of the training loop: the step intervals, the first step
+        (which has no start stamp) counted at the mean of the others."""
+        return epoch_from_intervals(self.step_cpu_times)
+
+
+def epoch_from_intervals(intervals: Sequence[float]) -> float:
+    if not intervals:
+        return float("nan")
+    return sum(intervals) * (len(intervals) + 1) / len(intervals)
 
 
 def run_training(config: Any) -> TimedRun:
-    """tidpo_core.train.train with a timestamp per optimizer step."""
+    """tidpo_core.train.train with a wall and a CPU timestamp per optimizer step."""
     from tidpo_core.train import train
 
     stamps: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
 
     summary = train(config, on_step=on_step)
     wall = time.perf_counter() - start
     # Intervals between consecutive optimizer steps (the first step, which includes warm-up, has no start stamp).
     steps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-    return TimedRun(summary=summary, step_times=steps, wall=wall)
+    cpu_steps = [b - a for a, b in zip(cpu[:-1], cpu[1:], strict=True)]
+    return TimedRun(summary=summary, step_times=steps, wall=wall, step_cpu_times=cpu_steps)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def _mark(text: str) -> None:
     print(f"{MARK} {text}", flush=True)
 
 
-def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: float) -> None:
+def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: float, pause_after_register: float = 0.0) -> None:
     """Print a line when a chunk commits (and when a chosen writer is inside its transaction), so the
     parent can kill at a known point; optionally hold there for a while."""
     from tidpo_core import store, tracking
@@ -146,6 +146,7 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
         _mark("registering")
         info = original_log(*args, **kwargs)
         _mark("registered")
+        time.sleep(pause_after_register)  # hold before the MLflow run is marked finished
         return info
 
     tracking.log_transformers_model = log_model  # type: ignore[assignment]
@@ -176,6 +177,7 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--pause-after-chunk", type=float, default=0.0)
     parser.add_argument("--pause-in", default="", help="anchors,weights: hold inside that transaction")
     parser.add_argument("--pause-in-s", type=float, default=30.0)
+    parser.add_argument("--pause-after-register", type=float, default=0.0)
     parser.add_argument("--lock-wait", type=float, default=0.0)
     parser.add_argument("--gate-margin", type=float, default=None)
     parser.add_argument("--nan-at-step", type=int, default=None)
@@ -189,7 +191,8 @@ def worker_main(argv: list[str]) -> int:
     from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, build_resources
 
     if args.marks or args.pause_in:
-        _install_marks(args.pause_after_chunk, set(filter(None, args.pause_in.split(","))), args.pause_in_s)
+        pause_in = set(filter(None, args.pause_in.split(",")))
+        _install_marks(args.pause_after_chunk, pause_in, args.pause_in_s, args.pause_after_register)
     resources = build_resources(args.data_dir)
     if args.lock_wait:
         resources["duckdb"] = TidpoDuckDB(
@@ -820,6 +823,13 @@ def scenario_crashes(work: Path, report: dict[str, Any], cli: bool = True) -> tu
         _kill_at_mark(data_dir, logs, "kill_during_registration", "registering", config, delay=1.5),
         lambda c: c["weight_responses"] == counts["weight_responses"],
     )
+    # 5. right after registration, before the MLflow run is marked finished: the re-run resumes the
+    #    same MLflow run and must reuse its version, not register a second one
+    after(
+        _kill_at_mark(data_dir, logs, "kill_after_registration", "registered", config, pause_after_register=30),
+        lambda c: c["weight_responses"] == counts["weight_responses"],
+    )
+    outcomes[-1].detail["registered_versions_after"] = len(registry(data_dir)["versions"])
     print("== crashes: final re-run")
     final = run_worker(data_dir, config, logs, "crash_recovered")
     comparison = compare_to_baseline(data_dir, baseline, baseline_model)
@@ -844,6 +854,8 @@ def scenario_crashes(work: Path, report: dict[str, Any], cli: bool = True) -> tu
         and comparison["policy_max_abs_diff"] <= POLICY_TOLERANCE,
         "comparison": comparison,
         "registry_after_recovery": {"versions": len(reg["versions"]), "champion": reg["champion"]},
+        "registered_exactly_once": len(reg["versions"]) == 1,
+        "versions_sharing_an_mlflow_run": len(reg["versions"]) - len({v["run_id"] for v in reg["versions"]}),
         "cli": cli_result,
     }
     return baseline_dir, baseline, baseline_model
@@ -1003,6 +1015,9 @@ def scenario_concurrency(work: Path, report: dict[str, Any], baseline: dict | No
     cli_config = work / "cli_concurrent.json"
     cli_config.write_text(json.dumps({"ops": {"preference_pairs": config["ops"]["preference_pairs"]}}))
     command = [dagster, "asset", "materialize", "-m", "tidpo_pipeline.definitions", "--select", "preference_pairs", "-c", str(cli_config)]
+    # Dagster creates its sqlite tables on first use, and two first uses at once race on them (a
+    # Dagster matter, not tidpo's): set the instance up once, as a first `make run` would.
+    subprocess.run([dagster, "instance", "migrate"], env={**os.environ, **env}, cwd=ROOT, capture_output=True, check=True)
     procs = [Worker(command, logs / f"cli_concurrent_{i}.log", env=env) for i in range(2)]
     codes = []
     for p in procs:
@@ -1156,6 +1171,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
             ("crash states clean (whole chunks, no partial rows)", f"{recovered} / {len(crash['kill_points'])}"),
             ("recovered run equals uninterrupted run", crash["recovered_equals_uninterrupted"]),
             ("recovered via dagster CLI (multiprocess)", crash["cli"].get("recovered_equals_uninterrupted", "skipped")),
+            ("model versions registered by the crashed + recovered run", crash["registry_after_recovery"]["versions"]),
             ("trainer processes left after a kill", sum(k.get("trainers_left", 0) for k in crash["kill_points"])),
         ]
     conc = report.get("concurrency")
@@ -1259,11 +1275,31 @@ def ok(report: dict[str, Any]) -> bool:
         good &= bad["junk_in_inbox_fails_asset_naming_file"] and bad["junk_in_inbox_stored_rows_unchanged"]
     crash = report.get("crashes")
     if crash:
-        good &= crash["recovered_equals_uninterrupted"]
+        good &= crash["recovered_equals_uninterrupted"] and crash["registered_exactly_once"]
         good &= all(k["killed"] and k["state_as_expected"] and not k["integrity_problems"] and not k["trainers_left"] for k in crash["kill_points"])
+    conc = report.get("concurrency")
+    if conc:
+        pair, cli = conc["whole_job_pair"], conc["cli_multiprocess_pair"]
+        good &= pair["succeeded"] >= 1 and not pair["other_failures"]
+        good &= pair["succeeded"] + pair["failed_fast_with_busy_message"] == 2
+        good &= all(r["other_failures"] == 0 for r in conc["three_at_once"]["rounds"])
+        good &= conc["serialized_with_lock_timeout"]["succeeded"] == 2
+        good &= conc["reader_holding_file"]["run_succeeded_after_reader_let_go"]
+        good &= cli["succeeded"] >= 1 and cli["succeeded"] + cli["busy_messages"] == 2
+        for part in (pair, conc["three_at_once"], conc["serialized_with_lock_timeout"], conc["reader_holding_file"], cli):
+            good &= part.get("duckdb_readable") is True and part.get("mlflow_readable") is True
+            good &= not part.get("integrity_problems") and not part.get("versions_with_unfinished_run")
     reg = report.get("registry")
     if reg:
         good &= reg["gate_failure"]["champion_unchanged"] and reg["nan_run"]["new_versions"] == 0
+    deps = report.get("dependencies")
+    if deps:
+        for part in deps.values():
+            good &= part["failed"] and part["clear_message"] and part["seconds"] < 60
+    safe = report.get("safe_defaults")
+    if safe:
+        good &= all(v for k, v in safe.items() if k not in ("model_weight_files_safetensors", "pickled_files_in_model_folders"))
+        good &= not safe.get("pickled_files_in_model_folders")
     return bool(good)
 
 

@@ -221,3 +221,18 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
     assert policy_eval.metrics["critical_responses"] == 2 * len(pairs)
     biased = evaluate_model(other, model, tokenizer, pairs, EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)))
     assert "kl_exactness" in biased.skipped
+
+
+def test_small_models_are_evaluated_single_threaded(tiny):
+    from tidpo_core.evaluation import single_thread_if_small
+
+    model = tiny[0]
+    torch.set_num_threads(2)
+    try:
+        with single_thread_if_small(model):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with single_thread_if_small(model, limit=10):  # "large" model: torch's setting is left alone
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -212,6 +212,21 @@ def test_a_reader_holding_the_duckdb_file_delays_a_run_instead_of_failing_it(tmp
     assert _counts(tmp_path)["preference_pairs"] == 60
 
 
+def test_the_trainer_s_read_only_open_waits_for_a_writer_to_let_go(tmp_path):
+    """The training process opens DuckDB read-only; a parallel step writing a chunk must delay it, not
+    crash it (DuckDB refuses a reader while another process writes)."""
+    path = tmp_path / "tidpo.duckdb"
+    store.connect(path).close()
+    code = "import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); print('open', flush=True); time.sleep(1.5)"
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "open"
+    started = time.monotonic()
+    con = store.connect(path, read_only=True)
+    con.close()
+    writer.wait()
+    assert time.monotonic() - started > 0.5
+
+
 def test_a_failing_body_closes_its_duckdb_connection(tmp_path):
     resource = TidpoDuckDB(database=str(tmp_path / "tidpo.duckdb"))
     with pytest.raises(RuntimeError, match="boom"), resource.get_connection() as con:

@@ -28,6 +28,7 @@ from tidpo_core import store
 from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
 from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
 from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.modeling import torch_threads as use_torch_threads
 from tidpo_core.train import TrainConfig, train
 
 # Method name -> TrainConfig fields that make it. The three ablations are the paper's (METHOD.md):
@@ -188,14 +189,33 @@ def run_method_comparison(
     benchmarks: Sequence[str] = (),
     benchmark_options: BenchmarkOptions | None = None,
     keep_models: bool = True,
+    torch_threads: int = 0,
     log: Callable[[str], None] = print,
 ) -> ComparisonResult:
     """Train every method with every seed from the same reference and data, evaluate each, aggregate.
 
     The reference is evaluated once (row "reference"); eval sampling uses the same seed for every run,
     so differences between runs come from training. Finished runs whose config is unchanged are
-    reused. With keep_models False, each policy folder is deleted after its evaluation.
+    reused. With keep_models False, each policy folder is deleted after its evaluation. torch_threads > 0
+    sets torch's intra-op threads for the duration (on a machine shared with other jobs one thread can be
+    several times faster than two that wait on each other); 0 leaves torch's default.
     """
+    with use_torch_threads(torch_threads):
+        return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, log)
+
+
+def _run_method_comparison(
+    inputs: ComparisonInputs,
+    output_dir: str | Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    train_overrides: Mapping[str, Any] | None,
+    eval_settings: EvalSettings,
+    benchmarks: Sequence[str],
+    benchmark_options: BenchmarkOptions | None,
+    keep_models: bool,
+    log: Callable[[str], None],
+) -> ComparisonResult:
     started = time.perf_counter()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tidpo_core.fingerprint import digest
 from tidpo_core.generation import SamplingSettings, prompt_ids
 from tidpo_core.importance import Normalization, compute_token_importance
 from tidpo_core.losses import token_logps
+from tidpo_core.modeling import torch_threads
 from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
 
 
@@ -489,6 +491,19 @@ def critical_token_precision(
     return metrics
 
 
+# Below this many parameters a forward pass is dominated by per-op overhead and a second intra-op thread
+# buys nothing (see modeling.torch_threads).
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+def single_thread_if_small(*models: torch.nn.Module, limit: int = SMALL_MODEL_PARAMETERS) -> contextlib.AbstractContextManager[None]:
+    """One torch thread for the block when every model is on CPU with fewer than `limit` parameters."""
+    small = all(
+        next(m.parameters()).device.type == "cpu" and sum(p.numel() for p in m.parameters()) < limit for m in models
+    )
+    return torch_threads(1 if small else 0)
+
+
 # --- the whole evaluation of one model --------------------------------------------------------------------
 
 
@@ -538,7 +553,21 @@ def evaluate_model(
     Preference metrics (accuracy, margin, win rates), KL(model || reference) with its standard error,
     generation diversity, and on pairs with critical spans (the synthetic corpus) importance
     precision@k and the critical-phrase rate. Pass `model=reference` for the reference's own row.
+    Small CPU models are evaluated single-threaded (see `single_thread_if_small`).
     """
+    with single_thread_if_small(model, reference):
+        return _evaluate_model(model, reference, tokenizer, pairs, settings, reference_scores, progress)
+
+
+def _evaluate_model(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    settings: EvalSettings,
+    reference_scores: PairScores | None,
+    progress: bool,
+) -> ModelEvaluation:
     skipped: dict[str, str] = {}
     if reference_scores is None:
         reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size, progress)
@@ -638,9 +667,10 @@ def importance_heatmap_sections(
             items.append((pair, side, text, encode_response(tokenizer, pair.prompt, text, settings)))
     if not items:
         return []
-    importances = compute_token_importance(
-        model, [e for *_, e in items], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
-    )
+    with single_thread_if_small(model):
+        importances = compute_token_importance(
+            model, [e for *_, e in items], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
+        )
     sections: dict[str, Any] = {}
     for (pair, side, text, encoded), importance in zip(items, importances, strict=True):
         span: list[int] = []

@@ -6,8 +6,9 @@ built from a config, so the default pipeline never touches the Hugging Face hub.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +208,19 @@ def resolve_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch intra-op threads (0 or less: leave torch's setting alone).
+
+    On a CPU shared with other jobs, two threads that wait on each other made the embedded tiny model
+    several times slower than one thread; models this small gain nothing from a second thread.
+    """
+    previous = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -9,6 +9,7 @@ connection; opening and locking the file is the caller's business (Dagster's Duc
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,10 +74,23 @@ CREATE TABLE IF NOT EXISTS evaluation_metrics (
 SIDES = ("chosen", "rejected", "anchor")
 
 
-def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the data set's DuckDB file and make sure every table exists."""
+def connect(path: str | Path, read_only: bool = False, wait_s: float = 60.0) -> duckdb.DuckDBPyConnection:
+    """Open the data set's DuckDB file and make sure every table exists.
+
+    DuckDB lets one process write a file, or several read it, never both: while another process has
+    the file open in a conflicting mode (a pipeline step writing a chunk, a notebook reading), this
+    waits up to `wait_s` seconds for it to let go instead of failing at once.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path), read_only=read_only)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
     if not read_only:
         ensure_schema(con)
     return con

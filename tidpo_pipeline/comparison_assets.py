@@ -47,9 +47,11 @@ class MethodComparisonConfig(dg.Config):
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    max_steps: int = 40
-    """Optimizer steps per run. 6 methods x 3 seeds x 40 steps of 8 pairs fit the 30-minute budget of the
-    embedded default on a 2-core CPU; raise it where compute allows (-1: one epoch)."""
+    max_steps: int = 100
+    """Optimizer steps per run (100 x 8 pairs = 0.44 epoch of the embedded default's 1818 train pairs).
+    6 methods x 3 seeds took 567 s of CPU in all (one thread; 19.5 min of wall time on a 2-core CPU that
+    other jobs kept at load 8-10), inside the 30-minute budget; raise it where compute allows (-1: one
+    epoch)."""
     per_device_batch_size: int = 8
     learning_rate: float = 5e-4
     warmup_steps: int = 4
@@ -63,6 +65,10 @@ class MethodComparisonConfig(dg.Config):
     critical_pairs: int = 32
     """Eval pairs whose attribution is computed for importance precision@k, per run."""
     sample_seed: int = 0
+    torch_threads: int = 1
+    """torch intra-op threads while the comparison runs (0: torch's default). The default, 1, is what the
+    budget below was measured with: on a machine busy with other jobs, 2 threads that wait on each other
+    were 3x slower than 1; on an idle multi-core machine or a GPU set 0."""
     keep_models: bool = False
     """Keep every trained policy folder (6 x seeds models); by default each is deleted once evaluated."""
     benchmarks: list[str] = Field(default_factory=list)
@@ -176,6 +182,7 @@ def method_comparison(
         benchmarks=config.benchmarks,
         benchmark_options=benchmark_options,
         keep_models=config.keep_models,
+        torch_threads=config.torch_threads,
         log=context.log.info,
     )
 

@@ -22,6 +22,7 @@ from tidpo_core.evaluation import (
     has_critical_spans,
     importance_heatmap_sections,
     score_pairs,
+    single_thread_if_small,
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
@@ -190,7 +191,8 @@ def evaluation(
         pairs = store.read_pairs(con, split="eval")
     reference, tokenizer = load_model_and_tokenizer(reference_model["path"])
     policy, _ = load_model_and_tokenizer(tidpo_policy["model_path"])
-    reference_scores = score_pairs(reference, tokenizer, pairs, encoding, config.batch_size, progress=True)
+    with single_thread_if_small(reference):
+        reference_scores = score_pairs(reference, tokenizer, pairs, encoding, config.batch_size, progress=True)
     evaluations = {
         "reference": evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores, progress=True),
         "policy": evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores, progress=True),
@@ -229,7 +231,8 @@ def evaluation(
     pictures: dict = {}
     heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[: max(config.heatmap_pairs, 0)]
     if heatmap_pairs:
-        anchor_texts = sample_responses(reference, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=config.sample_seed))
+        with single_thread_if_small(reference):
+            anchor_texts = sample_responses(reference, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=config.sample_seed))
         sections = importance_heatmap_sections(
             reference,
             tokenizer,

@@ -314,7 +314,9 @@ class TidpoDuckDB(DuckDBResource):
                 return duckdb.connect(self.database, read_only=False, config=config)
             except duckdb.IOException as exc:
                 # Another process has the file open (DuckDB names it): a reader that will let go soon.
-                if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() >= deadline:
                     raise RuntimeError(
                         f"cannot open {self.database} for writing after {self.connect_timeout_s:g} s: {exc}"
                     ) from exc
