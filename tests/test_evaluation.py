@@ -64,6 +64,10 @@ def test_a_policy_that_always_prefers_chosen_has_accuracy_one():
     assert against_itself["reward_accuracy"] == 0.5 and against_itself["reward_margin"] == 0.0
     assert gate_decision(metrics, against_itself, "reward_accuracy", 0.1).passed
     assert not gate_decision(against_itself, metrics, "reward_accuracy", 0.0).passed
+    # A tie is not an improvement: a policy equal to its reference never becomes champion.
+    assert not gate_decision(against_itself, against_itself, "reward_accuracy", 0.0).passed
+    assert gate_decision({"reward_accuracy": 0.51}, against_itself, "reward_accuracy", 0.0).passed
+    assert not gate_decision({"reward_accuracy": float("nan")}, against_itself, "reward_accuracy", -1.0).passed
 
 
 # --- importance precision@k ----------------------------------------------------------------------------

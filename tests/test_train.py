@@ -22,7 +22,9 @@ from tidpo_core.features import TrainingCollator, stack_sides
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.train import (
     COMPLETE_MARKER,
+    INTERRUPTED_EXIT_CODE,
     NonFiniteLossError,
+    StopSignals,
     TrainConfig,
     adapter_disabled_reference,
     complete_checkpoints,
@@ -91,6 +93,39 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tiny, tmp_path
         assert torch.equal(expected[name], got[name]), name
     assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in uninterrupted.history]
     assert [h["learning_rate"] for h in summary["history"]] == [h["learning_rate"] for h in uninterrupted.history]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes_exactly(tiny, tmp_path):
+    # Preemption (SLURM, Kubernetes) and Dagster's Terminate send a signal with a grace period: the engine
+    # finishes the optimizer step, checkpoints it, exits 143, and the re-run equals an uninterrupted run.
+    common = {"num_epochs": 2, "gradient_accumulation_steps": 2, "checkpoint_every": 0}
+    uninterrupted = train(tiny.config(tmp_path / "a", **common))
+    stopped = tiny.config(tmp_path / "b", inject_sigterm_at_step=1, **common)
+    result = run_engine(stopped.to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == INTERRUPTED_EXIT_CODE == 143, result.stderr[-2000:]
+    assert "stopped by SIGTERM after optimizer step 1 of 4" in result.stderr
+    # checkpoint_every 0 takes no periodic checkpoints: this one is the signal's.
+    assert [s for s, _ in complete_checkpoints(tmp_path / "b" / "checkpoints")] == [1]
+    assert not (tmp_path / "b" / "final").exists()
+
+    result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 3
+    expected, got = load_weights(tmp_path / "a" / "final"), load_weights(tmp_path / "b" / "final")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in uninterrupted.history]
+
+
+def test_stop_signals_turn_a_signal_into_a_request_and_restore_the_handlers():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.received is None
+        signal.raise_signal(signal.SIGTERM)  # handled: the process lives on
+        assert stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_planted_nan_stops_with_the_step_named_and_the_last_good_state_saved(tiny, tmp_path):
@@ -235,3 +270,21 @@ def test_fixture_pairs_differ_within_the_encoded_length(tiny, tmp_path):
     assert len(features) == tiny.train_pairs
     differ = sum(f["chosen_input_ids"] != f["rejected_input_ids"] for f in features)
     assert differ >= 0.9 * len(features)
+
+
+def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_with(monkeypatch, tmp_path):
+    import tidpo_core.train as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "load_model_and_tokenizer", lambda path, **kwargs: calls.append((path, kwargs)) or (None, None))
+    config = TrainConfig(
+        duckdb_path=str(tmp_path / "x.duckdb"),
+        reference_model_path="org/model",
+        output_dir=str(tmp_path),
+        reference_revision="0123abc",
+        trust_remote_code=True,
+    )
+    engine._load_reference(config)
+    assert calls == [("org/model", {"dtype": engine._model_dtype(config), "revision": "0123abc", "trust_remote_code": True})]
+    # The YAML handed to the training process carries both.
+    assert TrainConfig.from_yaml(config.to_yaml(tmp_path / "run.yaml")) == config

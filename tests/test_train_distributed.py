@@ -53,17 +53,24 @@ def _history(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tiny, tmp_path):
-    ddp = tiny.config(tmp_path / "ddp", per_device_batch_size=2, checkpoint_every=3)
-    result = run_engine(ddp.to_yaml(tmp_path / "ddp.yaml"), launcher=launch_2("configs/accelerate/multi_gpu_ddp.yaml"))
+@pytest.fixture(scope="module")
+def ddp_run(tiny, tmp_path_factory):
+    """An uninterrupted 2-process run, launched from the sample DDP config."""
+    run_dir = tmp_path_factory.mktemp("ddp_uninterrupted") / "ddp"
+    ddp = tiny.config(run_dir, per_device_batch_size=2, checkpoint_every=3)
+    result = run_engine(ddp.to_yaml(run_dir.parent / "ddp.yaml"), launcher=launch_2("configs/accelerate/multi_gpu_ddp.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU]" in result.stderr
+    return run_dir
+
+
+def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tiny, ddp_run, tmp_path):
 
     single = tiny.config(tmp_path / "one", per_device_batch_size=2, gradient_accumulation_steps=2)
     result = run_engine(single.to_yaml(tmp_path / "one.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    a, b = _history(tmp_path / "ddp"), _history(tmp_path / "one")
+    a, b = _history(ddp_run), _history(tmp_path / "one")
     assert a["num_processes"] == 2 and b["num_processes"] == 1
     assert a["steps"] == b["steps"] == 6
     for x, y in zip(a["history"], b["history"], strict=True):
@@ -72,11 +79,11 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tiny, tm
         for key in ("loss", "rewards/margins", "logps/chosen", "triplet", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     assert a["history"][-1]["loss"] < a["history"][0]["loss"]
-    wa, wb = load_weights(tmp_path / "ddp" / "final"), load_weights(tmp_path / "one" / "final")
+    wa, wb = load_weights(ddp_run / "final"), load_weights(tmp_path / "one" / "final")
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-6), name
     # DDP checkpoints hold one RNG state file per process.
-    (_, path), = complete_checkpoints(tmp_path / "ddp" / "checkpoints")
+    (_, path), = complete_checkpoints(ddp_run / "checkpoints")
     assert {p.name for p in path.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
@@ -89,3 +96,24 @@ def test_a_nan_on_one_process_stops_both_with_a_checkpoint(tiny, tmp_path):
     assert "process 1: loss nan" in result.stderr
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_ddp_stopped_by_a_signal_on_one_process_resumes_to_the_uninterrupted_weights(tiny, ddp_run, tmp_path):
+    # SIGTERM reaches only the main process here: the stop is collective, so process 1 checkpoints and
+    # stops at the same step instead of hanging in the next all-reduce.
+    stopped = tiny.config(tmp_path / "run", per_device_batch_size=2, checkpoint_every=3, inject_sigterm_at_step=2)
+    result = run_engine(stopped.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
+    assert result.returncode != 0
+    assert "stopped by SIGTERM after optimizer step 2 of 6" in result.stderr
+    assert "stopped by a signal on another process after optimizer step 2" in result.stderr
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [2]
+
+    resumed = tiny.config(tmp_path / "run", per_device_batch_size=2, checkpoint_every=3)
+    result = run_engine(resumed.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    summary, expected = _history(tmp_path / "run"), _history(ddp_run)
+    assert summary["steps"] == 6 and summary["steps_this_run"] == 4
+    assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in expected["history"]]
+    wa, wb = load_weights(ddp_run / "final"), load_weights(tmp_path / "run" / "final")
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,13 @@ from tidpo_core.features import EncodingSettings, encode_response, side_texts
 from tidpo_core.fingerprint import text_digest
 from tidpo_core.generation import SamplingSettings, sample_responses
 from tidpo_core.importance import compute_token_importance
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
+from tidpo_core.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    torch_threads,
+    train_tokenizer,
+)
 from tidpo_core.synthetic import generate_synthetic_pairs
 from tidpo_core.train import TrainConfig
 
@@ -131,15 +136,9 @@ def run_engine(config_path: Path, *, launcher: list[str] | None = None, timeout:
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
+def single_thread() -> AbstractContextManager[None]:
     """In-process runs on one intra-op thread, like the subprocesses (see subprocess_env)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def reset_accelerate() -> None:

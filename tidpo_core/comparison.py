@@ -106,6 +106,8 @@ class ComparisonInputs:
     reference_model_path: str
     weights_fingerprint: str
     anchors_fingerprint: str
+    reference_revision: str | None = None
+    trust_remote_code: bool = False
     weight_lambda: float = 0.7
     weight_normalization: str = "max"
     max_prompt_tokens: int = 192
@@ -144,6 +146,8 @@ def method_train_config(
     fields = {
         "duckdb_path": inputs.duckdb_path,
         "reference_model_path": inputs.reference_model_path,
+        "reference_revision": inputs.reference_revision,
+        "trust_remote_code": inputs.trust_remote_code,
         "output_dir": str(output_dir),
         "weights_fingerprint": inputs.weights_fingerprint,
         "anchors_fingerprint": inputs.anchors_fingerprint,
@@ -236,7 +240,9 @@ def _run_method_comparison(
         weight_lambda=inputs.weight_lambda,
         weight_normalization=inputs.weight_normalization,  # type: ignore[arg-type]
     )
-    reference, tokenizer = load_model_and_tokenizer(inputs.reference_model_path)
+    reference, tokenizer = load_model_and_tokenizer(
+        inputs.reference_model_path, revision=inputs.reference_revision, trust_remote_code=inputs.trust_remote_code
+    )
     reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size)
     tic = time.perf_counter()
     reference_eval = evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
@@ -253,7 +259,7 @@ def _run_method_comparison(
         summary, reused = _train_or_reuse(config)
         train_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
-        policy, _ = load_model_and_tokenizer(summary["final_model_path"])
+        policy, _ = load_model_and_tokenizer(summary["final_model_path"], trust_remote_code=inputs.trust_remote_code)
         evaluation = evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
         run = ComparisonRun(
             method,

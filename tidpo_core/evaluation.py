@@ -121,13 +121,17 @@ class GateDecision:
 
 
 def gate_decision(policy: dict[str, float], reference: dict[str, float], metric: str, margin: float) -> GateDecision:
-    """The evaluation gate: the trained policy must beat the reference on `metric` by `margin`."""
+    """The evaluation gate: the trained policy must beat the reference on `metric` by more than `margin`.
+
+    Strictly: a tie (a policy that learned nothing, or an eval set too small to tell) is not an
+    improvement and must not take the champion alias.
+    """
     if metric not in policy or metric not in reference:
         raise KeyError(f"gate metric {metric!r} is not among the evaluation metrics {sorted(policy)}")
     trained, baseline = policy[metric], reference[metric]
-    passed = bool(np.isfinite(trained) and trained >= baseline + margin)
+    passed = bool(np.isfinite(trained) and trained > baseline + margin)
     verdict = "passed" if passed else "failed"
-    return GateDecision(passed, f"{verdict}: {metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin}")
+    return GateDecision(passed, f"{verdict}: {metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin} (must be greater)")
 
 
 # --- sampling with the exact sampled tokens ------------------------------------------------------------

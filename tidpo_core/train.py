@@ -34,6 +34,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -82,6 +83,9 @@ class TrainConfig:
     duckdb_path: str
     reference_model_path: str
     output_dir: str
+    reference_revision: str | None = None
+    """Hub revision (branch, tag or commit) of the reference: the one the weights and anchors were made with."""
+    trust_remote_code: bool = False
     weights_fingerprint: str | None = None
     anchors_fingerprint: str | None = None
     # loss (names follow the paper: beta, alpha, gamma, lambda)
@@ -141,6 +145,8 @@ class TrainConfig:
     """Make the loss of this optimizer step non-finite on the last process (exercises the NaN guard)."""
     inject_kill_at_step: int | None = None
     """SIGKILL the training process(es) right after this optimizer step (simulates a crash)."""
+    inject_sigterm_at_step: int | None = None
+    """Send SIGTERM to the main process right after this optimizer step (simulates preemption)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -183,6 +189,55 @@ class TrainConfig:
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) of a step was NaN/inf; the last good state is checkpointed."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT (preemption, a cluster's time limit, Terminate in the Dagster UI) stopped the run
+    at an optimizer-step boundary, after a checkpoint; a re-run resumes from it."""
+
+
+# Exit status of a run stopped by a signal after checkpointing (128 + SIGTERM, the shell convention).
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop at the next optimizer step instead of dying mid-step.
+
+    Schedulers (SLURM, Kubernetes) and Dagster's run termination send SIGTERM with a grace period; the
+    engine uses it to checkpoint. Handlers are installed only in the main thread (Python's rule) and
+    restored on exit; a second signal while stopping falls through to the previous handler.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now
+            previous = self._previous.get(signum)
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def should_stop(self, accelerator: Accelerator) -> bool:
+        """Collective: every process stops at the same step if any one of them was signalled."""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
 
 @dataclass
@@ -574,6 +629,16 @@ def _warn_single_cpu_launch(accelerator: Accelerator, reporter: Reporter) -> Non
         )
 
 
+def _load_reference(config: TrainConfig) -> tuple[Any, Any]:
+    """The reference checkpoint the run starts from (and, for the KL term, compares against)."""
+    return load_model_and_tokenizer(
+        config.reference_model_path,
+        dtype=_model_dtype(config),
+        revision=config.reference_revision,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
 def _apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -607,7 +672,7 @@ def _save_final(
         if config.lora and config.merge_lora:
             if sharded:
                 # The wrapped copy is sharded: rebuild the adapter on a CPU copy of the base and merge there.
-                base, _ = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+                base, _ = _load_reference(config)
                 unwrapped = _apply_lora(base, config)
                 unwrapped.load_state_dict(state_dict)
             merged = unwrapped.merge_and_unload()
@@ -631,7 +696,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     )
     reporter = Reporter(config, accelerator.is_main_process)
     try:
-        summary = _run(config, accelerator, reporter, on_step)
+        with StopSignals() as stop:
+            summary = _run(config, accelerator, reporter, on_step, stop)
     except BaseException as exc:
         reporter.close(None, exc)
         raise
@@ -645,6 +711,7 @@ def _run(
     accelerator: Accelerator,
     reporter: Reporter,
     on_step: Callable[[int, dict[str, float]], None] | None,
+    stop: StopSignals,
 ) -> TrainSummary:
     loss_config = config.loss_config()
     timings: dict[str, float] = {}
@@ -654,13 +721,13 @@ def _run(
     checkpoint_root = output_dir / "checkpoints"
 
     started = time.perf_counter()
-    policy, tokenizer = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+    policy, tokenizer = _load_reference(config)
     peft_model = None
     if config.lora:
         policy = peft_model = _apply_lora(policy, config)
     reference_module = None
     if loss_config.needs_kl and not config.lora:
-        reference_module, _ = load_model_and_tokenizer(config.reference_model_path, dtype=_model_dtype(config))
+        reference_module, _ = _load_reference(config)
     timings["model_load_s"] = time.perf_counter() - started
     pad_token_id = tokenizer.pad_token_id
     sides = ("chosen", "rejected", "anchor") if loss_config.needs_anchor else ("chosen", "rejected")
@@ -843,6 +910,18 @@ def _run(
                 reporter.log(f"checkpoint {path}")
             if config.inject_kill_at_step is not None and step == config.inject_kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if config.inject_sigterm_at_step == step and accelerator.is_main_process:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if step < total_steps and stop.should_stop(accelerator):
+                path = save_checkpoint(
+                    accelerator, checkpoint_root, step, checkpoint_state(step), config.keep_checkpoints
+                )
+                reporter.custom({"event": "checkpoint", "step": step, "path": str(path)})
+                name = signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after optimizer step {step} of {total_steps}; the state is saved in {path} "
+                    "and a re-run (re-materialize the asset) resumes from it"
+                )
             if step >= total_steps:
                 break
     bar.close()
@@ -927,7 +1006,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a policy with TI-DPO (or dpo/ipo/simpo).")
     parser.add_argument("--config", required=True, help="YAML file with TrainConfig fields")
     args = parser.parse_args(argv)
-    train(TrainConfig.from_yaml(args.config))
+    try:
+        train(TrainConfig.from_yaml(args.config))
+    except TrainingInterrupted as exc:
+        print(f"tidpo.train: {exc}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 

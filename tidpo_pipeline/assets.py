@@ -539,6 +539,8 @@ def tidpo_policy(
     train_config = TrainConfig(
         duckdb_path=str(storage.duckdb_path),
         reference_model_path=reference_model["path"],
+        reference_revision=reference_model.get("revision"),
+        trust_remote_code=reference_model.get("trust_remote_code", False),
         output_dir=str(run_dir),
         weights_fingerprint=token_weights["fingerprint"],
         anchors_fingerprint=anchor_responses["fingerprint"],

@@ -131,6 +131,8 @@ def method_comparison(
     inputs = ComparisonInputs(
         duckdb_path=str(storage.duckdb_path),
         reference_model_path=reference_model["path"],
+        reference_revision=reference_model.get("revision"),
+        trust_remote_code=reference_model.get("trust_remote_code", False),
         weights_fingerprint=token_weights["fingerprint"],
         anchors_fingerprint=anchor_responses["fingerprint"],
         weight_lambda=float(importance.get("lambda", 0.7)),

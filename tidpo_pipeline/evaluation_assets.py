@@ -33,6 +33,7 @@ from tidpo_core.plots import (
     save_training_curves_png,
     token_heatmap_html,
 )
+from tidpo_pipeline.assets import reference_loading
 from tidpo_pipeline.metadata import GROUP, markdown_table
 from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
@@ -153,7 +154,7 @@ def _skipped_rows(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, str
         "reference, diversity, critical-token precision and phrase rate, opt-in benchmarks (TruthfulQA, IFEval, "
         "HumanEval); token-importance heatmaps and training curves; the gate that decides the champion alias."
     ),
-    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric >= reference metric + margin; only then the model becomes champion")],
+    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric > reference metric + margin; only then the model becomes champion")],
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -189,8 +190,9 @@ def evaluation(
     )
     with duckdb.get_connection() as con:
         pairs = store.read_pairs(con, split="eval")
-    reference, tokenizer = load_model_and_tokenizer(reference_model["path"])
-    policy, _ = load_model_and_tokenizer(tidpo_policy["model_path"])
+    reference, tokenizer = load_model_and_tokenizer(**reference_loading(reference_model))
+    # The policy is the reference's architecture, saved by the engine: it needs the same code trust.
+    policy, _ = load_model_and_tokenizer(tidpo_policy["model_path"], trust_remote_code=reference_model.get("trust_remote_code", False))
     with single_thread_if_small(reference):
         reference_scores = score_pairs(reference, tokenizer, pairs, encoding, config.batch_size, progress=True)
     evaluations = {

@@ -1,6 +1,13 @@
 """`make run`: materialize the whole tidpo_training job on the embedded default, then say where
-everything is and how the champion scored."""
+everything is and how the champion scored.
 
+    python -m tidpo_pipeline.run [--docs-dir docs]
+
+--docs-dir also writes the evaluation's PNGs (heatmaps, training curves) to <dir>/img/, as the README
+shows them.
+"""
+
+import argparse
 import os
 import sys
 import time
@@ -12,12 +19,17 @@ from tidpo_pipeline.definitions import defs, tidpo_training
 from tidpo_pipeline.resources import MlflowTracking, TidpoStorage
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs-dir", default="", help="also write the evaluation PNGs to DIR/img/")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_job_def(tidpo_training.name)
     # Step events at INFO: the DEBUG stream of every input load would drown the progress bars.
-    run_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("TIDPO_LOG_LEVEL", "INFO")}}}}
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": os.environ.get("TIDPO_LOG_LEVEL", "INFO")}}}}
+    if args.docs_dir:
+        run_config["ops"] = {"evaluation": {"config": {"docs_dir": os.path.abspath(args.docs_dir)}}}
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     minutes = (time.perf_counter() - started) / 60
     storage: TidpoStorage = defs.resources["storage"]  # type: ignore[assignment]
