@@ -62,6 +62,22 @@ def test_definitions_load():
     assert defs.resolve_schedule_def("weekly_retraining").default_status == dg.DefaultScheduleStatus.STOPPED
 
 
+def test_policy_config_hands_its_training_fields_to_the_engine_with_the_engine_s_defaults():
+    import dataclasses
+
+    from tidpo_core.train import TrainConfig
+    from tidpo_pipeline.assets import PolicyConfig, training_fields
+
+    engine = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = training_fields(PolicyConfig())
+    assert set(fields) <= set(engine), set(fields) - set(engine)
+    for name, value in fields.items():
+        default = engine[name].default_factory() if engine[name].default_factory is not dataclasses.MISSING else engine[name].default
+        assert value == default, name
+    config = TrainConfig(duckdb_path="x", reference_model_path="r", output_dir="o", **training_fields(PolicyConfig(lora=True, alpha=0.0, seed=7)))
+    assert (config.lora, config.alpha, config.seed) == (True, 0.0, 7)
+
+
 def test_whole_graph_materializes_and_every_check_passes(first_run):
     data_dir, _, result = first_run
     assert result.success

@@ -30,8 +30,7 @@ from tidpo_core.features import (
     encode_response,
     stack_sides,
 )
-from tidpo_core.fingerprint import digest
-from tidpo_core.generation import SamplingSettings, prompt_ids
+from tidpo_core.generation import SamplingSettings, sample_batches
 from tidpo_core.importance import Normalization, compute_token_importance
 from tidpo_core.losses import token_logps
 from tidpo_core.modeling import torch_threads
@@ -174,38 +173,16 @@ def sample_with_tokens(
     Re-encoding decoded text would score a canonical tokenization rather than the sampled path, which
     biases a likelihood-ratio estimate; so the ids come straight from `generate`.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     out = SampledResponses([], [], [], [], [])
-    for start in tqdm(range(0, len(prompts), settings.batch_size), disable=not progress, desc="sample", unit="batch"):
-        chunk = list(prompts[start : start + settings.batch_size])
-        encoded = [prompt_ids(tokenizer, p, settings.max_prompt_tokens) for p in chunk]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        torch.manual_seed(settings.seed + int(digest(chunk, 8), 16))
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            temperature=settings.temperature,
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        for prompt, ids, row in zip(chunk, encoded, generated[:, width:].tolist(), strict=True):
+    for chunk, encoded, rows in sample_batches(model, tokenizer, prompts, settings, progress):
+        for prompt, ids, row in zip(chunk, encoded, rows, strict=True):
             finished = eos in row
-            response = row[: row.index(eos) + 1] if finished else row
             out.prompts.append(prompt)
             out.prompt_ids.append(ids)
-            out.response_ids.append(response)
+            out.response_ids.append(row[: row.index(eos) + 1] if finished else row)
             out.finished.append(finished)
             out.texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
     return out
 
 

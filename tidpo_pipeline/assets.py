@@ -440,6 +440,16 @@ class PolicyConfig(dg.Config):
     register_model: bool = True
 
 
+# PolicyConfig fields that are not the engine's (how to launch it, whether to register the result), and
+# weight_lambda, whose None the asset resolves from the token_weights it trains on.
+_ASSET_ONLY_FIELDS = {"launcher", "accelerate_config_file", "num_processes", "register_model", "weight_lambda"}
+
+
+def training_fields(config: PolicyConfig) -> dict[str, Any]:
+    """The PolicyConfig values that the engine's TrainConfig takes as they are (same names)."""
+    return {k: v for k, v in config.model_dump().items() if k not in _ASSET_ONLY_FIELDS}
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -544,37 +554,11 @@ def tidpo_policy(
         output_dir=str(run_dir),
         weights_fingerprint=token_weights["fingerprint"],
         anchors_fingerprint=anchor_responses["fingerprint"],
-        loss_type=config.loss_type,
-        beta=config.beta,
-        alpha=config.alpha,
-        gamma=config.gamma,
-        triplet_margin=config.triplet_margin,
-        triplet_space=config.triplet_space,
-        uniform_weights=config.uniform_weights,
+        **training_fields(config),
         weight_lambda=lambda_,
         weight_normalization=token_weights["importance"]["normalization"],
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        lr_scheduler=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
-        num_epochs=config.num_epochs,
-        max_steps=config.max_steps,
-        per_device_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed,
         max_prompt_tokens=token_weights["encoding"]["max_prompt_tokens"],
         max_response_tokens=token_weights["encoding"]["max_response_tokens"],
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        weights_mode=config.weights_mode,
-        lora=config.lora,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        lora_target_modules=list(config.lora_target_modules),
-        merge_lora=config.merge_lora,
         mlflow_tracking_uri=mlflow_tracking.uri,
         mlflow_run_id=run_id,
         progress=True,
