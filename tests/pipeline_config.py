@@ -28,5 +28,7 @@ def small_run_config(pairs: int = 48, steps: int = 16, **policy) -> dict:
                     **policy,
                 }
             },
+            # The default benchmarks (built-in TruthfulQA and IFEval samples), cut to a few documents.
+            "evaluation": {"config": {"benchmark_limit": 3, "benchmark_max_gen_tokens": 16}},
         }
     }

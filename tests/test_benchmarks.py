@@ -12,6 +12,7 @@ from tidpo_core.benchmarks import (
     BenchmarkOptions,
     IFEvalScorer,
     benchmark_metrics,
+    data_file,
     expand_benchmarks,
     humaneval_program,
     ifeval_dependencies,
@@ -133,3 +134,20 @@ def test_tasks_that_cannot_run_are_reported_with_the_reason(data, tiny_model_dir
     assert "allow_code_execution" in results["humaneval"].reason
     assert "no offline adapter" in results["mmlu"].reason
     assert benchmark_metrics(list(results.values())) == {}
+
+
+def test_builtin_samples_run_offline_with_every_ifeval_check_available(tiny_model_dir, data):
+    # The embedded default's benchmarks: files inside the package, nothing from ../shared or the hub.
+    for key in ("truthfulqa", "ifeval"):
+        path = Path(data_file(key, "builtin"))
+        assert path.is_file() and "tidpo_core" in path.parts
+    assert len(load_truthfulqa(data_file("truthfulqa", "builtin"))) == 16
+    sample = load_ifeval(data_file("ifeval", "builtin"))
+    full = {row["key"]: row for row in load_ifeval(data / "ifeval_input_data.jsonl")}
+    assert len(sample) == 16 and all(full[row["key"]] == row for row in sample)  # verbatim copies
+    options = BenchmarkOptions(data_files={"truthfulqa": "builtin", "ifeval": "builtin", "humaneval": "builtin"}, limit=3, max_gen_toks=8)
+    results = {r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa", "ifeval", "humaneval"], options)}
+    for task in ("truthfulqa_mc1", "truthfulqa_mc2", "ifeval"):
+        assert results[task].status == "ok" and results[task].documents == 3, (task, results[task].reason)
+    assert results["ifeval"].metrics["ifeval_unchecked_instructions"] == 0
+    assert results["humaneval"].status == "unavailable" and "no built-in sample" in results["humaneval"].reason

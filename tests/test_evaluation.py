@@ -66,8 +66,17 @@ def test_a_policy_that_always_prefers_chosen_has_accuracy_one():
     assert not gate_decision(against_itself, metrics, "reward_accuracy", 0.0).passed
     # A tie is not an improvement: a policy equal to its reference never becomes champion.
     assert not gate_decision(against_itself, against_itself, "reward_accuracy", 0.0).passed
-    assert gate_decision({"reward_accuracy": 0.51}, against_itself, "reward_accuracy", 0.0).passed
-    assert not gate_decision({"reward_accuracy": float("nan")}, against_itself, "reward_accuracy", -1.0).passed
+    assert not gate_decision(against_itself, against_itself, "reward_accuracy", 0.0, tiebreak=None).passed
+    assert gate_decision({**against_itself, "reward_accuracy": 0.51}, against_itself, "reward_accuracy", 0.0).passed
+    assert not gate_decision({**against_itself, "reward_accuracy": float("nan")}, against_itself, "reward_accuracy", -1.0).passed
+    # On an exact tie the tie-break metric decides, strictly.
+    tied_but_better = {**against_itself, "reward_margin": 0.2}
+    assert gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0).passed
+    assert "tie-break reward_margin" in gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0).description
+    assert not gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0, tiebreak=None).passed
+    assert not gate_decision({**against_itself, "reward_margin": -0.2}, against_itself, "reward_accuracy", 0.0).passed
+    with pytest.raises(KeyError, match="nope"):
+        gate_decision(metrics, against_itself, "reward_accuracy", 0.0, tiebreak="nope")
 
 
 # --- importance precision@k ----------------------------------------------------------------------------

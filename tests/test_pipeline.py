@@ -94,6 +94,16 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     counts = _counts(data_dir)
     assert counts["preference_pairs"] == 48
     assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0
+    # The default evaluation runs the built-in benchmark samples for both models, side by side.
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        scored = con.execute(
+            "SELECT model, metric, value FROM evaluation_metrics WHERE metric IN ('truthfulqa_mc1', 'truthfulqa_mc2', 'ifeval_prompt_strict')"
+        ).fetchall()
+    finally:
+        con.close()
+    assert {(m, k) for m, k, _ in scored} == {(m, k) for m in ("reference", "policy") for k in ("truthfulqa_mc1", "truthfulqa_mc2", "ifeval_prompt_strict")}
+    assert all(0.0 <= v <= 1.0 for *_, v in scored)
 
 
 def test_registry_round_trip_champion_generates(first_run):

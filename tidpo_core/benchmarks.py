@@ -53,6 +53,17 @@ BENCHMARK_DATA: dict[str, str] = {
     "humaneval": "humaneval",
 }
 BENCHMARKS: tuple[str, ...] = tuple(BENCHMARK_DATA)
+# A data file given as "builtin" is the small sample shipped in tidpo_core/benchmark_data (see its README).
+BUILTIN = "builtin"
+BUILTIN_DATA: dict[str, str] = {"truthfulqa": "truthfulqa_sample.csv", "ifeval": "ifeval_sample.jsonl"}
+
+
+def data_file(key: str, configured: str) -> str:
+    """The file a benchmark reads: the configured path, or for "builtin" the packaged sample ("" if none)."""
+    if configured.strip().lower() != BUILTIN:
+        return configured
+    name = BUILTIN_DATA.get(key)
+    return str(Path(__file__).parent / "benchmark_data" / name) if name else ""
 # Names that stand for several benchmarks.
 BENCHMARK_GROUPS: dict[str, tuple[str, ...]] = {"truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2")}
 
@@ -92,8 +103,9 @@ def expand_benchmarks(names: Sequence[str]) -> list[str]:
 class BenchmarkOptions:
     """Where the benchmark data lives and how to run it.
 
-    data_files maps "truthfulqa", "ifeval" and "humaneval" to local files; limit caps the documents per
-    task (the first `limit` of the file), for a quick subset.
+    data_files maps "truthfulqa", "ifeval" and "humaneval" to local files, or to "builtin" for the small
+    samples shipped with tidpo (TruthfulQA and IFEval); limit caps the documents per task (the first
+    `limit` of the file), for a quick subset.
     """
 
     data_files: Mapping[str, str] = field(default_factory=dict)
@@ -485,9 +497,12 @@ def _unavailable_reason(task: str, options: BenchmarkOptions) -> str | None:
     if task not in BENCHMARK_DATA:
         return f"no offline adapter for this task; supported: {', '.join((*BENCHMARKS, *BENCHMARK_GROUPS))}"
     key = BENCHMARK_DATA[task]
-    path = options.data_files.get(key) or ""
+    configured = options.data_files.get(key) or ""
+    path = data_file(key, configured)
     if not path:
-        return f"no data file configured for {key} (set its path in the config); the hub is not used offline"
+        if configured:
+            return f"tidpo ships no built-in sample of {key}: set its path to a local file"
+        return f"no data file configured for {key} (set its path in the config, or 'builtin' where tidpo ships a sample); the hub is not used offline"
     if not Path(path).is_file():
         return f"data file not found: {path}"
     try:
@@ -572,7 +587,7 @@ def run_benchmarks(
         result = by_task[task]
         started = time.perf_counter()
         state: dict[str, Any] = {}
-        path = options.data_files[BENCHMARK_DATA[task]]
+        path = data_file(BENCHMARK_DATA[task], options.data_files[BENCHMARK_DATA[task]])
         try:
             output = simple_evaluate(
                 model=lm,

@@ -119,18 +119,37 @@ class GateDecision:
     description: str
 
 
-def gate_decision(policy: dict[str, float], reference: dict[str, float], metric: str, margin: float) -> GateDecision:
+def gate_decision(
+    policy: dict[str, float],
+    reference: dict[str, float],
+    metric: str,
+    margin: float,
+    tiebreak: str | None = "reward_margin",
+) -> GateDecision:
     """The evaluation gate: the trained policy must beat the reference on `metric` by more than `margin`.
 
-    Strictly: a tie (a policy that learned nothing, or an eval set too small to tell) is not an
-    improvement and must not take the champion alias.
+    Strictly: a policy no better than its reference must not take the champion alias. Count metrics
+    such as the likelihood win rate tie often on a small eval split (3 of 8 pairs either way); on an
+    exact tie, the policy passes only if it is strictly better on `tiebreak` (default: the held-out
+    reward margin, which is 0 for the reference itself). None: a tie fails.
     """
-    if metric not in policy or metric not in reference:
-        raise KeyError(f"gate metric {metric!r} is not among the evaluation metrics {sorted(policy)}")
+    for name in (metric, tiebreak):
+        if name is not None and (name not in policy or name not in reference):
+            raise KeyError(f"gate metric {name!r} is not among the evaluation metrics {sorted(policy)}")
     trained, baseline = policy[metric], reference[metric]
-    passed = bool(np.isfinite(trained) and trained > baseline + margin)
-    verdict = "passed" if passed else "failed"
-    return GateDecision(passed, f"{verdict}: {metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin} (must be greater)")
+    described = f"{metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin}"
+    if not np.isfinite(trained):
+        return GateDecision(False, f"failed: {described} (not finite)")
+    if trained > baseline + margin:
+        return GateDecision(True, f"passed: {described}")
+    if tiebreak is None or trained != baseline + margin:
+        return GateDecision(False, f"failed: {described} (must be greater)")
+    better = bool(np.isfinite(policy[tiebreak]) and policy[tiebreak] > reference[tiebreak])
+    return GateDecision(
+        better,
+        f"{'passed' if better else 'failed'}: {described} is a tie; tie-break {tiebreak} "
+        f"{policy[tiebreak]:.4f} vs reference {reference[tiebreak]:.4f} (must be greater)",
+    )
 
 
 # --- sampling with the exact sampled tokens ------------------------------------------------------------

@@ -62,16 +62,18 @@ class EvaluationConfig(dg.Config):
     """Eval pairs drawn as token-importance heatmaps (0: none)."""
     docs_dir: str = ""
     """If set, the heatmap and training-curve PNGs are also written to <docs_dir>/img/ (for the README)."""
-    benchmarks: list[str] = Field(default_factory=list)
-    """Opt-in lm-eval benchmarks: truthfulqa (= truthfulqa_mc1 + truthfulqa_mc2), ifeval, humaneval."""
+    benchmarks: list[str] = Field(default_factory=lambda: ["truthfulqa", "ifeval"])
+    """lm-eval benchmarks per run: truthfulqa (= truthfulqa_mc1 + truthfulqa_mc2), ifeval, humaneval; [] for none.
+    The default runs TruthfulQA and IFEval on the built-in 16-document samples: seconds on the embedded model."""
     benchmark_limit: int | None = None
     """Documents per benchmark (the first N of each file); None: all."""
-    truthfulqa_path: str = ""
-    """TruthfulQA.csv of the TruthfulQA repository, or JSON/JSONL in the hub's multiple_choice layout."""
-    ifeval_path: str = ""
-    """IFEval's input_data.jsonl."""
+    truthfulqa_path: str = "builtin"
+    """TruthfulQA.csv of the TruthfulQA repository, JSON/JSONL in the hub's multiple_choice layout, or
+    "builtin" (16 questions shipped with tidpo)."""
+    ifeval_path: str = "builtin"
+    """IFEval's input_data.jsonl, or "builtin" (16 prompts shipped with tidpo)."""
     humaneval_path: str = ""
-    """HumanEval.jsonl(.gz)."""
+    """HumanEval.jsonl(.gz); runs only with allow_code_execution."""
     allow_code_execution: bool = False
     """HumanEval runs model-written code (in a limited subprocess): only with this set."""
     code_timeout_s: float = 10.0
@@ -209,7 +211,7 @@ def evaluation(
             bench_results[model] = run_benchmarks(path, config.benchmarks, options)
             metrics[model].update(benchmark_metrics(bench_results[model]))
 
-    gate = gate_decision(metrics["policy"], metrics["reference"], quality.gate_metric, quality.gate_margin)
+    gate = gate_decision(metrics["policy"], metrics["reference"], quality.gate_metric, quality.gate_margin, quality.gate_tiebreak)
     run_id = tidpo_policy["mlflow_run_id"]
     with duckdb.get_connection() as con:
         store.write_metrics(con, run_id, metrics)
@@ -318,7 +320,7 @@ def evaluation(
             dg.AssetCheckResult(
                 check_name="evaluation_gate",
                 passed=gate.passed,
-                metadata={"description": gate.description, "metric": quality.gate_metric, "margin": quality.gate_margin},
+                metadata={"description": gate.description, "metric": quality.gate_metric, "margin": quality.gate_margin, "tiebreak": str(quality.gate_tiebreak)},
             )
         ],
     )

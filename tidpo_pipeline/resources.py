@@ -359,7 +359,12 @@ class QualityPolicy(dg.ConfigurableResource):
 
     max_quarantine_share: float = 0.2
     gate_metric: str = "likelihood_win_rate"
+    """Held-out metric the trained policy must beat the reference on to become champion."""
     gate_margin: float = 0.0
+    """By how much (strictly more than)."""
+    gate_tiebreak: str | None = "reward_margin"
+    """On an exact tie of gate_metric (frequent for a count on a small eval split), the policy must be
+    strictly better on this one; None: a tie fails."""
     weight_mean_tolerance: float = 1e-3
 
 
