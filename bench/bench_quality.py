@@ -28,6 +28,8 @@ HEADLINE = "reward_accuracy"
 METRICS = ("reward_accuracy", "reward_margin", "likelihood_win_rate", "normalized_likelihood_win_rate")
 METHODS = {"dpo": {"loss_type": "dpo"}, "simpo": {"loss_type": "simpo"}, "tidpo": {"loss_type": "tidpo"}}
 ABLATIONS = {
+    # DPO with a 5x stronger pull to the reference: is TI-DPO's gain only its KL control?
+    "dpo_beta0.5": {"loss_type": "dpo", "beta": 0.5},
     "tidpo_no_kl (alpha=0)": {"loss_type": "tidpo", "alpha": 0.0},
     "tidpo_no_triplet (gamma=0)": {"loss_type": "tidpo", "gamma": 0.0},
     "weighted_dpo (alpha=0, gamma=0)": {"loss_type": "tidpo", "alpha": 0.0, "gamma": 0.0},
@@ -82,6 +84,7 @@ class Evaluator:
             max_new_tokens=sample_new_tokens, seed=1234, batch_size=32, max_prompt_tokens=prepared.max_prompt_tokens
         )
         reference, self.tokenizer = load_model_and_tokenizer(prepared.reference_path)
+        self.reference_model = reference
         self._score, self._metrics = score_pairs, preference_metrics
         self.reference_scores = score_pairs(reference, self.tokenizer, self.pairs, self.settings, 32)
         self.reference = self.evaluate_model(reference, is_reference=True)
@@ -96,6 +99,16 @@ class Evaluator:
         if self.phrases:
             samples = sample_responses(model, self.tokenizer, [p.prompt for p in self.pairs], self.sampling)
             out["critical_phrase"] = _phrase_rate(samples, self.pairs)
+        if not is_reference:
+            # KL(pi || ref) on pure samples of the policy (temperature 1, no top-k/top-p: unbiased).
+            from dataclasses import replace
+
+            from tidpo_core.evaluation import KL_SAMPLING, kl_to_reference
+
+            kl_sampling = replace(KL_SAMPLING, max_new_tokens=self.sampling.max_new_tokens, seed=1234,
+                                  max_prompt_tokens=self.prepared.max_prompt_tokens)
+            estimate, _ = kl_to_reference(model, self.reference_model, self.tokenizer, [p.prompt for p in self.pairs], kl_sampling)
+            out["kl"], out["kl_stderr"] = estimate.kl, estimate.stderr
         return out
 
     def evaluate_path(self, path: str | Path) -> dict[str, Any]:
@@ -130,7 +143,13 @@ def train_and_evaluate(
 
 def _phrase_value(run: dict[str, Any], key: str) -> float | None:
     phrase = run.get("critical_phrase")
-    return phrase.get(key) if isinstance(phrase, dict) else None
+    if not isinstance(phrase, dict):
+        return None
+    if key == "chosen_of_all":
+        # Share of ALL samples that use the safe phrase: chosen_rate is over the samples that use either
+        # phrase, which hides a policy whose answers stopped using either (collapsed generation).
+        return phrase["chosen_rate"] * (1.0 - phrase["neither_rate"]) if phrase["neither_rate"] < 1.0 else 0.0
+    return phrase.get(key)
 
 
 def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -140,12 +159,14 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         if not mine:
             continue
         row = {metric: common.mean_std([r[metric] for r in mine]) for metric in METRICS}
-        for key in ("chosen_rate", "rejected_rate", "neither_rate"):
+        for key in ("chosen_of_all", "chosen_rate", "rejected_rate", "neither_rate"):
             values = [v for r in mine if (v := _phrase_value(r, key)) is not None and not math.isnan(v)]
             if values:
                 row[f"critical_phrase_{key}"] = common.mean_std(values)
         if any(r.get("critical_phrase") == "pending" for r in mine):
             row["critical_phrase"] = "pending"
+        if all("kl" in r for r in mine):
+            row["kl"] = common.mean_std([r["kl"] for r in mine])
         row["train_s"] = common.mean_std([r["train_s"] for r in mine])
         table[method] = row
     return table
@@ -224,12 +245,16 @@ def investigate(table: dict[str, Any], ablations: dict[str, Any], precision: Any
         notes.append(f"TI-DPO does NOT beat DPO here: held-out {HEADLINE} {t['mean']:.3f} vs DPO {d['mean']:.3f} (diff {diff:+.3f}, seed std <= {spread:.3f}).")
     else:
         notes.append(f"TI-DPO and DPO are within seed noise on held-out {HEADLINE}: {t['mean']:.3f} vs {d['mean']:.3f} (diff {diff:+.3f}, seed std <= {spread:.3f}).")
-    for key in ("critical_phrase_chosen_rate",):
-        if key in table["dpo"] and key in table["tidpo"]:
-            notes.append(
-                f"Critical phrase (share of matched samples using the safe phrase): TI-DPO {table['tidpo'][key]['mean']:.3f} "
-                f"vs DPO {table['dpo'][key]['mean']:.3f}; reference {(_phrase_value(reference, 'chosen_rate') or float('nan')):.3f}."
-            )
+    key = "critical_phrase_chosen_of_all"
+    if key in table["dpo"] and key in table["tidpo"]:
+        notes.append(
+            f"Safe critical phrase in sampled answers (share of all samples): TI-DPO {table['tidpo'][key]['mean']:.3f} "
+            f"vs DPO {table['dpo'][key]['mean']:.3f}; reference {(_phrase_value(reference, 'chosen_of_all') or float('nan')):.3f}. "
+            f"Answers with neither phrase: TI-DPO {table['tidpo']['critical_phrase_neither_rate']['mean']:.2f}, "
+            f"DPO {table['dpo']['critical_phrase_neither_rate']['mean']:.2f}, reference {(_phrase_value(reference, 'neither_rate') or float('nan')):.2f}."
+        )
+    if "kl" in table["dpo"] and "kl" in table["tidpo"]:
+        notes.append(f"KL(policy || reference), Monte-Carlo: TI-DPO {table['tidpo']['kl']['mean']:.2f} vs DPO {table['dpo']['kl']['mean']:.2f} nats per answer.")
     if isinstance(precision, dict):
         notes.append(
             "Importance precision@k (k = span size): hybrid {h:.3f}, attribution only {a:.3f}, prior only {p:.3f}, "
@@ -244,7 +269,11 @@ def investigate(table: dict[str, Any], ablations: dict[str, Any], precision: Any
     if ablations:
         base = t["mean"]
         for name, row in ablations.items():
-            notes.append(f"Ablation {name} (seed 0): {HEADLINE} {row[HEADLINE]:.3f} (TI-DPO mean {base:.3f}, DPO mean {d['mean']:.3f}).")
+            phrase = _phrase_value(row, "chosen_of_all")
+            notes.append(
+                f"Ablation {name} (seed 0): {HEADLINE} {row[HEADLINE]:.3f} (TI-DPO mean {base:.3f}, DPO mean {d['mean']:.3f}); "
+                f"safe phrase in {phrase if phrase is not None else float('nan'):.3f} of samples; KL {row.get('kl', float('nan')):.2f}."
+            )
     return notes
 
 

@@ -142,7 +142,7 @@ def test_build_features_recombines_weights_with_the_requested_lambda(tiny):
         for feature, pair in zip(features, pairs[:3], strict=True):
             expected = hybrid_weights(torch.tensor(stored[(pair.pair_id, "chosen")].attribution), lambda_)
             np.testing.assert_allclose(feature["chosen_weights"], expected.numpy(), rtol=1e-6)
-            assert feature["chosen_reference_logps"] == stored[(pair.pair_id, "chosen")].reference_logp
+            np.testing.assert_array_equal(feature["chosen_reference_logps"], np.float32(stored[(pair.pair_id, "chosen")].reference_logp))
     uniform = build_features(tokenizer, pairs[:1], SETTINGS, stored=stored, uniform_weights=True)[0]
     assert set(uniform["rejected_weights"]) == {1.0}
 

@@ -568,12 +568,20 @@ def _model_dtype(config: TrainConfig) -> str | torch.dtype:
     return "auto" if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
 
 
+# Pairs whose stored token weights are read and turned into features at a time: the rows of one chunk
+# are the loader's peak memory, whatever the size of the data set.
+FEATURE_CHUNK_PAIRS = 512
+
+
 def load_training_features(
     config: TrainConfig, tokenizer, timings: dict[str, float] | None = None
 ) -> list[dict[str, Any]]:
-    """Pairs, anchors and weights read from DuckDB in bulk (one query each), turned into features."""
+    """Pairs and anchors read from DuckDB in bulk, token weights in chunks of pairs, turned into features."""
     timings = timings if timings is not None else {}
     loss_config = config.loss_config()
+    settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
+    read_s = features_s = 0.0
+    features: list[dict[str, Any]] = []
     started = time.perf_counter()
     con = store.connect(config.duckdb_path, read_only=True)
     try:
@@ -583,29 +591,34 @@ def load_training_features(
             if not config.anchors_fingerprint:
                 raise ValueError("loss tidpo with gamma > 0 needs anchors_fingerprint (the anchor_responses asset)")
             anchors = store.read_anchors(con, config.anchors_fingerprint)
-        stored = None
-        if config.weights_fingerprint:
-            stored = store.read_token_weights(con, config.weights_fingerprint)
+        read_s += time.perf_counter() - started
+        if not pairs:
+            raise ValueError(f"no training pairs in {config.duckdb_path}")
+        if not config.weights_fingerprint and loss_config.needs_reference and not loss_config.needs_kl:
+            raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
+        for begin in range(0, len(pairs), FEATURE_CHUNK_PAIRS):
+            chunk = pairs[begin : begin + FEATURE_CHUNK_PAIRS]
+            started = time.perf_counter()
+            stored = None
+            if config.weights_fingerprint:
+                stored = store.read_token_weights(con, config.weights_fingerprint, [p.pair_id for p in chunk])
+            read_s += time.perf_counter() - started
+            started = time.perf_counter()
+            features += build_features(
+                tokenizer,
+                chunk,
+                settings,
+                anchors=anchors,
+                stored=stored,
+                lambda_=config.weight_lambda,
+                normalization=config.weight_normalization,
+                uniform_weights=config.uniform_weights or config.loss_type != "tidpo",
+            )
+            features_s += time.perf_counter() - started
     finally:
         con.close()
-    timings["duckdb_read_s"] = time.perf_counter() - started
-    if not pairs:
-        raise ValueError(f"no training pairs in {config.duckdb_path}")
-    if stored is None and loss_config.needs_reference and not loss_config.needs_kl:
-        raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
-    started = time.perf_counter()
-    settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
-    features = build_features(
-        tokenizer,
-        pairs,
-        settings,
-        anchors=anchors,
-        stored=stored,
-        lambda_=config.weight_lambda,
-        normalization=config.weight_normalization,
-        uniform_weights=config.uniform_weights or config.loss_type != "tidpo",
-    )
-    timings["features_s"] = time.perf_counter() - started
+    timings["duckdb_read_s"] = read_s
+    timings["features_s"] = features_s
     return features
 
 
