@@ -99,7 +99,7 @@ class Evaluator:
         if self.phrases:
             samples = sample_responses(model, self.tokenizer, [p.prompt for p in self.pairs], self.sampling)
             out["critical_phrase"] = _phrase_rate(samples, self.pairs)
-        if not is_reference:
+        if not is_reference and self.sampling.max_new_tokens > 0:
             # KL(pi || ref) on pure samples of the policy (temperature 1, no top-k/top-p: unbiased).
             from dataclasses import replace
 

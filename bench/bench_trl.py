@@ -126,8 +126,8 @@ def _check_ids(trainer, features: list[dict[str, Any]]) -> dict[str, int]:
     mismatched = 0
     for feature, example in zip(features, trainer.train_dataset, strict=True):
         if (
-            example["prompt_ids"] + example["chosen_ids"] != feature["chosen_input_ids"]
-            or example["prompt_ids"] + example["rejected_ids"] != feature["rejected_input_ids"]
+            example["prompt_ids"] + example["chosen_ids"] != list(feature["chosen_input_ids"])
+            or example["prompt_ids"] + example["rejected_ids"] != list(feature["rejected_input_ids"])
         ):
             mismatched += 1
     return {"pairs": len(features), "mismatched_pairs": mismatched}

@@ -158,15 +158,35 @@ def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
             "",
         ),
     ]
-    if all("critical_phrase_chosen_rate" in table[m] for m in methods):
-        ref_rate = (ref.get("critical_phrase") or {}).get("chosen_rate") if isinstance(ref.get("critical_phrase"), dict) else None
+    phrase = ref.get("critical_phrase") if isinstance(ref.get("critical_phrase"), dict) else None
+    if all("critical_phrase_chosen_of_all" in table[m] for m in methods):
+        ref_share = phrase["chosen_rate"] * (1 - phrase["neither_rate"]) if phrase else None
         rows.append(
             (
                 "",
-                "samples using the safe phrase: reference / " + " / ".join(methods),
-                ("n/a" if ref_rate is None else f"{ref_rate:.3f}")
+                "sampled answers with the safe phrase (of all): reference / " + " / ".join(methods),
+                ("n/a" if ref_share is None else f"{ref_share:.3f}")
                 + " / "
-                + " / ".join(_ms(table[m]["critical_phrase_chosen_rate"]) for m in methods),
+                + " / ".join(_ms(table[m]["critical_phrase_chosen_of_all"]) for m in methods),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "sampled answers with neither phrase: reference / " + " / ".join(methods),
+                ("n/a" if phrase is None else f"{phrase['neither_rate']:.3f}")
+                + " / "
+                + " / ".join(_ms(table[m]["critical_phrase_neither_rate"]) for m in methods),
+                "",
+            )
+        )
+    if all("kl" in table[m] for m in methods):
+        rows.append(
+            (
+                "",
+                "KL(policy ‖ reference), nats per answer: " + " / ".join(methods),
+                " / ".join(_ms(table[m]["kl"], digits=2) for m in methods),
                 "",
             )
         )
@@ -191,6 +211,17 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
         )
     elif precision == "pending":
         rows.append(("", "importance precision@k", "pending", ""))
+    for name, run in (doc.get("ablations") or {}).items():
+        phrase = run.get("critical_phrase")
+        share = phrase["chosen_rate"] * (1 - phrase["neither_rate"]) if isinstance(phrase, dict) and phrase["neither_rate"] < 1 else 0.0
+        rows.append(
+            (
+                "",
+                f"ablation {name}, seed 0: reward accuracy / safe phrase (of all) / KL",
+                f"{run['reward_accuracy']:.3f} / {share:.3f} / {run.get('kl', float('nan')):.2f}",
+                "",
+            )
+        )
     return rows
 
 
