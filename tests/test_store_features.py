@@ -76,8 +76,8 @@ def test_token_weights_round_trip_and_replacement(tmp_path):
     store.write_token_weights(con, "fp", [{**row, "text_digest": "d2", "token_ids": [9, 8]} | {k: row[k][:2] for k in ("attribution", "prior", "weight", "reference_logp")}])
     assert con.execute("SELECT count(*) FROM token_weights").fetchone()[0] == 2
     stored = store.read_token_weights(con, "fp")[("p1", "chosen")]
-    assert stored.token_ids == [9, 8]
-    assert stored.reference_logp == pytest.approx([-1.0, -2.0])
+    assert stored.token_ids.tolist() == [9, 8]
+    assert stored.reference_logp.tolist() == pytest.approx([-1.0, -2.0])
     assert store.existing_weight_keys(con, "fp") == {("p1", "chosen", "d2")}
     with pytest.raises(ValueError, match="weight has 1 values for 3 tokens"):
         store.write_token_weights(con, "fp", [{**row, "weight": [1.0]}])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from tidpo_core.data import LoadResult, PreferencePair, assign_split
@@ -339,17 +341,23 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
 
 @dataclass(frozen=True)
 class StoredWeights:
-    token_ids: list[int]
-    attribution: list[float]
-    prior: list[float]
-    weight: list[float]
-    reference_logp: list[float]
+    """One response's stored rows in position order, as numpy arrays (int32 ids, float32 values)."""
+
+    token_ids: np.ndarray
+    attribution: np.ndarray
+    prior: np.ndarray
+    weight: np.ndarray
+    reference_logp: np.ndarray
 
 
 def read_token_weights(
     con: duckdb.DuckDBPyConnection, fingerprint: str, pair_ids: Sequence[str] | None = None
 ) -> dict[tuple[str, str], StoredWeights]:
-    """All weights of a fingerprint in one query, grouped per (pair_id, side) in position order."""
+    """All weights of a fingerprint in one query, grouped per (pair_id, side) in position order.
+
+    Fetched as Arrow and sliced into numpy views: turning millions of values into Python floats was
+    most of the cost of the read and of the training process's memory.
+    """
     query = """
         SELECT pair_id, side,
                list(token_id ORDER BY position), list(attribution ORDER BY position),
@@ -362,10 +370,23 @@ def read_token_weights(
         con.register("_wanted_pairs", pa.table({"pair_id": list(pair_ids)}))
         query += " AND pair_id IN (SELECT pair_id FROM _wanted_pairs)"
     query += " GROUP BY pair_id, side"
-    table = con.execute(query, params).fetchall()
-    if pair_ids is not None:
-        con.unregister("_wanted_pairs")
-    return {(r[0], r[1]): StoredWeights(*r[2:]) for r in table}
+    try:
+        with warnings.catch_warnings():
+            # DuckDB suggests con.sql(...) to save a copy, but a parameterised con.sql leaves the result
+            # pending on the connection; the copy of one chunk of rows is the cheaper problem.
+            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+            table = con.execute(query, params).to_arrow_table()
+    finally:
+        if pair_ids is not None:
+            con.unregister("_wanted_pairs")
+    keys = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    columns = []
+    for index in range(2, 7):
+        lists = table.column(index).combine_chunks()
+        offsets = lists.offsets.to_numpy()
+        values = lists.values.to_numpy(zero_copy_only=False)
+        columns.append([values[offsets[i] : offsets[i + 1]] for i in range(len(keys))])
+    return {key: StoredWeights(*(column[i] for column in columns)) for i, key in enumerate(keys)}
 
 
 # --- evaluation -------------------------------------------------------------------------------------
