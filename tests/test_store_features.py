@@ -173,3 +173,20 @@ def test_collator_and_stacking_keep_reference_logps_aligned(tiny):
     torch.testing.assert_close(recomputed, stacked["reference_logps"], atol=1e-4, rtol=1e-4)
     assert torch.all(stacked["weights"][stacked["response_mask"] == 0] == 0)
     assert text_digest("a") != text_digest("b")
+
+
+def test_token_weights_read_by_id_range_equal_the_full_read(tmp_path):
+    con = store.connect(tmp_path / "t.duckdb")
+    rows = [
+        {"pair_id": pid, "side": side, "text_digest": "d", "token_ids": [1, 2, 3], "attribution": [0.1, 0.2, 0.3],
+         "prior": [0.5, 1.0, 0.5], "weight": [0.8, 1.2, 1.0], "reference_logp": [-1.0, -2.0, -3.0]}
+        for pid in ("a", "b", "c", "d") for side in ("chosen", "rejected")
+    ]
+    store.write_token_weights(con, "fp", rows)
+    full = store.read_token_weights(con, "fp")
+    ranged = store.read_token_weights(con, "fp", pair_id_range=("b", "c"))
+    assert set(ranged) == {(p, s) for p in ("b", "c") for s in ("chosen", "rejected")}
+    for key, value in ranged.items():
+        for name in ("token_ids", "attribution", "prior", "weight", "reference_logp"):
+            np.testing.assert_array_equal(getattr(value, name), getattr(full[key], name))
+    assert set(store.read_token_weights(con, "fp", ["a", "d"])) == {(p, s) for p in ("a", "d") for s in ("chosen", "rejected")}

@@ -351,9 +351,16 @@ class StoredWeights:
 
 
 def read_token_weights(
-    con: duckdb.DuckDBPyConnection, fingerprint: str, pair_ids: Sequence[str] | None = None
+    con: duckdb.DuckDBPyConnection,
+    fingerprint: str,
+    pair_ids: Sequence[str] | None = None,
+    *,
+    pair_id_range: tuple[str, str] | None = None,
 ) -> dict[tuple[str, str], StoredWeights]:
     """All weights of a fingerprint in one query, grouped per (pair_id, side) in position order.
+
+    `pair_ids` keeps only those pairs; `pair_id_range` (first, last), inclusive, keeps a range of ids,
+    which DuckDB filters far faster than a list (a chunked reader walks sorted ids range by range).
 
     Fetched as Arrow and sliced into numpy views: turning millions of values into Python floats was
     most of the cost of the read and of the training process's memory.
@@ -369,6 +376,9 @@ def read_token_weights(
     if pair_ids is not None:
         con.register("_wanted_pairs", pa.table({"pair_id": list(pair_ids)}))
         query += " AND pair_id IN (SELECT pair_id FROM _wanted_pairs)"
+    if pair_id_range is not None:
+        query += " AND pair_id BETWEEN ? AND ?"
+        params += list(pair_id_range)
     query += " GROUP BY pair_id, side"
     try:
         with warnings.catch_warnings():

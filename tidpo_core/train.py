@@ -596,12 +596,14 @@ def load_training_features(
             raise ValueError(f"no training pairs in {config.duckdb_path}")
         if not config.weights_fingerprint and loss_config.needs_reference and not loss_config.needs_kl:
             raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
+        pairs = sorted(pairs, key=lambda p: p.pair_id)  # chunks are id ranges; the loader shuffles anyway
         for begin in range(0, len(pairs), FEATURE_CHUNK_PAIRS):
             chunk = pairs[begin : begin + FEATURE_CHUNK_PAIRS]
             started = time.perf_counter()
             stored = None
             if config.weights_fingerprint:
-                stored = store.read_token_weights(con, config.weights_fingerprint, [p.pair_id for p in chunk])
+                id_range = (chunk[0].pair_id, chunk[-1].pair_id)
+                stored = store.read_token_weights(con, config.weights_fingerprint, pair_id_range=id_range)
             read_s += time.perf_counter() - started
             started = time.perf_counter()
             features += build_features(
