@@ -65,7 +65,7 @@ def test_method_comparison_job_is_separate_from_training():
 
 def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     run_config = small_run_config(pairs=24)
-    del run_config["ops"]["tidpo_policy"]
+    del run_config["ops"]["tidpo_policy"], run_config["ops"]["evaluation"]  # not in this selection
     run_config["ops"]["reference_model"]["config"]["sft_steps"] = 4  # the reference's quality does not matter here
     run_config["ops"]["compare_methods"] = {  # the op of asset method_comparison
         "config": {
