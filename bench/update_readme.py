@@ -110,7 +110,21 @@ def rows_weights(doc: dict[str, Any]) -> list[Row]:
 def rows_training(doc: dict[str, Any]) -> list[Row]:
     ratios = doc.get("ratios", {})
     parts = [f"{k.replace('_vs_', ' / ')} {_r(v)}" for k, v in ratios.items() if v is not None]
-    return [("training engine (bench_training)", "step time ratios", ", ".join(parts) or "n/a", "")]
+    rows = [("training engine (bench_training)", "step time ratios", ", ".join(parts) or "n/a", "tidpo <= 1.10x dpo: " + _mark(doc.get("targets", {}).get("tidpo_alpha05_met")))]
+    runs = doc.get("runs", {})
+    if runs and all("duckdb_share" in r for r in runs.values()):
+        targets = doc.get("targets", {})
+        rows.append(
+            (
+                "",
+                "share of loop time reading pairs, anchors, weights from DuckDB: " + " / ".join(runs),
+                " / ".join(f"{100 * r['duckdb_share']:.1f} %" for r in runs.values()),
+                "< 2 %: " + _mark(targets.get("duckdb_share_met")),
+            )
+        )
+    if runs and all("peak_rss_mb" in r for r in runs.values()):
+        rows.append(("", "peak RSS of the training process: " + " / ".join(runs), " / ".join(f"{r['peak_rss_mb']:,.0f}" for r in runs.values()) + " MiB", ""))
+    return rows
 
 
 def rows_scaling(doc: dict[str, Any]) -> list[Row]:
