@@ -370,8 +370,11 @@ def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):
         data_dir, _registry_config(seed=2), instance=instance, pipes_subprocess_client=NanInjectingPipesClient(2)
     )
     assert not result.success
-    failed = [e.step_key for e in result.get_step_failure_events()]
-    assert failed == ["tidpo_policy"], failed
+    failures = result.get_step_failure_events()
+    assert [e.step_key for e in failures] == ["tidpo_policy"]
+    # The step's error says why, not only that the training process exited with status 1.
+    message = failures[0].event_specific_data.error.message
+    assert "training failed: NonFiniteLossError: non-finite loss at optimizer step 2" in message, message
     assert "evaluation" not in {e.step_key for e in result.get_step_success_events()}
     assert len(_versions(data_dir)) == len(before_versions)
     assert _champion(data_dir) == before_champion

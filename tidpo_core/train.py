@@ -196,6 +196,9 @@ class TrainingInterrupted(RuntimeError):
     at an optimizer-step boundary, after a checkpoint; a re-run resumes from it."""
 
 
+# Written to the output dir by a run that failed: the exception's type and message.
+FAILURE_FILE = "failure.txt"
+
 # Exit status of a run stopped by a signal after checkpointing (128 + SIGTERM, the shell convention).
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -710,12 +713,19 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     reporter = Reporter(config, accelerator.is_main_process)
+    failure_file = Path(config.output_dir) / FAILURE_FILE
     try:
         with StopSignals() as stop:
             summary = _run(config, accelerator, reporter, on_step, stop)
     except BaseException as exc:
+        if accelerator.is_main_process:
+            # The launcher (a Dagster asset, a script) sees only an exit status; this says why.
+            failure_file.parent.mkdir(parents=True, exist_ok=True)
+            failure_file.write_text(f"{type(exc).__name__}: {exc}")
         reporter.close(None, exc)
         raise
+    if accelerator.is_main_process:
+        failure_file.unlink(missing_ok=True)
     reporter.close(asdict(summary))
     accelerator.end_training()
     return summary

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import dagster as dg
 import mlflow
 import torch
+from dagster._core.errors import DagsterPipesExecutionError
 from mlflow.exceptions import MlflowException
 
 from tidpo_core import store, tracking
@@ -36,7 +37,7 @@ from tidpo_core.modeling import (
 )
 from tidpo_core.sft import sft_texts, supervised_finetune
 from tidpo_core.sources import inbox_files, load_source, merge_loads
-from tidpo_core.train import TrainConfig
+from tidpo_core.train import FAILURE_FILE, TrainConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage, bind_to_parent
 
@@ -570,6 +571,14 @@ def tidpo_policy(
             command=bind_to_parent(_training_command(config, config_path)),  # dies with this step
             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
         )
+    except DagsterPipesExecutionError as exc:
+        client.set_terminated(run_id, status="FAILED")
+        failure = run_dir / FAILURE_FILE
+        reason = failure.read_text() if failure.exists() else "no reason recorded; see the step's log"
+        raise dg.Failure(
+            description=f"training failed: {reason}",
+            metadata={"run_dir": dg.MetadataValue.path(str(run_dir)), "mlflow_run_id": run_id},
+        ) from exc
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
