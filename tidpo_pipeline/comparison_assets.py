@@ -19,7 +19,6 @@ from mlflow.entities import Metric, Param
 from pydantic import Field
 
 from tidpo_core import tracking
-from tidpo_core.benchmarks import BenchmarkOptions
 from tidpo_core.comparison import (
     METHODS,
     PLOT_METRICS,
@@ -36,6 +35,7 @@ from tidpo_core.features import EncodingSettings
 from tidpo_core.fingerprint import digest
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.plots import png_markdown, save_comparison_png, save_training_curves_png
+from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
 
@@ -43,7 +43,7 @@ COMPARISON_PNG = "method_comparison.png"
 COMPARISON_CURVES_PNG = "method_comparison_curves.png"
 
 
-class MethodComparisonConfig(dg.Config):
+class MethodComparisonConfig(BenchmarkConfig):
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -72,12 +72,7 @@ class MethodComparisonConfig(dg.Config):
     keep_models: bool = False
     """Keep every trained policy folder (6 x seeds models); by default each is deleted once evaluated."""
     benchmarks: list[str] = Field(default_factory=list)
-    benchmark_limit: int | None = None
-    truthfulqa_path: str = ""
-    ifeval_path: str = ""
-    humaneval_path: str = ""
-    allow_code_execution: bool = False
-    benchmark_max_gen_tokens: int = 256
+    """lm-eval benchmarks for every run (see the evaluation asset); none by default: 6 methods x seeds runs."""
     docs_dir: str = ""
     """If set, the comparison chart is also written to <docs_dir>/img/ (for the README)."""
 
@@ -156,12 +151,7 @@ def method_comparison(
             max_prompt_tokens=encoding.max_prompt_tokens,
         ),
     )
-    benchmark_options = BenchmarkOptions(
-        data_files={"truthfulqa": config.truthfulqa_path, "ifeval": config.ifeval_path, "humaneval": config.humaneval_path},
-        limit=config.benchmark_limit,
-        allow_code_execution=config.allow_code_execution,
-        max_gen_toks=config.benchmark_max_gen_tokens,
-    )
+    benchmark_options = config.benchmark_options()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     context.log.info(
         f"comparison {comparison_id}: {len(config.methods)} methods x {len(config.seeds)} seeds, {config.max_steps} steps each"

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 from mlflow.entities import Metric
-from pydantic import Field
 
 from tidpo_core import store, tracking
-from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
+from tidpo_core.benchmarks import BenchmarkResult, benchmark_metrics, run_benchmarks
 from tidpo_core.evaluation import (
     EvalSettings,
     ModelEvaluation,
@@ -34,6 +33,7 @@ from tidpo_core.plots import (
     token_heatmap_html,
 )
 from tidpo_pipeline.assets import reference_loading
+from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table
 from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
@@ -44,7 +44,7 @@ CURVES_PNG = "training_curves.png"
 # --- evaluation ------------------------------------------------------------------------------------
 
 
-class EvaluationConfig(dg.Config):
+class EvaluationConfig(BenchmarkConfig):
     batch_size: int = 32
     sample_prompts: int = 64
     """Eval prompts answered by each model for KL(pi||ref), diversity and the critical-phrase rate (0: skip)."""
@@ -62,36 +62,6 @@ class EvaluationConfig(dg.Config):
     """Eval pairs drawn as token-importance heatmaps (0: none)."""
     docs_dir: str = ""
     """If set, the heatmap and training-curve PNGs are also written to <docs_dir>/img/ (for the README)."""
-    benchmarks: list[str] = Field(default_factory=lambda: ["truthfulqa", "ifeval"])
-    """lm-eval benchmarks per run: truthfulqa (= truthfulqa_mc1 + truthfulqa_mc2), ifeval, humaneval; [] for none.
-    The default runs TruthfulQA and IFEval on the built-in 16-document samples: seconds on the embedded model."""
-    benchmark_limit: int | None = None
-    """Documents per benchmark (the first N of each file); None: all."""
-    truthfulqa_path: str = "builtin"
-    """TruthfulQA.csv of the TruthfulQA repository, JSON/JSONL in the hub's multiple_choice layout, or
-    "builtin" (16 questions shipped with tidpo)."""
-    ifeval_path: str = "builtin"
-    """IFEval's input_data.jsonl, or "builtin" (16 prompts shipped with tidpo)."""
-    humaneval_path: str = ""
-    """HumanEval.jsonl(.gz); runs only with allow_code_execution."""
-    allow_code_execution: bool = False
-    """HumanEval runs model-written code (in a limited subprocess): only with this set."""
-    code_timeout_s: float = 10.0
-    code_memory_mb: int = 1024
-    benchmark_max_gen_tokens: int = 256
-    benchmark_batch_size: int = 8
-
-
-def _benchmark_options(config: EvaluationConfig) -> BenchmarkOptions:
-    return BenchmarkOptions(
-        data_files={"truthfulqa": config.truthfulqa_path, "ifeval": config.ifeval_path, "humaneval": config.humaneval_path},
-        limit=config.benchmark_limit,
-        allow_code_execution=config.allow_code_execution,
-        code_timeout_s=config.code_timeout_s,
-        code_memory_mb=config.code_memory_mb,
-        max_gen_toks=config.benchmark_max_gen_tokens,
-        batch_size=config.benchmark_batch_size,
-    )
 
 
 def _fmt(value: float) -> str:
@@ -205,7 +175,7 @@ def evaluation(
 
     bench_results: dict[str, list[BenchmarkResult]] = {}
     if config.benchmarks:
-        options = _benchmark_options(config)
+        options = config.benchmark_options()
         for model, path in (("reference", reference_model["path"]), ("policy", tidpo_policy["model_path"])):
             context.log.info(f"benchmarks {config.benchmarks} on the {model}")
             bench_results[model] = run_benchmarks(path, config.benchmarks, options)
