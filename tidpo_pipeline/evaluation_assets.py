@@ -229,7 +229,7 @@ def evaluation(
         pictures["token_heatmap_html"] = dg.MetadataValue.path(str(html_path))
     series = _training_series(client, run_id, tidpo_policy.get("run_dir"), tidpo_policy.get("loss_history", []))
     if any(series.values()):
-        save_training_curves_png({"policy": series}, out_dir / CURVES_PNG, title=f"training of {tidpo_policy['model_path']}")
+        save_training_curves_png({"policy": series}, out_dir / CURVES_PNG, title=f"training of {mlflow_tracking.registered_model} version {tidpo_policy.get('model_version')} (MLflow run {run_id[:8]})")
         pictures["training_curves"] = dg.MetadataValue.md(png_markdown(out_dir / CURVES_PNG, "training curves"))
         pictures["training_curves_png"] = dg.MetadataValue.path(str(out_dir / CURVES_PNG))
     samples_preview = []
