@@ -19,6 +19,7 @@ from train_fixtures import (
     subprocess_env,
 )
 
+from tidpo_core import store
 from tidpo_core.features import TrainingCollator, stack_sides
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.train import (
@@ -289,3 +290,33 @@ def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_wi
     assert calls == [("org/model", {"dtype": engine._model_dtype(config), "revision": "0123abc", "trust_remote_code": True})]
     # The YAML handed to the training process carries both.
     assert TrainConfig.from_yaml(config.to_yaml(tmp_path / "run.yaml")) == config
+
+
+def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_anchors(tiny, tmp_path):
+    # Anchors re-sampled from the current policy after every step; a crash after step 2 and a re-run must
+    # end with the weights of the uninterrupted run: the checkpoint carries the re-sampled anchors.
+    common = {"max_steps": 3, "anchor_refresh_every": 1, "checkpoint_every": 1, "keep_checkpoints": 3}
+    uninterrupted = train(tiny.config(tmp_path / "a", **common))
+    assert uninterrupted.steps == 3 and all(np.isfinite(h["loss"]) for h in uninterrupted.history)
+    marker = json.loads((complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text())
+    resampled = marker["anchors"]
+    con = store.connect(tiny.duckdb_path, read_only=True)
+    try:
+        stored = store.read_anchors(con, tiny.anchors_fingerprint)
+    finally:
+        con.close()
+    assert len(resampled) >= 0.8 * tiny.train_pairs
+    assert sum(resampled[p] != stored[p] for p in resampled) >= 0.5 * len(resampled)  # new samples, not the stored ones
+
+    result = run_engine(tiny.config(tmp_path / "b", inject_kill_at_step=2, **common).to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == -9, result.stderr[-2000:]
+    result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "restored" in result.stderr and "anchors re-sampled before step 2" in result.stderr
+    expected, got = load_weights(tmp_path / "a" / "final"), load_weights(tmp_path / "b" / "final")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_anchor_refresh_needs_a_triplet_term(tiny, tmp_path):
+    with pytest.raises(ValueError, match="anchor_refresh_every needs a loss with a triplet term"):
+        train(tiny.config(tmp_path / "a", max_steps=1, anchor_refresh_every=1, loss_type="dpo"))

@@ -135,7 +135,7 @@ def scatter_response_values(values: Sequence[Sequence[float]], response_mask: Te
         if len(row_values) != positions.numel():
             raise ValueError(f"row {row}: {len(row_values)} values for {positions.numel()} response tokens")
         if positions.numel():
-            out[row, positions] = torch.as_tensor(np.asarray(row_values, dtype=np.float32))
+            out[row, positions] = torch.from_numpy(np.array(row_values, dtype=np.float32))  # a copy: stored rows are read-only Arrow views
     return out
 
 

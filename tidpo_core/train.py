@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -100,6 +101,10 @@ class TrainConfig:
     uniform_weights: bool = False
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
+    anchor_refresh_every: int = 0
+    """Re-sample every train pair's anchor from the current policy every N optimizer steps (METHOD.md's
+    option; each refresh samples all train prompts and weighs the new anchors with the reference).
+    0: the anchor_responses asset's reference samples are used throughout."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
     recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
@@ -703,6 +708,90 @@ def _save_final(
     accelerator.wait_for_everyone()
 
 
+def sample_anchor_features(
+    policy: torch.nn.Module,
+    weigher: torch.nn.Module,
+    tokenizer: Any,
+    prompts: dict[str, str],
+    config: TrainConfig,
+    seed: int,
+    texts: dict[str, str] | None = None,
+) -> tuple[dict[str, str], dict[str, dict[str, np.ndarray]]]:
+    """Anchors for the given prompts, sampled from `policy` (or the given texts), with their weights.
+
+    `weigher` computes the attribution and the reference log-probs of the anchors: the reference model,
+    so that a refreshed anchor's log-ratio means what a stored one's does. An empty sample keeps no
+    anchor (the pair's previous one stays).
+    """
+    from tidpo_core.features import encode_response
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.importance import compute_token_importance
+
+    ids = sorted(prompts)
+    if texts is None:
+        settings = SamplingSettings(seed=seed, max_prompt_tokens=config.max_prompt_tokens)
+        sampled = sample_responses(policy, tokenizer, [prompts[i] for i in ids], settings)
+        texts = {i: t for i, t in zip(ids, sampled, strict=True) if t.strip()}
+    encoding = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
+    keep = [i for i in ids if i in texts]
+    encoded = [encode_response(tokenizer, prompts[i], texts[i], encoding) for i in keep]
+    importances = compute_token_importance(
+        weigher, encoded, lambda_=config.weight_lambda, normalization=config.weight_normalization
+    )
+    sides: dict[str, dict[str, np.ndarray]] = {}
+    for pair_id, enc, imp in zip(keep, encoded, importances, strict=True):
+        uniform = config.uniform_weights or config.loss_type != "tidpo"
+        sides[pair_id] = {
+            "anchor_input_ids": np.asarray(enc.input_ids, dtype=np.int32),
+            "anchor_response_mask": np.asarray(enc.response_mask, dtype=np.int8),
+            "anchor_weights": np.ones_like(imp.weight, dtype=np.float32) if uniform else imp.weight.astype(np.float32),
+            "anchor_reference_logps": imp.reference_logp.astype(np.float32),
+        }
+    return texts, sides
+
+
+@dataclass
+class _AnchorRefresh:
+    """State of periodic anchor re-sampling: the texts of the current anchors, and how to weigh new ones."""
+
+    config: TrainConfig
+    weigher: torch.nn.Module
+    tokenizer: Any
+    prompts: dict[str, str]
+    collator: TrainingCollator
+    texts: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config, loss_config, reference_module, tokenizer, pad_token_id) -> _AnchorRefresh | None:
+        if config.anchor_refresh_every <= 0:
+            return None
+        if not loss_config.needs_anchor:
+            raise ValueError("anchor_refresh_every needs a loss with a triplet term (loss_type tidpo, gamma > 0)")
+        weigher = reference_module if reference_module is not None else _load_reference(config)[0]
+        con = store.connect(config.duckdb_path, read_only=True)
+        try:
+            prompts = {p.pair_id: p.prompt for p in store.read_pairs(con, split="train")}
+        finally:
+            con.close()
+        return cls(config, weigher, tokenizer, prompts, TrainingCollator(pad_token_id, ("anchor",)))
+
+    def apply(self, policy, features_by_id, *, seed: int = 0, texts: dict[str, str] | None = None) -> int:
+        """Sample (or restore) the anchors and put them into the features; returns how many changed."""
+        self.weigher.to(next(policy.parameters()).device)
+        new_texts, sides = sample_anchor_features(policy, self.weigher, self.tokenizer, self.prompts, self.config, seed, texts)
+        for pair_id, side in sides.items():
+            if pair_id in features_by_id:
+                features_by_id[pair_id].update(side)
+        self.texts.update(new_texts)
+        return len(sides)
+
+    def override(self, batch: dict[str, Any], features_by_id, device) -> dict[str, Any]:
+        """The batch with its anchor side rebuilt from the current features: the data loader may have
+        collated it before the last refresh."""
+        fresh = self.collator([features_by_id[p] for p in batch["pair_id"]])
+        return {**batch, **{k: v.to(device) for k, v in fresh.items() if k.startswith("anchor_")}}
+
+
 def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainSummary:
     """Run (or resume) one training run; see the module docstring."""
     cpu = _use_cpu(config)
@@ -758,6 +847,8 @@ def _run(
     sides = ("chosen", "rejected", "anchor") if loss_config.needs_anchor else ("chosen", "rejected")
 
     features = load_training_features(config, tokenizer, timings)
+    features_by_id = {f["pair_id"]: f for f in features}
+    refresh = _AnchorRefresh.create(config, loss_config, reference_module, tokenizer, pad_token_id)
     loader = DataLoader(
         features,  # type: ignore[arg-type]
         batch_size=config.per_device_batch_size,
@@ -820,6 +911,9 @@ def _run(
                 "the data order after resuming differs from an uninterrupted run"
             )
         reporter.log(f"resumed from {path} at step {step}")
+        if refresh is not None and state.get("anchors"):
+            refresh.apply(accelerator.unwrap_model(policy), features_by_id, texts=state["anchors"])
+            reporter.log(f"restored {len(state['anchors'])} anchors re-sampled before step {step}")
 
     def checkpoint_state(at_step: int) -> dict[str, Any]:
         return {
@@ -828,6 +922,7 @@ def _run(
             "batches_into_epoch": (at_step % steps_per_epoch) * gas,
             "layout": layout,
             "history": history,
+            **({"anchors": refresh.texts} if refresh is not None and refresh.texts else {}),
         }
 
     reporter.log(
@@ -859,6 +954,8 @@ def _run(
         micro: list[dict[str, torch.Tensor]] = []
         micro_tokens = 0
         for batch in epoch_loader:
+            if refresh is not None and refresh.texts:
+                batch = refresh.override(batch, features_by_id, accelerator.device)
             with accelerator.accumulate(policy):
                 loss, stats, tokens = compute_batch_loss(
                     policy, reference, batch, loss_config, sides, pad_token_id, weights_fn
@@ -927,6 +1024,10 @@ def _run(
                     f"step {step}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.2f} "
                     f"{metrics['tokens_per_second']:.0f} tok/s"
                 )
+            if refresh is not None and step % config.anchor_refresh_every == 0 and step < total_steps:
+                count = refresh.apply(accelerator.unwrap_model(policy), features_by_id, seed=config.seed + step)
+                reporter.custom({"event": "anchors_refreshed", "step": step, "anchors": count})
+                reporter.log(f"re-sampled {count} anchors from the policy after step {step}")
             if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < total_steps:
                 path = save_checkpoint(
                     accelerator, checkpoint_root, step, checkpoint_state(step), config.keep_checkpoints

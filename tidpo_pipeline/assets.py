@@ -424,6 +424,10 @@ class PolicyConfig(dg.Config):
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    anchor_refresh_every: int = 0
+    """Re-sample every train pair's anchor from the current policy every N optimizer steps (0: keep the
+    anchor_responses asset's reference samples). Each refresh samples all train prompts and weighs the new
+    anchors with the reference (loaded for it if the KL term does not already need it)."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`online` recomputes the attribution with the current policy every step (the paper's way, ~2x cost)."""
     lora: bool = False
