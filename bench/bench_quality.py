@@ -33,6 +33,8 @@ ABLATIONS = {
     "tidpo_no_kl (alpha=0)": {"loss_type": "tidpo", "alpha": 0.0},
     "tidpo_no_triplet (gamma=0)": {"loss_type": "tidpo", "gamma": 0.0},
     "weighted_dpo (alpha=0, gamma=0)": {"loss_type": "tidpo", "alpha": 0.0, "gamma": 0.0},
+    # METHOD.md's option: anchors re-sampled from the current policy (every 50 of the epoch's ~228 steps).
+    "tidpo_anchor_refresh (every 50 steps)": {"loss_type": "tidpo", "anchor_refresh_every": 50},
 }
 
 
