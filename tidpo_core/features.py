@@ -85,29 +85,48 @@ def build_features(
         feature: dict[str, Any] = {"pair_id": pair.pair_id}
         for side, text in side_texts(pair, anchor).items():
             encoded = encode_response(tokenizer, pair.prompt, text, settings)
-            input_ids = np.asarray(encoded.input_ids, dtype=np.int32)
-            response_mask = np.asarray(encoded.response_mask, dtype=np.int8)
-            feature[f"{side}_input_ids"] = input_ids
-            feature[f"{side}_response_mask"] = response_mask
-            if stored is None:
-                continue
-            weights = stored.get((pair.pair_id, side))
-            if weights is None:
-                raise KeyError(f"no token weights for pair {pair.pair_id} side {side}; materialize token_weights first")
-            response_ids = input_ids[response_mask.astype(bool)]
-            if not np.array_equal(np.asarray(weights.token_ids), response_ids):
-                raise WeightMismatchError(
-                    f"stored weights of {pair.pair_id}/{side} were computed for other tokens "
-                    f"({len(weights.token_ids)} vs {len(response_ids)}): tokenizer or truncation changed"
-                )
-            feature[f"{side}_reference_logps"] = np.asarray(weights.reference_logp, dtype=np.float32)
-            if uniform_weights:
-                feature[f"{side}_weights"] = np.ones(len(response_ids), dtype=np.float32)
-            else:
-                attribution = torch.tensor(weights.attribution, dtype=torch.float32)
-                feature[f"{side}_weights"] = hybrid_weights(attribution, lambda_, normalization).numpy()
+            weights = None
+            if stored is not None:
+                weights = stored.get((pair.pair_id, side))
+                if weights is None:
+                    raise KeyError(f"no token weights for pair {pair.pair_id} side {side}; materialize token_weights first")
+            feature.update(
+                side_features(side, encoded, weights, lambda_=lambda_, normalization=normalization, uniform_weights=uniform_weights, label=f"{pair.pair_id}/{side}")
+            )
         features.append(feature)
     return features
+
+
+def side_features(
+    side: str,
+    encoded: EncodedSequence,
+    weights: StoredWeights | None,
+    *,
+    lambda_: float,
+    normalization: Normalization,
+    uniform_weights: bool,
+    label: str = "",
+) -> dict[str, np.ndarray]:
+    """One side's feature arrays: ids and response mask, and with weights their reference log-probs and
+    hybrid token weights (recombined from the raw attribution with `lambda_`)."""
+    input_ids = np.asarray(encoded.input_ids, dtype=np.int32)
+    response_mask = np.asarray(encoded.response_mask, dtype=np.int8)
+    out = {f"{side}_input_ids": input_ids, f"{side}_response_mask": response_mask}
+    if weights is None:
+        return out
+    response_ids = input_ids[response_mask.astype(bool)]
+    if not np.array_equal(np.asarray(weights.token_ids), response_ids):
+        raise WeightMismatchError(
+            f"stored weights of {label or side} were computed for other tokens "
+            f"({len(weights.token_ids)} vs {len(response_ids)}): tokenizer or truncation changed"
+        )
+    out[f"{side}_reference_logps"] = np.asarray(weights.reference_logp, dtype=np.float32)
+    if uniform_weights:
+        out[f"{side}_weights"] = np.ones(len(response_ids), dtype=np.float32)
+    else:
+        attribution = torch.tensor(weights.attribution, dtype=torch.float32)
+        out[f"{side}_weights"] = hybrid_weights(attribution, lambda_, normalization).numpy()
+    return out
 
 
 class TrainingCollator:

@@ -51,8 +51,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tidpo_core import store
-from tidpo_core.features import EncodingSettings, TrainingCollator, build_features, stack_sides
-from tidpo_core.importance import Normalization, gradient_attribution, hybrid_weights
+from tidpo_core.features import (
+    EncodingSettings,
+    TrainingCollator,
+    build_features,
+    encode_response,
+    side_features,
+    stack_sides,
+)
+from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.importance import (
+    Normalization,
+    compute_token_importance,
+    gradient_attribution,
+    hybrid_weights,
+)
 from tidpo_core.losses import LossConfig, SideTensors, compute_loss, sequence_kl, token_kl, token_logps
 from tidpo_core.modeling import load_model_and_tokenizer
 
@@ -168,6 +181,11 @@ class TrainConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
         return path
+
+    @property
+    def uniform_token_weights(self) -> bool:
+        """Every token counts once: asked for, or a loss that does not weigh tokens."""
+        return self.uniform_weights or self.loss_type != "tidpo"
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -622,7 +640,7 @@ def load_training_features(
                 stored=stored,
                 lambda_=config.weight_lambda,
                 normalization=config.weight_normalization,
-                uniform_weights=config.uniform_weights or config.loss_type != "tidpo",
+                uniform_weights=config.uniform_token_weights,
             )
             features_s += time.perf_counter() - started
     finally:
@@ -723,10 +741,6 @@ def sample_anchor_features(
     so that a refreshed anchor's log-ratio means what a stored one's does. An empty sample keeps no
     anchor (the pair's previous one stays).
     """
-    from tidpo_core.features import encode_response
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.importance import compute_token_importance
-
     ids = sorted(prompts)
     if texts is None:
         settings = SamplingSettings(seed=seed, max_prompt_tokens=config.max_prompt_tokens)
@@ -740,13 +754,12 @@ def sample_anchor_features(
     )
     sides: dict[str, dict[str, np.ndarray]] = {}
     for pair_id, enc, imp in zip(keep, encoded, importances, strict=True):
-        uniform = config.uniform_weights or config.loss_type != "tidpo"
-        sides[pair_id] = {
-            "anchor_input_ids": np.asarray(enc.input_ids, dtype=np.int32),
-            "anchor_response_mask": np.asarray(enc.response_mask, dtype=np.int8),
-            "anchor_weights": np.ones_like(imp.weight, dtype=np.float32) if uniform else imp.weight.astype(np.float32),
-            "anchor_reference_logps": imp.reference_logp.astype(np.float32),
-        }
+        response_ids = np.asarray(enc.input_ids)[np.asarray(enc.response_mask, dtype=bool)]
+        weights = store.StoredWeights(response_ids, imp.attribution, imp.prior, imp.weight, imp.reference_logp)
+        sides[pair_id] = side_features(
+            "anchor", enc, weights, lambda_=config.weight_lambda, normalization=config.weight_normalization,
+            uniform_weights=config.uniform_token_weights, label=f"{pair_id}/anchor",
+        )
     return texts, sides
 
 
