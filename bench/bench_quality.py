@@ -143,7 +143,7 @@ def train_and_evaluate(
     return result
 
 
-def _phrase_value(run: dict[str, Any], key: str) -> float | None:
+def phrase_value(run: dict[str, Any], key: str) -> float | None:
     phrase = run.get("critical_phrase")
     if not isinstance(phrase, dict):
         return None
@@ -162,7 +162,7 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             continue
         row = {metric: common.mean_std([r[metric] for r in mine]) for metric in METRICS}
         for key in ("chosen_of_all", "chosen_rate", "rejected_rate", "neither_rate"):
-            values = [v for r in mine if (v := _phrase_value(r, key)) is not None and not math.isnan(v)]
+            values = [v for r in mine if (v := phrase_value(r, key)) is not None and not math.isnan(v)]
             if values:
                 row[f"critical_phrase_{key}"] = common.mean_std(values)
         if any(r.get("critical_phrase") == "pending" for r in mine):
@@ -251,9 +251,9 @@ def investigate(table: dict[str, Any], ablations: dict[str, Any], precision: Any
     if key in table["dpo"] and key in table["tidpo"]:
         notes.append(
             f"Safe critical phrase in sampled answers (share of all samples): TI-DPO {table['tidpo'][key]['mean']:.3f} "
-            f"vs DPO {table['dpo'][key]['mean']:.3f}; reference {(_phrase_value(reference, 'chosen_of_all') or float('nan')):.3f}. "
+            f"vs DPO {table['dpo'][key]['mean']:.3f}; reference {(phrase_value(reference, 'chosen_of_all') or float('nan')):.3f}. "
             f"Answers with neither phrase: TI-DPO {table['tidpo']['critical_phrase_neither_rate']['mean']:.2f}, "
-            f"DPO {table['dpo']['critical_phrase_neither_rate']['mean']:.2f}, reference {(_phrase_value(reference, 'neither_rate') or float('nan')):.2f}."
+            f"DPO {table['dpo']['critical_phrase_neither_rate']['mean']:.2f}, reference {(phrase_value(reference, 'neither_rate') or float('nan')):.2f}."
         )
     if "kl" in table["dpo"] and "kl" in table["tidpo"]:
         notes.append(f"KL(policy || reference), Monte-Carlo: TI-DPO {table['tidpo']['kl']['mean']:.2f} vs DPO {table['dpo']['kl']['mean']:.2f} nats per answer.")
@@ -271,7 +271,7 @@ def investigate(table: dict[str, Any], ablations: dict[str, Any], precision: Any
     if ablations:
         base = t["mean"]
         for name, row in ablations.items():
-            phrase = _phrase_value(row, "chosen_of_all")
+            phrase = phrase_value(row, "chosen_of_all")
             notes.append(
                 f"Ablation {name} (seed 0): {HEADLINE} {row[HEADLINE]:.3f} (TI-DPO mean {base:.3f}, DPO mean {d['mean']:.3f}); "
                 f"safe phrase in {phrase if phrase is not None else float('nan'):.3f} of samples; KL {row.get('kl', float('nan')):.2f}."

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.bench_quality import phrase_value
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
@@ -174,7 +175,7 @@ def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
     ]
     phrase = ref.get("critical_phrase") if isinstance(ref.get("critical_phrase"), dict) else None
     if all("critical_phrase_chosen_of_all" in table[m] for m in methods):
-        ref_share = phrase["chosen_rate"] * (1 - phrase["neither_rate"]) if phrase else None
+        ref_share = phrase_value(ref, "chosen_of_all")
         rows.append(
             (
                 "",
@@ -226,13 +227,12 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
     elif precision == "pending":
         rows.append(("", "importance precision@k", "pending", ""))
     for name, run in (doc.get("ablations") or {}).items():
-        phrase = run.get("critical_phrase")
-        share = phrase["chosen_rate"] * (1 - phrase["neither_rate"]) if isinstance(phrase, dict) and phrase["neither_rate"] < 1 else 0.0
+        share = phrase_value(run, "chosen_of_all")
         rows.append(
             (
                 "",
                 f"ablation {name}, seed 0: reward accuracy / safe phrase (of all) / KL",
-                f"{run['reward_accuracy']:.3f} / {share:.3f} / {run.get('kl', float('nan')):.2f}",
+                f"{run['reward_accuracy']:.3f} / {'n/a' if share is None else f'{share:.3f}'} / {run.get('kl', float('nan')):.2f}",
                 "",
             )
         )
