@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DAGSTER_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint ui e2e bench stress clean
+.PHONY: install run test lint ui e2e bench stress gpu-check clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -40,6 +40,11 @@ ui: $(STAMP)
 # Speed, memory and quality figures; writes bench/results/*.json and refreshes the README table.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# On a machine with a CUDA GPU (and deepspeed for the ZeRO-3 row): bf16, FSDP, ZeRO-3 and LoRA runs
+# of the engine, each killed and resumed; writes bench/results/gpu.json.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 # Longer reliability checks: bad input, crashes, concurrency; prints a table.
 stress: $(STAMP)

@@ -120,8 +120,11 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    # A copy of the tree without .git (a GPU machine's): the launcher names the commit it copied.
+    return os.environ.get("TIDPO_GIT_COMMIT", "unknown")
 
 
 def results_dir() -> Path:

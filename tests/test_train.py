@@ -320,3 +320,30 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
 def test_anchor_refresh_needs_a_triplet_term(tiny, tmp_path):
     with pytest.raises(ValueError, match="anchor_refresh_every needs a loss with a triplet term"):
         train(tiny.config(tmp_path / "a", max_steps=1, anchor_refresh_every=1, loss_type="dpo"))
+
+
+def _sharded_accelerator(kind: str, zero_stage: int | None = None):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": zero_stage}})
+    return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage", "refused"),
+    [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)],
+)
+def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(tiny, tmp_path, kind, stage, refused):
+    from tidpo_core.train import _check_sharding_support
+
+    accelerator = _sharded_accelerator(kind, stage)
+    for overrides in ({"weights_mode": "online"}, {"anchor_refresh_every": 5}):
+        config = tiny.config(tmp_path, **overrides)
+        if refused:
+            with pytest.raises(ValueError, match="unsharded policy"):
+                _check_sharding_support(config, accelerator)
+        else:
+            _check_sharding_support(config, accelerator)
+    _check_sharding_support(tiny.config(tmp_path), accelerator)  # precomputed weights, stored anchors: fine

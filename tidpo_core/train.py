@@ -26,6 +26,7 @@ uninterrupted run with the same seed: the sampler is seeded per epoch (accelerat
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -680,6 +681,69 @@ def _load_reference(config: TrainConfig) -> tuple[Any, Any]:
     )
 
 
+def _numel(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter; under DeepSpeed ZeRO-3 the local tensor is an empty shard, `ds_numel` the whole."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
+def _zero_stage(accelerator: Accelerator) -> int | None:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _check_sharding_support(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Online weights and anchor re-sampling run the unwrapped policy outside its wrapper (an embedding
+    gradient, generate()), which a sharded model (FSDP, ZeRO-3) cannot do without gathering its weights."""
+    sharded = accelerator.distributed_type == DistributedType.FSDP or _zero_stage(accelerator) == 3
+    if not sharded:
+        return
+    unsupported = [
+        name for name, used in (
+            ("weights_mode: online", config.weights_mode == "online" and config.loss_type == "tidpo"),
+            ("anchor_refresh_every > 0", config.anchor_refresh_every > 0),
+        ) if used
+    ]
+    if unsupported:
+        raise ValueError(
+            f"{' and '.join(unsupported)} need(s) an unsharded policy; under {accelerator.distributed_type.value} use "
+            "the precomputed token weights and stored anchors (or DDP: configs/accelerate/multi_gpu_ddp.yaml)"
+        )
+
+
+def _place_reference(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference on the training device.
+
+    Under DeepSpeed ZeRO-3, from_pretrained partitioned its weights at load (zero.Init) like the policy's,
+    so it runs inside an inference-only DeepSpeed engine that gathers them per layer (TRL does the same).
+    Elsewhere it is a plain full copy per process.
+    """
+    if _zero_stage(accelerator) != 3:
+        return module.to(accelerator.device)
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for training_only in ("optimizer", "scheduler"):
+        ds_config.pop(training_only, None)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+    return engine
+
+
+@contextmanager
+def _whole_weights_loading():
+    """from_pretrained loads every weight on this process inside this block: under a ZeRO-3 run
+    transformers partitions every model it loads (accelerate's plugin registers the DeepSpeed config with
+    it), which a model kept outside the DeepSpeed engine (the CPU copy a LoRA merge needs) cannot use."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -713,7 +777,8 @@ def _save_final(
         if config.lora and config.merge_lora:
             if sharded:
                 # The wrapped copy is sharded: rebuild the adapter on a CPU copy of the base and merge there.
-                base, _ = _load_reference(config)
+                with _whole_weights_loading():
+                    base, _ = _load_reference(config)
                 unwrapped = _apply_lora(base, config)
                 unwrapped.load_state_dict(state_dict)
             merged = unwrapped.merge_and_unload()
@@ -844,6 +909,7 @@ def _run(
     timings: dict[str, float] = {}
     set_seed(config.seed)
     _warn_single_cpu_launch(accelerator, reporter)
+    _check_sharding_support(config, accelerator)
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
 
@@ -854,6 +920,7 @@ def _run(
         policy = peft_model = _apply_lora(policy, config)
     reference_module = None
     if loss_config.needs_kl and not config.lora:
+        # Under ZeRO-3 the reference loads partitioned and runs in its own engine (_place_reference).
         reference_module, _ = _load_reference(config)
     timings["model_load_s"] = time.perf_counter() - started
     pad_token_id = tokenizer.pad_token_id
@@ -871,8 +938,8 @@ def _run(
         drop_last=False,
     )
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    trainable_count = sum(p.numel() for p in trainable)
-    total_count = sum(p.numel() for p in policy.parameters())
+    trainable_count = sum(_numel(p) for p in trainable)
+    total_count = sum(_numel(p) for p in policy.parameters())
     optimizer = _optimizer(config, trainable)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     # DeepSpeed's own config may override the accumulation (accelerate warns and uses its value).
@@ -890,7 +957,7 @@ def _run(
     accelerator.register_for_checkpointing(scheduler)
     reference: ReferenceFn | None = None
     if reference_module is not None:
-        reference = frozen_reference(reference_module.to(accelerator.device), accelerator.autocast)
+        reference = frozen_reference(_place_reference(accelerator, reference_module), accelerator.autocast)
     elif loss_config.needs_kl and peft_model is not None:
         reference = adapter_disabled_reference(policy, accelerator.unwrap_model(policy))
     weights_fn = None
