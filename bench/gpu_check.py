@@ -161,7 +161,12 @@ def _sharded(name: str, config_file: str, expected_type: str):
         reference = load_weights(data.reference_path)
         final = load_weights(full["dir"] / "final")
         if final.keys() != reference.keys() or any(final[k].shape != reference[k].shape for k in final):
-            raise AssertionError("the final model's parameters are not the reference's (names or shapes)")
+            shapes = {k: (tuple(final[k].shape), tuple(reference[k].shape)) for k in final.keys() & reference.keys()
+                      if final[k].shape != reference[k].shape}
+            raise AssertionError(
+                f"the final model's parameters are not the reference's: only in final {sorted(final.keys() - reference.keys())}, "
+                f"only in reference {sorted(reference.keys() - final.keys())}, shapes (final, reference) {shapes}"
+            )
         moved = max((final[k].float() - reference[k].float()).abs().max().item() for k in final)
         out.update(distributed_type=summary["distributed_type"], mixed_precision=summary["mixed_precision"],
                    tolerance=tolerance, final_vs_reference_max_abs_diff=moved)

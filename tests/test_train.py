@@ -347,3 +347,20 @@ def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(tiny,
         else:
             _check_sharding_support(config, accelerator)
     _check_sharding_support(tiny.config(tmp_path), accelerator)  # precomputed weights, stored anchors: fine
+
+
+def test_a_gathered_state_dict_saves_the_base_models_layout(tiny, tmp_path):
+    """FSDP/ZeRO-3 gather tied weights as separate tensors; saved as such, lm_head would be written too
+    (seen on an H100 under FSDP, bench/gpu_check.py)."""
+    from tidpo_core.train import without_tied_copies
+
+    model, _ = load_model_and_tokenizer(tiny.reference_path)
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in gathered
+    model.save_pretrained(tmp_path / "naive", state_dict=gathered, safe_serialization=True)
+    model.save_pretrained(tmp_path / "fixed", state_dict=without_tied_copies(model, gathered), safe_serialization=True)
+    stored = load_weights(tiny.reference_path)
+    assert set(load_weights(tmp_path / "naive")) - set(stored) == {"lm_head.weight"}
+    fixed = load_weights(tmp_path / "fixed")
+    assert fixed.keys() == stored.keys()
+    assert all(torch.equal(fixed[name], stored[name]) for name in stored)

@@ -430,7 +430,9 @@ def _pooled_hidden(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.T
 
 def frozen_reference(model: torch.nn.Module, autocast: Callable[[], Any] | None = None) -> ReferenceFn:
     """Logits of a separate frozen reference model (no grad, eval mode)."""
-    model.eval().requires_grad_(False)
+    # Two calls: a DeepSpeed engine's eval() returns None, not the module.
+    model.eval()
+    model.requires_grad_(False)
 
     def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
@@ -757,6 +759,17 @@ def _apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, lora_config)
 
 
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered state dict without the keys the model ties to another (lm_head to the embeddings).
+
+    FSDP and ZeRO-3 gather tied parameters as separate tensors, so save_pretrained cannot see that they
+    share storage and would write the tied copy too: a folder whose weights differ from the base model's
+    layout (and a larger file).
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
+
 def _save_final(
     accelerator: Accelerator, policy: torch.nn.Module, tokenizer, config: TrainConfig, final_path: Path
 ) -> None:
@@ -772,7 +785,7 @@ def _save_final(
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(policy)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    state_dict = accelerator.get_state_dict(policy) if sharded else None
+    state_dict = without_tied_copies(unwrapped, accelerator.get_state_dict(policy)) if sharded else None
     if accelerator.is_main_process:
         if config.lora and config.merge_lora:
             if sharded:
