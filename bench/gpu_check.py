@@ -116,6 +116,8 @@ def _kill_and_resume(data: TinyData, work: Path, name: str, launcher_fn, **overr
         "first_loss": summary["first_loss"],
         "last_loss": summary["last_loss"],
         "resume_max_abs_diff": _max_diff(full["dir"], resumed["dir"]),
+        "loss_by_step": [h["loss"] for h in summary["history"]],
+        "loss_by_step_resumed": [h["loss"] for h in resumed_summary["history"]],
         "seconds": full["seconds"],
     }
 

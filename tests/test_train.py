@@ -364,3 +364,33 @@ def test_a_gathered_state_dict_saves_the_base_models_layout(tiny, tmp_path):
     fixed = load_weights(tmp_path / "fixed")
     assert fixed.keys() == stored.keys()
     assert all(torch.equal(fixed[name], stored[name]) for name in stored)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_materialized_optimizer_state_is_zero_and_moves_no_weight(weight_decay):
+    from tidpo_core.train import materialize_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].bias.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=weight_decay)
+    materialize_optimizer_state(optimizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(optimizer.state) == len(trainable) == 3
+    for param in trainable:
+        state = optimizer.state[param]
+        assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+        assert param.grad is None
+    assert optimizer.param_groups[0]["lr"] == 3e-3
+    # What resuming relies on: the loaded state replaces the placeholder wholesale.
+    trained = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=weight_decay)
+    model(torch.ones(1, 4)).sum().backward()
+    trained.step()
+    optimizer.load_state_dict(trained.state_dict())
+    assert all(
+        torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable
+    )
+    materialize_optimizer_state(optimizer)  # already has state: untouched
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable)

@@ -688,6 +688,30 @@ def _numel(parameter: torch.nn.Parameter) -> int:
     return int(getattr(parameter, "ds_numel", parameter.numel()))
 
 
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its per-parameter state (AdamW's moments and step) without moving a weight.
+
+    FSDP's sharded checkpoint loads the optimizer into a template built from the optimizer's current
+    state: a fresh optimizer has none, so the moments in the checkpoint were silently skipped and a
+    resumed run restarted Adam from zero (seen on an H100: resumed weights off by 1e-2). One step with
+    zero gradients at learning rate 0 creates the state; the checkpoint then overwrites it.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    if inner.state:
+        return
+    params = [p for group in inner.param_groups for p in group["params"] if p.requires_grad]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    learning_rates = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+    inner.step()
+    for group, learning_rate in zip(inner.param_groups, learning_rates, strict=True):
+        group["lr"] = learning_rate
+    for param in params:
+        param.grad = None
+
+
 def _zero_stage(accelerator: Accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
@@ -994,6 +1018,8 @@ def _run(
     }
     if checkpoints:
         step, path = checkpoints[-1]
+        if accelerator.distributed_type == DistributedType.FSDP:
+            materialize_optimizer_state(optimizer)
         accelerator.load_state(str(path))
         state = json.loads((path / COMPLETE_MARKER).read_text())
         history = state.get("history", [])
