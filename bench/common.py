@@ -108,13 +108,20 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "trl": _version("trl"),
+        "accelerate": _version("accelerate"),
+        "deepspeed": _version("deepspeed"),
+        "peft": _version("peft"),
         "duckdb": _version("duckdb"),
         "dagster": _version("dagster"),
     }
 
 
 def git_commit() -> str:
-    """The checked-out commit (read-only `git rev-parse HEAD`); 'unknown' outside a git checkout."""
+    """The checked-out commit (read-only `git rev-parse HEAD`); 'unknown' outside a git checkout.
+
+    TIDPO_GIT_COMMIT wins: a copy of the tree on another machine can carry a stale .git."""
+    if os.environ.get("TIDPO_GIT_COMMIT"):
+        return os.environ["TIDPO_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
@@ -123,8 +130,7 @@ def git_commit() -> str:
         out = None
     if out is not None and out.returncode == 0 and out.stdout.strip():
         return out.stdout.strip()
-    # A copy of the tree without .git (a GPU machine's): the launcher names the commit it copied.
-    return os.environ.get("TIDPO_GIT_COMMIT", "unknown")
+    return "unknown"
 
 
 def results_dir() -> Path:
