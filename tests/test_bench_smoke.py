@@ -121,3 +121,25 @@ def test_readme_table_between_markers(tmp_path, capsys):
     assert not update_readme.update(bare, results)
     assert bare.read_text() == "# no markers\n"
     assert "warning" in capsys.readouterr().out
+
+
+def test_gpu_check_harness_runs_its_kill_and_resume_rows_on_cpu(tmp_path, monkeypatch):
+    """The GPU check needs a GPU (without one it exits 2); its harness (launch, SIGKILL, re-run, compare)
+    and the LoRA row run on CPU here, so it cannot rot between GPU sessions."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_check adds tests/ itself
+    from train_fixtures import build_tiny_data, single_thread
+
+    from bench import gpu_check
+
+    if not gpu_check.torch.cuda.is_available():
+        assert gpu_check.main(["--work", str(tmp_path / "none")]) == 2
+    with single_thread():
+        data = build_tiny_data(tmp_path / "data", pairs=40)  # 10 steps: the kill after step 5 lands
+    row = gpu_check._kill_and_resume(data, tmp_path, "cpu", lambda: None, cpu=True, mixed_precision="no")
+    assert row["resumed_from"] == "step_4" and row["steps"] == 10 and row["steps_after_resume"] == 6
+    assert row["resume_max_abs_diff"] == 0.0
+    lora = gpu_check.check_lora(data, tmp_path, {})
+    assert 0 < lora["trainable_parameters"] < lora["total_parameters"]
