@@ -608,3 +608,59 @@ def test_side_tensors_shape_validation() -> None:
         SideTensors(policy_logps=x, response_mask=x, hidden=torch.zeros(3, 4))
     with pytest.raises(ValueError, match="policy_logps"):
         SideTensors(policy_logps=torch.zeros(2), response_mask=torch.zeros(2))
+
+
+# --------------------------------------------------------------------------- cached reference top-k
+
+
+def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
+    from tidpo_core.losses import reference_topk, token_kl_topk
+
+    ref = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.7), math.log(0.2), math.log(0.1)]]], dtype=torch.float64)
+    pol = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.5), math.log(0.3), math.log(0.2)]]], dtype=torch.float64)
+    # Position 1 is predicted by the logits at position 0: shift the distributions one step right.
+    ref_logits, pol_logits = ref.roll(-1, dims=1), pol.roll(-1, dims=1)
+    ids, logp = reference_topk(ref_logits, 1)
+    assert ids[0, 1].tolist() == [0] and logp[0, 1, 0].item() == pytest.approx(math.log(0.7))
+    # Coarsened: reference (0.7 | 0.3), policy (0.5 | 0.5).
+    expected = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
+    kl = token_kl_topk(ids, logp, pol_logits)
+    assert kl[0, 0].item() == 0.0
+    assert kl[0, 1].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_kl_topk_over_the_whole_vocabulary_is_token_kl_values_and_gradients() -> None:
+    from tidpo_core.losses import reference_topk, token_kl, token_kl_topk
+
+    torch.manual_seed(0)
+    ref = torch.randn(3, 7, 11)
+    pol = torch.randn(3, 7, 11, requires_grad=True)
+    ids, logp = reference_topk(ref, 11)
+    cached = token_kl_topk(ids, logp, pol)
+    full = token_kl(ref, pol)
+    assert torch.allclose(cached, full, atol=1e-6)
+    (g_cached,) = torch.autograd.grad(cached.sum(), pol)
+    (g_full,) = torch.autograd.grad(full.sum(), pol)
+    assert torch.allclose(g_cached, g_full, atol=1e-6)
+
+
+def test_token_kl_topk_is_a_lower_bound_that_grows_with_k() -> None:
+    from tidpo_core.losses import reference_topk, token_kl, token_kl_topk
+
+    torch.manual_seed(1)
+    ref, pol = torch.randn(4, 9, 16, dtype=torch.float64) * 2, torch.randn(4, 9, 16, dtype=torch.float64) * 2
+    full = token_kl(ref, pol)
+    previous = torch.zeros_like(full)
+    for k in (1, 2, 4, 8, 16):
+        cached = token_kl_topk(*reference_topk(ref, k), pol)
+        assert (cached >= 0).all() and (cached <= full + 1e-12).all()
+        assert (cached >= previous - 1e-12).all()
+        previous = cached
+    assert torch.allclose(previous, full, atol=1e-12)
+
+
+def test_token_kl_topk_rejects_mismatched_shapes() -> None:
+    from tidpo_core.losses import token_kl_topk
+
+    with pytest.raises(ValueError, match="top-k"):
+        token_kl_topk(torch.zeros(2, 5, 3, dtype=torch.long), torch.zeros(2, 5, 3), torch.zeros(2, 4, 10))

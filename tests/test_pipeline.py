@@ -219,3 +219,29 @@ def test_inbox_sensor_requests_a_run_for_new_files_only(tmp_path):
         context.update_cursor(second.cursor)
         third = new_preference_data(context)
         assert not third.run_requests
+
+
+def test_cached_reference_kl_through_the_assets(first_run):
+    """token_weights with reference_kl_top_k stores the reference top-k; tidpo_policy with
+    reference_kl: cached trains from it (no reference model in the training process)."""
+    data_dir, instance, _ = first_run
+    config = small_run_config(steps=4, reference_kl="cached", register_model=False)
+    config["ops"]["token_weights"]["config"]["reference_kl_top_k"] = 16
+    config = {"ops": {op: config["ops"][op] for op in ("token_weights", "tidpo_policy")}}
+    result = _materialize(data_dir, config, selection=["token_weights", "tidpo_policy"], instance=instance)
+    assert result.success
+    weights = result.asset_materializations_for_node("token_weights")[0].metadata
+    assert weights["reference_kl_top_k"].value == 16 and weights["computed"].value > 0
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        lengths = con.execute(
+            "SELECT min(len(reference_topk_ids)), max(len(reference_topk_logp)), count(*) FROM token_weights "
+            "WHERE fingerprint = ?",
+            [weights["fingerprint"].value],
+        ).fetchone()
+    finally:
+        con.close()
+    assert lengths[:2] == (16, 16) and lengths[2] == weights["dagster/row_count"].value
+    policy = result.asset_materializations_for_node("tidpo_policy")[0].metadata
+    assert policy["mlflow_model_uri"].value == "not registered"
+    assert 0 < policy["last_loss"].value < 10

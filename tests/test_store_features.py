@@ -190,3 +190,64 @@ def test_token_weights_read_by_id_range_equal_the_full_read(tmp_path):
         for name in ("token_ids", "attribution", "prior", "weight", "reference_logp"):
             np.testing.assert_array_equal(getattr(value, name), getattr(full[key], name))
     assert set(store.read_token_weights(con, "fp", ["a", "d"])) == {(p, s) for p in ("a", "d") for s in ("chosen", "rejected")}
+
+
+def _weights_row(pair_id: str, side: str, n: int, topk: int = 0) -> dict:
+    row = {
+        "pair_id": pair_id, "side": side, "text_digest": f"{pair_id}{side}", "token_ids": list(range(3, 3 + n)),
+        "attribution": [0.1] * n, "prior": [1.0] * n, "weight": [1.0] * n, "reference_logp": [-1.5] * n,
+    }
+    if topk:
+        row["reference_topk_ids"] = np.arange(n * topk, dtype=np.int32).reshape(n, topk)
+        row["reference_topk_logp"] = -np.arange(n * topk, dtype=np.float32).reshape(n, topk) / 10
+    return row
+
+
+def test_reference_topk_cache_round_trip_and_absence_is_named(tmp_path):
+    con = store.connect(tmp_path / "t.duckdb")
+    store.write_token_weights(con, "cached", [_weights_row("p1", "chosen", 3, topk=2), _weights_row("p1", "rejected", 2, topk=2)])
+    store.write_token_weights(con, "plain", [_weights_row("p1", "chosen", 3)])
+    stored = store.read_token_weights(con, "cached", with_reference_topk=True)
+    chosen = stored[("p1", "chosen")]
+    assert chosen.reference_topk_ids.tolist() == [[0, 1], [2, 3], [4, 5]]
+    np.testing.assert_allclose(chosen.reference_topk_logp, -np.arange(6, dtype=np.float32).reshape(3, 2) / 10)
+    assert stored[("p1", "rejected")].reference_topk_ids.shape == (2, 2)
+    assert store.read_token_weights(con, "cached")[("p1", "chosen")].reference_topk_ids is None  # not asked for
+    with pytest.raises(ValueError, match="no reference top-k cache: materialize token_weights with reference_kl_top_k"):
+        store.read_token_weights(con, "plain", with_reference_topk=True)
+    with pytest.raises(ValueError, match=r"must be two \[3, k\] arrays"):
+        bad = _weights_row("p2", "chosen", 3, topk=2)
+        store.write_token_weights(con, "cached", [{**bad, "reference_topk_logp": bad["reference_topk_logp"][:2]}])
+
+
+def test_a_token_weights_table_from_before_the_cache_gains_its_columns(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE token_weights (fingerprint VARCHAR NOT NULL, pair_id VARCHAR NOT NULL, side VARCHAR NOT NULL, "
+        "text_digest VARCHAR NOT NULL, position INTEGER NOT NULL, token_id INTEGER NOT NULL, attribution FLOAT NOT NULL, "
+        "prior FLOAT NOT NULL, weight FLOAT NOT NULL, reference_logp FLOAT NOT NULL, "
+        "PRIMARY KEY (fingerprint, pair_id, side, position))"
+    )
+    con.execute("INSERT INTO token_weights VALUES ('old', 'p1', 'chosen', 'd', 0, 7, 0.1, 1.0, 1.0, -2.0)")
+    con.close()
+    con = store.connect(path)
+    assert store.read_token_weights(con, "old")[("p1", "chosen")].token_ids.tolist() == [7]
+    store.write_token_weights(con, "new", [_weights_row("p1", "chosen", 2, topk=3)])
+    assert store.read_token_weights(con, "new", with_reference_topk=True)[("p1", "chosen")].reference_topk_ids.shape == (2, 3)
+
+
+def test_reference_topk_from_the_attribution_pass_equals_a_plain_forward(tiny):
+    from tidpo_core.losses import reference_topk
+
+    pairs, tokenizer, model = tiny
+    encoded = [encode_response(tokenizer, p.prompt, p.chosen, SETTINGS) for p in pairs[:4]]
+    for enc, imp in zip(encoded, compute_token_importance(model, encoded, batch_size=2, reference_topk=5), strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([enc.input_ids])).logits
+        ids, logp = reference_topk(logits, 5)
+        mask = torch.tensor(enc.response_mask) == 1
+        assert imp.reference_topk_ids.shape == (int(mask.sum()), 5)
+        np.testing.assert_array_equal(imp.reference_topk_ids, ids[0][mask].numpy())
+        np.testing.assert_allclose(imp.reference_topk_logp, logp[0][mask].numpy(), atol=1e-5)
+    assert compute_token_importance(model, encoded[:1])[0].reference_topk_ids is None

@@ -394,3 +394,41 @@ def test_materialized_optimizer_state_is_zero_and_moves_no_weight(weight_decay):
     )
     materialize_optimizer_state(optimizer)  # already has state: untouched
     assert all(torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable)
+
+
+@pytest.fixture(scope="module")
+def tiny_cached(tmp_path_factory):
+    """The tiny data with the reference's whole next-token distribution cached (k = vocabulary)."""
+    from train_fixtures import TINY
+
+    with single_thread():
+        return build_tiny_data(tmp_path_factory.mktemp("tiny_cached"), pairs=16, reference_topk=TINY.vocab_size)
+
+
+def test_cached_reference_kl_over_the_whole_vocabulary_trains_like_the_reference_forward(tiny_cached, tmp_path, monkeypatch):
+    """reference_kl: cached runs the policy only (one model loaded) and, with k = vocabulary, computes
+    the same SeqKL as the reference forward: same losses and weights up to float rounding."""
+    import tidpo_core.train as engine
+
+    loads = []
+    real_load = engine._load_reference
+    monkeypatch.setattr(engine, "_load_reference", lambda config: loads.append(1) or real_load(config))
+    forward = train(tiny_cached.config(tmp_path / "forward", max_steps=3))
+    assert len(loads) == 2  # policy + frozen reference
+    reset_accelerate()
+    loads.clear()
+    cached = train(tiny_cached.config(tmp_path / "cached", max_steps=3, reference_kl="cached"))
+    assert len(loads) == 1  # the policy only
+    for a, b in zip(forward.history, cached.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["seq_kl/rejected"] == pytest.approx(a["seq_kl/rejected"], abs=1e-5)
+    assert forward.history[-1]["seq_kl/rejected"] > 0  # the KL term is live by the last step
+    wf, wc = load_weights(tmp_path / "forward" / "final"), load_weights(tmp_path / "cached" / "final")
+    assert all(torch.allclose(wf[k], wc[k], atol=1e-5) for k in wf)
+
+
+def test_cached_reference_kl_without_a_cache_names_the_fix(tiny, tmp_path):
+    with pytest.raises(ValueError, match="reference_kl_top_k > 0"):
+        train(tiny.config(tmp_path / "none", max_steps=1, reference_kl="cached"))
+    with pytest.raises(ValueError, match="reference_kl must be"):
+        tiny.config(tmp_path, reference_kl="topk")

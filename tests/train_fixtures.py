@@ -70,7 +70,7 @@ class TinyData:
         return TrainConfig(**values)
 
 
-def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0) -> TinyData:
+def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: int = 0) -> TinyData:
     root.mkdir(parents=True, exist_ok=True)
     duckdb_path = root / "tidpo.duckdb"
     data = generate_synthetic_pairs(pairs, seed=seed)
@@ -90,7 +90,7 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0) -> TinyData:
             for pair in train
             for side, text in side_texts(pair, anchors[pair.pair_id]).items()
         ]
-        importances = compute_token_importance(model, [t[3] for t in todo], batch_size=64)
+        importances = compute_token_importance(model, [t[3] for t in todo], batch_size=64, reference_topk=reference_topk)
         rows = [
             {
                 "pair_id": pair_id,
@@ -101,6 +101,8 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0) -> TinyData:
                 "prior": imp.prior,
                 "weight": imp.weight,
                 "reference_logp": imp.reference_logp,
+                "reference_topk_ids": imp.reference_topk_ids,
+                "reference_topk_logp": imp.reference_topk_logp,
             }
             for (pair_id, side, text, enc), imp in zip(todo, importances, strict=True)
         ]

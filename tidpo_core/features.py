@@ -121,6 +121,9 @@ def side_features(
             f"({len(weights.token_ids)} vs {len(response_ids)}): tokenizer or truncation changed"
         )
     out[f"{side}_reference_logps"] = np.asarray(weights.reference_logp, dtype=np.float32)
+    if weights.reference_topk_ids is not None:
+        out[f"{side}_reference_topk_ids"] = np.asarray(weights.reference_topk_ids, dtype=np.int32)
+        out[f"{side}_reference_topk_logp"] = np.asarray(weights.reference_topk_logp, dtype=np.float32)
     if uniform_weights:
         out[f"{side}_weights"] = np.ones(len(response_ids), dtype=np.float32)
     else:
@@ -129,20 +132,33 @@ def side_features(
     return out
 
 
+# Per-response-token features the base collator does not know: (dtype, value outside the response).
+# A cached top-k log-prob of -inf outside the response gives those positions no reference mass.
+_RESPONSE_VALUES = {
+    "reference_logps": (torch.float32, 0.0),
+    "reference_topk_ids": (torch.int64, 0),
+    "reference_topk_logp": (torch.float32, float("-inf")),
+}
+
+
 class TrainingCollator:
-    """PreferenceCollator plus per-token reference log-probs scattered to their positions."""
+    """PreferenceCollator plus per-token reference log-probs (and the cached reference top-k) scattered
+    to their positions."""
 
     def __init__(self, pad_token_id: int, sides: Sequence[str]):
         self.sides = tuple(sides)
         self._base = PreferenceCollator(pad_token_id, sides=self.sides)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        stripped = [{k: v for k, v in f.items() if not k.endswith("_reference_logps")} for f in features]
+        stripped = [{k: v for k, v in f.items() if not k.endswith(tuple(_RESPONSE_VALUES))} for f in features]
         batch = self._base(stripped)
         for side in self.sides:
-            key = f"{side}_reference_logps"
-            if key in features[0]:
-                batch[key] = scatter_response_values([f[key] for f in features], batch[f"{side}_response_mask"])
+            for name, (dtype, fill) in _RESPONSE_VALUES.items():
+                key = f"{side}_{name}"
+                if key in features[0]:
+                    batch[key] = scatter_response_values(
+                        [f[key] for f in features], batch[f"{side}_response_mask"], dtype=dtype, fill=fill
+                    )
         return batch
 
 
@@ -150,8 +166,13 @@ def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: in
     """Concatenate the sides of a batch along the batch dimension so the model runs once per step."""
     length = max(batch[f"{s}_input_ids"].shape[1] for s in sides)
 
-    def cat(key: str, value: float) -> torch.Tensor:
-        parts = [F.pad(batch[f"{s}_{key}"], (0, length - batch[f"{s}_{key}"].shape[1]), value=value) for s in sides]
+    def cat(key: str, value: float, of: Sequence[str] = sides) -> torch.Tensor:
+        parts = []
+        for s in of:
+            tensor = batch[f"{s}_{key}"]
+            # Pad dimension 1 (positions); a [B, T, k] tensor keeps its last dimension.
+            padding = (0, length - tensor.shape[1]) if tensor.dim() == 2 else (0, 0, 0, length - tensor.shape[1])
+            parts.append(F.pad(tensor, padding, value=value))
         return torch.cat(parts, dim=0)
 
     stacked = {
@@ -162,4 +183,10 @@ def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: in
     }
     if all(f"{s}_reference_logps" in batch for s in sides):
         stacked["reference_logps"] = cat("reference_logps", 0.0)
+    # The cached reference top-k serves SeqKL, which only chosen and rejected (the first 2B rows) need;
+    # a re-sampled anchor has none.
+    kl_sides = [s for s in sides if s in ("chosen", "rejected")]
+    for name in ("reference_topk_ids", "reference_topk_logp"):
+        if kl_sides and all(f"{s}_{name}" in batch for s in kl_sides):
+            stacked[name] = cat(name, _RESPONSE_VALUES[name][1], kl_sides)
     return stacked

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tidpo_core.losses import token_logps
+from tidpo_core.losses import reference_topk, token_logps
 from tidpo_core.tokenization import EncodedSequence, pad_right
 
 __all__ = [
@@ -82,12 +82,21 @@ def gradient_attribution(
 
 
 def attribution_and_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, *, with_logps: bool = True
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    with_logps: bool = True,
+    topk: int = 0,
+    topk_out: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradient attribution and, from the same forward pass, the model's per-token log-probs.
 
     The log-probs (position-aligned like `losses.token_logps`) are the reference log-probs that training
-    would otherwise recompute every step; taking them here makes them free.
+    would otherwise recompute every step; taking them here makes them free. With `topk` > 0 the same
+    logits also give the k most likely tokens per position (`losses.reference_topk`), put into
+    `topk_out` as "ids" and "logp": the cache that lets SeqKL run without the reference.
     """
     if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
         raise ValueError(
@@ -107,6 +116,8 @@ def attribution_and_logps(
             if with_logps:
                 logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
                 logps = token_logps(logits.detach(), input_ids).float()
+                if topk > 0 and topk_out is not None:
+                    topk_out["ids"], topk_out["logp"] = reference_topk(logits.detach(), topk)
                 logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
             else:
                 logits = _last_logits(model, embeds, attention_mask, last)
@@ -204,6 +215,8 @@ class TokenImportance:
     prior: np.ndarray  # Gaussian prior P(t)
     weight: np.ndarray  # hybrid weight, mean 1
     reference_logp: np.ndarray  # log pi(y_t | x, y_<t) under the model that made the attribution
+    reference_topk_ids: np.ndarray | None = None  # [T, k] int32: that model's k likeliest tokens per position
+    reference_topk_logp: np.ndarray | None = None  # [T, k] float32: their log-probabilities
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -221,10 +234,12 @@ def compute_token_importance(
     batch_size: int = 16,
     device: torch.device | None = None,
     progress: bool = False,
+    reference_topk: int = 0,
 ) -> list[TokenImportance]:
     """Token importance for each sequence, in input order.
 
     `device` defaults to the model's; if given and different, the model is moved there (in place).
+    `reference_topk` > 0 also keeps the model's top-k next-token distribution per response token.
     """
     _check_lambda(lambda_)
     if normalization not in _NORMALIZATIONS:
@@ -248,8 +263,12 @@ def compute_token_importance(
             input_ids = pad_right([s.input_ids for s in batch], 0, torch.long).to(device)
             attention_mask = pad_right([[1] * len(s.input_ids) for s in batch], 0, torch.long).to(device)
             response_mask = pad_right([s.response_mask for s in batch], 0, torch.long).to(device)
-            attribution, logps = attribution_and_logps(model, input_ids, attention_mask, response_mask)
+            topk: dict[str, Tensor] = {}
+            attribution, logps = attribution_and_logps(
+                model, input_ids, attention_mask, response_mask, topk=reference_topk, topk_out=topk
+            )
             attribution, logps = attribution.cpu(), logps.cpu()
+            topk = {name: value.cpu() for name, value in topk.items()}
             for row, index in enumerate(chunk):
                 mask = response_mask[row].cpu() != 0
                 raw = attribution[row][mask]
@@ -259,6 +278,8 @@ def compute_token_importance(
                     prior=gaussian_prior(raw.numel()).numpy(),
                     weight=weight.numpy().astype(np.float32),
                     reference_logp=logps[row][mask].numpy().astype(np.float32),
+                    reference_topk_ids=topk["ids"][row][mask].numpy().astype(np.int32) if topk else None,
+                    reference_topk_logp=topk["logp"][row][mask].numpy().astype(np.float32) if topk else None,
                 )
             bar.update(len(chunk))
     return [r for r in results if r is not None]

@@ -147,6 +147,53 @@ def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
     return F.pad(kl.clamp_min(0.0), (1, 0), value=0.0)
 
 
+def reference_topk(reference_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The reference's k most likely next tokens per position: ids ``[B,T,k]`` (int) and their
+    log-probabilities ``[B,T,k]``, aligned like token_logps (position t holds the distribution that
+    predicts token t; position 0 is empty: ids 0, log-probs -inf)."""
+    if reference_logits.dim() != 3:
+        raise ValueError(f"expected logits [B,T,V], got {tuple(reference_logits.shape)}")
+    k = min(k, reference_logits.shape[-1])
+    logp = F.log_softmax(reference_logits[:, :-1].to(_compute_dtype(reference_logits)), dim=-1)
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    ids = F.pad(top_ids, (0, 0, 1, 0), value=0)
+    return ids, F.pad(top_logp, (0, 0, 1, 0), value=float("-inf"))
+
+
+def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, policy_logits: Tensor) -> Tensor:
+    """Per-position KL(pi_ref || pi_theta) from the reference's cached top-k ``[B,T]`` (METHOD.md's
+    SeqKL with the reference distribution stored instead of recomputed: `reference_kl: cached`).
+
+    Both distributions are coarsened to the k cached tokens plus one bucket for all other tokens, and
+    the KL of the coarsened pair is returned. It equals token_kl when k covers the vocabulary (the
+    bucket is empty) and is a lower bound otherwise (merging outcomes never increases a KL); the gap is
+    what the tail mass hides. Positions whose cached log-probs are all -inf (position 0, padding) give 0.
+    """
+    if policy_logits.dim() != 3 or reference_topk_ids.shape[:2] != policy_logits.shape[:2]:
+        raise ValueError(
+            f"expected policy logits [B,T,V] and top-k [B,T,k], got {tuple(policy_logits.shape)} and "
+            f"{tuple(reference_topk_ids.shape)}"
+        )
+    if reference_topk_logp.shape != reference_topk_ids.shape:
+        raise ValueError(f"top-k ids {tuple(reference_topk_ids.shape)} and log-probs {tuple(reference_topk_logp.shape)} differ")
+    dtype = _compute_dtype(policy_logits)
+    policy_logp = F.log_softmax(policy_logits[:, :-1].to(dtype), dim=-1)
+    ref_logp = reference_topk_logp[:, 1:].to(dtype)
+    pol_top = policy_logp.gather(-1, reference_topk_ids[:, 1:].long())
+    ref_p = ref_logp.exp()
+    head = torch.where(ref_p > 0, ref_p * (ref_logp - pol_top), torch.zeros_like(ref_p)).sum(-1)
+    if reference_topk_ids.shape[-1] >= policy_logits.shape[-1]:
+        # Whole vocabulary cached: no rest bucket (1 - sum of probs would be rounding noise, not mass).
+        return F.pad(head.clamp_min(0.0), (1, 0), value=0.0)
+    # The rest bucket: 1 - (top-k mass), for each distribution; clamped so log(0) never appears.
+    tiny = torch.finfo(dtype).tiny
+    ref_rest = (1.0 - ref_p.sum(-1)).clamp_min(0.0)
+    pol_rest = (1.0 - pol_top.exp().sum(-1)).clamp_min(tiny)
+    rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log()), torch.zeros_like(ref_rest))
+    kl = head + rest
+    return F.pad(kl.clamp_min(0.0), (1, 0), value=0.0)
+
+
 def sequence_kl(token_kl: Tensor, response_mask: Tensor) -> Tensor:
     """SeqKL(x, y): sum of the per-position KL over response positions ``[B]``."""
     return (token_kl * response_mask.to(token_kl.dtype)).sum(-1)

@@ -62,8 +62,13 @@ CREATE TABLE IF NOT EXISTS token_weights (
     prior FLOAT NOT NULL,
     weight FLOAT NOT NULL,
     reference_logp FLOAT NOT NULL,
+    reference_topk_ids INTEGER[],
+    reference_topk_logp FLOAT[],
     PRIMARY KEY (fingerprint, pair_id, side, position)
 );
+-- Files written before the reference top-k cache existed.
+ALTER TABLE token_weights ADD COLUMN IF NOT EXISTS reference_topk_ids INTEGER[];
+ALTER TABLE token_weights ADD COLUMN IF NOT EXISTS reference_topk_logp FLOAT[];
 CREATE TABLE IF NOT EXISTS evaluation_metrics (
     mlflow_run_id VARCHAR,
     model VARCHAR,
@@ -277,8 +282,12 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
     """Replace the weights of every (pair, side) present in `rows`, in one transaction.
 
     Each row is one response: pair_id, side, text_digest and equal-length lists token_ids,
-    attribution, prior, weight, reference_logp.
+    attribution, prior, weight, reference_logp; optionally reference_topk_ids and reference_topk_logp,
+    [tokens, k] arrays (the reference's top-k next-token distribution; NULL where absent).
     """
+    topk_ids: list[np.ndarray] = []
+    topk_logp: list[np.ndarray] = []
+    topk_lengths: list[np.ndarray] = []
     columns: dict[str, list[Any]] = {
         k: []
         for k in (
@@ -312,13 +321,34 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
             if len(values) != n:
                 raise ValueError(f"{key} has {len(values)} values for {n} tokens ({row['pair_id']}/{row['side']})")
             columns[name].extend(values)
+        ids, logp = row.get("reference_topk_ids"), row.get("reference_topk_logp")
+        if ids is None:
+            topk_lengths.append(np.full(n, -1, dtype=np.int64))
+        else:
+            ids, logp = np.asarray(ids, dtype=np.int32), np.asarray(logp, dtype=np.float32)
+            if ids.ndim != 2 or ids.shape[0] != n or logp.shape != ids.shape:
+                raise ValueError(
+                    f"reference top-k of {row['pair_id']}/{row['side']} must be two [{n}, k] arrays, "
+                    f"got {ids.shape} and {logp.shape}"
+                )
+            topk_ids.append(ids.reshape(-1))
+            topk_logp.append(logp.reshape(-1))
+            topk_lengths.append(np.full(n, ids.shape[1], dtype=np.int64))
     if not keys:
         return 0
+    # One list per token row, built from flat values and offsets (NULL for rows without a cache).
+    lengths = np.concatenate(topk_lengths)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))]).astype(np.int32))
+    null = pa.array(lengths < 0)
+    flat_ids = pa.array(np.concatenate(topk_ids) if topk_ids else np.zeros(0, np.int32))
+    flat_logp = pa.array(np.concatenate(topk_logp) if topk_logp else np.zeros(0, np.float32))
     table = pa.table(
         {
             "fingerprint": [fingerprint] * len(columns["pair_id"]),
             **{k: v for k, v in columns.items() if k not in ("attribution", "prior", "weight", "reference_logp")},
             **{k: pa.array(columns[k], pa.float32()) for k in ("attribution", "prior", "weight", "reference_logp")},
+            "reference_topk_ids": pa.ListArray.from_arrays(offsets, flat_ids, mask=null),
+            "reference_topk_logp": pa.ListArray.from_arrays(offsets, flat_logp, mask=null),
         }
     )
     key_table = pa.table({"pair_id": [k[0] for k in keys], "side": [k[1] for k in keys]})
@@ -333,7 +363,7 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
         con.register("_weight_staging", table)
         con.execute(
             "INSERT INTO token_weights SELECT fingerprint, pair_id, side, text_digest, position, token_id, "
-            "attribution, prior, weight, reference_logp FROM _weight_staging"
+            "attribution, prior, weight, reference_logp, reference_topk_ids, reference_topk_logp FROM _weight_staging"
         )
         con.unregister("_weight_staging")
     return len(keys)
@@ -348,6 +378,9 @@ class StoredWeights:
     prior: np.ndarray
     weight: np.ndarray
     reference_logp: np.ndarray
+    reference_topk_ids: np.ndarray | None = None
+    """[tokens, k] int32, when read with_reference_topk and stored."""
+    reference_topk_logp: np.ndarray | None = None
 
 
 def read_token_weights(
@@ -356,6 +389,7 @@ def read_token_weights(
     pair_ids: Sequence[str] | None = None,
     *,
     pair_id_range: tuple[str, str] | None = None,
+    with_reference_topk: bool = False,
 ) -> dict[tuple[str, str], StoredWeights]:
     """All weights of a fingerprint in one query, grouped per (pair_id, side) in position order.
 
@@ -364,12 +398,21 @@ def read_token_weights(
 
     Fetched as Arrow and sliced into numpy views: turning millions of values into Python floats was
     most of the cost of the read and of the training process's memory.
+
+    `with_reference_topk` also reads the reference top-k cache; a response stored without one is an
+    error naming the fix (it cannot be trained with `reference_kl: cached`).
     """
-    query = """
+    topk_columns = (
+        ", flatten(list(reference_topk_ids ORDER BY position)), flatten(list(reference_topk_logp ORDER BY position)), "
+        "bool_or(reference_topk_ids IS NULL)"
+        if with_reference_topk
+        else ""
+    )
+    query = f"""
         SELECT pair_id, side,
                list(token_id ORDER BY position), list(attribution ORDER BY position),
                list(prior ORDER BY position), list(weight ORDER BY position),
-               list(reference_logp ORDER BY position)
+               list(reference_logp ORDER BY position){topk_columns}
         FROM token_weights WHERE fingerprint = ?
     """
     params: list[Any] = [fingerprint]
@@ -391,11 +434,22 @@ def read_token_weights(
             con.unregister("_wanted_pairs")
     keys = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
     columns = []
-    for index in range(2, 7):
+    for index in range(2, 9 if with_reference_topk else 7):
         lists = table.column(index).combine_chunks()
         offsets = lists.offsets.to_numpy()
         values = lists.values.to_numpy(zero_copy_only=False)
         columns.append([values[offsets[i] : offsets[i + 1]] for i in range(len(keys))])
+    if with_reference_topk:
+        missing = [key for key, absent in zip(keys, table.column(9).to_pylist(), strict=True) if absent]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} responses of token weights {fingerprint!r} (e.g. {missing[0]}) have no reference "
+                "top-k cache: materialize token_weights with reference_kl_top_k > 0 for reference_kl: cached"
+            )
+        for index in (5, 6):  # [tokens * k] -> [tokens, k]
+            columns[index] = [
+                flat.reshape(len(columns[0][i]), -1) for i, flat in enumerate(columns[index])
+            ]
     return {key: StoredWeights(*(column[i] for column in columns)) for i, key in enumerate(keys)}
 
 

@@ -123,19 +123,28 @@ def pad_right(
     return out
 
 
-def scatter_response_values(values: Sequence[Sequence[float]], response_mask: Tensor) -> Tensor:
-    """Place per-response-token values at the response positions of a [B, T] mask; 0 elsewhere."""
+def scatter_response_values(
+    values: Sequence[Any], response_mask: Tensor, *, dtype: torch.dtype = torch.float32, fill: float = 0.0
+) -> Tensor:
+    """Place per-response-token values at the response positions of a [B, T] mask; `fill` elsewhere.
+
+    Rows are 1-D (one value per token, giving [B, T]) or 2-D [tokens, k] (giving [B, T, k]).
+    """
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
     if len(values) != response_mask.shape[0]:
         raise ValueError(f"{len(values)} value rows for a batch of {response_mask.shape[0]}")
-    out = torch.zeros(response_mask.shape, dtype=torch.float32)
-    for row, row_values in enumerate(values):
+    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    # A copy of each row: stored rows are read-only Arrow views.
+    rows = [np.array(row_values, dtype=numpy_dtype) for row_values in values]
+    trailing = next((r.shape[1:] for r in rows if r.size), ())
+    out = torch.full((*response_mask.shape, *trailing), fill, dtype=dtype)
+    for row, row_values in enumerate(rows):
         positions = torch.nonzero(response_mask[row] != 0, as_tuple=True)[0]
         if len(row_values) != positions.numel():
             raise ValueError(f"row {row}: {len(row_values)} values for {positions.numel()} response tokens")
         if positions.numel():
-            out[row, positions] = torch.from_numpy(np.array(row_values, dtype=np.float32))  # a copy: stored rows are read-only Arrow views
+            out[row, positions] = torch.from_numpy(row_values)
     return out
 
 

@@ -67,7 +67,15 @@ from tidpo_core.importance import (
     gradient_attribution,
     hybrid_weights,
 )
-from tidpo_core.losses import LossConfig, SideTensors, compute_loss, sequence_kl, token_kl, token_logps
+from tidpo_core.losses import (
+    LossConfig,
+    SideTensors,
+    compute_loss,
+    sequence_kl,
+    token_kl,
+    token_kl_topk,
+    token_logps,
+)
 from tidpo_core.modeling import load_model_and_tokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -119,6 +127,12 @@ class TrainConfig:
     """Re-sample every train pair's anchor from the current policy every N optimizer steps (METHOD.md's
     option; each refresh samples all train prompts and weighs the new anchors with the reference).
     0: the anchor_responses asset's reference samples are used throughout."""
+    reference_kl: Literal["forward", "cached"] = "forward"
+    """Where SeqKL (alpha > 0) gets the reference distribution. `forward`: a frozen reference runs every
+    step over chosen and rejected, the full vocabulary exactly as METHOD.md writes it. `cached`: the
+    reference's top-k next-token distribution stored by the token_weights asset (reference_kl_top_k > 0),
+    so a step runs the policy only and no second model is held; the KL is then the coarsened
+    (top-k + rest) KL, a lower bound equal to the exact one when k covers the vocabulary."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
     recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
@@ -184,6 +198,11 @@ class TrainConfig:
         return path
 
     @property
+    def cached_reference_kl(self) -> bool:
+        """SeqKL from the stored reference top-k instead of a reference forward."""
+        return self.reference_kl == "cached" and self.loss_config().needs_kl
+
+    @property
     def uniform_token_weights(self) -> bool:
         """Every token counts once: asked for, or a loss that does not weigh tokens."""
         return self.uniform_weights or self.loss_type != "tidpo"
@@ -202,6 +221,8 @@ class TrainConfig:
         )
 
     def __post_init__(self) -> None:
+        if self.reference_kl not in ("forward", "cached"):
+            raise ValueError(f"reference_kl must be 'forward' or 'cached', got {self.reference_kl!r}")
         if self.weights_mode not in ("precomputed", "online"):
             raise ValueError(f"weights_mode must be 'precomputed' or 'online', got {self.weights_mode!r}")
         if self.gradient_accumulation_steps < 1:
@@ -496,7 +517,7 @@ def compute_batch_loss(
 
     `reference` gives full reference logits (needed for SeqKL when alpha > 0): a function of
     (input_ids, attention_mask), or a module used as a frozen reference. Without it the precomputed
-    reference log-probs of the batch are used.
+    reference log-probs of the batch are used, and SeqKL comes from the batch's cached reference top-k.
     """
     if isinstance(reference, torch.nn.Module):
         reference = frozen_reference(reference)
@@ -525,6 +546,9 @@ def compute_batch_loss(
     kl = None
     if ref_logits is not None and loss_config.needs_kl:
         kl = sequence_kl(token_kl(ref_logits[pair_rows], logits[pair_rows]), stacked["response_mask"][pair_rows])
+    elif loss_config.needs_kl and "reference_topk_ids" in stacked:
+        per_token = token_kl_topk(stacked["reference_topk_ids"], stacked["reference_topk_logp"], logits[pair_rows])
+        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
     hidden = _pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None
 
     def side(i: int) -> SideTensors:
@@ -625,6 +649,8 @@ def load_training_features(
             raise ValueError(f"no training pairs in {config.duckdb_path}")
         if not config.weights_fingerprint and loss_config.needs_reference and not loss_config.needs_kl:
             raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
+        if not config.weights_fingerprint and config.cached_reference_kl:
+            raise ValueError("reference_kl: cached reads the reference top-k stored with the token weights: set weights_fingerprint")
         pairs = sorted(pairs, key=lambda p: p.pair_id)  # chunks are id ranges; the loader shuffles anyway
         for begin in range(0, len(pairs), FEATURE_CHUNK_PAIRS):
             chunk = pairs[begin : begin + FEATURE_CHUNK_PAIRS]
@@ -632,7 +658,9 @@ def load_training_features(
             stored = None
             if config.weights_fingerprint:
                 id_range = (chunk[0].pair_id, chunk[-1].pair_id)
-                stored = store.read_token_weights(con, config.weights_fingerprint, pair_id_range=id_range)
+                stored = store.read_token_weights(
+                    con, config.weights_fingerprint, pair_id_range=id_range, with_reference_topk=config.cached_reference_kl
+                )
             read_s += time.perf_counter() - started
             started = time.perf_counter()
             features += build_features(
@@ -956,7 +984,7 @@ def _run(
     if config.lora:
         policy = peft_model = _apply_lora(policy, config)
     reference_module = None
-    if loss_config.needs_kl and not config.lora:
+    if loss_config.needs_kl and not config.lora and not config.cached_reference_kl:
         # Under ZeRO-3 the reference loads partitioned and runs in its own engine (_place_reference).
         reference_module, _ = _load_reference(config)
     timings["model_load_s"] = time.perf_counter() - started
@@ -995,7 +1023,7 @@ def _run(
     reference: ReferenceFn | None = None
     if reference_module is not None:
         reference = frozen_reference(_place_reference(accelerator, reference_module), accelerator.autocast)
-    elif loss_config.needs_kl and peft_model is not None:
+    elif loss_config.needs_kl and peft_model is not None and not config.cached_reference_kl:
         reference = adapter_disabled_reference(policy, accelerator.unwrap_model(policy))
     weights_fn = None
     if config.weights_mode == "online" and config.loss_type == "tidpo" and not config.uniform_weights:
@@ -1049,6 +1077,8 @@ def _run(
         f"({steps_per_epoch}/epoch), {accelerator.num_processes} process(es) [{accelerator.distributed_type.value}], "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
         f"{trainable_count:,} of {total_count:,} parameters trainable"
+        + (f", SeqKL from {'the cached reference top-k' if config.cached_reference_kl else 'a reference forward'}"
+           if loss_config.needs_kl else "")
     )
     bar = tqdm(
         total=total_steps,

@@ -321,6 +321,9 @@ class TokenWeightsConfig(dg.Config):
     max_response_tokens: int = 128
     write_every: int = 512
     """Responses per DuckDB transaction; a crash loses at most one chunk of work."""
+    reference_kl_top_k: int = 0
+    """Also store the reference's k most likely next tokens per response token (from the same forward),
+    so that tidpo_policy with reference_kl: cached computes SeqKL without a reference model. 0: none."""
 
 
 @dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (gradient attribution + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
@@ -334,8 +337,16 @@ def token_weights(
 ) -> dg.MaterializeResult:
     settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
     importance_settings = {"lambda": config.weight_lambda, "normalization": config.normalization, "temperature": config.temperature}
+    if config.reference_kl_top_k < 0:
+        raise dg.Failure(f"reference_kl_top_k must be >= 0, got {config.reference_kl_top_k}")
     fingerprint = digest(
-        {"model": reference_model["fingerprint"], "encoding": settings.__dict__, "importance": importance_settings}
+        {
+            "model": reference_model["fingerprint"],
+            "encoding": settings.__dict__,
+            "importance": importance_settings,
+            # Only when set, so that weights stored before the option existed keep their fingerprint.
+            **({"reference_kl_top_k": config.reference_kl_top_k} if config.reference_kl_top_k else {}),
+        }
     )
     with duckdb.get_connection() as con:
         pairs = store.read_pairs(con, split="train")
@@ -362,6 +373,7 @@ def token_weights(
                 temperature=config.temperature,
                 batch_size=config.batch_size,
                 progress=True,
+                reference_topk=config.reference_kl_top_k,
             )
             rows = [
                 {
@@ -373,6 +385,8 @@ def token_weights(
                     "prior": imp.prior,
                     "weight": imp.weight,
                     "reference_logp": imp.reference_logp,
+                    "reference_topk_ids": imp.reference_topk_ids,
+                    "reference_topk_logp": imp.reference_topk_logp,
                 }
                 for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
             ]
@@ -393,6 +407,7 @@ def token_weights(
             "reused": expected - len(todo),
             "mean_attribution": float(stats[2] or 0.0),
             "mean_weight": float(stats[3] or 0.0),
+            "reference_kl_top_k": config.reference_kl_top_k,
             "settings": dg.MetadataValue.json({"encoding": settings.__dict__, **importance_settings}),
         },
     )
@@ -428,6 +443,10 @@ class PolicyConfig(dg.Config):
     """Re-sample every train pair's anchor from the current policy every N optimizer steps (0: keep the
     anchor_responses asset's reference samples). Each refresh samples all train prompts and weighs the new
     anchors with the reference (loaded for it if the KL term does not already need it)."""
+    reference_kl: Literal["forward", "cached"] = "forward"
+    """SeqKL's reference distribution: `forward` runs the frozen reference every step (exact, METHOD.md);
+    `cached` reads the top-k the token_weights asset stored (needs its reference_kl_top_k > 0): the step
+    runs the policy only and no second model is loaded."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`online` recomputes the attribution with the current policy every step (the paper's way, ~2x cost)."""
     lora: bool = False
