@@ -35,6 +35,8 @@ ABLATIONS = {
     "weighted_dpo (alpha=0, gamma=0)": {"loss_type": "tidpo", "alpha": 0.0, "gamma": 0.0},
     # METHOD.md's option: anchors re-sampled from the current policy (every 50 of the epoch's ~228 steps).
     "tidpo_anchor_refresh (every 50 steps)": {"loss_type": "tidpo", "anchor_refresh_every": 50},
+    # SeqKL from the reference's cached top-64 next tokens (of 2,048) instead of a reference forward.
+    "tidpo_cached_kl (top-64 reference cache)": {"loss_type": "tidpo", "reference_kl": "cached"},
 }
 
 
@@ -296,6 +298,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             vocab_size=model_config.vocab_size,
             sft_steps=sizes["sft_steps"],
             anchor_new_tokens=sizes["anchor_new_tokens"],
+            reference_kl_top_k=common.REFERENCE_KL_TOP_K,
         )
         evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
         common.log(NAME, f"reference: {evaluator.reference}")

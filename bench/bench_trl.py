@@ -280,6 +280,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             sft_steps=sizes["sft_steps"],
             anchor_new_tokens=sizes["anchor_new_tokens"],
             max_response_tokens=sizes["max_response_tokens"],
+            reference_kl_top_k=common.REFERENCE_KL_TOP_K,
         )
         _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
         rows, features = _trl_rows(prepared, tokenizer)
@@ -292,6 +293,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             # Where the time goes: the same loss without the TDPO KL term (no reference forward, no
             # full-vocabulary KL), i.e. token weights + triplet only.
             "tidpo_tidpo_alpha0": lambda: time_tidpo(prepared, "tidpo", batch, work, alpha=0.0),
+            # The full loss with SeqKL from the reference's cached top-64: the policy is the only model.
+            "tidpo_tidpo_cached_kl": lambda: time_tidpo(prepared, "tidpo", batch, work, reference_kl="cached"),
         }
         rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         timing_started = time.perf_counter()
@@ -371,6 +374,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "met": ratio <= 0.8,
                 "tidpo_dpo_epoch_over_trl_dpo": summary["tidpo_dpo"]["epoch_ratio_vs_trl"],
                 "tidpo_tidpo_alpha0_epoch_over_trl_dpo": summary["tidpo_tidpo_alpha0"]["epoch_ratio_vs_trl"],
+                "tidpo_tidpo_cached_kl_epoch_over_trl_dpo": summary["tidpo_tidpo_cached_kl"]["epoch_ratio_vs_trl"],
                 "tidpo_tidpo_epoch_cpu_over_trl_dpo": summary["tidpo_tidpo"]["epoch_cpu_ratio_vs_trl"],
             },
             "sizes": sizes,
@@ -397,7 +401,13 @@ def _token_counts(features: list[dict[str, Any]], prepared: common.Prepared) -> 
         _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
         config = common.train_config(prepared, "tidpo", prepared.data_dir / "unused")
         anchors = sum(len(f["anchor_input_ids"]) for f in load_training_features(config, tokenizer))
-    return {"trl_dpo": two, "tidpo_dpo": two, "tidpo_tidpo": two + anchors, "tidpo_tidpo_alpha0": two + anchors}
+    return {
+        "trl_dpo": two,
+        "tidpo_dpo": two,
+        "tidpo_tidpo": two + anchors,
+        "tidpo_tidpo_alpha0": two + anchors,
+        "tidpo_tidpo_cached_kl": two + anchors,
+    }
 
 
 if __name__ == "__main__":

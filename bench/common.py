@@ -342,6 +342,10 @@ class Prepared:
         return out
 
 
+# The reference top-k the benchmarks store for `reference_kl: cached` (of a 2,048-token vocabulary).
+REFERENCE_KL_TOP_K = 64
+
+
 def prepare(data_dir: Path, pairs: Sequence[Any], **kwargs: Any) -> Prepared:
     """Pairs -> reference model -> anchors -> token weights (see :func:`prepare_uncached`).
 
@@ -397,6 +401,7 @@ def prepare_uncached(
     max_response_tokens: int = 128,
     weight_batch_size: int = 16,
     weight_lambda: float = 0.7,
+    reference_kl_top_k: int = 0,
 ) -> Prepared:
     """Pairs -> reference model (tokenizer + tiny Llama + short SFT) -> anchors -> token weights.
 
@@ -479,7 +484,9 @@ def prepare_uncached(
             for side, text in side_texts(pair, anchor_texts.get(pair.pair_id) if anchors else None).items():
                 todo.append((pair.pair_id, side, text_digest(text), encode_response(tokenizer, pair.prompt, text, settings)))
         encoded = [item[3] for item in todo]
-        importances = compute_token_importance(model, encoded, lambda_=weight_lambda, batch_size=weight_batch_size)
+        importances = compute_token_importance(
+            model, encoded, lambda_=weight_lambda, batch_size=weight_batch_size, reference_topk=reference_kl_top_k
+        )
         rows = [
             {
                 "pair_id": pid,
@@ -490,6 +497,8 @@ def prepare_uncached(
                 "prior": imp.prior,
                 "weight": imp.weight,
                 "reference_logp": imp.reference_logp,
+                "reference_topk_ids": imp.reference_topk_ids,
+                "reference_topk_logp": imp.reference_topk_logp,
             }
             for (pid, side, digest_, enc), imp in zip(todo, importances, strict=True)
         ]
