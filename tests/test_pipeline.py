@@ -245,3 +245,13 @@ def test_cached_reference_kl_through_the_assets(first_run):
     policy = result.asset_materializations_for_node("tidpo_policy")[0].metadata
     assert policy["mlflow_model_uri"].value == "not registered"
     assert 0 < policy["last_loss"].value < 10
+
+
+def test_cached_reference_kl_without_a_stored_cache_fails_before_training(first_run):
+    data_dir, instance, _ = first_run
+    config = small_run_config(steps=2, reference_kl="cached", register_model=False)
+    config = {"ops": {op: config["ops"][op] for op in ("token_weights", "tidpo_policy")}}
+    result = _materialize(data_dir, config, selection=["token_weights", "tidpo_policy"], instance=instance)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures and "reference_kl_top_k > 0" in str(failures[0].event_specific_data.error)

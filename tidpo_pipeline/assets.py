@@ -398,7 +398,12 @@ def token_weights(
             [fingerprint],
         ).fetchone()
     return dg.MaterializeResult(
-        value={"fingerprint": fingerprint, "encoding": settings.__dict__, "importance": importance_settings},
+        value={
+            "fingerprint": fingerprint,
+            "encoding": settings.__dict__,
+            "importance": importance_settings,
+            "reference_kl_top_k": config.reference_kl_top_k,
+        },
         metadata={
             "fingerprint": fingerprint,
             "dagster/row_count": stats[0],
@@ -526,6 +531,11 @@ def tidpo_policy(
     mlflow_tracking: MlflowTracking,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
+    if config.reference_kl == "cached" and config.loss_type == "tidpo" and config.alpha > 0 and not token_weights.get("reference_kl_top_k"):
+        raise dg.Failure(
+            "reference_kl: cached needs the reference top-k stored with the token weights: "
+            "materialize token_weights with reference_kl_top_k > 0 (e.g. 64) first"
+        )
     experiment_id = mlflow_tracking.experiment_id()
     lambda_ = config.weight_lambda if config.weight_lambda is not None else token_weights["importance"]["lambda"]
     run_key = digest(
