@@ -4,6 +4,8 @@ trains only the adapter and uses the adapter-disabled base as the reference, TRL
 MLflow, and `weights_mode: online` reproduces the stored weights at step 0."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -432,3 +434,24 @@ def test_cached_reference_kl_without_a_cache_names_the_fix(tiny, tmp_path):
         train(tiny.config(tmp_path / "none", max_steps=1, reference_kl="cached"))
     with pytest.raises(ValueError, match="reference_kl must be"):
         tiny.config(tmp_path, reference_kl="topk")
+
+
+def test_peak_rss_is_the_training_process_s_own_not_its_parent_s(tmp_path):
+    """ru_maxrss survives exec: a child of a 700 MiB parent reported >= 700 MiB whatever it used."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("VmHWM is Linux's")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import json, subprocess, sys\n"
+        "big = bytearray(700 * 2**20)\n"
+        "for i in range(0, len(big), 4096): big[i] = 1\n"
+        "child = ('import json, resource; from tidpo_core.train import _peak_rss_mb; '\n"
+        "         'print(json.dumps([_peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))')\n"
+        "out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True)\n"
+        "print(out.stdout)\n"
+    )
+    done = subprocess.run([sys.executable, str(parent)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    own, inherited = json.loads(done.stdout.strip().splitlines()[-1])
+    assert inherited >= 700  # the trap: the parent's size
+    assert own < 650  # importing torch and the engine costs ~400 MiB

@@ -8,6 +8,7 @@ connection; opening and locking the file is the caller's business (Dagster's Duc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tidpo_core.data import LoadResult, PreferencePair, assign_split
 
@@ -399,20 +401,14 @@ def read_token_weights(
     Fetched as Arrow and sliced into numpy views: turning millions of values into Python floats was
     most of the cost of the read and of the training process's memory.
 
-    `with_reference_topk` also reads the reference top-k cache; a response stored without one is an
-    error naming the fix (it cannot be trained with `reference_kl: cached`).
+    `with_reference_topk` also attaches the reference top-k cache of the chosen and rejected sides
+    (what SeqKL needs; see read_reference_topk).
     """
-    topk_columns = (
-        ", flatten(list(reference_topk_ids ORDER BY position)), flatten(list(reference_topk_logp ORDER BY position)), "
-        "bool_or(reference_topk_ids IS NULL)"
-        if with_reference_topk
-        else ""
-    )
-    query = f"""
+    query = """
         SELECT pair_id, side,
                list(token_id ORDER BY position), list(attribution ORDER BY position),
                list(prior ORDER BY position), list(weight ORDER BY position),
-               list(reference_logp ORDER BY position){topk_columns}
+               list(reference_logp ORDER BY position)
         FROM token_weights WHERE fingerprint = ?
     """
     params: list[Any] = [fingerprint]
@@ -434,23 +430,74 @@ def read_token_weights(
             con.unregister("_wanted_pairs")
     keys = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
     columns = []
-    for index in range(2, 9 if with_reference_topk else 7):
+    for index in range(2, 7):
         lists = table.column(index).combine_chunks()
         offsets = lists.offsets.to_numpy()
         values = lists.values.to_numpy(zero_copy_only=False)
         columns.append([values[offsets[i] : offsets[i + 1]] for i in range(len(keys))])
+    weights = {key: StoredWeights(*(column[i] for column in columns)) for i, key in enumerate(keys)}
     if with_reference_topk:
-        missing = [key for key, absent in zip(keys, table.column(9).to_pylist(), strict=True) if absent]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} responses of token weights {fingerprint!r} (e.g. {missing[0]}) have no reference "
-                "top-k cache: materialize token_weights with reference_kl_top_k > 0 for reference_kl: cached"
-            )
-        for index in (5, 6):  # [tokens * k] -> [tokens, k]
-            columns[index] = [
-                flat.reshape(len(columns[0][i]), -1) for i, flat in enumerate(columns[index])
-            ]
-    return {key: StoredWeights(*(column[i] for column in columns)) for i, key in enumerate(keys)}
+        cache = read_reference_topk(con, fingerprint, pair_ids, pair_id_range=pair_id_range)
+        for key, (ids, logp) in cache.items():
+            if key in weights:
+                weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids, reference_topk_logp=logp)
+    return weights
+
+
+def read_reference_topk(
+    con: duckdb.DuckDBPyConnection,
+    fingerprint: str,
+    pair_ids: Sequence[str] | None = None,
+    *,
+    pair_id_range: tuple[str, str] | None = None,
+    sides: Sequence[str] = ("chosen", "rejected"),
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """The reference top-k cache per (pair_id, side): ids [tokens, k] int32 and log-probs [tokens, k].
+
+    Rows are read in (pair, side, position) order and cut into views of one flat array per column (a
+    per-response list aggregate of k-wide lists took 3x as long). A response stored without a cache is
+    an error naming the fix.
+    """
+    params: list[Any] = [fingerprint, list(sides)]
+    query = (
+        "SELECT pair_id, side, reference_topk_ids, reference_topk_logp FROM token_weights "
+        "WHERE fingerprint = ? AND list_contains(?, side)"
+    )
+    if pair_ids is not None:
+        con.register("_wanted_topk_pairs", pa.table({"pair_id": list(pair_ids)}))
+        query += " AND pair_id IN (SELECT pair_id FROM _wanted_topk_pairs)"
+    if pair_id_range is not None:
+        query += " AND pair_id BETWEEN ? AND ?"
+        params += list(pair_id_range)
+    query += " ORDER BY pair_id, side, position"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+            table = con.execute(query, params).to_arrow_table()
+    finally:
+        if pair_ids is not None:
+            con.unregister("_wanted_topk_pairs")
+    ids_column, logp_column = (table.column(i).combine_chunks() for i in (2, 3))
+    if ids_column.null_count or logp_column.null_count:
+        raise ValueError(
+            f"{ids_column.null_count} tokens of token weights {fingerprint!r} have no reference top-k cache: "
+            "materialize token_weights with reference_kl_top_k > 0 for reference_kl: cached"
+        )
+    if len(table) == 0:
+        return {}
+    lengths = pc.list_value_length(ids_column)
+    k = pc.min(lengths).as_py()
+    if k != pc.max(lengths).as_py() or not pc.all(pc.equal(lengths, pc.list_value_length(logp_column))).as_py():
+        raise ValueError(f"token weights {fingerprint!r} mix reference top-k sizes; re-materialize token_weights")
+    ids = ids_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
+    logp = logp_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
+    pair_column = table.column(0).to_numpy(zero_copy_only=False)
+    side_column = table.column(1).to_numpy(zero_copy_only=False)
+    changes = np.flatnonzero((pair_column[1:] != pair_column[:-1]) | (side_column[1:] != side_column[:-1])) + 1
+    bounds = np.concatenate([[0], changes, [len(table)]])
+    return {
+        (pair_column[a], side_column[a]): (ids[a:b], logp[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    }
 
 
 # --- evaluation -------------------------------------------------------------------------------------

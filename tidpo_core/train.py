@@ -682,6 +682,18 @@ def load_training_features(
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory.
+
+    Linux's VmHWM (the high-water mark of this process image) first: getrusage's ru_maxrss survives
+    exec, so a training process started by a large parent (a Dagster run, a benchmark holding a model)
+    reported at least the parent's size at fork.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     scale = 1024**2 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
