@@ -236,12 +236,18 @@ def test_cached_reference_kl_through_the_assets(first_run):
     try:
         lengths = con.execute(
             "SELECT min(len(reference_topk_ids)), max(len(reference_topk_logp)), count(*) FROM token_weights "
-            "WHERE fingerprint = ?",
+            "WHERE fingerprint = ? AND side <> 'anchor'",
+            [weights["fingerprint"].value],
+        ).fetchone()
+        anchors_without_cache = con.execute(
+            "SELECT count(*) FILTER (reference_topk_ids IS NULL), count(*) FROM token_weights "
+            "WHERE fingerprint = ? AND side = 'anchor'",
             [weights["fingerprint"].value],
         ).fetchone()
     finally:
         con.close()
-    assert lengths[:2] == (16, 16) and lengths[2] == weights["dagster/row_count"].value
+    assert lengths[:2] == (16, 16) and 0 < lengths[2] < weights["dagster/row_count"].value
+    assert anchors_without_cache[0] == anchors_without_cache[1] > 0  # SeqKL never reads an anchor's cache
     policy = result.asset_materializations_for_node("tidpo_policy")[0].metadata
     assert policy["mlflow_model_uri"].value == "not registered"
     assert 0 < policy["last_loss"].value < 10

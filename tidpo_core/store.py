@@ -402,7 +402,7 @@ def read_token_weights(
     most of the cost of the read and of the training process's memory.
 
     `with_reference_topk` also attaches the reference top-k cache of the chosen and rejected sides
-    (what SeqKL needs; see read_reference_topk).
+    (what SeqKL needs; see _attach_reference_topk).
     """
     query = """
         SELECT pair_id, side,
@@ -437,31 +437,32 @@ def read_token_weights(
         columns.append([values[offsets[i] : offsets[i + 1]] for i in range(len(keys))])
     weights = {key: StoredWeights(*(column[i] for column in columns)) for i, key in enumerate(keys)}
     if with_reference_topk:
-        cache = read_reference_topk(con, fingerprint, pair_ids, pair_id_range=pair_id_range)
-        for key, (ids, logp) in cache.items():
-            if key in weights:
-                weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids, reference_topk_logp=logp)
+        _attach_reference_topk(con, fingerprint, weights, pair_ids, pair_id_range)
     return weights
 
 
-def read_reference_topk(
+# SeqKL runs over these sides only; the token_weights asset stores no cache for anchors.
+REFERENCE_TOPK_SIDES = ("chosen", "rejected")
+
+
+def _attach_reference_topk(
     con: duckdb.DuckDBPyConnection,
     fingerprint: str,
-    pair_ids: Sequence[str] | None = None,
-    *,
-    pair_id_range: tuple[str, str] | None = None,
-    sides: Sequence[str] = ("chosen", "rejected"),
-) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    """The reference top-k cache per (pair_id, side): ids [tokens, k] int32 and log-probs [tokens, k].
+    weights: dict[tuple[str, str], StoredWeights],
+    pair_ids: Sequence[str] | None,
+    pair_id_range: tuple[str, str] | None,
+) -> None:
+    """Put the reference top-k cache (ids and log-probs, [tokens, k]) into the chosen and rejected
+    entries of `weights`, read with the same filters.
 
-    Rows are read in (pair, side, position) order and cut into views of one flat array per column (a
-    per-response list aggregate of k-wide lists took 3x as long). A response stored without a cache is
-    an error naming the fix.
+    The rows come in (pair, side, position) order as two flat arrays, cut at the token counts the
+    weights already hold: a per-response list aggregate of k-wide lists took 3x as long. A response
+    stored without a cache is an error naming the fix.
     """
-    params: list[Any] = [fingerprint, list(sides)]
+    params: list[Any] = [fingerprint]
     query = (
-        "SELECT pair_id, side, reference_topk_ids, reference_topk_logp FROM token_weights "
-        "WHERE fingerprint = ? AND list_contains(?, side)"
+        "SELECT reference_topk_ids, reference_topk_logp FROM token_weights "
+        f"WHERE fingerprint = ? AND side IN {REFERENCE_TOPK_SIDES}"
     )
     if pair_ids is not None:
         con.register("_wanted_topk_pairs", pa.table({"pair_id": list(pair_ids)}))
@@ -477,27 +478,27 @@ def read_reference_topk(
     finally:
         if pair_ids is not None:
             con.unregister("_wanted_topk_pairs")
-    ids_column, logp_column = (table.column(i).combine_chunks() for i in (2, 3))
+    keys = sorted(key for key in weights if key[1] in REFERENCE_TOPK_SIDES)
+    ids_column, logp_column = (table.column(i).combine_chunks() for i in (0, 1))
     if ids_column.null_count or logp_column.null_count:
         raise ValueError(
             f"{ids_column.null_count} tokens of token weights {fingerprint!r} have no reference top-k cache: "
             "materialize token_weights with reference_kl_top_k > 0 for reference_kl: cached"
         )
-    if len(table) == 0:
-        return {}
+    if not keys:
+        return
     lengths = pc.list_value_length(ids_column)
     k = pc.min(lengths).as_py()
     if k != pc.max(lengths).as_py() or not pc.all(pc.equal(lengths, pc.list_value_length(logp_column))).as_py():
         raise ValueError(f"token weights {fingerprint!r} mix reference top-k sizes; re-materialize token_weights")
     ids = ids_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
     logp = logp_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
-    pair_column = table.column(0).to_numpy(zero_copy_only=False)
-    side_column = table.column(1).to_numpy(zero_copy_only=False)
-    changes = np.flatnonzero((pair_column[1:] != pair_column[:-1]) | (side_column[1:] != side_column[:-1])) + 1
-    bounds = np.concatenate([[0], changes, [len(table)]])
-    return {
-        (pair_column[a], side_column[a]): (ids[a:b], logp[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    }
+    counts = np.fromiter((len(weights[key].token_ids) for key in keys), dtype=np.int64, count=len(keys))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    if bounds[-1] != len(ids):
+        raise ValueError(f"token weights {fingerprint!r}: {len(ids)} cached tokens for {bounds[-1]} weighted tokens")
+    for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
+        weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids[a:b], reference_topk_logp=logp[a:b])
 
 
 # --- evaluation -------------------------------------------------------------------------------------

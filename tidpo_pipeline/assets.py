@@ -385,8 +385,9 @@ def token_weights(
                     "prior": imp.prior,
                     "weight": imp.weight,
                     "reference_logp": imp.reference_logp,
-                    "reference_topk_ids": imp.reference_topk_ids,
-                    "reference_topk_logp": imp.reference_topk_logp,
+                    # SeqKL runs over chosen and rejected only: an anchor's cache would never be read.
+                    "reference_topk_ids": None if key[1] == "anchor" else imp.reference_topk_ids,
+                    "reference_topk_logp": None if key[1] == "anchor" else imp.reference_topk_logp,
                 }
                 for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
             ]
