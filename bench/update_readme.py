@@ -286,10 +286,11 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         return "_No benchmark results yet: run `make bench`._"
     lines = ["| Benchmark | Figure | Result | Target |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    any_doc = next(iter(results.values()))
-    machine = any_doc.get("machine", {})
-    commits = sorted({d.get("commit", "unknown")[:10] for d in results.values()})
-    dates = sorted(d.get("created_at", "")[:10] for d in results.values() if d.get("created_at"))
+    # Only the files this table shows: gpu.json (another machine) has its own table in the GPU section.
+    shown = [results[name] for name, _ in RENDERERS if name in results]
+    machine = shown[0].get("machine", {})
+    commits = sorted({d.get("commit", "unknown")[:10] for d in shown})
+    dates = sorted(d.get("created_at", "")[:10] for d in shown if d.get("created_at"))
     lines.append("")
     lines.append(
         f"Measured on {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} cores, "
