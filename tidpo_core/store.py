@@ -385,6 +385,33 @@ class StoredWeights:
     reference_topk_logp: np.ndarray | None = None
 
 
+def _weight_rows(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    fingerprint: str,
+    pair_ids: Sequence[str] | None,
+    pair_id_range: tuple[str, str] | None,
+    tail: str,
+) -> pa.Table:
+    """`query` (token_weights rows of one fingerprint) narrowed to the pairs asked for, as Arrow."""
+    params: list[Any] = [fingerprint]
+    if pair_ids is not None:
+        con.register("_wanted_pairs", pa.table({"pair_id": list(pair_ids)}))
+        query += " AND pair_id IN (SELECT pair_id FROM _wanted_pairs)"
+    if pair_id_range is not None:
+        query += " AND pair_id BETWEEN ? AND ?"
+        params += list(pair_id_range)
+    try:
+        with warnings.catch_warnings():
+            # DuckDB suggests con.sql(...) to save a copy, but a parameterised con.sql leaves the result
+            # pending on the connection; the copy of one chunk of rows is the cheaper problem.
+            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+            return con.execute(query + tail, params).to_arrow_table()
+    finally:
+        if pair_ids is not None:
+            con.unregister("_wanted_pairs")
+
+
 def read_token_weights(
     con: duckdb.DuckDBPyConnection,
     fingerprint: str,
@@ -411,23 +438,7 @@ def read_token_weights(
                list(reference_logp ORDER BY position)
         FROM token_weights WHERE fingerprint = ?
     """
-    params: list[Any] = [fingerprint]
-    if pair_ids is not None:
-        con.register("_wanted_pairs", pa.table({"pair_id": list(pair_ids)}))
-        query += " AND pair_id IN (SELECT pair_id FROM _wanted_pairs)"
-    if pair_id_range is not None:
-        query += " AND pair_id BETWEEN ? AND ?"
-        params += list(pair_id_range)
-    query += " GROUP BY pair_id, side"
-    try:
-        with warnings.catch_warnings():
-            # DuckDB suggests con.sql(...) to save a copy, but a parameterised con.sql leaves the result
-            # pending on the connection; the copy of one chunk of rows is the cheaper problem.
-            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
-            table = con.execute(query, params).to_arrow_table()
-    finally:
-        if pair_ids is not None:
-            con.unregister("_wanted_pairs")
+    table = _weight_rows(con, query, fingerprint, pair_ids, pair_id_range, " GROUP BY pair_id, side")
     keys = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
     columns = []
     for index in range(2, 7):
@@ -459,25 +470,11 @@ def _attach_reference_topk(
     weights already hold: a per-response list aggregate of k-wide lists took 3x as long. A response
     stored without a cache is an error naming the fix.
     """
-    params: list[Any] = [fingerprint]
     query = (
         "SELECT reference_topk_ids, reference_topk_logp FROM token_weights "
         f"WHERE fingerprint = ? AND side IN {REFERENCE_TOPK_SIDES}"
     )
-    if pair_ids is not None:
-        con.register("_wanted_topk_pairs", pa.table({"pair_id": list(pair_ids)}))
-        query += " AND pair_id IN (SELECT pair_id FROM _wanted_topk_pairs)"
-    if pair_id_range is not None:
-        query += " AND pair_id BETWEEN ? AND ?"
-        params += list(pair_id_range)
-    query += " ORDER BY pair_id, side, position"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
-            table = con.execute(query, params).to_arrow_table()
-    finally:
-        if pair_ids is not None:
-            con.unregister("_wanted_topk_pairs")
+    table = _weight_rows(con, query, fingerprint, pair_ids, pair_id_range, " ORDER BY pair_id, side, position")
     keys = sorted(key for key in weights if key[1] in REFERENCE_TOPK_SIDES)
     ids_column, logp_column = (table.column(i).combine_chunks() for i in (0, 1))
     if ids_column.null_count or logp_column.null_count:
