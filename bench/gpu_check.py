@@ -17,6 +17,8 @@ alpha 0.5: the frozen reference runs every step):
 - deepspeed_zero3: the same with configs/accelerate/deepspeed_zero3.yaml; the reference runs in its
   own inference engine (its weights are partitioned at load).
 - lora_bf16: LoRA on the GPU in bf16: only adapter parameters train, the merged model is saved.
+- fsdp_lora, deepspeed_zero3_lora: LoRA under each sharded launcher; the gathered adapter merged into
+  the base has the base's layout and differs from it.
 
 Prints a table and writes the figures as JSON (with the machine and the git commit).
 """
@@ -193,6 +195,29 @@ def check_lora(data: TinyData, work: Path, noise: dict[str, float]) -> dict[str,
             "mixed_precision": summary["mixed_precision"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"]}
 
 
+def _sharded_lora(name: str, config_file: str, expected_type: str):
+    """LoRA under a sharded launcher: the gathered adapter is merged into a whole-weights CPU copy of the
+    base on the main process (under ZeRO-3 that copy must escape zero.Init partitioning)."""
+
+    def check(data: TinyData, work: Path, noise: dict[str, float]) -> dict[str, Any]:
+        run = _train(data, work, name, _accelerate(config_file), lora=True, lora_r=4)
+        summary = _ok_run(run, name)
+        if summary["distributed_type"] != expected_type:
+            raise AssertionError(f"ran as {summary['distributed_type']}, not {expected_type}")
+        if not 0 < summary["trainable_parameters"] < summary["total_parameters"]:
+            raise AssertionError(f"trainable {summary['trainable_parameters']} of {summary['total_parameters']}")
+        merged, reference = load_weights(run["dir"] / "final"), load_weights(data.reference_path)
+        if merged.keys() != reference.keys() or any(merged[k].shape != reference[k].shape for k in merged):
+            raise AssertionError(f"merged model is not the base layout: {sorted(merged.keys() ^ reference.keys())[:6]}")
+        moved = max((merged[k].float() - reference[k].float()).abs().max().item() for k in merged)
+        if moved == 0.0:
+            raise AssertionError("the merged model equals the base: the adapter was lost")
+        return {"distributed_type": summary["distributed_type"], "trainable_parameters": summary["trainable_parameters"],
+                "total_parameters": summary["total_parameters"], "merged_vs_base_max_abs_diff": moved}
+
+    return check
+
+
 def _deepspeed_missing() -> str | None:
     try:
         import deepspeed  # noqa: F401
@@ -207,6 +232,8 @@ CHECKS = {
     "fsdp": _sharded("fsdp", "configs/accelerate/fsdp.yaml", "FSDP"),
     "deepspeed_zero3": _sharded("deepspeed_zero3", "configs/accelerate/deepspeed_zero3.yaml", "DEEPSPEED"),
     "lora_bf16": check_lora,
+    "fsdp_lora": _sharded_lora("fsdp_lora", "configs/accelerate/fsdp.yaml", "FSDP"),
+    "deepspeed_zero3_lora": _sharded_lora("deepspeed_zero3_lora", "configs/accelerate/deepspeed_zero3.yaml", "DEEPSPEED"),
 }
 
 
@@ -227,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         started = time.perf_counter()
-        skip = _deepspeed_missing() if name == "deepspeed_zero3" else None
+        skip = _deepspeed_missing() if name.startswith("deepspeed") else None
         if skip:
             rows[name] = {"status": "skipped", "reason": skip}
         else:
