@@ -189,29 +189,19 @@ def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
             "",
         ),
     ]
-    phrase = ref.get("critical_phrase") if isinstance(ref.get("critical_phrase"), dict) else None
     if all("critical_phrase_chosen_of_all" in table[m] for m in methods):
-        ref_share = phrase_value(ref, "chosen_of_all")
-        rows.append(
-            (
-                "",
-                "sampled answers with the safe phrase (of all): reference / " + " / ".join(methods),
-                ("n/a" if ref_share is None else f"{ref_share:.3f}")
-                + " / "
-                + " / ".join(_ms(table[m]["critical_phrase_chosen_of_all"]) for m in methods),
-                "",
+        for label, key in (("with the safe phrase (of all)", "chosen_of_all"), ("with neither phrase", "neither_rate")):
+            ref_value = phrase_value(ref, key)
+            rows.append(
+                (
+                    "",
+                    f"sampled answers {label}: reference / " + " / ".join(methods),
+                    ("n/a" if ref_value is None else f"{ref_value:.3f}")
+                    + " / "
+                    + " / ".join(_ms(table[m][f"critical_phrase_{key}"]) for m in methods),
+                    "",
+                )
             )
-        )
-        rows.append(
-            (
-                "",
-                "sampled answers with neither phrase: reference / " + " / ".join(methods),
-                ("n/a" if phrase is None else f"{phrase['neither_rate']:.3f}")
-                + " / "
-                + " / ".join(_ms(table[m]["critical_phrase_neither_rate"]) for m in methods),
-                "",
-            )
-        )
     if all("kl" in table[m] for m in methods):
         rows.append(
             (
