@@ -413,7 +413,7 @@ def prepare_uncached(
 
     from tidpo_core import store
     from tidpo_core.data import LoadResult
-    from tidpo_core.features import EncodingSettings, encode_response, side_texts
+    from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
     from tidpo_core.fingerprint import text_digest
     from tidpo_core.generation import SamplingSettings, sample_responses
     from tidpo_core.importance import compute_token_importance
@@ -487,21 +487,7 @@ def prepare_uncached(
         importances = compute_token_importance(
             model, encoded, lambda_=weight_lambda, batch_size=weight_batch_size, reference_topk=reference_kl_top_k
         )
-        rows = [
-            {
-                "pair_id": pid,
-                "side": side,
-                "text_digest": digest_,
-                "token_ids": [t for t, m in zip(enc.input_ids, enc.response_mask, strict=True) if m],
-                "attribution": imp.attribution,
-                "prior": imp.prior,
-                "weight": imp.weight,
-                "reference_logp": imp.reference_logp,
-                "reference_topk_ids": imp.reference_topk_ids,
-                "reference_topk_logp": imp.reference_topk_logp,
-            }
-            for (pid, side, digest_, enc), imp in zip(todo, importances, strict=True)
-        ]
+        rows = [token_weights_row(*item[:3], item[3], imp) for item, imp in zip(todo, importances, strict=True)]
         store.write_token_weights(con, weights_fp, rows)
         tokens["weighted_sequences"] = len(encoded)
         tokens["weighted_tokens"] = sum(len(e.input_ids) for e in encoded)

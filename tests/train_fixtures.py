@@ -19,7 +19,7 @@ import torch
 
 from tidpo_core import store
 from tidpo_core.data import LoadResult
-from tidpo_core.features import EncodingSettings, encode_response, side_texts
+from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
 from tidpo_core.fingerprint import text_digest
 from tidpo_core.generation import SamplingSettings, sample_responses
 from tidpo_core.importance import compute_token_importance
@@ -92,18 +92,7 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: 
         ]
         importances = compute_token_importance(model, [t[3] for t in todo], batch_size=64, reference_topk=reference_topk)
         rows = [
-            {
-                "pair_id": pair_id,
-                "side": side,
-                "text_digest": text_digest(text),
-                "token_ids": [t for t, m in zip(enc.input_ids, enc.response_mask, strict=True) if m],
-                "attribution": imp.attribution,
-                "prior": imp.prior,
-                "weight": imp.weight,
-                "reference_logp": imp.reference_logp,
-                "reference_topk_ids": imp.reference_topk_ids,
-                "reference_topk_logp": imp.reference_topk_logp,
-            }
+            token_weights_row(pair_id, side, text_digest(text), enc, imp)
             for (pair_id, side, text, enc), imp in zip(todo, importances, strict=True)
         ]
         store.write_token_weights(con, "tiny-weights", rows)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from tidpo_core.data import PreferencePair
-from tidpo_core.importance import Normalization, hybrid_weights
-from tidpo_core.store import StoredWeights
+from tidpo_core.importance import Normalization, TokenImportance, hybrid_weights
+from tidpo_core.store import REFERENCE_TOPK_SIDES, StoredWeights
 from tidpo_core.tokenization import (
     EncodedSequence,
     PreferenceCollator,
@@ -141,6 +141,26 @@ _RESPONSE_VALUES = {
 }
 
 
+def token_weights_row(
+    pair_id: str, side: str, text_digest: str, encoded: EncodedSequence, importance: TokenImportance
+) -> dict[str, Any]:
+    """One response's row for store.write_token_weights. The reference top-k cache is kept for the sides
+    SeqKL runs over only: an anchor's would never be read."""
+    keep_topk = side in REFERENCE_TOPK_SIDES
+    return {
+        "pair_id": pair_id,
+        "side": side,
+        "text_digest": text_digest,
+        "token_ids": [t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=True) if m],
+        "attribution": importance.attribution,
+        "prior": importance.prior,
+        "weight": importance.weight,
+        "reference_logp": importance.reference_logp,
+        "reference_topk_ids": importance.reference_topk_ids if keep_topk else None,
+        "reference_topk_logp": importance.reference_topk_logp if keep_topk else None,
+    }
+
+
 class TrainingCollator:
     """PreferenceCollator plus per-token reference log-probs (and the cached reference top-k) scattered
     to their positions."""
@@ -185,7 +205,7 @@ def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: in
         stacked["reference_logps"] = cat("reference_logps", 0.0)
     # The cached reference top-k serves SeqKL, which only chosen and rejected (the first 2B rows) need;
     # a re-sampled anchor has none.
-    kl_sides = [s for s in sides if s in ("chosen", "rejected")]
+    kl_sides = [s for s in sides if s in REFERENCE_TOPK_SIDES]
     for name in ("reference_topk_ids", "reference_topk_logp"):
         if kl_sides and all(f"{s}_{name}" in batch for s in kl_sides):
             stacked[name] = cat(name, _RESPONSE_VALUES[name][1], kl_sides)

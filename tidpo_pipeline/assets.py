@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from tidpo_core import store, tracking
 from tidpo_core.data import DataFileError
-from tidpo_core.features import EncodingSettings, encode_response, side_texts
+from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
 from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
 from tidpo_core.generation import SamplingSettings, sample_responses
 from tidpo_core.importance import compute_token_importance
@@ -376,20 +376,7 @@ def token_weights(
                 reference_topk=config.reference_kl_top_k,
             )
             rows = [
-                {
-                    "pair_id": key[0],
-                    "side": key[1],
-                    "text_digest": key[2],
-                    "token_ids": [t for t, m in zip(enc.input_ids, enc.response_mask, strict=True) if m],
-                    "attribution": imp.attribution,
-                    "prior": imp.prior,
-                    "weight": imp.weight,
-                    "reference_logp": imp.reference_logp,
-                    # SeqKL runs over chosen and rejected only: an anchor's cache would never be read.
-                    "reference_topk_ids": None if key[1] == "anchor" else imp.reference_topk_ids,
-                    "reference_topk_logp": None if key[1] == "anchor" else imp.reference_topk_logp,
-                }
-                for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
+                token_weights_row(*key, enc, imp) for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
             ]
             with duckdb.get_connection() as con:
                 store.write_token_weights(con, fingerprint, rows)
