@@ -204,7 +204,7 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_base(tiny, tmp_pa
     batch = TrainingCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(features)
     stacked = stack_sides(batch, ("chosen", "rejected"), tokenizer.pad_token_id)
     ids, mask = stacked["input_ids"], stacked["attention_mask"]
-    reference_logits = adapter_disabled_reference(model, model)(ids, mask)
+    reference_logits = adapter_disabled_reference(model, model)(input_ids=ids, attention_mask=mask)
     with torch.no_grad():
         base_logits = base(input_ids=ids, attention_mask=mask).logits
         adapted_logits = model(input_ids=ids, attention_mask=mask).logits

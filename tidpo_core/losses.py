@@ -111,7 +111,7 @@ def ablation_config(base: LossConfig, ablation: str) -> LossConfig:
 # --------------------------------------------------------------------------- per-token quantities
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
     # bf16/fp16 logits lose too much in logsumexp; float64 is kept so that gradcheck-style tests work.
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -125,11 +125,20 @@ def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
         raise ValueError(
             f"expected logits [B,T,V] and input_ids [B,T], got {tuple(logits.shape)} and {tuple(input_ids.shape)}"
         )
-    dtype = _compute_dtype(logits)
+    dtype = compute_dtype(logits)
     shifted = logits[:, :-1].to(dtype)
     targets = input_ids[:, 1:].long().unsqueeze(-1)
     picked = shifted.gather(-1, targets).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
     return F.pad(picked, (1, 0), value=0.0)
+
+
+def kl_from_logits(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
+    """``KL(pi_ref || pi_theta)`` of the next-token distributions given by two logit tensors ``[..., V]``."""
+    dtype = compute_dtype(policy_logits)
+    ref_logp = F.log_softmax(reference_logits.to(dtype), dim=-1)
+    pol_logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
+    # KL is non-negative; rounding can leave ~-1e-9 where the two distributions (nearly) coincide.
+    return (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1).clamp_min(0.0)
 
 
 def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
@@ -139,12 +148,7 @@ def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
             "expected reference and policy logits of the same shape [B,T,V], got "
             f"{tuple(reference_logits.shape)} and {tuple(policy_logits.shape)}"
         )
-    dtype = _compute_dtype(policy_logits)
-    ref_logp = F.log_softmax(reference_logits[:, :-1].to(dtype), dim=-1)
-    pol_logp = F.log_softmax(policy_logits[:, :-1].to(dtype), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
-    # KL is non-negative; rounding can leave ~-1e-9 where the two distributions (nearly) coincide.
-    return F.pad(kl.clamp_min(0.0), (1, 0), value=0.0)
+    return F.pad(kl_from_logits(reference_logits[:, :-1], policy_logits[:, :-1]), (1, 0), value=0.0)
 
 
 def reference_topk(reference_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -154,7 +158,7 @@ def reference_topk(reference_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if reference_logits.dim() != 3:
         raise ValueError(f"expected logits [B,T,V], got {tuple(reference_logits.shape)}")
     k = min(k, reference_logits.shape[-1])
-    logp = F.log_softmax(reference_logits[:, :-1].to(_compute_dtype(reference_logits)), dim=-1)
+    logp = F.log_softmax(reference_logits[:, :-1].to(compute_dtype(reference_logits)), dim=-1)
     top_logp, top_ids = logp.topk(k, dim=-1)
     ids = F.pad(top_ids, (0, 0, 1, 0), value=0)
     return ids, F.pad(top_logp, (0, 0, 1, 0), value=float("-inf"))
@@ -165,9 +169,8 @@ def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, polic
     SeqKL with the reference distribution stored instead of recomputed: `reference_kl: cached`).
 
     Both distributions are coarsened to the k cached tokens plus one bucket for all other tokens, and
-    the KL of the coarsened pair is returned. It equals token_kl when k covers the vocabulary (the
-    bucket is empty) and is a lower bound otherwise (merging outcomes never increases a KL); the gap is
-    what the tail mass hides. Positions whose cached log-probs are all -inf (position 0, padding) give 0.
+    the KL of the coarsened pair is returned (see coarsened_kl). Positions whose cached log-probs are
+    all -inf (position 0, padding) give 0.
     """
     if policy_logits.dim() != 3 or reference_topk_ids.shape[:2] != policy_logits.shape[:2]:
         raise ValueError(
@@ -176,22 +179,33 @@ def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, polic
         )
     if reference_topk_logp.shape != reference_topk_ids.shape:
         raise ValueError(f"top-k ids {tuple(reference_topk_ids.shape)} and log-probs {tuple(reference_topk_logp.shape)} differ")
-    dtype = _compute_dtype(policy_logits)
-    policy_logp = F.log_softmax(policy_logits[:, :-1].to(dtype), dim=-1)
-    ref_logp = reference_topk_logp[:, 1:].to(dtype)
-    pol_top = policy_logp.gather(-1, reference_topk_ids[:, 1:].long())
+    policy_logp = F.log_softmax(policy_logits[:, :-1].to(compute_dtype(policy_logits)), dim=-1)
+    policy_top = policy_logp.gather(-1, reference_topk_ids[:, 1:].long())
+    whole = reference_topk_ids.shape[-1] >= policy_logits.shape[-1]
+    return F.pad(coarsened_kl(reference_topk_logp[:, 1:], policy_top, whole_vocabulary=whole), (1, 0), value=0.0)
+
+
+def coarsened_kl(reference_topk_logp: Tensor, policy_topk_logp: Tensor, *, whole_vocabulary: bool) -> Tensor:
+    """KL of two next-token distributions coarsened to the reference's k cached tokens plus one bucket for
+    all other tokens, from the log-probs ``[..., k]`` both give those tokens: ``[...]``.
+
+    It equals the full KL when the k tokens are the whole vocabulary (the bucket is empty) and is a lower
+    bound otherwise (merging outcomes never increases a KL); the gap is what the tail mass hides.
+    """
+    dtype = compute_dtype(policy_topk_logp)
+    ref_logp = reference_topk_logp.to(dtype)
+    pol_top = policy_topk_logp.to(dtype)
     ref_p = ref_logp.exp()
     head = torch.where(ref_p > 0, ref_p * (ref_logp - pol_top), torch.zeros_like(ref_p)).sum(-1)
-    if reference_topk_ids.shape[-1] >= policy_logits.shape[-1]:
+    if whole_vocabulary:
         # Whole vocabulary cached: no rest bucket (1 - sum of probs would be rounding noise, not mass).
-        return F.pad(head.clamp_min(0.0), (1, 0), value=0.0)
+        return head.clamp_min(0.0)
     # The rest bucket: 1 - (top-k mass), for each distribution; clamped so log(0) never appears.
     tiny = torch.finfo(dtype).tiny
     ref_rest = (1.0 - ref_p.sum(-1)).clamp_min(0.0)
     pol_rest = (1.0 - pol_top.exp().sum(-1)).clamp_min(tiny)
     rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log()), torch.zeros_like(ref_rest))
-    kl = head + rest
-    return F.pad(kl.clamp_min(0.0), (1, 0), value=0.0)
+    return (head + rest).clamp_min(0.0)
 
 
 def sequence_kl(token_kl: Tensor, response_mask: Tensor) -> Tensor:

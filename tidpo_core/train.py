@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
@@ -70,13 +71,17 @@ from tidpo_core.importance import (
 from tidpo_core.losses import (
     LossConfig,
     SideTensors,
+    coarsened_kl,
+    compute_dtype,
     compute_loss,
+    kl_from_logits,
     sequence_kl,
     token_kl,
     token_kl_topk,
     token_logps,
 )
 from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.packing import BATCH_LAYOUTS, MASKED_ATTENTION, BatchLayout, pack_shared_prompt
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE.json"
@@ -133,6 +138,10 @@ class TrainConfig:
     reference's top-k next-token distribution stored by the token_weights asset (reference_kl_top_k > 0),
     so a step runs the policy only and no second model is held; the KL is then the coarsened
     (top-k + rest) KL, a lower bound equal to the exact one when k covers the vocabulary."""
+    batch_layout: BatchLayout = "shared_prompt"
+    """`shared_prompt`: one row per pair, the prompt read once and each response attending to it
+    (tidpo_core.packing; needs sdpa or eager attention). `padded`: one padded row per side, the layout
+    of TRL's DPOTrainer. Both give the same loss up to rounding."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
     recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
@@ -223,6 +232,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.reference_kl not in ("forward", "cached"):
             raise ValueError(f"reference_kl must be 'forward' or 'cached', got {self.reference_kl!r}")
+        if self.batch_layout not in BATCH_LAYOUTS:
+            raise ValueError(f"batch_layout must be one of {BATCH_LAYOUTS}, got {self.batch_layout!r}")
         if self.weights_mode not in ("precomputed", "online"):
             raise ValueError(f"weights_mode must be 'precomputed' or 'online', got {self.weights_mode!r}")
         if self.gradient_accumulation_steps < 1:
@@ -440,7 +451,8 @@ def save_checkpoint(
 # --- the step ------------------------------------------------------------------------------------------
 
 
-ReferenceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ReferenceFn = Callable[..., torch.Tensor]
+"""Logits of the frozen reference for a model's keyword inputs (input_ids, attention_mask, ...)."""
 WeightsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -455,9 +467,9 @@ def frozen_reference(model: torch.nn.Module, autocast: Callable[[], Any] | None 
     model.eval()
     model.requires_grad_(False)
 
-    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(**inputs: Any) -> torch.Tensor:
         with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return model(**inputs).logits
 
     return logits
 
@@ -469,12 +481,12 @@ def adapter_disabled_reference(policy: torch.nn.Module, peft_model: Any) -> Refe
     parameters as usual; eval mode for the duration so dropout never touches the reference.
     """
 
-    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(**inputs: Any) -> torch.Tensor:
         was_training = peft_model.training
         peft_model.eval()
         try:
             with torch.no_grad(), peft_model.disable_adapter():
-                return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+                return policy(**inputs).logits
         finally:
             peft_model.train(was_training)
 
@@ -504,6 +516,92 @@ def online_weights(model: torch.nn.Module, lambda_: float, normalization: Normal
     return weights
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention kernel a (possibly wrapped) Hugging Face model runs: sdpa, eager, flash_attention_2, ..."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "sdpa")
+
+
+@dataclass
+class _ForwardResult:
+    """A forward's per-token quantities in the stacked padded layout, whatever the batch layout was."""
+
+    policy_logps: torch.Tensor
+    reference_logps: torch.Tensor | None
+    seq_kl: torch.Tensor | None
+    pooled_hidden: torch.Tensor | None
+    tokens: int
+
+
+def _padded_forward(policy, reference, stacked, loss_config, batch_size, want_hidden) -> _ForwardResult:
+    """One padded row per side (features.stack_sides as is)."""
+    reference_logps = stacked.get("reference_logps")
+    pair_rows = slice(0, 2 * batch_size)
+    ref_logits = None
+    if reference is not None and (reference_logps is None or loss_config.needs_kl):
+        # SeqKL needs chosen and rejected only (the first 2B rows); missing log-probs need every side.
+        rows = slice(None) if reference_logps is None else pair_rows
+        ref_logits = reference(input_ids=stacked["input_ids"][rows], attention_mask=stacked["attention_mask"][rows]).float()
+        if reference_logps is None:
+            reference_logps = token_logps(ref_logits, stacked["input_ids"])
+    out = policy(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"], output_hidden_states=want_hidden)
+    logits = out.logits.float()
+    kl = None
+    if ref_logits is not None and loss_config.needs_kl:
+        kl = sequence_kl(token_kl(ref_logits[pair_rows], logits[pair_rows]), stacked["response_mask"][pair_rows])
+    elif loss_config.needs_kl and "reference_topk_ids" in stacked:
+        per_token = token_kl_topk(stacked["reference_topk_ids"], stacked["reference_topk_logp"], logits[pair_rows])
+        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
+    return _ForwardResult(
+        policy_logps=token_logps(logits, stacked["input_ids"]),
+        reference_logps=reference_logps,
+        seq_kl=kl,
+        pooled_hidden=_pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None,
+        tokens=int(stacked["attention_mask"].sum().item()),
+    )
+
+
+def _shared_prompt_forward(
+    policy, reference, stacked, loss_config, num_sides, pad_token_id, want_hidden, attention
+) -> _ForwardResult:
+    """One row per pair, the prompt read once (tidpo_core.packing)."""
+    packed = pack_shared_prompt(stacked, num_sides, pad_token_id, attention)
+    pair_rows = slice(0, 2 * packed.input_ids.shape[0])
+    pairs = packed.select(pair_rows)
+    reference_logps = stacked.get("reference_logps")
+    ref_logits = None
+    if reference is not None and (reference_logps is None or loss_config.needs_kl):
+        # SeqKL needs chosen and rejected only; packed first, they keep their columns in a row without the
+        # anchor. Missing log-probs need every side.
+        inputs = packed
+        if reference_logps is not None:
+            pair_stacked = {k: stacked[k][pair_rows] for k in ("input_ids", "attention_mask", "response_mask")}
+            inputs = pack_shared_prompt(pair_stacked, 2, pad_token_id, attention)
+        ref_logits = reference(**inputs.model_inputs()).float()
+        if reference_logps is None:
+            reference_logps = packed.token_logps(ref_logits, stacked["input_ids"])
+    out = policy(**packed.model_inputs(), output_hidden_states=want_hidden)
+    logits = out.logits.float()
+    kl = None
+    if ref_logits is not None and loss_config.needs_kl:
+        per_position = kl_from_logits(ref_logits, logits[:, : ref_logits.shape[1]])
+        kl = sequence_kl(pairs.per_token(per_position), stacked["response_mask"][pair_rows])
+    elif loss_config.needs_kl and "reference_topk_ids" in stacked:
+        top_ids = stacked["reference_topk_ids"]
+        policy_top = pairs.gather_vocabulary(F.log_softmax(logits.to(compute_dtype(logits)), dim=-1), top_ids)
+        per_token = coarsened_kl(
+            stacked["reference_topk_logp"], policy_top, whole_vocabulary=top_ids.shape[-1] >= logits.shape[-1]
+        )
+        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
+    return _ForwardResult(
+        policy_logps=packed.token_logps(logits, stacked["input_ids"]),
+        reference_logps=reference_logps,
+        seq_kl=kl,
+        pooled_hidden=packed.pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None,
+        tokens=packed.tokens,
+    )
+
+
 def compute_batch_loss(
     policy: torch.nn.Module,
     reference: ReferenceFn | torch.nn.Module | None,
@@ -512,12 +610,18 @@ def compute_batch_loss(
     sides: Sequence[str],
     pad_token_id: int,
     weights_fn: WeightsFn | None = None,
+    batch_layout: BatchLayout = "shared_prompt",
+    attention: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Loss and statistics of one micro-batch; the model runs once over all sides stacked.
+    """Loss and statistics of one micro-batch; the model runs once over all sides.
 
-    `reference` gives full reference logits (needed for SeqKL when alpha > 0): a function of
-    (input_ids, attention_mask), or a module used as a frozen reference. Without it the precomputed
-    reference log-probs of the batch are used, and SeqKL comes from the batch's cached reference top-k.
+    `reference` gives full reference logits (needed for SeqKL when alpha > 0): a function of the model's
+    keyword inputs, or a module used as a frozen reference. Without it SeqKL comes from the batch's cached
+    reference top-k. The log-ratios use the batch's precomputed reference log-probs (DuckDB) where it has
+    them, and the reference's otherwise.
+    `batch_layout` picks one row per pair with the prompt read once (`shared_prompt`, tidpo_core.packing)
+    or one padded row per side (`padded`); the two give the same loss up to rounding. `attention` is the
+    policy's attention implementation (read from the model when not given).
     """
     if isinstance(reference, torch.nn.Module):
         reference = frozen_reference(reference)
@@ -526,47 +630,31 @@ def compute_batch_loss(
         stacked["weights"] = weights_fn(stacked)
     want_hidden = loss_config.loss_type == "tidpo" and loss_config.triplet_space == "hidden"
     batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
-    # Precomputed reference log-probs (DuckDB) are used wherever they exist; the reference forward is
-    # for SeqKL, which only the chosen and rejected rows (the first 2B) need: the anchor rows are skipped.
-    reference_logps = stacked.get("reference_logps")
-    ref_logits = None
-    pair_rows = slice(0, 2 * batch_size)
-    if reference is not None and (reference_logps is None or loss_config.needs_kl):
-        rows = slice(None) if reference_logps is None else pair_rows
-        ref_logits = reference(stacked["input_ids"][rows], stacked["attention_mask"][rows]).float()
-        if reference_logps is None:
-            reference_logps = token_logps(ref_logits, stacked["input_ids"])
-    out = policy(
-        input_ids=stacked["input_ids"],
-        attention_mask=stacked["attention_mask"],
-        output_hidden_states=want_hidden,
-    )
-    logits = out.logits.float()
-    policy_logps = token_logps(logits, stacked["input_ids"])
-    kl = None
-    if ref_logits is not None and loss_config.needs_kl:
-        kl = sequence_kl(token_kl(ref_logits[pair_rows], logits[pair_rows]), stacked["response_mask"][pair_rows])
-    elif loss_config.needs_kl and "reference_topk_ids" in stacked:
-        per_token = token_kl_topk(stacked["reference_topk_ids"], stacked["reference_topk_logp"], logits[pair_rows])
-        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
-    hidden = _pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None
+    if batch_layout == "shared_prompt":
+        result = _shared_prompt_forward(
+            policy, reference, stacked, loss_config, len(sides), pad_token_id, want_hidden,
+            attention or attention_implementation(policy),
+        )
+    elif batch_layout == "padded":
+        result = _padded_forward(policy, reference, stacked, loss_config, batch_size, want_hidden)
+    else:
+        raise ValueError(f"batch_layout must be one of {BATCH_LAYOUTS}, got {batch_layout!r}")
 
     def side(i: int) -> SideTensors:
         part = slice(i * batch_size, (i + 1) * batch_size)
         return SideTensors(
-            policy_logps=policy_logps[part],
+            policy_logps=result.policy_logps[part],
             response_mask=stacked["response_mask"][part],
-            reference_logps=None if reference_logps is None else reference_logps[part],
+            reference_logps=None if result.reference_logps is None else result.reference_logps[part],
             weights=stacked["weights"][part],
-            seq_kl=None if kl is None or i >= 2 else kl[part],
-            hidden=None if hidden is None else hidden[part],
+            seq_kl=None if result.seq_kl is None or i >= 2 else result.seq_kl[part],
+            hidden=None if result.pooled_hidden is None else result.pooled_hidden[part],
         )
 
     chosen, rejected = side(0), side(1)
     anchor = side(2) if len(sides) > 2 else None
     loss, stats = compute_loss(loss_config, chosen, rejected, anchor)
-    tokens = int(stacked["attention_mask"].sum().item())
-    return loss, stats, tokens
+    return loss, stats, result.tokens
 
 
 def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -1014,6 +1102,12 @@ def _run(
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=False,
     )
+    attention = attention_implementation(policy)
+    if config.batch_layout == "shared_prompt" and attention not in MASKED_ATTENTION:
+        raise ValueError(
+            f"batch_layout: shared_prompt needs an attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)}); "
+            f"the model runs {attention!r}: set batch_layout: padded"
+        )
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable_count = sum(_numel(p) for p in trainable)
     total_count = sum(_numel(p) for p in policy.parameters())
@@ -1119,7 +1213,7 @@ def _run(
                 batch = refresh.override(batch, features_by_id, accelerator.device)
             with accelerator.accumulate(policy):
                 loss, stats, tokens = compute_batch_loss(
-                    policy, reference, batch, loss_config, sides, pad_token_id, weights_fn
+                    policy, reference, batch, loss_config, sides, pad_token_id, weights_fn, config.batch_layout, attention
                 )
                 if (
                     config.inject_nan_at_step is not None

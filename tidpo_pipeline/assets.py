@@ -440,6 +440,9 @@ class PolicyConfig(dg.Config):
     """SeqKL's reference distribution: `forward` runs the frozen reference every step (exact, METHOD.md);
     `cached` reads the top-k the token_weights asset stored (needs its reference_kl_top_k > 0): the step
     runs the policy only and no second model is loaded."""
+    batch_layout: Literal["shared_prompt", "padded"] = "shared_prompt"
+    """`shared_prompt`: one row per pair, its prompt read once (needs sdpa or eager attention); `padded`:
+    one padded row per side, as TRL does (for flash-attention 2). Same loss up to rounding."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`online` recomputes the attribution with the current policy every step (the paper's way, ~2x cost)."""
     lora: bool = False

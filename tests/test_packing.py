@@ -1,0 +1,195 @@
+"""Shared-prompt batches (tidpo_core.packing): the layout by hand, and every loss equal to the padded layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_fixtures import TINY, build_tiny_data, single_thread
+
+from tidpo_core.features import TrainingCollator, stack_sides
+from tidpo_core.losses import LossConfig
+from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.packing import PromptMismatchError, pack_shared_prompt
+from tidpo_core.train import compute_batch_loss, load_training_features, train
+from train_fixtures import reset_accelerate
+
+PAD = 0
+
+
+def _stacked(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    """Stacked padded rows from (ids, prompt length) in stack_sides' order (side-major)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), PAD)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width))
+    for r, (ids, prompt) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        response[r, prompt : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
+
+
+def test_layout_of_two_pairs_by_hand():
+    # pair 0: prompt [1, 2], chosen [3, 4], rejected [5], anchor [6, 7, 8]
+    # pair 1: prompt [1, 9, 9], chosen [10], rejected [11, 12], anchor [13]
+    stacked = _stacked(
+        [([1, 2, 3, 4], 2), ([1, 9, 9, 10], 3),  # chosen
+         ([1, 2, 5], 2), ([1, 9, 9, 11, 12], 3),  # rejected
+         ([1, 2, 6, 7, 8], 2), ([1, 9, 9, 13], 3)]  # anchor
+    )
+    packed = pack_shared_prompt(stacked, 3, PAD)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 9, 9, 10, 11, 12, 13, PAD]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4], [0, 1, 2, 3, 3, 4, 3, 0]]
+    assert packed.tokens == 15
+    # Logits from the shortest prompt's last column (column 1) on: 7 kept columns.
+    assert packed.first_kept == 1 and packed.logits_to_keep == 7
+    allowed = packed.attention_mask[0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # prompt
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],  # chosen: prompt + itself
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],  # rejected: prompt + itself, not chosen
+        [1, 1, 0, 0, 0, 1, 0, 0],  # anchor
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1],
+    ]
+    assert packed.attention_mask[1, 0, 7].int().tolist() == [0, 0, 0, 0, 0, 0, 0, 1]  # padding sees itself only
+    # Kept index (column - 1) of the column predicting each stacked token; off-response tokens are not scored.
+    assert packed.predictor[0].tolist() == [0, 0, 0, 1, 0]  # chosen 3 <- column 1, chosen 4 <- column 2
+    assert packed.predictor[2].tolist() == [0, 0, 0, 0, 0]  # rejected 5 <- column 1 (the prompt's end)
+    assert packed.predictor[4].tolist() == [0, 0, 0, 4, 5]  # anchor 6 <- 1, 7 <- column 5, 8 <- column 6
+    assert packed.predictor[3].tolist() == [0, 0, 0, 1, 3]  # pair 1 rejected: 11 <- column 2, 12 <- column 4
+    assert packed.scored[4].tolist() == [False, False, True, True, True]
+    assert packed.columns[4].tolist() == [0, 0, 5, 6, 7]
+
+
+def test_sides_with_other_prompts_are_refused():
+    stacked = _stacked([([1, 2, 3], 2), ([1, 7, 5], 2)])
+    with pytest.raises(PromptMismatchError, match="other prompt tokens"):
+        pack_shared_prompt(stacked, 2, PAD)
+    with pytest.raises(PromptMismatchError, match="prompt lengths"):
+        pack_shared_prompt(_stacked([([1, 2, 3], 2), ([1, 2, 5], 1)]), 2, PAD)
+
+
+def test_attention_without_a_4d_mask_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="batch_layout: padded"):
+        pack_shared_prompt(_stacked([([1, 2, 3], 2), ([1, 2, 5], 2)]), 2, PAD, attention="flash_attention_2")
+
+
+@pytest.fixture(scope="module")
+def tiny_cached(tmp_path_factory):
+    with single_thread():
+        return build_tiny_data(tmp_path_factory.mktemp("tiny_packing"), pairs=12, reference_topk=16)
+
+
+CASES = {
+    "dpo": dict(loss_type="dpo"),
+    "ipo": dict(loss_type="ipo"),
+    "simpo": dict(loss_type="simpo"),
+    "tidpo": dict(loss_type="tidpo"),
+    "tidpo_hidden": dict(loss_type="tidpo", triplet_space="hidden"),
+}
+
+
+def _moved_policy(path):
+    """The reference with every weight nudged, so that log-ratios and the KL are not zero."""
+    policy, tokenizer = load_model_and_tokenizer(path)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return policy, tokenizer
+
+
+def _loss_and_grads(model, reference, batch, config, sides, pad, layout, attention=None):
+    model.zero_grad(set_to_none=True)
+    loss, stats, tokens = compute_batch_loss(model, reference, batch, config, sides, pad, batch_layout=layout, attention=attention)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), stats, tokens, grads
+
+
+def _assert_same(a, b, tolerance=1e-5):
+    loss_a, stats_a, _, grads_a = a
+    loss_b, stats_b, _, grads_b = b
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=tolerance, abs=tolerance)
+    for key in stats_a:
+        assert float(stats_b[key]) == pytest.approx(float(stats_a[key]), rel=1e-4, abs=1e-5), key
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    scale = max(g.abs().max() for g in grads_a.values())
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-4 * scale, rtol=1e-3), name
+
+
+@pytest.mark.parametrize(
+    ("case", "reference_kl"),
+    [(case, "forward") for case in sorted(CASES)] + [("tidpo", "cached"), ("tidpo_hidden", "cached")],
+)
+def test_every_loss_equals_the_padded_layout_in_value_and_gradient(tiny_cached, tmp_path, case, reference_kl):
+    config = tiny_cached.config(tmp_path, reference_kl=reference_kl, **CASES[case])
+    loss_config = config.loss_config()
+    policy, tokenizer = _moved_policy(tiny_cached.reference_path)
+    reference = None
+    if reference_kl == "forward" and loss_config.needs_kl:
+        reference = load_model_and_tokenizer(tiny_cached.reference_path)[0]
+    sides = ("chosen", "rejected", "anchor") if loss_config.needs_anchor else ("chosen", "rejected")
+    features = load_training_features(config, tokenizer)[:5]
+    batch = TrainingCollator(tokenizer.pad_token_id, sides)(features)
+    padded = _loss_and_grads(policy, reference, batch, loss_config, sides, tokenizer.pad_token_id, "padded")
+    shared = _loss_and_grads(policy, reference, batch, loss_config, sides, tokenizer.pad_token_id, "shared_prompt")
+    _assert_same(padded, shared)
+    if loss_config.needs_kl:
+        assert float(padded[1]["seq_kl/rejected"]) > 1e-3  # the KL term is live
+    # The prompt is read once: fewer tokens than the padded rows hold.
+    stacked = stack_sides(batch, sides, tokenizer.pad_token_id)
+    assert shared[2] < padded[2] == int(stacked["attention_mask"].sum())
+
+
+def test_eager_attention_gets_an_additive_mask_and_the_same_loss(tiny_cached, tmp_path):
+    config = tiny_cached.config(tmp_path)
+    policy, tokenizer = _moved_policy(tiny_cached.reference_path)
+    reference = load_model_and_tokenizer(tiny_cached.reference_path)[0]
+    sides = ("chosen", "rejected", "anchor")
+    batch = TrainingCollator(tokenizer.pad_token_id, sides)(load_training_features(config, tokenizer)[:4])
+    sdpa = _loss_and_grads(policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt")
+    for model in (policy, reference):
+        model.config._attn_implementation = "eager"
+    eager = _loss_and_grads(policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt")
+    _assert_same(sdpa, eager)
+    packed = pack_shared_prompt(stack_sides(batch, sides, tokenizer.pad_token_id), 3, tokenizer.pad_token_id, "eager")
+    assert packed.attention_mask.dtype == torch.float32 and packed.attention_mask.max() == 0
+
+
+def test_reference_log_probs_missing_from_the_batch_come_from_the_reference(tiny_cached, tmp_path):
+    """A batch without stored reference log-probs (TRL's check of a live reference) gets them from the
+    reference model, in both layouts; they equal the stored ones."""
+    config = tiny_cached.config(tmp_path, loss_type="dpo")
+    policy, tokenizer = load_model_and_tokenizer(tiny_cached.reference_path)
+    reference = load_model_and_tokenizer(tiny_cached.reference_path)[0]
+    sides = ("chosen", "rejected")
+    batch = TrainingCollator(tokenizer.pad_token_id, sides)(load_training_features(config, tokenizer)[:4])
+    live_batch = {k: v for k, v in batch.items() if not k.endswith("reference_logps")}
+    for layout in ("padded", "shared_prompt"):
+        with torch.no_grad():
+            stored, stored_stats, _ = compute_batch_loss(policy, None, batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout)
+            live, live_stats, _ = compute_batch_loss(policy, reference, live_batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout)
+        assert float(live) == pytest.approx(float(stored), abs=1e-5)
+        assert float(live_stats["rewards/chosen"]) == pytest.approx(float(stored_stats["rewards/chosen"]), abs=1e-5)
+    with pytest.raises(ValueError, match="reference_logps"):
+        compute_batch_loss(policy, None, live_batch, config.loss_config(), sides, tokenizer.pad_token_id)
+
+
+def test_a_training_run_is_the_same_in_both_layouts(tiny_cached, tmp_path):
+    with single_thread():
+        padded = train(tiny_cached.config(tmp_path / "padded", max_steps=3, batch_layout="padded"))
+        reset_accelerate()
+        shared = train(tiny_cached.config(tmp_path / "shared", max_steps=3))
+        reset_accelerate()
+    for a, b in zip(padded.history, shared.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["seq_kl/rejected"] == pytest.approx(a["seq_kl/rejected"], abs=1e-5)
+    # The policy read fewer tokens for the same work: the prompt once per pair instead of three times.
+    assert shared.history[-1]["num_tokens"] < padded.history[-1]["num_tokens"]
+    with pytest.raises(ValueError, match="batch_layout must be"):
+        tiny_cached.config(tmp_path, batch_layout="packed")
+    assert TINY.vocab_size > 16  # the fixture's top-16 cache is a real (lower-bound) coarsening

@@ -1,0 +1,215 @@
+"""Shared-prompt batches: one row per pair, ``[prompt | chosen | rejected | anchor]``, the prompt read once.
+
+The sides of a pair have the same prompt tokens (tokenization.encode_prompt_response encodes the prompt
+apart from its response), so a padded batch of one row per side reads every prompt two or three times.
+Here each pair is one row: its prompt, then its responses one after another, padding at the end only.
+A 4-D attention mask lets each response token see the prompt and the earlier tokens of its own
+response, and position ids restart every response where the prompt ends, so every response token gets
+the logits it would get in its own padded row (the same positions, the same keys), up to rounding.
+
+Logits are computed from the last prompt column on only (`logits_to_keep`): prompt tokens are never
+scored. The last prompt column predicts the first token of every response; each later response token is
+predicted by the column before it. Results are handed back in the stacked padded layout of
+features.stack_sides ([S*B, T], side s in rows s*B..(s+1)*B), so the losses do not see the difference.
+
+What this costs: attention runs over rows about three responses long, and sdpa computes a 4-D mask's
+masked entries too. What it saves: the repeated prompts, most of the padding, and the vocabulary
+projection of every prompt token. `batch_layout: padded` in TrainConfig keeps one padded row per side
+(needed by attention kernels that take no 4-D mask, such as flash-attention 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from tidpo_core.losses import compute_dtype
+
+BatchLayout = Literal["shared_prompt", "padded"]
+BATCH_LAYOUTS: tuple[str, ...] = ("shared_prompt", "padded")
+# Attention implementations that accept a custom 4-D mask (sdpa: boolean; eager: additive).
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+class PromptMismatchError(ValueError):
+    """The sides of a pair do not share their prompt tokens, so they cannot share one row."""
+
+
+@dataclass(frozen=True)
+class SharedPromptBatch:
+    """A packed batch and the maps from stacked (per-side, padded) positions into it."""
+
+    input_ids: Tensor
+    """[B, L] prompt, then each side's response; pad_token_id after the last response."""
+    position_ids: Tensor
+    """[B, L] 0.. over the prompt; every response continues from the prompt's length."""
+    attention_mask: Tensor
+    """[B, 1, L, L]: bool (True = may attend) for sdpa, additive (0 / dtype min) for eager."""
+    first_kept: int
+    """First column whose logits are computed: the shortest prompt's last column."""
+    rows: Tensor
+    """[S*B] packed row of each stacked row."""
+    predictor: Tensor
+    """[S*B, T] kept-logit index whose distribution predicts the stacked token (0 where not scored)."""
+    columns: Tensor
+    """[S*B, T] packed column of each stacked response token (0 elsewhere)."""
+    scored: Tensor
+    """[S*B, T] bool: a response token with a predictor (all of them unless a prompt is empty)."""
+    tokens: int
+    """Tokens the model reads (padding excluded)."""
+
+    @property
+    def logits_to_keep(self) -> int:
+        return self.input_ids.shape[1] - self.first_kept
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for a Hugging Face causal LM (logits for the kept columns only)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+            "logits_to_keep": self.logits_to_keep,
+        }
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        return SharedPromptBatch(
+            **{name: value.to(device) if isinstance(value, Tensor) else value for name, value in vars(self).items()}
+        )
+
+    def select(self, stacked_rows: slice) -> SharedPromptBatch:
+        """The same packed rows, mapped back to a subset of the stacked rows (e.g. chosen and rejected)."""
+        return SharedPromptBatch(
+            input_ids=self.input_ids,
+            position_ids=self.position_ids,
+            attention_mask=self.attention_mask,
+            first_kept=self.first_kept,
+            rows=self.rows[stacked_rows],
+            predictor=self.predictor[stacked_rows],
+            columns=self.columns[stacked_rows],
+            scored=self.scored[stacked_rows],
+            tokens=self.tokens,
+        )
+
+    def _flat_positions(self, kept: int) -> Tensor:
+        return self.rows.unsqueeze(1) * kept + self.predictor
+
+    def per_token(self, per_position: Tensor) -> Tensor:
+        """[B, K] values of the kept columns -> [S*B, T] values of the tokens they predict (0 off-response)."""
+        out = per_position.reshape(-1)[self._flat_positions(per_position.shape[1])]
+        return torch.where(self.scored, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor:
+        """[B, K, V] values and [S*B, T, k] vocabulary ids -> [S*B, T, k] values at the predicting column."""
+        batch, kept, vocabulary = per_position.shape
+        flat = (self._flat_positions(kept).unsqueeze(-1) * vocabulary + ids.long()).reshape(-1)
+        return per_position.reshape(-1).gather(0, flat).reshape(ids.shape)
+
+    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor) -> Tensor:
+        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response)."""
+        logits = logits.to(compute_dtype(logits))
+        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
+        return torch.where(self.scored, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)) - self.per_token(
+            torch.logsumexp(logits, dim=-1)
+        )
+
+    def pooled_hidden(self, hidden: Tensor, response_mask: Tensor) -> Tensor:
+        """Mean of the hidden states ``[B, L, H]`` over each stacked row's response tokens: ``[S*B, H]``."""
+        batch, length, width = hidden.shape
+        flat = (self.rows.unsqueeze(1) * length + self.columns).reshape(-1)
+        per_token = hidden.reshape(batch * length, width).index_select(0, flat).reshape(*self.columns.shape, width)
+        mask = response_mask.unsqueeze(-1).to(per_token.dtype)
+        return (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def pack_shared_prompt(
+    stacked: dict[str, Tensor],
+    num_sides: int,
+    pad_token_id: int,
+    attention: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+) -> SharedPromptBatch:
+    """Pack features.stack_sides output (`num_sides` sides of B rows each) into one row per pair.
+
+    Raises PromptMismatchError when the sides of a pair do not start with the same prompt tokens.
+    """
+    if attention not in MASKED_ATTENTION:
+        raise ValueError(
+            f"batch_layout 'shared_prompt' needs an attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)}), "
+            f"not {attention!r}; set batch_layout: padded"
+        )
+    total = stacked["input_ids"].shape[0]
+    if total % num_sides:
+        raise ValueError(f"{total} stacked rows do not split into {num_sides} sides")
+    batch = total // num_sides
+    ids = stacked["input_ids"].cpu()
+    response = stacked["response_mask"].cpu() != 0
+    lengths = stacked["attention_mask"].cpu().sum(1)
+    response_lengths = response.sum(1)
+    prompt_lengths = lengths - response_lengths
+    width = ids.shape[1]
+
+    per_row = prompt_lengths.view(num_sides, batch)
+    if not (per_row == per_row[0]).all():
+        raise PromptMismatchError(f"the sides of a pair have different prompt lengths: {per_row.tolist()}")
+    prompts = prompt_lengths[:batch]
+    side_lengths = response_lengths.view(num_sides, batch)
+    row_lengths = prompts + side_lengths.sum(0)
+    length = int(row_lengths.max())
+    first_kept = max(int(prompts.min()) - 1, 0)
+
+    input_ids = torch.full((batch, length), pad_token_id, dtype=ids.dtype)
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    # Segment of each column: -1 prompt, s for side s's response, -2 padding.
+    segment = torch.full((batch, length), -2, dtype=torch.long)
+    predictor = torch.zeros((total, width), dtype=torch.long)
+    columns = torch.zeros((total, width), dtype=torch.long)
+    for row in range(batch):
+        prompt = int(prompts[row])
+        for side in range(1, num_sides):
+            if not torch.equal(ids[side * batch + row, :prompt], ids[row, :prompt]):
+                raise PromptMismatchError(f"pair {row}: side {side} has other prompt tokens than side 0")
+        input_ids[row, :prompt] = ids[row, :prompt]
+        position_ids[row, :prompt] = torch.arange(prompt)
+        segment[row, :prompt] = -1
+        start = prompt
+        for side in range(num_sides):
+            stacked_row = side * batch + row
+            n = int(side_lengths[side, row])
+            input_ids[row, start : start + n] = ids[stacked_row, prompt : prompt + n]
+            position_ids[row, start : start + n] = torch.arange(prompt, prompt + n)
+            segment[row, start : start + n] = side
+            columns[stacked_row, prompt : prompt + n] = torch.arange(start, start + n)
+            # Token j of the response is predicted by the prompt's last column (j = 0) or by the column of
+            # token j - 1; kept indices count from first_kept.
+            predicting = torch.arange(start - 1, start + n - 1)
+            predicting[0] = prompt - 1
+            predictor[stacked_row, prompt : prompt + n] = (predicting - first_kept).clamp_min(0)
+            start += n
+
+    scored = response & (torch.arange(width) > 0).unsqueeze(0)
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = allowed & (query != -2) & (key != -2) & ((key == -1) | (key == query))
+    # Padding columns attend to themselves: a row with no allowed key would turn into NaN.
+    allowed = (allowed | torch.eye(length, dtype=torch.bool)).unsqueeze(1)
+    if attention == "eager":
+        mask: Tensor = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    else:
+        mask = allowed
+    device = stacked["input_ids"].device
+    return SharedPromptBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask,
+        first_kept=first_kept,
+        rows=torch.arange(total) % batch,
+        predictor=predictor,
+        columns=columns,
+        scored=scored,
+        tokens=int(row_lengths.sum()),
+    ).to(device)
+
+
