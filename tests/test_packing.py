@@ -193,3 +193,37 @@ def test_a_training_run_is_the_same_in_both_layouts(tiny_cached, tmp_path):
     with pytest.raises(ValueError, match="batch_layout must be"):
         tiny_cached.config(tmp_path, batch_layout="packed")
     assert TINY.vocab_size > 16  # the fixture's top-16 cache is a real (lower-bound) coarsening
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
+    """Random prompts and responses (an empty prompt among them) through a random Llama: every response
+    token's log-prob and every side's pooled hidden state equal those of its own padded row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tidpo_core.losses import token_logps
+    from tidpo_core.train import _pooled_hidden
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, pad_token_id=PAD, attn_implementation="sdpa")
+    ).eval()
+    batch, num_sides = 4, 3
+    prompts = [torch.randint(1, 50, (int(n),)).tolist() for n in torch.randint(1, 7, (batch,))]
+    prompts[1] = []  # no bos, no prompt: the first response token has no predictor in either layout
+    rows = [(prompts[i] + torch.randint(1, 50, (int(torch.randint(1, 6, ())),)).tolist(), len(prompts[i]))
+            for _ in range(num_sides) for i in range(batch)]
+    stacked = _stacked(rows)
+    packed = pack_shared_prompt(stacked, num_sides, PAD)
+    with torch.no_grad():
+        out = model(**packed.model_inputs(), output_hidden_states=True)
+        padded_out = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"], output_hidden_states=True)
+    expected = token_logps(padded_out.logits, stacked["input_ids"]) * packed.scored
+    assert torch.allclose(packed.token_logps(out.logits, stacked["input_ids"]), expected, atol=1e-5)
+    assert not packed.scored[1, 0] and packed.scored[1, 1 : len(rows[1][0])].all()
+    assert torch.allclose(
+        packed.pooled_hidden(out.hidden_states[-1], stacked["response_mask"]),
+        _pooled_hidden(padded_out.hidden_states[-1], stacked["response_mask"]),
+        atol=1e-5,
+    )

@@ -178,6 +178,8 @@ def pack_shared_prompt(
         for side in range(num_sides):
             stacked_row = side * batch + row
             n = int(side_lengths[side, row])
+            if n == 0:
+                continue
             input_ids[row, start : start + n] = ids[stacked_row, prompt : prompt + n]
             position_ids[row, start : start + n] = torch.arange(prompt, prompt + n)
             segment[row, start : start + n] = side
@@ -190,16 +192,19 @@ def pack_shared_prompt(
             start += n
 
     scored = response & (torch.arange(width) > 0).unsqueeze(0)
+    # The [B, 1, L, L] mask is built where the model runs: only the [B, L] segments cross to the device.
+    device = stacked["input_ids"].device
+    segment = segment.to(device)
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     allowed = allowed & (query != -2) & (key != -2) & ((key == -1) | (key == query))
     # Padding columns attend to themselves: a row with no allowed key would turn into NaN.
-    allowed = (allowed | torch.eye(length, dtype=torch.bool)).unsqueeze(1)
+    allowed = (allowed | torch.eye(length, dtype=torch.bool, device=device)).unsqueeze(1)
     if attention == "eager":
-        mask: Tensor = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        mask: Tensor = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
     else:
         mask = allowed
-    device = stacked["input_ids"].device
     return SharedPromptBatch(
         input_ids=input_ids,
         position_ids=position_ids,
