@@ -227,3 +227,29 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
         _pooled_hidden(padded_out.hidden_states[-1], stacked["response_mask"]),
         atol=1e-5,
     )
+
+
+def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached, tmp_path):
+    from types import SimpleNamespace
+
+    from tidpo_core.packing import shared_prompt_obstacle
+
+    assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa"), 321) is None
+    assert "flash_attention_2" in shared_prompt_obstacle(SimpleNamespace(_attn_implementation="flash_attention_2"), 321)
+    # Mistral-style: a window shorter than a sequence would be applied by the model, not by the 4-D mask.
+    assert "sliding window of 256" in shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=256), 321)
+    assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=4096), 321) is None
+    # Qwen2-style: a window configured but switched off.
+    assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=256, use_sliding_window=False), 321) is None
+    # The engine refuses before training, naming the fix.
+    reference, _ = load_model_and_tokenizer(tiny_cached.reference_path)
+    reference.config.sliding_window = 8
+    reference.save_pretrained(tmp_path / "windowed")
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_cached.reference_path / name).exists():
+            shutil.copy(tiny_cached.reference_path / name, tmp_path / "windowed" / name)
+    with single_thread(), pytest.raises(ValueError, match="sliding window of 8.*set batch_layout: padded"):
+        train(tiny_cached.config(tmp_path / "run", reference_model_path=str(tmp_path / "windowed"), max_steps=1))
+    reset_accelerate()

@@ -34,6 +34,26 @@ BATCH_LAYOUTS: tuple[str, ...] = ("shared_prompt", "padded")
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def shared_prompt_obstacle(model_config: Any, max_sequence_tokens: int) -> str | None:
+    """Why a model cannot run shared-prompt rows exactly (None when it can).
+
+    The 4-D mask replaces the one the model would build: attention kernels that take no such mask
+    cannot run it, and a sliding window the model would apply inside a sequence is not applied.
+    """
+    attention = str(getattr(model_config, "_attn_implementation", None) or "sdpa")
+    if attention not in MASKED_ATTENTION:
+        return f"the model runs {attention!r} attention, which takes no 4-D mask ({', '.join(MASKED_ATTENTION)} do)"
+    window = getattr(model_config, "sliding_window", None)
+    if getattr(model_config, "use_sliding_window", True) is False:
+        window = None
+    if window is not None and window < max_sequence_tokens:
+        return (
+            f"the model attends through a sliding window of {window} tokens, shorter than a sequence "
+            f"({max_sequence_tokens} tokens), which the 4-D mask would not apply"
+        )
+    return None
+
+
 class PromptMismatchError(ValueError):
     """The sides of a pair do not share their prompt tokens, so they cannot share one row."""
 

@@ -81,7 +81,7 @@ from tidpo_core.losses import (
     token_logps,
 )
 from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.packing import BATCH_LAYOUTS, MASKED_ATTENTION, BatchLayout, pack_shared_prompt
+from tidpo_core.packing import BATCH_LAYOUTS, BatchLayout, pack_shared_prompt, shared_prompt_obstacle
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE.json"
@@ -1103,11 +1103,10 @@ def _run(
         drop_last=False,
     )
     attention = attention_implementation(policy)
-    if config.batch_layout == "shared_prompt" and attention not in MASKED_ATTENTION:
-        raise ValueError(
-            f"batch_layout: shared_prompt needs an attention that takes a 4-D mask ({', '.join(MASKED_ATTENTION)}); "
-            f"the model runs {attention!r}: set batch_layout: padded"
-        )
+    if config.batch_layout == "shared_prompt":
+        obstacle = shared_prompt_obstacle(getattr(policy, "config", None), config.max_prompt_tokens + config.max_response_tokens + 1)
+        if obstacle:
+            raise ValueError(f"batch_layout: shared_prompt cannot run this model: {obstacle}; set batch_layout: padded")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable_count = sum(_numel(p) for p in trainable)
     total_count = sum(_numel(p) for p in policy.parameters())
