@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_fixtures import TINY, build_tiny_data, single_thread
+from train_fixtures import TINY, build_tiny_data, reset_accelerate, single_thread
 
 from tidpo_core.features import TrainingCollator, stack_sides
-from tidpo_core.losses import LossConfig
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.packing import PromptMismatchError, pack_shared_prompt
 from tidpo_core.train import compute_batch_loss, load_training_features, train
-from train_fixtures import reset_accelerate
 
 PAD = 0
 
