@@ -221,7 +221,7 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
     assert torch.allclose(packed.token_logps(out.logits, stacked["input_ids"]), expected, atol=1e-5)
     assert not packed.scored[1, 0] and packed.scored[1, 1 : len(rows[1][0])].all()
     assert torch.allclose(
-        packed.pooled_hidden(out.hidden_states[-1], stacked["response_mask"]),
+        _pooled_hidden(packed.hidden_per_token(out.hidden_states[-1]), stacked["response_mask"]),
         _pooled_hidden(padded_out.hidden_states[-1], stacked["response_mask"]),
         atol=1e-5,
     )

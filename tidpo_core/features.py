@@ -22,6 +22,7 @@ from tidpo_core.tokenization import (
     EncodedSequence,
     PreferenceCollator,
     encode_prompt_response,
+    response_token_ids,
     scatter_response_values,
 )
 
@@ -151,7 +152,7 @@ def token_weights_row(
         "pair_id": pair_id,
         "side": side,
         "text_digest": text_digest,
-        "token_ids": [t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=True) if m],
+        "token_ids": response_token_ids(encoded),
         "attribution": importance.attribution,
         "prior": importance.prior,
         "weight": importance.weight,

@@ -36,13 +36,18 @@ BATCH_LAYOUTS: tuple[str, ...] = ("shared_prompt", "padded")
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def attention_implementation(model_config: Any) -> str:
+    """The attention kernel a Hugging Face config selects: sdpa (transformers' default), eager, flash_attention_2, ..."""
+    return str(getattr(model_config, "_attn_implementation", None) or "sdpa")
+
+
 def shared_prompt_obstacle(model_config: Any, max_sequence_tokens: int) -> str | None:
     """Why a model cannot run shared-prompt rows exactly (None when it can).
 
     The 4-D mask replaces the one the model would build: attention kernels that take no such mask
     cannot run it, and a sliding window the model would apply inside a sequence is not applied.
     """
-    attention = str(getattr(model_config, "_attn_implementation", None) or "sdpa")
+    attention = attention_implementation(model_config)
     if attention not in MASKED_ATTENTION:
         return f"the model runs {attention!r} attention, which takes no 4-D mask ({', '.join(MASKED_ATTENTION)} do)"
     window = getattr(model_config, "sliding_window", None)
@@ -87,14 +92,23 @@ class SharedPromptBatch:
     def logits_to_keep(self) -> int:
         return self.input_ids.shape[1] - self.first_kept
 
-    def model_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for a Hugging Face causal LM (logits for the kept columns only)."""
+    def model_inputs(self, columns: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for a Hugging Face causal LM (logits for the kept columns only).
+
+        `columns`: the first ones only. A token's logits depend on the columns up to it alone (causal
+        mask), so those of the sides packed first are the same from a row cut after their last token.
+        """
+        end = self.input_ids.shape[1] if columns is None else columns
         return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "attention_mask": self.attention_mask,
-            "logits_to_keep": self.logits_to_keep,
+            "input_ids": self.input_ids[:, :end],
+            "position_ids": self.position_ids[:, :end],
+            "attention_mask": self.attention_mask[:, :, :end, :end],
+            "logits_to_keep": end - self.first_kept,
         }
+
+    def last_column(self) -> int:
+        """The last packed column any of the stacked rows' response tokens occupies."""
+        return int(self.columns.max())
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         return SharedPromptBatch(
@@ -133,13 +147,12 @@ class SharedPromptBatch:
         picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
         return self._scored_only(picked) - self.per_token(torch.logsumexp(logits, dim=-1))
 
-    def pooled_hidden(self, hidden: Tensor, response_mask: Tensor) -> Tensor:
-        """Mean of the hidden states ``[B, L, H]`` over each stacked row's response tokens: ``[S*B, H]``."""
+    def hidden_per_token(self, hidden: Tensor) -> Tensor:
+        """Hidden states ``[B, L, H]`` at each stacked token's packed column: ``[S*B, T, H]`` (the stacked
+        padded layout; what lies off the response is column 0's and is for the caller's mask to drop)."""
         batch, length, width = hidden.shape
         flat = (self.rows.unsqueeze(1) * length + self.columns).reshape(-1)
-        per_token = hidden.reshape(batch * length, width).index_select(0, flat).reshape(*self.columns.shape, width)
-        mask = response_mask.unsqueeze(-1).to(per_token.dtype)
-        return (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return hidden.reshape(batch * length, width).index_select(0, flat).reshape(*self.columns.shape, width)
 
 
 def pack_shared_prompt(
@@ -147,7 +160,6 @@ def pack_shared_prompt(
     num_sides: int,
     pad_token_id: int,
     attention: str = "sdpa",
-    mask_dtype: torch.dtype = torch.float32,
 ) -> SharedPromptBatch:
     """Pack features.stack_sides output (`num_sides` sides of B rows each) into one row per pair.
 
@@ -219,8 +231,8 @@ def pack_shared_prompt(
     # Padding columns attend to themselves: a row with no allowed key would turn into NaN.
     allowed = (allowed | torch.eye(length, dtype=torch.bool, device=device)).unsqueeze(1)
     if attention == "eager":
-        mask: Tensor = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        mask: Tensor = torch.zeros(allowed.shape, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
     else:
         mask = allowed
     return SharedPromptBatch(

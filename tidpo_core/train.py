@@ -81,7 +81,13 @@ from tidpo_core.losses import (
     token_logps,
 )
 from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.packing import BATCH_LAYOUTS, BatchLayout, pack_shared_prompt, shared_prompt_obstacle
+from tidpo_core.packing import (
+    BATCH_LAYOUTS,
+    BatchLayout,
+    attention_implementation,
+    pack_shared_prompt,
+    shared_prompt_obstacle,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE.json"
@@ -516,12 +522,6 @@ def online_weights(model: torch.nn.Module, lambda_: float, normalization: Normal
     return weights
 
 
-def attention_implementation(model: torch.nn.Module) -> str:
-    """The attention kernel a (possibly wrapped) Hugging Face model runs: sdpa, eager, flash_attention_2, ..."""
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_attn_implementation", None) or "sdpa")
-
-
 @dataclass
 class _ForwardResult:
     """A forward's per-token quantities in the stacked padded layout, whatever the batch layout was."""
@@ -571,13 +571,10 @@ def _shared_prompt_forward(
     reference_logps = stacked.get("reference_logps")
     ref_logits = None
     if reference is not None and (reference_logps is None or loss_config.needs_kl):
-        # SeqKL needs chosen and rejected only; packed first, they keep their columns in a row without the
-        # anchor. Missing log-probs need every side.
-        inputs = packed
-        if reference_logps is not None:
-            pair_stacked = {k: stacked[k][pair_rows] for k in ("input_ids", "attention_mask", "response_mask")}
-            inputs = pack_shared_prompt(pair_stacked, 2, pad_token_id, attention)
-        ref_logits = reference(**inputs.model_inputs()).float()
+        # Missing log-probs need every side. SeqKL needs chosen and rejected only: packed first, they are
+        # done by their last column, so the reference skips what lies beyond.
+        columns = None if reference_logps is None else pairs.last_column() + 1
+        ref_logits = reference(**packed.model_inputs(columns)).float()
         if reference_logps is None:
             reference_logps = packed.token_logps(ref_logits, stacked["input_ids"])
     out = policy(**packed.model_inputs(), output_hidden_states=want_hidden)
@@ -597,7 +594,9 @@ def _shared_prompt_forward(
         policy_logps=packed.token_logps(logits, stacked["input_ids"]),
         reference_logps=reference_logps,
         seq_kl=kl,
-        pooled_hidden=packed.pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None,
+        pooled_hidden=_pooled_hidden(packed.hidden_per_token(out.hidden_states[-1].float()), stacked["response_mask"])
+        if want_hidden
+        else None,
         tokens=packed.tokens,
     )
 
@@ -633,7 +632,7 @@ def compute_batch_loss(
     if batch_layout == "shared_prompt":
         result = _shared_prompt_forward(
             policy, reference, stacked, loss_config, len(sides), pad_token_id, want_hidden,
-            attention or attention_implementation(policy),
+            attention or attention_implementation(getattr(policy, "config", None)),
         )
     elif batch_layout == "padded":
         result = _padded_forward(policy, reference, stacked, loss_config, batch_size, want_hidden)
@@ -1102,7 +1101,7 @@ def _run(
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=False,
     )
-    attention = attention_implementation(policy)
+    attention = attention_implementation(getattr(policy, "config", None))
     if config.batch_layout == "shared_prompt":
         obstacle = shared_prompt_obstacle(getattr(policy, "config", None), config.max_prompt_tokens + config.max_response_tokens + 1)
         if obstacle:
