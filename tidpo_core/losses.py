@@ -132,13 +132,25 @@ def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
     return F.pad(picked, (1, 0), value=0.0)
 
 
-def kl_from_logits(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
-    """``KL(pi_ref || pi_theta)`` of the next-token distributions given by two logit tensors ``[..., V]``."""
+def kl_from_logits(reference_logits: Tensor, policy_logits: Tensor, policy_log_normalizer: Tensor | None = None) -> Tensor:
+    """``KL(pi_ref || pi_theta)`` of the next-token distributions given by two logit tensors ``[..., V]``.
+
+    Written as ``sum_v p_ref (z_ref - z_theta) + logsumexp(z_theta) - logsumexp(z_ref)`` so that no policy
+    log-softmax ``[..., V]`` is built, forward or backward (pass the policy's logsumexp when the caller
+    has it). Both terms shrink with the difference of the two distributions, so the KL of nearly equal
+    ones keeps its precision (exactly 0 for equal logits).
+    """
     dtype = compute_dtype(policy_logits)
-    ref_logp = F.log_softmax(reference_logits.to(dtype), dim=-1)
-    pol_logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
+    reference_logits, policy_logits = reference_logits.to(dtype), policy_logits.to(dtype)
+    reference_log_normalizer = torch.logsumexp(reference_logits, dim=-1)
+    reference_probs = (reference_logits - reference_log_normalizer.unsqueeze(-1)).exp()
+    if policy_log_normalizer is None:
+        policy_log_normalizer = torch.logsumexp(policy_logits, dim=-1)
+    kl = torch.linalg.vecdot(reference_probs, reference_logits - policy_logits) + (
+        policy_log_normalizer.to(dtype) - reference_log_normalizer
+    )
     # KL is non-negative; rounding can leave ~-1e-9 where the two distributions (nearly) coincide.
-    return (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1).clamp_min(0.0)
+    return kl.clamp_min(0.0)
 
 
 def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
@@ -179,8 +191,8 @@ def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, polic
         )
     if reference_topk_logp.shape != reference_topk_ids.shape:
         raise ValueError(f"top-k ids {tuple(reference_topk_ids.shape)} and log-probs {tuple(reference_topk_logp.shape)} differ")
-    policy_logp = F.log_softmax(policy_logits[:, :-1].to(compute_dtype(policy_logits)), dim=-1)
-    policy_top = policy_logp.gather(-1, reference_topk_ids[:, 1:].long())
+    shifted = policy_logits[:, :-1].to(compute_dtype(policy_logits))
+    policy_top = shifted.gather(-1, reference_topk_ids[:, 1:].long()) - torch.logsumexp(shifted, dim=-1, keepdim=True)
     whole = reference_topk_ids.shape[-1] >= policy_logits.shape[-1]
     return F.pad(coarsened_kl(reference_topk_logp[:, 1:], policy_top, whole_vocabulary=whole), (1, 0), value=0.0)
 

@@ -141,11 +141,16 @@ class SharedPromptBatch:
         flat = (self._flat_positions(kept).unsqueeze(-1) * vocabulary + ids.long()).reshape(-1)
         return per_position.reshape(-1).gather(0, flat).reshape(ids.shape)
 
-    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor) -> Tensor:
-        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response)."""
+    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
+        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response).
+
+        `log_normalizer`: the logits' logsumexp over the vocabulary ``[B, K]``, when the caller has it.
+        """
         logits = logits.to(compute_dtype(logits))
+        if log_normalizer is None:
+            log_normalizer = torch.logsumexp(logits, dim=-1)
         picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
-        return self._scored_only(picked) - self.per_token(torch.logsumexp(logits, dim=-1))
+        return self._scored_only(picked) - self.per_token(log_normalizer)
 
     def hidden_per_token(self, hidden: Tensor) -> Tensor:
         """Hidden states ``[B, L, H]`` at each stacked token's packed column: ``[S*B, T, H]`` (the stacked

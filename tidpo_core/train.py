@@ -45,7 +45,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
@@ -72,7 +71,6 @@ from tidpo_core.losses import (
     LossConfig,
     SideTensors,
     coarsened_kl,
-    compute_dtype,
     compute_loss,
     kl_from_logits,
     sequence_kl,
@@ -579,19 +577,22 @@ def _shared_prompt_forward(
             reference_logps = packed.token_logps(ref_logits, stacked["input_ids"])
     out = policy(**packed.model_inputs(), output_hidden_states=want_hidden)
     logits = out.logits.float()
+    # One logsumexp serves the log-probs and the KL: a [B, K, V] log-softmax is never built.
+    log_normalizer = torch.logsumexp(logits, dim=-1)
     kl = None
     if ref_logits is not None and loss_config.needs_kl:
-        per_position = kl_from_logits(ref_logits, logits[:, : ref_logits.shape[1]])
+        kept = ref_logits.shape[1]
+        per_position = kl_from_logits(ref_logits, logits[:, :kept], log_normalizer[:, :kept])
         kl = sequence_kl(pairs.per_token(per_position), stacked["response_mask"][pair_rows])
     elif loss_config.needs_kl and "reference_topk_ids" in stacked:
         top_ids = stacked["reference_topk_ids"]
-        policy_top = pairs.gather_vocabulary(F.log_softmax(logits.to(compute_dtype(logits)), dim=-1), top_ids)
+        policy_top = pairs.gather_vocabulary(logits, top_ids) - pairs.per_token(log_normalizer).unsqueeze(-1)
         per_token = coarsened_kl(
             stacked["reference_topk_logp"], policy_top, whole_vocabulary=top_ids.shape[-1] >= logits.shape[-1]
         )
         kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
     return _ForwardResult(
-        policy_logps=packed.token_logps(logits, stacked["input_ids"]),
+        policy_logps=packed.token_logps(logits, stacked["input_ids"], log_normalizer),
         reference_logps=reference_logps,
         seq_kl=kl,
         pooled_hidden=_pooled_hidden(packed.hidden_per_token(out.hidden_states[-1].float()), stacked["response_mask"])
