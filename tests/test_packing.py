@@ -1,4 +1,5 @@
-"""Shared-prompt batches (tidpo_core.packing): the layout by hand, and every loss equal to the padded layout."""
+"""Batch layouts (tidpo_core.packing): the shared-prompt layout by hand, the padded layout against the plain
+per-row functions of tidpo_core.losses, and every loss equal in both layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from train_fixtures import TINY, build_tiny_data, reset_accelerate, single_threa
 
 from tidpo_core.features import TrainingCollator, stack_sides
 from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.packing import PromptMismatchError, pack_shared_prompt
+from tidpo_core.packing import PromptMismatchError, lay_out, pack_shared_prompt
 from tidpo_core.train import compute_batch_loss, load_training_features, train
 
 PAD = 0
@@ -60,6 +61,49 @@ def test_layout_of_two_pairs_by_hand():
     assert packed.predictor[3].tolist() == [0, 0, 0, 1, 3]  # pair 1 rejected: 11 <- column 2, 12 <- column 4
     assert packed.scored[4].tolist() == [False, False, True, True, True]
     assert packed.columns[4].tolist() == [0, 0, 5, 6, 7]
+    # Chosen and rejected end at column 5 (pair 1's rejected 12): the reference reads 6 columns, 5 kept.
+    pairs = packed.first_sides(2)
+    assert pairs.model_inputs()["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [1, 9, 9, 10, 11, 12]]
+    assert pairs.model_inputs()["attention_mask"].shape == (2, 1, 6, 6) and pairs.logits_to_keep == 5
+    assert pairs.prefix(torch.arange(14).view(2, 7)).tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]]
+    assert torch.equal(pairs.predictor, packed.predictor[:4])
+
+
+def test_padded_layout_equals_the_per_row_loss_functions():
+    """The padded layout's maps give what losses.token_logps / token_kl / token_kl_topk give on the same
+    rows, restricted to scored tokens; its first-sides view is the first rows."""
+    from tidpo_core.losses import (
+        coarsened_kl,
+        kl_from_logits,
+        reference_topk,
+        token_kl,
+        token_kl_topk,
+        token_logps,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    stacked = _stacked([([1, 2, 3, 4], 2), ([5, 6, 7], 1), ([1, 2, 8], 2), ([5, 9, 9, 9, 9], 1)])
+    rows, width, vocabulary = 4, stacked["input_ids"].shape[1], 11
+    policy = torch.randn(rows, width, vocabulary, generator=g, dtype=torch.float64)
+    reference = torch.randn(rows, width, vocabulary, generator=g, dtype=torch.float64)
+    layout = lay_out(stacked, 2, PAD, "padded")
+    scored = (stacked["response_mask"] != 0) & (torch.arange(width) > 0)
+    assert torch.equal(layout.scored, scored) and layout.tokens == 4 + 3 + 3 + 5
+
+    torch.testing.assert_close(
+        layout.token_logps(policy, stacked["input_ids"]), token_logps(policy, stacked["input_ids"]) * scored
+    )
+    torch.testing.assert_close(layout.per_token(kl_from_logits(reference, policy)), token_kl(reference, policy) * scored)
+    ids, logp = reference_topk(reference, 4)
+    lse = torch.logsumexp(policy, dim=-1)
+    policy_top = layout.gather_vocabulary(policy, ids) - layout.per_token(lse).unsqueeze(-1)
+    torch.testing.assert_close(
+        layout.scored_only(coarsened_kl(logp, policy_top, whole_vocabulary=False)),
+        token_kl_topk(ids, logp, policy) * scored,
+    )
+    first = layout.first_sides(1)
+    assert torch.equal(first.model_inputs()["input_ids"], stacked["input_ids"][:2])
+    assert torch.equal(first.prefix(policy), policy[:2]) and torch.equal(first.scored, scored[:2])
 
 
 def test_sides_with_other_prompts_are_refused():

@@ -17,7 +17,10 @@ masked entries too (about a fifth of a step's CPU time on the TRL benchmark; att
 through a custom attention function measured only ~4 % faster, so it is not done). What it saves: the
 repeated prompts, most of the padding, and the vocabulary projection of every prompt token (0.75-0.88x
 the padded layout's step time on the TRL benchmark). `batch_layout: padded` in TrainConfig keeps one padded row per side
-(needed by attention kernels that take no 4-D mask, such as flash-attention 2).
+(needed by attention kernels that take no 4-D mask, such as flash-attention 2): PaddedBatch.
+
+Both layouts answer the same questions (model inputs; per-token values from per-position ones; the view
+of the first sides, which SeqKL needs), so train.py runs one forward for either.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tidpo_core.losses import compute_dtype
@@ -87,18 +91,18 @@ class SharedPromptBatch:
     """[S*B, T] bool: a response token with a predictor (all of them unless a prompt is empty)."""
     tokens: int
     """Tokens the model reads (padding excluded)."""
+    batch_size: int
+    """Pairs in the batch (B)."""
+    end: int
+    """Columns the model reads: all of them, or for a view of the first sides, up to their last token."""
 
     @property
     def logits_to_keep(self) -> int:
-        return self.input_ids.shape[1] - self.first_kept
+        return self.end - self.first_kept
 
-    def model_inputs(self, columns: int | None = None) -> dict[str, Any]:
-        """Keyword arguments for a Hugging Face causal LM (logits for the kept columns only).
-
-        `columns`: the first ones only. A token's logits depend on the columns up to it alone (causal
-        mask), so those of the sides packed first are the same from a row cut after their last token.
-        """
-        end = self.input_ids.shape[1] if columns is None else columns
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for a Hugging Face causal LM (logits for the kept columns only)."""
+        end = self.end
         return {
             "input_ids": self.input_ids[:, :end],
             "position_ids": self.position_ids[:, :end],
@@ -106,34 +110,42 @@ class SharedPromptBatch:
             "logits_to_keep": end - self.first_kept,
         }
 
-    def last_column(self) -> int:
-        """The last packed column any of the stacked rows' response tokens occupies."""
-        return int(self.columns.max())
-
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         return SharedPromptBatch(
             **{name: value.to(device) if isinstance(value, Tensor) else value for name, value in vars(self).items()}
         )
 
-    def select(self, stacked_rows: slice) -> SharedPromptBatch:
-        """The same packed rows, mapped back to a subset of the stacked rows (e.g. chosen and rejected)."""
+    def first_sides(self, count: int) -> SharedPromptBatch:
+        """A view of the first `count` sides (chosen and rejected for SeqKL): the packed rows cut after the
+        last of their tokens. A token's logits depend on the columns up to it alone (causal mask), so the
+        cut row gives the sides packed first the same logits."""
+        stacked_rows = slice(0, count * self.batch_size)
+        columns = self.columns[stacked_rows]
         return replace(
             self,
             rows=self.rows[stacked_rows],
             predictor=self.predictor[stacked_rows],
-            columns=self.columns[stacked_rows],
+            columns=columns,
             scored=self.scored[stacked_rows],
+            # At least one kept column: logits_to_keep=0 would mean "all" to the model.
+            end=max(int(columns.max()) + 1, self.first_kept + 1),
         )
+
+    def prefix(self, per_position: Tensor) -> Tensor:
+        """This view's part ``[B, K', ...]`` of values computed on the whole batch (or on a larger view)."""
+        return per_position[:, : self.logits_to_keep]
 
     def _flat_positions(self, kept: int) -> Tensor:
         return self.rows.unsqueeze(1) * kept + self.predictor
 
-    def _scored_only(self, values: Tensor) -> Tensor:
-        return torch.where(self.scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    def scored_only(self, values: Tensor) -> Tensor:
+        """`values` ``[S*B, T, ...]`` with 0 wherever no token is scored."""
+        scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
+        return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def per_token(self, per_position: Tensor) -> Tensor:
         """[B, K] values of the kept columns -> [S*B, T] values of the tokens they predict (0 off-response)."""
-        return self._scored_only(per_position.reshape(-1)[self._flat_positions(per_position.shape[1])])
+        return self.scored_only(per_position.reshape(-1)[self._flat_positions(per_position.shape[1])])
 
     def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor:
         """[B, K, V] values and [S*B, T, k] vocabulary ids -> [S*B, T, k] values at the predicting column."""
@@ -150,7 +162,7 @@ class SharedPromptBatch:
         if log_normalizer is None:
             log_normalizer = torch.logsumexp(logits, dim=-1)
         picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
-        return self._scored_only(picked) - self.per_token(log_normalizer)
+        return self.scored_only(picked) - self.per_token(log_normalizer)
 
     def hidden_per_token(self, hidden: Tensor) -> Tensor:
         """Hidden states ``[B, L, H]`` at each stacked token's packed column: ``[S*B, T, H]`` (the stacked
@@ -158,6 +170,80 @@ class SharedPromptBatch:
         batch, length, width = hidden.shape
         flat = (self.rows.unsqueeze(1) * length + self.columns).reshape(-1)
         return hidden.reshape(batch * length, width).index_select(0, flat).reshape(*self.columns.shape, width)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """One padded row per side: features.stack_sides as is, for attention kernels that take no 4-D mask.
+
+    It answers what SharedPromptBatch answers, so one forward serves both layouts; a side's logits are
+    its own row's, and position t's distribution predicts token t + 1.
+    """
+
+    input_ids: Tensor
+    """[S*B, T] as stacked."""
+    attention_mask: Tensor
+    """[S*B, T] 1 on tokens, 0 on padding."""
+    scored: Tensor
+    """[S*B, T] bool: a response token with a predictor (position > 0)."""
+    tokens: int
+    batch_size: int
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def first_sides(self, count: int) -> PaddedBatch:
+        """A view of the first `count` sides' rows."""
+        rows = slice(0, count * self.batch_size)
+        return replace(
+            self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows], scored=self.scored[rows]
+        )
+
+    def prefix(self, per_position: Tensor) -> Tensor:
+        """This view's rows of values computed on the whole batch (or on a larger view)."""
+        return per_position[: self.input_ids.shape[0]]
+
+    def scored_only(self, values: Tensor) -> Tensor:
+        scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
+        return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def per_token(self, per_position: Tensor) -> Tensor:
+        """[R, T] values per position -> [R, T] values of the tokens they predict (0 off-response)."""
+        return self.scored_only(F.pad(per_position[:, :-1], (1, 0)))
+
+    def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor:
+        """[R, T, V] values and [R, T, k] vocabulary ids -> [R, T, k] values at the predicting position."""
+        return F.pad(per_position[:, :-1].gather(-1, ids[:, 1:].long()), (0, 0, 1, 0))
+
+    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
+        """Per-token log-probabilities ``[R, T]`` (0 off-response), as losses.token_logps on response tokens."""
+        logits = logits.to(compute_dtype(logits))
+        if log_normalizer is None:
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
+        return self.scored_only(picked) - self.per_token(log_normalizer)
+
+    def hidden_per_token(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+
+def lay_out(
+    stacked: dict[str, Tensor], num_sides: int, pad_token_id: int, layout: BatchLayout, attention: str = "sdpa"
+) -> SharedPromptBatch | PaddedBatch:
+    """A stacked batch (features.stack_sides) in `layout`."""
+    if layout == "shared_prompt":
+        return pack_shared_prompt(stacked, num_sides, pad_token_id, attention)
+    if layout == "padded":
+        response = stacked["response_mask"] != 0
+        positions = torch.arange(response.shape[1], device=response.device)
+        return PaddedBatch(
+            input_ids=stacked["input_ids"],
+            attention_mask=stacked["attention_mask"],
+            scored=response & (positions > 0).unsqueeze(0),
+            tokens=int(stacked["attention_mask"].sum()),
+            batch_size=stacked["input_ids"].shape[0] // num_sides,
+        )
+    raise ValueError(f"batch_layout must be one of {BATCH_LAYOUTS}, got {layout!r}")
 
 
 def pack_shared_prompt(
@@ -250,6 +336,8 @@ def pack_shared_prompt(
         columns=columns,
         scored=scored,
         tokens=int(row_lengths.sum()),
+        batch_size=batch,
+        end=length,
     ).to(device)
 
 

@@ -74,16 +74,13 @@ from tidpo_core.losses import (
     compute_loss,
     kl_from_logits,
     sequence_kl,
-    token_kl,
-    token_kl_topk,
-    token_logps,
 )
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.packing import (
     BATCH_LAYOUTS,
     BatchLayout,
     attention_implementation,
-    pack_shared_prompt,
+    lay_out,
     shared_prompt_obstacle,
 )
 
@@ -531,74 +528,42 @@ class _ForwardResult:
     tokens: int
 
 
-def _padded_forward(policy, reference, stacked, loss_config, batch_size, want_hidden) -> _ForwardResult:
-    """One padded row per side (features.stack_sides as is)."""
-    reference_logps = stacked.get("reference_logps")
-    pair_rows = slice(0, 2 * batch_size)
-    ref_logits = None
-    if reference is not None and (reference_logps is None or loss_config.needs_kl):
-        # SeqKL needs chosen and rejected only (the first 2B rows); missing log-probs need every side.
-        rows = slice(None) if reference_logps is None else pair_rows
-        ref_logits = reference(input_ids=stacked["input_ids"][rows], attention_mask=stacked["attention_mask"][rows]).float()
-        if reference_logps is None:
-            reference_logps = token_logps(ref_logits, stacked["input_ids"])
-    out = policy(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"], output_hidden_states=want_hidden)
-    logits = out.logits.float()
-    kl = None
-    if ref_logits is not None and loss_config.needs_kl:
-        kl = sequence_kl(token_kl(ref_logits[pair_rows], logits[pair_rows]), stacked["response_mask"][pair_rows])
-    elif loss_config.needs_kl and "reference_topk_ids" in stacked:
-        per_token = token_kl_topk(stacked["reference_topk_ids"], stacked["reference_topk_logp"], logits[pair_rows])
-        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
-    return _ForwardResult(
-        policy_logps=token_logps(logits, stacked["input_ids"]),
-        reference_logps=reference_logps,
-        seq_kl=kl,
-        pooled_hidden=_pooled_hidden(out.hidden_states[-1].float(), stacked["response_mask"]) if want_hidden else None,
-        tokens=int(stacked["attention_mask"].sum().item()),
-    )
-
-
-def _shared_prompt_forward(
-    policy, reference, stacked, loss_config, num_sides, pad_token_id, want_hidden, attention
-) -> _ForwardResult:
-    """One row per pair, the prompt read once (tidpo_core.packing)."""
-    packed = pack_shared_prompt(stacked, num_sides, pad_token_id, attention)
-    pair_rows = slice(0, 2 * packed.input_ids.shape[0])
-    pairs = packed.select(pair_rows)
+def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _ForwardResult:
+    """The policy (and where needed the reference) over one batch in either layout (tidpo_core.packing)."""
+    pairs = layout.first_sides(2)
+    pair_mask = stacked["response_mask"][: 2 * layout.batch_size]
     reference_logps = stacked.get("reference_logps")
     ref_logits = None
     if reference is not None and (reference_logps is None or loss_config.needs_kl):
-        # Missing log-probs need every side. SeqKL needs chosen and rejected only: packed first, they are
-        # done by their last column, so the reference skips what lies beyond.
-        columns = None if reference_logps is None else pairs.last_column() + 1
-        ref_logits = reference(**packed.model_inputs(columns)).float()
+        # Missing log-probs need every side. SeqKL needs chosen and rejected only: they come first, so the
+        # reference reads their rows (padded) or the columns up to their last token (shared prompt).
+        ref_logits = reference(**(layout if reference_logps is None else pairs).model_inputs()).float()
         if reference_logps is None:
-            reference_logps = packed.token_logps(ref_logits, stacked["input_ids"])
-    out = policy(**packed.model_inputs(), output_hidden_states=want_hidden)
+            reference_logps = layout.token_logps(ref_logits, stacked["input_ids"])
+    out = policy(**layout.model_inputs(), output_hidden_states=want_hidden)
     logits = out.logits.float()
-    # One logsumexp serves the log-probs and the KL: a [B, K, V] log-softmax is never built.
+    # One logsumexp serves the log-probs and the KL: no log-softmax of the policy's logits is built.
     log_normalizer = torch.logsumexp(logits, dim=-1)
     kl = None
     if ref_logits is not None and loss_config.needs_kl:
-        kept = ref_logits.shape[1]
-        per_position = kl_from_logits(ref_logits, logits[:, :kept], log_normalizer[:, :kept])
-        kl = sequence_kl(pairs.per_token(per_position), stacked["response_mask"][pair_rows])
+        per_position = kl_from_logits(pairs.prefix(ref_logits), pairs.prefix(logits), pairs.prefix(log_normalizer))
+        kl = sequence_kl(pairs.per_token(per_position), pair_mask)
     elif loss_config.needs_kl and "reference_topk_ids" in stacked:
         top_ids = stacked["reference_topk_ids"]
-        policy_top = pairs.gather_vocabulary(logits, top_ids) - pairs.per_token(log_normalizer).unsqueeze(-1)
-        per_token = coarsened_kl(
-            stacked["reference_topk_logp"], policy_top, whole_vocabulary=top_ids.shape[-1] >= logits.shape[-1]
-        )
-        kl = sequence_kl(per_token, stacked["response_mask"][pair_rows])
+        policy_top = pairs.gather_vocabulary(pairs.prefix(logits), top_ids) - pairs.per_token(
+            pairs.prefix(log_normalizer)
+        ).unsqueeze(-1)
+        whole_vocabulary = top_ids.shape[-1] >= logits.shape[-1]
+        per_token = coarsened_kl(stacked["reference_topk_logp"], policy_top, whole_vocabulary=whole_vocabulary)
+        kl = sequence_kl(pairs.scored_only(per_token), pair_mask)
     return _ForwardResult(
-        policy_logps=packed.token_logps(logits, stacked["input_ids"], log_normalizer),
+        policy_logps=layout.token_logps(logits, stacked["input_ids"], log_normalizer),
         reference_logps=reference_logps,
         seq_kl=kl,
-        pooled_hidden=_pooled_hidden(packed.hidden_per_token(out.hidden_states[-1].float()), stacked["response_mask"])
+        pooled_hidden=_pooled_hidden(layout.hidden_per_token(out.hidden_states[-1].float()), stacked["response_mask"])
         if want_hidden
         else None,
-        tokens=packed.tokens,
+        tokens=layout.tokens,
     )
 
 
@@ -630,15 +595,9 @@ def compute_batch_loss(
         stacked["weights"] = weights_fn(stacked)
     want_hidden = loss_config.loss_type == "tidpo" and loss_config.triplet_space == "hidden"
     batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
-    if batch_layout == "shared_prompt":
-        result = _shared_prompt_forward(
-            policy, reference, stacked, loss_config, len(sides), pad_token_id, want_hidden,
-            attention or attention_implementation(getattr(policy, "config", None)),
-        )
-    elif batch_layout == "padded":
-        result = _padded_forward(policy, reference, stacked, loss_config, batch_size, want_hidden)
-    else:
-        raise ValueError(f"batch_layout must be one of {BATCH_LAYOUTS}, got {batch_layout!r}")
+    attention = attention or attention_implementation(getattr(policy, "config", None))
+    layout = lay_out(stacked, len(sides), pad_token_id, batch_layout, attention)
+    result = _forward(policy, reference, layout, stacked, loss_config, want_hidden)
 
     def side(i: int) -> SideTensors:
         part = slice(i * batch_size, (i + 1) * batch_size)
