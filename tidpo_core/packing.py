@@ -69,8 +69,36 @@ class PromptMismatchError(ValueError):
     """The sides of a pair do not share their prompt tokens, so they cannot share one row."""
 
 
+class _TokenMaps:
+    """What both layouts derive from their maps between model outputs and stacked ``[S*B, T]`` tokens."""
+
+    scored: Tensor
+
+    def per_token(self, per_position: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def scored_only(self, values: Tensor) -> Tensor:
+        """`values` ``[S*B, T, ...]`` with 0 wherever no token is scored."""
+        scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
+        return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
+        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response).
+
+        `log_normalizer`: the logits' logsumexp over the vocabulary, when the caller has it.
+        """
+        logits = logits.to(compute_dtype(logits))
+        if log_normalizer is None:
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
+        return self.scored_only(picked) - self.per_token(log_normalizer)
+
+
 @dataclass(frozen=True)
-class SharedPromptBatch:
+class SharedPromptBatch(_TokenMaps):
     """A packed batch and the maps from stacked (per-side, padded) positions into it."""
 
     input_ids: Tensor
@@ -138,11 +166,6 @@ class SharedPromptBatch:
     def _flat_positions(self, kept: int) -> Tensor:
         return self.rows.unsqueeze(1) * kept + self.predictor
 
-    def scored_only(self, values: Tensor) -> Tensor:
-        """`values` ``[S*B, T, ...]`` with 0 wherever no token is scored."""
-        scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
-        return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
-
     def per_token(self, per_position: Tensor) -> Tensor:
         """[B, K] values of the kept columns -> [S*B, T] values of the tokens they predict (0 off-response)."""
         return self.scored_only(per_position.reshape(-1)[self._flat_positions(per_position.shape[1])])
@@ -153,17 +176,6 @@ class SharedPromptBatch:
         flat = (self._flat_positions(kept).unsqueeze(-1) * vocabulary + ids.long()).reshape(-1)
         return per_position.reshape(-1).gather(0, flat).reshape(ids.shape)
 
-    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
-        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response).
-
-        `log_normalizer`: the logits' logsumexp over the vocabulary ``[B, K]``, when the caller has it.
-        """
-        logits = logits.to(compute_dtype(logits))
-        if log_normalizer is None:
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
-        return self.scored_only(picked) - self.per_token(log_normalizer)
-
     def hidden_per_token(self, hidden: Tensor) -> Tensor:
         """Hidden states ``[B, L, H]`` at each stacked token's packed column: ``[S*B, T, H]`` (the stacked
         padded layout; what lies off the response is column 0's and is for the caller's mask to drop)."""
@@ -173,7 +185,7 @@ class SharedPromptBatch:
 
 
 @dataclass(frozen=True)
-class PaddedBatch:
+class PaddedBatch(_TokenMaps):
     """One padded row per side: features.stack_sides as is, for attention kernels that take no 4-D mask.
 
     It answers what SharedPromptBatch answers, so one forward serves both layouts; a side's logits are
@@ -203,10 +215,6 @@ class PaddedBatch:
         """This view's rows of values computed on the whole batch (or on a larger view)."""
         return per_position[: self.input_ids.shape[0]]
 
-    def scored_only(self, values: Tensor) -> Tensor:
-        scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
-        return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
-
     def per_token(self, per_position: Tensor) -> Tensor:
         """[R, T] values per position -> [R, T] values of the tokens they predict (0 off-response)."""
         return self.scored_only(F.pad(per_position[:, :-1], (1, 0)))
@@ -214,14 +222,6 @@ class PaddedBatch:
     def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor:
         """[R, T, V] values and [R, T, k] vocabulary ids -> [R, T, k] values at the predicting position."""
         return F.pad(per_position[:, :-1].gather(-1, ids[:, 1:].long()), (0, 0, 1, 0))
-
-    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
-        """Per-token log-probabilities ``[R, T]`` (0 off-response), as losses.token_logps on response tokens."""
-        logits = logits.to(compute_dtype(logits))
-        if log_normalizer is None:
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
-        return self.scored_only(picked) - self.per_token(log_normalizer)
 
     def hidden_per_token(self, hidden: Tensor) -> Tensor:
         return hidden
