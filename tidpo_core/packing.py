@@ -123,6 +123,8 @@ class SharedPromptBatch(_TokenMaps):
     """Pairs in the batch (B)."""
     end: int
     """Columns the model reads: all of them, or for a view of the first sides, up to their last token."""
+    side_ends: tuple[int, ...]
+    """Entry s: the columns up to the last token of sides 0..s in any row (known at packing, on the CPU)."""
 
     @property
     def logits_to_keep(self) -> int:
@@ -148,15 +150,13 @@ class SharedPromptBatch(_TokenMaps):
         last of their tokens. A token's logits depend on the columns up to it alone (causal mask), so the
         cut row gives the sides packed first the same logits."""
         stacked_rows = slice(0, count * self.batch_size)
-        columns = self.columns[stacked_rows]
         return replace(
             self,
             rows=self.rows[stacked_rows],
             predictor=self.predictor[stacked_rows],
-            columns=columns,
+            columns=self.columns[stacked_rows],
             scored=self.scored[stacked_rows],
-            # At least one kept column: logits_to_keep=0 would mean "all" to the model.
-            end=max(int(columns.max()) + 1, self.first_kept + 1),
+            end=self.side_ends[count - 1],
         )
 
     def prefix(self, per_position: Tensor) -> Tensor:
@@ -338,6 +338,8 @@ def pack_shared_prompt(
         tokens=int(row_lengths.sum()),
         batch_size=batch,
         end=length,
+        # At least one kept column each: logits_to_keep=0 would mean "all" to the model.
+        side_ends=tuple(max(int(end), first_kept + 1) for end in (prompts + side_lengths.cumsum(0)).max(1).values),
     ).to(device)
 
 
