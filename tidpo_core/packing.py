@@ -14,7 +14,8 @@ features.stack_sides ([S*B, T], side s in rows s*B..(s+1)*B), so the losses do n
 
 What this costs: attention runs over rows about three responses long, and sdpa computes a 4-D mask's
 masked entries too (about a fifth of a step's CPU time on the TRL benchmark; attending per segment
-through a custom attention function measured only ~4 % faster, so it is not done). What it saves: the
+through a custom attention function measured only ~4 % faster, so it is not done; torch 2.13's
+flex attention, which skips masked blocks, has no backward on CPU). What it saves: the
 repeated prompts, most of the padding, and the vocabulary projection of every prompt token (0.75-0.88x
 the padded layout's step time on the TRL benchmark). `batch_layout: padded` in TrainConfig keeps one padded row per side
 (needed by attention kernels that take no 4-D mask, such as flash-attention 2): PaddedBatch.
