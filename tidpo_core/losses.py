@@ -154,7 +154,10 @@ def kl_from_logits(reference_logits: Tensor, policy_logits: Tensor, policy_log_n
 
 
 def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
-    """Per-position ``KL(pi_ref || pi_theta)`` over the vocabulary ``[B,T]``, aligned like token_logps."""
+    """Per-position ``KL(pi_ref || pi_theta)`` over the vocabulary ``[B,T]``, aligned like token_logps.
+
+    The per-row form for plain padded tensors; the training engine maps kl_from_logits through its batch
+    layout (tidpo_core.packing) instead, and tests hold the two equal."""
     if reference_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
         raise ValueError(
             "expected reference and policy logits of the same shape [B,T,V], got "
@@ -182,7 +185,7 @@ def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, polic
 
     Both distributions are coarsened to the k cached tokens plus one bucket for all other tokens, and
     the KL of the coarsened pair is returned (see coarsened_kl). Positions whose cached log-probs are
-    all -inf (position 0, padding) give 0.
+    all -inf (position 0, padding) give 0. Per-row form, like token_kl.
     """
     if policy_logits.dim() != 3 or reference_topk_ids.shape[:2] != policy_logits.shape[:2]:
         raise ValueError(
