@@ -7,9 +7,11 @@ subprocess of that process, whose peak RSS is read from RUSAGE_CHILDREN.
 
 Work that is naturally per pair (anchors, weights, one training epoch, evaluation) grows with the data;
 the reference model's SFT steps are set proportional to the number of pairs too (n / 20), as a user
-would scale them. The fitted exponent b of time ~ n^b (least squares in log-log) should be close to 1;
-fixed costs (imports, Dagster, MLflow registration) pull it below 1 at small sizes, so the exponent
-between the two largest sizes is reported as well.
+would scale them. The fitted exponent b of time ~ n^b (least squares in log-log) is reported, with the
+exponent between the two largest sizes. Fixed costs (imports, Dagster, MLflow registration) pull both
+below 1, the more so the cheaper the per-pair work gets, so linearity is judged on the marginal CPU cost:
+time = fixed + per-pair x n is linear, and the cost of each added pair (the CPU time between two
+consecutive sizes over the pairs between them) would grow with n under super-linear cost.
 """
 
 from __future__ import annotations
@@ -173,6 +175,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "pipeline_cpu_seconds_two_largest": common.loglog_slope(xs[-2:], [m["cpu_seconds"] for m in measurements[-2:]]),
         "per_asset": {},
     }
+    cpu = [m["cpu_seconds"] for m in measurements]
+    exponents["marginal_cpu_seconds_per_pair"] = [
+        (cpu[i + 1] - cpu[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)
+    ]
     for asset in ASSET_ORDER:
         values = [m["asset_seconds"].get(asset) for m in measurements]
         if all(v for v in values):
@@ -214,10 +220,13 @@ def run(quick: bool = False) -> dict[str, Any]:
             "time_exponent": time_exp,
             "cpu_time_exponent": exponents["pipeline_cpu_seconds"],
             "cpu_time_exponent_two_largest": exponents["pipeline_cpu_seconds_two_largest"],
-            # Linear: no super-linear growth anywhere, and ~1 where fixed costs (imports, Dagster, MLflow) no
-            # longer dominate. Judged on CPU time, which other load on a shared machine barely moves.
+            # Linear: no exponent above 1.15, and the cost of an added pair between the two largest sizes at
+            # most 1.15x that between the two smallest. Judged on CPU time, which other load on a shared
+            # machine barely moves. (Until 2026-11-27 the rule asked a two-largest exponent >= 0.85, which
+            # reads a smaller per-pair cost under the same fixed costs as a failure.)
             "time_linear": exponents["pipeline_cpu_seconds"] <= 1.15
-            and 0.85 <= exponents["pipeline_cpu_seconds_two_largest"] <= 1.15,
+            and exponents["pipeline_cpu_seconds_two_largest"] <= 1.15
+            and exponents["marginal_cpu_seconds_per_pair"][-1] <= 1.15 * exponents["marginal_cpu_seconds_per_pair"][0],
             "memory_flat_growth": memory["peak_rss_growth_largest_over_smallest"],
             "memory_flat": all(
                 g is None or g <= 1.25

@@ -145,7 +145,14 @@ def rows_scaling(doc: dict[str, Any]) -> list[Row]:
             "wall time",
             " / ".join(_s(m["seconds"]) for m in ms)
             + f"; wall ~ pairs^{exp['pipeline_seconds']:.2f}, CPU ~ pairs^{exp.get('pipeline_cpu_seconds', float('nan')):.2f} "
-            f"(two largest: {exp.get('pipeline_cpu_seconds_two_largest', float('nan')):.2f})",
+            f"(two largest: {exp.get('pipeline_cpu_seconds_two_largest', float('nan')):.2f})"
+            + (
+                "; CPU per added pair "
+                + " -> ".join(f"{1000 * v:.1f}" for v in exp["marginal_cpu_seconds_per_pair"])
+                + " ms"
+                if exp.get("marginal_cpu_seconds_per_pair")
+                else ""
+            ),
             f"linear: {_mark(doc['targets']['time_linear'])}",
         ),
         (
