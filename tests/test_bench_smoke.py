@@ -65,6 +65,25 @@ def test_scaling(results_dir):
     assert all(m["success"] for m in doc["measurements"])
     assert all(m["peak_rss_mb"] > 0 for m in doc["measurements"])
     assert math.isfinite(doc["exponents"]["pipeline_seconds"])
+    assert len(doc["exponents"]["marginal_cpu_seconds_per_pair"]) == 1
+    assert isinstance(doc["targets"]["time_linear"], bool)
+
+
+def test_scaling_linearity_rule_by_hand():
+    """Fixed cost + per-pair cost is linear even where its log-log exponent is far below 1; n^1.3 is not."""
+    from bench.bench_scaling import grows_linearly, marginal_costs
+    from bench.common import loglog_slope
+
+    pairs = [500, 2000, 8000]
+    affine = [60 + 0.02 * n for n in pairs]  # 70, 100, 220 s
+    assert marginal_costs(pairs, affine) == pytest.approx([0.02, 0.02])
+    exponent, two_largest = loglog_slope(pairs, affine), loglog_slope(pairs[1:], affine[1:])
+    assert two_largest < 0.85  # what the former rule (two-largest exponent >= 0.85) failed
+    assert grows_linearly(exponent, two_largest, marginal_costs(pairs, affine))
+    power = [0.001 * n**1.3 for n in pairs]
+    assert not grows_linearly(loglog_slope(pairs, power), loglog_slope(pairs[1:], power[1:]), marginal_costs(pairs, power))
+    # A growing per-pair cost fails even when the exponents stay under 1.15.
+    assert not grows_linearly(1.0, 1.1, [0.02, 0.03])
 
 
 def test_quality(results_dir):
