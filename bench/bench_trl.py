@@ -400,7 +400,10 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def _token_counts(features: list[dict[str, Any]], prepared: common.Prepared) -> dict[str, int]:
-    """Non-pad tokens each method's policy processes per epoch (tidpo `tidpo` also runs the anchor side)."""
+    """Non-pad tokens each method's policy reads per epoch. TRL and tidpo's padded layout read the prompt
+    once per side; tidpo's shared-prompt rows (the default) once per pair. tidpo `tidpo` also reads the
+    anchor's response."""
+    prompts = sum(len(f["chosen_input_ids"]) - int(sum(f["chosen_response_mask"])) for f in features)
     two = sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features)
     anchors = 0
     if prepared.anchors_fingerprint:
@@ -409,16 +412,16 @@ def _token_counts(features: list[dict[str, Any]], prepared: common.Prepared) -> 
 
         _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
         config = common.train_config(prepared, "tidpo", prepared.data_dir / "unused")
-        anchors = sum(len(f["anchor_input_ids"]) for f in load_training_features(config, tokenizer))
+        anchors = sum(int(sum(f["anchor_response_mask"])) for f in load_training_features(config, tokenizer))
+    shared_two = two - prompts
     return {
         "trl_dpo": two,
-        "tidpo_dpo": two,
-        "tidpo_tidpo": two + anchors,
-        "tidpo_tidpo_alpha0": two + anchors,
-        "tidpo_tidpo_cached_kl": two + anchors,
-        "tidpo_tidpo_padded": two + anchors,
+        "tidpo_dpo": shared_two,
+        "tidpo_tidpo": shared_two + anchors,
+        "tidpo_tidpo_alpha0": shared_two + anchors,
+        "tidpo_tidpo_cached_kl": shared_two + anchors,
+        "tidpo_tidpo_padded": two + anchors + prompts,
     }
-
 
 if __name__ == "__main__":
     common.main_for(run)

@@ -44,6 +44,10 @@ def test_trl_throughput_and_loss_agreement(results_dir):
     for method in ("trl_dpo", "tidpo_dpo", "tidpo_tidpo"):
         assert doc["methods"][method]["epoch_s_best"] > 0
     assert doc["methods"]["trl_dpo"]["token_ids"]["mismatched_pairs"] == 0
+    # Shared-prompt rows read each prompt once; TRL twice, and the padded tidpo layout three times.
+    tokens = doc["setup"]["policy_tokens_per_epoch"]
+    prompts = tokens["trl_dpo"] - tokens["tidpo_dpo"]
+    assert prompts > 0 and tokens["tidpo_tidpo_padded"] - tokens["tidpo_tidpo"] == 2 * prompts
     # The loss agreement is exact arithmetic, not a timing: it must hold at any size.
     assert doc["first_batch_loss_check"]["passed"], doc["first_batch_loss_check"]
 
