@@ -594,10 +594,10 @@ def compute_batch_loss(
     if weights_fn is not None:
         stacked["weights"] = weights_fn(stacked)
     want_hidden = loss_config.loss_type == "tidpo" and loss_config.triplet_space == "hidden"
-    batch_size = batch[f"{sides[0]}_input_ids"].shape[0]
     attention = attention or attention_implementation(getattr(policy, "config", None))
     layout = lay_out(stacked, len(sides), pad_token_id, batch_layout, attention)
     result = _forward(policy, reference, layout, stacked, loss_config, want_hidden)
+    batch_size = layout.batch_size
 
     def side(i: int) -> SideTensors:
         part = slice(i * batch_size, (i + 1) * batch_size)
@@ -1061,9 +1061,10 @@ def _run(
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=False,
     )
-    attention = attention_implementation(getattr(policy, "config", None))
+    model_config = getattr(policy, "config", None)
+    attention = attention_implementation(model_config)
     if config.batch_layout == "shared_prompt":
-        obstacle = shared_prompt_obstacle(getattr(policy, "config", None), config.max_prompt_tokens + config.max_response_tokens + 1)
+        obstacle = shared_prompt_obstacle(model_config, config.max_prompt_tokens + config.max_response_tokens + 1)
         if obstacle:
             raise ValueError(f"batch_layout: shared_prompt cannot run this model: {obstacle}; set batch_layout: padded")
     trainable = [p for p in policy.parameters() if p.requires_grad]
