@@ -18,6 +18,7 @@ from tidpo_core.losses import (
     compute_loss,
     dpo_loss,
     ipo_loss,
+    sequence_distance,
     sequence_kl,
     simpo_loss,
     token_kl,
@@ -121,16 +122,60 @@ def test_weighted_dpo_alpha_positive_by_hand() -> None:
     chosen = hand_chosen(seq_kl=t(0.4))
     rejected = hand_rejected(seq_kl=t(1.0))
     delta = 0.5 * (1.0 - 0.4)
-    expected = softplus_neg(0.1 * WRHO_W_SUM - 0.1 * WRHO_L_SUM - delta)  # -log sigmoid(-0.095)
+    # The KL difference sits inside beta (METHOD.md section 2): -log sigmoid(0.1 * (2.05 - 0.3)) = -log sigmoid(0.175)
+    expected = softplus_neg(0.1 * (WRHO_W_SUM - WRHO_L_SUM - delta))
+    assert expected == pytest.approx(softplus_neg(0.175), abs=1e-12)
     got = weighted_dpo_loss(chosen, rejected, beta=0.1, alpha=0.5, uniform=False)
     assert got.item() == pytest.approx(expected, abs=1e-12)
+    # The form used before 2026-12 (delta outside beta) is this one with alpha / beta: alpha 5 at beta 0.1.
+    old_form = softplus_neg(0.1 * WRHO_W_SUM - 0.1 * WRHO_L_SUM - delta)
+    assert weighted_dpo_loss(chosen, rejected, beta=0.1, alpha=5.0, uniform=False).item() == pytest.approx(old_form, abs=1e-12)
+
+
+def test_triplet_sequence_by_hand() -> None:
+    """Eq. 13 on the hand pair: rho(a) = [0.2, 0.4], rho(w) = [0.5, -0.2], rho(l) = [-1.0, -0.5], unweighted."""
+    d_aw = (0.2 - 0.5) ** 2 + (0.4 + 0.2) ** 2  # 0.45
+    d_al = (0.2 + 1.0) ** 2 + (0.4 + 0.5) ** 2  # 2.25
+    assert triplet_loss(hand_anchor(), hand_chosen(), hand_rejected(), 0.01, "sequence", uniform=False).item() == 0.0
+    swapped = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "sequence", uniform=False)
+    assert swapped.item() == pytest.approx(d_al - d_aw + 0.01, abs=1e-12)  # 1.81
+    # The weights do not enter Eq. 13.
+    assert triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "sequence", uniform=True).item() == swapped.item()
+
+
+def _side(policy: list[float], reference: list[float], mask: list[float]) -> SideTensors:
+    return SideTensors(policy_logps=t(policy), reference_logps=t(reference), response_mask=t(mask), weights=t(mask))
+
+
+def test_triplet_sequence_unequal_lengths_by_hand() -> None:
+    """Responses of 3 (anchor), 2 (chosen) and 4 (rejected) tokens starting at different columns: position t
+    of one is paired with position t of the other, and the longer one's tail is ignored."""
+    # rho(a) = [0.1, -0.2, 0.3] from column 1; rho(w) = [0.4, 0.0] from column 3; rho(l) = [-0.5, 0.2, 0.1, 9.0]
+    # from column 2 (the 9.0 has no anchor token to pair with, so it must not count).
+    anchor = _side([0, 0.1, -0.2, 0.3, 7, 7], [0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 0, 0])
+    chosen = _side([5, 5, 5, -0.6, -1.0, 3], [0, 0, 0, -1.0, -1.0, 0], [0, 0, 0, 1, 1, 0])
+    rejected = _side([5, 5, -0.5, 0.2, 0.1, 9.0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1])
+    d_aw = (0.1 - 0.4) ** 2 + (-0.2 - 0.0) ** 2  # 0.13 over the 2 shared positions
+    d_al = (0.1 + 0.5) ** 2 + (-0.2 - 0.2) ** 2 + (0.3 - 0.1) ** 2  # 0.56 over 3
+    assert sequence_distance(anchor, chosen).item() == pytest.approx(d_aw, abs=1e-12)
+    assert sequence_distance(anchor, rejected).item() == pytest.approx(d_al, abs=1e-12)
+    assert sequence_distance(chosen, anchor).item() == pytest.approx(d_aw, abs=1e-12)  # symmetric
+    assert triplet_loss(anchor, chosen, rejected, 0.01, "sequence", uniform=False).item() == 0.0
+    swapped = triplet_loss(anchor, rejected, chosen, 0.5, "sequence", uniform=False)
+    assert swapped.item() == pytest.approx(d_al - d_aw + 0.5, abs=1e-12)
+    # Gradient by hand of d(a, l) - d(a, w) (the swapped hinge is active): d/d rho_t(a) is 2 (rho_t(w) - rho_t(l))
+    # where both are paired (t < 2) and 2 (rho_t(a) - rho_t(l)) where only the 4-token side reaches (t = 2).
+    policy = anchor.policy_logps.clone().requires_grad_(True)
+    triplet_loss(replace(anchor, policy_logps=policy), rejected, chosen, 0.5, "sequence", uniform=False).backward()
+    expected = [0.0, 2 * (0.4 + 0.5), 2 * (0.0 - 0.2), 2 * (0.3 - 0.1), 0.0, 0.0]
+    torch.testing.assert_close(policy.grad, t(expected), atol=1e-12, rtol=0)
 
 
 def test_triplet_logratio_inactive_by_hand() -> None:
     r_a, r_w, r_l = 0.3, WRHO_W_SUM / 2.0, WRHO_L_SUM / 2.0  # weight totals are 2.0 on both sides
     raw = (r_a - r_w) ** 2 - (r_a - r_l) ** 2 + 0.01
     assert raw < 0
-    got = triplet_loss(hand_anchor(), hand_chosen(), hand_rejected(), 0.01, "logratio", uniform=False)
+    got = triplet_loss(hand_anchor(), hand_chosen(), hand_rejected(), 0.01, "weighted_mean", uniform=False)
     assert got.item() == 0.0
 
 
@@ -139,14 +184,14 @@ def test_triplet_logratio_active_by_hand() -> None:
     r_a, r_w, r_l = 0.3, WRHO_L_SUM / 2.0, WRHO_W_SUM / 2.0
     expected = (r_a - r_w) ** 2 - (r_a - r_l) ** 2 + 0.01  # 1.0 - 0.000625 + 0.01
     assert expected == pytest.approx(1.009375)
-    got = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "logratio", uniform=False)
+    got = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "weighted_mean", uniform=False)
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
 
 def test_triplet_logratio_uniform_by_hand() -> None:
     r_a, r_w, r_l = 0.3, RHO_L_SUM / 2.0, RHO_W_SUM / 2.0
     expected = max(0.0, (r_a - r_w) ** 2 - (r_a - r_l) ** 2 + 0.01)
-    got = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "logratio", uniform=True)
+    got = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "weighted_mean", uniform=True)
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
 
@@ -179,10 +224,10 @@ def test_total_tidpo_by_hand() -> None:
     anchor = stack([hand_anchor(), hand_anchor()], [0.0, 0.0])
     cfg = LossConfig()  # beta 0.1, alpha 0.5, gamma 0.1, margin 0.01
 
-    dpo0 = softplus_neg(0.1 * WRHO_W_SUM - 0.1 * WRHO_L_SUM - 0.5 * (1.0 - 0.4))
-    dpo1 = softplus_neg(0.1 * WRHO_L_SUM - 0.1 * WRHO_W_SUM - 0.5 * (0.1 - 0.3))
-    trip0 = 0.0
-    trip1 = (0.3 - WRHO_L_SUM / 2) ** 2 - (0.3 - WRHO_W_SUM / 2) ** 2 + 0.01
+    dpo0 = softplus_neg(0.1 * (WRHO_W_SUM - WRHO_L_SUM - 0.5 * (1.0 - 0.4)))
+    dpo1 = softplus_neg(0.1 * (WRHO_L_SUM - WRHO_W_SUM - 0.5 * (0.1 - 0.3)))
+    trip0 = 0.0  # Eq. 13: d(a, w) = 0.45 < d(a, l) = 2.25
+    trip1 = 2.25 - 0.45 + 0.01
     expected = ((dpo0 + 0.1 * trip0) + (dpo1 + 0.1 * trip1)) / 2
 
     loss, stats = compute_loss(cfg, chosen, rejected, anchor)
@@ -247,6 +292,20 @@ def ref_example_terms(
     return s_rho, s_wrho, s_w, s_logp
 
 
+def ref_response_logratios(side: dict[str, np.ndarray], b: int) -> list[float]:
+    return [
+        float(side["policy_logps"][b, i]) - float(side["reference_logps"][b, i])
+        for i in range(side["policy_logps"].shape[1])
+        if side["response_mask"][b, i] != 0
+    ]
+
+
+def ref_eq13(first: dict[str, np.ndarray], second: dict[str, np.ndarray], b: int) -> float:
+    """Paper Eq. 13 written from METHOD.md alone: the two log-ratio sequences from their response starts,
+    zipped (zip stops at the shorter one), squared differences summed, no weights."""
+    return sum((x - y) ** 2 for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b)))
+
+
 def ref_losses(cfg: LossConfig, sides: dict[str, SideTensors]) -> list[float]:
     """Independent per-example reimplementation of every loss type."""
     c, r, a = (np_side(sides[k]) for k in ("chosen", "rejected", "anchor"))
@@ -263,8 +322,10 @@ def ref_losses(cfg: LossConfig, sides: dict[str, SideTensors]) -> list[float]:
             out.append(softplus_neg(cfg.simpo_beta * (lw / n_w - ll / n_l) - cfg.simpo_gamma))
         else:
             delta = cfg.alpha * (float(r["seq_kl"][b]) - float(c["seq_kl"][b]))
-            term = softplus_neg(cfg.beta * wrw - cfg.beta * wrl - delta)
-            if cfg.triplet_space == "hidden":
+            term = softplus_neg(cfg.beta * (wrw - wrl - delta))
+            if cfg.triplet_space == "sequence":
+                d_aw, d_al = ref_eq13(a, c, b), ref_eq13(a, r, b)
+            elif cfg.triplet_space == "hidden":
                 d_aw = sum((x - y) ** 2 for x, y in zip(a["hidden"][b], c["hidden"][b], strict=True))
                 d_al = sum((x - y) ** 2 for x, y in zip(a["hidden"][b], r["hidden"][b], strict=True))
             else:
@@ -283,7 +344,9 @@ def ref_losses(cfg: LossConfig, sides: dict[str, SideTensors]) -> list[float]:
         LossConfig(loss_type="simpo"),
         LossConfig(),
         LossConfig(alpha=0.0),
+        LossConfig(gamma=2.0, triplet_margin=1.5),
         LossConfig(uniform_weights=True, gamma=1.0, triplet_margin=0.5),
+        LossConfig(triplet_space="weighted_mean", gamma=1.0, triplet_margin=0.5),
         LossConfig(triplet_space="hidden", gamma=0.3, triplet_margin=2.0),
     ],
     ids=lambda c: f"{c.loss_type}-a{c.alpha}-g{c.gamma}-u{c.uniform_weights}-{c.triplet_space}",
@@ -382,10 +445,10 @@ def test_uniform_tidpo_with_alpha_is_tdpo2() -> None:
     c, r = sides["chosen"], sides["rejected"]
     cfg = LossConfig(uniform_weights=True, gamma=0.0, alpha=0.7, beta=0.2)
     loss, _ = compute_loss(cfg, c, r)
-    # TDPO2 as written: -log sigmoid(beta (sum rho_w - sum rho_l) - alpha (SeqKL_l - SeqKL_w))
+    # TDPO2 as written: -log sigmoid(beta (sum rho_w - sum rho_l - alpha (SeqKL_l - SeqKL_w)))
     rho_w = ((c.policy_logps - c.reference_logps) * c.response_mask).sum(-1)  # type: ignore[operator]
     rho_l = ((r.policy_logps - r.reference_logps) * r.response_mask).sum(-1)  # type: ignore[operator]
-    u = 0.2 * (rho_w - rho_l) - 0.7 * (r.seq_kl - c.seq_kl)  # type: ignore[operator]
+    u = 0.2 * ((rho_w - rho_l) - 0.7 * (r.seq_kl - c.seq_kl))  # type: ignore[operator]
     expected = torch.log1p(torch.exp(-u)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 

@@ -295,3 +295,82 @@ def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached,
     with single_thread(), pytest.raises(ValueError, match="sliding window of 8.*set batch_layout: padded"):
         train(tiny_cached.config(tmp_path / "run", reference_model_path=str(tmp_path / "windowed"), max_steps=1))
     reset_accelerate()
+
+
+def _independent_tidpo_loss(policy, reference, rows, weights, config):
+    """TI-DPO (METHOD.md sections 2-4) for pairs given as unpadded rows, written from METHOD.md alone: each
+    sequence runs alone through both models, log-softmax over the whole vocabulary, plain loops."""
+    def per_token(ids, prompt_length):
+        ids_t = torch.tensor([ids])
+        policy_logp = torch.log_softmax(policy(input_ids=ids_t).logits[0].double(), dim=-1)
+        with torch.no_grad():
+            reference_logp = torch.log_softmax(reference(input_ids=ids_t).logits[0].double(), dim=-1)
+        rho, kl = [], []
+        for t in range(prompt_length, len(ids)):  # response token t is predicted at position t - 1
+            rho.append(policy_logp[t - 1, ids[t]] - reference_logp[t - 1, ids[t]])
+            kl.append((reference_logp[t - 1].exp() * (reference_logp[t - 1] - policy_logp[t - 1])).sum())
+        return rho, kl
+
+    losses = []
+    for pair, pair_weights in zip(rows, weights, strict=True):
+        (rho_w, kl_w), (rho_l, kl_l), (rho_a, _) = (per_token(ids, prompt) for ids, prompt in pair)
+        weighted_w = sum(w * r for w, r in zip(pair_weights[0], rho_w, strict=True))
+        weighted_l = sum(w * r for w, r in zip(pair_weights[1], rho_l, strict=True))
+        kl_term = config.alpha * (sum(kl_l) - sum(kl_w).detach())
+        dpo_term = -torch.nn.functional.logsigmoid(config.beta * (weighted_w - weighted_l - kl_term))
+        distance_w = sum((a - b) ** 2 for a, b in zip(rho_a, rho_w))  # zip: the positions both have
+        distance_l = sum((a - b) ** 2 for a, b in zip(rho_a, rho_l))
+        losses.append(dpo_term + config.gamma * torch.clamp(distance_w - distance_l + config.triplet_margin, min=0.0))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
+def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementation(layout):
+    """Two pairs with unequal response lengths (2/3/4 and 3/1/2 tokens): the engine's TI-DPO loss and its
+    gradient (KL inside beta, Eq. 13 triplet, live reference) equal METHOD.md computed row by row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tidpo_core.losses import LossConfig
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(
+            LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=2, pad_token_id=PAD, attn_implementation="sdpa")
+        ).double().eval()
+
+    policy, reference = model(0), model(1)
+    prompts = [[1, 5, 6], [1, 7]]
+    responses = [([11, 12], [13, 14, 15], [16, 17, 18, 19]), ([21, 22, 23], [24], [25, 26])]
+    rows = [[(prompts[p] + r, len(prompts[p])) for r in responses[p]] for p in range(2)]
+    weights = [[[1.5, 0.5], [0.8, 1.2, 1.0]], [[0.9, 1.1, 1.0], [1.0]]]
+    config = LossConfig(gamma=1.0, triplet_margin=0.5)  # a hinge that is active, so both terms carry gradient
+
+    sides = ("chosen", "rejected", "anchor")
+    batch = {}
+    for s, side in enumerate(sides):
+        stacked = _stacked([rows[p][s] for p in range(2)])
+        for key in ("input_ids", "attention_mask", "response_mask"):
+            batch[f"{side}_{key}"] = stacked[key]
+        side_weights = stacked["response_mask"].double().clone()
+        if s < 2:
+            for p in range(2):
+                side_weights[p, side_weights[p] != 0] = torch.tensor(weights[p][s], dtype=torch.float64)
+        batch[f"{side}_weights"] = side_weights
+
+    policy.zero_grad(set_to_none=True)
+    loss, stats, _ = compute_batch_loss(policy, reference, batch, config, sides, PAD, batch_layout=layout)
+    loss.backward()
+    engine_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    assert float(stats["triplet"]) > 0 and float(stats["seq_kl/rejected"]) > 0
+
+    policy.zero_grad(set_to_none=True)
+    expected = _independent_tidpo_loss(policy, reference, rows, weights, config)
+    expected.backward()
+    assert loss.dtype == torch.float64
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10, abs=1e-12)
+    for name, parameter in policy.named_parameters():
+        # The padded layout agrees to 1e-12; the shared-prompt rows' gradients to about 1e-7 of the largest
+        # entry (the 4-D mask changes sdpa's summation order in the backward), still far below float32's 1e-5.
+        scale = float(parameter.grad.abs().max())
+        torch.testing.assert_close(engine_grads[name], parameter.grad, rtol=1e-6, atol=1e-6 * scale, msg=name)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LossType = Literal["dpo", "ipo", "simpo", "tidpo"]
-TripletSpace = Literal["logratio", "hidden"]
+TripletSpace = Literal["sequence", "weighted_mean", "hidden"]
 
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 TRIPLET_SPACES: tuple[str, ...] = get_args(TripletSpace)
@@ -43,9 +43,11 @@ _EPS = 1e-12
 class LossConfig:
     """Which loss to optimise and its hyperparameters (defaults: the paper's Table B12).
 
-    ``alpha`` is TDPO's sequential-KL weight (METHOD.md section 2; 0 gives pure token-weighted DPO),
-    ``gamma`` the triplet weight (0 is the "no triplet" ablation) and ``uniform_weights`` ignores the
-    token weights (all 1 on the response).
+    ``alpha`` is TDPO's sequential-KL weight (METHOD.md section 2, inside beta as in TDPO2; 0 gives pure
+    token-weighted DPO), ``gamma`` the triplet weight (0 is the "no triplet" ablation) and
+    ``uniform_weights`` ignores the token weights (all 1 on the response). ``triplet_space`` picks the
+    triplet distance: ``sequence`` (the paper's Eq. 13, default), ``weighted_mean`` (squared difference
+    of the token-weighted mean log-ratios) or ``hidden`` (mean-pooled last hidden states).
     """
 
     loss_type: LossType = "tidpo"
@@ -53,7 +55,7 @@ class LossConfig:
     alpha: float = 0.5
     gamma: float = 0.1
     triplet_margin: float = 0.01
-    triplet_space: TripletSpace = "logratio"
+    triplet_space: TripletSpace = "sequence"
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     uniform_weights: bool = False
@@ -321,10 +323,9 @@ def simpo_loss(chosen: SideTensors, rejected: SideTensors, beta_s: float, gamma_
 
 
 def kl_delta(chosen: SideTensors, rejected: SideTensors, alpha: float) -> Tensor:
-    """TDPO2's delta = alpha * (SeqKL(y_l) - stopgrad(SeqKL(y_w))) ``[B]``.
+    """TDPO2's KL difference alpha * (SeqKL(y_l) - stopgrad(SeqKL(y_w))) ``[B]``, before the beta scale.
 
-    The stop-gradient on the chosen side means the KL is only pushed down on the rejected
-    response, the TDPO2 variant METHOD.md keeps. As METHOD.md writes it, delta is not scaled by beta.
+    The stop-gradient on the chosen side means the KL is only pushed down on the rejected response.
     """
     kl_w = _require(chosen.seq_kl, "chosen.seq_kl (needed when alpha > 0)")
     kl_l = _require(rejected.seq_kl, "rejected.seq_kl (needed when alpha > 0)")
@@ -334,18 +335,48 @@ def kl_delta(chosen: SideTensors, rejected: SideTensors, alpha: float) -> Tensor
 def weighted_dpo_loss(
     chosen: SideTensors, rejected: SideTensors, beta: float, alpha: float, uniform: bool
 ) -> Tensor:
-    """METHOD.md section 2: -log sigmoid(beta * sum w rho(y_w) - beta * sum w rho(y_l) - delta) ``[B]``."""
-    u = beta * (weighted_logratio_sum(chosen, uniform) - weighted_logratio_sum(rejected, uniform))
+    """METHOD.md section 2: -log sigmoid(beta * [sum w rho(y_w) - sum w rho(y_l) - delta]) ``[B]``.
+
+    The KL difference sits inside beta, as in TDPO2 and the authors' trainer; the form with delta outside
+    beta (tidpo before 2026-12) equals this one with alpha / beta in place of alpha (alpha 5 at beta 0.1).
+    """
+    margin = weighted_logratio_sum(chosen, uniform) - weighted_logratio_sum(rejected, uniform)
     if alpha > 0:
         # Skipped entirely at alpha = 0 so that SeqKL is not required (and u stays bit-identical to DPO).
-        u = u - kl_delta(chosen, rejected, alpha)
-    return -F.logsigmoid(u)
+        margin = margin - kl_delta(chosen, rejected, alpha)
+    return -F.logsigmoid(beta * margin)
+
+
+def response_aligned(values: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's response entries moved to the front: ``out[b, j]`` is the j-th response entry of row b
+    (zero past the response), with the response lengths ``[B]``.
+
+    Rows of a batch start their responses at different columns (prompt lengths differ, and so do the
+    batch layouts); Eq. 13 pairs the responses' tokens by their index from the response start.
+    """
+    mask = response_mask != 0
+    index = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    aligned = torch.zeros_like(values).scatter_add(-1, index, values * mask.to(values.dtype))
+    return aligned, mask.sum(-1)
+
+
+def sequence_distance(first: SideTensors, second: SideTensors, first_name: str = "first", second_name: str = "second") -> Tensor:
+    """Paper Eq. 13: d(a, b) = sum_t (rho_t(a) - rho_t(b))^2 over the positions t both responses have,
+    counted from the response start, unweighted ``[B]``."""
+    rho_a, length_a = response_aligned(_logratios(first, first_name), first.response_mask)
+    rho_b, length_b = response_aligned(_logratios(second, second_name), second.response_mask)
+    width = max(rho_a.shape[-1], rho_b.shape[-1])
+    rho_a, rho_b = F.pad(rho_a, (0, width - rho_a.shape[-1])), F.pad(rho_b, (0, width - rho_b.shape[-1]))
+    shared = torch.arange(width, device=rho_a.device) < torch.minimum(length_a, length_b).unsqueeze(-1)
+    diff = (rho_a - rho_b) * shared.to(rho_a.dtype)
+    return (diff * diff).sum(-1)
 
 
 def triplet_representation(
     side: SideTensors, space: TripletSpace, uniform: bool, name: str = "side"
 ) -> Tensor:
-    """r(y): token-weighted mean log-ratio ``[B]`` (logratio space) or the pooled hidden state ``[B,H]``."""
+    """r(y) of the scalar and hidden spaces: the token-weighted mean log-ratio ``[B]`` (weighted_mean) or
+    the pooled hidden state ``[B,H]`` (hidden)."""
     if space == "hidden":
         return _require(side.hidden, f"{name}.hidden (needed for triplet_space='hidden')")
     weights = _token_weights(side, uniform)
@@ -357,6 +388,21 @@ def _squared_distance(a: Tensor, b: Tensor) -> Tensor:
     return diff * diff if diff.dim() == 1 else (diff * diff).sum(-1)
 
 
+def triplet_distances(
+    anchor: SideTensors, chosen: SideTensors, rejected: SideTensors, space: TripletSpace, uniform: bool
+) -> tuple[Tensor, Tensor]:
+    """(d(y_a, y_w), d(y_a, y_l)) ``[B]`` each, in the chosen triplet space."""
+    if space == "sequence":
+        return (
+            sequence_distance(anchor, chosen, "anchor", "chosen"),
+            sequence_distance(anchor, rejected, "anchor", "rejected"),
+        )
+    r_a = triplet_representation(anchor, space, uniform, "anchor")
+    r_w = triplet_representation(chosen, space, uniform, "chosen")
+    r_l = triplet_representation(rejected, space, uniform, "rejected")
+    return _squared_distance(r_a, r_w), _squared_distance(r_a, r_l)
+
+
 def triplet_loss(
     anchor: SideTensors,
     chosen: SideTensors,
@@ -365,11 +411,12 @@ def triplet_loss(
     space: TripletSpace,
     uniform: bool,
 ) -> Tensor:
-    """METHOD.md section 3: max(0, d(y_a, y_w) - d(y_a, y_l) + margin) ``[B]``, d squared Euclidean."""
-    r_a = triplet_representation(anchor, space, uniform, "anchor")
-    r_w = triplet_representation(chosen, space, uniform, "chosen")
-    r_l = triplet_representation(rejected, space, uniform, "rejected")
-    return (_squared_distance(r_a, r_w) - _squared_distance(r_a, r_l) + margin).clamp_min(0.0)
+    """METHOD.md section 3: max(0, d(y_a, y_w) - d(y_a, y_l) + margin) ``[B]``.
+
+    ``uniform`` matters only to ``weighted_mean``: Eq. 13's sequence distance is unweighted.
+    """
+    to_chosen, to_rejected = triplet_distances(anchor, chosen, rejected, space, uniform)
+    return (to_chosen - to_rejected + margin).clamp_min(0.0)
 
 
 # --------------------------------------------------------------------------- batch loss + stats

@@ -71,6 +71,7 @@ from tidpo_core.losses import (
     LossConfig,
     SideTensors,
     coarsened_kl,
+    compute_dtype,
     compute_loss,
     kl_from_logits,
     sequence_kl,
@@ -123,7 +124,7 @@ class TrainConfig:
     alpha: float = 0.5
     gamma: float = 0.1
     triplet_margin: float = 0.01
-    triplet_space: Literal["logratio", "hidden"] = "logratio"
+    triplet_space: Literal["sequence", "weighted_mean", "hidden"] = "sequence"
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     uniform_weights: bool = False
@@ -537,11 +538,13 @@ def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _F
     if reference is not None and (reference_logps is None or loss_config.needs_kl):
         # Missing log-probs need every side. SeqKL needs chosen and rejected only: they come first, so the
         # reference reads their rows (padded) or the columns up to their last token (shared prompt).
-        ref_logits = reference(**(layout if reference_logps is None else pairs).model_inputs()).float()
+        ref_logits = reference(**(layout if reference_logps is None else pairs).model_inputs())
+        ref_logits = ref_logits.to(compute_dtype(ref_logits))
         if reference_logps is None:
             reference_logps = layout.token_logps(ref_logits, stacked["input_ids"])
     out = policy(**layout.model_inputs(), output_hidden_states=want_hidden)
-    logits = out.logits.float()
+    # float32 at least (bf16 logits lose too much in logsumexp); a float64 model stays float64 (tests).
+    logits = out.logits.to(compute_dtype(out.logits))
     # One logsumexp serves the log-probs and the KL: no log-softmax of the policy's logits is built.
     log_normalizer = torch.logsumexp(logits, dim=-1)
     kl = None
@@ -560,7 +563,9 @@ def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _F
         policy_logps=layout.token_logps(logits, stacked["input_ids"], log_normalizer),
         reference_logps=reference_logps,
         seq_kl=kl,
-        pooled_hidden=_pooled_hidden(layout.hidden_per_token(out.hidden_states[-1].float()), stacked["response_mask"])
+        pooled_hidden=_pooled_hidden(
+            layout.hidden_per_token(out.hidden_states[-1].to(compute_dtype(out.hidden_states[-1]))), stacked["response_mask"]
+        )
         if want_hidden
         else None,
         tokens=layout.tokens,

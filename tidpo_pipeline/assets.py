@@ -415,7 +415,7 @@ class PolicyConfig(dg.Config):
     alpha: float = 0.5
     gamma: float = 0.1
     triplet_margin: float = 0.01
-    triplet_space: Literal["logratio", "hidden"] = "logratio"
+    triplet_space: Literal["sequence", "weighted_mean", "hidden"] = "sequence"
     weight_lambda: float | None = None
     """None: the lambda the token_weights were computed with. 0 / 1 run the paper's weight ablations."""
     uniform_weights: bool = False
