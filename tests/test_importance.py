@@ -304,3 +304,64 @@ def test_compute_token_importance(model64, encoded) -> None:
     with pytest.raises(ValueError):
         compute_token_importance(model64, encoded, lambda_=2.0)
     assert compute_token_importance(model64, []) == []
+
+
+# ---------------------------------------------------------------- other estimators (METHOD.md section 1b)
+
+
+def test_surprisal_is_minus_the_log_prob_of_the_same_forward(model64, encoded) -> None:
+    results = compute_token_importance(model64, encoded, estimator="surprisal", batch_size=2)
+    for seq, result in zip(encoded, results, strict=True):
+        ids = torch.tensor([seq.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model64(input_ids=ids).logits[0].double(), dim=-1)
+        expected = [-float(logp[t - 1, seq.input_ids[t]]) for t in range(seq.prompt_length, len(seq.input_ids))]
+        np.testing.assert_allclose(result.attribution, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.reference_logp, -np.asarray(expected), rtol=1e-5, atol=1e-6)
+        assert float(result.weight.astype(np.float64).mean()) == pytest.approx(1.0, abs=1e-6)
+    # The same log-probs as the attribution pass stores (training reads them as reference log-probs).
+    by_attribution = compute_token_importance(model64, encoded, batch_size=2)
+    for a, b in zip(results, by_attribution, strict=True):
+        np.testing.assert_allclose(a.reference_logp, b.reference_logp, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_is_the_absolute_log_ratio_of_the_two_models(tokenizer, model64, encoded) -> None:
+    positive = _float64_norms(build_tiny_model(tokenizer, MICRO, seed=2).double().eval())
+    negative = _float64_norms(build_tiny_model(tokenizer, MICRO, seed=3).double().eval())
+    results = compute_token_importance(model64, encoded, estimator="contrastive", contrastive_models=(positive, negative))
+    for seq, result in zip(encoded, results, strict=True):
+        ids = torch.tensor([seq.input_ids])
+        with torch.no_grad():
+            plus = torch.log_softmax(positive(input_ids=ids).logits[0].double(), dim=-1)
+            minus = torch.log_softmax(negative(input_ids=ids).logits[0].double(), dim=-1)
+        expected = [
+            abs(float(plus[t - 1, seq.input_ids[t]] - minus[t - 1, seq.input_ids[t]]))
+            for t in range(seq.prompt_length, len(seq.input_ids))
+        ]
+        np.testing.assert_allclose(result.attribution, expected, rtol=1e-5, atol=1e-6)  # float32 log-probs
+    # One model against itself: no token is singled out, the hybrid falls back to the prior's shape.
+    same = compute_token_importance(model64, encoded[:1], estimator="contrastive", contrastive_models=(positive, positive))
+    assert np.all(same[0].attribution == 0)
+    prior = gaussian_prior(encoded[0].response_length).numpy()
+    np.testing.assert_allclose(same[0].weight, prior / prior.mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="contrastive_models"):
+        compute_token_importance(model64, encoded[:1], estimator="contrastive")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        compute_token_importance(model64, encoded[:1], estimator="saliency")
+
+
+def test_exclude_eos_gives_the_eos_token_the_prior_term_only(tokenizer, model64, encoded) -> None:
+    eos = tokenizer.eos_token_id
+    kept = compute_token_importance(model64, encoded, eos_token_id=eos)
+    excluded = compute_token_importance(model64, encoded, exclude_eos=True, eos_token_id=eos)
+    for seq, a, b in zip(encoded, kept, excluded, strict=True):
+        assert seq.input_ids[-1] == eos
+        assert b.attribution[-1] == 0 and a.attribution[-1] > 0
+        np.testing.assert_array_equal(a.attribution[:-1], b.attribution[:-1])
+        # w = lambda * I / max(I without eos) + (1 - lambda) * P, rescaled to mean 1: by hand.
+        raw = a.attribution[:-1].astype(np.float64)
+        prior = gaussian_prior(len(a.attribution), torch.float64).numpy()
+        hybrid = 0.7 * np.append(raw / raw.max(), 0.0) + 0.3 * prior
+        np.testing.assert_allclose(b.weight, hybrid * len(hybrid) / hybrid.sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        compute_token_importance(model64, encoded, exclude_eos=True)

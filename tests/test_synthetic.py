@@ -85,3 +85,23 @@ def test_fast() -> None:
     start = time.perf_counter()
     generate_synthetic_pairs(2000, seed=5)
     assert time.perf_counter() - start < 1.0
+
+
+def test_uniform_span_position_reaches_every_third_and_keeps_the_corpus_rules() -> None:
+    uniform = generate_synthetic_pairs(600, seed=0, span_position="uniform")
+    thirds = [0, 0, 0]
+    for p in uniform:
+        cs, ce = p.meta["chosen_span"]
+        rs, re_ = p.meta["rejected_span"]
+        assert p.chosen[cs:ce] == p.meta["chosen_phrase"] and p.rejected[rs:re_] == p.meta["rejected_phrase"]
+        assert p.chosen[:cs] == p.rejected[:rs] and p.chosen[ce:] == p.rejected[re_:]
+        assert p.chosen.startswith(" ") and not p.chosen.startswith("  ") and "  " not in p.chosen
+        assert len(p.chosen.split()) <= 70
+        thirds[min(int(3 * (cs + ce) / 2 / len(p.chosen)), 2)] += 1
+    # Every third holds a fair share of the spans (the middle setting puts almost none in the first third).
+    assert min(thirds) >= 0.2 * len(uniform), thirds
+    middle = generate_synthetic_pairs(600, seed=0)
+    assert sum(sum(p.meta["chosen_span"]) / 2 / len(p.chosen) < 1 / 3 for p in middle) < 0.01 * len(middle)
+    assert [p.pair_id for p in generate_synthetic_pairs(600, seed=0, span_position="uniform")] == [p.pair_id for p in uniform]
+    with pytest.raises(ValueError, match="span_position"):
+        generate_synthetic_pairs(3, span_position="end")

@@ -1,9 +1,23 @@
-"""Token importance for TI-DPO (METHOD.md section 1): gradient attribution mixed with a Gaussian prior.
+"""Token importance for TI-DPO (METHOD.md section 1): an importance estimate mixed with a Gaussian prior.
 
-I_i = || d max_v z_{last, v} / d e_i ||_1 scores how much each token's embedding moves the model's most
-confident next-token logit at the end of the sequence; the Gaussian prior P(t) over response positions
-counters attribution's U-shaped bias toward the first and last tokens. The hybrid weight
-w = lambda * I~ + (1 - lambda) * P is rescaled to mean 1 over the response, so uniform weights are DPO.
+The paper's estimator (`attribution`, the default) is I_i = || d max_v z_{last, v} / d e_i ||_1: how much
+each token's embedding moves the model's most confident next-token logit at the end of the sequence. The
+Gaussian prior P(t) over response positions counters attribution's U-shaped bias toward the first and last
+tokens. The hybrid weight w = lambda * I~ + (1 - lambda) * P is rescaled to mean 1 over the response, so
+uniform weights are DPO.
+
+Other estimators (METHOD.md section 1b), each giving a raw I >= 0 per response token that the same hybrid
+combines with the prior:
+- `surprisal`: I_t = -log pi(y_t | x, y_<t) under the scoring model, free from the forward pass that
+  gives the reference log-probs (no backward).
+- `contrastive`: I_t = |log pi_+(y_t | x, y_<t) - log pi_-(y_t | x, y_<t)|, the magnitude of the
+  contrastive log-ratio that TIS-DPO (arXiv 2410.04350, Eq. 9: w_t = k exp(mu clamp(log pi_+/pi_-, L, U)))
+  turns into weights. pi_+ / pi_- are two models that prefer the chosen / the rejected answers (TIS-DPO's
+  SFT construction: the same base fine-tuned on the chosen and on the rejected responses). The sign is
+  dropped so one formula serves chosen, rejected and anchor responses: a token matters when the two
+  models disagree about it, whichever way.
+`exclude_eos` stores I = 0 for the end-of-sequence token: under `max` and `sum` normalization it leaves
+the normalization and keeps only the prior's term of the hybrid.
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -23,6 +37,8 @@ from tidpo_core.losses import reference_topk, token_logps
 from tidpo_core.tokenization import EncodedSequence, pad_right
 
 __all__ = [
+    "ESTIMATORS",
+    "Estimator",
     "Normalization",
     "TokenImportance",
     "compute_token_importance",
@@ -35,6 +51,8 @@ __all__ = [
 
 Normalization = Literal["max", "sum", "softmax"]
 _NORMALIZATIONS: tuple[str, ...] = ("max", "sum", "softmax")
+Estimator = Literal["attribution", "surprisal", "contrastive"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
 def _last_positions(attention_mask: Tensor) -> Tensor:
@@ -211,7 +229,7 @@ class TokenImportance:
     eq=False: the generated __eq__ would compare arrays with ==, which has no single truth value.
     """
 
-    attribution: np.ndarray  # raw I per response token (float32)
+    attribution: np.ndarray  # raw importance I per response token (float32), of whichever estimator
     prior: np.ndarray  # Gaussian prior P(t)
     weight: np.ndarray  # hybrid weight, mean 1
     reference_logp: np.ndarray  # log pi(y_t | x, y_<t) under the model that made the attribution
@@ -222,6 +240,60 @@ class TokenImportance:
 def _model_device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def _no_grad_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, topk: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token log-probs (and the top-k cache) of one forward without gradients, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        model.train(was_training)
+    out: dict[str, Tensor] = {}
+    if topk > 0:
+        out["ids"], out["logp"] = reference_topk(logits, topk)
+    return token_logps(logits, input_ids).float(), out
+
+
+def estimate_importance(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    estimator: Estimator = "attribution",
+    contrastive_models: tuple[nn.Module, nn.Module] | None = None,
+    topk: int = 0,
+    topk_out: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Raw importance I ``[B, T]`` (zero outside the response) of one estimator, and `model`'s per-token
+    log-probs from the same forward (the reference log-probs training reads)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    on_response = (response_mask != 0).float()
+    if estimator == "attribution":
+        attribution, logps = attribution_and_logps(
+            model, input_ids, attention_mask, response_mask, topk=topk, topk_out=topk_out
+        )
+        assert logps is not None
+        return attribution, logps
+    logps, cache = _no_grad_logps(model, input_ids, attention_mask, topk)
+    if topk_out is not None:
+        topk_out.update(cache)
+    if estimator == "surprisal":
+        return -logps * on_response, logps
+    if contrastive_models is None:
+        raise ValueError("estimator 'contrastive' needs contrastive_models (a positive and a negative model)")
+    positive, negative = (_no_grad_logps(m, input_ids, attention_mask, 0)[0] for m in contrastive_models)
+    return (positive - negative).abs() * on_response, logps
+
+
+def _eos_positions(response_ids: Tensor, eos_token_id: int | None) -> Tensor:
+    if eos_token_id is None:
+        return torch.zeros_like(response_ids, dtype=torch.bool)
+    return response_ids == eos_token_id
 
 
 def compute_token_importance(
@@ -235,43 +307,64 @@ def compute_token_importance(
     device: torch.device | None = None,
     progress: bool = False,
     reference_topk: int = 0,
+    estimator: Estimator = "attribution",
+    exclude_eos: bool = False,
+    eos_token_id: int | None = None,
+    contrastive_models: tuple[nn.Module, nn.Module] | None = None,
 ) -> list[TokenImportance]:
     """Token importance for each sequence, in input order.
 
-    `device` defaults to the model's; if given and different, the model is moved there (in place).
-    `reference_topk` > 0 also keeps the model's top-k next-token distribution per response token.
+    `device` defaults to the model's; if given and different, the model is moved there (in place), and so
+    are the contrastive models. `reference_topk` > 0 also keeps the model's top-k next-token distribution
+    per response token. `exclude_eos` (with `eos_token_id`) gives the end-of-sequence token I = 0.
     """
     _check_lambda(lambda_)
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {_NORMALIZATIONS}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if exclude_eos and eos_token_id is None:
+        raise ValueError("exclude_eos needs the tokenizer's eos_token_id")
     if device is None:
         device = _model_device(model)
     elif _model_device(model) != torch.device(device):
         model.to(device)
+    for other in contrastive_models or ():
+        if _model_device(other) != torch.device(device):
+            other.to(device)
 
     # Similar lengths per batch waste less compute on padding; results are put back in input order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
     results: list[TokenImportance | None] = [None] * len(sequences)
-    with tqdm(total=len(sequences), desc="token importance", disable=not progress) as bar:
+    with tqdm(total=len(sequences), desc=f"token importance ({estimator})", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = [sequences[i] for i in chunk]
             # Right padding with any valid id: causal attention keeps pads from touching real tokens, and
-            # the response mask zeroes their attribution.
+            # the response mask zeroes their importance.
             input_ids = pad_right([s.input_ids for s in batch], 0, torch.long).to(device)
             attention_mask = pad_right([[1] * len(s.input_ids) for s in batch], 0, torch.long).to(device)
             response_mask = pad_right([s.response_mask for s in batch], 0, torch.long).to(device)
             topk: dict[str, Tensor] = {}
-            attribution, logps = attribution_and_logps(
-                model, input_ids, attention_mask, response_mask, topk=reference_topk, topk_out=topk
+            importance, logps = estimate_importance(
+                model,
+                input_ids,
+                attention_mask,
+                response_mask,
+                estimator=estimator,
+                contrastive_models=contrastive_models,
+                topk=reference_topk,
+                topk_out=topk,
             )
-            attribution, logps = attribution.cpu(), logps.cpu()
+            importance, logps, input_ids = importance.cpu(), logps.cpu(), input_ids.cpu()
             topk = {name: value.cpu() for name, value in topk.items()}
             for row, index in enumerate(chunk):
                 mask = response_mask[row].cpu() != 0
-                raw = attribution[row][mask]
+                raw = importance[row][mask].clone()
+                if exclude_eos:
+                    raw[_eos_positions(input_ids[row][mask], eos_token_id)] = 0.0
                 weight = hybrid_weights(raw, lambda_, normalization, temperature)
                 results[index] = TokenImportance(
                     attribution=raw.numpy().astype(np.float32),

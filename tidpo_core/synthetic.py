@@ -3,19 +3,28 @@
 In the spirit of the TI-DPO paper's medical case study, chosen and rejected answers share almost all
 of their text and differ only in a short *critical span* ("see a doctor within the hour" vs "wait a
 few days and see"). Knowing exactly where the preference signal lies lets tests and benchmarks check
-whether token-importance weights find it. The span sits mostly in the middle of the answer, the
-region the paper's Gaussian prior favours, with preamble and follow-up sentences of varying length
-around it so its relative position still varies.
+whether token-importance weights find it. With `span_position="middle"` (the default, and the corpus
+tidpo has always shipped) the span sits mostly in the middle of the answer, the region the paper's
+Gaussian prior favours, with preamble and follow-up sentences of varying length around it so its relative
+position still varies. `span_position="uniform"` puts 0 to 3 of the answer's other sentences before the
+span's sentence and the rest after it, so the span is as likely near the start or the end as in the
+middle, and the prior has no built-in advantage.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from tidpo_core.data import PreferencePair, make_pair_id
 
-__all__ = ["TOPICS", "Topic", "generate_synthetic_pairs"]
+__all__ = ["SPAN_POSITIONS", "TOPICS", "SpanPosition", "Topic", "generate_synthetic_pairs"]
+
+SpanPosition = Literal["middle", "uniform"]
+SPAN_POSITIONS: tuple[str, ...] = get_args(SpanPosition)
+# Sentences around the span's sentence when its position is uniform: 0..UNIFORM_OTHER_SENTENCES before it.
+UNIFORM_OTHER_SENTENCES = 3
 
 SOURCE = "synthetic"
 # After this many duplicate draws in a row, a reference number is added to the question so that
@@ -337,24 +346,36 @@ def _fill(template: str, slots: dict[str, str]) -> str:
     return template.format_map(slots)
 
 
-def _draw_pair(rng: random.Random, topic: Topic, salt: int) -> PreferencePair:
+def _draw_pair(rng: random.Random, topic: Topic, salt: int, span_position: SpanPosition = "middle") -> PreferencePair:
     slots = {key: rng.choice(values) for key, values in topic.slots.items()}
     question = _fill(rng.choice(topic.questions), slots)
     if salt:
         question = f"{question} (Case {salt}.)"
-    # Equal odds of one or two sentences on each side keep the span centred on average while its
-    # relative position still varies from pair to pair.
-    before = rng.sample(topic.preambles, rng.randint(1, 2))
-    after = rng.sample(topic.followups, rng.randint(1, 2))
+    if span_position == "middle":
+        # Equal odds of one or two sentences on each side keep the span centred on average while its
+        # relative position still varies from pair to pair.
+        before = rng.sample(topic.preambles, rng.randint(1, 2))
+        after = rng.sample(topic.followups, rng.randint(1, 2))
+    else:
+        count_before = rng.randint(0, UNIFORM_OTHER_SENTENCES)
+        before = rng.sample(topic.preambles, min(count_before, len(topic.preambles)))
+        after = rng.sample(topic.followups, min(UNIFORM_OTHER_SENTENCES - count_before, len(topic.followups)))
     core = _fill(rng.choice(topic.cores), {**slots, "phrase": "{phrase}"})
     safe, risky = rng.choice(topic.phrases)
 
     head, tail = core.split("{phrase}")
     words = sum(len(s.split()) for s in (*before, core, *after)) + len(max(safe, risky, key=len).split())
     if words > MAX_WORDS:
-        after = after[:1]  # keep answers short enough for small models' context windows
-    prefix = " " + " ".join(before) + " " + head
-    suffix = tail + " " + " ".join(after)
+        # Keep answers short enough for small models' context windows; for a uniform position, on the side
+        # with more sentences so that the position stays uniform.
+        if span_position == "middle":
+            after = after[:1]
+        elif len(after) >= len(before):
+            after = after[:-1]
+        else:
+            before = before[1:]
+    prefix = " " + " ".join([*before, head]).lstrip() if before else " " + head
+    suffix = tail + (" " + " ".join(after) if after else "")
     chosen = prefix + safe + suffix
     rejected = prefix + risky + suffix
     prompt = f"\n\nHuman: {question}\n\nAssistant:"
@@ -369,10 +390,12 @@ def _draw_pair(rng: random.Random, topic: Topic, salt: int) -> PreferencePair:
     return PreferencePair(make_pair_id(prompt, chosen, rejected), prompt, chosen, rejected, SOURCE, meta)
 
 
-def generate_synthetic_pairs(n: int = 2000, seed: int = 0) -> list[PreferencePair]:
-    """Return ``n`` distinct safe-vs-risky preference pairs, deterministic for a given seed."""
+def generate_synthetic_pairs(n: int = 2000, seed: int = 0, span_position: SpanPosition = "middle") -> list[PreferencePair]:
+    """Return ``n`` distinct safe-vs-risky preference pairs, deterministic for a given seed and span position."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if span_position not in SPAN_POSITIONS:
+        raise ValueError(f"span_position must be one of {SPAN_POSITIONS}, got {span_position!r}")
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
     seen: set[str] = set()
@@ -380,7 +403,7 @@ def generate_synthetic_pairs(n: int = 2000, seed: int = 0) -> list[PreferencePai
     duplicate_draws = 0
     while len(pairs) < n:
         # Round-robin over topics keeps the corpus balanced; the rest of the draw is random.
-        pair = _draw_pair(rng, TOPICS[len(pairs) % len(TOPICS)], salt)
+        pair = _draw_pair(rng, TOPICS[len(pairs) % len(TOPICS)], salt, span_position)
         if pair.pair_id in seen:
             duplicate_draws += 1
             if duplicate_draws >= MAX_DUPLICATE_DRAWS:
