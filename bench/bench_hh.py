@@ -18,6 +18,9 @@ from typing import Any
 
 from bench import bench_quality, common
 
+# No critical spans or phrases here; the contrastive pair would need two more SFT runs on this data.
+HH_METHODS = {name: bench_quality.METHODS[name] for name in ("dpo", "simpo", "tidpo", "tidpo_surprisal")}
+
 NAME = "hh"
 DATA_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 TRAIN_PAIRS = 2000
@@ -75,16 +78,17 @@ def run(quick: bool = False) -> dict[str, Any]:
             max_prompt_tokens=128,
             max_response_tokens=64,
         )
+        estimator_s = bench_quality._estimator_weights(prepared, sizes, HH_METHODS)
         evaluator = bench_quality.Evaluator(prepared, sample_new_tokens=0, phrases=False)
         common.log(NAME, f"reference: {evaluator.reference}")
         runs = []
         for seed in sizes["seeds"]:
-            for method, overrides in bench_quality.METHODS.items():
+            for method, overrides in HH_METHODS.items():
                 result = bench_quality.train_and_evaluate(prepared, evaluator, method, overrides, seed, work, sizes["max_steps"])
                 runs.append(result)
                 common.log(NAME, f"seed {seed} {method:<6} {bench_quality.HEADLINE} {result[bench_quality.HEADLINE]:.3f}")
-        table = bench_quality.aggregate(runs, list(bench_quality.METHODS))
-        notes = bench_quality.investigate(table, {}, None, evaluator.reference)
+        table = bench_quality.aggregate(runs, list(HH_METHODS))
+        notes = bench_quality.investigate("hh-rlhf", table, evaluator.reference)
         for note in notes:
             common.log(NAME, note)
         figures = {
@@ -97,7 +101,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "max_response_tokens": 64,
                 "seeds": sizes["seeds"],
                 "seed_controls": "training data order (reference, anchors and weights shared)",
-                "training": "1 epoch, batch 8, AdamW lr 5e-4 cosine, beta 0.1; tidpo: lambda 0.7, alpha 0.5, gamma 0.1",
+                "training": "1 epoch, batch 8, AdamW lr 5e-4 cosine, beta 0.1; tidpo: lambda 0.7, alpha 0.5 (inside beta), "
+                "gamma 0.1, triplet Eq. 13",
+                "estimator_weights_s": estimator_s,
                 "headline_metric": bench_quality.HEADLINE,
             },
             "prepare_s": prepared.timings,

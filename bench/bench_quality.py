@@ -1,7 +1,11 @@
-"""Does TI-DPO pay off? DPO, SimPO and TI-DPO on the built-in data set, 3 seeds each.
+"""Does TI-DPO pay off? DPO, SimPO, TI-DPO with each importance estimator and the paper's ablations, on the
+built-in data with its critical spans mid-answer (`middle`) and anywhere (`uniform`), 3 seeds each.
 
-One reference model (tokenizer + tiny Llama + SFT on both answers) and one set of anchors and token
-weights serve every run, so the methods differ only in their loss; the seed sets the data order. For
+Per span position, one reference model (tokenizer + tiny Llama + SFT on both answers) and one set of anchors
+and token weights per estimator serve every run, so the methods differ only in their loss and weights; the
+seed sets the data order. The authors' own algorithm (attribution recomputed with the current policy every
+step, a fresh anchor from the current policy every step) runs beside tidpo's default on the `middle` data:
+its epoch time against the default's is the honest cost of precomputing. For
 each run: held-out preference accuracy (the implicit DPO reward beta * log(pi/pi_ref) of chosen vs
 rejected, what TRL logs as rewards/accuracies; also the policy's own likelihood preference, summed and
 length-normalised), and the critical-phrase rate of sampled answers (does the policy say the safe phrase
@@ -26,17 +30,29 @@ from bench import common
 NAME = "quality"
 HEADLINE = "reward_accuracy"
 METRICS = ("reward_accuracy", "reward_margin", "likelihood_win_rate", "normalized_likelihood_win_rate")
-METHODS = {"dpo": {"loss_type": "dpo"}, "simpo": {"loss_type": "simpo"}, "tidpo": {"loss_type": "tidpo"}}
+SPAN_POSITIONS = ("middle", "uniform")
+# "weights" names the estimator whose stored table a method trains on (default: the paper's attribution).
+METHODS = {
+    "dpo": {"loss_type": "dpo"},
+    "simpo": {"loss_type": "simpo"},
+    "tidpo": {"loss_type": "tidpo"},
+    "tidpo_surprisal": {"loss_type": "tidpo", "weights": "surprisal"},
+    "tidpo_contrastive": {"loss_type": "tidpo", "weights": "contrastive"},
+    # The paper's three ablations.
+    "tidpo_no_attribution": {"loss_type": "tidpo", "weight_lambda": 0.0},
+    "tidpo_no_prior": {"loss_type": "tidpo", "weight_lambda": 1.0},
+    "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
+}
+ESTIMATOR_WEIGHTS = {"surprisal": {"estimator": "surprisal"}, "contrastive": {"estimator": "contrastive"}}
+# The authors' per-step algorithm in tidpo's engine (METHOD.md 1 and 3, the reference code's choices).
+AUTHORS = {"loss_type": "tidpo", "weights_mode": "online", "anchor_refresh_every": 1}
+# Single switches on seed 0 of the middle data: the KL term, the cached KL, and the other triplet spaces.
 ABLATIONS = {
-    # DPO with a 5x stronger pull to the reference: is TI-DPO's gain only its KL control?
-    "dpo_beta0.5": {"loss_type": "dpo", "beta": 0.5},
     "tidpo_no_kl (alpha=0)": {"loss_type": "tidpo", "alpha": 0.0},
-    "tidpo_no_triplet (gamma=0)": {"loss_type": "tidpo", "gamma": 0.0},
     "weighted_dpo (alpha=0, gamma=0)": {"loss_type": "tidpo", "alpha": 0.0, "gamma": 0.0},
-    # METHOD.md's option: anchors re-sampled from the current policy (every 50 of the epoch's ~228 steps).
-    "tidpo_anchor_refresh (every 50 steps)": {"loss_type": "tidpo", "anchor_refresh_every": 50},
-    # SeqKL from the reference's cached top-64 next tokens (of 2,048) instead of a reference forward.
     "tidpo_cached_kl (top-64 reference cache)": {"loss_type": "tidpo", "reference_kl": "cached"},
+    "tidpo_triplet_weighted_mean": {"loss_type": "tidpo", "triplet_space": "weighted_mean"},
+    "tidpo_triplet_hidden": {"loss_type": "tidpo", "triplet_space": "hidden"},
 }
 
 
@@ -44,11 +60,13 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "pairs": 24, "eval_fraction": 0.25, "seeds": [0], "sft_steps": 4, "anchor_new_tokens": 8,
-            "sample_new_tokens": 4, "tiny": True, "ablations": False, "max_steps": 3,
+            "sample_new_tokens": 4, "tiny": True, "ablations": False, "max_steps": 3, "positions": ["middle"],
+            "authors_seeds": [0],
         }
     return {
         "pairs": 2000, "eval_fraction": 0.1, "seeds": [0, 1, 2], "sft_steps": 300, "anchor_new_tokens": 64,
-        "sample_new_tokens": 80, "tiny": False, "ablations": True, "max_steps": -1,
+        "sample_new_tokens": 80, "tiny": False, "ablations": True, "max_steps": -1, "positions": list(SPAN_POSITIONS),
+        "authors_seeds": [0, 1, 2],
     }
 
 
@@ -128,7 +146,9 @@ def train_and_evaluate(
     out = work / f"{name.split()[0]}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     loss_type = overrides["loss_type"]
-    extra = {k: v for k, v in overrides.items() if k != "loss_type"}
+    extra = {k: v for k, v in overrides.items() if k not in ("loss_type", "weights")}
+    if "weights" in overrides:
+        extra["weights_fingerprint"] = f"{prepared.weights_fingerprint}-{overrides['weights']}"
     config = common.train_config(prepared, loss_type, out, seed=seed, max_steps=max_steps, **extra)
     run = common.run_training(config)
     result = {
@@ -176,166 +196,149 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     return table
 
 
-def importance_precision(prepared: common.Prepared, limit: int | None = None) -> dict[str, Any] | str:
-    """precision@k (k = span size) of the stored weights vs uniform, prior only and attribution only."""
-    precision = common.optional("tidpo_core.evaluation", "importance_precision_at_k")
-    if precision is None:
-        return "pending"
-    import numpy as np
-    import torch
+def beats(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
+    """a's mean - std above b's mean + std (the issue's rule for "beats over 3 seeds")."""
+    if not a or not b or a.get("mean") is None or b.get("mean") is None:
+        return None
+    return a["mean"] - a["std"] > b["mean"] + b["std"]
 
-    from tidpo_core import store
-    from tidpo_core.features import EncodingSettings, encode_response
-    from tidpo_core.importance import gaussian_prior, hybrid_weights
-    from tidpo_core.modeling import load_model_and_tokenizer
-    from tidpo_core.tokenization import tokens_overlapping
 
-    _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
-    settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-    con = store.connect(prepared.duckdb_path, read_only=True)
-    try:
-        stored = store.read_token_weights(con, prepared.weights_fingerprint)
-    finally:
-        con.close()
-    scores: dict[str, list[float]] = {"hybrid (stored, lambda 0.7)": [], "attribution only": [], "prior only": [], "uniform": []}
-    span_share = []
-    pairs = [p for p in common.train_pairs(prepared) if "chosen_span" in (p.meta or {})][:limit]
-    for pair in pairs:
-        for side in ("chosen", "rejected"):
-            weights = stored.get((pair.pair_id, side))
-            if weights is None:
-                continue
-            encoded = encode_response(tokenizer, pair.prompt, getattr(pair, side), settings)
-            start, end = pair.meta[f"{side}_span"]
-            span = tokens_overlapping(encoded.response_offsets, (int(start), int(end)))
-            if not span:
-                continue
-            attribution = torch.tensor(weights.attribution, dtype=torch.float32)
-            variants = {
-                "hybrid (stored, lambda 0.7)": np.asarray(weights.weight),
-                "attribution only": hybrid_weights(attribution, 1.0).numpy(),
-                "prior only": gaussian_prior(len(weights.weight)).numpy(),
-                "uniform": np.ones(len(weights.weight)),
-            }
-            for key, values in variants.items():
-                scores[key].append(precision(values, span))
-            span_share.append(len(span) / len(weights.weight))
-    if not span_share:
-        return "n/a (no critical spans in this data)"
+def verdict(table: dict[str, Any], method: str) -> dict[str, Any]:
+    """Does `method` beat DPO on the safe-phrase rate at a KL no larger than DPO's?"""
+    key = "critical_phrase_chosen_of_all"
+    mine, dpo = table.get(method, {}), table.get("dpo", {})
+    phrase = beats(mine.get(key), dpo.get(key))
+    kl_ok = None
+    if "kl" in mine and "kl" in dpo:
+        kl_ok = mine["kl"]["mean"] <= dpo["kl"]["mean"]
     return {
-        "k": "span size",
-        "responses": len(span_share),
-        "mean_span_share_of_response": float(np.mean(span_share)),
-        **{key: float(np.mean(values)) for key, values in scores.items()},
+        "method": method,
+        "safe_phrase_beats_dpo (mean - std > dpo mean + std)": phrase,
+        "kl_no_larger_than_dpo": kl_ok,
+        "met": bool(phrase and kl_ok),
     }
 
 
-def investigate(table: dict[str, Any], ablations: dict[str, Any], precision: Any, reference: dict[str, Any]) -> list[str]:
-    """Data-driven notes: who won, by how much against the seed spread, and what the ablations show."""
+def investigate(position: str, table: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """Data-driven notes for one span position: every method's accuracy, safe phrase and KL against DPO's."""
     notes = []
-    if "dpo" not in table or "tidpo" not in table:
+    if "dpo" not in table:
         return notes
-    d, t = table["dpo"][HEADLINE], table["tidpo"][HEADLINE]
-    diff = t["mean"] - d["mean"]
-    spread = max(d["std"], t["std"])
-    if min(d["n"], t["n"]) < 2:
-        notes.append(
-            f"Single seed: TI-DPO {t['mean']:.3f} vs DPO {d['mean']:.3f} held-out {HEADLINE} (diff {diff:+.3f}); "
-            "no seed spread to judge the difference against."
-        )
-    elif diff > 2 * spread:
-        notes.append(f"TI-DPO beats DPO on held-out {HEADLINE}: {t['mean']:.3f} vs {d['mean']:.3f} (diff {diff:+.3f}, seed std <= {spread:.3f}).")
-    elif diff < -2 * spread:
-        notes.append(f"TI-DPO does NOT beat DPO here: held-out {HEADLINE} {t['mean']:.3f} vs DPO {d['mean']:.3f} (diff {diff:+.3f}, seed std <= {spread:.3f}).")
-    else:
-        notes.append(f"TI-DPO and DPO are within seed noise on held-out {HEADLINE}: {t['mean']:.3f} vs {d['mean']:.3f} (diff {diff:+.3f}, seed std <= {spread:.3f}).")
+    d = table["dpo"]
     key = "critical_phrase_chosen_of_all"
-    if key in table["dpo"] and key in table["tidpo"]:
-        notes.append(
-            f"Safe critical phrase in sampled answers (share of all samples): TI-DPO {table['tidpo'][key]['mean']:.3f} "
-            f"vs DPO {table['dpo'][key]['mean']:.3f}; reference {(phrase_value(reference, 'chosen_of_all') or float('nan')):.3f}. "
-            f"Answers with neither phrase: TI-DPO {table['tidpo']['critical_phrase_neither_rate']['mean']:.2f}, "
-            f"DPO {table['dpo']['critical_phrase_neither_rate']['mean']:.2f}, reference {(phrase_value(reference, 'neither_rate') or float('nan')):.2f}."
-        )
-    if "kl" in table["dpo"] and "kl" in table["tidpo"]:
-        notes.append(f"KL(policy || reference), Monte-Carlo: TI-DPO {table['tidpo']['kl']['mean']:.2f} vs DPO {table['dpo']['kl']['mean']:.2f} nats per answer.")
-    if isinstance(precision, dict):
-        notes.append(
-            "Importance precision@k (k = span size): hybrid {h:.3f}, attribution only {a:.3f}, prior only {p:.3f}, "
-            "uniform/chance {u:.3f}.".format(
-                h=precision["hybrid (stored, lambda 0.7)"], a=precision["attribution only"], p=precision["prior only"], u=precision["uniform"]
+    ref_phrase = phrase_value(reference, "chosen_of_all")
+    for method, row in table.items():
+        if method == "dpo":
+            continue
+        parts = [f"{HEADLINE} {row[HEADLINE]['mean']:.3f} (DPO {d[HEADLINE]['mean']:.3f})"]
+        if key in row and key in d:
+            relation = "above" if beats(row[key], d[key]) else "below" if beats(d[key], row[key]) else "within the spread of"
+            parts.append(
+                f"safe phrase {row[key]['mean']:.3f} ± {row[key]['std']:.3f}, {relation} DPO's {d[key]['mean']:.3f} ± {d[key]['std']:.3f}"
+                + (f" (reference {ref_phrase:.3f})" if ref_phrase is not None else "")
             )
-        )
-        if precision["hybrid (stored, lambda 0.7)"] <= precision["uniform"] * 1.1:
-            notes.append("The hybrid weights hardly concentrate on the critical span (precision@k near chance), so weighting "
-                         "cannot focus the DPO signal on it; on this data the chosen and rejected answers differ only in that span, "
-                         "and every shared token's log-ratio cancels between chosen and rejected anyway under uniform weights.")
-    if ablations:
-        base = t["mean"]
-        for name, row in ablations.items():
-            phrase = phrase_value(row, "chosen_of_all")
-            notes.append(
-                f"Ablation {name} (seed 0): {HEADLINE} {row[HEADLINE]:.3f} (TI-DPO mean {base:.3f}, DPO mean {d['mean']:.3f}); "
-                f"safe phrase in {phrase if phrase is not None else float('nan'):.3f} of samples; KL {row.get('kl', float('nan')):.2f}."
-            )
+        if "kl" in row and "kl" in d:
+            parts.append(f"KL {row['kl']['mean']:.2f} vs DPO {d['kl']['mean']:.2f}")
+        notes.append(f"[{position}] {method}: " + "; ".join(parts) + ".")
     return notes
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()
-    sizes = _sizes(quick)
+def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods: dict[str, Any]) -> dict[str, float]:
+    """The other estimators' weight tables beside the stored attribution one; seconds each took."""
+    from bench.bench_importance import contrastive_pair
+
+    seconds = {}
+    for estimator in sorted({m["weights"] for m in methods.values() if "weights" in m}):
+        started = time.perf_counter()
+        kwargs = dict(ESTIMATOR_WEIGHTS[estimator])
+        if estimator == "contrastive":
+            kwargs["contrastive_models"] = contrastive_pair(prepared, sizes)
+        common.add_weights(prepared, f"{prepared.weights_fingerprint}-{estimator}", **kwargs)
+        seconds[estimator] = time.perf_counter() - started
+    return seconds
+
+
+def run_position(position: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     from tidpo_core.synthetic import generate_synthetic_pairs
 
-    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-quality-"))
-    try:
-        model_config = tiny_model_config(sizes["tiny"])
-        common.log(NAME, f"preparing {sizes['pairs']} synthetic pairs")
-        prepared = common.prepare(
-            work / "data",
-            generate_synthetic_pairs(sizes["pairs"], seed=0),
-            eval_fraction=sizes["eval_fraction"],
-            model_config=model_config,
-            vocab_size=model_config.vocab_size,
-            sft_steps=sizes["sft_steps"],
-            anchor_new_tokens=sizes["anchor_new_tokens"],
-            reference_kl_top_k=common.REFERENCE_KL_TOP_K,
-        )
-        evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
-        common.log(NAME, f"reference: {evaluator.reference}")
-        runs = []
-        for seed in sizes["seeds"]:
-            for method, overrides in METHODS.items():
-                result = train_and_evaluate(prepared, evaluator, method, overrides, seed, work, sizes["max_steps"])
-                runs.append(result)
-                common.log(NAME, f"seed {seed} {method:<6} {HEADLINE} {result[HEADLINE]:.3f}  phrase {result.get('critical_phrase')}")
-        table = aggregate(runs, list(METHODS))
-        precision = importance_precision(prepared)
+    model_config = tiny_model_config(sizes["tiny"])
+    common.log(NAME, f"[{position}] preparing {sizes['pairs']} synthetic pairs")
+    prepared = common.prepare(
+        work / position,
+        generate_synthetic_pairs(sizes["pairs"], seed=0, span_position=position),
+        eval_fraction=sizes["eval_fraction"],
+        model_config=model_config,
+        vocab_size=model_config.vocab_size,
+        sft_steps=sizes["sft_steps"],
+        anchor_new_tokens=sizes["anchor_new_tokens"],
+        reference_kl_top_k=common.REFERENCE_KL_TOP_K,
+    )
+    estimator_s = _estimator_weights(prepared, sizes, METHODS)
+    evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
+    common.log(NAME, f"[{position}] reference: {evaluator.reference}")
+    runs = []
+    for seed in sizes["seeds"]:
+        for method, overrides in METHODS.items():
+            result = train_and_evaluate(prepared, evaluator, method, overrides, seed, work, sizes["max_steps"])
+            runs.append(result)
+            common.log(NAME, f"[{position}] seed {seed} {method:<22} {HEADLINE} {result[HEADLINE]:.3f}  KL {result.get('kl', float('nan')):.2f}  "
+                             f"safe {phrase_value(result, 'chosen_of_all')}")
+    out: dict[str, Any] = {"prepare_s": {**prepared.timings, "estimator_weights": estimator_s}, "reference": evaluator.reference}
+    if position == "middle":
+        # The authors' per-step algorithm beside the default, same data and seeds: the cost of precomputing.
+        for seed in sizes["authors_seeds"]:
+            result = train_and_evaluate(prepared, evaluator, "tidpo_authors_per_step", AUTHORS, seed, work, sizes["max_steps"])
+            runs.append(result)
+            common.log(NAME, f"[{position}] seed {seed} authors' per-step algorithm {HEADLINE} {result[HEADLINE]:.3f} train {result['train_s']:.0f} s")
         ablations: dict[str, Any] = {}
         if sizes["ablations"]:
             for name, overrides in ABLATIONS.items():
                 result = train_and_evaluate(prepared, evaluator, name, overrides, sizes["seeds"][0], work, sizes["max_steps"])
                 ablations[name] = result
-                common.log(NAME, f"ablation {name:<32} {HEADLINE} {result[HEADLINE]:.3f}")
-        notes = investigate(table, ablations, precision, evaluator.reference)
-        for note in notes:
-            common.log(NAME, note)
+                common.log(NAME, f"[{position}] ablation {name:<32} {HEADLINE} {result[HEADLINE]:.3f}")
+        out["ablations"] = ablations
+    table = aggregate(runs, [*METHODS, "tidpo_authors_per_step"])
+    out.update({"methods": table, "runs": runs, "notes": investigate(position, table, evaluator.reference)})
+    if "tidpo_authors_per_step" in table:
+        default, authors = table["tidpo"]["train_s"]["mean"], table["tidpo_authors_per_step"]["train_s"]["mean"]
+        out["authors_per_step"] = {
+            "epoch_s": {"tidpo_default": default, "authors_per_step": authors},
+            "default_over_authors": default / authors,
+            "target_default_at_most_0.5x_authors": default / authors <= 0.5,
+        }
+    for note in out["notes"]:
+        common.log(NAME, note)
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = _sizes(quick)
+    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-quality-"))
+    try:
+        by_position = {position: run_position(position, sizes, work) for position in sizes["positions"]}
+        targets = {}
+        for position, result in by_position.items():
+            for method in ("tidpo", "tidpo_surprisal", "tidpo_contrastive"):
+                if method in result["methods"]:
+                    targets[f"{position}/{method}"] = verdict(result["methods"], method)
         figures = {
             "setup": {
-                "data": f"built-in synthetic, {sizes['pairs']} pairs, hash split ({prepared.n_train} train / {prepared.n_eval} eval)",
-                "model_parameters": prepared.parameters,
+                "data": f"built-in synthetic, {sizes['pairs']} pairs per span position, hash split",
                 "seeds": sizes["seeds"],
                 "seed_controls": "training data order (the reference model, anchors and weights are shared)",
-                "training": "1 epoch, batch 8, AdamW lr 5e-4 cosine, beta 0.1; tidpo: lambda 0.7, alpha 0.5, gamma 0.1",
+                "training": "1 epoch, batch 8, AdamW lr 5e-4 cosine, beta 0.1; tidpo: lambda 0.7, alpha 0.5 (inside beta), "
+                "gamma 0.1, triplet Eq. 13 (sequence), margin 0.01",
                 "headline_metric": HEADLINE,
-                "sampling": evaluator.sampling.as_dict(),
+                "methods": {**METHODS, "tidpo_authors_per_step": AUTHORS},
             },
-            "prepare_s": prepared.timings,
-            "reference": evaluator.reference,
-            "methods": table,
-            "runs": runs,
-            "importance_precision_at_k": precision,
-            "ablations": ablations,
-            "notes": notes,
+            "span_position": by_position,
+            # The middle data's figures also at the top level: the corpus tidpo ships by default.
+            **{k: by_position[sizes["positions"][0]][k] for k in ("reference", "methods", "runs")},
+            "ablations": by_position.get("middle", {}).get("ablations", {}),
+            "authors_per_step": by_position.get("middle", {}).get("authors_per_step"),
+            "targets": targets,
+            "notes": [n for result in by_position.values() for n in result["notes"]],
             "sizes": sizes,
         }
         return common.write_results(NAME, figures, quick, started)

@@ -413,10 +413,8 @@ def prepare_uncached(
 
     from tidpo_core import store
     from tidpo_core.data import LoadResult
-    from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
-    from tidpo_core.fingerprint import text_digest
+    from tidpo_core.features import EncodingSettings
     from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.importance import compute_token_importance
     from tidpo_core.modeling import (
         TinyModelConfig,
         build_tiny_model,
@@ -479,16 +477,10 @@ def prepare_uncached(
 
     with timed(timings, "token_weights"):
         weights_fp = f"bench-weights-{seed}"
-        todo = []
-        for pair in train:
-            for side, text in side_texts(pair, anchor_texts.get(pair.pair_id) if anchors else None).items():
-                todo.append((pair.pair_id, side, text_digest(text), encode_response(tokenizer, pair.prompt, text, settings)))
-        encoded = [item[3] for item in todo]
-        importances = compute_token_importance(
-            model, encoded, lambda_=weight_lambda, batch_size=weight_batch_size, reference_topk=reference_kl_top_k
+        encoded = write_weights(
+            con, model, tokenizer, train, anchor_texts if anchors else None, settings, weights_fp,
+            lambda_=weight_lambda, batch_size=weight_batch_size, reference_topk=reference_kl_top_k,
         )
-        rows = [token_weights_row(*item[:3], item[3], imp) for item, imp in zip(todo, importances, strict=True)]
-        store.write_token_weights(con, weights_fp, rows)
         tokens["weighted_sequences"] = len(encoded)
         tokens["weighted_tokens"] = sum(len(e.input_ids) for e in encoded)
     con.close()
@@ -506,6 +498,43 @@ def prepare_uncached(
         timings=timings,
         tokens=tokens,
     )
+
+
+def write_weights(con, model, tokenizer, train, anchor_texts, settings, fingerprint: str, **importance: Any) -> list[Any]:
+    """Token weights of every train response (and anchor) under `fingerprint`, as the token_weights asset
+    stores them; `importance` goes to compute_token_importance (estimator, exclude_eos, lambda_, ...)."""
+    from tidpo_core import store
+    from tidpo_core.features import encode_response, side_texts, token_weights_row
+    from tidpo_core.fingerprint import text_digest
+    from tidpo_core.importance import compute_token_importance
+
+    todo = []
+    for pair in train:
+        for side, text in side_texts(pair, anchor_texts.get(pair.pair_id) if anchor_texts is not None else None).items():
+            todo.append((pair.pair_id, side, text_digest(text), encode_response(tokenizer, pair.prompt, text, settings)))
+    encoded = [item[3] for item in todo]
+    importances = compute_token_importance(model, encoded, eos_token_id=tokenizer.eos_token_id, **importance)
+    rows = [token_weights_row(*item[:3], item[3], imp) for item, imp in zip(todo, importances, strict=True)]
+    store.write_token_weights(con, fingerprint, rows)
+    return encoded
+
+
+def add_weights(prepared: Prepared, fingerprint: str, **importance: Any) -> str:
+    """Another weights table for `prepared`'s pairs and anchors (another estimator), under `fingerprint`."""
+    from tidpo_core import store
+    from tidpo_core.features import EncodingSettings
+    from tidpo_core.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
+    con = store.connect(prepared.duckdb_path)
+    try:
+        train = store.read_pairs(con, split="train")
+        anchors = store.read_anchors(con, prepared.anchors_fingerprint) if prepared.anchors_fingerprint else None
+        settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
+        write_weights(con, model, tokenizer, train, anchors, settings, fingerprint, **importance)
+    finally:
+        con.close()
+    return fingerprint
 
 
 # --- training through tidpo_core.train ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("weights", "bench.bench_weights"),
     ("training", "bench.bench_training"),
     ("scaling", "bench.bench_scaling"),
+    ("importance", "bench.bench_importance"),
     ("quality", "bench.bench_quality"),
     ("hh", "bench.bench_hh"),
 )

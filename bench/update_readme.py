@@ -167,9 +167,9 @@ def rows_scaling(doc: dict[str, Any]) -> list[Row]:
     ]
 
 
-def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
+def _method_rows(doc: dict[str, Any], label: str, names: tuple[str, ...] = ("dpo", "simpo", "tidpo")) -> list[Row]:
     table = doc["methods"]
-    methods = [m for m in ("dpo", "simpo", "tidpo") if m in table]
+    methods = [m for m in names if m in table]
     ref = doc.get("reference", {})
     rows = [
         (
@@ -213,30 +213,64 @@ def _method_rows(doc: dict[str, Any], label: str) -> list[Row]:
     return rows
 
 
+QUALITY_METHODS = (
+    "dpo", "simpo", "tidpo", "tidpo_surprisal", "tidpo_contrastive", "tidpo_no_attribution", "tidpo_no_prior", "tidpo_no_triplet",
+)
+
+
 def rows_quality(doc: dict[str, Any]) -> list[Row]:
     seeds = len(doc["setup"]["seeds"])
-    rows = _method_rows(doc, f"quality, built-in data ({seeds} seed{'s, mean ± std' if seeds > 1 else ''})")
-    precision = doc.get("importance_precision_at_k")
-    if isinstance(precision, dict):
+    rows: list[Row] = []
+    for position, result in (doc.get("span_position") or {"middle": doc}).items():
+        label = f"quality, built-in data, span_position {position} ({seeds} seed{'s, mean ± std' if seeds > 1 else ''})"
+        rows += _method_rows(result, label, QUALITY_METHODS)
+        for name, target in (doc.get("targets") or {}).items():
+            if name.startswith(f"{position}/"):
+                rows.append(("", f"{target['method']} beats DPO on the safe phrase at a KL no larger than DPO's", "", _mark(target["met"])))
+    authors = doc.get("authors_per_step")
+    if isinstance(authors, dict):
+        epoch = authors["epoch_s"]
         rows.append(
             (
                 "",
-                "importance precision@k: hybrid / attribution / prior / uniform",
-                f"{precision['hybrid (stored, lambda 0.7)']:.3f} / {precision['attribution only']:.3f} / "
-                f"{precision['prior only']:.3f} / {precision['uniform']:.3f}",
-                "hybrid > uniform",
+                "epoch: tidpo default (precomputed weights and anchors) / the authors' per-step algorithm (online weights, anchor every step)",
+                f"{_s(epoch['tidpo_default'])} / {_s(epoch['authors_per_step'])} ({authors['default_over_authors']:.2f}x)",
+                f"<= 0.5x: {_mark(authors['target_default_at_most_0.5x_authors'])}",
             )
         )
-    elif precision == "pending":
-        rows.append(("", "importance precision@k", "pending", ""))
     for name, run in (doc.get("ablations") or {}).items():
         share = phrase_value(run, "chosen_of_all")
         rows.append(
             (
                 "",
-                f"ablation {name}, seed 0: reward accuracy / safe phrase (of all) / KL",
+                f"ablation {name}, middle, seed 0: reward accuracy / safe phrase (of all) / KL",
                 f"{run['reward_accuracy']:.3f} / {'n/a' if share is None else f'{share:.3f}'} / {run.get('kl', float('nan')):.2f}",
                 "",
+            )
+        )
+    return rows
+
+
+def rows_importance(doc: dict[str, Any]) -> list[Row]:
+    """One row per span position: each estimator's hybrid precision@k (start / middle / end thirds beside)."""
+    from bench.bench_importance import TARGET, VARIANTS
+
+    rows: list[Row] = []
+    for position, table in doc["span_position"].items():
+        names = [*VARIANTS, "prior", "uniform_weights"]
+
+        def cell(name: str, table: dict[str, Any] = table) -> str:
+            row = table[name]
+            thirds = "/".join("-" if row["by_third"].get(t) is None else f"{row['by_third'][t]:.2f}" for t in ("start", "middle", "end"))
+            return f"{name} {row['precision_at_k']:.3f} ({thirds})"
+
+        best = max(VARIANTS, key=lambda v: table[v]["precision_at_k"])
+        rows.append(
+            (
+                "importance precision@k, built-in data" if not rows else "",
+                f"span_position {position}: hybrid weights of each estimator (start/middle/end thirds); uniform_weights is chance",
+                "; ".join(cell(n) for n in names),
+                f"best ({best}) >= {TARGET}: {_mark(table[best]['precision_at_k'] >= TARGET)}" if position == "uniform" else "",
             )
         )
     return rows
@@ -255,6 +289,7 @@ RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("weights", rows_weights),
     ("training", rows_training),
     ("scaling", rows_scaling),
+    ("importance", rows_importance),
     ("quality", rows_quality),
     ("hh", rows_hh),
 )

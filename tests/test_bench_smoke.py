@@ -95,11 +95,24 @@ def test_quality(results_dir):
 
     doc = bench_quality.run(quick=True)
     assert doc == _written(results_dir, "quality")
-    assert set(doc["methods"]) == {"dpo", "simpo", "tidpo"}
+    assert set(doc["methods"]) == {*bench_quality.METHODS, "tidpo_authors_per_step"}
     assert 0.0 <= doc["methods"]["tidpo"]["reward_accuracy"]["mean"] <= 1.0
-    precision = doc["importance_precision_at_k"]
-    assert precision == "pending" or 0.0 <= precision["uniform"] <= 1.0
+    assert doc["authors_per_step"]["default_over_authors"] > 0
+    assert set(doc["targets"]) == {"middle/tidpo", "middle/tidpo_surprisal", "middle/tidpo_contrastive"}
     assert isinstance(doc["notes"], list) and doc["notes"]
+
+
+def test_importance(results_dir):
+    from bench import bench_importance
+
+    bench_importance.run(quick=True)
+    doc = _written(results_dir, "importance")
+    for position in ("middle", "uniform"):
+        rows = doc["span_position"][position]
+        for name in (*bench_importance.VARIANTS, "prior", "uniform_weights"):
+            assert 0.0 <= rows[name]["precision_at_k"] <= 1.0, (position, name)
+        assert rows["responses"]["all"] == sum(rows["responses"][t] for t in ("start", "middle", "end"))
+    assert doc["best_estimator_uniform"] in bench_importance.VARIANTS
 
 
 def test_hh(results_dir, shared_data):
@@ -108,7 +121,7 @@ def test_hh(results_dir, shared_data):
     doc = bench_hh.run(quick=True)
     assert doc == _written(results_dir, "hh")
     assert doc["setup"]["data_info"]["train"] == 24
-    assert set(doc["methods"]) == {"dpo", "simpo", "tidpo"}
+    assert set(doc["methods"]) == set(bench_hh.HH_METHODS)
 
 
 def test_readme_table_between_markers(tmp_path, capsys):

@@ -19,9 +19,12 @@ from tidpo_core.evaluation import (
     importance_precision_at_k,
     kl_from_logps,
     kl_to_reference,
+    parse_importance_variant,
+    precision_table,
     preference_metrics,
     sample_with_tokens,
     span_responses,
+    span_third,
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
@@ -195,6 +198,34 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
     assert metrics["precision_at_k_prior"] > metrics["precision_at_k_uniform"]
     without_spans = [PreferencePair(p.pair_id, p.prompt, p.chosen, p.rejected, "file", {}) for p in pairs]
     assert critical_token_precision(model, tokenizer, without_spans, ENCODING) == {}
+    # Further estimators add their raw and hybrid rows, and every row comes per third of the response.
+    more = critical_token_precision(model, tokenizer, pairs, ENCODING, variants=("surprisal", "attribution_no_eos"))
+    for method in ("surprisal", "hybrid_surprisal", "attribution_no_eos", "hybrid_attribution_no_eos"):
+        assert 0.0 <= more[f"precision_at_k_{method}"] <= 1.0
+    assert more["precision_at_k_hybrid"] == metrics["precision_at_k_hybrid"]
+    assert sum(more.get(f"critical_responses_{third}", 0) for third in ("start", "middle", "end")) == len(responses)
+
+
+def test_span_third_and_precision_table_by_hand():
+    assert span_third([0, 1], 9) == "start" and span_third([4], 9) == "middle" and span_third([7, 8], 9) == "end"
+    assert span_third([2, 3], 9) == "middle"  # centre 3 / 9 = 1/3 exactly: the middle third begins there
+    with pytest.raises(ValueError):
+        span_third([], 4)
+    # Two responses of 6 tokens: span {0, 1} (start) and {4, 5} (end); k = 2.
+    weights = {
+        "good": [np.array([5.0, 4, 0, 0, 0, 0]), np.array([0.0, 0, 0, 0, 3, 2])],  # both spans found: 1, 1
+        "half": [np.array([5.0, 0, 4, 0, 0, 0]), np.array([0.0, 0, 0, 9, 9, 9])],  # 1/2, and a 3-way tie: 2/3
+    }
+    table = precision_table(weights, [[0, 1], [4, 5]])
+    assert table["precision_at_k_good"] == 1.0 and table["precision_at_k_good_start"] == 1.0
+    assert table["precision_at_k_half_start"] == 0.5
+    assert table["precision_at_k_half_end"] == pytest.approx(2 / 3)
+    assert table["precision_at_k_half"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert "precision_at_k_half_middle" not in table and table["critical_responses_middle"] == 0.0
+    assert parse_importance_variant("surprisal_no_eos") == ("surprisal", True)
+    assert parse_importance_variant("contrastive") == ("contrastive", False)
+    with pytest.raises(ValueError, match="unknown importance variant"):
+        parse_importance_variant("saliency")
 
 
 def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs):

@@ -303,7 +303,7 @@ def ref_response_logratios(side: dict[str, np.ndarray], b: int) -> list[float]:
 def ref_eq13(first: dict[str, np.ndarray], second: dict[str, np.ndarray], b: int) -> float:
     """Paper Eq. 13 written from METHOD.md alone: the two log-ratio sequences from their response starts,
     zipped (zip stops at the shorter one), squared differences summed, no weights."""
-    return sum((x - y) ** 2 for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b)))
+    return sum((x - y) ** 2 for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b), strict=False))
 
 
 def ref_losses(cfg: LossConfig, sides: dict[str, SideTensors]) -> list[float]:

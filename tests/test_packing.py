@@ -318,8 +318,8 @@ def _independent_tidpo_loss(policy, reference, rows, weights, config):
         weighted_l = sum(w * r for w, r in zip(pair_weights[1], rho_l, strict=True))
         kl_term = config.alpha * (sum(kl_l) - sum(kl_w).detach())
         dpo_term = -torch.nn.functional.logsigmoid(config.beta * (weighted_w - weighted_l - kl_term))
-        distance_w = sum((a - b) ** 2 for a, b in zip(rho_a, rho_w))  # zip: the positions both have
-        distance_l = sum((a - b) ** 2 for a, b in zip(rho_a, rho_l))
+        distance_w = sum((a - b) ** 2 for a, b in zip(rho_a, rho_w, strict=False))  # zip: the positions both have
+        distance_l = sum((a - b) ** 2 for a, b in zip(rho_a, rho_l, strict=False))
         losses.append(dpo_term + config.gamma * torch.clamp(distance_w - distance_l + config.triplet_margin, min=0.0))
     return torch.stack(losses).mean()
 

@@ -261,3 +261,50 @@ def test_cached_reference_kl_without_a_stored_cache_fails_before_training(first_
     assert not result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures and "reference_kl_top_k > 0" in str(failures[0].event_specific_data.error)
+
+
+def test_contrastive_estimator_through_the_assets(first_run):
+    """token_weights with estimator: contrastive fails by name until contrastive_models has trained the pair;
+    then it weighs with it, under a fingerprint of its own, and a second contrastive_models run reuses the pair."""
+    from tidpo_pipeline.assets import contrastive_models
+
+    data_dir, instance, _ = first_run
+    weights_config = {**small_run_config()["ops"]["token_weights"]["config"], "estimator": "contrastive"}
+
+    def materialize(selection, ops):
+        return dg.materialize(
+            [*ASSETS, contrastive_models, *ALL_CHECKS],
+            resources=build_resources(str(data_dir)),
+            run_config={"ops": ops},
+            instance=instance,
+            selection=selection,
+            raise_on_error=False,
+        )
+
+    refused = materialize(["token_weights"], {"token_weights": {"config": weights_config}})
+    assert not refused.success
+    failures = [e for e in refused.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "materialize the contrastive_models asset first" in str(failures[0].event_specific_data.error)
+
+    pair_config = {"config": {"sft_steps": 8, "sft_batch_size": 8}}
+    result = materialize(
+        ["contrastive_models", "token_weights"], {"contrastive_models": pair_config, "token_weights": {"config": weights_config}}
+    )
+    assert result.success
+    pair = result.asset_materializations_for_node("contrastive_models")[0].metadata
+    assert pair["reused"].value is False
+    weights = result.asset_materializations_for_node("token_weights")[0].metadata
+    assert weights["estimator"].value == "contrastive" and weights["computed"].value > 0
+    default_fingerprint = first_run[2].asset_materializations_for_node("token_weights")[0].metadata["fingerprint"].value
+    assert weights["fingerprint"].value != default_fingerprint
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        stats = con.execute(
+            "SELECT count(*), min(attribution), max(attribution), avg(weight) FROM token_weights WHERE fingerprint = ?",
+            [weights["fingerprint"].value],
+        ).fetchone()
+    finally:
+        con.close()
+    assert stats[0] > 0 and stats[1] >= 0 < stats[2] and stats[3] == pytest.approx(1.0, abs=1e-3)
+    again = materialize(["contrastive_models"], {"contrastive_models": pair_config})
+    assert again.asset_materializations_for_node("contrastive_models")[0].metadata["reused"].value is True

@@ -295,9 +295,9 @@ def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_wi
 
 
 def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_anchors(tiny, tmp_path):
-    # Anchors re-sampled from the current policy after every step; a crash after step 2 and a re-run must
-    # end with the weights of the uninterrupted run: the checkpoint carries the re-sampled anchors.
-    common = {"max_steps": 3, "anchor_refresh_every": 1, "checkpoint_every": 1, "keep_checkpoints": 3}
+    # Every train pair's anchor re-sampled from the current policy after step 2; a crash after step 2 and a
+    # re-run must end with the weights of the uninterrupted run: the checkpoint carries the re-sampled anchors.
+    common = {"max_steps": 3, "anchor_refresh_every": 2, "checkpoint_every": 1, "keep_checkpoints": 3}
     uninterrupted = train(tiny.config(tmp_path / "a", **common))
     assert uninterrupted.steps == 3 and all(np.isfinite(h["loss"]) for h in uninterrupted.history)
     marker = json.loads((complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text())
@@ -315,6 +315,31 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
     result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "restored" in result.stderr and "anchors re-sampled before step 2" in result.stderr
+    expected, got = load_weights(tmp_path / "a" / "final"), load_weights(tmp_path / "b" / "final")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_anchor_refresh_every_step_samples_each_batch_from_the_current_policy(tiny, tmp_path):
+    """anchor_refresh_every 1, the authors' algorithm: each micro-batch's anchors are sampled from the policy
+    right before its step (its own prompts only), and a resumed run samples what the uninterrupted one did."""
+    common = {"max_steps": 3, "anchor_refresh_every": 1, "checkpoint_every": 1, "keep_checkpoints": 3}
+    uninterrupted = train(tiny.config(tmp_path / "a", **common))
+    assert uninterrupted.steps == 3 and all(np.isfinite(h["loss"]) for h in uninterrupted.history)
+    marker = json.loads((complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text())
+    con = store.connect(tiny.duckdb_path, read_only=True)
+    try:
+        stored = store.read_anchors(con, tiny.anchors_fingerprint)
+    finally:
+        con.close()
+    sampled = marker["anchors"]
+    # Three steps of 4 pairs: the batches' own prompts, not the whole train split.
+    assert 0.5 * 12 <= len(sampled) <= 12 < tiny.train_pairs
+    assert sum(sampled[p] != stored[p] for p in sampled) >= 0.5 * len(sampled)
+
+    result = run_engine(tiny.config(tmp_path / "b", inject_kill_at_step=2, **common).to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == -9, result.stderr[-2000:]
+    result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
     expected, got = load_weights(tmp_path / "a" / "final"), load_weights(tmp_path / "b" / "final")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 

@@ -31,7 +31,7 @@ from tidpo_core.features import (
     stack_sides,
 )
 from tidpo_core.generation import SamplingSettings, sample_batches
-from tidpo_core.importance import Normalization, compute_token_importance
+from tidpo_core.importance import ESTIMATORS, Normalization, compute_token_importance
 from tidpo_core.losses import token_logps
 from tidpo_core.modeling import torch_threads
 from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
@@ -450,6 +450,44 @@ def span_responses(
 
 
 IMPORTANCE_METHODS = ("attribution", "prior", "hybrid", "uniform")
+# Importance variants the evaluation scores: an estimator, optionally with the eos token excluded (_no_eos).
+DEFAULT_IMPORTANCE_VARIANTS = ("attribution", "attribution_no_eos", "surprisal", "surprisal_no_eos")
+RESPONSE_THIRDS = ("start", "middle", "end")
+
+
+def parse_importance_variant(variant: str) -> tuple[str, bool]:
+    """`surprisal_no_eos` -> ("surprisal", True); the estimator must be one of importance.ESTIMATORS."""
+    estimator, exclude_eos = (variant[: -len("_no_eos")], True) if variant.endswith("_no_eos") else (variant, False)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown importance variant {variant!r}; expected an estimator of {ESTIMATORS}, optionally + '_no_eos'")
+    return estimator, exclude_eos
+
+
+def span_third(span_tokens: Sequence[int], length: int) -> str:
+    """Which third of a response of `length` tokens the span's centre falls in: start, middle or end."""
+    if length < 1 or not span_tokens:
+        raise ValueError("a span needs at least one token in a non-empty response")
+    centre = (min(span_tokens) + max(span_tokens) + 1) / 2 / length
+    return RESPONSE_THIRDS[min(int(centre * 3), 2)]
+
+
+def precision_table(
+    weights_by_method: dict[str, Sequence[np.ndarray]], spans: Sequence[Sequence[int]], k: int | None = None
+) -> dict[str, float]:
+    """Mean precision@k of each method's per-response weights, overall (`precision_at_k_<method>`) and by
+    the third of the response the span sits in (`precision_at_k_<method>_<third>`, absent for an empty third)."""
+    thirds = [span_third(span, len(next(iter(weights_by_method.values()))[i])) for i, span in enumerate(spans)]
+    metrics: dict[str, float] = {}
+    for method, all_weights in weights_by_method.items():
+        scores = [importance_precision_at_k(w, span, k) for w, span in zip(all_weights, spans, strict=True)]
+        metrics[f"precision_at_k_{method}"] = float(np.mean(scores))
+        for third in RESPONSE_THIRDS:
+            in_third = [score for score, where in zip(scores, thirds, strict=True) if where == third]
+            if in_third:
+                metrics[f"precision_at_k_{method}_{third}"] = float(np.mean(in_third))
+    for third in RESPONSE_THIRDS:
+        metrics[f"critical_responses_{third}"] = float(sum(where == third for where in thirds))
+    return metrics
 
 
 def critical_token_precision(
@@ -462,30 +500,45 @@ def critical_token_precision(
     normalization: Normalization = "max",
     k: int | None = None,
     batch_size: int = 16,
+    variants: Sequence[str] = ("attribution",),
+    contrastive_models: tuple[PreTrainedModel, PreTrainedModel] | None = None,
 ) -> dict[str, float]:
     """Mean importance precision@k over the chosen and rejected responses of pairs with critical spans.
 
     attribution: the model's gradient attribution I; prior: the Gaussian prior; hybrid: their mix with
     `weight_lambda` (what TI-DPO trains with); uniform: all weights equal, whose expected precision is
-    the span's share of the response, |span| / T (chance level). Empty dict when no pair has a span.
+    the span's share of the response, |span| / T (chance level). Each further variant of `variants`
+    (`surprisal`, `contrastive`, `*_no_eos`; see importance.py) adds its raw estimate
+    (`precision_at_k_<variant>`) and its hybrid weights (`precision_at_k_hybrid_<variant>`). Every figure
+    also comes per third of the response the span sits in. Empty dict when no pair has a span.
     """
     responses = span_responses(tokenizer, pairs, settings)
     if not responses:
         return {}
-    importances = compute_token_importance(
-        model, [r.encoded for r in responses], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
-    )
-    scores: dict[str, list[float]] = {m: [] for m in IMPORTANCE_METHODS}
-    for response, importance in zip(responses, importances, strict=True):
-        by_method = {
-            "attribution": importance.attribution,
-            "prior": importance.prior,
-            "hybrid": importance.weight,
-            "uniform": np.ones_like(importance.weight),
-        }
-        for method, weights in by_method.items():
-            scores[method].append(importance_precision_at_k(weights, response.span_tokens, k))
-    metrics = {f"precision_at_k_{m}": float(np.mean(v)) for m, v in scores.items()}
+    encoded = [r.encoded for r in responses]
+    by_method: dict[str, list[np.ndarray]] = {}
+    computed: dict[str, list[Any]] = {}
+    for variant in dict.fromkeys(("attribution", *variants)):
+        estimator, exclude_eos = parse_importance_variant(variant)
+        if estimator == "contrastive" and contrastive_models is None:
+            continue
+        computed[variant] = compute_token_importance(
+            model,
+            encoded,
+            lambda_=weight_lambda,
+            normalization=normalization,
+            batch_size=batch_size,
+            estimator=estimator,
+            exclude_eos=exclude_eos,
+            eos_token_id=tokenizer.eos_token_id,
+            contrastive_models=contrastive_models if estimator == "contrastive" else None,
+        )
+        # The paper's hybrid keeps its plain name ("hybrid"); every other variant's is "hybrid_<variant>".
+        by_method[variant] = [i.attribution for i in computed[variant]]
+        by_method["hybrid" if variant == "attribution" else f"hybrid_{variant}"] = [i.weight for i in computed[variant]]
+    by_method["prior"] = [i.prior for i in computed["attribution"]]
+    by_method["uniform"] = [np.ones_like(i.weight) for i in computed["attribution"]]
+    metrics = precision_table(by_method, [r.span_tokens for r in responses], k)
     metrics["critical_responses"] = float(len(responses))
     metrics["mean_span_tokens"] = float(np.mean([len(r.span_tokens) for r in responses]))
     return metrics
@@ -523,6 +576,8 @@ class EvalSettings:
     Attribution costs a forward and backward pass per response, the most expensive metric here."""
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
+    importance_variants: tuple[str, ...] = DEFAULT_IMPORTANCE_VARIANTS
+    """Importance estimators scored by precision@k beside the paper's attribution (critical_token_precision)."""
 
 
 @dataclass
@@ -609,6 +664,7 @@ def _evaluate_model(
         normalization=settings.weight_normalization,
         k=settings.critical_k,
         batch_size=settings.batch_size,
+        variants=settings.importance_variants,
     )
     if critical:
         metrics.update(critical)

@@ -6,18 +6,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tidpo_core.data import LoadResult, QuarantinedRow, QuarantineReason, load_preferences
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.synthetic import SpanPosition, generate_synthetic_pairs
 
 SYNTHETIC = "synthetic"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
 
 
 def load_source(
-    source: str, *, synthetic_pairs: int = 2000, synthetic_seed: int = 0, split: str = "train", max_chars: int = 20_000
+    source: str,
+    *,
+    synthetic_pairs: int = 2000,
+    synthetic_seed: int = 0,
+    synthetic_span_position: SpanPosition = "middle",
+    split: str = "train",
+    max_chars: int = 20_000,
 ) -> LoadResult:
     """`synthetic` (the built-in corpus), a local file or folder, or a Hugging Face hub data set id."""
     if source == SYNTHETIC:
-        pairs = generate_synthetic_pairs(synthetic_pairs, seed=synthetic_seed)
+        pairs = generate_synthetic_pairs(synthetic_pairs, seed=synthetic_seed, span_position=synthetic_span_position)
         return LoadResult(pairs=pairs, quarantined=[], rows_read=len(pairs))
     return load_preferences(source, split=split, max_chars=max_chars)
 

@@ -71,6 +71,14 @@ CREATE TABLE IF NOT EXISTS token_weights (
 -- Files written before the reference top-k cache existed.
 ALTER TABLE token_weights ADD COLUMN IF NOT EXISTS reference_topk_ids INTEGER[];
 ALTER TABLE token_weights ADD COLUMN IF NOT EXISTS reference_topk_logp FLOAT[];
+CREATE TABLE IF NOT EXISTS contrastive_models (
+    fingerprint VARCHAR PRIMARY KEY,
+    reference_fingerprint VARCHAR NOT NULL,
+    positive_path VARCHAR NOT NULL,
+    negative_path VARCHAR NOT NULL,
+    recipe_json VARCHAR,
+    created_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS evaluation_metrics (
     mlflow_run_id VARCHAR,
     model VARCHAR,
@@ -496,6 +504,35 @@ def _attach_reference_topk(
         raise ValueError(f"token weights {fingerprint!r}: {len(ids)} cached tokens for {bounds[-1]} weighted tokens")
     for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
         weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids[a:b], reference_topk_logp=logp[a:b])
+
+
+# --- contrastive models (the `contrastive` importance estimator) ---------------------------------------
+
+
+def record_contrastive_models(
+    con: duckdb.DuckDBPyConnection,
+    fingerprint: str,
+    reference_fingerprint: str,
+    paths: Sequence[str],
+    recipe: dict[str, Any],
+) -> None:
+    positive, negative = (str(p) for p in paths)
+    with transaction(con):
+        con.execute("DELETE FROM contrastive_models WHERE fingerprint = ?", [fingerprint])
+        con.execute(
+            "INSERT INTO contrastive_models VALUES (?, ?, ?, ?, ?, ?)",
+            [fingerprint, reference_fingerprint, positive, negative, json.dumps(recipe, sort_keys=True), _now()],
+        )
+
+
+def latest_contrastive_models(con: duckdb.DuckDBPyConnection, reference_fingerprint: str) -> tuple[str, str] | None:
+    """Paths (positive, negative) of the newest contrastive pair trained for this reference, if any."""
+    row = con.execute(
+        "SELECT positive_path, negative_path FROM contrastive_models WHERE reference_fingerprint = ? "
+        "ORDER BY created_at DESC LIMIT 1",
+        [reference_fingerprint],
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
 
 
 # --- evaluation -------------------------------------------------------------------------------------

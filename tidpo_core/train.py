@@ -133,7 +133,8 @@ class TrainConfig:
     anchor_refresh_every: int = 0
     """Re-sample every train pair's anchor from the current policy every N optimizer steps (METHOD.md's
     option; each refresh samples all train prompts and weighs the new anchors with the reference).
-    0: the anchor_responses asset's reference samples are used throughout."""
+    1 is the authors' algorithm: each micro-batch's anchors are sampled from the current policy right
+    before its forward (its prompts only). 0: the anchor_responses asset's reference samples throughout."""
     reference_kl: Literal["forward", "cached"] = "forward"
     """Where SeqKL (alpha > 0) gets the reference distribution. `forward`: a frozen reference runs every
     step over chosen and rejected, the full vocabulary exactly as METHOD.md writes it. `cached`: the
@@ -992,6 +993,16 @@ class _AnchorRefresh:
         self.texts.update(new_texts)
         return len(sides)
 
+    def for_batch(self, policy, batch: dict[str, Any], features_by_id, device, *, seed: int) -> dict[str, Any]:
+        """The batch with fresh anchors for its own prompts, sampled from `policy` now (anchor_refresh_every 1)."""
+        self.weigher.to(next(policy.parameters()).device)
+        prompts = {pair_id: self.prompts[pair_id] for pair_id in batch["pair_id"]}
+        new_texts, sides = sample_anchor_features(policy, self.weigher, self.tokenizer, prompts, self.config, seed)
+        for pair_id, side in sides.items():
+            features_by_id[pair_id].update(side)
+        self.texts.update(new_texts)
+        return self.override(batch, features_by_id, device)
+
     def override(self, batch: dict[str, Any], features_by_id, device) -> dict[str, Any]:
         """The batch with its anchor side rebuilt from the current features: the data loader may have
         collated it before the last refresh."""
@@ -1173,7 +1184,13 @@ def _run(
         micro: list[dict[str, torch.Tensor]] = []
         micro_tokens = 0
         for batch in epoch_loader:
-            if refresh is not None and refresh.texts:
+            if refresh is not None and config.anchor_refresh_every == 1:
+                # Seeded by the micro-batch's place in the run, so a resumed run samples what it would have.
+                batch = refresh.for_batch(
+                    accelerator.unwrap_model(policy), batch, features_by_id, accelerator.device,
+                    seed=config.seed + 1_000_003 * accelerator.process_index + step * gas + len(micro),
+                )
+            elif refresh is not None and refresh.texts:
                 batch = refresh.override(batch, features_by_id, accelerator.device)
             with accelerator.accumulate(policy):
                 loss, stats, tokens = compute_batch_loss(
@@ -1243,7 +1260,12 @@ def _run(
                     f"step {step}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.2f} "
                     f"{metrics['tokens_per_second']:.0f} tok/s"
                 )
-            if refresh is not None and step % config.anchor_refresh_every == 0 and step < total_steps:
+            if (
+                refresh is not None
+                and config.anchor_refresh_every > 1
+                and step % config.anchor_refresh_every == 0
+                and step < total_steps
+            ):
                 count = refresh.apply(accelerator.unwrap_model(policy), features_by_id, seed=config.seed + step)
                 reporter.custom({"event": "anchors_refreshed", "step": step, "anchors": count})
                 reporter.log(f"re-sampled {count} anchors from the policy after step {step}")

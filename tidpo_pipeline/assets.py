@@ -6,6 +6,7 @@ data itself lives in DuckDB, model folders and MLflow.
 """
 
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,13 @@ from dagster._core.errors import DagsterPipesExecutionError
 from mlflow.exceptions import MlflowException
 
 from tidpo_core import store, tracking
+from tidpo_core.contrastive import (
+    ContrastiveSFT,
+    contrastive_paths,
+    is_built,
+    load_base,
+    train_contrastive_pair,
+)
 from tidpo_core.data import DataFileError
 from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
 from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
@@ -53,6 +61,9 @@ class PreferencePairsConfig(dg.Config):
     """`synthetic` (built-in corpus), a JSONL/Parquet/CSV file, a local data set folder, or a hub id."""
     synthetic_pairs: int = 2000
     synthetic_seed: int = 0
+    synthetic_span_position: Literal["middle", "uniform"] = "middle"
+    """Where the built-in corpus puts each answer's critical span: mostly mid-answer (`middle`, where the
+    Gaussian prior looks) or anywhere (`uniform`, so the prior has no built-in advantage)."""
     split: str = "train"
     """Split to read from a hub data set or folder."""
     eval_fraction: float = 0.1
@@ -74,6 +85,7 @@ def preference_pairs(
                     source,
                     synthetic_pairs=config.synthetic_pairs,
                     synthetic_seed=config.synthetic_seed,
+                    synthetic_span_position=config.synthetic_span_position,
                     split=config.split,
                     max_chars=config.max_chars,
                 )
@@ -160,7 +172,18 @@ def reference_model(
         path = config.model_name_or_path
         metadata["architecture"] = (model_config.architectures or ["?"])[0]
         sft_losses: list[float] = []
+        base: dict[str, Any] = {"path": path, "revision": config.revision, "trust_remote_code": config.trust_remote_code}
     else:
+        tiny_config = TinyModelConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_attention_heads,
+        )
+        # What the reference starts from: the contrastive importance models fine-tune the same base.
+        base = {"tiny_config": dataclasses.asdict(tiny_config), "seed": config.seed}
         build_key = digest({"pairs": preference_pairs["digest"], "config": config.model_dump()})
         path = storage.models_dir / "reference"
         marker = path / "tidpo_build.json"
@@ -173,18 +196,7 @@ def reference_model(
                 pairs = store.read_pairs(con, split="train")
             texts = [text for p in pairs for text in (p.prompt, p.chosen, p.rejected)]
             tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-            model = build_tiny_model(
-                tokenizer,
-                TinyModelConfig(
-                    vocab_size=config.vocab_size,
-                    hidden_size=config.hidden_size,
-                    intermediate_size=config.intermediate_size,
-                    num_hidden_layers=config.num_hidden_layers,
-                    num_attention_heads=config.num_attention_heads,
-                    num_key_value_heads=config.num_attention_heads,
-                ),
-                seed=config.seed,
-            )
+            model = build_tiny_model(tokenizer, tiny_config, seed=config.seed)
             sft_losses = supervised_finetune(
                 model,
                 tokenizer,
@@ -233,6 +245,7 @@ def reference_model(
             "mlflow_run_id": run.info.run_id,
             "revision": config.revision,
             "trust_remote_code": config.trust_remote_code,
+            "base": base,
         },
         metadata=metadata,
     )
@@ -308,10 +321,75 @@ def anchor_responses(
     )
 
 
+# --- contrastive_models ----------------------------------------------------------------------------
+
+
+class ContrastiveModelsConfig(dg.Config):
+    sft_steps: int = 300
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "duckdb"},
+    description="Two contrastive models for the `contrastive` importance estimator (TIS-DPO): the reference's base "
+    "fine-tuned on the chosen answers only and on the rejected answers only. Not part of tidpo_training: "
+    "materialize it before token_weights with estimator: contrastive.",
+)
+def contrastive_models(
+    context: dg.AssetExecutionContext,
+    config: ContrastiveModelsConfig,
+    preference_pairs: dict,
+    reference_model: dict,
+    storage: TidpoStorage,
+    duckdb: TidpoDuckDB,
+) -> dg.MaterializeResult:
+    recipe = ContrastiveSFT(config.sft_steps, config.sft_batch_size, config.sft_learning_rate, config.seed)
+    fingerprint = digest(
+        {"pairs": preference_pairs["digest"], "base": reference_model["base"], "recipe": dataclasses.asdict(recipe)}
+    )
+    out_dir = storage.models_dir / "contrastive" / fingerprint
+    paths = [str(p) for p in contrastive_paths(out_dir)]
+    reused = is_built(out_dir, fingerprint)
+    losses: dict[str, list[float]] = {}
+    if reused:
+        context.log.info(f"contrastive models at {out_dir} are up to date; reusing them")
+    else:
+        with duckdb.get_connection() as con:
+            pairs = store.read_pairs(con, split="train")
+        _, tokenizer = load_model_and_tokenizer(**reference_loading(reference_model))
+        base = load_base(reference_model["base"], tokenizer)
+        losses = train_contrastive_pair(base, tokenizer, pairs, out_dir, recipe=recipe, build_key=fingerprint, progress=True)
+    with duckdb.get_connection() as con:
+        store.record_contrastive_models(con, fingerprint, reference_model["fingerprint"], paths, dataclasses.asdict(recipe))
+    return dg.MaterializeResult(
+        value={"fingerprint": fingerprint, "paths": paths},
+        metadata={
+            "fingerprint": fingerprint,
+            "positive": dg.MetadataValue.path(paths[0]),
+            "negative": dg.MetadataValue.path(paths[1]),
+            "reused": reused,
+            **{f"sft_last_loss/{name}": curve[-1] for name, curve in losses.items() if curve},
+        },
+    )
+
+
 # --- token_weights ---------------------------------------------------------------------------------
 
 
 class TokenWeightsConfig(dg.Config):
+    estimator: Literal["attribution", "surprisal", "contrastive"] = "attribution"
+    """The raw importance I (METHOD.md 1b): the paper's gradient attribution, the reference's surprisal
+    -log pi_ref(y_t), or the contrastive |log pi_+ - log pi_-| of two models (paths below)."""
+    exclude_eos: bool = False
+    """The end-of-sequence token gets I = 0: it leaves the normalization and keeps the prior's term only."""
+    contrastive_positive_path: str = ""
+    """estimator contrastive: a model that prefers the chosen answers, with the reference's tokenizer.
+    Empty: the newest pair the contrastive_models asset trained for this reference."""
+    contrastive_negative_path: str = ""
+    """estimator contrastive: a model that prefers the rejected answers (empty: see above)."""
     weight_lambda: float = 0.7
     """lambda of the hybrid weight: 0 is prior only, 1 attribution only (METHOD.md section 1)."""
     normalization: Literal["max", "sum", "softmax"] = "max"
@@ -326,7 +404,7 @@ class TokenWeightsConfig(dg.Config):
     so that tidpo_policy with reference_kl: cached computes SeqKL without a reference model. 0: none."""
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (gradient attribution + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
+@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (an importance estimate, by default the paper's gradient attribution, + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
 def token_weights(
     context: dg.AssetExecutionContext,
     config: TokenWeightsConfig,
@@ -337,6 +415,22 @@ def token_weights(
 ) -> dg.MaterializeResult:
     settings = EncodingSettings(config.max_prompt_tokens, config.max_response_tokens)
     importance_settings = {"lambda": config.weight_lambda, "normalization": config.normalization, "temperature": config.temperature}
+    contrastive_model_paths = (config.contrastive_positive_path, config.contrastive_negative_path)
+    if config.estimator != "attribution" or config.exclude_eos:
+        # Only off the default, so that weights stored before estimators existed keep their fingerprint.
+        importance_settings |= {"estimator": config.estimator, "exclude_eos": config.exclude_eos}
+    if config.estimator == "contrastive":
+        if not any(contrastive_model_paths):
+            with duckdb.get_connection() as con:
+                contrastive_model_paths = store.latest_contrastive_models(con, reference_model["fingerprint"]) or ("", "")
+        if not all(contrastive_model_paths):
+            raise dg.Failure(
+                "estimator contrastive needs two contrastive models: materialize the contrastive_models asset first, "
+                "or set contrastive_positive_path and contrastive_negative_path"
+            )
+        for path in contrastive_model_paths:
+            check_model_available(path)
+        importance_settings["contrastive_models"] = [model_fingerprint(path) for path in contrastive_model_paths]
     if config.reference_kl_top_k < 0:
         raise dg.Failure(f"reference_kl_top_k must be >= 0, got {config.reference_kl_top_k}")
     fingerprint = digest(
@@ -362,6 +456,9 @@ def token_weights(
     context.log.info(f"{len(todo)} responses to weigh, {expected - len(todo)} reused")
     if todo:
         model, tokenizer = load_model_and_tokenizer(**reference_loading(reference_model))
+        contrastive = None
+        if config.estimator == "contrastive":
+            contrastive = tuple(load_model_and_tokenizer(path)[0] for path in contrastive_model_paths)
         for start in range(0, len(todo), config.write_every):
             part = todo[start : start + config.write_every]
             encoded = [encode_response(tokenizer, prompt, text, settings) for _, prompt, text in part]
@@ -374,6 +471,10 @@ def token_weights(
                 batch_size=config.batch_size,
                 progress=True,
                 reference_topk=config.reference_kl_top_k,
+                estimator=config.estimator,
+                exclude_eos=config.exclude_eos,
+                eos_token_id=tokenizer.eos_token_id,
+                contrastive_models=contrastive,
             )
             rows = [
                 token_weights_row(*key, enc, imp) for (key, _, _), enc, imp in zip(part, encoded, importances, strict=True)
@@ -401,6 +502,7 @@ def token_weights(
             "mean_attribution": float(stats[2] or 0.0),
             "mean_weight": float(stats[3] or 0.0),
             "reference_kl_top_k": config.reference_kl_top_k,
+            "estimator": config.estimator + (" (eos excluded)" if config.exclude_eos else ""),
             "settings": dg.MetadataValue.json({"encoding": settings.__dict__, **importance_settings}),
         },
     )

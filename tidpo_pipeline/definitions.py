@@ -8,6 +8,7 @@ import dagster as dg
 from tidpo_core.sources import inbox_files
 from tidpo_pipeline.assets import (
     anchor_responses,
+    contrastive_models,
     preference_pairs,
     reference_model,
     tidpo_policy,
@@ -51,7 +52,8 @@ def new_preference_data(context: dg.SensorEvaluationContext, storage: TidpoStora
 
 
 defs = dg.Definitions(
-    assets=[*ASSETS, *COMPARISON_ASSETS],
+    # contrastive_models feeds token_weights' `contrastive` estimator only: materialized on demand, not by the job.
+    assets=[*ASSETS, contrastive_models, *COMPARISON_ASSETS],
     asset_checks=ALL_CHECKS,
     jobs=[tidpo_training, method_comparison_job],
     schedules=[weekly_retraining],
