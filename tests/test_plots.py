@@ -89,3 +89,20 @@ def test_curves_and_comparison_charts(tmp_path):
 def test_empty_sections_still_draw(tmp_path):
     drawn = save_token_heatmap_png([HeatmapSection("only a title", [])], tmp_path / "empty.png")
     assert drawn == {} and (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
+    from tidpo_core.evaluation import best_importance_variant
+    from tidpo_core.importance import compute_token_importance
+
+    pairs, tokenizer, model = setup
+    sections = importance_heatmap_sections(model, tokenizer, pairs[:1], ENCODING, compare_with="surprisal_no_eos")
+    rows = sections[0].rows
+    assert [r.label for r in rows] == ["chosen", "chosen: surprisal_no_eos", "rejected", "rejected: surprisal_no_eos"]
+    assert rows[0].tokens == rows[1].tokens and rows[0].span == rows[1].span and rows[0].span
+    encoded = encode_response(tokenizer, pairs[0].prompt, pairs[0].chosen, ENCODING)
+    expected = compute_token_importance(model, [encoded], estimator="surprisal", exclude_eos=True, eos_token_id=tokenizer.eos_token_id)
+    assert rows[1].weights == pytest.approx([float(w) for w in expected[0].weight])
+    metrics = {"precision_at_k_hybrid_attribution": 0.9, "precision_at_k_hybrid_surprisal": 0.3, "precision_at_k_hybrid_surprisal_no_eos": 0.4}
+    assert best_importance_variant(metrics) == "surprisal_no_eos"
+    assert best_importance_variant({"precision_at_k_hybrid": 0.5}) is None

@@ -448,7 +448,10 @@ def test_cached_reference_kl_over_the_whole_vocabulary_trains_like_the_reference
     assert len(loads) == 1  # the policy only
     for a, b in zip(forward.history, cached.history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["seq_kl/rejected"] == pytest.approx(a["seq_kl/rejected"], abs=1e-5)
+        # The stored reference log-probs come from another forward (the weights pass) than the live reference's:
+        # float32 rounding of about 1e-7 per token, summed over a batch's ~100 response tokens (seen: 1.1e-5 at
+        # step 1, where the exact KL is 0; the same at the commit before the equations changed).
+        assert b["seq_kl/rejected"] == pytest.approx(a["seq_kl/rejected"], abs=5e-5)
     assert forward.history[-1]["seq_kl/rejected"] > 0  # the KL term is live by the last step
     wf, wc = load_weights(tmp_path / "forward" / "final"), load_weights(tmp_path / "cached" / "final")
     assert all(torch.allclose(wf[k], wc[k], atol=1e-5) for k in wf)

@@ -696,6 +696,13 @@ def _prompt_title(prompt: str, limit: int = 150) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
+def best_importance_variant(metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_VARIANTS) -> str | None:
+    """The variant (other than the paper's attribution) whose hybrid weights scored the highest precision@k."""
+    scored = {v: metrics[f"precision_at_k_hybrid_{v}"] for v in candidates if f"precision_at_k_hybrid_{v}" in metrics}
+    scored = {v: value for v, value in scored.items() if v != "attribution" and math.isfinite(value)}
+    return max(scored, key=lambda v: scored[v]) if scored else None
+
+
 def importance_heatmap_sections(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -706,11 +713,14 @@ def importance_heatmap_sections(
     weight_lambda: float = 0.7,
     normalization: Normalization = "max",
     batch_size: int = 16,
+    compare_with: str | None = None,
 ) -> list[Any]:
     """Heatmap sections (tidpo_core.plots.HeatmapSection) of the pairs' chosen, rejected and anchor responses.
 
     Each token is shaded by its hybrid weight under `model` (the TI-DPO weight, mean 1 per response);
-    tokens of the critical span, where the pair's meta has one, are outlined.
+    tokens of the critical span, where the pair's meta has one, are outlined. With `compare_with` (an
+    importance variant, e.g. `surprisal_no_eos`) each chosen and rejected row is followed by the same
+    response under that estimator's hybrid weights, so the paper's weights and the other sit side by side.
     """
     from tidpo_core.plots import HeatmapRow, HeatmapSection, token_display_text
 
@@ -723,23 +733,35 @@ def importance_heatmap_sections(
             items.append((pair, side, text, encode_response(tokenizer, pair.prompt, text, settings)))
     if not items:
         return []
+    variants = ["attribution"] + ([compare_with] if compare_with and compare_with != "attribution" else [])
+    weights_by_variant: dict[str, list[Any]] = {}
     with single_thread_if_small(model):
-        importances = compute_token_importance(
-            model, [e for *_, e in items], lambda_=weight_lambda, normalization=normalization, batch_size=batch_size
-        )
+        for variant in variants:
+            estimator, exclude_eos = parse_importance_variant(variant)
+            weights_by_variant[variant] = compute_token_importance(
+                model,
+                [e for *_, e in items],
+                lambda_=weight_lambda,
+                normalization=normalization,
+                batch_size=batch_size,
+                estimator=estimator,
+                exclude_eos=exclude_eos,
+                eos_token_id=tokenizer.eos_token_id,
+            )
     sections: dict[str, Any] = {}
-    for (pair, side, text, encoded), importance in zip(items, importances, strict=True):
+    for index, (pair, side, text, encoded) in enumerate(items):
         span: list[int] = []
         if side in ("chosen", "rejected") and has_critical_spans(pair):
             start, end = pair.meta[f"{side}_span"]
             span = tokens_overlapping(encoded.response_offsets, (int(start), int(end)))
         section = sections.setdefault(pair.pair_id, HeatmapSection(_prompt_title(pair.prompt), []))
-        section.rows.append(
-            HeatmapRow(
-                label=side,
-                tokens=token_display_text(text, encoded.response_offsets),
-                weights=[float(w) for w in importance.weight],
-                span=frozenset(span),
+        for variant in variants if side != "anchor" else variants[:1]:
+            section.rows.append(
+                HeatmapRow(
+                    label=side if variant == "attribution" else f"{side}: {variant}",
+                    tokens=token_display_text(text, encoded.response_offsets),
+                    weights=[float(w) for w in weights_by_variant[variant][index].weight],
+                    span=frozenset(span),
+                )
             )
-        )
     return list(sections.values())

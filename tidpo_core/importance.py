@@ -11,7 +11,7 @@ combines with the prior:
 - `surprisal`: I_t = -log pi(y_t | x, y_<t) under the scoring model, free from the forward pass that
   gives the reference log-probs (no backward).
 - `contrastive`: I_t = |log pi_+(y_t | x, y_<t) - log pi_-(y_t | x, y_<t)|, the magnitude of the
-  contrastive log-ratio that TIS-DPO (arXiv 2410.04350, Eq. 9: w_t = k exp(mu clamp(log pi_+/pi_-, L, U)))
+  contrastive log-ratio that TIS-DPO (arXiv 2410.04350: w_t = k exp(mu clamp(log pi_+ / pi_-, L, U)))
   turns into weights. pi_+ / pi_- are two models that prefer the chosen / the rejected answers (TIS-DPO's
   SFT construction: the same base fine-tuned on the chosen and on the rejected responses). The sign is
   dropped so one formula serves chosen, rejected and anchor responses: a token matters when the two

@@ -16,6 +16,7 @@ from tidpo_core.benchmarks import BenchmarkResult, benchmark_metrics, run_benchm
 from tidpo_core.evaluation import (
     EvalSettings,
     ModelEvaluation,
+    best_importance_variant,
     evaluate_model,
     gate_decision,
     has_critical_spans,
@@ -204,6 +205,7 @@ def evaluation(
     out_dir.mkdir(parents=True)
     pictures: dict = {}
     heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[: max(config.heatmap_pairs, 0)]
+    best_variant = best_importance_variant(metrics["reference"])
     if heatmap_pairs:
         with single_thread_if_small(reference):
             anchor_texts = sample_responses(reference, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=config.sample_seed))
@@ -216,9 +218,14 @@ def evaluation(
             weight_lambda=settings.weight_lambda,
             normalization=settings.weight_normalization,
             batch_size=config.batch_size,
+            compare_with=best_variant,
         )
         caption = (
             f"Hybrid token weight (lambda {settings.weight_lambda}) under the reference model: darker = more important; "
+            "outlined = the critical span; anchor = a response sampled from the reference. Rows named side: "
+            f"{best_variant} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
+            if best_variant
+            else f"Hybrid token weight (lambda {settings.weight_lambda}) under the reference model: darker = more important; "
             "outlined = the critical span; anchor = a response sampled from the reference."
         )
         html_path = out_dir / "token_importance_heatmap.html"
