@@ -463,6 +463,32 @@ def parse_importance_variant(variant: str) -> tuple[str, bool]:
     return estimator, exclude_eos
 
 
+def variant_importance(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: Sequence[EncodedSequence],
+    variant: str,
+    *,
+    weight_lambda: float = 0.7,
+    normalization: Normalization = "max",
+    batch_size: int = 16,
+    contrastive_models: tuple[PreTrainedModel, PreTrainedModel] | None = None,
+) -> list[Any]:
+    """importance.compute_token_importance of one importance variant (e.g. `surprisal_no_eos`)."""
+    estimator, exclude_eos = parse_importance_variant(variant)
+    return compute_token_importance(
+        model,
+        encoded,
+        lambda_=weight_lambda,
+        normalization=normalization,
+        batch_size=batch_size,
+        estimator=estimator,
+        exclude_eos=exclude_eos,
+        eos_token_id=tokenizer.eos_token_id,
+        contrastive_models=contrastive_models if estimator == "contrastive" else None,
+    )
+
+
 def span_third(span_tokens: Sequence[int], length: int) -> str:
     """Which third of a response of `length` tokens the span's centre falls in: start, middle or end."""
     if length < 1 or not span_tokens:
@@ -519,19 +545,17 @@ def critical_token_precision(
     by_method: dict[str, list[np.ndarray]] = {}
     computed: dict[str, list[Any]] = {}
     for variant in dict.fromkeys(("attribution", *variants)):
-        estimator, exclude_eos = parse_importance_variant(variant)
-        if estimator == "contrastive" and contrastive_models is None:
+        if parse_importance_variant(variant)[0] == "contrastive" and contrastive_models is None:
             continue
-        computed[variant] = compute_token_importance(
+        computed[variant] = variant_importance(
             model,
+            tokenizer,
             encoded,
-            lambda_=weight_lambda,
+            variant,
+            weight_lambda=weight_lambda,
             normalization=normalization,
             batch_size=batch_size,
-            estimator=estimator,
-            exclude_eos=exclude_eos,
-            eos_token_id=tokenizer.eos_token_id,
-            contrastive_models=contrastive_models if estimator == "contrastive" else None,
+            contrastive_models=contrastive_models,
         )
         # The paper's hybrid keeps its plain name ("hybrid"); every other variant's is "hybrid_<variant>".
         by_method[variant] = [i.attribution for i in computed[variant]]
@@ -737,16 +761,14 @@ def importance_heatmap_sections(
     weights_by_variant: dict[str, list[Any]] = {}
     with single_thread_if_small(model):
         for variant in variants:
-            estimator, exclude_eos = parse_importance_variant(variant)
-            weights_by_variant[variant] = compute_token_importance(
+            weights_by_variant[variant] = variant_importance(
                 model,
+                tokenizer,
                 [e for *_, e in items],
-                lambda_=weight_lambda,
+                variant,
+                weight_lambda=weight_lambda,
                 normalization=normalization,
                 batch_size=batch_size,
-                estimator=estimator,
-                exclude_eos=exclude_eos,
-                eos_token_id=tokenizer.eos_token_id,
             )
     sections: dict[str, Any] = {}
     for index, (pair, side, text, encoded) in enumerate(items):
