@@ -96,7 +96,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from tidpo_core.synthetic import generate_synthetic_pairs
 
     common.setup_threads()
-    started = time.time()
+    started = time.perf_counter()
     sizes = _sizes(quick)
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-importance-"))
     figures: dict[str, Any] = {"sizes": sizes, "span_position": {}, "seconds_by_position": {}}

@@ -19,6 +19,7 @@ token-weighted DPO) show which part of the loss is responsible; the findings go 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -60,13 +61,28 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "pairs": 24, "eval_fraction": 0.25, "seeds": [0], "sft_steps": 4, "anchor_new_tokens": 8,
-            "sample_new_tokens": 4, "tiny": True, "ablations": False, "max_steps": 3, "positions": ["middle"],
-            "authors_seeds": [0],
+            "sample_new_tokens": 4, "tiny": True, "ablations": False, "max_steps": 3,
+            "plan": {"middle": {"methods": list(METHODS), "seed_methods": list(METHODS), "authors_seeds": [0]}},
+        }
+    # What fits one sitting of the 2-core machine (about 70 minutes): every method on seed 0 of the middle
+    # data, the headline methods (DPO, the paper's TI-DPO, TI-DPO with the best estimator) on 3 seeds of both
+    # span positions, the authors' per-step algorithm on seed 0. TIDPO_QUALITY_FULL=1 runs every method on
+    # every seed of both positions and the single-switch ablations (about 2.5 hours).
+    headline = ["dpo", "tidpo", "tidpo_contrastive"]
+    if os.environ.get("TIDPO_QUALITY_FULL"):
+        plan = {
+            p: {"methods": list(METHODS), "seed_methods": list(METHODS), "authors_seeds": [0, 1, 2] if p == "middle" else []}
+            for p in SPAN_POSITIONS
+        }
+    else:
+        plan = {
+            "middle": {"methods": list(METHODS), "seed_methods": headline, "authors_seeds": [0]},
+            "uniform": {"methods": headline, "seed_methods": headline, "authors_seeds": []},
         }
     return {
         "pairs": 2000, "eval_fraction": 0.1, "seeds": [0, 1, 2], "sft_steps": 300, "anchor_new_tokens": 64,
-        "sample_new_tokens": 80, "tiny": False, "ablations": True, "max_steps": -1, "positions": list(SPAN_POSITIONS),
-        "authors_seeds": [0, 1, 2],
+        "sample_new_tokens": 80, "tiny": False, "ablations": bool(os.environ.get("TIDPO_QUALITY_FULL")), "max_steps": -1,
+        "plan": plan,
     }
 
 
@@ -258,9 +274,13 @@ def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods
     return seconds
 
 
-def run_position(position: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_position(position: str, sizes: dict[str, Any], work: Path, progress: Any = None) -> dict[str, Any]:
+    """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
+    authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run."""
     from tidpo_core.synthetic import generate_synthetic_pairs
 
+    plan = sizes["plan"][position]
+    methods = {name: METHODS[name] for name in plan["methods"]}
     model_config = tiny_model_config(sizes["tiny"])
     common.log(NAME, f"[{position}] preparing {sizes['pairs']} synthetic pairs")
     prepared = common.prepare(
@@ -273,39 +293,48 @@ def run_position(position: str, sizes: dict[str, Any], work: Path) -> dict[str, 
         anchor_new_tokens=sizes["anchor_new_tokens"],
         reference_kl_top_k=common.REFERENCE_KL_TOP_K,
     )
-    estimator_s = _estimator_weights(prepared, sizes, METHODS)
+    estimator_s = _estimator_weights(prepared, sizes, methods)
     evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
     common.log(NAME, f"[{position}] reference: {evaluator.reference}")
-    runs = []
+    out: dict[str, Any] = {"prepare_s": {**prepared.timings, "estimator_weights": estimator_s}, "reference": evaluator.reference, "plan": plan}
+    runs: list[dict[str, Any]] = []
+    ablations: dict[str, Any] = {}
+
+    def summarize() -> dict[str, Any]:
+        names = [m for m in [*METHODS, "tidpo_authors_per_step"] if any(r["method"] == m for r in runs)]
+        table = aggregate(runs, names)
+        out.update({"methods": table, "runs": runs, "ablations": ablations, "notes": investigate(position, table, evaluator.reference)})
+        authors = [r for r in runs if r["method"] == "tidpo_authors_per_step"]
+        default = [r for r in runs if r["method"] == "tidpo" and r["seed"] in {a["seed"] for a in authors}]
+        if authors and default:
+            # Same seeds on both sides, so the ratio compares like with like.
+            default_s, authors_s = (sum(r["train_s"] for r in rs) / len(rs) for rs in (default, authors))
+            out["authors_per_step"] = {
+                "seeds": sorted({a["seed"] for a in authors}),
+                "epoch_s": {"tidpo_default": default_s, "authors_per_step": authors_s},
+                "default_over_authors": default_s / authors_s,
+                "target_default_at_most_0.5x_authors": default_s / authors_s <= 0.5,
+            }
+        return out
+
+    def record(result: dict[str, Any]) -> None:
+        runs.append(result)
+        common.log(NAME, f"[{position}] seed {result['seed']} {result['method']:<22} {HEADLINE} {result[HEADLINE]:.3f}  "
+                         f"KL {result.get('kl', float('nan')):.2f}  safe {phrase_value(result, 'chosen_of_all')}  train {result['train_s']:.0f} s")
+        if progress is not None:
+            progress(summarize())
+
     for seed in sizes["seeds"]:
-        for method, overrides in METHODS.items():
-            result = train_and_evaluate(prepared, evaluator, method, overrides, seed, work, sizes["max_steps"])
-            runs.append(result)
-            common.log(NAME, f"[{position}] seed {seed} {method:<22} {HEADLINE} {result[HEADLINE]:.3f}  KL {result.get('kl', float('nan')):.2f}  "
-                             f"safe {phrase_value(result, 'chosen_of_all')}")
-    out: dict[str, Any] = {"prepare_s": {**prepared.timings, "estimator_weights": estimator_s}, "reference": evaluator.reference}
-    if position == "middle":
-        # The authors' per-step algorithm beside the default, same data and seeds: the cost of precomputing.
-        for seed in sizes["authors_seeds"]:
-            result = train_and_evaluate(prepared, evaluator, "tidpo_authors_per_step", AUTHORS, seed, work, sizes["max_steps"])
-            runs.append(result)
-            common.log(NAME, f"[{position}] seed {seed} authors' per-step algorithm {HEADLINE} {result[HEADLINE]:.3f} train {result['train_s']:.0f} s")
-        ablations: dict[str, Any] = {}
-        if sizes["ablations"]:
-            for name, overrides in ABLATIONS.items():
-                result = train_and_evaluate(prepared, evaluator, name, overrides, sizes["seeds"][0], work, sizes["max_steps"])
-                ablations[name] = result
-                common.log(NAME, f"[{position}] ablation {name:<32} {HEADLINE} {result[HEADLINE]:.3f}")
-        out["ablations"] = ablations
-    table = aggregate(runs, [*METHODS, "tidpo_authors_per_step"])
-    out.update({"methods": table, "runs": runs, "notes": investigate(position, table, evaluator.reference)})
-    if "tidpo_authors_per_step" in table:
-        default, authors = table["tidpo"]["train_s"]["mean"], table["tidpo_authors_per_step"]["train_s"]["mean"]
-        out["authors_per_step"] = {
-            "epoch_s": {"tidpo_default": default, "authors_per_step": authors},
-            "default_over_authors": default / authors,
-            "target_default_at_most_0.5x_authors": default / authors <= 0.5,
-        }
+        for method in plan["methods"] if seed == sizes["seeds"][0] else plan["seed_methods"]:
+            record(train_and_evaluate(prepared, evaluator, method, METHODS[method], seed, work, sizes["max_steps"]))
+        if seed in plan["authors_seeds"]:
+            # The authors' per-step algorithm right after the default on the same seed: the cost of precomputing.
+            record(train_and_evaluate(prepared, evaluator, "tidpo_authors_per_step", AUTHORS, seed, work, sizes["max_steps"]))
+    if sizes["ablations"] and position == "middle":
+        for name, overrides in ABLATIONS.items():
+            ablations[name] = train_and_evaluate(prepared, evaluator, name, overrides, sizes["seeds"][0], work, sizes["max_steps"])
+            common.log(NAME, f"[{position}] ablation {name:<32} {HEADLINE} {ablations[name][HEADLINE]:.3f}")
+    summarize()
     for note in out["notes"]:
         common.log(NAME, note)
     return out
@@ -315,14 +344,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick)
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-quality-"))
-    try:
-        by_position = {position: run_position(position, sizes, work) for position in sizes["positions"]}
+    by_position: dict[str, Any] = {}
+
+    def figures(complete: bool) -> dict[str, Any]:
         targets = {}
         for position, result in by_position.items():
             for method in ("tidpo", "tidpo_surprisal", "tidpo_contrastive"):
-                if method in result["methods"]:
+                if method in result.get("methods", {}):
                     targets[f"{position}/{method}"] = verdict(result["methods"], method)
-        figures = {
+        first = by_position.get(next(iter(sizes["plan"])), {})
+        return {
+            "complete": complete,
             "setup": {
                 "data": f"built-in synthetic, {sizes['pairs']} pairs per span position, hash split",
                 "seeds": sizes["seeds"],
@@ -331,17 +363,26 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "gamma 0.1, triplet Eq. 13 (sequence), margin 0.01",
                 "headline_metric": HEADLINE,
                 "methods": {**METHODS, "tidpo_authors_per_step": AUTHORS},
+                "plan": sizes["plan"],
             },
             "span_position": by_position,
             # The middle data's figures also at the top level: the corpus tidpo ships by default.
-            **{k: by_position[sizes["positions"][0]][k] for k in ("reference", "methods", "runs")},
-            "ablations": by_position.get("middle", {}).get("ablations", {}),
-            "authors_per_step": by_position.get("middle", {}).get("authors_per_step"),
+            **{k: first.get(k) for k in ("reference", "methods", "runs")},
+            "ablations": first.get("ablations", {}),
+            "authors_per_step": first.get("authors_per_step"),
             "targets": targets,
-            "notes": [n for result in by_position.values() for n in result["notes"]],
+            "notes": [n for result in by_position.values() for n in result.get("notes", [])],
             "sizes": sizes,
         }
-        return common.write_results(NAME, figures, quick, started)
+
+    try:
+        for position in sizes["plan"]:
+            def progress(partial: dict[str, Any], position: str = position) -> None:
+                by_position[position] = partial
+                common.write_results(NAME, figures(complete=False), quick, started)
+
+            by_position[position] = run_position(position, sizes, work, progress)
+        return common.write_results(NAME, figures(complete=True), quick, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
