@@ -212,6 +212,10 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     return table
 
 
+# "Beats over 3 seeds": a verdict needs that many seeds on both sides (quick runs have one: no verdict).
+MIN_SEEDS_FOR_A_VERDICT = 3
+
+
 def beats(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
     """a's mean - std above b's mean + std (the issue's rule for "beats over 3 seeds")."""
     if not a or not b or a.get("mean") is None or b.get("mean") is None:
@@ -223,6 +227,8 @@ def verdict(table: dict[str, Any], method: str) -> dict[str, Any]:
     """Does `method` beat DPO on the safe-phrase rate at a KL no larger than DPO's?"""
     key = "critical_phrase_chosen_of_all"
     mine, dpo = table.get(method, {}), table.get("dpo", {})
+    if min(mine.get(key, {}).get("n", 0), dpo.get(key, {}).get("n", 0)) < MIN_SEEDS_FOR_A_VERDICT:
+        return {"method": method, "met": None, "why": f"fewer than {MIN_SEEDS_FOR_A_VERDICT} seeds: no spread to judge by"}
     phrase = beats(mine.get(key), dpo.get(key))
     kl_ok = None
     if "kl" in mine and "kl" in dpo:

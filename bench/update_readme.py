@@ -226,7 +226,8 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
         rows += _method_rows(result, label, QUALITY_METHODS)
         for name, target in (doc.get("targets") or {}).items():
             if name.startswith(f"{position}/"):
-                rows.append(("", f"{target['method']} beats DPO on the safe phrase at a KL no larger than DPO's", "", _mark(target["met"])))
+                if target.get("met") is not None:
+                    rows.append(("", f"{target['method']} beats DPO on the safe phrase at a KL no larger than DPO's", "", _mark(target["met"])))
     authors = doc.get("authors_per_step")
     if isinstance(authors, dict):
         epoch = authors["epoch_s"]
