@@ -1,5 +1,5 @@
 """The two contrastive models of the `contrastive` importance estimator (METHOD.md 1b; TIS-DPO, arXiv
-2410.04350, section 4.2): the reference's base fine-tuned on the chosen answers only (pi_+) and on the
+2410.04350, its SFT construction): the reference's base fine-tuned on the chosen answers only (pi_+) and on the
 rejected answers only (pi_-), with the same SFT recipe. Tokens where the two disagree are the ones the
 preference is about; importance.estimate_importance scores I_t = |log pi_+(y_t) - log pi_-(y_t)|.
 
