@@ -110,7 +110,7 @@ def test_lock_is_exclusive_across_processes_names_the_holder_and_dies_with_it(tm
         started = time.monotonic()
         with pytest.raises(DataDirBusyError, match="after waiting 0.5 s"):
             DataDirLock(tmp_path, timeout_s=0.5).acquire()
-        assert 0.4 < time.monotonic() - started < 5
+        assert time.monotonic() - started > 0.4  # it did wait; an upper bound would time the machine
     finally:
         holder.kill()  # SIGKILL: the kernel releases the flock, no stale lock is left behind
         holder.wait()
@@ -173,16 +173,14 @@ def test_a_run_on_a_busy_data_dir_fails_fast_and_changes_nothing(tmp_path):
     before = _counts(tmp_path)
     holder = _hold_lock(tmp_path)
     try:
-        started = time.monotonic()
         result = _materialize(tmp_path, _pairs_config(80), selection=["preference_pairs"])
-        elapsed = time.monotonic() - started
     finally:
         holder.kill()
         holder.wait()
     assert not result.success
     errors = _errors(result)
     assert BUSY in errors and f"PID {holder.pid}" in errors and str(tmp_path) in errors
-    assert elapsed < 15
+    assert "after waiting" not in errors  # the default does not wait: the holder never lets go here
     assert _counts(tmp_path) == before
     assert _materialize(tmp_path, _pairs_config(80), selection=["preference_pairs"]).success  # lock freed
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 
@@ -79,12 +78,6 @@ def test_all_pairs_pass_validation(pairs: list[PreferencePair]) -> None:
     result = validate_rows(enumerate(p.to_row() for p in pairs), source="synthetic")
     assert result.quarantined == []
     assert result.pairs == pairs
-
-
-def test_fast() -> None:
-    start = time.perf_counter()
-    generate_synthetic_pairs(2000, seed=5)
-    assert time.perf_counter() - start < 1.0
 
 
 def test_uniform_span_position_reaches_every_third_and_keeps_the_corpus_rules() -> None:
