@@ -18,6 +18,7 @@ token-weighted DPO) show which part of the loss is responsible; the findings go 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -280,9 +281,30 @@ def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods
     return seconds
 
 
-def run_position(position: str, sizes: dict[str, Any], work: Path, progress: Any = None) -> dict[str, Any]:
+# Sizes that must match for a run of an earlier results file to stand in for a new one (the plan may grow).
+REUSE_KEYS = ("pairs", "eval_fraction", "seeds", "sft_steps", "anchor_new_tokens", "sample_new_tokens", "tiny", "max_steps")
+
+
+def reusable_runs(previous: dict[str, Any] | None, sizes: dict[str, Any], position: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """(method, seed) -> run of an earlier quality.json made with the same sizes (TIDPO_QUALITY_REUSE), so a
+    longer plan only trains what is missing. Each reused run says where it came from (`reused_from`)."""
+    if not previous or any(previous.get("sizes", {}).get(k) != sizes[k] for k in REUSE_KEYS):
+        return {}
+    section = previous.get("span_position", {}).get(position, {})
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in section.get("runs", []):
+        found[(run["method"], run["seed"])] = {**run, "reused_from": run.get("reused_from", previous.get("commit"))}
+    for name, run in section.get("ablations", {}).items():
+        found[(name, sizes["seeds"][0])] = {**run, "reused_from": run.get("reused_from", previous.get("commit"))}
+    return found
+
+
+def run_position(
+    position: str, sizes: dict[str, Any], work: Path, progress: Any = None, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
-    authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run."""
+    authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run. Runs
+    found in `previous` (an earlier results document with the same sizes) are taken from it, not retrained."""
     from tidpo_core.synthetic import generate_synthetic_pairs
 
     plan = sizes["plan"][position]
@@ -310,8 +332,16 @@ def run_position(position: str, sizes: dict[str, Any], work: Path, progress: Any
         names = [m for m in [*METHODS, "tidpo_authors_per_step"] if any(r["method"] == m for r in runs)]
         table = aggregate(runs, names)
         out.update({"methods": table, "runs": runs, "ablations": ablations, "notes": investigate(position, table, evaluator.reference)})
-        authors = [r for r in runs if r["method"] == "tidpo_authors_per_step"]
-        default = [r for r in runs if r["method"] == "tidpo" and r["seed"] in {a["seed"] for a in authors}]
+        # Same seeds and the same sitting on both sides (a reused run was timed in another one), so the ratio
+        # compares like with like.
+        default_by_seed = {r["seed"]: r for r in runs if r["method"] == "tidpo"}
+        authors = [
+            r for r in runs
+            if r["method"] == "tidpo_authors_per_step"
+            and r["seed"] in default_by_seed
+            and default_by_seed[r["seed"]].get("reused_from") == r.get("reused_from")
+        ]
+        default = [default_by_seed[a["seed"]] for a in authors]
         if authors and default:
             # Same seeds on both sides, so the ratio compares like with like.
             default_s, authors_s = (sum(r["train_s"] for r in rs) / len(rs) for rs in (default, authors))
@@ -330,15 +360,30 @@ def run_position(position: str, sizes: dict[str, Any], work: Path, progress: Any
         if progress is not None:
             progress(summarize())
 
+    reuse = reusable_runs(previous, sizes, position)
+    earlier_reference = (previous or {}).get("span_position", {}).get(position, {}).get("reference", {})
+    if reuse and any(
+        not math.isclose(earlier_reference.get(k, math.nan), evaluator.reference[k], rel_tol=1e-6) for k in METRICS
+    ):
+        # The shared reference came out differently (another torch, another thread count): nothing is reused.
+        common.log(NAME, f"[{position}] the reference differs from the reused file's; retraining every run")
+        reuse = {}
+    common.log(NAME, f"[{position}] reusing {len(reuse)} runs of an earlier results file")
+
+    def trained(name: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+        if (name, seed) in reuse:
+            return reuse[(name, seed)]
+        return train_and_evaluate(prepared, evaluator, name, overrides, seed, work, sizes["max_steps"])
+
     for seed in sizes["seeds"]:
         for method in plan["methods"] if seed == sizes["seeds"][0] else plan["seed_methods"]:
-            record(train_and_evaluate(prepared, evaluator, method, METHODS[method], seed, work, sizes["max_steps"]))
+            record(trained(method, METHODS[method], seed))
         if seed in plan["authors_seeds"]:
             # The authors' per-step algorithm right after the default on the same seed: the cost of precomputing.
-            record(train_and_evaluate(prepared, evaluator, "tidpo_authors_per_step", AUTHORS, seed, work, sizes["max_steps"]))
+            record(trained("tidpo_authors_per_step", AUTHORS, seed))
     if sizes["ablations"] and position == "middle":
         for name, overrides in ABLATIONS.items():
-            ablations[name] = train_and_evaluate(prepared, evaluator, name, overrides, sizes["seeds"][0], work, sizes["max_steps"])
+            ablations[name] = trained(name, overrides, sizes["seeds"][0])
             common.log(NAME, f"[{position}] ablation {name:<32} {HEADLINE} {ablations[name][HEADLINE]:.3f}")
     summarize()
     for note in out["notes"]:
@@ -351,6 +396,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     sizes = _sizes(quick)
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-quality-"))
     by_position: dict[str, Any] = {}
+    reuse_path = os.environ.get("TIDPO_QUALITY_REUSE")
+    previous = json.loads(Path(reuse_path).read_text()) if reuse_path else None
 
     def figures(complete: bool) -> dict[str, Any]:
         targets = {}
@@ -387,7 +434,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 by_position[position] = partial
                 common.write_results(NAME, figures(complete=False), quick, started)
 
-            by_position[position] = run_position(position, sizes, work, progress)
+            by_position[position] = run_position(position, sizes, work, progress, previous)
         return common.write_results(NAME, figures(complete=True), quick, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -90,6 +90,24 @@ def test_scaling_linearity_rule_by_hand():
     assert not grows_linearly(1.0, 1.1, [0.02, 0.03])
 
 
+def test_quality_reuses_only_runs_made_with_the_same_sizes():
+    from bench.bench_quality import REUSE_KEYS, reusable_runs
+
+    sizes = {k: 1 for k in REUSE_KEYS} | {"seeds": [0, 1, 2], "plan": {"middle": {}}}
+    run = {"method": "dpo", "seed": 1, "reward_accuracy": 0.9}
+    previous = {
+        "commit": "abc",
+        "sizes": sizes | {"plan": {"other": {}}},
+        "span_position": {"middle": {"runs": [run], "ablations": {"tidpo_no_kl (alpha=0)": {"reward_accuracy": 0.5}}}},
+    }
+    found = reusable_runs(previous, sizes, "middle")
+    assert found[("dpo", 1)] == run | {"reused_from": "abc"}
+    assert found[("tidpo_no_kl (alpha=0)", 0)]["reused_from"] == "abc"
+    assert reusable_runs(previous, sizes, "uniform") == {}
+    assert reusable_runs(previous | {"sizes": sizes | {"pairs": 2}}, sizes, "middle") == {}
+    assert reusable_runs(None, sizes, "middle") == {}
+
+
 def test_quality(results_dir):
     from bench import bench_quality
 

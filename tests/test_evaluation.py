@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tidpo_core import evaluation
 from tidpo_core.data import PreferencePair
 from tidpo_core.evaluation import (
     EvalSettings,
@@ -25,6 +26,7 @@ from tidpo_core.evaluation import (
     sample_with_tokens,
     span_responses,
     span_third,
+    training_health,
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
@@ -203,6 +205,19 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
     for method in ("surprisal", "hybrid_surprisal", "attribution_no_eos", "hybrid_attribution_no_eos"):
         assert 0.0 <= more[f"precision_at_k_{method}"] <= 1.0
     assert more["precision_at_k_hybrid"] == metrics["precision_at_k_hybrid"]
+    # Each estimator runs once; its _no_eos variant is derived, not recomputed.
+    calls: list[str] = []
+    real = evaluation.compute_token_importance
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["estimator"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "compute_token_importance", counting)
+        again = critical_token_precision(model, tokenizer, pairs, ENCODING, variants=("surprisal", "attribution_no_eos", "surprisal_no_eos"))
+    assert sorted(calls) == ["attribution", "surprisal"]
+    assert again["precision_at_k_hybrid_attribution_no_eos"] == more["precision_at_k_hybrid_attribution_no_eos"]
     assert sum(more.get(f"critical_responses_{third}", 0) for third in ("start", "middle", "end")) == len(responses)
 
 
@@ -280,3 +295,27 @@ def test_small_models_are_evaluated_single_threaded(tiny):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def _history(losses: list[float], margins: list[float]) -> list[dict[str, float]]:
+    return [{"loss": loss, "rewards/margins": margin} for loss, margin in zip(losses, margins, strict=True)]
+
+
+def test_training_health_judges_the_margin_not_the_loss() -> None:
+    # KL inside beta: the loss can rise while the preference is learned (SeqKL(y_l) grows).
+    rising_loss = training_health(_history([0.69, 0.70, 0.80, 0.90], [0.0, 0.2, 0.5, 0.9]))
+    assert rising_loss.passed
+    assert rising_loss.mean_margin_first_window == 0.0 and rising_loss.mean_margin_last_window == 0.9
+    assert rising_loss.mean_loss_last_window == 0.9
+    # 8 steps: quarter windows of 2 steps, means by hand.
+    health = training_health(_history([1.0] * 8, [0.1, 0.3, 0.0, 0.0, 0.0, 0.0, 0.05, 0.15]))
+    assert health.mean_margin_first_window == pytest.approx(0.2)
+    assert health.mean_margin_last_window == pytest.approx(0.1)
+    assert not health.passed  # the margin shrank even though the loss did not move
+
+
+def test_training_health_fails_on_nan_inf_or_no_steps() -> None:
+    assert not training_health(_history([0.7, float("nan"), 0.5, 0.4], [0.0, 0.1, 0.2, 0.3])).passed
+    assert not training_health(_history([0.7, 0.6, 0.5, 0.4], [0.0, 0.1, float("inf"), 0.3])).passed
+    empty = training_health([])
+    assert not empty.passed and empty.steps == 0 and not empty.all_finite

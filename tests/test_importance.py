@@ -22,6 +22,7 @@ from tidpo_core.importance import (
     gradient_attribution,
     hybrid_weights,
     normalize_attribution,
+    without_eos,
 )
 from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 from tidpo_core.tokenization import encode_prompt_response, pad_right
@@ -365,3 +366,19 @@ def test_exclude_eos_gives_the_eos_token_the_prior_term_only(tokenizer, model64,
         np.testing.assert_allclose(b.weight, hybrid * len(hybrid) / hybrid.sum(), rtol=1e-5)
     with pytest.raises(ValueError, match="eos_token_id"):
         compute_token_importance(model64, encoded, exclude_eos=True)
+
+
+def test_without_eos_equals_the_model_pass_with_exclude_eos(tokenizer, model64, encoded) -> None:
+    eos = tokenizer.eos_token_id
+    for estimator in ("attribution", "surprisal"):
+        kept = compute_token_importance(model64, encoded, estimator=estimator, lambda_=0.6, normalization="sum")
+        direct = compute_token_importance(
+            model64, encoded, estimator=estimator, lambda_=0.6, normalization="sum", exclude_eos=True, eos_token_id=eos
+        )
+        for seq, estimate, expected in zip(encoded, kept, direct, strict=True):
+            response_ids = [t for t, on in zip(seq.input_ids, seq.response_mask, strict=True) if on]
+            derived = without_eos(estimate, response_ids, eos, lambda_=0.6, normalization="sum")
+            np.testing.assert_array_equal(derived.attribution, expected.attribution)
+            np.testing.assert_allclose(derived.weight, expected.weight, rtol=1e-6)
+            np.testing.assert_array_equal(derived.reference_logp, estimate.reference_logp)
+            assert estimate.attribution[-1] > 0  # the input is left as it was

@@ -31,7 +31,13 @@ from tidpo_core.features import (
     stack_sides,
 )
 from tidpo_core.generation import SamplingSettings, sample_batches
-from tidpo_core.importance import ESTIMATORS, Normalization, compute_token_importance
+from tidpo_core.importance import (
+    ESTIMATORS,
+    Normalization,
+    TokenImportance,
+    compute_token_importance,
+    without_eos,
+)
 from tidpo_core.losses import token_logps
 from tidpo_core.modeling import torch_threads
 from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
@@ -157,6 +163,48 @@ def gate_decision(
 # Pure ancestral sampling (no temperature, top-k or top-p): the samples then come from pi itself, which
 # the Monte-Carlo KL estimate below needs to be unbiased.
 KL_SAMPLING = SamplingSettings(max_new_tokens=128, top_k=0, top_p=1.0, temperature=1.0, seed=0, batch_size=16)
+
+
+@dataclass(frozen=True)
+class TrainingHealth:
+    passed: bool
+    steps: int
+    all_finite: bool
+    mean_margin_first_window: float
+    mean_margin_last_window: float
+    mean_loss_first_window: float
+    mean_loss_last_window: float
+
+
+def training_health(history: Sequence[dict[str, float]]) -> TrainingHealth:
+    """Healthy: every step's loss and reward margin is finite, and the reward margin grew.
+
+    The margin, not the loss, is what must improve: with the sequential KL inside beta (TDPO2) the loss
+    of a well-learning run can rise, because SeqKL(y_l) grows as the policy moves away from the rejected
+    answer. The margin (beta times the weighted chosen-minus-rejected log-ratio, TRL's rewards/margins)
+    grows under every loss tidpo trains. Quarter-length windows: single steps are too noisy to compare.
+    """
+    losses = [float(h["loss"]) for h in history]
+    margins = [float(h["rewards/margins"]) for h in history]
+    finite = bool(losses) and all(math.isfinite(x) for x in losses + margins)
+    window = max(1, len(losses) // 4)
+
+    def window_mean(values: list[float], last: bool) -> float:
+        if not values:
+            return float("nan")
+        part = values[-window:] if last else values[:window]
+        return sum(part) / len(part)
+
+    first_margin, last_margin = window_mean(margins, False), window_mean(margins, True)
+    return TrainingHealth(
+        passed=bool(finite and last_margin > first_margin),
+        steps=len(losses),
+        all_finite=finite,
+        mean_margin_first_window=first_margin,
+        mean_margin_last_window=last_margin,
+        mean_loss_first_window=window_mean(losses, False),
+        mean_loss_last_window=window_mean(losses, True),
+    )
 
 
 def is_pure_sampling(settings: SamplingSettings) -> bool:
@@ -463,30 +511,50 @@ def parse_importance_variant(variant: str) -> tuple[str, bool]:
     return estimator, exclude_eos
 
 
-def variant_importance(
+def importance_by_variant(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     encoded: Sequence[EncodedSequence],
-    variant: str,
+    variants: Sequence[str],
     *,
     weight_lambda: float = 0.7,
     normalization: Normalization = "max",
     batch_size: int = 16,
     contrastive_models: tuple[PreTrainedModel, PreTrainedModel] | None = None,
-) -> list[Any]:
-    """importance.compute_token_importance of one importance variant (e.g. `surprisal_no_eos`)."""
-    estimator, exclude_eos = parse_importance_variant(variant)
-    return compute_token_importance(
-        model,
-        encoded,
-        lambda_=weight_lambda,
-        normalization=normalization,
-        batch_size=batch_size,
-        estimator=estimator,
-        exclude_eos=exclude_eos,
-        eos_token_id=tokenizer.eos_token_id,
-        contrastive_models=contrastive_models if estimator == "contrastive" else None,
-    )
+) -> dict[str, list[TokenImportance]]:
+    """importance.compute_token_importance of each importance variant (e.g. `surprisal_no_eos`).
+
+    Each estimator runs once: a `_no_eos` variant is derived from its estimator's result
+    (importance.without_eos), which is what the model pass with `exclude_eos` would give.
+    """
+    parsed = {variant: parse_importance_variant(variant) for variant in variants}
+    estimates: dict[str, list[TokenImportance]] = {}
+    for estimator in dict.fromkeys(estimator for estimator, _ in parsed.values()):
+        estimates[estimator] = compute_token_importance(
+            model,
+            encoded,
+            lambda_=weight_lambda,
+            normalization=normalization,
+            batch_size=batch_size,
+            estimator=estimator,
+            contrastive_models=contrastive_models if estimator == "contrastive" else None,
+        )
+    result: dict[str, list[TokenImportance]] = {}
+    for variant, (estimator, exclude_eos) in parsed.items():
+        if not exclude_eos:
+            result[variant] = estimates[estimator]
+            continue
+        result[variant] = [
+            without_eos(
+                estimate,
+                [t for t, on in zip(e.input_ids, e.response_mask, strict=True) if on],
+                tokenizer.eos_token_id,
+                lambda_=weight_lambda,
+                normalization=normalization,
+            )
+            for estimate, e in zip(estimates[estimator], encoded, strict=True)
+        ]
+    return result
 
 
 def span_third(span_tokens: Sequence[int], length: int) -> str:
@@ -542,24 +610,26 @@ def critical_token_precision(
     if not responses:
         return {}
     encoded = [r.encoded for r in responses]
+    usable = [
+        variant
+        for variant in dict.fromkeys(("attribution", *variants))
+        if parse_importance_variant(variant)[0] != "contrastive" or contrastive_models is not None
+    ]
+    computed = importance_by_variant(
+        model,
+        tokenizer,
+        encoded,
+        usable,
+        weight_lambda=weight_lambda,
+        normalization=normalization,
+        batch_size=batch_size,
+        contrastive_models=contrastive_models,
+    )
     by_method: dict[str, list[np.ndarray]] = {}
-    computed: dict[str, list[Any]] = {}
-    for variant in dict.fromkeys(("attribution", *variants)):
-        if parse_importance_variant(variant)[0] == "contrastive" and contrastive_models is None:
-            continue
-        computed[variant] = variant_importance(
-            model,
-            tokenizer,
-            encoded,
-            variant,
-            weight_lambda=weight_lambda,
-            normalization=normalization,
-            batch_size=batch_size,
-            contrastive_models=contrastive_models,
-        )
+    for variant, estimates in computed.items():
         # The paper's hybrid keeps its plain name ("hybrid"); every other variant's is "hybrid_<variant>".
-        by_method[variant] = [i.attribution for i in computed[variant]]
-        by_method["hybrid" if variant == "attribution" else f"hybrid_{variant}"] = [i.weight for i in computed[variant]]
+        by_method[variant] = [i.attribution for i in estimates]
+        by_method["hybrid" if variant == "attribution" else f"hybrid_{variant}"] = [i.weight for i in estimates]
     by_method["prior"] = [i.prior for i in computed["attribution"]]
     by_method["uniform"] = [np.ones_like(i.weight) for i in computed["attribution"]]
     metrics = precision_table(by_method, [r.span_tokens for r in responses], k)
@@ -758,18 +828,16 @@ def importance_heatmap_sections(
     if not items:
         return []
     variants = ["attribution"] + ([compare_with] if compare_with and compare_with != "attribution" else [])
-    weights_by_variant: dict[str, list[Any]] = {}
     with single_thread_if_small(model):
-        for variant in variants:
-            weights_by_variant[variant] = variant_importance(
-                model,
-                tokenizer,
-                [e for *_, e in items],
-                variant,
-                weight_lambda=weight_lambda,
-                normalization=normalization,
-                batch_size=batch_size,
-            )
+        weights_by_variant = importance_by_variant(
+            model,
+            tokenizer,
+            [e for *_, e in items],
+            variants,
+            weight_lambda=weight_lambda,
+            normalization=normalization,
+            batch_size=batch_size,
+        )
     sections: dict[str, Any] = {}
     for index, (pair, side, text, encoded) in enumerate(items):
         span: list[int] = []

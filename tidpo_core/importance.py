@@ -22,6 +22,7 @@ the normalization and keeps only the prior's term of the hybrid.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Sequence
@@ -294,6 +295,23 @@ def _eos_positions(response_ids: Tensor, eos_token_id: int | None) -> Tensor:
     if eos_token_id is None:
         return torch.zeros_like(response_ids, dtype=torch.bool)
     return response_ids == eos_token_id
+
+
+def without_eos(
+    importance: TokenImportance,
+    response_ids: Sequence[int],
+    eos_token_id: int,
+    *,
+    lambda_: float = 0.7,
+    normalization: Normalization = "max",
+    temperature: float = 1.0,
+) -> TokenImportance:
+    """The same estimate with the end-of-sequence token given I = 0 and the hybrid weights recomputed:
+    what `compute_token_importance(..., exclude_eos=True)` returns, without a second model pass."""
+    raw = torch.from_numpy(importance.attribution.copy())
+    raw[_eos_positions(torch.as_tensor(list(response_ids)), eos_token_id)] = 0.0
+    weight = hybrid_weights(raw, lambda_, normalization, temperature)
+    return dataclasses.replace(importance, attribution=raw.numpy(), weight=weight.numpy().astype(np.float32))
 
 
 def compute_token_importance(

@@ -727,6 +727,7 @@ def tidpo_policy(
             "beta": config.beta,
             "encoding": token_weights["encoding"],
             "loss_history": [h["loss"] for h in history],
+            "step_history": [{"loss": h["loss"], "rewards/margins": h["rewards/margins"]} for h in history],
         },
         metadata={
             **reported,

@@ -1,10 +1,11 @@
 """Asset checks guarding each edge of the graph (the evaluation gate lives with its asset)."""
 
 
-import math
+import dataclasses
 
 import dagster as dg
 
+from tidpo_core.evaluation import training_health
 from tidpo_pipeline.assets import anchor_responses, preference_pairs, tidpo_policy, token_weights
 from tidpo_pipeline.resources import QualityPolicy, TidpoDuckDB
 
@@ -92,18 +93,10 @@ def token_weights_are_valid(token_weights: dict, anchor_responses: dict, duckdb:
     )
 
 
-@dg.asset_check(asset=tidpo_policy, description="No NaN/inf in training, and the loss went down.")
+@dg.asset_check(asset=tidpo_policy, description="No NaN/inf in training, and the reward margin grew.")
 def training_is_healthy(tidpo_policy: dict) -> dg.AssetCheckResult:
-    losses = tidpo_policy["loss_history"]
-    finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    # Quarter-length windows: single-batch losses are too noisy to compare one step against one step.
-    window = max(1, len(losses) // 4)
-    first = sum(losses[:window]) / window if losses else float("nan")
-    last = sum(losses[-window:]) / window if losses else float("nan")
-    return dg.AssetCheckResult(
-        passed=bool(finite and last < first),
-        metadata={"steps": len(losses), "all_finite": finite, "mean_loss_first_window": first, "mean_loss_last_window": last},
-    )
+    health = training_health(tidpo_policy["step_history"])
+    return dg.AssetCheckResult(passed=health.passed, metadata=dataclasses.asdict(health))
 
 
 ALL_CHECKS = [pairs_are_valid, quarantine_share_below_limit, anchors_cover_train_pairs, token_weights_are_valid, training_is_healthy]
