@@ -9,7 +9,9 @@
   duplicated rows, and the same again through `dagster job execute` (multiprocess executor);
 * concurrency: several materializations of the job at once against one data dir;
 * registry safety: a gate failure never moves `champion`; a NaN run registers nothing;
-* dependencies down and safe defaults.
+* dependencies down and safe defaults;
+* the slow tests: `pytest -m slow` (the benchmark harnesses, DDP stopped by a signal), kept out of `make
+  test` so that it fits CI's budget.
 
 Every run here is a real subprocess (`python -m stress.run worker ...` runs one `dagster.materialize` of
 the asset graph) on a temporary data dir. The table printed at the end is also written to
@@ -1151,6 +1153,25 @@ def scenario_safe_defaults(report: dict[str, Any], data_dir: Path | None) -> Non
 # =====================================================================================================
 
 
+def scenario_slow_tests(report: dict[str, Any]) -> None:
+    """The tests marked `slow`, which `make test` leaves out."""
+    started = time.monotonic()
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "--timeout", "900", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    last_line = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else ""
+    report["slow_tests"] = {
+        "passed": tests.returncode == 0,
+        "summary": last_line,
+        "seconds": round(time.monotonic() - started, 1),
+        "output_tail": tests.stdout[-2000:] if tests.returncode else "",
+    }
+    print(f"slow tests: {last_line}")
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     bad = report.get("bad_input")
@@ -1200,6 +1221,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
             ("MLflow unreachable: fails in (s)", deps["mlflow_unreachable"]["seconds"]),
             ("missing model path: fails in (s)", deps["missing_model_path"]["seconds"]),
         ]
+    slow = report.get("slow_tests")
+    if slow:
+        rows.append(("slow tests (pytest -m slow)", slow["summary"]))
     rows.append(("rows lost", report.get("rows_lost", 0)))
     return rows
 
@@ -1229,7 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="bad_input,crashes,concurrency,registry,dependencies,safe_defaults")
+    parser.add_argument("--only", default="bad_input,crashes,concurrency,registry,dependencies,safe_defaults,slow_tests")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
     parser.add_argument("--no-cli", action="store_true", help="skip the `dagster job execute` crash")
     parser.add_argument("--files", type=int, default=200)
@@ -1257,6 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
             scenario_dependencies(work, report)
         if "safe_defaults" in only:
             scenario_safe_defaults(report, baseline_dir)
+        if "slow_tests" in only:
+            scenario_slow_tests(report)
     finally:
         report["rows_lost"] = rows_lost(report) if report else 0
         report["seconds"] = round(time.monotonic() - started, 1)
@@ -1272,6 +1298,8 @@ def main(argv: list[str] | None = None) -> int:
 def ok(report: dict[str, Any]) -> bool:
     """Whether every guarantee held."""
     good = report.get("rows_lost", 0) == 0
+    if "slow_tests" in report:
+        good &= report["slow_tests"]["passed"]
     bad = report.get("bad_input")
     if bad:
         good &= not bad["crashes"] and bad["property_tests_passed"] and bad["junk_files_refused_naming_the_file"] == bad["junk_files_tried"]

@@ -60,6 +60,7 @@ def test_weight_precompute_cost(results_dir):
     assert doc["tokens_per_s"]["importance"] > 0 and doc["tokens_per_s"]["forward_backward"] > 0
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_scaling(results_dir):
     from bench import bench_scaling
 
@@ -177,6 +178,7 @@ def test_readme_table_between_markers(tmp_path, capsys):
     assert "warning" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_gpu_check_harness_runs_its_kill_and_resume_rows_on_cpu(tmp_path, monkeypatch):
     """The GPU check needs a GPU (without one it exits 2); its harness (launch, SIGKILL, re-run, compare)
     and the LoRA row run on CPU here, so it cannot rot between GPU sessions."""

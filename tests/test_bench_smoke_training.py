@@ -4,9 +4,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_training_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("TIDPO_BENCH_RESULTS", str(tmp_path))

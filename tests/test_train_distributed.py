@@ -98,6 +98,7 @@ def test_a_nan_on_one_process_stops_both_with_a_checkpoint(tiny, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_ddp_stopped_by_a_signal_on_one_process_resumes_to_the_uninterrupted_weights(tiny, ddp_run, tmp_path):
     # SIGTERM reaches only the main process here: the stop is collective, so process 1 checkpoints and
     # stops at the same step instead of hanging in the next all-reduce.
