@@ -69,7 +69,7 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 
 def validate(rows: list[Any], **kwargs: Any) -> LoadResult:
-    return validate_rows(enumerate(rows), source="test", **kwargs)
+    return validate_rows(enumerate(rows, start=1), source="test", **kwargs)
 
 
 def fake_template(messages: list[dict]) -> str:
@@ -216,7 +216,9 @@ def test_csv_explicit_and_conversational(tmp_path: Path) -> None:
     assert result.pairs[0].meta == {"extra": {"score": "0.5"}}
     assert result.pairs[2].prompt.endswith("\n\nHuman: Capital of France?\n\nAssistant:")
     assert result.pairs[2].chosen == " Paris."
-    assert [(q.row_number, q.reason) for q in result.quarantined] == [(3, "malformed_row")]
+    # Header on line 1; the second record's quoted prompt spans lines 3-4, so the short record is on line 6.
+    assert [(q.line_1based, q.reason) for q in result.quarantined] == [(6, "malformed_row")]
+    assert result.pair_lines == [2, 3, 5]
 
 
 def test_conversational_explicit_prompt_plain_rendering() -> None:
@@ -361,18 +363,18 @@ def test_each_quarantine_reason(raw: Any, reason: QuarantineReason) -> None:
     assert result.accepted == 0 and result.rows_read == 1
     (q,) = result.quarantined
     assert q.reason == reason, q.detail
-    assert q.detail and q.source == "test" and q.row_number == 0
+    assert q.detail and q.source == "test" and q.line_1based == 1
     q.raw.encode("utf-8")  # always storable
 
 
 def test_duplicate_pair_is_quarantined() -> None:
     result = validate([EXPLICIT, {"other": 1}, dict(EXPLICIT)])
     assert result.accepted == 1
-    assert [(q.row_number, q.reason) for q in result.quarantined] == [
-        (1, "unrecognized_format"),
-        (2, "duplicate_pair"),
+    assert [(q.line_1based, q.reason) for q in result.quarantined] == [
+        (2, "unrecognized_format"),
+        (3, "duplicate_pair"),
     ]
-    assert "row 0" in result.quarantined[1].detail
+    assert "line 1" in result.quarantined[1].detail
 
 
 def test_quarantined_raw_is_truncated() -> None:
@@ -396,18 +398,19 @@ def test_mixed_file_with_bad_lines_counts_reconcile(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     result = load_preferences(path)
-    assert result.rows_read == 9
-    assert result.accepted + len(result.quarantined) == result.rows_read
-    assert result.accepted == 4
-    assert {(q.row_number, q.reason) for q in result.quarantined} == {
-        (2, "malformed_row"),
+    # Every physical line is read; the blank one is skipped with a reason, and lines count from 1.
+    assert result.rows_read == 10 and result.skipped == {"blank_line": 1}
+    assert result.accepted + len(result.quarantined) + result.skipped_rows == result.rows_read
+    assert result.accepted == 4 and result.pair_lines == [1, 2, 6, 10]
+    assert {(q.line_1based, q.reason) for q in result.quarantined} == {
         (3, "malformed_row"),
-        (6, "chosen_equals_rejected"),
-        (7, "duplicate_pair"),
-        (8, "malformed_row"),
+        (4, "malformed_row"),
+        (7, "chosen_equals_rejected"),
+        (8, "duplicate_pair"),
+        (9, "malformed_row"),
     }
     assert result.reason_counts() == {"chosen_equals_rejected": 1, "duplicate_pair": 1, "malformed_row": 3}
-    assert result.quarantine_share == pytest.approx(5 / 9)
+    assert result.quarantine_share == pytest.approx(5 / 9)  # of the 9 lines that hold data
     assert "UTF-8" in result.quarantined[0].detail
 
 

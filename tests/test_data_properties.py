@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,9 +209,11 @@ def _valid_json_line(data: bytes) -> bool:
     return True
 
 
-def _check_result(result: LoadResult, rows_expected: int, max_chars: int) -> None:
+def _check_result(result: LoadResult, rows_expected: int, max_chars: int, blank_expected: int = 0) -> None:
     assert result.rows_read == rows_expected
-    assert result.accepted + len(result.quarantined) == rows_expected
+    assert result.skipped == ({"blank_line": blank_expected} if blank_expected else {})
+    assert result.accepted + len(result.quarantined) + result.skipped_rows == rows_expected
+    assert result.pair_lines is not None and len(result.pair_lines) == result.accepted
     assert len({p.pair_id for p in result.pairs}) == result.accepted
     for pair in result.pairs:
         assert pair.pair_id == make_pair_id(pair.prompt, pair.chosen, pair.rejected)
@@ -276,10 +279,13 @@ def test_jsonl_every_row_is_accepted_or_quarantined(tmp_path_factory, data, max_
     if isinstance(whole, list):
         _check_result(result, len(whole), max_chars)
         return
-    _check_result(result, len(nonblank), max_chars)
-    quarantined_lines = {q.row_number for q in result.quarantined}
+    # Lines as an editor counts them: the newline that ends the file starts no line of its own.
+    physical = len(lines) - (1 if lines and lines[-1].data == b"" else 0)
+    _check_result(result, physical, max_chars, blank_expected=physical - len(nonblank))
+    quarantined_lines = {q.line_1based for q in result.quarantined}
+    assert sorted([*result.pair_lines, *quarantined_lines]) == [i + 1 for i in nonblank]
     for index, accepted in _expected_fates(lines).items():
-        assert (index not in quarantined_lines) == accepted, (index, lines[index].data[:200])
+        assert (index + 1 not in quarantined_lines) == accepted, (index, lines[index].data[:200])
     assert result.accepted >= sum(_expected_fates(lines).values())
     _check_store_round_trip(result)
 
@@ -319,8 +325,14 @@ def test_csv_every_row_is_accepted_or_quarantined(tmp_path_factory, records, ext
     path.write_bytes(buffer.getvalue().encode("utf-8", "surrogatepass"))  # surrogates: invalid UTF-8
     result = load_preferences(path, max_chars=max_chars)
     _check_result(result, len(records), max_chars)
+    # The line each record starts on, counted independently of the reader: the header is line 1, and
+    # every line break inside a quoted cell (\r\n, \r or \n) moves the next record down a line.
+    starts, line = {}, 2
+    for index, record in enumerate(records):
+        starts[line] = index
+        line += 1 + sum(len(re.findall(r"\r\n|\r|\n", cell)) for cell in record)
     for q in result.quarantined:
-        record = records[q.row_number]
+        record = records[starts[q.line_1based]]
         if len(record) != len(header):
             assert q.reason == QuarantineReason.MALFORMED
     _check_store_round_trip(result)

@@ -182,6 +182,62 @@ def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
     assert _counts(data_dir) == before
 
 
+def _stored_digests(data_dir) -> tuple[str, str]:
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        return (
+            store.table_digest(con, "SELECT pair_id, prompt, chosen, rejected, source, split, meta_json FROM preference_pairs"),
+            store.table_digest(con, "SELECT source, line_1based, reason, detail FROM quarantine"),
+        )
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("empty.jsonl", "", "empty.jsonl: no rows"),
+        ("blank.jsonl", "\n  \n\n", "blank.jsonl: no rows, 3 blank lines skipped"),
+        (
+            "invalid.jsonl",
+            '{"prompt": "p", "chosen": "same", "rejected": "same"}\n{"nope": 1}\n',
+            "invalid.jsonl: no valid rows, 2 quarantined (chosen_equals_rejected 1, unrecognized_format 1)",
+        ),
+    ],
+)
+def test_a_source_without_a_valid_row_fails_and_keeps_the_stored_pairs(tmp_path, name, content, says):
+    data_dir = tmp_path / "data"
+    assert _materialize(data_dir, _pairs_only(), selection=["preference_pairs"]).success
+    before = _stored_digests(data_dir)
+    assert int(before[0].split("-")[0]) > 0
+    source = tmp_path / name
+    source.write_text(content)
+    result = _materialize(data_dir, {"ops": {"preference_pairs": {"config": {"source": str(source)}}}}, selection=["preference_pairs"])
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data.error
+    assert says in failure.message and "the stored pairs are unchanged" in failure.message
+    assert _stored_digests(data_dir) == before
+
+
+def test_every_line_of_a_source_is_accounted_for(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    lines = [
+        json.dumps({"prompt": "p1", "chosen": "a", "rejected": "b"}),
+        "",
+        json.dumps({"prompt": "p2", "chosen": "same", "rejected": "same"}),
+        "   ",
+        json.dumps({"prompt": "p3", "chosen": "c", "rejected": "d"}),
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    result = _materialize(tmp_path / "data", {"ops": {"preference_pairs": {"config": {"source": str(source)}}}}, selection=["preference_pairs"])
+    assert result.success
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    values = {k: getattr(v, "value", v) for k, v in metadata.items()}
+    assert (values["rows_read"], values["accepted"], values["quarantined"], values["skipped"]) == (5, 2, 1, 2)
+    assert values["skipped_reasons"] == {"blank_line": 2}
+    assert "| pairs.jsonl | 3 | chosen_equals_rejected |" in values["quarantine_preview"]
+
+
 def test_cli_prints_the_champion(first_run, capsys):
     from tidpo_core.cli import main
 

@@ -50,6 +50,18 @@ def test_replace_pairs_is_idempotent_and_keeps_quarantine(tmp_path):
     assert [p.pair_id for p in store.read_pairs(con)] == sorted(p.pair_id for p in result.pairs)
 
 
+def test_a_store_numbering_quarantine_from_zero_is_renumbered_from_one(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE quarantine (source VARCHAR, row_number BIGINT, reason VARCHAR, detail VARCHAR, raw VARCHAR, loaded_at TIMESTAMP)")
+    con.execute("INSERT INTO quarantine VALUES ('a.jsonl', 0, 'malformed_row', 'x', '{', NULL), ('a.jsonl', 4, 'duplicate_pair', 'y', '{}', NULL)")
+    con.close()
+    for _ in range(2):  # the migration runs once, however often the store is opened
+        con = store.connect(path)
+        assert con.execute("SELECT line_1based FROM quarantine ORDER BY line_1based").fetchall() == [(1,), (5,)]
+        con.close()
+
+
 def test_failed_write_leaves_previous_state(tmp_path):
     con = store.connect(tmp_path / "t.duckdb")
     store.replace_pairs(con, LoadResult([_pair(1)], [], 1), 0.1)

@@ -1,9 +1,11 @@
 """Preference data: loading, format detection and validation.
 
 Every loader funnels its rows through :func:`validate_rows`, which turns each raw row into either a
-:class:`PreferencePair` or a :class:`QuarantinedRow`. Nothing is silently dropped: the
-``accepted + quarantined == rows_read`` invariant is checked when a :class:`LoadResult` is built, so
-a bad row always shows up in the quarantine report instead of vanishing.
+:class:`PreferencePair` or a :class:`QuarantinedRow`, or (blank lines only) counts it as skipped with a
+reason. Nothing is silently dropped: the ``accepted + quarantined + skipped == rows_read`` invariant is
+checked when a :class:`LoadResult` is built, so a bad row always shows up in the quarantine report
+instead of vanishing. Rows are numbered from 1 as an editor counts lines (``line_1based``): the line a
+row starts on in JSON lines and CSV files, the row's position in JSON arrays, Parquet and data sets.
 
 Supported row formats (detected per row, so mixed files work):
 
@@ -122,10 +124,20 @@ class PreferencePair:
         )
 
 
+class SkippedRow:
+    """A row that holds no data at all (a blank line): counted under `reason`, neither a pair nor quarantined."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+BLANK_LINE = SkippedRow("blank_line")
+
+
 @dataclass(frozen=True)
 class QuarantinedRow:
     source: str
-    row_number: int
+    line_1based: int
     reason: str
     detail: str
     raw: str
@@ -136,22 +148,35 @@ class LoadResult:
     pairs: list[PreferencePair]
     quarantined: list[QuarantinedRow]
     rows_read: int
+    """Every row the source holds, blank lines included."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Rows without data (blank lines), by reason."""
+    pair_lines: list[int] | None = None
+    """`line_1based` of each accepted pair, where the source has lines or rows."""
 
     def __post_init__(self) -> None:
         # Raised explicitly (not `assert`) so the guarantee survives `python -O`.
-        if len(self.pairs) + len(self.quarantined) != self.rows_read:
+        if len(self.pairs) + len(self.quarantined) + self.skipped_rows != self.rows_read:
             raise ValueError(
                 f"rows silently dropped: {len(self.pairs)} accepted + {len(self.quarantined)} "
-                f"quarantined != {self.rows_read} read"
+                f"quarantined + {self.skipped_rows} skipped != {self.rows_read} read"
             )
+        if self.pair_lines is not None and len(self.pair_lines) != len(self.pairs):
+            raise ValueError(f"{len(self.pair_lines)} line numbers for {len(self.pairs)} pairs")
 
     @property
     def accepted(self) -> int:
         return len(self.pairs)
 
     @property
+    def skipped_rows(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
     def quarantine_share(self) -> float:
-        return len(self.quarantined) / self.rows_read if self.rows_read else 0.0
+        """Quarantined over the rows that hold data (blank lines are not data)."""
+        data_rows = self.rows_read - self.skipped_rows
+        return len(self.quarantined) / data_rows if data_rows else 0.0
 
     def reason_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(q.reason for q in self.quarantined).items()))
@@ -462,9 +487,14 @@ def validate_rows(
     pairs: list[PreferencePair] = []
     quarantined: list[QuarantinedRow] = []
     seen: dict[str, int] = {}
+    pair_lines: list[int] = []
+    skipped: Counter[str] = Counter()
     rows_read = 0
-    for row_number, raw in rows:
+    for line_1based, raw in rows:
         rows_read += 1
+        if isinstance(raw, SkippedRow):
+            skipped[raw.reason] += 1
+            continue
         parsed = _parse_row(raw, chat_template)
         if not isinstance(parsed, _Reject):
             prompt, chosen, rejected = parsed
@@ -474,26 +504,27 @@ def validate_rows(
                 if pair_id in seen:
                     parsed = _Reject(
                         QuarantineReason.DUPLICATE,
-                        f"same pair as row {seen[pair_id]} (pair_id {pair_id})",
+                        f"same pair as line {seen[pair_id]} (pair_id {pair_id})",
                     )
                 else:
-                    seen[pair_id] = row_number
+                    seen[pair_id] = line_1based
                     pairs.append(PreferencePair(pair_id, prompt, chosen, rejected, source, _row_meta(raw)))
+                    pair_lines.append(line_1based)
                     continue
         quarantined.append(
             QuarantinedRow(
                 source=source,
-                row_number=row_number,
+                line_1based=line_1based,
                 reason=str(parsed.reason),
                 detail=_safe_text(parsed.detail),
                 raw=_raw_repr(raw),
             )
         )
-    return LoadResult(pairs=pairs, quarantined=quarantined, rows_read=rows_read)
+    return LoadResult(pairs, quarantined, rows_read, dict(sorted(skipped.items())), pair_lines)
 
 
 # ---------------------------------------------------------------------------------------------
-# File readers: each yields (row_number, raw) and leaves judging the rows to validate_rows.
+# File readers: each yields (line_1based, raw) and leaves judging the rows to validate_rows.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -532,14 +563,18 @@ def _json_rows(path: Path) -> list[tuple[int, Any]]:
         except ValueError:
             whole = None
         if isinstance(whole, list):
-            return list(enumerate(whole))
+            return list(enumerate(whole, start=1))
 
-    rows = [(i, _decode_json_line(line)) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line starts no line of its own
+    rows = [(i, _decode_json_line(line) if line.strip() else BLANK_LINE) for i, line in enumerate(lines, start=1)]
     failures = [raw for _, raw in rows if isinstance(raw, DataRowError)]
+    data_lines = sum(1 for _, raw in rows if raw is not BLANK_LINE)
     undecodable = sum(1 for err in failures if err.detail.startswith("invalid UTF-8"))
-    if rows and len(failures) == len(rows) and (undecodable > JUNK_LINE_SHARE * len(rows) or b"\x00" in data):
+    if data_lines and len(failures) == data_lines and (undecodable > JUNK_LINE_SHARE * data_lines or b"\x00" in data):
         raise DataFileError(
-            f"{path.name}: not a JSON lines file ({undecodable} of {len(rows)} lines are not UTF-8 text "
+            f"{path.name}: not a JSON lines file ({undecodable} of {data_lines} lines are not UTF-8 text "
             "and no line parses as JSON)"
         )
     return rows
@@ -553,7 +588,7 @@ def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise DataFileError(f"{path.name}: unreadable parquet file ({type(exc).__name__}: {exc})") from exc
-    return list(enumerate(table.to_pylist()))
+    return list(enumerate(table.to_pylist(), start=1))
 
 
 _MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -605,26 +640,38 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     text = data.decode("utf-8-sig", errors="surrogateescape")
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # long texts are judged by max_chars, not by the csv module
+    # (first line of the record, record): a quoted field may span lines, so a record starts on the line
+    # after the one its predecessor ended on.
+    records: list[tuple[int, list[str]]] = []
     try:
-        records = list(csv.reader(io.StringIO(text, newline="")))
+        reader = csv.reader(io.StringIO(text, newline=""))
+        ended = 0
+        for record in reader:
+            records.append((ended + 1, record))
+            ended = reader.line_num
     except csv.Error as exc:
         raise DataFileError(f"{path.name}: unreadable CSV ({exc})") from exc
     finally:
         csv.field_size_limit(old_limit)
-    records = [r for r in records if r]
-    if not records:
+    header_at = next((i for i, (_, record) in enumerate(records) if record), None)
+    if header_at is None:
+        yield from ((line, BLANK_LINE) for line, _ in records)
         return
-    header = records[0]
+    header = records[header_at][1]
     if any("\udc80" <= ch <= "\udcff" for name in header for ch in name):
         raise DataFileError(f"{path.name}: CSV header is not UTF-8 text")
-    for i, record in enumerate(records[1:]):
-        if len(record) != len(header):
-            yield i, DataRowError(f"expected {len(header)} fields, got {len(record)}", ",".join(record))
-            continue
-        try:
-            yield i, {col: _csv_cell(col, val) for col, val in zip(header, record, strict=True)}
-        except DataRowError as exc:
-            yield i, exc
+    for line, _record in records[:header_at]:
+        yield line, BLANK_LINE
+    for line, record in records[header_at + 1 :]:
+        if not record:
+            yield line, BLANK_LINE
+        elif len(record) != len(header):
+            yield line, DataRowError(f"expected {len(header)} fields, got {len(record)}", ",".join(record))
+        else:
+            try:
+                yield line, {col: _csv_cell(col, val) for col, val in zip(header, record, strict=True)}
+            except DataRowError as exc:
+                yield line, exc
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -643,7 +690,7 @@ def _dataset_rows(source: str, split: str, *, local: bool) -> list[tuple[int, An
         raise DataFileError(
             f"{Path(source).name}: datasets.load_dataset failed ({type(exc).__name__}: {exc})"
         ) from exc
-    return list(enumerate(ds))
+    return list(enumerate(ds, start=1))
 
 
 def load_preferences(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tidpo_core.data import LoadResult, QuarantinedRow, QuarantineReason, load_preferences
+from tidpo_core.data import DataFileError, LoadResult, QuarantinedRow, QuarantineReason, load_preferences
 from tidpo_core.synthetic import SpanPosition, generate_synthetic_pairs
 
 SYNTHETIC = "synthetic"
@@ -39,19 +40,42 @@ def inbox_files(inbox: Path) -> list[Path]:
     return sorted(p for p in inbox.iterdir() if is_data_file(p))
 
 
+def refuse_sources_without_pairs(loads: Sequence[tuple[str, LoadResult]]) -> None:
+    """Raise DataFileError naming every source that yielded no accepted pair.
+
+    Called before anything is stored: replacing the stored pairs with an empty or all-invalid file would
+    erase them (and only then would the blocking check fail).
+    """
+    problems = []
+    for source, result in loads:
+        if result.accepted:
+            continue
+        blank = f", {result.skipped_rows} blank lines skipped" if result.skipped_rows else ""
+        if not result.quarantined:
+            problems.append(f"{source}: no rows{blank}")
+        else:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in result.reason_counts().items())
+            problems.append(f"{source}: no valid rows, {len(result.quarantined)} quarantined ({reasons}){blank}")
+    if problems:
+        raise DataFileError("no preference pair to store; the stored pairs are unchanged. " + "; ".join(problems))
+
+
 def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
     """Concatenate loads; a pair already accepted from an earlier source is quarantined as a duplicate."""
     seen: set[str] = set()
-    pairs, quarantined, rows_read = [], [], 0
+    pairs, quarantined, rows_read, pair_lines = [], [], 0, []
+    skipped: Counter[str] = Counter()
     for result in results:
         rows_read += result.rows_read
+        skipped.update(result.skipped)
         quarantined.extend(result.quarantined)
-        for index, pair in enumerate(result.pairs):
+        lines = result.pair_lines or list(range(1, len(result.pairs) + 1))
+        for line, pair in zip(lines, result.pairs, strict=True):
             if pair.pair_id in seen:
                 quarantined.append(
                     QuarantinedRow(
                         source=pair.source,
-                        row_number=index,
+                        line_1based=line,
                         reason=QuarantineReason.DUPLICATE,
                         detail=f"pair {pair.pair_id} already loaded from an earlier source",
                         raw=repr(pair.to_row())[:2000],
@@ -60,4 +84,5 @@ def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
                 continue
             seen.add(pair.pair_id)
             pairs.append(pair)
-    return LoadResult(pairs=pairs, quarantined=quarantined, rows_read=rows_read)
+            pair_lines.append(line)
+    return LoadResult(pairs, quarantined, rows_read, dict(sorted(skipped.items())), pair_lines)

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS preference_pairs (
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     source VARCHAR,
-    row_number BIGINT,
+    line_1based BIGINT,
     reason VARCHAR,
     detail VARCHAR,
     raw VARCHAR,
@@ -115,6 +115,16 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 60.0) -> 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(SCHEMA)
+    _number_quarantine_from_one(con)
+
+
+def _number_quarantine_from_one(con: duckdb.DuckDBPyConnection) -> None:
+    """Stores made before 2026-12 numbered quarantined rows from 0 (`row_number`); editors count from 1."""
+    columns = {row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'quarantine'").fetchall()}
+    if "row_number" in columns:
+        with transaction(con):
+            con.execute("ALTER TABLE quarantine RENAME COLUMN row_number TO line_1based")
+            con.execute("UPDATE quarantine SET line_1based = line_1based + 1")
 
 
 @contextmanager
@@ -171,7 +181,7 @@ def replace_pairs(
         [
             {
                 "source": q.source,
-                "row_number": q.row_number,
+                "line_1based": q.line_1based,
                 "reason": str(q.reason),
                 "detail": q.detail,
                 "raw": q.raw,
@@ -182,7 +192,7 @@ def replace_pairs(
         schema=pa.schema(
             [
                 ("source", pa.string()),
-                ("row_number", pa.int64()),
+                ("line_1based", pa.int64()),
                 ("reason", pa.string()),
                 ("detail", pa.string()),
                 ("raw", pa.string()),

@@ -44,7 +44,7 @@ from tidpo_core.modeling import (
     train_tokenizer,
 )
 from tidpo_core.sft import sft_texts, supervised_finetune
-from tidpo_core.sources import inbox_files, load_source, merge_loads
+from tidpo_core.sources import inbox_files, load_source, merge_loads, refuse_sources_without_pairs
 from tidpo_core.train import FAILURE_FILE, TrainConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage, bind_to_parent
@@ -93,6 +93,10 @@ def preference_pairs(
         except (DataFileError, FileNotFoundError) as exc:
             # Nothing has been written yet: the stored pairs stay exactly as they were.
             raise dg.Failure(description=f"cannot load preference data from {source}: {exc}") from exc
+    try:
+        refuse_sources_without_pairs(list(zip(sources, loads, strict=True)))
+    except DataFileError as exc:
+        raise dg.Failure(description=str(exc), metadata={"sources": dg.MetadataValue.json(sources)}) from exc
     result = merge_loads(loads)
     with duckdb.get_connection() as con:
         summary = store.replace_pairs(con, result, config.eval_fraction)
@@ -101,10 +105,13 @@ def preference_pairs(
             "SELECT pair_id, split, prompt, chosen, rejected FROM preference_pairs ORDER BY pair_id LIMIT 5"
         ).fetchall()
         quarantine_preview = con.execute(
-            "SELECT source, row_number, reason, detail FROM quarantine ORDER BY source, row_number LIMIT 10"
+            "SELECT source, line_1based, reason, detail FROM quarantine ORDER BY source, line_1based LIMIT 10"
         ).fetchall()
     reasons = result.reason_counts()
-    context.log.info(f"{summary.pairs} pairs stored ({summary.train} train / {summary.eval} eval), {summary.quarantined} quarantined")
+    context.log.info(
+        f"{summary.pairs} pairs stored ({summary.train} train / {summary.eval} eval), {summary.quarantined} quarantined, "
+        f"{result.skipped_rows} blank lines skipped"
+    )
     return dg.MaterializeResult(
         value={"digest": pairs_digest, "train": summary.train, "eval": summary.eval},
         metadata={
@@ -112,6 +119,8 @@ def preference_pairs(
             "rows_read": result.rows_read,
             "accepted": result.accepted,
             "quarantined": summary.quarantined,
+            "skipped": result.skipped_rows,
+            "skipped_reasons": dg.MetadataValue.json(result.skipped),
             "quarantine_share": result.quarantine_share,
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "train_pairs": summary.train,
@@ -124,7 +133,7 @@ def preference_pairs(
                 )
             ),
             "quarantine_preview": dg.MetadataValue.md(
-                markdown_table([dict(zip(["source", "row", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
+                markdown_table([dict(zip(["source", "line (from 1)", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
             ),
         },
     )
