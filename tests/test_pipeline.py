@@ -91,6 +91,9 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
         "evaluation_gate",
     }
     assert all(checks.values()), checks
+    from tidpo_pipeline.run import gate_verdict
+
+    assert gate_verdict(result).startswith("gate passed: version 1 is the new champion (")
     counts = _counts(data_dir)
     assert counts["preference_pairs"] == 48
     assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0
@@ -246,7 +249,10 @@ def test_cli_prints_the_champion(first_run, capsys):
     assert main(["champion", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert "models:/tidpo-policy@champion" in out and f"version {expected.version}" in out
-    assert "eval/policy/reward_accuracy" in out
+    # The key metrics, policy beside reference, rounded; the tracking URI is absolute (usable from anywhere).
+    policy, reference = expected.metrics["eval/policy/reward_accuracy"], expected.metrics["eval/reference/reward_accuracy"]
+    assert f"held-out reward accuracy       {policy:.3f}      {reference:.3f}" in out
+    assert f"tracking   sqlite:///{data_dir.resolve()}/mlflow.db" in out
     assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
@@ -364,3 +370,34 @@ def test_contrastive_estimator_through_the_assets(first_run):
     assert stats[0] > 0 and stats[1] >= 0 < stats[2] and stats[3] == pytest.approx(1.0, abs=1e-3)
     again = materialize(["contrastive_models"], {"contrastive_models": pair_config})
     assert again.asset_materializations_for_node("contrastive_models")[0].metadata["reused"].value is True
+
+
+def test_run_takes_a_dagster_run_config_file(tmp_path):
+    from tidpo_pipeline.run import run_config_for
+
+    config = tmp_path / "my.yaml"
+    config.write_text("ops:\n  preference_pairs:\n    config:\n      source: /data/mine.jsonl\n      max_chars: 5000\n")
+    run_config = run_config_for(str(config), str(tmp_path / "docs"))
+    assert run_config["ops"]["preference_pairs"]["config"] == {"source": "/data/mine.jsonl", "max_chars": 5000}
+    assert run_config["ops"]["evaluation"]["config"]["docs_dir"] == str(tmp_path / "docs")
+    assert run_config["loggers"]["console"]["config"]["log_level"] == "INFO"
+    # The config is what `dagster job execute -c` takes: Dagster validates it against the job.
+    from tidpo_pipeline.definitions import defs, tidpo_training
+
+    job = defs.resolve_job_def(tidpo_training.name)
+    assert dg.validate_run_config(job, run_config)["ops"]["preference_pairs"]["config"]["source"] == "/data/mine.jsonl"
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="mapping"):
+        run_config_for(str(listed), "")
+
+
+def test_tidpo_dispatches_run_to_the_pipeline_and_the_rest_to_the_core(tmp_path, capsys, monkeypatch):
+    import tidpo_pipeline.run
+    from tidpo_pipeline.cli import main
+
+    called = []
+    monkeypatch.setattr(tidpo_pipeline.run, "main", lambda argv: called.append(argv) or 0)
+    assert main(["run", "--config", "my.yaml"]) == 0 and called == [["--config", "my.yaml"]]
+    assert main(["champion", "--data-dir", str(tmp_path)]) == 1
+    assert "no champion" in capsys.readouterr().err

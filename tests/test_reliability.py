@@ -359,6 +359,9 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     assert _champion(data_dir) == before_champion
     evaluation = result.asset_materializations_for_node("evaluation")[0].metadata
     assert evaluation["champion"].value is False
+    from tidpo_pipeline.run import gate_verdict
+
+    assert gate_verdict(result).startswith(f"gate failed: champion unchanged, version {versions[-1].version} tagged gate=failed (")
 
 
 def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):

@@ -1,4 +1,5 @@
-"""`tidpo` command line: look the champion model up in the MLflow registry."""
+"""`tidpo` command line: look the champion model up in the MLflow registry (`tidpo run`, which needs
+Dagster, is tidpo_pipeline.cli's)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,45 @@ from dataclasses import asdict
 from tidpo_core.tracking import REGISTERED_MODEL, champion, sqlite_tracking_uri
 
 DEFAULT_DATA_DIR = ".tidpo"
+# The metrics a person reads first, policy next to reference; the full list is in `tidpo champion --json`.
+KEY_METRICS = (
+    ("reward_accuracy", "held-out reward accuracy"),
+    ("likelihood_win_rate", "likelihood win rate"),
+    ("kl_to_reference", "KL to the reference (nats)"),
+    ("critical_phrase_chosen_rate", "safe phrase rate (sampled)"),
+    ("precision_at_k_hybrid", "importance precision@k"),
+    ("truthfulqa_mc1", "TruthfulQA MC1 (built-in)"),
+)
+
+
+def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]:
+    """An aligned table of KEY_METRICS from `eval/policy/...` and `eval/reference/...` entries; a metric the
+    run did not measure is left out."""
+    rows = [("metric", "policy", "reference")]
+    for key, label in KEY_METRICS:
+        policy, reference = metrics.get(f"eval/policy/{key}"), metrics.get(f"eval/reference/{key}")
+        if policy is None:
+            continue
+        rows.append((label, f"{policy:.3f}", "" if reference is None else f"{reference:.3f}"))
+    if len(rows) == 1:
+        return []
+    width = max(len(r[0]) for r in rows)
+    return [f"{indent}{label:<{width}}  {policy:>8}  {reference:>9}" for label, policy, reference in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidpo", description="tidpo utilities")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="materialize the pipeline: tidpo run [--config my.yaml] (see python -m tidpo_pipeline.run -h)")
     show = sub.add_parser("champion", help="print the champion model's version, run, metrics and path")
     show.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
     show.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
     show.add_argument("--name", default=REGISTERED_MODEL)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    if args.command == "run":  # reached only when this module is called directly, not through `tidpo`
+        print("tidpo run needs the pipeline: python -m tidpo_pipeline.run [--config my.yaml]", file=sys.stderr)
+        return 2
 
     tracking_uri = args.tracking_uri or sqlite_tracking_uri(args.data_dir)
     info = champion(tracking_uri, args.name)
@@ -35,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model      {info.model_uri}  (version {info.version})")
     print(f"run        {info.run_id}")
     print(f"artifacts  {info.source}")
-    for key in sorted(info.metrics):
-        if key.startswith("eval/"):
-            print(f"{key:<40} {info.metrics[key]:.4f}")
+    print(f"tracking   {tracking_uri}\n")
+    print("\n".join(key_metric_lines(info.metrics, indent="")))
+    print("(every metric: tidpo champion --json)")
     print(f"\nload it:   mlflow.transformers.load_model({info.model_uri!r})  with MLFLOW_TRACKING_URI={tracking_uri}")
     return 0
 
