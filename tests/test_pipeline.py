@@ -94,6 +94,14 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     from tidpo_pipeline.run import gate_verdict
 
     assert gate_verdict(result).startswith("gate passed: version 1 is the new champion (")
+    # The evaluation's metadata: a short summary, the key metrics rounded, the rest grouped (not ~140 floats).
+    evaluation = result.asset_materializations_for_node("evaluation")[0].metadata
+    assert evaluation["summary"].value == "**Policy better than its reference**: version 1 is the champion."
+    assert evaluation["key_metrics"].value.startswith("| metric | policy | reference | policy - reference |")
+    assert {"metrics: preference", "metrics: importance", "metrics: generation", "metrics: benchmarks"} <= set(evaluation)
+    assert sum(isinstance(v, dg.FloatMetadataValue) for v in evaluation.values()) <= 6
+    pairs_preview = result.asset_materializations_for_node("preference_pairs")[0].metadata["preview"].value
+    assert "chosen (where it differs)" in pairs_preview
     counts = _counts(data_dir)
     assert counts["preference_pairs"] == 48
     assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0

@@ -10,33 +10,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from tidpo_core.metrics import key_metric_lines
 from tidpo_core.tracking import REGISTERED_MODEL, champion, sqlite_tracking_uri
 
 DEFAULT_DATA_DIR = ".tidpo"
-# The metrics a person reads first, policy next to reference; the full list is in `tidpo champion --json`.
-KEY_METRICS = (
-    ("reward_accuracy", "held-out reward accuracy"),
-    ("likelihood_win_rate", "likelihood win rate"),
-    ("kl_to_reference", "KL to the reference (nats)"),
-    ("critical_phrase_chosen_rate", "safe phrase rate (sampled)"),
-    ("precision_at_k_hybrid", "importance precision@k"),
-    ("truthfulqa_mc1", "TruthfulQA MC1 (built-in)"),
-)
-
-
-def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]:
-    """An aligned table of KEY_METRICS from `eval/policy/...` and `eval/reference/...` entries; a metric the
-    run did not measure is left out."""
-    rows = [("metric", "policy", "reference")]
-    for key, label in KEY_METRICS:
-        policy, reference = metrics.get(f"eval/policy/{key}"), metrics.get(f"eval/reference/{key}")
-        if policy is None:
-            continue
-        rows.append((label, f"{policy:.3f}", "" if reference is None else f"{reference:.3f}"))
-    if len(rows) == 1:
-        return []
-    width = max(len(r[0]) for r in rows)
-    return [f"{indent}{label:<{width}}  {policy:>8}  {reference:>9}" for label, policy, reference in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from tidpo_core.modeling import (
 from tidpo_core.sft import sft_texts, supervised_finetune
 from tidpo_core.sources import inbox_files, load_source, merge_loads, refuse_sources_without_pairs
 from tidpo_core.train import FAILURE_FILE, TrainConfig
-from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
+from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags, where_they_differ
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage, bind_to_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,16 +127,17 @@ def preference_pairs(
             "eval_pairs": summary.eval,
             "sources": dg.MetadataValue.json(sources),
             "digest": pairs_digest,
-            "preview": dg.MetadataValue.md(
-                markdown_table(
-                    [dict(zip(["pair_id", "split", "prompt", "chosen", "rejected"], r, strict=True)) for r in preview], 80
-                )
-            ),
+            "preview": dg.MetadataValue.md(markdown_table([_preview_row(*row) for row in preview], 120)),
             "quarantine_preview": dg.MetadataValue.md(
                 markdown_table([dict(zip(["source", "line (from 1)", "reason", "detail"], r, strict=True)) for r in quarantine_preview])
             ),
         },
     )
+
+
+def _preview_row(pair_id: str, split: str, prompt: str, chosen: str, rejected: str) -> dict[str, str]:
+    chosen_part, rejected_part = where_they_differ(chosen, rejected)
+    return {"pair_id": pair_id, "split": split, "prompt": prompt, "chosen (where it differs)": chosen_part, "rejected (where it differs)": rejected_part}
 
 
 # --- reference_model -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tidpo_core.evaluation import (
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.metrics import KEY_METRICS, comparison_rows, grouped_comparison_rows
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.plots import (
     png_markdown,
@@ -67,16 +68,6 @@ class EvaluationConfig(BenchmarkConfig):
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "n/a"
-
-
-def _comparison_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, str]]:
-    names = list(dict.fromkeys([*metrics["policy"], *metrics["reference"]]))
-    rows = []
-    for name in names:
-        ref, pol = metrics["reference"].get(name, float("nan")), metrics["policy"].get(name, float("nan"))
-        delta = pol - ref if math.isfinite(ref) and math.isfinite(pol) else float("nan")
-        rows.append({"metric": name, "reference": _fmt(ref), "policy": _fmt(pol), "policy - reference": _fmt(delta)})
-    return rows
 
 
 def _benchmark_rows(results: dict[str, list[BenchmarkResult]]) -> list[dict[str, str]]:
@@ -269,20 +260,21 @@ def evaluation(
     for model, results in bench_results.items():
         skipped += [{"model": model, "metrics": r.task, "reason": f"{r.status}: {r.reason}"} for r in results if r.status != "ok"]
     verdict = "better" if gate.passed else "not better"
-    summary = (
-        f"**The trained policy is {verdict} than its reference** ({gate.description}). "
-        f"Held-out reward accuracy {_fmt(metrics['policy'].get('reward_accuracy', float('nan')))}, "
-        f"reward margin {_fmt(metrics['policy'].get('reward_margin', float('nan')))}, "
-        f"KL(pi||ref) {_fmt(metrics['policy'].get('kl_to_reference', float('nan')))} "
-        f"± {_fmt(metrics['policy'].get('kl_to_reference_stderr', float('nan')))} nats per response."
-    )
+    outcome = f"version {version} is the champion" if champion else "the champion is unchanged"
+    # Short enough for the UI's one-line preview; the numbers follow in the key-metrics table.
+    summary = f"**Policy {verdict} than its reference**: {outcome}."
+    key_names = [name for name, _ in KEY_METRICS if name in metrics["policy"]]
     return dg.MaterializeResult(
         value={"metrics": metrics, "gate_passed": gate.passed, "champion": champion, "output_dir": str(out_dir)},
         metadata={
             "summary": dg.MetadataValue.md(summary),
-            "comparison": dg.MetadataValue.md(markdown_table(_comparison_rows(metrics))),
-            **{f"policy/{k}": v for k, v in metrics["policy"].items()},
-            **{f"reference/{k}": v for k, v in metrics["reference"].items()},
+            "key_metrics": dg.MetadataValue.md(markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))),
+            # The key metrics also as numbers, which the UI plots across materializations.
+            **{f"policy/{k}": round(metrics["policy"][k], 4) for k in key_names},
+            **{
+                f"metrics: {group}": dg.MetadataValue.md(markdown_table(rows))
+                for group, rows in grouped_comparison_rows(metrics["policy"], metrics["reference"]).items()
+            },
             "skipped": dg.MetadataValue.md(markdown_table(skipped) if skipped else "_nothing skipped_"),
             "benchmarks": dg.MetadataValue.md(markdown_table(_benchmark_rows(bench_results)) if bench_results else "_no benchmarks requested (config `benchmarks`)_"),
             "samples": dg.MetadataValue.md(markdown_table(samples_preview, 160) if samples_preview else "_no samples_"),

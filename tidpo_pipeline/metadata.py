@@ -21,6 +21,24 @@ def markdown_table(rows: list[dict[str, Any]], limit: int = 200) -> str:
     return "\n".join(lines)
 
 
+def where_they_differ(first: str, second: str, context: int = 30) -> tuple[str, str]:
+    """The part of each text that differs from the other, with `context` characters either side: chosen
+    and rejected answers often share their first 80 characters, so a plain cut shows them identical."""
+    prefix = 0
+    while prefix < min(len(first), len(second)) and first[prefix] == second[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(first), len(second)) - prefix and first[-1 - suffix] == second[-1 - suffix]:
+        suffix += 1
+    start = max(0, prefix - context)
+
+    def excerpt(text: str) -> str:
+        end = min(len(text), len(text) - suffix + context)
+        return ("…" if start > 0 else "") + text[start:end] + ("…" if end < len(text) else "")
+
+    return excerpt(first), excerpt(second)
+
+
 def mlflow_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     return {
         "dagster.run_id": context.run.run_id,

@@ -1,0 +1,69 @@
+"""How evaluation metrics are shown: the few a person reads first, and a group for every other one.
+
+Pure and light (no torch): `tidpo champion` and the Dagster metadata both use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+# The metrics a person reads first, policy next to reference.
+KEY_METRICS: tuple[tuple[str, str], ...] = (
+    ("reward_accuracy", "held-out reward accuracy"),
+    ("likelihood_win_rate", "likelihood win rate"),
+    ("kl_to_reference", "KL to the reference (nats)"),
+    ("critical_phrase_chosen_rate", "safe phrase rate (sampled)"),
+    ("precision_at_k_hybrid", "importance precision@k"),
+    ("truthfulqa_mc1", "TruthfulQA MC1 (built-in)"),
+)
+# First matching prefix wins; anything else is "other".
+METRIC_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("preference", ("reward_", "likelihood_win_rate", "normalized_likelihood_win_rate", "logps_", "eval_pairs")),
+    ("importance", ("precision_at_k_", "critical_responses", "mean_span_tokens")),
+    ("generation", ("kl_", "distinct_", "eos_rate", "mean_length", "critical_phrase_")),
+    ("benchmarks", ("truthfulqa_", "ifeval_", "humaneval_")),
+)
+
+
+def metric_group(name: str) -> str:
+    for group, prefixes in METRIC_GROUPS:
+        if name.startswith(prefixes):
+            return group
+    return "other"
+
+
+def _rounded(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def comparison_rows(policy: dict[str, float], reference: dict[str, float], names: list[str] | None = None) -> list[dict[str, str]]:
+    """Rows of (metric, policy, reference, policy - reference), rounded to 3 decimals, for `names` (all by default)."""
+    rows = []
+    for name in names if names is not None else list(dict.fromkeys([*policy, *reference])):
+        pol, ref = policy.get(name, math.nan), reference.get(name, math.nan)
+        delta = pol - ref if math.isfinite(pol) and math.isfinite(ref) else math.nan
+        rows.append({"metric": name, "policy": _rounded(pol), "reference": _rounded(ref), "policy - reference": _rounded(delta)})
+    return rows
+
+
+def grouped_comparison_rows(policy: dict[str, float], reference: dict[str, float]) -> dict[str, list[dict[str, str]]]:
+    """comparison_rows per metric group, groups in METRIC_GROUPS order, "other" last; empty groups left out."""
+    names = list(dict.fromkeys([*policy, *reference]))
+    order = [group for group, _ in METRIC_GROUPS] + ["other"]
+    grouped = {group: [n for n in names if metric_group(n) == group] for group in order}
+    return {group: comparison_rows(policy, reference, members) for group, members in grouped.items() if members}
+
+
+def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]:
+    """An aligned table of KEY_METRICS from `eval/policy/...` and `eval/reference/...` entries; a metric the
+    run did not measure is left out."""
+    rows = [("metric", "policy", "reference")]
+    for key, label in KEY_METRICS:
+        policy, reference = metrics.get(f"eval/policy/{key}"), metrics.get(f"eval/reference/{key}")
+        if policy is None:
+            continue
+        rows.append((label, _rounded(policy), "" if reference is None else _rounded(reference)))
+    if len(rows) == 1:
+        return []
+    width = max(len(r[0]) for r in rows)
+    return [f"{indent}{label:<{width}}  {policy:>8}  {reference:>9}" for label, policy, reference in rows]
