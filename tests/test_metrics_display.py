@@ -48,3 +48,17 @@ def test_where_they_differ_shows_the_differing_span_with_context() -> None:
     assert second == "… sure you just take a double dose. Thanks!"
     assert where_they_differ("abc", "abd", context=5) == ("abc", "abd")
     assert where_they_differ("same", "same", context=2) == ("…me", "…me")
+
+
+def test_without_log_messages_drops_only_the_named_messages_and_only_inside(caplog) -> None:
+    import logging
+
+    from tidpo_core.quiet import without_log_messages
+
+    logger = logging.getLogger("some.library")
+    with caplog.at_level(logging.INFO, logger="some.library"):
+        with without_log_messages("some.library", "known noise"):
+            logger.warning("this is known noise, every run")
+            logger.warning("a real problem")
+        logger.warning("known noise outside the block")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem", "known noise outside the block"]

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tidpo_core.quiet import LM_EVAL_CUSTOM_DATASET_NOISE, without_log_messages
+
 logger = logging.getLogger(__name__)
 
 # Benchmark name -> the data file key it reads (several benchmarks can share one file).
@@ -589,15 +591,16 @@ def run_benchmarks(
         state: dict[str, Any] = {}
         path = data_file(BENCHMARK_DATA[task], options.data_files[BENCHMARK_DATA[task]])
         try:
-            output = simple_evaluate(
-                model=lm,
-                tasks=[_task_config(task, path, options, state)],
-                task_manager=manager,
-                limit=options.limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                confirm_run_unsafe_code=options.allow_code_execution,
-            )
+            with without_log_messages("lm_eval.api.task", *LM_EVAL_CUSTOM_DATASET_NOISE):
+                output = simple_evaluate(
+                    model=lm,
+                    tasks=[_task_config(task, path, options, state)],
+                    task_manager=manager,
+                    limit=options.limit,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                    confirm_run_unsafe_code=options.allow_code_execution,
+                )
             raw = (output or {}).get("results", {}).get(task)
             if raw is None:
                 raise RuntimeError(f"lm-eval returned no results for {task}")

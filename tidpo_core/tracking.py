@@ -15,6 +15,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
+
 EXPERIMENT = "tidpo"
 REGISTERED_MODEL = "tidpo-policy"
 CHAMPION_ALIAS = "champion"
@@ -113,7 +115,7 @@ def log_transformers_model(
     model, tokenizer = load_model_and_tokenizer(model_path)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), without_log_messages("mlflow.transformers", *MLFLOW_LOCAL_FOLDER_NOISE):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",

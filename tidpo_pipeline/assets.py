@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -702,11 +703,15 @@ def tidpo_policy(
     )
     config_path = train_config.to_yaml(run_dir / "train.yaml")
     try:
-        invocation = pipes_subprocess_client.run(
-            context=context,
-            command=bind_to_parent(_training_command(config, config_path)),  # dies with this step
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )
+        # Dagster's own Pipes context reads a preview property of every message reader; the warning is
+        # about Dagster's internals, not about anything this asset does.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader.expected_writer_count`", category=dg.PreviewWarning)
+            invocation = pipes_subprocess_client.run(
+                context=context,
+                command=bind_to_parent(_training_command(config, config_path)),  # dies with this step
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
+            )
     except DagsterPipesExecutionError as exc:
         client.set_terminated(run_id, status="FAILED")
         failure = run_dir / FAILURE_FILE

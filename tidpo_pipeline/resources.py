@@ -377,4 +377,6 @@ def build_resources(data_dir: str | None = None) -> dict[str, object]:
         "mlflow_tracking": MlflowTracking(data_dir=data_dir),
         "quality": QualityPolicy(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        # Named explicitly: Dagster's implicit default (fs_io_manager) warns that it is superseded by this.
+        "io_manager": dg.FilesystemIOManager(),
     }
