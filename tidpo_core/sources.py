@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,3 +87,24 @@ def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
             pairs.append(pair)
             pair_lines.append(line)
     return LoadResult(pairs, quarantined, rows_read, dict(sorted(skipped.items())), pair_lines)
+
+
+BEYOND_MAX_PAIRS = "beyond_max_pairs"
+
+
+def keep_at_most(result: LoadResult, max_pairs: int | None, seed: int = 0) -> LoadResult:
+    """The first `max_pairs` accepted pairs after a shuffle seeded by `seed`, in their original order; the
+    others are counted as skipped (`beyond_max_pairs`), so every row stays accounted for. None: all."""
+    if max_pairs is None or result.accepted <= max_pairs:
+        return result
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1 (or unset), got {max_pairs}")
+    kept = sorted(random.Random(seed).sample(range(result.accepted), max_pairs))
+    lines = result.pair_lines
+    return LoadResult(
+        pairs=[result.pairs[i] for i in kept],
+        quarantined=result.quarantined,
+        rows_read=result.rows_read,
+        skipped={**result.skipped, BEYOND_MAX_PAIRS: result.accepted - max_pairs},
+        pair_lines=[lines[i] for i in kept] if lines is not None else None,
+    )

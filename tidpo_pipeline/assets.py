@@ -45,7 +45,13 @@ from tidpo_core.modeling import (
     train_tokenizer,
 )
 from tidpo_core.sft import sft_texts, supervised_finetune
-from tidpo_core.sources import inbox_files, load_source, merge_loads, refuse_sources_without_pairs
+from tidpo_core.sources import (
+    inbox_files,
+    keep_at_most,
+    load_source,
+    merge_loads,
+    refuse_sources_without_pairs,
+)
 from tidpo_core.train import FAILURE_FILE, TrainConfig
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags, where_they_differ
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage, bind_to_parent
@@ -71,6 +77,10 @@ class PreferencePairsConfig(dg.Config):
     max_chars: int = 20_000
     include_inbox: bool = True
     """Also load every data file dropped into <data_dir>/inbox."""
+    max_pairs: int | None = None
+    """Keep at most this many accepted pairs (all sources together): the first N after a shuffle seeded by
+    `max_pairs_seed`, so the same file and settings always keep the same pairs. None: keep all."""
+    max_pairs_seed: int = 0
 
 
 @dg.asset(group_name=GROUP, kinds={"duckdb"}, description="Validated preference pairs with a train/eval split; bad rows go to the quarantine table.")
@@ -98,7 +108,8 @@ def preference_pairs(
         refuse_sources_without_pairs(list(zip(sources, loads, strict=True)))
     except DataFileError as exc:
         raise dg.Failure(description=str(exc), metadata={"sources": dg.MetadataValue.json(sources)}) from exc
-    result = merge_loads(loads)
+    merged = merge_loads(loads)
+    result = keep_at_most(merged, config.max_pairs, config.max_pairs_seed)
     with duckdb.get_connection() as con:
         summary = store.replace_pairs(con, result, config.eval_fraction)
         pairs_digest = store.table_digest(con, "SELECT pair_id, split FROM preference_pairs")
@@ -111,7 +122,7 @@ def preference_pairs(
     reasons = result.reason_counts()
     context.log.info(
         f"{summary.pairs} pairs stored ({summary.train} train / {summary.eval} eval), {summary.quarantined} quarantined, "
-        f"{result.skipped_rows} blank lines skipped"
+        f"{result.skipped_rows} rows skipped {result.skipped or ''}"
     )
     return dg.MaterializeResult(
         value={"digest": pairs_digest, "train": summary.train, "eval": summary.eval},
@@ -122,6 +133,8 @@ def preference_pairs(
             "quarantined": summary.quarantined,
             "skipped": result.skipped_rows,
             "skipped_reasons": dg.MetadataValue.json(result.skipped),
+            "pairs_available": merged.accepted,
+            "max_pairs": str(config.max_pairs),
             "quarantine_share": result.quarantine_share,
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "train_pairs": summary.train,
