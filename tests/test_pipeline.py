@@ -295,6 +295,23 @@ def test_cli_prints_the_champion(first_run, capsys):
     assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
 
 
+def test_cli_generate_prints_only_the_champion_s_completion(first_run, capsys):
+    from tidpo_core.cli import main
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.modeling import load_model_and_tokenizer
+
+    data_dir, _, result = first_run
+    prompt = "\n\nHuman: How should I treat a burn?\n\nAssistant:"
+    assert main(["generate", prompt, "--data-dir", str(data_dir), "--max-new-tokens", "12", "--seed", "5"]) == 0
+    out = capsys.readouterr().out.strip()
+    # The same sampling on the champion's own training output, loaded without MLflow.
+    champion_path = result.asset_materializations_for_node("tidpo_policy")[0].metadata["model_path"].value
+    model, tokenizer = load_model_and_tokenizer(champion_path)
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.8, seed=5, batch_size=1)
+    assert out == sample_responses(model, tokenizer, [prompt], settings)[0].strip()
+    assert "Human:" not in out  # the prompt is not echoed
+
+
 def test_cli_without_champion_says_so(tmp_path, capsys):
     from tidpo_core.cli import main
 

@@ -25,6 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
     show.add_argument("--name", default=REGISTERED_MODEL)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    answer = sub.add_parser("generate", help="answer a prompt with the champion; prints only the completion")
+    answer.add_argument("prompt")
+    answer.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
+    answer.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
+    answer.add_argument("--name", default=REGISTERED_MODEL)
+    answer.add_argument("--max-new-tokens", type=int, default=64)
+    answer.add_argument("--temperature", type=float, default=0.8)
+    answer.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "run":  # reached only when this module is called directly, not through `tidpo`
         print("tidpo run needs the pipeline: python -m tidpo_pipeline.run [--config my.yaml]", file=sys.stderr)
@@ -35,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info is None:
         print(f"no champion for {args.name!r} in {tracking_uri}", file=sys.stderr)
         return 1
+    if args.command == "generate":
+        return _generate(args, tracking_uri, info.model_uri)
     if args.json:
         print(json.dumps(asdict(info), indent=2))
         return 0
@@ -45,6 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(key_metric_lines(info.metrics, indent="")))
     print("(every metric: tidpo champion --json)")
     print(f"\nload it:   mlflow.transformers.load_model({info.model_uri!r})  with MLFLOW_TRACKING_URI={tracking_uri}")
+    return 0
+
+
+def _generate(args: argparse.Namespace, tracking_uri: str, model_uri: str) -> int:
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.tracking import load_registered_model
+
+    model, tokenizer = load_registered_model(tracking_uri, model_uri)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, batch_size=1)
+    print(sample_responses(model, tokenizer, [args.prompt], settings)[0].strip())
     return 0
 
 

@@ -126,6 +126,14 @@ def log_transformers_model(
     return info
 
 
+def load_registered_model(tracking_uri: str, model_uri: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered transformers model, e.g. `models:/tidpo-policy@champion`."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    components = mlflow.transformers.load_model(model_uri, return_type="components")
+    return components["model"], components["tokenizer"]
+
+
 def set_champion(tracking_uri: str, version: str | int, name: str = REGISTERED_MODEL) -> None:
     client(tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
