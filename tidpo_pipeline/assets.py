@@ -63,6 +63,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # --- preference_pairs ------------------------------------------------------------------------------
 
 
+def user_error(message: str, **context: Any) -> dg.Failure:
+    """A failure caused by the user's input (a bad file, a missing model, a wrong setting), not by a bug:
+    raised `from None`, so the log shows the message and the paths (as metadata), not chained tracebacks."""
+    metadata = {name: dg.MetadataValue.json(value) if isinstance(value, list | dict) else str(value) for name, value in context.items()}
+    return dg.Failure(description=message, metadata=metadata)
+
+
 class PreferencePairsConfig(dg.Config):
     source: str = "synthetic"
     """`synthetic` (built-in corpus), a JSONL/Parquet/CSV file, a local data set folder, or a hub id."""
@@ -103,11 +110,11 @@ def preference_pairs(
             )
         except (DataFileError, FileNotFoundError) as exc:
             # Nothing has been written yet: the stored pairs stay exactly as they were.
-            raise dg.Failure(description=f"cannot load preference data from {source}: {exc}") from exc
+            raise user_error(f"cannot load preference data from {source}: {exc}", source=source) from None
     try:
         refuse_sources_without_pairs(list(zip(sources, loads, strict=True)))
     except DataFileError as exc:
-        raise dg.Failure(description=str(exc), metadata={"sources": dg.MetadataValue.json(sources)}) from exc
+        raise user_error(str(exc), sources=sources) from None
     merged = merge_loads(loads)
     result = keep_at_most(merged, config.max_pairs, config.max_pairs_seed)
     with duckdb.get_connection() as con:
@@ -190,9 +197,12 @@ def reference_model(
     if config.model_name_or_path:
         # Validate the checkpoint without loading its weights: an 8B model has no business in the
         # orchestrator's memory; the steps that need it load it themselves.
-        model_config = check_model_available(
-            config.model_name_or_path, trust_remote_code=config.trust_remote_code, revision=config.revision
-        )
+        try:
+            model_config = check_model_available(
+                config.model_name_or_path, trust_remote_code=config.trust_remote_code, revision=config.revision
+            )
+        except OSError as exc:  # a missing folder, a file, an unknown hub id, no network
+            raise user_error(f"reference model: {exc}", model=config.model_name_or_path) from None
         path = config.model_name_or_path
         metadata["architecture"] = (model_config.architectures or ["?"])[0]
         sft_losses: list[float] = []
@@ -453,7 +463,10 @@ def token_weights(
                 "or set contrastive_positive_path and contrastive_negative_path"
             )
         for path in contrastive_model_paths:
-            check_model_available(path)
+            try:
+                check_model_available(path)
+            except OSError as exc:
+                raise user_error(f"contrastive model: {exc}", model=path) from None
         importance_settings["contrastive_models"] = [model_fingerprint(path) for path in contrastive_model_paths]
     if config.reference_kl_top_k < 0:
         raise dg.Failure(f"reference_kl_top_k must be >= 0, got {config.reference_kl_top_k}")
