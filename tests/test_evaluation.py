@@ -20,9 +20,11 @@ from tidpo_core.evaluation import (
     importance_precision_at_k,
     kl_from_logps,
     kl_to_reference,
+    not_worse_than_champion,
     parse_importance_variant,
     precision_table,
     preference_metrics,
+    promotion_decision,
     sample_with_tokens,
     span_responses,
     span_third,
@@ -319,3 +321,42 @@ def test_training_health_fails_on_nan_inf_or_no_steps() -> None:
     assert not training_health(_history([0.7, 0.6, 0.5, 0.4], [0.0, 0.1, float("inf"), 0.3])).passed
     empty = training_health([])
     assert not empty.passed and empty.steps == 0 and not empty.all_finite
+
+
+def _m(win: float, margin: float = 0.0) -> dict[str, float]:
+    return {"likelihood_win_rate": win, "reward_margin": margin}
+
+
+def test_promotion_with_no_champion_is_the_reference_gate() -> None:
+    decision = promotion_decision(_m(0.6, 0.2), _m(0.4), None, "likelihood_win_rate")
+    assert decision.passed and decision.versus_champion is None and decision.compared_with == "reference"
+    assert decision.description.endswith("; no champion yet")
+    assert not promotion_decision(_m(0.4), _m(0.4), None, "likelihood_win_rate").passed  # a tie with 0 tie-break
+
+
+def test_promotion_needs_the_reference_and_the_champion() -> None:
+    reference, champion = _m(0.40, 0.0), _m(0.70, 0.30)
+    better_than_both = promotion_decision(_m(0.75, 0.2), reference, champion, "likelihood_win_rate", champion_version="3")
+    assert better_than_both.passed and better_than_both.compared_with == "reference, champion v3"
+    # Beats the reference, trails the champion: refused (the scheduled-retraining regression).
+    weaker = promotion_decision(_m(0.60, 0.5), reference, champion, "likelihood_win_rate", champion_version="3")
+    assert not weaker.passed and weaker.versus_reference.passed and not weaker.versus_champion.passed
+    assert "worse than the champion" in weaker.description
+    # ... unless it trails by less than the configured margin.
+    assert promotion_decision(_m(0.65), reference, champion, "likelihood_win_rate", champion_margin=0.1, champion_version="3").passed
+    # Better than the champion but not than its reference: refused too.
+    assert not promotion_decision(_m(0.80), _m(0.90), champion, "likelihood_win_rate", champion_version="3").passed
+
+
+def test_ties_with_the_champion_go_to_the_tie_break() -> None:
+    champion = _m(0.70, 0.30)
+    assert not_worse_than_champion(_m(0.70, 0.30), champion, "likelihood_win_rate").passed  # equal on both: kept
+    assert not_worse_than_champion(_m(0.70, 0.31), champion, "likelihood_win_rate").passed
+    tie_lost = not_worse_than_champion(_m(0.70, 0.29), champion, "likelihood_win_rate")
+    assert not tie_lost.passed and "tie-break reward_margin 0.2900 vs champion 0.3000" in tie_lost.description
+    assert not_worse_than_champion(_m(0.70, 0.29), champion, "likelihood_win_rate", tiebreak=None).passed
+    # At the margin's boundary exactly (0.6 = 0.7 - 0.1): the tie-break decides as well.
+    assert not not_worse_than_champion(_m(0.6, 0.0), champion, "likelihood_win_rate", margin=0.1).passed
+    assert not not_worse_than_champion(_m(float("nan")), champion, "likelihood_win_rate").passed
+    with pytest.raises(KeyError, match="kl"):
+        not_worse_than_champion(_m(0.7), champion, "kl")

@@ -125,7 +125,7 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
         assert not [m for m in FIRST_RUN_NOISE if known in m], known
     # The evaluation's metadata: a short summary, the key metrics rounded, the rest grouped (not ~140 floats).
     evaluation = result.asset_materializations_for_node("evaluation")[0].metadata
-    assert evaluation["summary"].value == "**Policy better than its reference**: version 1 is the champion."
+    assert evaluation["summary"].value == "**Gate passed** (compared with reference): version 1 is the champion."
     assert evaluation["key_metrics"].value.startswith("| metric | policy | reference | policy - reference |")
     assert {"metrics: preference", "metrics: importance", "metrics: generation", "metrics: benchmarks"} <= set(evaluation)
     assert sum(isinstance(v, dg.FloatMetadataValue) for v in evaluation.values()) <= 6

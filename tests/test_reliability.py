@@ -363,6 +363,18 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     from tidpo_pipeline.run import gate_verdict
 
     assert gate_verdict(result).startswith(f"gate failed: champion unchanged, version {versions[-1].version} tagged gate=failed (")
+    # The challenger was judged against the reference and the current champion, on the same pairs.
+    assert evaluation["compared_with"].value == f"reference, champion v{before_champion}"
+    assert "key_metrics_vs_champion" in evaluation
+    assert versions[-1].tags["compared_with"] == f"reference, champion v{before_champion}"
+    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    try:
+        history = store.champion_history(con, "tidpo-policy")
+        champion_rows = con.execute("SELECT count(*) FROM evaluation_metrics WHERE model = 'champion'").fetchone()[0]
+    finally:
+        con.close()
+    assert [(e.version, e.event) for e in history][-1] == (str(versions[-1].version), "refused")
+    assert history[-1].previous_champion == str(before_champion) and champion_rows > 0
 
 
 def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from tidpo_core.metrics import key_metric_lines
 from tidpo_core.tracking import REGISTERED_MODEL, champion, sqlite_tracking_uri
@@ -25,6 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
     show.add_argument("--name", default=REGISTERED_MODEL)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--history", action="store_true", help="every promotion, refusal and rollback, oldest first")
+    back = sub.add_parser("rollback", help="give an earlier version the champion alias back, recording why")
+    back.add_argument("version")
+    back.add_argument("--reason", required=True)
+    back.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
+    back.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
+    back.add_argument("--name", default=REGISTERED_MODEL)
     answer = sub.add_parser("generate", help="answer a prompt with the champion; prints only the completion")
     answer.add_argument("prompt")
     answer.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
@@ -39,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     tracking_uri = args.tracking_uri or sqlite_tracking_uri(args.data_dir)
+    if args.command == "rollback":
+        return _rollback(args, tracking_uri)
+    if args.command == "champion" and args.history:
+        return _history(args)
     info = champion(tracking_uri, args.name)
     if info is None:
         print(f"no champion for {args.name!r} in {tracking_uri}", file=sys.stderr)
@@ -55,6 +67,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(key_metric_lines(info.metrics, indent="")))
     print("(every metric: tidpo champion --json)")
     print(f"\nload it:   mlflow.transformers.load_model({info.model_uri!r})  with MLFLOW_TRACKING_URI={tracking_uri}")
+    return 0
+
+
+def _database(data_dir: str) -> Path:
+    return Path(data_dir) / "tidpo.duckdb"
+
+
+def _history(args: argparse.Namespace) -> int:
+    from tidpo_core import store
+
+    if not _database(args.data_dir).exists():
+        print(f"no history: {_database(args.data_dir)} does not exist", file=sys.stderr)
+        return 1
+    con = store.connect(_database(args.data_dir), read_only=True)
+    try:
+        events = store.champion_history(con, args.name)
+    finally:
+        con.close()
+    if args.json:
+        print(json.dumps([asdict(e) for e in events], indent=2, default=str))
+        return 0
+    if not events:
+        print(f"no promotion, refusal or rollback recorded for {args.name!r}")
+        return 0
+    for e in events:
+        before = f"(champion before: v{e.previous_champion})" if e.previous_champion else "(no champion before)"
+        print(f"{e.recorded_at:%Y-%m-%d %H:%M:%S}  v{e.version:<4} {e.event:<9} {before}  {e.reason}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace, tracking_uri: str) -> int:
+    from tidpo_core import store
+    from tidpo_core.tracking import rollback_champion
+
+    previous = rollback_champion(tracking_uri, args.version, args.reason, args.data_dir, args.name)
+    con = store.connect(_database(args.data_dir))
+    try:
+        store.record_champion_event(
+            con, store.ChampionEvent(args.name, str(args.version), "rollback", previous, None, args.reason)
+        )
+    finally:
+        con.close()
+    print(f"champion of {args.name!r}: version {args.version} (was {previous or 'none'}); reason recorded")
     return 0
 
 

@@ -158,6 +158,79 @@ def gate_decision(
     )
 
 
+def not_worse_than_champion(
+    challenger: dict[str, float],
+    champion: dict[str, float],
+    metric: str,
+    margin: float = 0.0,
+    tiebreak: str | None = "reward_margin",
+) -> GateDecision:
+    """The retraining gate's second half: the challenger may trail the current champion on `metric` by
+    less than `margin` (0: it must be at least as good). On an exact tie at the boundary it must be at
+    least as good on `tiebreak` (None: a tie passes)."""
+    for name in (metric, tiebreak):
+        if name is not None and (name not in challenger or name not in champion):
+            raise KeyError(f"gate metric {name!r} is missing from the challenger's or the champion's metrics")
+    new, current = challenger[metric], champion[metric]
+    described = f"{metric} {new:.4f} vs champion {current:.4f} - margin {margin}"
+    if not np.isfinite(new):
+        return GateDecision(False, f"failed: {described} (not finite)")
+    if new > current - margin:
+        return GateDecision(True, f"passed: {described}")
+    if new < current - margin:
+        return GateDecision(False, f"failed: {described} (worse than the champion)")
+    if tiebreak is None:
+        return GateDecision(True, f"passed: {described} is a tie")
+    kept = bool(np.isfinite(challenger[tiebreak]) and challenger[tiebreak] >= champion[tiebreak])
+    return GateDecision(
+        kept,
+        f"{'passed' if kept else 'failed'}: {described} is a tie; tie-break {tiebreak} "
+        f"{challenger[tiebreak]:.4f} vs champion {champion[tiebreak]:.4f} (must not be smaller)",
+    )
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Whether a challenger takes the champion alias: it must beat its reference and be no worse than
+    the current champion (when there is one), judged on the same held-out pairs."""
+
+    passed: bool
+    description: str
+    versus_reference: GateDecision
+    versus_champion: GateDecision | None
+    champion_version: str | None
+
+    @property
+    def compared_with(self) -> str:
+        return "reference" if self.champion_version is None else f"reference, champion v{self.champion_version}"
+
+
+def promotion_decision(
+    challenger: dict[str, float],
+    reference: dict[str, float],
+    champion: dict[str, float] | None,
+    metric: str,
+    margin: float = 0.0,
+    tiebreak: str | None = "reward_margin",
+    champion_margin: float = 0.0,
+    champion_version: str | None = None,
+) -> PromotionDecision:
+    versus_reference = gate_decision(challenger, reference, metric, margin, tiebreak)
+    if champion is None:
+        return PromotionDecision(
+            versus_reference.passed, f"{versus_reference.description}; no champion yet", versus_reference, None, None
+        )
+    versus_champion = not_worse_than_champion(challenger, champion, metric, champion_margin, tiebreak)
+    passed = versus_reference.passed and versus_champion.passed
+    return PromotionDecision(
+        passed,
+        f"reference: {versus_reference.description}; champion v{champion_version}: {versus_champion.description}",
+        versus_reference,
+        versus_champion,
+        champion_version,
+    )
+
+
 # --- sampling with the exact sampled tokens ------------------------------------------------------------
 
 # Pure ancestral sampling (no temperature, top-k or top-p): the samples then come from pi itself, which

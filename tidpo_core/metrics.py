@@ -36,13 +36,16 @@ def _rounded(value: float | None) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else "n/a"
 
 
-def comparison_rows(policy: dict[str, float], reference: dict[str, float], names: list[str] | None = None) -> list[dict[str, str]]:
-    """Rows of (metric, policy, reference, policy - reference), rounded to 3 decimals, for `names` (all by default)."""
+def comparison_rows(
+    policy: dict[str, float], reference: dict[str, float], names: list[str] | None = None, baseline: str = "reference"
+) -> list[dict[str, str]]:
+    """Rows of (metric, policy, <baseline>, policy - <baseline>), rounded to 3 decimals, for `names` (all
+    by default); `baseline` names what `reference` holds (e.g. "champion")."""
     rows = []
     for name in names if names is not None else list(dict.fromkeys([*policy, *reference])):
         pol, ref = policy.get(name, math.nan), reference.get(name, math.nan)
         delta = pol - ref if math.isfinite(pol) and math.isfinite(ref) else math.nan
-        rows.append({"metric": name, "policy": _rounded(pol), "reference": _rounded(ref), "policy - reference": _rounded(delta)})
+        rows.append({"metric": name, "policy": _rounded(pol), baseline: _rounded(ref), f"policy - {baseline}": _rounded(delta)})
     return rows
 
 

@@ -79,6 +79,15 @@ CREATE TABLE IF NOT EXISTS contrastive_models (
     recipe_json VARCHAR,
     created_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS champion_history (
+    registered_model VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    event VARCHAR NOT NULL,             -- promoted | refused | rollback
+    previous_champion VARCHAR,          -- the version that held the alias before (NULL: none)
+    compared_with VARCHAR,
+    reason VARCHAR,
+    recorded_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS evaluation_metrics (
     mlflow_run_id VARCHAR,
     model VARCHAR,
@@ -561,3 +570,33 @@ def write_metrics(
         con.execute("DELETE FROM evaluation_metrics WHERE mlflow_run_id = ?", [mlflow_run_id])
         con.executemany("INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?)", rows)
     return len(rows)
+
+
+# --- champion history ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChampionEvent:
+    registered_model: str
+    version: str
+    event: str
+    previous_champion: str | None
+    compared_with: str | None
+    reason: str
+    recorded_at: datetime | None = None
+
+
+def record_champion_event(con: duckdb.DuckDBPyConnection, event: ChampionEvent) -> None:
+    con.execute(
+        "INSERT INTO champion_history VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [event.registered_model, event.version, event.event, event.previous_champion, event.compared_with, event.reason, event.recorded_at or _now()],
+    )
+
+
+def champion_history(con: duckdb.DuckDBPyConnection, registered_model: str) -> list[ChampionEvent]:
+    rows = con.execute(
+        "SELECT registered_model, version, event, previous_champion, compared_with, reason, recorded_at FROM champion_history "
+        "WHERE registered_model = ? ORDER BY recorded_at, rowid",
+        [registered_model],
+    ).fetchall()
+    return [ChampionEvent(*row) for row in rows]

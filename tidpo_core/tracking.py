@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,6 +139,65 @@ def set_champion(tracking_uri: str, version: str | int, name: str = REGISTERED_M
     client(tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
 
+REGISTRY_LOCK = "registry.lock"
+
+
+@contextmanager
+def registry_lock(lock_dir: str | Path) -> Iterator[None]:
+    """Serializes every move of the champion alias made from one data directory (an flock, released by
+    the kernel if the holder dies)."""
+    path = Path(lock_dir) / REGISTRY_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def champion_version(tracking_uri: str, name: str = REGISTERED_MODEL) -> str | None:
+    try:
+        return str(client(tracking_uri).get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+    except MlflowException:
+        return None
+
+
+def promote_if_champion_is(
+    tracking_uri: str, version: str | int, expected: str | None, lock_dir: str | Path, name: str = REGISTERED_MODEL
+) -> tuple[bool, str | None]:
+    """Compare and set: `version` takes the alias only if the champion is still `expected` (the one it was
+    judged against; None: no champion). Returns (moved, the champion found)."""
+    with registry_lock(lock_dir):
+        current = champion_version(tracking_uri, name)
+        if current != (None if expected is None else str(expected)):
+            return False, current
+        set_champion(tracking_uri, version, name)
+        return True, current
+
+
+def rollback_champion(
+    tracking_uri: str, version: str | int, reason: str, lock_dir: str | Path, name: str = REGISTERED_MODEL
+) -> str | None:
+    """Give an earlier `version` the alias back; tags it with why. Returns the champion it replaced."""
+    store = client(tracking_uri)
+    store.get_model_version(name, str(version))  # an unknown version fails here, before the alias moves
+    with registry_lock(lock_dir):
+        previous = champion_version(tracking_uri, name)
+        set_champion(tracking_uri, version, name)
+    store.set_model_version_tag(name, str(version), "rollback_reason", reason[:5000])
+    return previous
+
+
+def tag_gate_verdict(
+    tracking_uri: str, version: str | int, passed: bool, compared_with: str, description: str, name: str = REGISTERED_MODEL
+) -> None:
+    """What the gate decided for a version, on the version itself (visible in the MLflow UI)."""
+    store = client(tracking_uri)
+    for key, value in {"gate": "passed" if passed else "failed", "compared_with": compared_with, "gate_verdict": description}.items():
+        store.set_model_version_tag(name, str(version), key, value[:5000])
+
+
 @dataclass(frozen=True)
 class ChampionInfo:
     name: str
@@ -146,6 +206,8 @@ class ChampionInfo:
     source: str
     metrics: dict[str, float]
     model_uri: str
+    tags: dict[str, str]
+    """The version's tags: the gate's verdict (`gate`, `compared_with`, `gate_verdict`), any `rollback_reason`."""
 
 
 def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> ChampionInfo | None:
@@ -162,4 +224,5 @@ def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> ChampionInfo | 
         source=store.get_model_version_download_uri(name, str(version.version)),
         metrics=dict(run.data.metrics),
         model_uri=f"models:/{name}@{CHAMPION_ALIAS}",
+        tags=dict(version.tags),
     )

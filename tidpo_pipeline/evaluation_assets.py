@@ -18,9 +18,9 @@ from tidpo_core.evaluation import (
     ModelEvaluation,
     best_importance_variant,
     evaluate_model,
-    gate_decision,
     has_critical_spans,
     importance_heatmap_sections,
+    promotion_decision,
     score_pairs,
     single_thread_if_small,
 )
@@ -118,7 +118,7 @@ def _skipped_rows(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, str
         "reference, diversity, critical-token precision and phrase rate, opt-in benchmarks (TruthfulQA, IFEval, "
         "HumanEval); token-importance heatmaps and training curves; the gate that decides the champion alias."
     ),
-    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric > reference metric + margin; only then the model becomes champion")],
+    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric > reference metric + margin, and no worse than the current champion's; only then the model becomes champion")],
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -163,6 +163,20 @@ def evaluation(
         "reference": evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores, progress=True),
         "policy": evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores, progress=True),
     }
+    version = tidpo_policy.get("model_version")
+    # The challenger is also judged against today's champion, on the same held-out pairs (none on a first
+    # run, or when this very version already holds the alias).
+    champion_version = tracking.champion_version(mlflow_tracking.uri, mlflow_tracking.registered_model)
+    if champion_version is not None and champion_version != str(version):
+        context.log.info(f"evaluating the current champion (version {champion_version}) on the same pairs")
+        champion_model, _ = tracking.load_registered_model(
+            mlflow_tracking.uri, f"models:/{mlflow_tracking.registered_model}/{champion_version}"
+        )
+        evaluations["champion"] = evaluate_model(
+            champion_model, reference, tokenizer, pairs, settings, reference_scores=reference_scores, progress=True
+        )
+    else:
+        champion_version = None
     metrics = {model: dict(e.metrics) for model, e in evaluations.items()}
 
     bench_results: dict[str, list[BenchmarkResult]] = {}
@@ -173,7 +187,16 @@ def evaluation(
             bench_results[model] = run_benchmarks(path, config.benchmarks, options)
             metrics[model].update(benchmark_metrics(bench_results[model]))
 
-    gate = gate_decision(metrics["policy"], metrics["reference"], quality.gate_metric, quality.gate_margin, quality.gate_tiebreak)
+    gate = promotion_decision(
+        metrics["policy"],
+        metrics["reference"],
+        metrics.get("champion"),
+        quality.gate_metric,
+        quality.gate_margin,
+        quality.gate_tiebreak,
+        quality.champion_margin,
+        champion_version,
+    )
     run_id = tidpo_policy["mlflow_run_id"]
     with duckdb.get_connection() as con:
         store.write_metrics(con, run_id, metrics)
@@ -250,25 +273,43 @@ def evaluation(
                 shutil.copyfile(out_dir / name, img / name)
 
     champion = False
-    version = tidpo_policy.get("model_version")
-    if gate.passed and version:
-        tracking.set_champion(mlflow_tracking.uri, version, mlflow_tracking.registered_model)
-        champion = True
-    elif version:
-        client.set_model_version_tag(mlflow_tracking.registered_model, str(version), "gate", "failed")
+    verdict_text = gate.description
+    if version:
+        if gate.passed:
+            # Compare and set: another run may have moved the alias while this one was evaluating.
+            champion, found = tracking.promote_if_champion_is(
+                mlflow_tracking.uri, version, champion_version, storage.root, mlflow_tracking.registered_model
+            )
+            if not champion:
+                verdict_text += f"; refused: the champion changed during this evaluation (v{champion_version} -> v{found}), re-run to compare with it"
+        tracking.tag_gate_verdict(mlflow_tracking.uri, version, champion, gate.compared_with, verdict_text, mlflow_tracking.registered_model)
+        with duckdb.get_connection() as con:
+            store.record_champion_event(
+                con,
+                store.ChampionEvent(
+                    mlflow_tracking.registered_model, str(version), "promoted" if champion else "refused",
+                    champion_version, gate.compared_with, verdict_text,
+                ),
+            )
     skipped = _skipped_rows(evaluations)
     for model, results in bench_results.items():
         skipped += [{"model": model, "metrics": r.task, "reason": f"{r.status}: {r.reason}"} for r in results if r.status != "ok"]
-    verdict = "better" if gate.passed else "not better"
     outcome = f"version {version} is the champion" if champion else "the champion is unchanged"
-    # Short enough for the UI's one-line preview; the numbers follow in the key-metrics table.
-    summary = f"**Policy {verdict} than its reference**: {outcome}."
+    # Short enough for the UI's one-line preview; the numbers follow in the key-metrics tables.
+    summary = f"**Gate {'passed' if gate.passed else 'failed'}** (compared with {gate.compared_with}): {outcome}."
     key_names = [name for name, _ in KEY_METRICS if name in metrics["policy"]]
     return dg.MaterializeResult(
         value={"metrics": metrics, "gate_passed": gate.passed, "champion": champion, "output_dir": str(out_dir)},
         metadata={
             "summary": dg.MetadataValue.md(summary),
             "key_metrics": dg.MetadataValue.md(markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))),
+            **(
+                {"key_metrics_vs_champion": dg.MetadataValue.md(markdown_table(
+                    comparison_rows(metrics["policy"], metrics["champion"], key_names, baseline=f"champion v{champion_version}")
+                ))}
+                if "champion" in metrics
+                else {}
+            ),
             # The key metrics also as numbers, which the UI plots across materializations.
             **{f"policy/{k}": round(metrics["policy"][k], 4) for k in key_names},
             **{
@@ -280,7 +321,8 @@ def evaluation(
             "samples": dg.MetadataValue.md(markdown_table(samples_preview, 160) if samples_preview else "_no samples_"),
             **pictures,
             "output_dir": dg.MetadataValue.path(str(out_dir)),
-            "gate": gate.description,
+            "gate": verdict_text,
+            "compared_with": gate.compared_with,
             "champion": champion,
             "mlflow_run_id": run_id,
             "mlflow_model_version": str(version),
@@ -289,7 +331,7 @@ def evaluation(
             dg.AssetCheckResult(
                 check_name="evaluation_gate",
                 passed=gate.passed,
-                metadata={"description": gate.description, "metric": quality.gate_metric, "margin": quality.gate_margin, "tiebreak": str(quality.gate_tiebreak)},
+                metadata={"description": verdict_text, "metric": quality.gate_metric, "margin": quality.gate_margin, "tiebreak": str(quality.gate_tiebreak)},
             )
         ],
     )

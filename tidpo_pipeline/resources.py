@@ -362,6 +362,9 @@ class QualityPolicy(dg.ConfigurableResource):
     """Held-out metric the trained policy must beat the reference on to become champion."""
     gate_margin: float = 0.0
     """By how much (strictly more than)."""
+    champion_margin: float = 0.0
+    """A challenger may trail the current champion on gate_metric by less than this (0: it must be at
+    least as good); on an exact tie gate_tiebreak decides."""
     gate_tiebreak: str | None = "reward_margin"
     """On an exact tie of gate_metric (frequent for a count on a small eval split), the policy must be
     strictly better on this one; None: a tie fails."""
