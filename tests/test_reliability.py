@@ -268,7 +268,7 @@ def test_an_unreachable_tracking_server_fails_within_seconds():
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailableError, match="127.0.0.1:9.*not reachable"):
         MlflowTracking(tracking_uri=UNREACHABLE).experiment_id()
-    assert time.monotonic() - started < 20  # MLflow's own retries would take about four minutes
+    assert time.monotonic() - started < 120  # MLflow's own retries take about four minutes (a loose bound on purpose)
     # The probe's no-retry setting is not left behind for the calls of a long run.
     assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP")} == env_before
 
@@ -375,6 +375,22 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
         con.close()
     assert [(e.version, e.event) for e in history][-1] == (str(versions[-1].version), "refused")
     assert history[-1].previous_champion == str(before_champion) and champion_rows > 0
+
+
+def test_a_retraining_can_start_from_the_champion_and_still_compares_with_the_reference(trained):
+    data_dir, instance = trained
+    champion = _champion(data_dir)
+    result = _materialize(data_dir, _registry_config(seed=3, init_from="champion"), instance=instance)
+    assert result.success, _errors(result)
+    run_dir = Path(result.output_for_node("tidpo_policy")["run_dir"])
+    train_yaml = yaml.safe_load((run_dir / "train.yaml").read_text())
+    # The policy starts from the champion's weights; the reference (log-ratios, KL) stays the original.
+    assert train_yaml["init_model_path"] == str(run_dir / f"init_champion_v{champion}")
+    assert train_yaml["reference_model_path"] != train_yaml["init_model_path"]
+    starting, _ = load_model_and_tokenizer(train_yaml["init_model_path"])
+    registered, _ = tracking.load_registered_model(tracking.sqlite_tracking_uri(data_dir), f"models:/tidpo-policy/{champion}")
+    for a, b in zip(starting.state_dict().values(), registered.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):

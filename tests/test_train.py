@@ -483,3 +483,25 @@ def test_peak_rss_is_the_training_process_s_own_not_its_parent_s(tmp_path):
     own, inherited = json.loads(done.stdout.strip().splitlines()[-1])
     assert inherited >= 700  # the trap: the parent's size
     assert own < 650  # importing torch and the engine costs ~400 MiB
+
+
+def test_init_model_path_starts_the_policy_elsewhere_and_keeps_the_reference(tiny, tmp_path):
+    """init_from: champion. At learning rate 0 the policy stays what it started from; the rewards are
+    log-ratios against the reference, so they are 0 from the reference and not from another model."""
+    other, tokenizer = load_model_and_tokenizer(tiny.reference_path)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    other.save_pretrained(tmp_path / "champion")
+    tokenizer.save_pretrained(tmp_path / "champion")
+    frozen = {"learning_rate": 0.0, "max_steps": 1, "gamma": 0.0, "alpha": 0.0}
+    from_reference = train(tiny.config(tmp_path / "a", **frozen))
+    from_champion = train(tiny.config(tmp_path / "b", init_model_path=str(tmp_path / "champion"), **frozen))
+    # (the stored reference log-probs and the training forward agree to float32 rounding)
+    assert abs(from_reference.history[0]["rewards/chosen"]) < 1e-6
+    assert abs(from_champion.history[0]["rewards/chosen"]) > 1e-3
+    final, _ = load_model_and_tokenizer(from_champion.final_model_path)
+    for (name, a), b in zip(final.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="lora"):
+        tiny.config(tmp_path / "c", init_model_path=str(tmp_path / "champion"), lora=True)

@@ -115,6 +115,10 @@ class TrainConfig:
     output_dir: str
     reference_revision: str | None = None
     """Hub revision (branch, tag or commit) of the reference: the one the weights and anchors were made with."""
+    init_model_path: str | None = None
+    """Start the policy from these weights (same architecture and tokenizer as the reference) instead of the
+    reference's: a retraining that continues from the current champion. Log-ratios, the KL term, the token
+    weights and the anchors still come from the reference."""
     trust_remote_code: bool = False
     weights_fingerprint: str | None = None
     anchors_fingerprint: str | None = None
@@ -243,6 +247,9 @@ class TrainConfig:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
+        if self.init_model_path and self.lora:
+            # LoRA's reference is its base with the adapter off: starting from other weights would change it.
+            raise ValueError("init_model_path cannot be combined with lora: under LoRA the starting weights are the reference")
         self.lora_target_modules = list(self.lora_target_modules)
 
 
@@ -1055,6 +1062,10 @@ def _run(
 
     started = time.perf_counter()
     policy, tokenizer = _load_reference(config)
+    if config.init_model_path:
+        policy, _ = load_model_and_tokenizer(
+            config.init_model_path, dtype=_model_dtype(config), trust_remote_code=config.trust_remote_code
+        )
     peft_model = None
     if config.lora:
         policy = peft_model = _apply_lora(policy, config)

@@ -571,6 +571,10 @@ class PolicyConfig(dg.Config):
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    init_from: Literal["reference", "champion"] = "reference"
+    """Where the policy's weights start. `champion`: continue from the current champion (a retraining on new
+    data keeps what it learned); log-ratios and the KL still use the reference. Without a champion yet,
+    the reference. Not with LoRA."""
     anchor_refresh_every: int = 0
     """Re-sample every train pair's anchor from the current policy every N optimizer steps (0: keep the
     anchor_responses asset's reference samples). Each refresh samples all train prompts and weighs the new
@@ -601,7 +605,7 @@ class PolicyConfig(dg.Config):
 
 # PolicyConfig fields that are not the engine's (how to launch it, whether to register the result), and
 # weight_lambda, whose None the asset resolves from the token_weights it trains on.
-_ASSET_ONLY_FIELDS = {"launcher", "accelerate_config_file", "num_processes", "register_model", "weight_lambda"}
+_ASSET_ONLY_FIELDS = {"launcher", "accelerate_config_file", "num_processes", "register_model", "weight_lambda", "init_from"}
 
 
 def training_fields(config: PolicyConfig) -> dict[str, Any]:
@@ -668,8 +672,14 @@ def tidpo_policy(
         )
     experiment_id = mlflow_tracking.experiment_id()
     lambda_ = config.weight_lambda if config.weight_lambda is not None else token_weights["importance"]["lambda"]
+    start_version = (
+        tracking.champion_version(mlflow_tracking.uri, mlflow_tracking.registered_model) if config.init_from == "champion" else None
+    )
+    if config.init_from == "champion" and start_version is None:
+        context.log.info("init_from: champion, but there is no champion yet: starting from the reference")
     run_key = digest(
         {
+            "start": start_version,
             "pairs": preference_pairs["digest"],
             "reference": reference_model["fingerprint"],
             "anchors": anchor_responses["fingerprint"],
@@ -679,6 +689,14 @@ def tidpo_policy(
     )
     run_dir = storage.models_dir / "policy" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
+    init_model_path = None
+    if start_version is not None:
+        init_model_path = run_dir / f"init_champion_v{start_version}"
+        if not (init_model_path / "config.json").exists():
+            champion_model, champion_tokenizer = tracking.load_registered_model(
+                mlflow_tracking.uri, f"models:/{mlflow_tracking.registered_model}/{start_version}"
+            )
+            save_model_and_tokenizer(champion_model, champion_tokenizer, init_model_path)
     client = tracking.client(mlflow_tracking.uri)
     run_file = run_dir / "mlflow_run.json"
     run_id = None
@@ -719,6 +737,7 @@ def tidpo_policy(
         weights_fingerprint=token_weights["fingerprint"],
         anchors_fingerprint=anchor_responses["fingerprint"],
         **training_fields(config),
+        init_model_path=str(init_model_path) if init_model_path else None,
         weight_lambda=lambda_,
         weight_normalization=token_weights["importance"]["normalization"],
         max_prompt_tokens=token_weights["encoding"]["max_prompt_tokens"],
