@@ -8,7 +8,8 @@
   registration; the re-run must end exactly where an uninterrupted run ends, with no partial or
   duplicated rows, and the same again through `dagster job execute` (multiprocess executor);
 * concurrency: several materializations of the job at once against one data dir;
-* registry safety: a gate failure never moves `champion`; a NaN run registers nothing;
+* registry safety: a gate failure never moves `champion`; a NaN run registers nothing; a weaker
+  challenger that beats its reference but not the champion never takes the alias, a stronger one does;
 * dependencies down and safe defaults;
 * the slow tests: `pytest -m slow` (the benchmark harnesses, DDP stopped by a signal), kept out of `make
   test` so that it fits CI's budget.
@@ -1075,7 +1076,33 @@ def scenario_registry(data_dir: Path, report: dict[str, Any]) -> None:
         "trainers_left": len(trainer_pids(data_dir)),
     }
     print(f"   NaN run: {nan_out}")
-    report["registry"] = {"gate_failure": gate_out, "nan_run": nan_out}
+    report["registry"] = {"gate_failure": gate_out, "nan_run": nan_out, **_challengers(data_dir, logs, after_nan)}
+
+
+def _challengers(data_dir: Path, logs: Path, before: dict[str, Any]) -> dict[str, Any]:
+    """Scheduled retraining against a good champion: a weaker challenger (a twelfth of the steps) that
+    still beats its reference never takes the alias; a stronger one (four times the steps) does."""
+    outcomes: dict[str, Any] = {}
+    current = before
+    for name, steps, seed in (("weaker_challenger", 2, 4), ("stronger_challenger", 96, 5)):
+        result = run_worker(data_dir, stress_config(steps=steps, seed=seed), logs, name)
+        after = registry(data_dir)
+        new = [v for v in after["versions"] if v["version"] not in {x["version"] for x in current["versions"]}]
+        verdict = new[-1]["tags"].get("gate_verdict", "") if new else ""
+        outcomes[name] = {
+            "steps": steps,
+            "run_success": result["success"],
+            "new_versions": len(new),
+            "beats_reference": verdict.startswith("reference: passed"),
+            "compared_with": new[-1]["tags"].get("compared_with") if new else None,
+            "verdict": verdict,
+            "champion_before": current["champion"],
+            "champion_after": after["champion"],
+            "took_the_alias": bool(new) and after["champion"] == str(new[-1]["version"]),
+        }
+        print(f"   {name}: {outcomes[name]}")
+        current = after
+    return outcomes
 
 
 # =====================================================================================================
@@ -1215,6 +1242,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
             ("NaN run: versions registered", reg["nan_run"]["new_versions"]),
             ("NaN run: failure names the non-finite loss", reg["nan_run"]["error_mentions_non_finite"]),
         ]
+        if "weaker_challenger" in reg:
+            weak, strong = reg["weaker_challenger"], reg["stronger_challenger"]
+            rows += [
+                ("weaker challenger (beats its reference): took the alias", f"{weak['took_the_alias']} (beats reference: {weak['beats_reference']})"),
+                ("stronger challenger: took the alias", strong["took_the_alias"]),
+            ]
     deps = report.get("dependencies")
     if deps:
         rows += [
@@ -1324,6 +1357,11 @@ def ok(report: dict[str, Any]) -> bool:
     if reg:
         good &= reg["gate_failure"]["champion_unchanged"] and reg["nan_run"]["new_versions"] == 0
         good &= reg["nan_run"]["error_mentions_non_finite"]
+        if "weaker_challenger" in reg:
+            # The weaker one must beat its reference (else the scenario tested nothing) and still be refused.
+            weak, strong = reg["weaker_challenger"], reg["stronger_challenger"]
+            good &= weak["beats_reference"] and not weak["took_the_alias"] and weak["champion_after"] == weak["champion_before"]
+            good &= strong["took_the_alias"]
     deps = report.get("dependencies")
     if deps:
         for part in deps.values():
