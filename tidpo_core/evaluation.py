@@ -125,6 +125,12 @@ class GateDecision:
     description: str
 
 
+def _require_gate_metrics(names: tuple[str | None, ...], *tables: dict[str, float]) -> None:
+    for name in names:
+        if name is not None and any(name not in table for table in tables):
+            raise KeyError(f"gate metric {name!r} is not among the evaluation metrics {sorted(tables[0])}")
+
+
 def gate_decision(
     policy: dict[str, float],
     reference: dict[str, float],
@@ -139,9 +145,7 @@ def gate_decision(
     exact tie, the policy passes only if it is strictly better on `tiebreak` (default: the held-out
     reward margin, which is 0 for the reference itself). None: a tie fails.
     """
-    for name in (metric, tiebreak):
-        if name is not None and (name not in policy or name not in reference):
-            raise KeyError(f"gate metric {name!r} is not among the evaluation metrics {sorted(policy)}")
+    _require_gate_metrics((metric, tiebreak), policy, reference)
     trained, baseline = policy[metric], reference[metric]
     described = f"{metric} {trained:.4f} vs reference {baseline:.4f} + margin {margin}"
     if not np.isfinite(trained):
@@ -168,9 +172,7 @@ def not_worse_than_champion(
     """The retraining gate's second half: the challenger may trail the current champion on `metric` by
     less than `margin` (0: it must be at least as good). On an exact tie at the boundary it must be at
     least as good on `tiebreak` (None: a tie passes)."""
-    for name in (metric, tiebreak):
-        if name is not None and (name not in challenger or name not in champion):
-            raise KeyError(f"gate metric {name!r} is missing from the challenger's or the champion's metrics")
+    _require_gate_metrics((metric, tiebreak), challenger, champion)
     new, current = challenger[metric], champion[metric]
     described = f"{metric} {new:.4f} vs champion {current:.4f} - margin {margin}"
     if not np.isfinite(new):
