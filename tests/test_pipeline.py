@@ -315,6 +315,11 @@ def test_cli_generate_prints_only_the_champion_s_completion(first_run, capsys):
 def test_cli_without_champion_says_so(tmp_path, capsys):
     from tidpo_core.cli import main
 
+    # A data dir that does not exist is reported, and left uncreated (sqlite would create it).
+    missing = tmp_path / "elsewhere" / ".tidpo"
+    assert main(["champion", "--data-dir", str(missing)]) == 1
+    assert f"no tidpo data at {missing}" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    tracking.client(tracking.sqlite_tracking_uri(tmp_path)).search_experiments()  # a store without a model
     assert main(["champion", "--data-dir", str(tmp_path)]) == 1
     assert "no champion" in capsys.readouterr().err
 
@@ -454,4 +459,4 @@ def test_tidpo_dispatches_run_to_the_pipeline_and_the_rest_to_the_core(tmp_path,
     monkeypatch.setattr(tidpo_pipeline.run, "main", lambda argv: called.append(argv) or 0)
     assert main(["run", "--config", "my.yaml"]) == 0 and called == [["--config", "my.yaml"]]
     assert main(["champion", "--data-dir", str(tmp_path)]) == 1
-    assert "no champion" in capsys.readouterr().err
+    assert "no tidpo data" in capsys.readouterr().err

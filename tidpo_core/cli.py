@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     tracking_uri = args.tracking_uri or sqlite_tracking_uri(args.data_dir)
+    store_file = (Path(args.data_dir) / "mlflow.db").resolve()
+    if not args.tracking_uri and not store_file.exists():
+        # Opening a missing sqlite store would create it (and its folder) as a side effect.
+        print(f"no tidpo data at {store_file.parent} (run `make run` first, or pass --data-dir)", file=sys.stderr)
+        return 1
     if args.command == "rollback":
         return _rollback(args, tracking_uri)
     if args.command == "champion" and args.history:
