@@ -338,6 +338,10 @@ def _versions(data_dir: Path) -> list:
     return sorted(client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'"), key=lambda v: int(v.version))
 
 
+def evaluation_pair_count(result) -> int:
+    return int(result.output_for_node("evaluation")["metrics"]["policy"]["eval_pairs"])
+
+
 def _champion(data_dir: Path) -> str | None:
     info = tracking.champion(tracking.sqlite_tracking_uri(data_dir))
     return info.version if info else None
@@ -378,6 +382,9 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     # The challenger was judged against the reference and the current champion, on the same pairs.
     assert evaluation["compared_with"].value == f"reference, champion v{before_champion}"
     assert "key_metrics_vs_champion" in evaluation
+    # Same data as the champion's run: every eval pair is shared, none is new.
+    assert evaluation["eval_pairs_new_since_champion"].value == 0
+    assert evaluation["eval_pairs_shared_with_champion"].value == evaluation_pair_count(result) > 0
     assert versions[-1].tags["compared_with"] == f"reference, champion v{before_champion}"
     con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
     try:

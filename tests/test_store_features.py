@@ -263,3 +263,17 @@ def test_reference_topk_from_the_attribution_pass_equals_a_plain_forward(tiny):
         np.testing.assert_array_equal(imp.reference_topk_ids, ids[0][mask].numpy())
         np.testing.assert_allclose(imp.reference_topk_logp, logp[0][mask].numpy(), atol=1e-5)
     assert compute_token_importance(model, encoded[:1])[0].reference_topk_ids is None
+
+
+def test_eval_pairs_stay_eval_pairs_when_data_is_added(tmp_path):
+    con = store.connect(tmp_path / "t.duckdb")
+    pairs = generate_synthetic_pairs(120, seed=3)
+    store.replace_pairs(con, LoadResult(pairs[:80], [], 80), eval_fraction=0.25)
+    before = [p.pair_id for p in store.read_pairs(con, split="eval")]
+    store.record_evaluation_pairs(con, "run-1", before)
+    store.replace_pairs(con, LoadResult(pairs, [], 120), eval_fraction=0.25)  # 40 new pairs arrive
+    after = [p.pair_id for p in store.read_pairs(con, split="eval")]
+    assert set(before) <= set(after) and len(after) > len(before)
+    assert store.shared_evaluation_pairs(con, "run-1", after) == (len(before), len(after) - len(before))
+    assert store.shared_evaluation_pairs(con, "no-such-run", after) == (0, len(after))
+    con.close()

@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS contrastive_models (
     recipe_json VARCHAR,
     created_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS evaluation_pairs (
+    mlflow_run_id VARCHAR NOT NULL,     -- the evaluated version's training run
+    pair_id VARCHAR NOT NULL,
+    PRIMARY KEY (mlflow_run_id, pair_id)
+);
 CREATE TABLE IF NOT EXISTS champion_history (
     registered_model VARCHAR NOT NULL,
     version VARCHAR NOT NULL,
@@ -570,6 +575,20 @@ def write_metrics(
         con.execute("DELETE FROM evaluation_metrics WHERE mlflow_run_id = ?", [mlflow_run_id])
         con.executemany("INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?)", rows)
     return len(rows)
+
+
+def record_evaluation_pairs(con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]) -> None:
+    """The held-out pairs a version was judged on, so a later challenger can say how many it shares."""
+    with transaction(con):
+        con.execute("DELETE FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id])
+        con.executemany("INSERT INTO evaluation_pairs VALUES (?, ?)", [(mlflow_run_id, p) for p in pair_ids])
+
+
+def shared_evaluation_pairs(con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]) -> tuple[int, int]:
+    """(shared, new): how many of `pair_ids` the run `mlflow_run_id` was also judged on, and how many not."""
+    earlier = {row[0] for row in con.execute("SELECT pair_id FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id]).fetchall()}
+    shared = sum(1 for p in pair_ids if p in earlier)
+    return shared, len(pair_ids) - shared
 
 
 # --- champion history ------------------------------------------------------------------------------------

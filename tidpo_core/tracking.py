@@ -163,6 +163,10 @@ def champion_version(tracking_uri: str, name: str = REGISTERED_MODEL) -> str | N
         return None
 
 
+def version_run_id(tracking_uri: str, version: str | int, name: str = REGISTERED_MODEL) -> str:
+    return client(tracking_uri).get_model_version(name, str(version)).run_id
+
+
 def promote_if_champion_is(
     tracking_uri: str, version: str | int, expected: str | None, lock_dir: str | Path, name: str = REGISTERED_MODEL
 ) -> tuple[bool, str | None]:

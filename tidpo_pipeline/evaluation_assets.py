@@ -198,8 +198,17 @@ def evaluation(
         champion_version,
     )
     run_id = tidpo_policy["mlflow_run_id"]
+    pair_ids = [p.pair_id for p in pairs]
     with duckdb.get_connection() as con:
         store.write_metrics(con, run_id, metrics)
+        store.record_evaluation_pairs(con, run_id, pair_ids)
+        # Judged on the same pairs as the champion was? (The split is a hash of each pair, so old eval
+        # pairs stay eval pairs; new data can only add some.)
+        shared_new = (
+            store.shared_evaluation_pairs(con, tracking.version_run_id(mlflow_tracking.uri, champion_version, mlflow_tracking.registered_model), pair_ids)
+            if champion_version is not None
+            else None
+        )
     client = tracking.client(mlflow_tracking.uri)
     now = int(time.time() * 1000)
     client.log_batch(
@@ -323,6 +332,11 @@ def evaluation(
             "output_dir": dg.MetadataValue.path(str(out_dir)),
             "gate": verdict_text,
             "compared_with": gate.compared_with,
+            **(
+                {"eval_pairs_shared_with_champion": shared_new[0], "eval_pairs_new_since_champion": shared_new[1]}
+                if shared_new is not None
+                else {}
+            ),
             "champion": champion,
             "mlflow_run_id": run_id,
             "mlflow_model_version": str(version),
