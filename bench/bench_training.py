@@ -17,7 +17,9 @@ weights alone cost over DPO); `tidpo_alpha0` (token weights + triplet: the tripl
 log-probs of the anchor, a third sequence per pair in the same forward); `tidpo` (the paper's
 alpha = 0.5, which adds a no-grad reference forward over chosen and rejected for the
 full-vocabulary SeqKL); `tidpo_online` (weights recomputed with the current policy every step, as the
-paper does). Target: TI-DPO's step time within 1.10x of DPO's.
+paper does). Standing guard (2026-12): the weights-only step (token weights, no KL, no triplet) within
+1.05x of DPO's: the weighting itself must stay free. The full loss's ratios are reported without a target:
+its anchor tokens and reference pass are the method's own work (the old 1.10x target is withdrawn).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 from bench import common
 
 NAME = "training"
-TARGET_STEP_RATIO = 1.10
+TARGET_WEIGHTS_ONLY_RATIO = 1.05
 TARGET_DUCKDB_SHARE = 0.02
 CONFIGS: dict[str, dict[str, Any]] = {
     "dpo": {"loss_type": "dpo"},
@@ -241,14 +243,9 @@ def _run(
         "runs": runs,
         "ratios": ratios,
         "targets": {
-            "tidpo_step_time_vs_dpo_max": TARGET_STEP_RATIO,
+            "tidpo_weights_only_vs_dpo_max": TARGET_WEIGHTS_ONLY_RATIO,
             "tidpo_weights_only_met": ratios["tidpo_weights_only_vs_dpo"] is not None
-            and ratios["tidpo_weights_only_vs_dpo"] <= TARGET_STEP_RATIO,
-            "tidpo_alpha0_met": ratios["tidpo_alpha0_vs_dpo"] is not None
-            and ratios["tidpo_alpha0_vs_dpo"] <= TARGET_STEP_RATIO,
-            "tidpo_alpha05_met": ratios["tidpo_vs_dpo"] is not None and ratios["tidpo_vs_dpo"] <= TARGET_STEP_RATIO,
-            "tidpo_cached_kl_met": ratios["tidpo_cached_kl_vs_dpo"] is not None
-            and ratios["tidpo_cached_kl_vs_dpo"] <= TARGET_STEP_RATIO,
+            and ratios["tidpo_weights_only_vs_dpo"] <= TARGET_WEIGHTS_ONLY_RATIO,
             "duckdb_share_max": TARGET_DUCKDB_SHARE,
             "duckdb_share_worst": worst_share,
             "duckdb_share_met": worst_share < TARGET_DUCKDB_SHARE,

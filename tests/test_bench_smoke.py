@@ -50,6 +50,12 @@ def test_trl_throughput_and_loss_agreement(results_dir):
     assert prompts > 0 and tokens["tidpo_tidpo_padded"] - tokens["tidpo_tidpo"] == 2 * prompts
     # The loss agreement is exact arithmetic, not a timing: it must hold at any size.
     assert doc["first_batch_loss_check"]["passed"], doc["first_batch_loss_check"]
+    # The standing guards (2026-12) reach the README table: tidpo's DPO <= 0.75x TRL, cached KL <= 1.0x TRL.
+    assert isinstance(doc["target"]["dpo_met"], bool) and isinstance(doc["target"]["cached_kl_met"], bool)
+    from bench.update_readme import rows_trl
+
+    targets = [row[3] for row in rows_trl(doc)]
+    assert targets[0].startswith("`dpo` <= 0.75x TRL: ") and any(t.startswith("<= 1.0x TRL: ") for t in targets)
 
 
 def test_weight_precompute_cost(results_dir):
