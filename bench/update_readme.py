@@ -244,7 +244,8 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
         rows.append(
             (
                 "",
-                "epoch: tidpo default (precomputed weights and anchors) / the authors' per-step algorithm (online weights, anchor every step)",
+                "middle, seed " + "/".join(str(x) for x in authors.get("seeds", [0])) + ": epoch of tidpo's default (precomputed weights and anchors) / "
+                "the authors' per-step algorithm (online weights, anchor every step), timed in the same sitting",
                 f"{_s(epoch['tidpo_default'])} / {_s(epoch['authors_per_step'])} ({authors['default_over_authors']:.2f}x)",
                 f"<= 0.5x: {_mark(authors['target_default_at_most_0.5x_authors'])}",
             )
