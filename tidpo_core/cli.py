@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tidpo_core.metrics import key_metric_lines
-from tidpo_core.tracking import REGISTERED_MODEL, champion, sqlite_tracking_uri
+from tidpo_core.tracking import REGISTERED_MODEL, STORE_FILE, champion, sqlite_tracking_uri
 
 DEFAULT_DATA_DIR = ".tidpo"
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     tracking_uri = args.tracking_uri or sqlite_tracking_uri(args.data_dir)
-    store_file = (Path(args.data_dir) / "mlflow.db").resolve()
+    store_file = (Path(args.data_dir) / STORE_FILE).resolve()
     if not args.tracking_uri and not store_file.exists():
         # Opening a missing sqlite store would create it (and its folder) as a side effect.
         print(f"no tidpo data at {store_file.parent} (run `make run` first, or pass --data-dir)", file=sys.stderr)
@@ -76,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _database(data_dir: str) -> Path:
-    return Path(data_dir) / "tidpo.duckdb"
+    from tidpo_core.store import DATABASE_FILE
+
+    return Path(data_dir) / DATABASE_FILE
 
 
 def _history(args: argparse.Namespace) -> int:

@@ -26,6 +26,9 @@ import pyarrow.compute as pc
 
 from tidpo_core.data import LoadResult, PreferencePair, assign_split
 
+# The data directory's DuckDB file: named here only.
+DATABASE_FILE = "tidpo.duckdb"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS preference_pairs (
     pair_id VARCHAR PRIMARY KEY,

@@ -21,6 +21,8 @@ from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
 EXPERIMENT = "tidpo"
 REGISTERED_MODEL = "tidpo-policy"
 CHAMPION_ALIAS = "champion"
+# The sqlite tracking store inside a data directory.
+STORE_FILE = "mlflow.db"
 # Without explicit requirements mlflow infers them by importing the model's stack, torchvision
 # included, which is absent (and broken beside this torch).
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "safetensors", "accelerate"]
@@ -29,7 +31,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def sqlite_tracking_uri(data_dir: str | Path) -> str:
-    return f"sqlite:///{Path(data_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(data_dir).resolve() / STORE_FILE}"
 
 
 def artifact_root(data_dir: str | Path) -> str:

@@ -41,7 +41,7 @@ class TidpoStorage(dg.ConfigurableResource):
 
     @property
     def duckdb_path(self) -> Path:
-        return self.root / "tidpo.duckdb"
+        return self.root / store.DATABASE_FILE
 
     @property
     def models_dir(self) -> Path:
@@ -376,7 +376,7 @@ def build_resources(data_dir: str | None = None) -> dict[str, object]:
     storage = TidpoStorage(data_dir=data_dir)
     return {
         "storage": storage,
-        "duckdb": TidpoDuckDB(database=str(Path(data_dir).resolve() / "tidpo.duckdb")),
+        "duckdb": TidpoDuckDB(database=str(Path(data_dir).resolve() / store.DATABASE_FILE)),
         "mlflow_tracking": MlflowTracking(data_dir=data_dir),
         "quality": QualityPolicy(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
