@@ -34,27 +34,38 @@ def _sizes(quick: bool) -> dict[str, Any]:
     return {"pairs": 2000, "eval_fraction": 0.1, "sft_steps": 300, "tiny": False}
 
 
-def contrastive_pair(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0):
-    """TIS-DPO's SFT contrastive models, as the contrastive_models asset trains them (tidpo_core.contrastive)."""
+def contrastive_pair_paths(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0) -> tuple[str, str]:
+    """TIS-DPO's SFT contrastive models, trained by the pipeline's own step (as the contrastive_models asset)."""
     import dataclasses
 
     from bench.bench_quality import tiny_model_config
-    from tidpo_core.contrastive import (
-        ContrastiveSFT,
-        contrastive_paths,
-        load_base,
-        load_contrastive_pair,
-        train_contrastive_pair,
-    )
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.contrastive import ContrastiveSFT
+    from tidpo_core.fingerprint import model_fingerprint
+    from tidpo_core.layout import DataDir
+    from tidpo_core.steps import database_at
+    from tidpo_core.steps.contrastive import train_contrastive_models
+    from tidpo_core.steps.reference import ReferenceHandle
 
-    _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
-    base = load_base({"tiny_config": dataclasses.asdict(tiny_model_config(sizes["tiny"])), "seed": seed}, tokenizer)
-    out_dir = prepared.data_dir / "contrastive"
-    train_contrastive_pair(
-        base, tokenizer, common.train_pairs(prepared), out_dir, recipe=ContrastiveSFT(steps=sizes["sft_steps"], seed=seed)
+    reference = ReferenceHandle(
+        str(prepared.reference_path),
+        model_fingerprint(prepared.reference_path),
+        base={"tiny_config": dataclasses.asdict(tiny_model_config(sizes["tiny"])), "seed": seed},
     )
-    return load_contrastive_pair(contrastive_paths(out_dir))
+    built = train_contrastive_models(
+        database_at(prepared.duckdb_path),
+        reference,
+        ContrastiveSFT(sft_steps=sizes["sft_steps"], seed=seed),
+        DataDir.at(prepared.data_dir),
+        "bench",
+        progress=False,
+    )
+    return built.paths
+
+
+def contrastive_pair(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0):
+    from tidpo_core.contrastive import load_contrastive_pair
+
+    return load_contrastive_pair(contrastive_pair_paths(prepared, sizes, seed))
 
 
 def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, Any]:

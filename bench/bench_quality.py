@@ -165,7 +165,7 @@ def train_and_evaluate(
     loss_type = overrides["loss_type"]
     extra = {k: v for k, v in overrides.items() if k not in ("loss_type", "weights")}
     if "weights" in overrides:
-        extra["weights_fingerprint"] = f"{prepared.weights_fingerprint}-{overrides['weights']}"
+        extra["weights_fingerprint"] = prepared.extra_weights[overrides["weights"]]
     config = common.train_config(prepared, loss_type, out, seed=seed, max_steps=max_steps, **extra)
     run = common.run_training(config)
     result = {
@@ -268,15 +268,15 @@ def investigate(position: str, table: dict[str, Any], reference: dict[str, Any])
 
 def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods: dict[str, Any]) -> dict[str, float]:
     """The other estimators' weight tables beside the stored attribution one; seconds each took."""
-    from bench.bench_importance import contrastive_pair
+    from bench.bench_importance import contrastive_pair_paths
 
     seconds = {}
     for estimator in sorted({m["weights"] for m in methods.values() if "weights" in m}):
         started = time.perf_counter()
         kwargs = dict(ESTIMATOR_WEIGHTS[estimator])
         if estimator == "contrastive":
-            kwargs["contrastive_models"] = contrastive_pair(prepared, sizes)
-        common.add_weights(prepared, f"{prepared.weights_fingerprint}-{estimator}", **kwargs)
+            kwargs["contrastive_positive_path"], kwargs["contrastive_negative_path"] = contrastive_pair_paths(prepared, sizes)
+        prepared.extra_weights[estimator] = common.add_weights(prepared, **kwargs)
         seconds[estimator] = time.perf_counter() - started
     return seconds
 

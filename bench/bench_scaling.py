@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from tidpo_core.layout import DATABASE_FILE
 
 NAME = "scaling"
 ASSET_ORDER = ("preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation")
@@ -105,7 +106,7 @@ def child(pairs: int, out: Path, assets: list[str]) -> dict[str, Any]:
                 steps[event.step_key] = entry.timestamp - starts[event.step_key]
         checks = {c.check_name: bool(c.passed) for c in result.get_asset_check_evaluations()}
         data_bytes = sum(p.stat().st_size for p in Path(data_dir).rglob("*") if p.is_file())
-        duckdb = Path(data_dir) / "tidpo.duckdb"
+        duckdb = Path(data_dir) / DATABASE_FILE
         duckdb_bytes = duckdb.stat().st_size if duckdb.exists() else 0
     measurement = {
         "pairs": pairs,

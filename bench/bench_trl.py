@@ -3,7 +3,7 @@
 Same tiny Llama (tokenizer trained on the data, short SFT), same token ids, same 1,000 built-in pairs,
 batch size, learning rate, AdamW, cosine schedule with warm-up, gradient clipping, fp32, 2 threads.
 TRL: DPOTrainer, sigmoid loss, precompute_ref_log_probs=True, no gradient checkpointing, no hub,
-report_to=[]. tidpo: tidpo_core.train.train on the pairs/weights/anchors stored in DuckDB, once with the
+report_to=[]. tidpo: tidpo_core.training.train on the pairs/weights/anchors stored in DuckDB, once with the
 `dpo` loss and once with `tidpo` (the paper's setting: weights, TDPO KL alpha 0.5, triplet gamma 0.1).
 
 Methods are timed in alternating rounds (ABC ABC) so that load from other processes on the machine hits
@@ -51,7 +51,7 @@ def _trl_rows(prepared: common.Prepared, tokenizer) -> tuple[list[dict[str, str]
     tokenizes prompt and prompt+completion and appends the eos text; giving it the bos *text* in front of
     the prompt makes both produce the same ids (checked id by id below, never assumed).
     """
-    from tidpo_core.train import load_training_features
+    from tidpo_core.training import load_training_features
 
     features = load_training_features(common.train_config(prepared, "dpo", prepared.data_dir / "unused"), tokenizer)
     pairs = {p.pair_id: p for p in common.train_pairs(prepared)}
@@ -215,7 +215,7 @@ def first_batch_loss_check(
     from tidpo_core.features import TrainingCollator
     from tidpo_core.losses import LossConfig
     from tidpo_core.modeling import load_model_and_tokenizer
-    from tidpo_core.train import compute_batch_loss
+    from tidpo_core.training import compute_batch_loss
 
     batch_rows, batch_features = rows[:batch_size], features[:batch_size]
     policy, tokenizer = load_model_and_tokenizer(policy_path)
@@ -417,7 +417,7 @@ def _token_counts(features: list[dict[str, Any]], prepared: common.Prepared) -> 
     anchors = 0
     if prepared.anchors_fingerprint:
         from tidpo_core.modeling import load_model_and_tokenizer
-        from tidpo_core.train import load_training_features
+        from tidpo_core.training import load_training_features
 
         _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
         config = common.train_config(prepared, "tidpo", prepared.data_dir / "unused")

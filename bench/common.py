@@ -43,6 +43,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from tidpo_core.layout import DataDir  # noqa: E402
+
 THREADS = 2
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -334,6 +336,8 @@ class Prepared:
     parameters: int
     timings: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    extra_weights: dict[str, str] = field(default_factory=dict)
+    """Other weight tables of the same responses (add_weights): name -> fingerprint."""
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -374,7 +378,7 @@ def prepare(data_dir: Path, pairs: Sequence[Any], **kwargs: Any) -> Prepared:
         shutil.copytree(cached, data_dir)
         values = json.loads(stamp.read_text())
         values["timings"] = {**values.get("timings", {}), "cached": True}
-        return Prepared(data_dir=data_dir, duckdb_path=data_dir / "tidpo.duckdb", reference_path=data_dir / "reference", **values)
+        return Prepared(data_dir=data_dir, duckdb_path=DataDir.at(data_dir).database, reference_path=DataDir.at(data_dir).reference_model, **values)
     prepared = prepare_uncached(data_dir, pairs, **kwargs)
     shutil.rmtree(cached, ignore_errors=True)
     shutil.copytree(data_dir, cached)
@@ -405,144 +409,91 @@ def prepare_uncached(
 ) -> Prepared:
     """Pairs -> reference model (tokenizer + tiny Llama + short SFT) -> anchors -> token weights.
 
-    The same steps as the assets preference_pairs, reference_model, anchor_responses and token_weights,
-    called through tidpo_core so that a benchmark can fix the train/eval split exactly. `eval_ids` (if
-    given) decides the split; otherwise the stored hash split with `eval_fraction` does.
+    The pipeline's own steps (tidpo_core.steps), given the pairs directly so that a benchmark can fix the
+    train/eval split exactly: `eval_ids` (if given) decides it; otherwise the stored hash split with
+    `eval_fraction` does.
     """
-    import pyarrow as pa
+    import dataclasses
 
-    from tidpo_core import store
     from tidpo_core.data import LoadResult
     from tidpo_core.features import EncodingSettings
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.modeling import (
-        TinyModelConfig,
-        build_tiny_model,
-        count_parameters,
-        save_model_and_tokenizer,
-        train_tokenizer,
-    )
-    from tidpo_core.sft import sft_texts, supervised_finetune
+    from tidpo_core.generation import SamplingSettings
+    from tidpo_core.layout import DataDir
+    from tidpo_core.modeling import TinyModelConfig
+    from tidpo_core.steps import database_at
+    from tidpo_core.steps.anchors import sample_anchors
+    from tidpo_core.steps.pairs import store_pairs
+    from tidpo_core.steps.reference import ReferenceRecipe, build_reference
+    from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    duckdb_path = data_dir / "tidpo.duckdb"
+    layout = DataDir.at(data_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    open_db = database_at(layout.database)
     timings: dict[str, float] = {}
-    tokens: dict[str, int] = {}
-    settings = EncodingSettings(max_prompt_tokens, max_response_tokens)
-    model_config = model_config or TinyModelConfig(vocab_size=vocab_size)
-
     with timed(timings, "pairs"):
-        con = store.connect(duckdb_path)
-        store.replace_pairs(con, LoadResult(list(pairs), [], len(pairs)), eval_fraction if eval_ids is None else 0.0)
-        if eval_ids is not None:
-            con.register("_bench_eval", pa.table({"pair_id": sorted(eval_ids)}))
-            con.execute("UPDATE preference_pairs SET split = 'eval' WHERE pair_id IN (SELECT pair_id FROM _bench_eval)")
-            con.unregister("_bench_eval")
-        train = store.read_pairs(con, split="train")
-        n_eval = con.execute("SELECT count(*) FROM preference_pairs WHERE split = 'eval'").fetchone()[0]
-
+        ingested = store_pairs(open_db, LoadResult(list(pairs), [], len(pairs)), eval_fraction, eval_ids)
+        stored = ingested.stored
     with timed(timings, "reference_model"):
-        texts = [t for p in train for t in (p.prompt, p.chosen, p.rejected)]
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-        model = build_tiny_model(tokenizer, model_config, seed=seed)
-        supervised_finetune(
-            model,
-            tokenizer,
-            sft_texts(train, "both"),
-            steps=sft_steps,
-            batch_size=sft_batch_size,
-            learning_rate=sft_learning_rate,
-            seed=seed,
-            settings=settings,
+        reference = build_reference(
+            open_db,
+            ReferenceRecipe(sft_steps=sft_steps, sft_batch_size=sft_batch_size, sft_learning_rate=sft_learning_rate, seed=seed),
+            dataclasses.replace(model_config or TinyModelConfig(), vocab_size=vocab_size),
+            layout,
+            ingested.digest,
+            encoding=EncodingSettings(max_prompt_tokens, max_response_tokens),
+            progress=False,
         )
-        reference_path = data_dir / "reference"
-        save_model_and_tokenizer(model, tokenizer, reference_path)
-
-    anchors_fp = None
-    anchor_texts: dict[str, str] = {}
+    anchors_fingerprint = None
     if anchors:
         with timed(timings, "anchor_responses"):
             sampling = SamplingSettings(
-                max_new_tokens=anchor_new_tokens,
-                seed=seed,
-                batch_size=sampling_batch_size,
-                max_prompt_tokens=max_prompt_tokens,
+                max_new_tokens=anchor_new_tokens, seed=seed, batch_size=sampling_batch_size, max_prompt_tokens=max_prompt_tokens
             )
-            anchors_fp = f"bench-anchors-{seed}"
-            generated = sample_responses(model, tokenizer, [p.prompt for p in train], sampling)
-            # An empty sample (eos first) is a valid anchor text for the triplet only if non-empty.
-            anchor_texts = {p.pair_id: (t if t.strip() else " ") for p, t in zip(train, generated, strict=True)}
-            store.insert_anchors(con, anchors_fp, anchor_texts, sampling.as_dict())
-
+            anchors_fingerprint = sample_anchors(open_db, reference.handle, sampling, progress=False).fingerprint
     with timed(timings, "token_weights"):
-        weights_fp = f"bench-weights-{seed}"
-        encoded = write_weights(
-            con, model, tokenizer, train, anchor_texts if anchors else None, settings, weights_fp,
-            lambda_=weight_lambda, batch_size=weight_batch_size, reference_topk=reference_kl_top_k,
+        weighing = WeighingSettings(
+            weight_lambda=weight_lambda,
+            batch_size=weight_batch_size,
+            max_prompt_tokens=max_prompt_tokens,
+            max_response_tokens=max_response_tokens,
+            reference_kl_top_k=reference_kl_top_k,
         )
-        tokens["weighted_sequences"] = len(encoded)
-        tokens["weighted_tokens"] = sum(len(e.input_ids) for e in encoded)
-    con.close()
+        weights = weigh_tokens(open_db, reference.handle, anchors_fingerprint, weighing, progress=False)
     return Prepared(
-        data_dir=data_dir,
-        duckdb_path=duckdb_path,
-        reference_path=reference_path,
-        weights_fingerprint=weights_fp,
-        anchors_fingerprint=anchors_fp,
+        data_dir=layout.root,
+        duckdb_path=layout.database,
+        reference_path=Path(reference.handle.path),
+        weights_fingerprint=weights.fingerprint,
+        anchors_fingerprint=anchors_fingerprint,
         max_prompt_tokens=max_prompt_tokens,
         max_response_tokens=max_response_tokens,
-        n_train=len(train),
-        n_eval=int(n_eval),
-        parameters=count_parameters(model),
+        n_train=stored.train,
+        n_eval=stored.eval,
+        parameters=int(reference.parameters or 0),
         timings=timings,
-        tokens=tokens,
+        tokens={"weighted_responses": weights.summary.responses, "weighted_response_tokens": weights.summary.token_rows},
     )
 
 
-def write_weights(con, model, tokenizer, train, anchor_texts, settings, fingerprint: str, **importance: Any) -> list[Any]:
-    """Token weights of every train response (and anchor) under `fingerprint`, as the token_weights asset
-    stores them; `importance` goes to compute_token_importance (estimator, exclude_eos, lambda_, ...)."""
-    from tidpo_core import store
-    from tidpo_core.features import encode_response, side_texts, token_weights_row
-    from tidpo_core.fingerprint import text_digest
-    from tidpo_core.importance import compute_token_importance
+def add_weights(prepared: Prepared, **settings: Any) -> str:
+    """Another weights table for `prepared`'s pairs and anchors (another estimator: WeighingSettings fields);
+    returns its fingerprint."""
+    from tidpo_core.fingerprint import model_fingerprint
+    from tidpo_core.steps import database_at
+    from tidpo_core.steps.reference import ReferenceHandle
+    from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 
-    todo = []
-    for pair in train:
-        for side, text in side_texts(pair, anchor_texts.get(pair.pair_id) if anchor_texts is not None else None).items():
-            todo.append((pair.pair_id, side, text_digest(text), encode_response(tokenizer, pair.prompt, text, settings)))
-    encoded = [item[3] for item in todo]
-    importances = compute_token_importance(model, encoded, eos_token_id=tokenizer.eos_token_id, **importance)
-    rows = [token_weights_row(*item[:3], item[3], imp) for item, imp in zip(todo, importances, strict=True)]
-    store.write_token_weights(con, fingerprint, rows)
-    return encoded
+    reference = ReferenceHandle(str(prepared.reference_path), model_fingerprint(prepared.reference_path))
+    weighing = WeighingSettings(max_prompt_tokens=prepared.max_prompt_tokens, max_response_tokens=prepared.max_response_tokens, **settings)
+    return weigh_tokens(database_at(prepared.duckdb_path), reference, prepared.anchors_fingerprint, weighing, progress=False).fingerprint
 
 
-def add_weights(prepared: Prepared, fingerprint: str, **importance: Any) -> str:
-    """Another weights table for `prepared`'s pairs and anchors (another estimator), under `fingerprint`."""
-    from tidpo_core import store
-    from tidpo_core.features import EncodingSettings
-    from tidpo_core.modeling import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
-    con = store.connect(prepared.duckdb_path)
-    try:
-        train = store.read_pairs(con, split="train")
-        anchors = store.read_anchors(con, prepared.anchors_fingerprint) if prepared.anchors_fingerprint else None
-        settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-        write_weights(con, model, tokenizer, train, anchors, settings, fingerprint, **importance)
-    finally:
-        con.close()
-    return fingerprint
-
-
-# --- training through tidpo_core.train ----------------------------------------------------------------------
+# --- training through tidpo_core.training ----------------------------------------------------------------------
 
 
 def train_config(prepared: Prepared, loss_type: str, output_dir: Path, **overrides: Any):
     """A TrainConfig for `prepared`; fields the installed TrainConfig lacks raise a clear error."""
-    from tidpo_core.train import TrainConfig
+    from tidpo_core.training import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - known
@@ -598,8 +549,8 @@ def epoch_from_intervals(intervals: Sequence[float]) -> float:
 
 
 def run_training(config: Any) -> TimedRun:
-    """tidpo_core.train.train with a wall and a CPU timestamp per optimizer step."""
-    from tidpo_core.train import train
+    """tidpo_core.training.train with a wall and a CPU timestamp per optimizer step."""
+    from tidpo_core.training import train
 
     stamps: list[float] = []
     cpu: list[float] = []

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from train_fixtures import TinyData, build_tiny_data, load_weights, run_engine  # noqa: E402
 
-from tidpo_core.train import FAILURE_FILE  # noqa: E402
+from tidpo_core.faults import planted  # noqa: E402
+from tidpo_core.launch import LaunchSettings, accelerate_prefix, failure_reason, read_summary  # noqa: E402
+from tidpo_core.layout import RunDir  # noqa: E402
 
 NAME = "gpu"
 KILL_AT_STEP = 5
@@ -53,17 +54,8 @@ RESUME_FLOOR = 1e-5
 CPU_GPU_LOSS_RTOL = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _accelerate(config_file: str) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config_file),
-        "--num_processes", "1", "--main_process_port", str(_free_port()),
-    ]
+    return accelerate_prefix(LaunchSettings("accelerate", 1, str(ROOT / config_file)))
 
 
 def _train(data: TinyData, work: Path, name: str, launcher: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -73,11 +65,10 @@ def _train(data: TinyData, work: Path, name: str, launcher: list[str] | None = N
     started = time.perf_counter()
     done = run_engine(config_path, launcher=launcher, timeout=400)
     result: dict[str, Any] = {"rc": done.returncode, "seconds": round(time.perf_counter() - started, 1), "dir": run_dir}
-    if (run_dir / "summary.json").exists():
-        result["summary"] = json.loads((run_dir / "summary.json").read_text())
+    if RunDir(run_dir).summary.exists():
+        result["summary"] = read_summary(run_dir)
     if done.returncode != 0:
-        failure = run_dir / FAILURE_FILE
-        reason = failure.read_text() if failure.exists() else ""
+        reason = failure_reason(run_dir)
         errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
         result["stderr_tail"] = f"{reason}\n{errors}\n{done.stderr[-1500:]}"
     return result
@@ -102,7 +93,8 @@ def _kill_and_resume(data: TinyData, work: Path, name: str, launcher_fn, **overr
     """An uninterrupted run, a run SIGKILLed after step KILL_AT_STEP, and its re-run."""
     full = _train(data, work, f"{name}_full", launcher_fn(), **overrides)
     summary = _ok_run(full, f"{name} uninterrupted")
-    killed = _train(data, work, f"{name}_resumed", launcher_fn(), inject_kill_at_step=KILL_AT_STEP, **overrides)
+    with planted(kill_at_step=KILL_AT_STEP):
+        killed = _train(data, work, f"{name}_resumed", launcher_fn(), **overrides)
     if killed["rc"] == 0:
         raise AssertionError(f"{name}: the run planted with a SIGKILL after step {KILL_AT_STEP} exited 0")
     resumed = _train(data, work, f"{name}_resumed", launcher_fn(), **overrides)

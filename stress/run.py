@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tidpo_core.layout import DATABASE_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "stress" / "results.json"
 MARK = "TIDPO-MARK"
@@ -123,7 +125,14 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
                 _mark(f"in-transaction {what}")
                 time.sleep(pause_in_s)
 
-    store.transaction = transaction  # type: ignore[assignment]
+    # Every store module that writes holds its own reference to transaction().
+    import tidpo_core.store.anchors
+    import tidpo_core.store.pairs
+    import tidpo_core.store.records
+    import tidpo_core.store.weights
+
+    for module in (store, tidpo_core.store.anchors, tidpo_core.store.pairs, tidpo_core.store.records, tidpo_core.store.weights):
+        module.transaction = transaction  # type: ignore[attr-defined]
 
     def wrap(name: str, what: str) -> None:
         original = getattr(store, name)
@@ -156,17 +165,14 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
 
 
 def _nan_pipes_client(step: int) -> Any:
-    """A Pipes client that plants TrainConfig.inject_nan_at_step in the training YAML before launching."""
+    """A Pipes client that plants a NaN loss at `step` in the training process's environment."""
     import dagster as dg
-    import yaml
+
+    from tidpo_core.faults import Faults
 
     class NanInjectingPipesClient(dg.PipesSubprocessClient):
-        def run(self, *, command, **kwargs):  # type: ignore[no-untyped-def, override]
-            config_path = Path(command[command.index("--config") + 1])
-            raw = yaml.safe_load(config_path.read_text())
-            raw["inject_nan_at_step"] = step
-            config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            return super().run(command=command, **kwargs)
+        def run(self, *, env=None, **kwargs):  # type: ignore[no-untyped-def, override]
+            return super().run(env={**(env or {}), **Faults(nan_at_step=step).as_env()}, **kwargs)
 
     return NanInjectingPipesClient()
 
@@ -199,7 +205,7 @@ def worker_main(argv: list[str]) -> int:
     resources = build_resources(args.data_dir)
     if args.lock_wait:
         resources["duckdb"] = TidpoDuckDB(
-            database=str(Path(args.data_dir).resolve() / "tidpo.duckdb"), lock_timeout_s=args.lock_wait
+            database=str(Path(args.data_dir).resolve() / DATABASE_FILE), lock_timeout_s=args.lock_wait
         )
     if args.gate_margin is not None:
         resources["quality"] = QualityPolicy(gate_margin=args.gate_margin)
@@ -349,7 +355,7 @@ def run_worker(data_dir: Path, config: dict[str, Any], logs: Path, name: str, **
 def read_db(data_dir: Path) -> Iterator[Any]:
     from tidpo_core import store
 
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         yield con
     finally:
@@ -357,71 +363,36 @@ def read_db(data_dir: Path) -> Iterator[Any]:
 
 
 def db_contents(data_dir: Path) -> dict[str, Any]:
-    """Everything stored, keyed by content (fingerprints are content hashes, so two data dirs compare)."""
+    from tidpo_core import store
+
     with read_db(data_dir) as con:
-        pairs = {r[0]: tuple(r[1:]) for r in con.execute("SELECT pair_id, prompt, chosen, rejected, split FROM preference_pairs").fetchall()}
-        quarantine = con.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        anchors = {(r[0], r[1]): r[2] for r in con.execute("SELECT fingerprint, pair_id, anchor FROM anchor_responses").fetchall()}
-        weights = {
-            (r[0], r[1], r[2]): (tuple(r[3]), tuple(r[4]), tuple(r[5]))
-            for r in con.execute(
-                "SELECT fingerprint, pair_id, side, list(token_id ORDER BY position), list(weight ORDER BY position), "
-                "list(reference_logp ORDER BY position) FROM token_weights GROUP BY ALL"
-            ).fetchall()
-        }
-        metrics = con.execute("SELECT model, metric, value FROM evaluation_metrics").fetchall()
-    return {"pairs": pairs, "quarantine": quarantine, "anchors": anchors, "weights": weights, "metrics": metrics}
+        return store.contents(con)
 
 
 def integrity_problems(data_dir: Path) -> dict[str, int]:
-    """Rows that should not exist: duplicates, responses with holes in their token positions, orphans."""
+    from tidpo_core import store
+
     with read_db(data_dir) as con:
-        q = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
-        return {
-            "duplicate_pairs": q("SELECT count(*) - count(DISTINCT pair_id) FROM preference_pairs"),
-            "duplicate_anchors": q("SELECT count(*) - count(DISTINCT (pair_id, fingerprint)) FROM anchor_responses"),
-            "duplicate_weight_rows": q(
-                "SELECT count(*) - count(DISTINCT (fingerprint, pair_id, side, position)) FROM token_weights"
-            ),
-            "partial_responses": q(
-                "SELECT count(*) FROM (SELECT count(*) AS n, min(position) AS lo, max(position) AS hi "
-                "FROM token_weights GROUP BY fingerprint, pair_id, side) WHERE lo <> 0 OR hi <> n - 1"
-            ),
-            "orphan_anchors": q(
-                "SELECT count(*) FROM anchor_responses a WHERE NOT EXISTS "
-                "(SELECT 1 FROM preference_pairs p WHERE p.pair_id = a.pair_id)"
-            ),
-            "duplicate_metrics": q(
-                "SELECT count(*) - count(DISTINCT (mlflow_run_id, model, metric)) FROM evaluation_metrics"
-            ),
-        }
+        return store.integrity_problems(con)
 
 
 def table_counts(data_dir: Path) -> dict[str, int]:
+    from tidpo_core import store
+
     with read_db(data_dir) as con:
-        return {
-            "pairs": con.execute("SELECT count(*) FROM preference_pairs").fetchone()[0],
-            "anchors": con.execute("SELECT count(*) FROM anchor_responses").fetchone()[0],
-            "weight_responses": con.execute(
-                "SELECT count(*) FROM (SELECT DISTINCT fingerprint, pair_id, side FROM token_weights)"
-            ).fetchone()[0],
-        }
+        return store.table_counts(con)
 
 
 def registry(data_dir: Path) -> dict[str, Any]:
     from tidpo_core import tracking
 
     uri = tracking.sqlite_tracking_uri(data_dir)
-    client = tracking.client(uri)
     versions = []
     with contextlib.suppress(Exception):
-        for v in client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'"):
+        for v in tracking.model_versions(uri):
             versions.append({"version": int(v.version), "run_id": v.run_id, "status": v.status, "tags": dict(v.tags)})
     info = tracking.champion(uri)
-    runs = []
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    if experiment is not None:
-        runs = [(r.info.run_id, r.info.run_name, r.info.status) for r in client.search_runs([experiment.experiment_id])]
+    runs = [(r.info.run_id, r.info.run_name, r.info.status) for r in tracking.experiment_runs(uri)]
     return {
         "versions": sorted(versions, key=lambda v: v["version"]),
         "champion": info.version if info else None,
@@ -999,7 +970,7 @@ def scenario_concurrency(work: Path, report: dict[str, Any], baseline: dict | No
     reader_dir = work / "reader"
     run_worker(reader_dir, config, logs, "reader_setup", select="preference_pairs")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('open', flush=True); time.sleep(12)", str(reader_dir / "tidpo.duckdb")],
+        [sys.executable, "-c", "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('open', flush=True); time.sleep(12)", str(reader_dir / DATABASE_FILE)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -100,7 +100,7 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     assert all(0.0 <= float(r["reward_accuracy_mean"]) <= 1.0 for r in rows)
     assert (tmp_path / "docs" / "img" / "method_comparison.png").stat().st_size > 0
 
-    con = store.connect(tmp_path / "data" / "tidpo.duckdb", read_only=True)
+    con = store.connect(tmp_path / "data" / store.DATABASE_FILE, read_only=True)
     try:
         methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()}
         per_seed = con.execute("SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'").fetchone()[0]

@@ -10,7 +10,7 @@ from train_fixtures import TINY, build_tiny_data, reset_accelerate, single_threa
 from tidpo_core.features import TrainingCollator, stack_sides
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.packing import PromptMismatchError, lay_out, pack_shared_prompt
-from tidpo_core.train import compute_batch_loss, load_training_features, train
+from tidpo_core.training import compute_batch_loss, load_training_features, train
 
 PAD = 0
 
@@ -244,7 +244,7 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tidpo_core.losses import token_logps
-    from tidpo_core.train import _pooled_hidden
+    from tidpo_core.training.forward import _pooled_hidden
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(

@@ -3,6 +3,7 @@ the registry round trip works; broken inputs make the matching check fail."""
 
 import json
 import logging
+import os
 import warnings
 
 import dagster as dg
@@ -34,23 +35,39 @@ def _pairs_only() -> dict:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tidpo")
+    # The run starts in an empty folder: whatever it (or the training process it launches) writes
+    # relative to the working directory instead of into the data dir shows up there.
+    workdir = tmp_path_factory.mktemp("working_directory")
     instance = dg.DagsterInstance.ephemeral()
     noise = _RecordMessages()
     loggers = [logging.getLogger(name) for name in ("mlflow.transformers", "lm_eval.api.task")]
     for logger in loggers:
         logger.addHandler(noise)
+    previous_cwd = os.getcwd()
+    os.chdir(workdir)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = _materialize(data_dir, small_run_config(), instance=instance)
     finally:
+        os.chdir(previous_cwd)
         for logger in loggers:
             logger.removeHandler(noise)
     FIRST_RUN_NOISE.extend([*noise.messages, *(f"{w.category.__name__}: {w.message}" for w in caught)])
+    WRITTEN_OUTSIDE_DATA_DIR.extend(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     return data_dir, instance, result
 
 
 FIRST_RUN_NOISE: list[str] = []
+WRITTEN_OUTSIDE_DATA_DIR: list[str] = []
+
+
+def test_a_run_writes_nothing_outside_the_data_dir(first_run):
+    # A run once left an empty mlflow.db in the working directory (MLflow's default store).
+    data_dir, _, result = first_run
+    assert result.success
+    assert WRITTEN_OUTSIDE_DATA_DIR == []
+    assert (data_dir / store.DATABASE_FILE).exists() and (data_dir / tracking.STORE_FILE).exists()
 
 
 class _RecordMessages(logging.Handler):
@@ -63,7 +80,7 @@ class _RecordMessages(logging.Handler):
 
 
 def _counts(data_dir):
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         return {
             table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -90,7 +107,7 @@ def test_definitions_load():
 def test_policy_config_hands_its_training_fields_to_the_engine_with_the_engine_s_defaults():
     import dataclasses
 
-    from tidpo_core.train import TrainConfig
+    from tidpo_core.training import TrainConfig
     from tidpo_pipeline.assets import PolicyConfig, training_fields
 
     engine = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -135,7 +152,7 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     assert counts["preference_pairs"] == 48
     assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0
     # The default evaluation runs the built-in benchmark samples for both models, side by side.
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         scored = con.execute(
             "SELECT model, metric, value FROM evaluation_metrics WHERE metric IN ('truthfulqa_mc1', 'truthfulqa_mc2', 'ifeval_prompt_strict')"
@@ -185,7 +202,7 @@ def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
     data_dir = tmp_path / "broken"
     good = _materialize(data_dir, _pairs_only(), selection=["preference_pairs"])
     assert good.success
-    con = store.connect(data_dir / "tidpo.duckdb")
+    con = store.connect(data_dir / store.DATABASE_FILE)
     con.execute("UPDATE preference_pairs SET rejected = chosen WHERE pair_id = (SELECT min(pair_id) FROM preference_pairs)")
     con.close()
     result = dg.materialize(
@@ -223,7 +240,7 @@ def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
 
 
 def _stored_digests(data_dir) -> tuple[str, str]:
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         return (
             store.table_digest(con, "SELECT pair_id, prompt, chosen, rejected, source, split, meta_json FROM preference_pairs"),
@@ -289,7 +306,7 @@ def test_cli_prints_the_champion(first_run, capsys):
     # The key metrics, policy beside reference, rounded; the tracking URI is absolute (usable from anywhere).
     policy, reference = expected.metrics["eval/policy/reward_accuracy"], expected.metrics["eval/reference/reward_accuracy"]
     assert f"held-out reward accuracy       {policy:.3f}      {reference:.3f}" in out
-    assert f"tracking   sqlite:///{data_dir.resolve()}/mlflow.db" in out
+    assert f"tracking   sqlite:///{data_dir.resolve()}/{tracking.STORE_FILE}" in out
     assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
@@ -353,7 +370,7 @@ def test_cached_reference_kl_through_the_assets(first_run):
     assert result.success
     weights = result.asset_materializations_for_node("token_weights")[0].metadata
     assert weights["reference_kl_top_k"].value == 16 and weights["computed"].value > 0
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         lengths = con.execute(
             "SELECT min(len(reference_topk_ids)), max(len(reference_topk_logp)), count(*) FROM token_weights "
@@ -418,7 +435,7 @@ def test_contrastive_estimator_through_the_assets(first_run):
     assert weights["estimator"].value == "contrastive" and weights["computed"].value > 0
     default_fingerprint = first_run[2].asset_materializations_for_node("token_weights")[0].metadata["fingerprint"].value
     assert weights["fingerprint"].value != default_fingerprint
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         stats = con.execute(
             "SELECT count(*), min(attribution), max(attribution), avg(weight) FROM token_weights WHERE fingerprint = ?",

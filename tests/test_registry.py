@@ -61,7 +61,7 @@ def test_rollback_history_and_the_verdict_tags_round_trip(registry, capsys) -> N
     uri, data_dir = registry
     tracking.set_champion(uri, 2)
     tracking.tag_gate_verdict(uri, 3, False, "reference, champion v2", "failed: worse than the champion")
-    con = store.connect(data_dir / "tidpo.duckdb")
+    con = store.connect(data_dir / store.DATABASE_FILE)
     store.record_champion_event(con, store.ChampionEvent(NAME, "2", "promoted", None, "reference", "passed"))
     store.record_champion_event(con, store.ChampionEvent(NAME, "3", "refused", "2", "reference, champion v2", "failed: worse"))
     con.close()

@@ -22,6 +22,8 @@ from pipeline_config import small_run_config
 
 from tidpo_core import store, tracking
 from tidpo_core.data import DataFileError, load_preferences
+from tidpo_core.faults import Faults
+from tidpo_core.launch import bind_to_parent
 from tidpo_core.modeling import (
     TinyModelConfig,
     build_tiny_model,
@@ -38,7 +40,6 @@ from tidpo_pipeline.resources import (
     MlflowTracking,
     QualityPolicy,
     TidpoDuckDB,
-    bind_to_parent,
     build_resources,
 )
 
@@ -75,7 +76,7 @@ def _pairs_config(pairs: int = 40) -> dict:
 
 
 def _counts(data_dir: Path) -> dict[str, int]:
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         return {
             t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
@@ -188,7 +189,7 @@ def test_a_run_on_a_busy_data_dir_fails_fast_and_changes_nothing(tmp_path):
 def test_with_a_lock_timeout_runs_serialize(tmp_path):
     holder = _hold_lock(tmp_path)
     threading.Timer(2.0, holder.stdin.close).start()  # the other run finishes after 2 s
-    waiting = TidpoDuckDB(database=str(tmp_path / "tidpo.duckdb"), lock_timeout_s=60)
+    waiting = TidpoDuckDB(database=str(tmp_path / store.DATABASE_FILE), lock_timeout_s=60)
     started = time.monotonic()
     result = _materialize(tmp_path, _pairs_config(), selection=["preference_pairs"], duckdb=waiting)
     holder.wait()
@@ -202,7 +203,7 @@ def test_a_reader_holding_the_duckdb_file_delays_a_run_instead_of_failing_it(tmp
         "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); "
         "print('open', flush=True); time.sleep(2)"
     )
-    reader = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tidpo.duckdb")], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / store.DATABASE_FILE)], stdout=subprocess.PIPE, text=True)
     assert reader.stdout.readline().strip() == "open"
     result = _materialize(tmp_path, _pairs_config(60), selection=["preference_pairs"])
     reader.wait()
@@ -213,7 +214,7 @@ def test_a_reader_holding_the_duckdb_file_delays_a_run_instead_of_failing_it(tmp
 def test_the_trainer_s_read_only_open_waits_for_a_writer_to_let_go(tmp_path):
     """The training process opens DuckDB read-only; a parallel step writing a chunk must delay it, not
     crash it (DuckDB refuses a reader while another process writes)."""
-    path = tmp_path / "tidpo.duckdb"
+    path = tmp_path / store.DATABASE_FILE
     store.connect(path).close()
     code = "import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); print('open', flush=True); time.sleep(1.5)"
     writer = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
@@ -226,7 +227,7 @@ def test_the_trainer_s_read_only_open_waits_for_a_writer_to_let_go(tmp_path):
 
 
 def test_a_failing_body_closes_its_duckdb_connection(tmp_path):
-    resource = TidpoDuckDB(database=str(tmp_path / "tidpo.duckdb"))
+    resource = TidpoDuckDB(database=str(tmp_path / store.DATABASE_FILE))
     with pytest.raises(RuntimeError, match="boom"), resource.get_connection() as con:
         raise RuntimeError("boom")
     with pytest.raises(Exception, match="(?i)closed"):
@@ -235,7 +236,7 @@ def test_a_failing_body_closes_its_duckdb_connection(tmp_path):
 
 def test_the_trainer_dies_with_the_step_that_launched_it(tmp_path):
     code = (
-        "import subprocess, sys; from tidpo_pipeline.resources import bind_to_parent; "
+        "import subprocess, sys; from tidpo_core.launch import bind_to_parent; "
         "p = subprocess.Popen(bind_to_parent(['/bin/sleep', '60'])); print(p.pid, flush=True); p.wait()"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -348,18 +349,14 @@ def _champion(data_dir: Path) -> str | None:
 
 
 class NanInjectingPipesClient(dg.PipesSubprocessClient):
-    """Plants TrainConfig.inject_nan_at_step (a test hook of the training engine) in the run's YAML."""
+    """Plants a NaN loss at `step` (a fault of the training engine, see tidpo_core.faults) in the run's environment."""
 
     def __init__(self, step: int):
         super().__init__()
         self.step = step
 
-    def run(self, *, command, **kwargs):  # type: ignore[override]
-        path = Path(command[command.index("--config") + 1])
-        raw = yaml.safe_load(path.read_text())
-        raw["inject_nan_at_step"] = self.step
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return super().run(command=command, **kwargs)
+    def run(self, *, env=None, **kwargs):  # type: ignore[override]
+        return super().run(env={**(env or {}), **Faults(nan_at_step=self.step).as_env()}, **kwargs)
 
 
 def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
@@ -386,7 +383,7 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     assert evaluation["eval_pairs_new_since_champion"].value == 0
     assert evaluation["eval_pairs_shared_with_champion"].value == evaluation_pair_count(result) > 0
     assert versions[-1].tags["compared_with"] == f"reference, champion v{before_champion}"
-    con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+    con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         history = store.champion_history(con, "tidpo-policy")
         champion_rows = con.execute("SELECT count(*) FROM evaluation_metrics WHERE model = 'champion'").fetchone()[0]
@@ -486,7 +483,7 @@ def test_a_run_killed_inside_an_anchor_transaction_resumes_to_the_uninterrupted_
     assert meta["reused"].value == 32 and meta["generated"].value == _counts(crash_dir)["anchor_responses"] - 32
 
     def anchors(data_dir: Path) -> dict:
-        con = store.connect(data_dir / "tidpo.duckdb", read_only=True)
+        con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
         try:
             return dict(con.execute("SELECT fingerprint || '/' || pair_id, anchor FROM anchor_responses").fetchall())
         finally:
@@ -550,6 +547,9 @@ def test_no_pickle_is_ever_read_from_a_data_file(tmp_path):
         assert not is_data_file(path)  # the inbox ignores it
         with pytest.raises(DataFileError, match="unsupported file type"):
             load_preferences(path)
-    for module in ("data", "sources", "store"):
-        source = (REPO / "tidpo_core" / f"{module}.py").read_text()
+    core = REPO / "tidpo_core"
+    readers = [core / "data.py", core / "sources.py", *sorted((core / "store").glob("*.py")), *sorted((core / "steps").glob("*.py"))]
+    assert len(readers) > 8
+    for module in readers:
+        source = module.read_text()
         assert "pickle" not in source and "torch.load" not in source, module

@@ -22,9 +22,10 @@ from train_fixtures import (
 )
 
 from tidpo_core import store
+from tidpo_core.faults import Faults, planted
 from tidpo_core.features import TrainingCollator, stack_sides
 from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.train import (
+from tidpo_core.training import (
     COMPLETE_MARKER,
     INTERRUPTED_EXIT_CODE,
     NonFiniteLossError,
@@ -73,8 +74,9 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tiny, tmp_path
     uninterrupted = train(tiny.config(tmp_path / "a", **common))
     assert uninterrupted.steps == 4
 
-    killed = tiny.config(tmp_path / "b", inject_kill_at_step=3, **common)
-    result = run_engine(killed.to_yaml(tmp_path / "b.yaml"))
+    killed = tiny.config(tmp_path / "b", **common)
+    with planted(kill_at_step=3):
+        result = run_engine(killed.to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == -9, result.stderr[-2000:]
     steps = [s for s, _ in complete_checkpoints(tmp_path / "b" / "checkpoints")]
     assert steps == [2, 3]  # keep-last-2
@@ -104,8 +106,9 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes_exactly(
     # finishes the optimizer step, checkpoints it, exits 143, and the re-run equals an uninterrupted run.
     common = {"num_epochs": 2, "gradient_accumulation_steps": 2, "checkpoint_every": 0}
     uninterrupted = train(tiny.config(tmp_path / "a", **common))
-    stopped = tiny.config(tmp_path / "b", inject_sigterm_at_step=1, **common)
-    result = run_engine(stopped.to_yaml(tmp_path / "b.yaml"))
+    stopped = tiny.config(tmp_path / "b", **common)
+    with planted(sigterm_at_step=1):
+        result = run_engine(stopped.to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == INTERRUPTED_EXIT_CODE == 143, result.stderr[-2000:]
     assert "stopped by SIGTERM after optimizer step 1 of 4" in result.stderr
     # checkpoint_every 0 takes no periodic checkpoints: this one is the signal's.
@@ -133,8 +136,8 @@ def test_stop_signals_turn_a_signal_into_a_request_and_restore_the_handlers():
 
 
 def test_planted_nan_stops_with_the_step_named_and_the_last_good_state_saved(tiny, tmp_path):
-    config = tiny.config(tmp_path / "run", max_steps=4, inject_nan_at_step=3, checkpoint_every=0)
-    with pytest.raises(NonFiniteLossError) as raised:
+    config = tiny.config(tmp_path / "run", max_steps=4, checkpoint_every=0)
+    with pytest.raises(NonFiniteLossError) as raised, planted(nan_at_step=3):
         train(config)
     message = str(raised.value)
     assert "optimizer step 3" in message and "pairs [" in message
@@ -152,12 +155,13 @@ def test_planted_nan_stops_with_the_step_named_and_the_last_good_state_saved(tin
 def test_nan_through_pipes_fails_the_asset_and_closes_the_session(tiny, tmp_path):
     import dagster as dg
 
-    config_path = tiny.config(tmp_path / "run", max_steps=3, inject_nan_at_step=2).to_yaml(tmp_path / "run.yaml")
+    config_path = tiny.config(tmp_path / "run", max_steps=3).to_yaml(tmp_path / "run.yaml")
 
     @dg.asset
     def policy(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient):
         command = [sys.executable, "-m", "tidpo_core.train", "--config", str(config_path)]
-        return pipes.run(context=context, command=command, env=subprocess_env()).get_materialize_result()
+        env = {**subprocess_env(), **Faults(nan_at_step=2).as_env()}
+        return pipes.run(context=context, command=command, env=env).get_materialize_result()
 
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
@@ -228,7 +232,9 @@ def test_lora_merged_final_model_loads_as_a_plain_model(tiny, tmp_path):
 def test_trl_metric_names_reach_mlflow(tiny, tmp_path):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from tidpo_core.tracking import STORE_FILE
+
+    uri = f"sqlite:///{tmp_path / STORE_FILE}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
@@ -277,7 +283,7 @@ def test_fixture_pairs_differ_within_the_encoded_length(tiny, tmp_path):
 
 
 def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_with(monkeypatch, tmp_path):
-    import tidpo_core.train as engine
+    import tidpo_core.training.setup as engine
 
     calls = []
     monkeypatch.setattr(engine, "load_model_and_tokenizer", lambda path, **kwargs: calls.append((path, kwargs)) or (None, None))
@@ -310,7 +316,8 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
     assert len(resampled) >= 0.8 * tiny.train_pairs
     assert sum(resampled[p] != stored[p] for p in resampled) >= 0.5 * len(resampled)  # new samples, not the stored ones
 
-    result = run_engine(tiny.config(tmp_path / "b", inject_kill_at_step=2, **common).to_yaml(tmp_path / "b.yaml"))
+    with planted(kill_at_step=2):
+        result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == -9, result.stderr[-2000:]
     result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -336,7 +343,8 @@ def test_anchor_refresh_every_step_samples_each_batch_from_the_current_policy(ti
     assert 0.5 * 12 <= len(sampled) <= 12 < tiny.train_pairs
     assert sum(sampled[p] != stored[p] for p in sampled) >= 0.5 * len(sampled)
 
-    result = run_engine(tiny.config(tmp_path / "b", inject_kill_at_step=2, **common).to_yaml(tmp_path / "b.yaml"))
+    with planted(kill_at_step=2):
+        result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == -9, result.stderr[-2000:]
     result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -363,7 +371,7 @@ def _sharded_accelerator(kind: str, zero_stage: int | None = None):
     [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)],
 )
 def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(tiny, tmp_path, kind, stage, refused):
-    from tidpo_core.train import _check_sharding_support
+    from tidpo_core.training.setup import _check_sharding_support
 
     accelerator = _sharded_accelerator(kind, stage)
     for overrides in ({"weights_mode": "online"}, {"anchor_refresh_every": 5}):
@@ -379,7 +387,7 @@ def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(tiny,
 def test_a_gathered_state_dict_saves_the_base_models_layout(tiny, tmp_path):
     """FSDP/ZeRO-3 gather tied weights as separate tensors; saved as such, lm_head would be written too
     (seen on an H100 under FSDP, bench/gpu_check.py)."""
-    from tidpo_core.train import without_tied_copies
+    from tidpo_core.training.checkpoints import without_tied_copies
 
     model, _ = load_model_and_tokenizer(tiny.reference_path)
     gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -395,7 +403,7 @@ def test_a_gathered_state_dict_saves_the_base_models_layout(tiny, tmp_path):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_materialized_optimizer_state_is_zero_and_moves_no_weight(weight_decay):
-    from tidpo_core.train import materialize_optimizer_state
+    from tidpo_core.training.checkpoints import materialize_optimizer_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -435,7 +443,7 @@ def tiny_cached(tmp_path_factory):
 def test_cached_reference_kl_over_the_whole_vocabulary_trains_like_the_reference_forward(tiny_cached, tmp_path, monkeypatch):
     """reference_kl: cached runs the policy only (one model loaded) and, with k = vocabulary, computes
     the same SeqKL as the reference forward: same losses and weights up to float rounding."""
-    import tidpo_core.train as engine
+    import tidpo_core.training.setup as engine
 
     loads = []
     real_load = engine._load_reference
@@ -473,7 +481,7 @@ def test_peak_rss_is_the_training_process_s_own_not_its_parent_s(tmp_path):
         "import json, subprocess, sys\n"
         "big = bytearray(700 * 2**20)\n"
         "for i in range(0, len(big), 4096): big[i] = 1\n"
-        "child = ('import json, resource; from tidpo_core.train import _peak_rss_mb; '\n"
+        "child = ('import json, resource; from tidpo_core.training.reporting import _peak_rss_mb; '\n"
         "         'print(json.dumps([_peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))')\n"
         "out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True)\n"
         "print(out.stdout)\n"

@@ -23,7 +23,8 @@ import pytest
 import torch
 from train_fixtures import ROOT, build_tiny_data, load_weights, run_engine, single_thread
 
-from tidpo_core.train import complete_checkpoints
+from tidpo_core.faults import planted
+from tidpo_core.training import complete_checkpoints
 
 
 def _free_port() -> int:
@@ -89,8 +90,9 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tiny, dd
 
 def test_a_nan_on_one_process_stops_both_with_a_checkpoint(tiny, tmp_path):
     # The hook poisons the loss on the last process only: the main process must stop too (no hang).
-    config = tiny.config(tmp_path / "run", per_device_batch_size=2, inject_nan_at_step=2)
-    result = run_engine(config.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
+    config = tiny.config(tmp_path / "run", per_device_batch_size=2)
+    with planted(nan_at_step=2):
+        result = run_engine(config.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
     assert result.returncode != 0
     assert "NonFiniteLossError" in result.stderr and "optimizer step 2" in result.stderr
     assert "process 1: loss nan" in result.stderr
@@ -102,8 +104,9 @@ def test_a_nan_on_one_process_stops_both_with_a_checkpoint(tiny, tmp_path):
 def test_ddp_stopped_by_a_signal_on_one_process_resumes_to_the_uninterrupted_weights(tiny, ddp_run, tmp_path):
     # SIGTERM reaches only the main process here: the stop is collective, so process 1 checkpoints and
     # stops at the same step instead of hanging in the next all-reduce.
-    stopped = tiny.config(tmp_path / "run", per_device_batch_size=2, checkpoint_every=3, inject_sigterm_at_step=2)
-    result = run_engine(stopped.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
+    stopped = tiny.config(tmp_path / "run", per_device_batch_size=2, checkpoint_every=3)
+    with planted(sigterm_at_step=2):
+        result = run_engine(stopped.to_yaml(tmp_path / "run.yaml"), launcher=launch_2(), timeout=180)
     assert result.returncode != 0
     assert "stopped by SIGTERM after optimizer step 2 of 6" in result.stderr
     assert "stopped by a signal on another process after optimizer step 2" in result.stderr

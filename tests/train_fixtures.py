@@ -31,7 +31,7 @@ from tidpo_core.modeling import (
     train_tokenizer,
 )
 from tidpo_core.synthetic import generate_synthetic_pairs
-from tidpo_core.train import TrainConfig
+from tidpo_core.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODING = EncodingSettings(max_prompt_tokens=64, max_response_tokens=128)
@@ -72,7 +72,7 @@ class TinyData:
 
 def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: int = 0) -> TinyData:
     root.mkdir(parents=True, exist_ok=True)
-    duckdb_path = root / "tidpo.duckdb"
+    duckdb_path = root / store.DATABASE_FILE
     data = generate_synthetic_pairs(pairs, seed=seed)
     con = store.connect(duckdb_path)
     try:

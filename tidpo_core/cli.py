@@ -76,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _database(data_dir: str) -> Path:
-    from tidpo_core.store import DATABASE_FILE
+    from tidpo_core.layout import DataDir
 
-    return Path(data_dir) / DATABASE_FILE
+    return DataDir.at(data_dir).database
 
 
 def _history(args: argparse.Namespace) -> int:

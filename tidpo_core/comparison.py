@@ -16,7 +16,6 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,11 @@ import yaml
 from tidpo_core import store
 from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
 from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
+from tidpo_core.launch import LaunchSettings, run_training
+from tidpo_core.layout import RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.modeling import torch_threads as use_torch_threads
-from tidpo_core.train import TrainConfig, train
+from tidpo_core.training import TrainConfig
 
 # Method name -> TrainConfig fields that make it. The three ablations are the paper's (METHOD.md):
 # lambda 0 drops the gradient attribution, lambda 1 the Gaussian prior, gamma 0 the triplet term.
@@ -81,27 +82,6 @@ PLOT_METRICS: tuple[str, ...] = (
 )
 CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS method_comparison (
-    comparison_id VARCHAR NOT NULL,
-    mlflow_run_id VARCHAR,
-    method VARCHAR NOT NULL,
-    metric VARCHAR NOT NULL,
-    mean DOUBLE,
-    std DOUBLE,
-    n INTEGER,
-    seed_values VARCHAR,
-    created_at TIMESTAMP
-);
-CREATE TABLE IF NOT EXISTS method_comparison_runs (
-    comparison_id VARCHAR NOT NULL,
-    method VARCHAR NOT NULL,
-    seed INTEGER NOT NULL,
-    metric VARCHAR NOT NULL,
-    value DOUBLE,
-    created_at TIMESTAMP
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -172,18 +152,18 @@ def method_train_config(
     return TrainConfig(**fields)
 
 
-def _train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], bool]:
+def _train_or_reuse(config: TrainConfig, launch_settings: LaunchSettings) -> tuple[dict[str, Any], bool]:
     """Train, unless this exact config already finished in its output folder (then reuse it)."""
     out = Path(config.output_dir)
     wanted = yaml.safe_dump(asdict(config), sort_keys=True)
-    summary_file, config_file = out / "summary.json", out / "comparison_config.yaml"
+    summary_file, config_file = RunDir(out).summary, out / "comparison_config.yaml"
     if summary_file.exists() and config_file.exists() and config_file.read_text() == wanted:
         summary = json.loads(summary_file.read_text())
         if Path(summary["final_model_path"]).exists():
             return summary, True
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    summary = asdict(train(config))
+    summary = run_training(config, launch_settings)
     config_file.write_text(wanted)
     return summary, False
 
@@ -200,6 +180,7 @@ def run_method_comparison(
     benchmark_options: BenchmarkOptions | None = None,
     keep_models: bool = True,
     torch_threads: int = 0,
+    launch_settings: LaunchSettings = LaunchSettings(launcher="in_process"),
     log: Callable[[str], None] = print,
 ) -> ComparisonResult:
     """Train every method with every seed from the same reference and data, evaluate each, aggregate.
@@ -208,10 +189,12 @@ def run_method_comparison(
     so differences between runs come from training. Finished runs whose config is unchanged are
     reused. With keep_models False, each policy folder is deleted after its evaluation. torch_threads > 0
     sets torch's intra-op threads for the duration (on a machine shared with other jobs one thread can be
-    several times faster than two that wait on each other); 0 leaves torch's default.
+    several times faster than two that wait on each other); 0 leaves torch's default. `launch_settings`
+    says how each run is trained: in this process by default (the runs are short and share the loaded
+    reference's pages), or through `accelerate launch` for multi-GPU runs.
     """
     with use_torch_threads(torch_threads):
-        return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, log)
+        return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, launch_settings, log)
 
 
 def _run_method_comparison(
@@ -224,6 +207,7 @@ def _run_method_comparison(
     benchmarks: Sequence[str],
     benchmark_options: BenchmarkOptions | None,
     keep_models: bool,
+    launch_settings: LaunchSettings,
     log: Callable[[str], None],
 ) -> ComparisonResult:
     started = time.perf_counter()
@@ -262,7 +246,7 @@ def _run_method_comparison(
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         config = method_train_config(method, seed, inputs, output_dir / method / f"seed_{seed}", overrides)
         tic = time.perf_counter()
-        summary, reused = _train_or_reuse(config)
+        summary, reused = _train_or_reuse(config, launch_settings)
         train_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
         policy, _ = load_model_and_tokenizer(summary["final_model_path"], trust_remote_code=inputs.trust_remote_code)
@@ -383,10 +367,9 @@ def write_runs_csv(result: ComparisonResult, path: str | Path) -> Path:
 def write_comparison_table(
     con: duckdb.DuckDBPyConnection, comparison_id: str, result: ComparisonResult, mlflow_run_id: str | None = None
 ) -> int:
-    """Replace this comparison's rows in DuckDB tables method_comparison (aggregated) and
-    method_comparison_runs (per seed), in one transaction; returns the aggregated row count."""
-    con.execute(SCHEMA)
-    now = datetime.now(UTC).replace(tzinfo=None)
+    """Replace this comparison's rows in DuckDB (aggregated and per seed, see store.replace_comparison);
+    returns the aggregated row count."""
+    now = store.now()
     by_method: dict[str, list[ComparisonRun]] = {}
     for run in result.runs:
         by_method.setdefault(run.method, []).append(run)
@@ -406,13 +389,7 @@ def write_comparison_table(
         for run in result.runs
         for metric, value in run.metrics.items()
     ]
-    with store.transaction(con):
-        con.execute("DELETE FROM method_comparison WHERE comparison_id = ?", [comparison_id])
-        con.execute("DELETE FROM method_comparison_runs WHERE comparison_id = ?", [comparison_id])
-        if aggregated:
-            con.executemany("INSERT INTO method_comparison VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", aggregated)
-        if per_seed:
-            con.executemany("INSERT INTO method_comparison_runs VALUES (?, ?, ?, ?, ?, ?)", per_seed)
+    store.replace_comparison(con, comparison_id, aggregated, per_seed)
     return len(aggregated)
 
 

@@ -37,9 +37,9 @@ BUILD_MARKER = "tidpo_build.json"
 class ContrastiveSFT:
     """SFT recipe of both contrastive models (defaults: the embedded reference's)."""
 
-    steps: int = 300
-    batch_size: int = 16
-    learning_rate: float = 3e-3
+    sft_steps: int = 300
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
     seed: int = 0
 
 
@@ -85,9 +85,9 @@ def train_contrastive_pair(
             model,
             tokenizer,
             [(p.prompt, getattr(p, side)) for p in pairs],
-            steps=recipe.steps,
-            batch_size=recipe.batch_size,
-            learning_rate=recipe.learning_rate,
+            steps=recipe.sft_steps,
+            batch_size=recipe.sft_batch_size,
+            learning_rate=recipe.sft_learning_rate,
             seed=recipe.seed,
             progress=progress,
         )

@@ -32,6 +32,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from tidpo_core.errors import UserInputError
+
 __all__ = [
     "DataFileError",
     "DataRowError",
@@ -76,7 +78,7 @@ class QuarantineReason(StrEnum):
     NUL_BYTE = "nul_byte"
 
 
-class DataFileError(ValueError):
+class DataFileError(UserInputError):
     """A file that is not a data file at all (binary junk, truncated gzip, unreadable parquet)."""
 
 

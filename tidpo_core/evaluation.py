@@ -76,7 +76,7 @@ def score_pairs(
         stacked = {k: v.to(device) for k, v in stacked.items()}
         logits = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]).logits.float()
         per_token = token_logps(logits, stacked["input_ids"]) * stacked["response_mask"]
-        n = batch["chosen_input_ids"].shape[0]
+        n = batch.sides["chosen"].input_ids.shape[0]
         for i, side in enumerate(sides):
             sums[side].extend(per_token[i * n : (i + 1) * n].sum(1).tolist())
             counts[side].extend(stacked["response_mask"][i * n : (i + 1) * n].sum(1).tolist())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from tidpo_core.batch import SideBatch, TrainingBatch
 from tidpo_core.data import PreferencePair
 from tidpo_core.importance import Normalization, TokenImportance, hybrid_weights
 from tidpo_core.store import REFERENCE_TOPK_SIDES, StoredWeights
@@ -164,13 +165,13 @@ def token_weights_row(
 
 class TrainingCollator:
     """PreferenceCollator plus per-token reference log-probs (and the cached reference top-k) scattered
-    to their positions."""
+    to their positions, as a TrainingBatch."""
 
     def __init__(self, pad_token_id: int, sides: Sequence[str]):
         self.sides = tuple(sides)
         self._base = PreferenceCollator(pad_token_id, sides=self.sides)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> TrainingBatch:
         stripped = [{k: v for k, v in f.items() if not k.endswith(tuple(_RESPONSE_VALUES))} for f in features]
         batch = self._base(stripped)
         for side in self.sides:
@@ -180,21 +181,25 @@ class TrainingCollator:
                     batch[key] = scatter_response_values(
                         [f[key] for f in features], batch[f"{side}_response_mask"], dtype=dtype, fill=fill
                     )
-        return batch
+        return TrainingBatch.of(batch)
 
 
-def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Concatenate the sides of a batch along the batch dimension so the model runs once per step."""
-    length = max(batch[f"{s}_input_ids"].shape[1] for s in sides)
+def stack_sides(batch: TrainingBatch | Mapping[str, Any], sides: Sequence[str], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate the sides of a batch along the batch dimension so the model runs once per step.
 
-    def cat(key: str, value: float, of: Sequence[str] = sides) -> torch.Tensor:
-        parts = []
-        for s in of:
-            tensor = batch[f"{s}_{key}"]
+    `batch` is a TrainingBatch or a mapping under its flat names (TrainingBatch.of)."""
+    batch = TrainingBatch.of(batch)
+    parts = [batch.sides[s] for s in sides]
+    length = max(part.input_ids.shape[1] for part in parts)
+
+    def cat(name: str, value: float, of: Sequence[SideBatch] = parts) -> torch.Tensor:
+        padded = []
+        for part in of:
+            tensor = getattr(part, name)
             # Pad dimension 1 (positions); a [B, T, k] tensor keeps its last dimension.
             padding = (0, length - tensor.shape[1]) if tensor.dim() == 2 else (0, 0, 0, length - tensor.shape[1])
-            parts.append(F.pad(tensor, padding, value=value))
-        return torch.cat(parts, dim=0)
+            padded.append(F.pad(tensor, padding, value=value))
+        return torch.cat(padded, dim=0)
 
     stacked = {
         "input_ids": cat("input_ids", pad_token_id),
@@ -202,12 +207,12 @@ def stack_sides(batch: Mapping[str, Any], sides: Sequence[str], pad_token_id: in
         "response_mask": cat("response_mask", 0.0),
         "weights": cat("weights", 0.0),
     }
-    if all(f"{s}_reference_logps" in batch for s in sides):
+    if all(part.reference_logps is not None for part in parts):
         stacked["reference_logps"] = cat("reference_logps", 0.0)
     # The cached reference top-k serves SeqKL, which only chosen and rejected (the first 2B rows) need;
     # a re-sampled anchor has none.
-    kl_sides = [s for s in sides if s in REFERENCE_TOPK_SIDES]
+    kl_parts = [batch.sides[s] for s in sides if s in REFERENCE_TOPK_SIDES]
     for name in ("reference_topk_ids", "reference_topk_logp"):
-        if kl_sides and all(f"{s}_{name}" in batch for s in kl_sides):
-            stacked[name] = cat(name, _RESPONSE_VALUES[name][1], kl_sides)
+        if kl_parts and all(getattr(part, name) is not None for part in kl_parts):
+            stacked[name] = cat(name, _RESPONSE_VALUES[name][1], kl_parts)
     return stacked

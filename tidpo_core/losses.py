@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,7 @@ def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
     """Per-position ``KL(pi_ref || pi_theta)`` over the vocabulary ``[B,T]``, aligned like token_logps.
 
     The per-row form for plain padded tensors; the training engine maps kl_from_logits through its batch
-    layout (tidpo_core.packing) instead, and tests hold the two equal."""
+    layout (tidpo_core.packing) instead (pair_sequence_kl), and tests hold the two equal."""
     if reference_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
         raise ValueError(
             "expected reference and policy logits of the same shape [B,T,V], got "
@@ -228,6 +228,51 @@ def coarsened_kl(reference_topk_logp: Tensor, policy_topk_logp: Tensor, *, whole
 def sequence_kl(token_kl: Tensor, response_mask: Tensor) -> Tensor:
     """SeqKL(x, y): sum of the per-position KL over response positions ``[B]``."""
     return (token_kl * response_mask.to(token_kl.dtype)).sum(-1)
+
+
+class TokenMap(Protocol):
+    """Where a model's per-position outputs put each scored token: the batch layouts of
+    tidpo_core.packing (a view of chosen and rejected), written here as what the KL below needs."""
+
+    def prefix(self, per_position: Tensor) -> Tensor: ...
+
+    def per_token(self, per_position: Tensor) -> Tensor: ...
+
+    def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor: ...
+
+    def scored_only(self, values: Tensor) -> Tensor: ...
+
+
+def pair_sequence_kl(
+    pairs: TokenMap,
+    policy_logits: Tensor,
+    policy_log_normalizer: Tensor,
+    response_mask: Tensor,
+    *,
+    reference_logits: Tensor | None = None,
+    reference_topk_ids: Tensor | None = None,
+    reference_topk_logp: Tensor | None = None,
+) -> Tensor | None:
+    """SeqKL ``[2B]`` of chosen and rejected from one forward's per-position outputs; None without a reference.
+
+    `pairs` maps the positions of the logits (computed over the whole batch) to the stacked chosen and
+    rejected tokens. The reference is its full logits (exact KL) or else its cached top-k (coarsened_kl,
+    exact when k covers the vocabulary). The exact KL is taken per position and only then mapped to
+    tokens, so no per-token ``[2B, T, V]`` gather of the logits is built.
+    """
+    if reference_logits is not None:
+        per_position = kl_from_logits(
+            pairs.prefix(reference_logits), pairs.prefix(policy_logits), pairs.prefix(policy_log_normalizer)
+        )
+        return sequence_kl(pairs.per_token(per_position), response_mask)
+    if reference_topk_ids is None or reference_topk_logp is None:
+        return None
+    policy_top = pairs.gather_vocabulary(pairs.prefix(policy_logits), reference_topk_ids) - pairs.per_token(
+        pairs.prefix(policy_log_normalizer)
+    ).unsqueeze(-1)
+    whole_vocabulary = reference_topk_ids.shape[-1] >= policy_logits.shape[-1]
+    per_token = coarsened_kl(reference_topk_logp, policy_top, whole_vocabulary=whole_vocabulary)
+    return sequence_kl(pairs.scored_only(per_token), response_mask)
 
 
 # --------------------------------------------------------------------------- one side of a pair

@@ -64,7 +64,8 @@ class TinyModelConfig:
     intermediate_size: int = 384
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    num_key_value_heads: int = 4
+    num_key_value_heads: int | None = None
+    """Grouped-query attention's key/value heads; None: as many as num_attention_heads (plain multi-head)."""
     max_position_embeddings: int = 512
 
 
@@ -114,7 +115,7 @@ def build_tiny_model(
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
+        num_key_value_heads=config.num_key_value_heads or config.num_attention_heads,
         max_position_embeddings=config.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

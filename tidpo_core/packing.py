@@ -21,7 +21,7 @@ the padded layout's step time on the TRL benchmark). `batch_layout: padded` in T
 (needed by attention kernels that take no 4-D mask, such as flash-attention 2): PaddedBatch.
 
 Both layouts answer the same questions (model inputs; per-token values from per-position ones; the view
-of the first sides, which SeqKL needs), so train.py runs one forward for either.
+of the first sides, which SeqKL needs), so tidpo_core.training.forward runs one forward for either.
 """
 
 from __future__ import annotations

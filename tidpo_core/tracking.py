@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,15 +16,16 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from tidpo_core.layout import REGISTRY_LOCK_FILE, TRACKING_STORE_FILE, DataDir
 from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
 
 EXPERIMENT = "tidpo"
 REGISTERED_MODEL = "tidpo-policy"
 CHAMPION_ALIAS = "champion"
-# The sqlite tracking store inside a data directory.
-STORE_FILE = "mlflow.db"
+STORE_FILE = TRACKING_STORE_FILE  # the sqlite tracking store inside a data directory
 # Without explicit requirements mlflow infers them by importing the model's stack, torchvision
 # included, which is absent (and broken beside this torch).
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "safetensors", "accelerate"]
@@ -31,11 +34,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def sqlite_tracking_uri(data_dir: str | Path) -> str:
-    return f"sqlite:///{Path(data_dir).resolve() / STORE_FILE}"
+    return DataDir.at(data_dir).tracking_uri
 
 
 def artifact_root(data_dir: str | Path) -> str:
-    return (Path(data_dir).resolve() / "mlartifacts").as_uri()
+    return DataDir.at(data_dir).artifacts.as_uri()
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -96,6 +99,103 @@ def ensure_experiment(tracking_uri: str, artifact_location: str | None, name: st
     return store.create_experiment(name, artifact_location=artifact_location)
 
 
+def _params(values: dict[str, Any]) -> list[Param]:
+    # MLflow caps a parameter value at 6,000 characters; 500 keeps the UI's table readable.
+    return [Param(key, str(value)[:500]) for key, value in values.items()]
+
+
+def _finite_metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items() if math.isfinite(float(value))]
+
+
+def start_run(tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """A new run with its parameters; returns its id."""
+    store = client(tracking_uri)
+    run_id = store.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    store.log_batch(run_id, params=_params(params))
+    return run_id
+
+
+def run_status(tracking_uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED, or DELETED (also for a run the store no longer has)."""
+    try:
+        return client(tracking_uri).get_run(run_id).info.status
+    except MlflowException:
+        return "DELETED"
+
+
+def finish_run(tracking_uri: str, run_id: str, failed: bool = False) -> None:
+    client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Non-finite values are left out (MLflow stores them, its UI and comparisons choke on them)."""
+    metrics = _finite_metrics(values, step)
+    store = client(tracking_uri)
+    for start in range(0, len(metrics), 900):  # MLflow takes at most 1,000 metrics per batch
+        store.log_batch(run_id, metrics=metrics[start : start + 900])
+
+
+def log_metric_series(tracking_uri: str, run_id: str, key: str, values: list[float]) -> None:
+    """One curve, its points at steps 0, 1, ..."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(v), now, step) for step, v in enumerate(values) if math.isfinite(float(v))]
+    store = client(tracking_uri)
+    for start in range(0, len(metrics), 900):
+        store.log_batch(run_id, metrics=metrics[start : start + 900])
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric, by step."""
+    return sorted((int(m.step), float(m.value)) for m in client(tracking_uri).get_metric_history(run_id, key))
+
+
+def log_artifacts(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """A file or a folder."""
+    store = client(tracking_uri)
+    if Path(path).is_dir():
+        store.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+    else:
+        store.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_dataset(tracking_uri: str, run_id: str, frame: Any, name: str, digest: str, context: str) -> None:
+    """Lineage: a pandas frame as an MLflow dataset input of the run (name, digest, row count, schema)."""
+    dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context=context)
+
+
+class AsyncMetricLogger:
+    """Step metrics of a training run, logged without waiting: a sqlite write costs tens of ms, a tiny
+    step about 50 ms. `flush` waits until every batch is stored."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self._client = client(tracking_uri)
+        self._run_id = run_id
+        self._pending: list[Any] = []
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self._pending.append(self._client.log_batch(self._run_id, metrics=_finite_metrics(values, step), synchronous=False))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            if operation is not None:
+                operation.wait()
+
+
+def model_versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list[Any]:
+    return list(client(tracking_uri).search_model_versions(f"name='{name}'"))
+
+
+def experiment_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> list[Any]:
+    found = client(tracking_uri).get_experiment_by_name(experiment)
+    return [] if found is None else list(client(tracking_uri).search_runs([found.experiment_id]))
+
+
 def log_transformers_model(
     tracking_uri: str, run_id: str, model_path: str | Path, registered_model_name: str | None = REGISTERED_MODEL
 ) -> Any:
@@ -141,14 +241,11 @@ def set_champion(tracking_uri: str, version: str | int, name: str = REGISTERED_M
     client(tracking_uri).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
 
-REGISTRY_LOCK = "registry.lock"
-
-
 @contextmanager
 def registry_lock(lock_dir: str | Path) -> Iterator[None]:
     """Serializes every move of the champion alias made from one data directory (an flock, released by
     the kernel if the holder dies)."""
-    path = Path(lock_dir) / REGISTRY_LOCK
+    path = Path(lock_dir) / REGISTRY_LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

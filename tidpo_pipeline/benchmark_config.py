@@ -1,12 +1,12 @@
 """Configuration of the lm-eval benchmarks, shared by the evaluation asset and the method comparison."""
 
-import dagster as dg
 from pydantic import Field
 
 from tidpo_core.benchmarks import BUILTIN, BenchmarkOptions
+from tidpo_pipeline.config_from_core import DocumentedConfig
 
 
-class BenchmarkConfig(dg.Config):
+class BenchmarkConfig(DocumentedConfig):
     benchmarks: list[str] = Field(default_factory=lambda: ["truthfulqa", "ifeval"])
     """lm-eval benchmarks per run: truthfulqa (= truthfulqa_mc1 + truthfulqa_mc2), ifeval, humaneval; [] for none.
     The default runs TruthfulQA and IFEval on the built-in 16-document samples: seconds on the embedded model."""

@@ -45,3 +45,20 @@ def mlflow_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
         "dagster.asset_key": context.asset_key.to_user_string(),
         "dagster.job": context.job_name or "",
     }
+
+
+def pairs_preview(rows: list[tuple[str, str, str, str, str]]) -> str:
+    """(pair_id, split, prompt, chosen, rejected) rows as a table that shows where the answers differ."""
+    table = []
+    for pair_id, split, prompt, chosen, rejected in rows:
+        chosen_part, rejected_part = where_they_differ(chosen, rejected)
+        table.append({"pair_id": pair_id, "split": split, "prompt": prompt, "chosen (where it differs)": chosen_part, "rejected (where it differs)": rejected_part})
+    return markdown_table(table, 120)
+
+
+def quarantine_preview(rows: list[tuple[str, int, str, str]]) -> str:
+    return markdown_table([dict(zip(["source", "line (from 1)", "reason", "detail"], r, strict=True)) for r in rows])
+
+
+def anchors_preview(rows: list[tuple[str, str, str]]) -> str:
+    return markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in rows], 80)

@@ -6,9 +6,8 @@ import json
 import multiprocessing
 import os
 import socket
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from tidpo_core import store, tracking
+from tidpo_core.layout import LOCK_FILE, RUNS_DIR, DataDir
 
 DEFAULT_DATA_DIR = ".tidpo"
 
@@ -34,28 +34,29 @@ class TidpoStorage(dg.ConfigurableResource):
     data_dir: str = Field(default_factory=default_data_dir, description="Root of all tidpo state")
 
     @property
+    def layout(self) -> DataDir:
+        layout = DataDir.at(self.data_dir)
+        layout.root.mkdir(parents=True, exist_ok=True)
+        return layout
+
+    @property
     def root(self) -> Path:
-        path = Path(self.data_dir).resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.layout.root
 
     @property
     def duckdb_path(self) -> Path:
-        return self.root / store.DATABASE_FILE
+        return self.layout.database
 
     @property
     def models_dir(self) -> Path:
-        return self.root / "models"
+        return self.layout.models
 
     @property
     def inbox_dir(self) -> Path:
-        path = self.root / "inbox"
+        path = self.layout.inbox
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-
-LOCK_FILE = ".lock"  # a mutex around the run files below, held for milliseconds
-RUNS_DIR = ".lock.d"  # <run_id>.lock: one file per run that holds the data dir
 
 
 class DataDirBusyError(RuntimeError):
@@ -253,29 +254,6 @@ class DataDirLock:
         self.release()
 
 
-# Run as `python -c BIND_TO_PARENT <parent pid> <command...>`: ask the kernel to SIGKILL this process
-# when its parent dies, then become the command. A training process must not outlive the step that
-# holds the data dir's lock: if the step is killed, its trainer goes with it instead of writing
-# checkpoints beside the re-run's trainer.
-_BIND_TO_PARENT = """
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("parent died before the training process started")
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def bind_to_parent(command: Sequence[str]) -> list[str]:
-    """`command`, wrapped so that it dies with the calling process (Linux; elsewhere a plain exec)."""
-    if not sys.platform.startswith("linux"):
-        return list(command)
-    return [sys.executable, "-c", _BIND_TO_PARENT, str(os.getpid()), *command]
-
-
 class TidpoDuckDB(DuckDBResource):
     """dagster-duckdb's resource, plus the tidpo schema on every connection and the data dir's run lock.
 
@@ -376,7 +354,7 @@ def build_resources(data_dir: str | None = None) -> dict[str, object]:
     storage = TidpoStorage(data_dir=data_dir)
     return {
         "storage": storage,
-        "duckdb": TidpoDuckDB(database=str(Path(data_dir).resolve() / store.DATABASE_FILE)),
+        "duckdb": TidpoDuckDB(database=str(DataDir.at(data_dir).database)),
         "mlflow_tracking": MlflowTracking(data_dir=data_dir),
         "quality": QualityPolicy(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),

@@ -1,0 +1,113 @@
+"""The data directory's layout: every file and folder tidpo keeps, named here only.
+
+<data_dir>/
+    tidpo.duckdb          pairs, quarantine, anchors, token weights, metrics, champion history
+    mlflow.db             MLflow's tracking store and model registry (sqlite; the default)
+    mlartifacts/          MLflow's artifacts (models, reports)
+    models/               model folders: reference/, contrastive/<key>/, policy/<run key>/, comparison/<id>/
+    evaluation/<run id>/  the evaluation's pictures and files
+    inbox/                data files dropped here are loaded with the configured source
+    .lock, .lock.d/       the run lock (one run at a time per data directory)
+    registry.lock         serializes moves of the champion alias
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATABASE_FILE = "tidpo.duckdb"
+TRACKING_STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+MODELS_DIR = "models"
+EVALUATION_DIR = "evaluation"
+INBOX_DIR = "inbox"
+LOCK_FILE = ".lock"  # a mutex around the run files below, held for milliseconds
+RUNS_DIR = ".lock.d"  # <run_id>.lock: one file per run that holds the data dir
+REGISTRY_LOCK_FILE = "registry.lock"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths inside one data directory (nothing is created until a caller asks for a folder)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path) -> DataDir:
+        return cls(Path(path).resolve())
+
+    @property
+    def database(self) -> Path:
+        return self.root / DATABASE_FILE
+
+    @property
+    def tracking_store(self) -> Path:
+        return self.root / TRACKING_STORE_FILE
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.tracking_store}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / ARTIFACTS_DIR
+
+    @property
+    def models(self) -> Path:
+        return self.root / MODELS_DIR
+
+    @property
+    def reference_model(self) -> Path:
+        return self.models / "reference"
+
+    def contrastive_models(self, fingerprint: str) -> Path:
+        return self.models / "contrastive" / fingerprint
+
+    def policy_run(self, run_key: str) -> Path:
+        return self.models / "policy" / run_key
+
+    def comparison_run(self, comparison_id: str) -> Path:
+        return self.models / "comparison" / comparison_id
+
+    def evaluation(self, run_id: str) -> Path:
+        return self.root / EVALUATION_DIR / run_id
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / INBOX_DIR
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One training run's folder (a policy run, or one method and seed of a comparison)."""
+
+    root: Path
+
+    @property
+    def train_config(self) -> Path:
+        """The TrainConfig the training process reads (YAML)."""
+        return self.root / "train.yaml"
+
+    @property
+    def summary(self) -> Path:
+        """Written by the training process when it finishes: steps, losses, history, the final model's path."""
+        return self.root / "summary.json"
+
+    @property
+    def failure(self) -> Path:
+        """Why the training process failed, in one paragraph (written before it exits non-zero)."""
+        return self.root / "failure.txt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The MLflow run this folder's training logs to (a resumed run keeps it)."""
+        return self.root / "mlflow_run.json"

@@ -1,0 +1,62 @@
+"""The pipeline's stages as plain functions: one per stage, Dagster-free.
+
+Each takes plain arguments (settings dataclasses, a way to open the DuckDB file, the handles of the
+stages before it) and returns a plain result. The Dagster assets are adapters around them (config in,
+step call, metadata out), and the benchmarks and reliability checks call the same functions, so no
+stage is written twice.
+
+    pairs.ingest_pairs          sources -> preference_pairs + quarantine tables
+    reference.build_reference   pairs -> the reference model folder (or a checked checkpoint)
+    anchors.sample_anchors      reference -> anchor_responses table
+    weights.weigh_tokens        reference + anchors -> token_weights table
+    policy.train_policy         everything above -> a trained, registered policy
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from tidpo_core import store
+
+OpenDb = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+"""Opens the DuckDB file for one unit of work (the Dagster resource's get_connection, or database_at)."""
+
+
+def database_at(path: str | Path) -> OpenDb:
+    """An OpenDb for scripts and benchmarks: a fresh connection per unit of work, closed after it."""
+
+    @contextmanager
+    def open_db() -> Iterator[duckdb.DuckDBPyConnection]:
+        con = store.connect(path)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    return open_db
+
+
+@dataclass(frozen=True)
+class RunTracking:
+    """Where a step logs its MLflow run: the store, the experiment, and the run's tags (Dagster's run id...)."""
+
+    uri: str
+    experiment_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def log_to(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    return log if log is not None else (lambda message: None)
+
+
+def settings_of(values: Any, cls: type) -> Any:
+    """`cls` (a settings dataclass) built from the same-named attributes of `values` (a Dagster config)."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,178 @@
+"""Build the reference model: check a configured checkpoint, or build the embedded tiny model (a tokenizer
+trained on the pairs, a small Llama, a short SFT), and record it in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tidpo_core import store, tracking
+from tidpo_core.errors import UserInputError
+from tidpo_core.features import EncodingSettings
+from tidpo_core.fingerprint import digest, model_fingerprint
+from tidpo_core.layout import DataDir
+from tidpo_core.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    check_model_available,
+    count_parameters,
+    load_model_and_tokenizer,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
+from tidpo_core.sft import sft_texts, supervised_finetune
+from tidpo_core.steps import OpenDb, RunTracking, log_to
+
+BUILD_MARKER = "tidpo_build.json"
+
+
+@dataclass(frozen=True)
+class ReferenceRecipe:
+    model_name_or_path: str = ""
+    """Hub id (e.g. meta-llama/Llama-3.1-8B-Instruct) or local folder; empty builds the embedded tiny model."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    sft_steps: int = 300
+    sft_on: Literal["chosen", "both"] = "both"
+    """`both`: the reference learns the language of both answers, so preferring one is left to preference training."""
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReferenceHandle:
+    """What later stages need of the reference (the reference_model asset's value, as a dict)."""
+
+    path: str
+    fingerprint: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    base: dict[str, Any] = field(default_factory=dict)
+    """What the reference starts from (the contrastive importance models fine-tune the same base)."""
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> ReferenceHandle:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in names})
+
+    def loading(self) -> dict[str, Any]:
+        """Arguments of `load_model_and_tokenizer`."""
+        return {"name_or_path": self.path, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+    def load(self) -> tuple[Any, Any]:
+        return load_model_and_tokenizer(**self.loading())
+
+
+@dataclass(frozen=True)
+class ReferenceBuilt:
+    handle: ReferenceHandle
+    sft_losses: list[float]
+    parameters: int | None
+    """None for a configured checkpoint: its weights are not loaded here."""
+    details: dict[str, Any]
+    """architecture (a checkpoint) or vocab_size (the embedded model)."""
+    reused: bool
+
+
+def build_reference(
+    open_db: OpenDb,
+    recipe: ReferenceRecipe,
+    tiny: TinyModelConfig,
+    layout: DataDir,
+    pairs_digest: str,
+    *,
+    tracking_to: RunTracking | None = None,
+    encoding: EncodingSettings = EncodingSettings(),
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ReferenceBuilt:
+    """The reference for the stored pairs: reused when its folder was built from the same pairs and recipe."""
+    if recipe.model_name_or_path:
+        built = _checked_checkpoint(recipe)
+    else:
+        built = _embedded_model(open_db, recipe, tiny, layout.reference_model, pairs_digest, encoding, progress, log_to(log))
+    if tracking_to is None:
+        return built
+    run_id = tracking.start_run(
+        tracking_to.uri,
+        tracking_to.experiment_id,
+        "reference_model",
+        tracking_to.tags,
+        {**dataclasses.asdict(recipe), **dataclasses.asdict(tiny), "fingerprint": built.handle.fingerprint, "path": built.handle.path},
+    )
+    tracking.log_metric_series(tracking_to.uri, run_id, "sft/loss", built.sft_losses)
+    tracking.finish_run(tracking_to.uri, run_id)
+    return dataclasses.replace(built, handle=dataclasses.replace(built.handle, mlflow_run_id=run_id))
+
+
+def _checked_checkpoint(recipe: ReferenceRecipe) -> ReferenceBuilt:
+    # Validate the checkpoint without loading its weights: an 8B model has no business in the
+    # orchestrator's memory; the steps that need it load it themselves.
+    try:
+        model_config = check_model_available(recipe.model_name_or_path, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision)
+    except OSError as exc:  # a missing folder, a file, an unknown hub id, no network
+        raise UserInputError(f"reference model: {exc}", model=recipe.model_name_or_path) from None
+    handle = ReferenceHandle(
+        path=recipe.model_name_or_path,
+        fingerprint=model_fingerprint(recipe.model_name_or_path, recipe.revision),
+        revision=recipe.revision,
+        trust_remote_code=recipe.trust_remote_code,
+        base={"path": recipe.model_name_or_path, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code},
+    )
+    return ReferenceBuilt(handle, [], None, {"architecture": (model_config.architectures or ["?"])[0]}, reused=True)
+
+
+def _embedded_model(
+    open_db: OpenDb,
+    recipe: ReferenceRecipe,
+    tiny: TinyModelConfig,
+    path: Path,
+    pairs_digest: str,
+    encoding: EncodingSettings,
+    progress: bool,
+    log: Callable[[str], None],
+) -> ReferenceBuilt:
+    build_key = digest({"pairs": pairs_digest, "config": {**dataclasses.asdict(recipe), **dataclasses.asdict(tiny)}})
+    marker = path / BUILD_MARKER
+    reused = marker.exists() and json.loads(marker.read_text()).get("build_key") == build_key
+    if reused:
+        log(f"reference model at {path} is up to date; reusing it")
+        model, tokenizer = load_model_and_tokenizer(path)
+        sft_losses = json.loads(marker.read_text()).get("sft_losses", [])
+    else:
+        with open_db() as con:
+            pairs = store.read_pairs(con, split="train")
+        texts = [text for p in pairs for text in (p.prompt, p.chosen, p.rejected)]
+        tokenizer = train_tokenizer(texts, vocab_size=tiny.vocab_size)
+        model = build_tiny_model(tokenizer, tiny, seed=recipe.seed)
+        sft_losses = supervised_finetune(
+            model,
+            tokenizer,
+            sft_texts(pairs, recipe.sft_on),
+            steps=recipe.sft_steps,
+            batch_size=recipe.sft_batch_size,
+            learning_rate=recipe.sft_learning_rate,
+            seed=recipe.seed,
+            settings=encoding,
+            progress=progress,
+        )
+        # Written beside the old folder and swapped in: a crash never leaves a half-written reference.
+        staging = path.with_name(f"{path.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        save_model_and_tokenizer(model, tokenizer, staging)
+        (staging / BUILD_MARKER).write_text(json.dumps({"build_key": build_key, "sft_losses": sft_losses}))
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)
+    handle = ReferenceHandle(
+        path=str(path),
+        fingerprint=model_fingerprint(path),
+        base={"tiny_config": dataclasses.asdict(tiny), "seed": recipe.seed},
+    )
+    return ReferenceBuilt(handle, sft_losses, count_parameters(model), {"vocab_size": len(tokenizer)}, reused)
