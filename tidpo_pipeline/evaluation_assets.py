@@ -97,7 +97,7 @@ def evaluation(
         token_weights.get("importance", {}),
         policy,
         settings_of(config, EvaluationSettings),
-        GatePolicy(quality.gate_metric, quality.gate_margin, quality.gate_tiebreak, quality.champion_margin),
+        settings_of(quality, GatePolicy),
         config.benchmarks,
         config.benchmark_options(),
         log=context.log.info,

@@ -16,10 +16,12 @@ from typing import Any
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
-from pydantic import Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from tidpo_core import store, tracking
 from tidpo_core.layout import LOCK_FILE, RUNS_DIR, DataDir
+from tidpo_core.steps.evaluate import GatePolicy
+from tidpo_pipeline.config_from_core import config_class, core_fields
 
 DEFAULT_DATA_DIR = ".tidpo"
 
@@ -332,21 +334,19 @@ class MlflowTracking(dg.ConfigurableResource):
         return tracking.ensure_experiment(self.uri, artifacts, self.experiment)
 
 
-class QualityPolicy(dg.ConfigurableResource):
+class QualityThresholds(dg.ConfigurableResource):
     """Thresholds of the asset checks and of the evaluation gate that guards the champion alias."""
 
+    model_config = ConfigDict(**dg.ConfigurableResource.model_config, use_attribute_docstrings=True)
+
     max_quarantine_share: float = 0.2
-    gate_metric: str = "likelihood_win_rate"
-    """Held-out metric the trained policy must beat the reference on to become champion."""
-    gate_margin: float = 0.0
-    """By how much (strictly more than)."""
-    champion_margin: float = 0.0
-    """A challenger may trail the current champion on gate_metric by less than this (0: it must be at
-    least as good); on an exact tie gate_tiebreak decides."""
-    gate_tiebreak: str | None = "reward_margin"
-    """On an exact tie of gate_metric (frequent for a count on a small eval split), the policy must be
-    strictly better on this one; None: a tie fails."""
     weight_mean_tolerance: float = 1e-3
+
+
+# The gate's fields are tidpo_core's GatePolicy, declared once.
+QualityPolicy = config_class(
+    "QualityPolicy", QualityThresholds.__doc__ or "", QualityThresholds, core_fields(GatePolicy)
+)
 
 
 def build_resources(data_dir: str | None = None) -> dict[str, object]:

@@ -64,10 +64,16 @@ class EvaluationSettings:
 class GatePolicy:
     """What a challenger must do to take the champion alias (the QualityPolicy resource's gate fields)."""
 
-    metric: str = "likelihood_win_rate"
-    margin: float = 0.0
-    tiebreak: str | None = "reward_margin"
+    gate_metric: str = "likelihood_win_rate"
+    """Held-out metric the trained policy must beat the reference on to become champion."""
+    gate_margin: float = 0.0
+    """By how much (strictly more than)."""
     champion_margin: float = 0.0
+    """A challenger may trail the current champion on gate_metric by less than this (0: it must be at
+    least as good); on an exact tie gate_tiebreak decides."""
+    gate_tiebreak: str | None = "reward_margin"
+    """On an exact tie of gate_metric (frequent for a count on a small eval split), the policy must be
+    strictly better on this one; None: a tie fails."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def evaluate_policy(
         metrics[model].update(benchmark_metrics(bench_results[model]))
     gate = promotion_decision(
         metrics["policy"], metrics["reference"], metrics.get("champion"),
-        gate_policy.metric, gate_policy.margin, gate_policy.tiebreak, gate_policy.champion_margin, champion_version,
+        gate_policy.gate_metric, gate_policy.gate_margin, gate_policy.gate_tiebreak, gate_policy.champion_margin, champion_version,
     )
     shared = _record(open_db, tracking_uri, registered_model, policy.mlflow_run_id, metrics, pairs, gate, champion_version)
     out_dir = layout.evaluation(policy.mlflow_run_id)
