@@ -62,3 +62,21 @@ def test_without_log_messages_drops_only_the_named_messages_and_only_inside(capl
             logger.warning("a real problem")
         logger.warning("known noise outside the block")
     assert [r.getMessage() for r in caplog.records] == ["a real problem", "known noise outside the block"]
+
+
+def test_evaluation_by_model_splits_the_gate_s_three_way_comparison() -> None:
+    from tidpo_core.metrics import evaluation_by_model
+
+    run = {
+        "eval/policy/likelihood_win_rate": 0.75,
+        "eval/reference/likelihood_win_rate": 0.5,
+        "eval/champion/likelihood_win_rate": 0.7,
+        "eval/policy/precision_at_k_hybrid_start": 0.25,
+        "eval/gate_passed": 1.0,  # not a model's metric
+        "loss": 0.3,
+    }
+    assert evaluation_by_model(run) == {
+        "policy": {"likelihood_win_rate": 0.75, "precision_at_k_hybrid_start": 0.25},
+        "reference": {"likelihood_win_rate": 0.5},
+        "champion": {"likelihood_win_rate": 0.7},
+    }

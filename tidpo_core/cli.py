@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from tidpo_core.metrics import key_metric_lines
+from tidpo_core.metrics import evaluation_by_model, key_metric_lines
 from tidpo_core.tracking import REGISTERED_MODEL, STORE_FILE, champion, sqlite_tracking_uri
 
 DEFAULT_DATA_DIR = ".tidpo"
@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args, tracking_uri, info.model_uri)
     if args.json:
-        print(json.dumps(asdict(info), indent=2))
+        # The gate's three-way comparison, side by side: this version, its reference, and the champion it
+        # was judged against (when there was one); the verdict is in tags.gate_verdict.
+        print(json.dumps({**asdict(info), "evaluation": evaluation_by_model(info.metrics)}, indent=2))
         return 0
     print(f"model      {info.model_uri}  (version {info.version})")
     print(f"run        {info.run_id}")

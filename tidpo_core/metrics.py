@@ -70,3 +70,14 @@ def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]
         return []
     width = max(len(r[0]) for r in rows)
     return [f"{indent}{label:<{width}}  {policy:>8}  {reference:>9}" for label, policy, reference in rows]
+
+
+def evaluation_by_model(run_metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The evaluation's `eval/<model>/<metric>` run metrics as {model: {metric: value}}: the challenger
+    (`policy`), its `reference` and, when there was one, the `champion` it was judged against."""
+    by_model: dict[str, dict[str, float]] = {}
+    for key, value in run_metrics.items():
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[0] == "eval":
+            by_model.setdefault(parts[1], {})[parts[2]] = value
+    return by_model
