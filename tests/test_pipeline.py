@@ -310,8 +310,9 @@ def test_cli_prints_the_champion(first_run, capsys):
     assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
-    # The gate's comparison side by side (a first run has no champion to be judged against).
-    assert set(info["evaluation"]) == {"policy", "reference"}
+    # The gate's comparison side by side; a champion's column exactly when it was judged against one.
+    judged_against_a_champion = "champion" in info["tags"]["compared_with"]
+    assert set(info["evaluation"]) == {"policy", "reference"} | ({"champion"} if judged_against_a_champion else set())
     assert info["evaluation"]["policy"]["reward_accuracy"] == policy and info["evaluation"]["reference"]["reward_accuracy"] == reference
 
 
