@@ -129,21 +129,21 @@ def finish_run(tracking_uri: str, run_id: str, failed: bool = False) -> None:
     client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: int = 0) -> None:
-    """Non-finite values are left out (MLflow stores them, its UI and comparisons choke on them)."""
-    metrics = _finite_metrics(values, step)
+def _log_in_batches(tracking_uri: str, run_id: str, metrics: list[Metric]) -> None:
     store = client(tracking_uri)
     for start in range(0, len(metrics), 900):  # MLflow takes at most 1,000 metrics per batch
         store.log_batch(run_id, metrics=metrics[start : start + 900])
 
 
+def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Non-finite values are left out (MLflow stores them, its UI and comparisons choke on them)."""
+    _log_in_batches(tracking_uri, run_id, _finite_metrics(values, step))
+
+
 def log_metric_series(tracking_uri: str, run_id: str, key: str, values: list[float]) -> None:
     """One curve, its points at steps 0, 1, ..."""
     now = int(time.time() * 1000)
-    metrics = [Metric(key, float(v), now, step) for step, v in enumerate(values) if math.isfinite(float(v))]
-    store = client(tracking_uri)
-    for start in range(0, len(metrics), 900):
-        store.log_batch(run_id, metrics=metrics[start : start + 900])
+    _log_in_batches(tracking_uri, run_id, [Metric(key, float(v), now, step) for step, v in enumerate(values) if math.isfinite(float(v))])
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -10,7 +10,6 @@ Not part of `tidpo_training`: it trains 6 methods x N seeds, so it has its own j
 import dagster as dg
 from pydantic import Field
 
-from tidpo_core.plots import png_markdown
 from tidpo_core.steps import RunTracking, settings_of
 from tidpo_core.steps.compare import ComparisonSettings, compare_methods
 from tidpo_core.steps.policy import SET_BY_THE_RUN
@@ -18,7 +17,7 @@ from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.training import TrainConfig
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
-from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags
+from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags, picture_metadata
 from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
 
 # The engine options every run of the comparison shares: the policy's, less what the comparison sets
@@ -99,12 +98,10 @@ def method_comparison(
             for r in result.runs
         ]
     )
-    pictures = {name: dg.MetadataValue.md(png_markdown(path, name.replace("_", " "))) for name, path in report.pictures.items()}
     return dg.MaterializeResult(
         metadata={
             "table": dg.MetadataValue.md(report.table_markdown),
-            **pictures,
-            **{f"{name}_png": dg.MetadataValue.path(str(path)) for name, path in report.pictures.items()},
+            **picture_metadata(report.pictures),
             "runs": dg.MetadataValue.md(runs_md),
             "csv": dg.MetadataValue.path(str(report.csv_path)),
             "report_dir": dg.MetadataValue.path(str(report.report_dir)),

@@ -3,20 +3,18 @@ KL to the reference, diversity, critical-token metrics, opt-in benchmarks), pict
 importance and of training, and the gate that decides the MLflow `champion` alias."""
 
 import math
-from pathlib import Path
 
 import dagster as dg
 
 from tidpo_core.benchmarks import BenchmarkResult
 from tidpo_core.evaluation import ModelEvaluation
 from tidpo_core.metrics import KEY_METRICS, comparison_rows, grouped_comparison_rows
-from tidpo_core.plots import png_markdown
-from tidpo_core.steps import settings_of
+from tidpo_core.steps import handle_of, settings_of
 from tidpo_core.steps.evaluate import EvaluationSettings, GatePolicy, TrainedPolicy, evaluate_policy
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
-from tidpo_pipeline.metadata import GROUP, markdown_table
+from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata
 from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
 EvaluationConfig = config_class(
@@ -55,17 +53,6 @@ def _samples_preview(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, 
     return rows
 
 
-def _picture_metadata(pictures: dict[str, Path]) -> dict[str, dg.MetadataValue]:
-    out: dict[str, dg.MetadataValue] = {}
-    for name, path in pictures.items():
-        if path.suffix == ".png":
-            out[name] = dg.MetadataValue.md(png_markdown(path, name.replace("_", " ")))
-            out[f"{name}_png"] = dg.MetadataValue.path(str(path))
-        else:
-            out[name] = dg.MetadataValue.path(str(path))
-    return out
-
-
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "mlflow"},
@@ -87,7 +74,7 @@ def evaluation(
     mlflow_tracking: MlflowTracking,
     quality: QualityPolicy,
 ):
-    policy = TrainedPolicy(**{k: v for k, v in tidpo_policy.items() if k in TrainedPolicy.__dataclass_fields__})
+    policy = handle_of(tidpo_policy, TrainedPolicy)
     report = evaluate_policy(
         duckdb.get_connection,
         storage.layout,
@@ -132,7 +119,7 @@ def evaluation(
             "skipped": dg.MetadataValue.md(markdown_table(skipped) if skipped else "_nothing skipped_"),
             "benchmarks": dg.MetadataValue.md(markdown_table(_benchmark_rows(report.benchmarks)) if report.benchmarks else "_no benchmarks requested (config `benchmarks`)_"),
             "samples": dg.MetadataValue.md(markdown_table(samples, 160) if samples else "_no samples_"),
-            **_picture_metadata(report.pictures),
+            **picture_metadata(report.pictures),
             "output_dir": dg.MetadataValue.path(str(report.out_dir)),
             "gate": report.verdict,
             "compared_with": gate.compared_with,

@@ -1,8 +1,11 @@
 """How tidpo records things in Dagster's UI and MLflow: markdown tables, lineage tags."""
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+from tidpo_core.plots import png_markdown
 
 GROUP = "tidpo"
 
@@ -62,3 +65,15 @@ def quarantine_preview(rows: list[tuple[str, int, str, str]]) -> str:
 
 def anchors_preview(rows: list[tuple[str, str, str]]) -> str:
     return markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in rows], 80)
+
+
+def picture_metadata(pictures: dict[str, Path]) -> dict[str, dg.MetadataValue]:
+    """A PNG shown inline (markdown) plus its path under `<name>_png`; another file (HTML) as a path."""
+    out: dict[str, dg.MetadataValue] = {}
+    for name, path in pictures.items():
+        if path.suffix == ".png":
+            out[name] = dg.MetadataValue.md(png_markdown(path, name.replace("_", " ")))
+            out[f"{name}_png"] = dg.MetadataValue.path(str(path))
+        else:
+            out[name] = dg.MetadataValue.path(str(path))
+    return out

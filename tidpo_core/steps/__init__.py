@@ -14,7 +14,9 @@ stage is written twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,22 @@ def log_to(log: Callable[[str], None] | None) -> Callable[[str], None]:
 
 def settings_of(values: Any, cls: type) -> Any:
     """`cls` (a settings dataclass) built from the same-named attributes of `values` (a Dagster config)."""
-    import dataclasses
-
     return cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)})
+
+
+def handle_of(value: Mapping[str, Any], cls: type) -> Any:
+    """`cls` (a handle dataclass) from an asset's value (a dict); keys it does not know are left out, so a
+    value stored by an older version still loads."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in value.items() if k in names})
+
+
+def publish_pictures(paths: Iterable[Path], docs_dir: str) -> None:
+    """Copy the PNGs among `paths` to <docs_dir>/img/ (the README's pictures); nothing without a docs_dir."""
+    if not docs_dir:
+        return
+    img = Path(docs_dir) / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if path.suffix == ".png":
+            shutil.copyfile(path, img / path.name)

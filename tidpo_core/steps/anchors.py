@@ -39,9 +39,9 @@ def sample_anchors(
     fingerprint = anchors_fingerprint(reference, settings)
     with open_db() as con:
         missing = set(store.missing_anchor_pair_ids(con, fingerprint))
-        pairs = [p for p in store.read_pairs(con, split="train") if p.pair_id in missing]
-        train = store.pair_count(con, split="train")
-    log_to(log)(f"{len(pairs)} anchors to sample, {train - len(pairs)} reused")
+        train = store.read_pairs(con, split="train")
+    pairs = [p for p in train if p.pair_id in missing]
+    log_to(log)(f"{len(pairs)} anchors to sample, {len(train) - len(pairs)} reused")
     generated = 0
     if pairs:
         model, tokenizer = reference.load()

@@ -24,13 +24,13 @@ from tidpo_core.comparison import (
     write_comparison_table,
     write_runs_csv,
 )
-from tidpo_core.evaluation import EvalSettings
 from tidpo_core.features import EncodingSettings
 from tidpo_core.fingerprint import digest
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.layout import DataDir
 from tidpo_core.plots import save_comparison_png, save_training_curves_png
-from tidpo_core.steps import OpenDb, RunTracking, log_to
+from tidpo_core.steps import OpenDb, RunTracking, log_to, publish_pictures
+from tidpo_core.steps.evaluate import eval_settings_for
 from tidpo_core.steps.reference import ReferenceHandle
 
 COMPARISON_PNG = "method_comparison.png"
@@ -121,7 +121,15 @@ def compare_methods(
         methods=settings.methods,
         seeds=settings.seeds,
         train_overrides={"max_steps": settings.max_steps, **engine_options},
-        eval_settings=_eval_settings(settings, encoding, float(engine_options.get("beta", 0.1))),
+        # Sampled from pi itself (temperature 1, no top-k/top-p), so the KL estimate is unbiased.
+        eval_settings=eval_settings_for(
+            float(engine_options.get("beta", 0.1)),
+            encoding,
+            batch_size=settings.batch_size,
+            sample_prompts=settings.sample_prompts,
+            critical_pairs=settings.critical_pairs,
+            sampling=SamplingSettings(max_new_tokens=settings.max_new_tokens, top_k=0, top_p=1.0, temperature=1.0, seed=settings.sample_seed),
+        ),
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
@@ -133,31 +141,8 @@ def compare_methods(
     run_id = _log_run(tracking_to, comparison_id, recorded, result, report_dir)
     with open_db() as con:
         rows = write_comparison_table(con, comparison_id, result, run_id)
-    if settings.docs_dir:
-        img = Path(settings.docs_dir) / "img"
-        img.mkdir(parents=True, exist_ok=True)
-        for path in pictures.values():
-            shutil.copyfile(path, img / path.name)
+    publish_pictures(pictures.values(), settings.docs_dir)
     return ComparisonReport(comparison_id, result, table_markdown, report_dir, csv_path, pictures, run_id, rows)
-
-
-def _eval_settings(settings: ComparisonSettings, encoding: EncodingSettings, beta: float) -> EvalSettings:
-    return EvalSettings(
-        beta=beta,
-        batch_size=settings.batch_size,
-        encoding=encoding,
-        sample_prompts=settings.sample_prompts,
-        critical_pairs=settings.critical_pairs,
-        sampling=SamplingSettings(
-            max_new_tokens=settings.max_new_tokens,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            seed=settings.sample_seed,
-            batch_size=min(settings.batch_size, 32),
-            max_prompt_tokens=encoding.max_prompt_tokens,
-        ),
-    )
 
 
 def _write_report(result: ComparisonResult, report_dir: Path, log: Callable[[str], None]) -> tuple[str, Path, dict[str, Path]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ from tidpo_core.evaluation import (
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.launch import read_summary
 from tidpo_core.layout import DataDir, RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
-from tidpo_core.steps import OpenDb, log_to
+from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
 
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -124,7 +125,22 @@ def evaluate_policy(
     log = log_to(log)
     with open_db() as con:
         pairs = store.read_pairs(con, split="eval")
-    eval_settings = _eval_settings(settings, policy, importance)
+    eval_settings = eval_settings_for(
+        policy.beta,
+        EncodingSettings(**policy.encoding),
+        batch_size=settings.batch_size,
+        sample_prompts=settings.sample_prompts,
+        critical_pairs=settings.critical_pairs,
+        critical_k=settings.critical_k,
+        sampling=SamplingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            temperature=settings.temperature,
+            seed=settings.sample_seed,
+        ),
+        importance=importance,
+    )
     reference_model, tokenizer = reference.load()
     # The policy is the reference's architecture, saved by the engine: it needs the same code trust.
     policy_model, _ = load_model_and_tokenizer(policy.model_path, trust_remote_code=reference.trust_remote_code)
@@ -158,36 +174,37 @@ def evaluate_policy(
     pictures = _pictures(out_dir, reference_model, tokenizer, pairs, eval_settings, settings, policy, tracking_uri, registered_model, metrics)
     _write_files(out_dir, metrics, bench_results, evaluations)
     tracking.log_artifacts(tracking_uri, policy.mlflow_run_id, out_dir, artifact_path="evaluation")
-    if settings.docs_dir:
-        img = Path(settings.docs_dir) / "img"
-        img.mkdir(parents=True, exist_ok=True)
-        for path in pictures.values():
-            if path.suffix == ".png":
-                shutil.copyfile(path, img / path.name)
+    publish_pictures(pictures.values(), settings.docs_dir)
     champion, verdict = _promote(open_db, layout, tracking_uri, registered_model, policy.model_version, gate, champion_version)
     return EvaluationReport(metrics, evaluations, bench_results, gate, champion, verdict, champion_version, shared, out_dir, pictures)
 
 
-def _eval_settings(settings: EvaluationSettings, policy: TrainedPolicy, importance: dict[str, Any]) -> EvalSettings:
-    encoding = EncodingSettings(**policy.encoding)
+def eval_settings_for(
+    beta: float,
+    encoding: EncodingSettings,
+    *,
+    batch_size: int,
+    sample_prompts: int,
+    critical_pairs: int | None,
+    sampling: SamplingSettings,
+    critical_k: int | None = None,
+    importance: dict[str, Any] | None = None,
+) -> EvalSettings:
+    """The evaluation's settings for a policy trained at `beta` on `encoding`: sampling batches of at most 32
+    prompts, prompts cut as in training, and the hybrid weight of the token weights (`importance`; EvalSettings'
+    own defaults without one)."""
+    extra = {}
+    if importance is not None:
+        extra = {"weight_lambda": float(importance.get("lambda", 0.7)), "weight_normalization": importance.get("normalization", "max")}
     return EvalSettings(
-        beta=policy.beta,
-        batch_size=settings.batch_size,
+        beta=beta,
+        batch_size=batch_size,
         encoding=encoding,
-        sample_prompts=settings.sample_prompts,
-        sampling=SamplingSettings(
-            max_new_tokens=settings.max_new_tokens,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            temperature=settings.temperature,
-            seed=settings.sample_seed,
-            batch_size=min(settings.batch_size, 32),
-            max_prompt_tokens=encoding.max_prompt_tokens,
-        ),
-        critical_k=settings.critical_k,
-        critical_pairs=settings.critical_pairs,
-        weight_lambda=float(importance.get("lambda", 0.7)),
-        weight_normalization=importance.get("normalization", "max"),
+        sample_prompts=sample_prompts,
+        sampling=replace(sampling, batch_size=min(batch_size, 32), max_prompt_tokens=encoding.max_prompt_tokens),
+        critical_k=critical_k,
+        critical_pairs=critical_pairs,
+        **extra,
     )
 
 
@@ -284,9 +301,8 @@ def training_series(tracking_uri: str, run_id: str, run_dir: str | None, losses:
             series[key] = history
     if series:
         return series
-    summary = RunDir(Path(run_dir)).summary if run_dir else None
-    if summary is not None and summary.exists():
-        for entry in json.loads(summary.read_text()).get("history", []):
+    if run_dir and RunDir(Path(run_dir)).summary.exists():
+        for entry in read_summary(run_dir).get("history", []):
             for key in CURVE_METRICS:
                 if key in entry:
                     series.setdefault(key, []).append((int(entry["step"]), float(entry[key])))

@@ -26,7 +26,7 @@ from tidpo_core.modeling import (
     train_tokenizer,
 )
 from tidpo_core.sft import sft_texts, supervised_finetune
-from tidpo_core.steps import OpenDb, RunTracking, log_to
+from tidpo_core.steps import OpenDb, RunTracking, handle_of, log_to
 
 BUILD_MARKER = "tidpo_build.json"
 
@@ -59,8 +59,7 @@ class ReferenceHandle:
 
     @classmethod
     def from_value(cls, value: dict[str, Any]) -> ReferenceHandle:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in value.items() if k in names})
+        return handle_of(value, cls)
 
     def loading(self) -> dict[str, Any]:
         """Arguments of `load_model_and_tokenizer`."""
