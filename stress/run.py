@@ -125,14 +125,10 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
                 _mark(f"in-transaction {what}")
                 time.sleep(pause_in_s)
 
-    # Every store module that writes holds its own reference to transaction().
-    import tidpo_core.store.anchors
-    import tidpo_core.store.pairs
-    import tidpo_core.store.records
-    import tidpo_core.store.weights
+    # Every store writer calls connection.transaction at call time: one patch reaches them all.
+    import tidpo_core.store.connection
 
-    for module in (store, tidpo_core.store.anchors, tidpo_core.store.pairs, tidpo_core.store.records, tidpo_core.store.weights):
-        module.transaction = transaction  # type: ignore[attr-defined]
+    tidpo_core.store.connection.transaction = transaction  # type: ignore[assignment]
 
     def wrap(name: str, what: str) -> None:
         original = getattr(store, name)

@@ -8,7 +8,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tidpo_core.store.connection import now, transaction
+from tidpo_core.store import connection
+from tidpo_core.store.connection import now
 
 
 def missing_anchor_pair_ids(con: duckdb.DuckDBPyConnection, fingerprint: str, split: str = "train") -> list[str]:
@@ -37,7 +38,7 @@ def insert_anchors(
             "created_at": pa.array([now()] * len(anchors), pa.timestamp("us")),
         }
     )
-    with transaction(con):
+    with connection.transaction(con):
         con.register("_anchor_staging", table)
         con.execute("INSERT OR REPLACE INTO anchor_responses SELECT * FROM _anchor_staging")
         con.unregister("_anchor_staging")

@@ -9,7 +9,8 @@ import duckdb
 import pyarrow as pa
 
 from tidpo_core.data import LoadResult, PreferencePair, assign_split
-from tidpo_core.store.connection import now, table_digest, transaction
+from tidpo_core.store import connection
+from tidpo_core.store.connection import now, table_digest
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def replace_pairs(
             ]
         ),
     )
-    with transaction(con):
+    with connection.transaction(con):
         con.execute("DELETE FROM preference_pairs")
         con.register("_pairs_staging", pairs_table)
         con.execute(
@@ -110,7 +111,7 @@ def pair_count(con: duckdb.DuckDBPyConnection, split: str | None = None) -> int:
 
 def set_eval_split(con: duckdb.DuckDBPyConnection, eval_ids: set[str]) -> None:
     """Exactly these pairs become eval pairs (the others keep their split): for a benchmark that fixes it."""
-    with transaction(con):
+    with connection.transaction(con):
         con.register("_eval_ids", pa.table({"pair_id": sorted(eval_ids)}))
         con.execute("UPDATE preference_pairs SET split = 'eval' WHERE pair_id IN (SELECT pair_id FROM _eval_ids)")
         con.unregister("_eval_ids")

@@ -11,7 +11,8 @@ from typing import Any
 
 import duckdb
 
-from tidpo_core.store.connection import now, transaction
+from tidpo_core.store import connection
+from tidpo_core.store.connection import now
 
 
 def record_contrastive_models(
@@ -22,7 +23,7 @@ def record_contrastive_models(
     recipe: dict[str, Any],
 ) -> None:
     positive, negative = (str(p) for p in paths)
-    with transaction(con):
+    with connection.transaction(con):
         con.execute("DELETE FROM contrastive_models WHERE fingerprint = ?", [fingerprint])
         con.execute(
             "INSERT INTO contrastive_models VALUES (?, ?, ?, ?, ?, ?)",
@@ -49,7 +50,7 @@ def write_metrics(
         for model, metrics in metrics_by_model.items()
         for metric, value in metrics.items()
     ]
-    with transaction(con):
+    with connection.transaction(con):
         con.execute("DELETE FROM evaluation_metrics WHERE mlflow_run_id = ?", [mlflow_run_id])
         con.executemany("INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?)", rows)
     return len(rows)
@@ -57,7 +58,7 @@ def write_metrics(
 
 def record_evaluation_pairs(con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]) -> None:
     """The held-out pairs a version was judged on, so a later challenger can say how many it shares."""
-    with transaction(con):
+    with connection.transaction(con):
         con.execute("DELETE FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id])
         con.executemany("INSERT INTO evaluation_pairs VALUES (?, ?)", [(mlflow_run_id, p) for p in pair_ids])
 
@@ -106,7 +107,7 @@ def replace_comparison(
     """Replace one comparison's rows, in one transaction: `aggregated` rows of method_comparison
     (comparison_id, mlflow_run_id, method, metric, mean, std, n, seed_values, created_at) and `per_seed`
     rows of method_comparison_runs (comparison_id, method, seed, metric, value, created_at)."""
-    with transaction(con):
+    with connection.transaction(con):
         con.execute("DELETE FROM method_comparison WHERE comparison_id = ?", [comparison_id])
         con.execute("DELETE FROM method_comparison_runs WHERE comparison_id = ?", [comparison_id])
         if aggregated:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tidpo_core.store.connection import transaction
+from tidpo_core.store import connection
 
 
 def existing_weight_keys(con: duckdb.DuckDBPyConnection, fingerprint: str) -> set[tuple[str, str, str]]:
@@ -98,7 +98,7 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
         }
     )
     key_table = pa.table({"pair_id": [k[0] for k in keys], "side": [k[1] for k in keys]})
-    with transaction(con):
+    with connection.transaction(con):
         con.register("_weight_keys", key_table)
         con.execute(
             "DELETE FROM token_weights WHERE fingerprint = ? AND (pair_id, side) IN "
