@@ -20,14 +20,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
 from tidpo_core import store
 
-OpenDb = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
-"""Opens the DuckDB file for one unit of work (the Dagster resource's get_connection, or database_at)."""
+
+class OpenDb(Protocol):
+    """Opens the DuckDB file for one unit of work (the Dagster resource's get_connection, or database_at).
+
+    A Protocol rather than a `Callable[[], AbstractContextManager[DuckDBPyConnection]]` alias: building
+    that alias at import keeps DuckDB's classes alive past interpreter shutdown, and DuckDB's bindings
+    then print "nanobind: leaked ..." at the exit of every run (tests/test_exit.py).
+    """
+
+    def __call__(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]: ...
 
 
 def database_at(path: str | Path) -> OpenDb:
