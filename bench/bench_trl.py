@@ -225,7 +225,7 @@ def first_batch_loss_check(
     batch = TrainingCollator(tokenizer.pad_token_id, sides)(batch_features)
     config = LossConfig(loss_type="dpo", beta=BETA)
     # Without its stored reference log-probs the batch gets them from the reference model.
-    live_batch = {k: v for k, v in batch.items() if not k.endswith("_reference_logps")}
+    live_batch = batch.without_reference_logps()
     with torch.no_grad():
         # Reference log-probs as stored by the token_weights precompute (what training uses) ...
         stored, _, _ = compute_batch_loss(policy, None, batch, config, sides, tokenizer.pad_token_id)

@@ -210,7 +210,7 @@ def test_reference_log_probs_missing_from_the_batch_come_from_the_reference(tiny
     reference = load_model_and_tokenizer(tiny_cached.reference_path)[0]
     sides = ("chosen", "rejected")
     batch = TrainingCollator(tokenizer.pad_token_id, sides)(load_training_features(config, tokenizer)[:4])
-    live_batch = {k: v for k, v in batch.items() if not k.endswith("reference_logps")}
+    live_batch = batch.without_reference_logps()
     for layout in ("padded", "shared_prompt"):
         with torch.no_grad():
             stored, stored_stats, _ = compute_batch_loss(policy, None, batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout)

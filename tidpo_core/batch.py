@@ -1,9 +1,9 @@
 """A collated preference batch, typed: the pairs' ids and, per side, its padded tensors.
 
 features.TrainingCollator builds it and features.stack_sides reads it for the forward
-(tidpo_core.training.forward). It is also a read-only mapping under the flat names the collated batch
-used to be a dict of (``pair_id``, ``chosen_input_ids``, ``rejected_reference_logps``, ...), for code
-written against that dict; TrainingBatch.of turns such a mapping back into a batch.
+(tidpo_core.training.forward). Before collation a pair is a row of flat columns (the datasets.Dataset
+the engine trains from: ``pair_id``, ``chosen_input_ids``, ``rejected_reference_logps``, ...);
+`column_name` is the one place that names them, and TrainingBatch.of turns collated columns into a batch.
 
 It has a ``to(device, non_blocking=...)``, which is what accelerate's prepared data loader
 (``send_to_device``) calls on a batch that has one, so the loader still moves it to the device.
@@ -11,7 +11,7 @@ It has a ``to(device, non_blocking=...)``, which is what accelerate's prepared d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -48,8 +48,13 @@ SIDE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SideBatch))
 _REQUIRED_FIELDS = ("input_ids", "attention_mask", "response_mask", "weights")
 
 
+def column_name(side: str, field_name: str) -> str:
+    """A side's feature column in a pair's row, e.g. ``chosen_input_ids``."""
+    return f"{side}_{field_name}"
+
+
 @dataclass(frozen=True, eq=False)
-class TrainingBatch(Mapping[str, Any]):
+class TrainingBatch:
     """The pairs of one micro-batch: their ids, and each side's tensors (rows in the order of `pair_ids`)."""
 
     pair_ids: list[str]
@@ -64,49 +69,27 @@ class TrainingBatch(Mapping[str, Any]):
         """This batch with side `name` replaced."""
         return replace(self, sides={**self.sides, name: side})
 
+    def without_reference_logps(self) -> TrainingBatch:
+        """This batch with no stored reference log-probs: a reference forward gives them."""
+        return replace(self, sides={name: replace(side, reference_logps=None) for name, side in self.sides.items()})
+
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> TrainingBatch:
-        """`batch` itself, or a TrainingBatch from a mapping under the flat names (``{side}_{field}``,
-        ``pair_id``); a name that is neither is refused rather than silently left out."""
+        """`batch` itself, or a TrainingBatch from collated columns (`column_name`, ``pair_id``); a column
+        that is neither is refused rather than silently left out."""
         if isinstance(batch, TrainingBatch):
             return batch
         suffix = "_input_ids"
         names = [key[: -len(suffix)] for key in batch if key.endswith(suffix)]
         sides = {}
         for name in names:
-            present = {f: batch[_flat_key(name, f)] for f in SIDE_FIELDS if _flat_key(name, f) in batch}
+            present = {f: batch[column_name(name, f)] for f in SIDE_FIELDS if column_name(name, f) in batch}
             missing = [f for f in _REQUIRED_FIELDS if f not in present]
             if missing:
                 raise ValueError(f"side {name!r} of the batch has no {', '.join(missing)}")
             sides[name] = SideBatch(**present)
-        known = {"pair_id"} | {_flat_key(name, f) for name in names for f in SIDE_FIELDS}
+        known = {"pair_id"} | {column_name(name, f) for name in names for f in SIDE_FIELDS}
         unknown = sorted(set(batch) - known)
         if unknown:
             raise ValueError(f"not fields of a training batch: {unknown}")
         return cls(list(batch.get("pair_id", [])), sides)
-
-    # The flat mapping view.
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "pair_id":
-            return self.pair_ids
-        for name, side in self.sides.items():
-            if key.startswith(name + "_") and key[len(name) + 1 :] in SIDE_FIELDS:
-                value = getattr(side, key[len(name) + 1 :])
-                if value is not None:
-                    return value
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        yield "pair_id"
-        for name, side in self.sides.items():
-            for f in SIDE_FIELDS:
-                if getattr(side, f) is not None:
-                    yield _flat_key(name, f)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _flat_key(side: str, field_name: str) -> str:
-    return f"{side}_{field_name}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from tidpo_core.batch import SideBatch, TrainingBatch
+from tidpo_core.batch import SideBatch, TrainingBatch, column_name
 from tidpo_core.data import PreferencePair
 from tidpo_core.importance import Normalization, TokenImportance, hybrid_weights
 from tidpo_core.store import REFERENCE_TOPK_SIDES, StoredWeights
@@ -113,7 +113,7 @@ def side_features(
     hybrid token weights (recombined from the raw attribution with `lambda_`)."""
     input_ids = np.asarray(encoded.input_ids, dtype=np.int32)
     response_mask = np.asarray(encoded.response_mask, dtype=np.int8)
-    out = {f"{side}_input_ids": input_ids, f"{side}_response_mask": response_mask}
+    out = {column_name(side, "input_ids"): input_ids, column_name(side, "response_mask"): response_mask}
     if weights is None:
         return out
     response_ids = input_ids[response_mask.astype(bool)]
@@ -122,15 +122,15 @@ def side_features(
             f"stored weights of {label or side} were computed for other tokens "
             f"({len(weights.token_ids)} vs {len(response_ids)}): tokenizer or truncation changed"
         )
-    out[f"{side}_reference_logps"] = np.asarray(weights.reference_logp, dtype=np.float32)
+    out[column_name(side, "reference_logps")] = np.asarray(weights.reference_logp, dtype=np.float32)
     if weights.reference_topk_ids is not None:
-        out[f"{side}_reference_topk_ids"] = np.asarray(weights.reference_topk_ids, dtype=np.int32)
-        out[f"{side}_reference_topk_logp"] = np.asarray(weights.reference_topk_logp, dtype=np.float32)
+        out[column_name(side, "reference_topk_ids")] = np.asarray(weights.reference_topk_ids, dtype=np.int32)
+        out[column_name(side, "reference_topk_logp")] = np.asarray(weights.reference_topk_logp, dtype=np.float32)
     if uniform_weights:
-        out[f"{side}_weights"] = np.ones(len(response_ids), dtype=np.float32)
+        out[column_name(side, "weights")] = np.ones(len(response_ids), dtype=np.float32)
     else:
         attribution = torch.tensor(weights.attribution, dtype=torch.float32)
-        out[f"{side}_weights"] = hybrid_weights(attribution, lambda_, normalization).numpy()
+        out[column_name(side, "weights")] = hybrid_weights(attribution, lambda_, normalization).numpy()
     return out
 
 
@@ -176,10 +176,10 @@ class TrainingCollator:
         batch = self._base(stripped)
         for side in self.sides:
             for name, (dtype, fill) in _RESPONSE_VALUES.items():
-                key = f"{side}_{name}"
+                key = column_name(side, name)
                 if key in features[0]:
                     batch[key] = scatter_response_values(
-                        [f[key] for f in features], batch[f"{side}_response_mask"], dtype=dtype, fill=fill
+                        [f[key] for f in features], batch[column_name(side, "response_mask")], dtype=dtype, fill=fill
                     )
         return TrainingBatch.of(batch)
 

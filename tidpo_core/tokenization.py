@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from tidpo_core.batch import column_name
+
 __all__ = [
     "EncodedSequence",
     "PreferenceCollator",
@@ -174,11 +176,11 @@ class PreferenceCollator:
 
     def _side_keys(self) -> set[str]:
         suffixes = ("input_ids", "response_mask", "weights")
-        return {f"{side}_{suffix}" for side in self.sides for suffix in suffixes}
+        return {column_name(side, suffix) for side in self.sides for suffix in suffixes}
 
     def _collate_side(self, features: list[dict[str, Any]], side: str, length: int) -> dict[str, Tensor]:
-        ids = [f[f"{side}_input_ids"] for f in features]
-        masks = [f[f"{side}_response_mask"] for f in features]
+        ids = [f[column_name(side, "input_ids")] for f in features]
+        masks = [f[column_name(side, "response_mask")] for f in features]
         for row, (row_ids, row_mask) in enumerate(zip(ids, masks, strict=True)):
             if len(row_ids) != len(row_mask):
                 raise ValueError(
@@ -194,20 +196,20 @@ class PreferenceCollator:
         response_mask = fit(pad_right(masks, 0, torch.float32), 0)
         weight_rows: list[Sequence[float]] = []
         for f, row_mask in zip(features, masks, strict=True):
-            weights = f.get(f"{side}_weights")
+            weights = f.get(column_name(side, "weights"))
             # Without stored weights every response token counts once: plain DPO.
             weight_rows.append([1.0] * int(sum(row_mask)) if weights is None else weights)
         return {
-            f"{side}_input_ids": input_ids,
-            f"{side}_attention_mask": attention_mask,
-            f"{side}_response_mask": response_mask,
-            f"{side}_weights": scatter_response_values(weight_rows, response_mask),
+            column_name(side, "input_ids"): input_ids,
+            column_name(side, "attention_mask"): attention_mask,
+            column_name(side, "response_mask"): response_mask,
+            column_name(side, "weights"): scatter_response_values(weight_rows, response_mask),
         }
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        lengths = {s: max(len(f[f"{s}_input_ids"]) for f in features) for s in self.sides}
+        lengths = {s: max(len(f[column_name(s, "input_ids")]) for f in features) for s in self.sides}
         common = max(lengths.values(), default=0)
         batch: dict[str, Any] = {}
         for side in self.sides:
