@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import dagster as dg
 import pytest
 
+from tidpo_core.benchmarks import BenchmarkSelection
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.modeling import TinyModelConfig
 from tidpo_core.steps.policy import SET_BY_THE_RUN
@@ -13,6 +14,7 @@ from tidpo_core.training import TrainConfig
 from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConfig
 from tidpo_pipeline.comparison_assets import MethodComparisonConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, attribute_docs, config_class, core_fields
+from tidpo_pipeline.evaluation_assets import EvaluationConfig
 
 
 def _default(f: dataclasses.Field):
@@ -73,6 +75,17 @@ def test_sampling_and_model_shape_come_from_their_dataclasses():
     assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)}
     assert AnchorConfig().batch_size == 32 and AnchorConfig().top_p == SamplingSettings().top_p
     assert {f.name for f in dataclasses.fields(TinyModelConfig)} <= set(ReferenceModelConfig.model_fields)
+
+
+def test_benchmark_settings_come_from_one_dataclass_and_build_the_core_options():
+    names = {f.name for f in dataclasses.fields(BenchmarkSelection)}
+    assert names <= set(EvaluationConfig.model_fields) and names <= set(MethodComparisonConfig.model_fields)
+    config = EvaluationConfig(benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64)
+    options = config.benchmark_options()
+    assert options == BenchmarkSelection(benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64).options()
+    assert (options.limit, options.data_files["ifeval"], options.max_gen_toks) == (3, "/data/ifeval.jsonl", 64)
+    # The comparison runs many models: no benchmark unless asked.
+    assert EvaluationConfig().benchmarks == ["truthfulqa", "ifeval"] and MethodComparisonConfig().benchmarks == []
 
 
 @dataclass
