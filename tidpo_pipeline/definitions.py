@@ -16,6 +16,7 @@ from tidpo_pipeline.assets import (
 )
 from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.comparison_assets import COMPARISON_ASSETS, method_comparison_job
+from tidpo_pipeline.console import tidpo_console
 from tidpo_pipeline.evaluation_assets import evaluation
 from tidpo_pipeline.resources import TidpoStorage, build_resources
 
@@ -59,4 +60,5 @@ defs = dg.Definitions(
     schedules=[weekly_retraining],
     sensors=[new_preference_data],
     resources=build_resources(),
+    loggers={"console": tidpo_console},
 )
