@@ -1,8 +1,11 @@
-"""End-to-end check of the UI: after a run, headless Chromium opens the asset graph, every asset name
-is on the page, and a screenshot is saved (e2e/asset-graph.png)."""
+"""End-to-end check of the UI: after a run, headless Chromium opens the asset graph (every asset name on
+the page, e2e/asset-graph.png) and the metadata a user reads first on two asset pages: the preference
+pairs' preview shows where chosen and rejected differ (e2e/preference-pairs-preview.png), and the
+evaluation's key metrics are a rounded policy / reference / difference table (e2e/evaluation-key-metrics.png)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,31 +45,85 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
-def open_asset_graph(url: str, screenshot: Path) -> str:
-    """Open the page in Debian's Chromium driven by Playwright; return the rendered page text."""
-    from playwright.sync_api import sync_playwright
+# Asset page -> (markdown metadata entry -> what it must show when opened).
+ASSET_PAGES = {
+    "preference_pairs": {"preview": ["chosen (where it differs)", "rejected (where it differs)"]},
+    "evaluation": {"key_metrics": ["metric", "policy", "reference", "policy - reference", "reward_accuracy"]},
+}
 
+
+def _chromium() -> str:
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         raise SystemExit("chromium not found: `make e2e` installs Debian's chromium package")
+    return browser_path
+
+
+def _open(page, url: str, wait_for_text: str) -> None:
+    page.goto(url)
+    skip = page.get_by_role("button", name="Skip")  # Dagster's first-visit newsletter dialog
+    try:
+        skip.click(timeout=5_000)
+    except Exception:
+        pass
+    try:
+        page.get_by_text(wait_for_text).first.wait_for(timeout=60_000)
+    except Exception:
+        pass
+    page.wait_for_timeout(2_000)
+
+
+def check_asset_graph(base: str) -> list[str]:
+    """The asset graph names every asset (screenshot e2e/asset-graph.png); returns what is missing."""
+    from playwright.sync_api import sync_playwright
+
+    screenshot = REPO / "e2e" / "asset-graph.png"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(url)
-        skip = page.get_by_role("button", name="Skip")  # Dagster's first-visit newsletter dialog
-        try:
-            skip.click(timeout=10_000)
-        except Exception:
-            pass
-        try:
-            page.get_by_text(ASSETS[-1], exact=True).first.wait_for(timeout=60_000)
-        except Exception:
-            pass
-        page.wait_for_timeout(2_000)
+        _open(page, f"{base}/asset-groups", ASSETS[-1])
         page.screenshot(path=str(screenshot))
         text = page.inner_text("body")
         browser.close()
-    return text
+    print(f"asset graph: {screenshot} ({screenshot.stat().st_size} bytes)")
+    return [name for name in ASSETS if name not in text]
+
+
+def check_metadata(base: str) -> list[str]:
+    """Open each asset's latest materialization, open each markdown entry of ASSET_PAGES (Dagster shows it
+    in a dialog), screenshot it (e2e/<asset>-<entry>.png) and return what is missing from it."""
+    from playwright.sync_api import sync_playwright
+
+    missing = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        for asset, entries in ASSET_PAGES.items():
+            _open(page, f"{base}/assets/{asset}", "Metadata")
+            for entry, texts in entries.items():
+                screenshot = REPO / "e2e" / f"{asset}-{entry}.png".replace("_", "-")
+                row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(f"^{re.escape(entry)}$")))
+                try:
+                    row.first.wait_for(timeout=30_000)
+                    collapsed = row.get_by_text("[Show Markdown]")
+                    if collapsed.count():  # a long entry: Dagster opens it in a dialog
+                        collapsed.first.click(timeout=30_000)
+                        shown_in = page.get_by_role("dialog").last
+                        shown_in.wait_for(timeout=30_000)
+                        page.wait_for_timeout(1_000)
+                    else:  # a short one is rendered in its row
+                        shown_in = row.first
+                    shown_in.screenshot(path=str(screenshot))
+                    shown = shown_in.inner_text()
+                    page.keyboard.press("Escape")
+                except Exception as exc:  # no materialization yet, or the UI changed
+                    missing.append(f"{asset}/{entry}: cannot open ({type(exc).__name__}); run `make run` first")
+                    continue
+                absent = [text for text in texts if text not in shown]
+                print(f"{asset} / {entry}: {screenshot} ({screenshot.stat().st_size} bytes), shows {texts if not absent else shown[:300]!r}")
+                missing += [f"{asset}/{entry}: {text!r}" for text in absent]
+        browser.close()
+    return missing
 
 
 def wait_for_assets(base: str, seconds: float) -> None:
@@ -97,19 +154,12 @@ def main() -> int:
     try:
         wait_for(f"{base}/server_info", 120)
         wait_for_assets(base, 180)
-        url = f"{base}/asset-groups"
-        screenshot = REPO / "e2e" / "asset-graph.png"
-        text = open_asset_graph(url, screenshot)
-        missing = [name for name in ASSETS if name not in text]
-        print(f"asset graph: {url}\nscreenshot: {screenshot} ({screenshot.stat().st_size if screenshot.exists() else 0} bytes)")
-        if missing:
-            print(f"FAILED: assets missing from the page: {missing}")
-            return 1
-        if not screenshot.exists() or screenshot.stat().st_size == 0:
-            print("FAILED: no screenshot written")
-            return 1
-        print(f"all {len(ASSETS)} assets are on the page")
-        return 0
+        missing = check_asset_graph(base) + check_metadata(base)
+        for what in missing:
+            print(f"FAILED: {what}")
+        if not missing:
+            print(f"all {len(ASSETS)} assets on the graph; every checked metadata entry shows what it should")
+        return 1 if missing else 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
