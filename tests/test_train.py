@@ -513,3 +513,16 @@ def test_init_model_path_starts_the_policy_elsewhere_and_keeps_the_reference(tin
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="lora"):
         tiny.config(tmp_path / "c", init_model_path=str(tmp_path / "champion"), lora=True)
+
+
+@pytest.mark.parametrize("requested", [None, 2])
+def test_a_launched_training_process_runs_under_the_thread_policy(tiny, tmp_path, monkeypatch, requested):
+    """The child trains the tiny model on one thread (a small model), or on TIDPO_NUM_THREADS when set."""
+    from tidpo_core.launch import LaunchSettings, run_training
+
+    if requested is None:
+        monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TIDPO_NUM_THREADS", str(requested))
+    summary = run_training(tiny.config(tmp_path / "run", loss_type="dpo", max_steps=1), LaunchSettings("python"))
+    assert summary["torch_threads"] == (1 if requested is None else requested)

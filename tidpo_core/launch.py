@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tidpo_core.layout import RunDir
+from tidpo_core.threads import thread_environment
 
 Launcher = Literal["in_process", "python", "accelerate"]
 ENGINE_MODULE = "tidpo_core.train"
@@ -119,8 +120,10 @@ def bind_to_parent(command: Sequence[str]) -> list[str]:
 
 
 def training_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: no hub access, no MLflow telemetry."""
-    return {**(os.environ if base is None else base), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    """The child's environment: no hub access, no MLflow telemetry, and the thread policy's variables
+    (OpenMP reads them when torch loads; the child sizes torch's threads for its model once loaded)."""
+    env = thread_environment(None, os.environ if base is None else base)
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def process_command(config: Any, settings: LaunchSettings) -> list[str]:

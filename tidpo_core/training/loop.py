@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tidpo_core.batch import TrainingBatch
 from tidpo_core.faults import Faults
 from tidpo_core.layout import RunDir
+from tidpo_core.threads import threads_for
 from tidpo_core.training.anchors import _AnchorRefresh
 from tidpo_core.training.checkpoints import _save_final
 from tidpo_core.training.config import TrainConfig
@@ -84,6 +85,23 @@ def _run(
     started = time.perf_counter()
     models = load_models(config, loss_config)
     timings["model_load_s"] = time.perf_counter() - started
+    # The thread policy for this model (tidpo_core.threads); restored on return, for in-process runs.
+    with threads_for(models.policy) as thread_policy:
+        reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
+        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings)
+
+
+def _train_loaded(
+    config: TrainConfig,
+    loss_config: Any,
+    accelerator: Accelerator,
+    reporter: Reporter,
+    on_step: StepCallback | None,
+    stop: StopSignals,
+    faults: Faults,
+    models: Any,
+    timings: dict[str, float],
+) -> TrainSummary:
     features = load_training_features(config, models.tokenizer, timings)
     refresh = _AnchorRefresh.create(
         config, loss_config, models.reference_module, models.tokenizer, models.tokenizer.pad_token_id
@@ -313,6 +331,7 @@ def _finish(run: RunState, timings: dict[str, float], seconds: float, start_step
         trainable_parameters=run.trainable_count,
         total_parameters=run.total_count,
         peak_rss_mb=_peak_rss_mb(),
+        torch_threads=torch.get_num_threads(),
         timings={k: round(v, 4) for k, v in timings.items()},
     )
     if accelerator.is_main_process:

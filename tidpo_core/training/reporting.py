@@ -30,6 +30,8 @@ class TrainSummary:
     trainable_parameters: int = 0
     total_parameters: int = 0
     peak_rss_mb: float = 0.0
+    torch_threads: int = 0
+    """Intra-op threads the run trained with (tidpo_core.threads)."""
     timings: dict[str, float] = field(default_factory=dict)
 
 

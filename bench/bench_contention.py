@@ -1,0 +1,231 @@
+"""Throughput on a busy machine: each heavy stage alone, then with a second identical process beside it.
+
+Stages (the pipeline's own code, on the embedded model shape and the built-in pairs):
+- `weights`: tidpo_core.importance.compute_token_importance over the chosen and rejected responses
+  (what the token_weights asset runs);
+- `train`: tidpo_core.sft.supervised_finetune steps (forward, backward, AdamW: the reference model's SFT,
+  the same work per step as a training step without the preference loss);
+- `sample`: tidpo_core.generation.sample_responses (what anchor_responses and the evaluation run).
+
+Each stage runs in fresh worker processes (python -m bench.bench_contention --worker ...) under two
+policies: `default` (torch's and OpenMP's defaults: one thread per core, OpenMP threads spin while they
+wait) and `tidpo` (tidpo_core.threads: the environment the launcher gives a child, and the policy for the
+model applied in the worker). Workers build their model and data first, then wait at a barrier, so two
+concurrent workers time the same stretch. Slowdown = time with a second process / time alone, per policy
+(target for `tidpo`: <= 2.5x with 2 processes on 2 cores; fair sharing is 2x). The cost on an idle
+machine is tidpo alone / default alone (target: within 5%).
+
+The policy's size threshold is measured too: each stage alone on one thread and on every CPU, for the
+embedded model and a model about 20x larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "contention"
+SLOWDOWN_TARGET = 2.5
+IDLE_COST_TARGET = 1.05
+STAGES = ("weights", "train", "sample")
+POLICIES = ("default", "tidpo")
+# The policy's environment variables; `default` runs without any of them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "TIDPO_NUM_THREADS")
+SHAPES = {
+    "embedded": {},
+    "larger": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8},
+}
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"pairs": 16, "train_steps": 3, "sample_prompts": 8, "new_tokens": 8, "rounds": 1}
+    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 2}
+
+
+# --- the worker ------------------------------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from tidpo_core import threads
+    from tidpo_core.features import EncodingSettings, encode_response
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.importance import compute_token_importance
+    from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+    from tidpo_core.sft import supervised_finetune
+    from tidpo_core.synthetic import generate_synthetic_pairs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = generate_synthetic_pairs(args.pairs, seed=0)
+    tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
+    model = build_tiny_model(tokenizer, TinyModelConfig(**SHAPES[args.shape]), seed=0)
+    encoding = EncodingSettings()
+    if args.stage == "weights":
+        encoded = [encode_response(tokenizer, p.prompt, r, encoding) for p in pairs for r in (p.chosen, p.rejected)]
+
+        def work() -> None:
+            compute_token_importance(model, encoded, batch_size=16)
+    elif args.stage == "train":
+        examples = [(p.prompt, p.chosen) for p in pairs]
+
+        def work() -> None:
+            supervised_finetune(model, tokenizer, examples, steps=args.train_steps, batch_size=16, settings=encoding)
+    else:
+        prompts = [p.prompt for p in pairs[: args.sample_prompts]]
+        settings = SamplingSettings(max_new_tokens=args.new_tokens, batch_size=16, seed=0)
+
+        def work() -> None:
+            sample_responses(model, tokenizer, prompts, settings)
+
+    policy = threads.threads_for(model) if args.policy == "tidpo" and not args.threads else None
+    with policy if policy is not None else _nothing():
+        used = torch.get_num_threads()
+        Path(args.ready).touch()
+        deadline = time.monotonic() + 600
+        while not Path(args.go).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("no go signal")
+            time.sleep(0.01)
+        started = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "threads": used, "parameters": threads.parameter_count(model)}))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+
+
+def _environment(policy: str) -> dict[str, str]:
+    from tidpo_core.threads import thread_environment
+
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    base.update({"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
+    # The launcher's child environment: the model's size is not known before the child loads it.
+    return thread_environment(None, base) if policy == "tidpo" else base
+
+
+def _run_together(count: int, stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded", threads: int = 0) -> list[dict[str, Any]]:
+    """`count` workers of one stage at once, released together; their timings."""
+    root = Path(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        go = Path(tmp) / "go"
+        workers = []
+        for i in range(count):
+            ready = Path(tmp) / f"ready{i}"
+            command = [
+                sys.executable, "-m", "bench.bench_contention", "--worker", "--stage", stage, "--policy", policy,
+                "--shape", shape, "--threads", str(threads), "--ready", str(ready), "--go", str(go),
+                "--pairs", str(sizes["pairs"]), "--train-steps", str(sizes["train_steps"]),
+                "--sample-prompts", str(sizes["sample_prompts"]), "--new-tokens", str(sizes["new_tokens"]),
+            ]
+            workers.append((ready, subprocess.Popen(command, cwd=root, env=_environment(policy), stdout=subprocess.PIPE, text=True)))
+        deadline = time.monotonic() + 900
+        while not all(ready.exists() for ready, _ in workers):
+            if any(w.poll() not in (None, 0) for _, w in workers) or time.monotonic() > deadline:
+                for _, w in workers:
+                    w.kill()
+                raise RuntimeError(f"a {stage}/{policy} worker failed before the start")
+            time.sleep(0.05)
+        go.touch()
+        results = []
+        for _, w in workers:
+            out, _ = w.communicate(timeout=1800)
+            if w.returncode != 0:
+                raise RuntimeError(f"{stage}/{policy} worker exited {w.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from bench import common
+
+    started = time.perf_counter()
+    sizes = _sizes(quick)
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        rounds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in POLICIES}
+        threads_used: dict[str, int] = {}
+        for _ in range(sizes["rounds"]):
+            for policy in POLICIES:  # alternating, so drift in the machine's load hits both alike
+                alone = _run_together(1, stage, policy, sizes)[0]
+                two = _run_together(2, stage, policy, sizes)
+                rounds[policy]["alone"].append(alone["seconds"])
+                rounds[policy]["two"].append(max(r["seconds"] for r in two))
+                threads_used[policy] = alone["threads"]
+        figures = {}
+        for policy in POLICIES:
+            alone, two = min(rounds[policy]["alone"]), min(rounds[policy]["two"])
+            figures[policy] = {"alone_s": round(alone, 3), "two_processes_s": round(two, 3), "slowdown": round(two / alone, 2), "threads": threads_used[policy], "rounds": rounds[policy]}
+        figures["tidpo_idle_cost"] = round(figures["tidpo"]["alone_s"] / figures["default"]["alone_s"], 3)
+        figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
+        figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
+        stages[stage] = figures
+        common.log(NAME, f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x; idle cost {figures['tidpo_idle_cost']}x")
+    # One thread against all CPUs, alone, per model size: where the policy's size threshold comes from.
+    cpus = os.cpu_count() or 1
+    threshold: dict[str, Any] = {}
+    for shape in SHAPES:
+        for stage in STAGES:
+            timings: dict[int, list[float]] = {1: [], cpus: []}
+            for _ in range(sizes["rounds"]):
+                for count in timings:
+                    result = _run_together(1, stage, "default", sizes, shape, threads=count)[0]
+                    timings[count].append(result["seconds"])
+            one, every = min(timings[1]), min(timings[cpus])
+            threshold[f"{shape}/{stage}"] = {
+                "parameters": result["parameters"],
+                "one_thread_s": round(one, 3),
+                "all_threads_s": round(every, 3),
+                "threads": cpus,
+                "one_thread_over_all": round(one / every, 2),
+            }
+    figures = {
+        "stages": stages,
+        "threads_by_size": threshold,
+        "targets": {"slowdown_with_two_processes": SLOWDOWN_TARGET, "idle_cost": IDLE_COST_TARGET},
+        "sizes": sizes,
+    }
+    return common.write_results(NAME, figures, quick, started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stage", choices=STAGES)
+    parser.add_argument("--policy", choices=POLICIES, default="tidpo")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="embedded")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--ready", default="")
+    parser.add_argument("--go", default="")
+    parser.add_argument("--pairs", type=int, default=192)
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--sample-prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+    else:
+        print(json.dumps(run(quick=args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()
