@@ -69,13 +69,14 @@ def contrastive_pair(prepared: common.Prepared, sizes: dict[str, Any], seed: int
 
 
 def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, Any]:
-    from tidpo_core.evaluation import critical_token_precision, single_thread_if_small
+    from tidpo_core.evaluation import critical_token_precision
     from tidpo_core.features import EncodingSettings
     from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.threads import threads_for
 
     model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
     settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-    with single_thread_if_small(model):
+    with threads_for(model):
         metrics = critical_token_precision(
             model, tokenizer, common.eval_pairs(prepared), settings, variants=VARIANTS, contrastive_models=contrastive
         )

@@ -284,16 +284,18 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
     assert "kl_exactness" in biased.skipped
 
 
-def test_small_models_are_evaluated_single_threaded(tiny):
-    from tidpo_core.evaluation import single_thread_if_small
+def test_small_models_are_evaluated_under_the_thread_policy(tiny, monkeypatch):
+    from tidpo_core.threads import threads_for
 
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
     model = tiny[0]
     torch.set_num_threads(2)
     try:
-        with single_thread_if_small(model):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with single_thread_if_small(model, limit=10):  # "large" model: torch's setting is left alone
+        with threads_for(model):
+            assert torch.get_num_threads() == 1  # a small model: one thread
+        assert torch.get_num_threads() == 2  # restored
+        monkeypatch.setenv("TIDPO_NUM_THREADS", "2")
+        with threads_for(model):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)

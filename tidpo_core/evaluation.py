@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from tidpo_core.importance import (
     without_eos,
 )
 from tidpo_core.losses import token_logps
-from tidpo_core.modeling import torch_threads
+from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
 
 
@@ -713,19 +712,6 @@ def critical_token_precision(
     return metrics
 
 
-# Below this many parameters a forward pass is dominated by per-op overhead and a second intra-op thread
-# buys nothing (see modeling.torch_threads).
-SMALL_MODEL_PARAMETERS = 5_000_000
-
-
-def single_thread_if_small(*models: torch.nn.Module, limit: int = SMALL_MODEL_PARAMETERS) -> contextlib.AbstractContextManager[None]:
-    """One torch thread for the block when every model is on CPU with fewer than `limit` parameters."""
-    small = all(
-        next(m.parameters()).device.type == "cpu" and sum(p.numel() for p in m.parameters()) < limit for m in models
-    )
-    return torch_threads(1 if small else 0)
-
-
 # --- the whole evaluation of one model --------------------------------------------------------------------
 
 
@@ -777,9 +763,9 @@ def evaluate_model(
     Preference metrics (accuracy, margin, win rates), KL(model || reference) with its standard error,
     generation diversity, and on pairs with critical spans (the synthetic corpus) importance
     precision@k and the critical-phrase rate. Pass `model=reference` for the reference's own row.
-    Small CPU models are evaluated single-threaded (see `single_thread_if_small`).
+    Runs under the thread policy for the two models (tidpo_core.threads).
     """
-    with single_thread_if_small(model, reference):
+    with threads_for(model, reference):
         return _evaluate_model(model, reference, tokenizer, pairs, settings, reference_scores, progress)
 
 
@@ -903,7 +889,7 @@ def importance_heatmap_sections(
     if not items:
         return []
     variants = ["attribution"] + ([compare_with] if compare_with and compare_with != "attribution" else [])
-    with single_thread_if_small(model):
+    with threads_for(model):
         weights_by_variant = importance_by_variant(
             model,
             tokenizer,

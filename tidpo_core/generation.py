@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tidpo_core.fingerprint import digest
+from tidpo_core.threads import threads_for
 
 
 @dataclass(frozen=True)
@@ -53,26 +54,27 @@ def sample_batches(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     try:
-        batches = range(0, len(prompts), settings.batch_size)
-        for start in tqdm(batches, disable=not progress, desc="sample", unit="batch"):
-            chunk = list(prompts[start : start + settings.batch_size])
-            encoded = [prompt_ids(tokenizer, p, settings.max_prompt_tokens) for p in chunk]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-            torch.manual_seed(settings.seed + int(digest(chunk, 8), 16))
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                top_k=settings.top_k,
-                top_p=settings.top_p,
-                temperature=settings.temperature,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            yield chunk, encoded, output[:, width:].tolist()
+        with threads_for(model):  # the thread policy (tidpo_core.threads), held across the yields
+            batches = range(0, len(prompts), settings.batch_size)
+            for start in tqdm(batches, disable=not progress, desc="sample", unit="batch"):
+                chunk = list(prompts[start : start + settings.batch_size])
+                encoded = [prompt_ids(tokenizer, p, settings.max_prompt_tokens) for p in chunk]
+                width = max(len(ids) for ids in encoded)
+                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+                attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+                torch.manual_seed(settings.seed + int(digest(chunk, 8), 16))
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    do_sample=True,
+                    top_k=settings.top_k,
+                    top_p=settings.top_p,
+                    temperature=settings.temperature,
+                    max_new_tokens=settings.max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                yield chunk, encoded, output[:, width:].tolist()
     finally:
         model.train(was_training)
 

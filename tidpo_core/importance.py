@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tidpo_core.losses import reference_topk, token_logps
+from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import EncodedSequence, pad_right
 
 __all__ = [
@@ -356,7 +357,9 @@ def compute_token_importance(
     # Similar lengths per batch waste less compute on padding; results are put back in input order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
     results: list[TokenImportance | None] = [None] * len(sequences)
-    with tqdm(total=len(sequences), desc=f"token importance ({estimator})", disable=not progress) as bar:
+    with threads_for(model, *(contrastive_models or ())), tqdm(
+        total=len(sequences), desc=f"token importance ({estimator})", disable=not progress
+    ) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = [sequences[i] for i in chunk]

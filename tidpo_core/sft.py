@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tidpo_core.data import PreferencePair
 from tidpo_core.features import EncodingSettings, encode_response
 from tidpo_core.losses import token_logps
+from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import pad_right
 
 
@@ -43,9 +44,16 @@ def supervised_finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.05, 1 - s / steps)
     )
-    device = next(model.parameters()).device
     model.train()
     losses = []
+    with threads_for(model):
+        _finetune_steps(model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress)
+    model.eval()
+    return losses
+
+
+def _finetune_steps(model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress) -> None:
+    device = next(model.parameters()).device
     for _ in tqdm(range(steps), disable=not progress, desc="sft", unit="step"):
         index = torch.randint(len(encoded), (min(batch_size, len(encoded)),), generator=generator).tolist()
         batch = [encoded[i] for i in index]
@@ -60,5 +68,3 @@ def supervised_finetune(
         scheduler.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-    model.eval()
-    return losses

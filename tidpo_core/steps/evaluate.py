@@ -23,7 +23,6 @@ from tidpo_core.evaluation import (
     importance_heatmap_sections,
     promotion_decision,
     score_pairs,
-    single_thread_if_small,
 )
 from tidpo_core.features import EncodingSettings
 from tidpo_core.generation import SamplingSettings, sample_responses
@@ -33,6 +32,7 @@ from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
 from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
+from tidpo_core.threads import threads_for
 
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 HEATMAP_PNG = "token_importance_heatmap.png"
@@ -144,7 +144,7 @@ def evaluate_policy(
     reference_model, tokenizer = reference.load()
     # The policy is the reference's architecture, saved by the engine: it needs the same code trust.
     policy_model, _ = load_model_and_tokenizer(policy.model_path, trust_remote_code=reference.trust_remote_code)
-    with single_thread_if_small(reference_model):
+    with threads_for(reference_model):
         reference_scores = score_pairs(reference_model, tokenizer, pairs, eval_settings.encoding, settings.batch_size, progress=True)
 
     def evaluate(model: Any) -> ModelEvaluation:
@@ -258,7 +258,7 @@ def _pictures(
     heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[: max(settings.heatmap_pairs, 0)]
     best_variant = best_importance_variant(metrics["reference"])
     if heatmap_pairs:
-        with single_thread_if_small(reference_model):
+        with threads_for(reference_model):
             anchors = sample_responses(reference_model, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=settings.sample_seed))
         sections = importance_heatmap_sections(
             reference_model,
