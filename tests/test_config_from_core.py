@@ -12,8 +12,8 @@ from tidpo_core.steps.policy import SET_BY_THE_RUN
 from tidpo_core.training import TrainConfig
 from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConfig
 from tidpo_pipeline.comparison_assets import MethodComparisonConfig
-from tidpo_pipeline.reward_assets import RewardModelConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, attribute_docs, config_class, core_fields
+from tidpo_pipeline.reward_assets import RewardModelConfig
 
 
 def _default(f: dataclasses.Field):

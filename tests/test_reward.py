@@ -179,8 +179,13 @@ def test_training_is_deterministic_for_a_seed(trained, tmp_path):
     _, open_db, reference, *_ = trained
     with open_db() as con:
         pairs = store.read_pairs(con, split="train")
+    from accelerate.state import PartialState
+
     recipe = RewardTraining(epochs=1, batch_size=8, max_train_pairs=16, logging_steps=1)
+    had_accelerate_state = bool(PartialState._shared_state)
     first = train_reward_model(reference.path, pairs, tmp_path / "a", recipe)
+    # TRL's Trainer leaves accelerate's process-wide state as it found it (the in-process engine sets its own).
+    assert bool(PartialState._shared_state) == had_accelerate_state
     second = train_reward_model(reference.path, pairs, tmp_path / "b", recipe)
     timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     assert first.steps == second.steps == 2
@@ -191,3 +196,30 @@ def test_training_is_deterministic_for_a_seed(trained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "score.weight" in a and a["score.weight"].shape[0] == 1  # one output: the reward
     assert not (tmp_path / "a.staging").exists() and not (tmp_path / "a" / "trainer").exists()
+
+
+def test_a_run_interrupted_before_it_finished_is_resumed_and_registers_once(trained, monkeypatch):
+    layout, open_db, reference, run_tracking, digest, handle = trained
+    uri = layout.tracking_uri
+    curve = tracking.metric_history(uri, handle.mlflow_run_id, "loss")
+    # As if killed after registering, before the run was marked finished and the version recorded:
+    tracking.client(uri).update_run(handle.mlflow_run_id, status="RUNNING")
+    with open_db() as con:
+        record = store.reward_model_record(con, handle.fingerprint)
+        store.record_reward_model(con, dataclasses.replace(record, registered_version=None))
+
+    def registry_down(*args, **kwargs):
+        raise RuntimeError("registry down")
+
+    monkeypatch.setattr(tracking, "register_model_folder", registry_down)
+    with pytest.raises(RuntimeError, match="registry down"):
+        train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
+    assert tracking.run_status(uri, handle.mlflow_run_id) == "FAILED"
+    monkeypatch.undo()
+    again = train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
+    assert (again.mlflow_run_id, again.registered_version) == (handle.mlflow_run_id, "1")
+    assert tracking.run_status(uri, handle.mlflow_run_id) == "FINISHED"
+    assert [str(v.version) for v in tracking.model_versions(uri, tracking.REWARD_MODEL)] == ["1"]
+    assert tracking.metric_history(uri, handle.mlflow_run_id, "loss") == curve  # the curve is not logged twice
+    with open_db() as con:
+        assert store.reward_model_record(con, handle.fingerprint).registered_version == "1"

@@ -26,7 +26,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,22 @@ def _trl_config(output_dir: Path, training: RewardTraining, progress: bool, revi
     )
 
 
+@contextmanager
+def _accelerate_state_left_as_found() -> Iterator[None]:
+    """TRL's Trainer fixes accelerate's process-wide state (device, mixed precision); the training engine run
+    later in the same process (launcher `in_process`) would find it set and could not choose its own. A
+    process that had none before the reward model has none after it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    fresh = not PartialState._shared_state and not AcceleratorState._shared_state
+    try:
+        yield
+    finally:
+        if fresh:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+
 def build_info(model_dir: str | Path) -> dict[str, Any]:
     """The folder's build marker ({} when the folder is missing or unfinished)."""
     marker = Path(model_dir) / BUILD_MARKER
@@ -267,19 +284,20 @@ def train_reward_model(
         {"chosen_ids": _encode(tokenizer, p.prompt, p.chosen, training), "rejected_ids": _encode(tokenizer, p.prompt, p.rejected, training)}
         for p in pairs
     ]
-    trainer = RewardTrainer(
-        model=str(model_path),  # TRL seeds, then loads the backbone with a one-output head (num_labels=1)
-        args=_trl_config(staging / "trainer", training, progress, revision, trust_remote_code),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer prints every log as a dict
-    model = trainer.model
-    start = time.perf_counter()
-    with single_thread_if_small(model):
-        trainer.train()
-    seconds = time.perf_counter() - start
+    with _accelerate_state_left_as_found():
+        trainer = RewardTrainer(
+            model=str(model_path),  # TRL seeds, then loads the backbone with a one-output head (num_labels=1)
+            args=_trl_config(staging / "trainer", training, progress, revision, trust_remote_code),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer prints every log as a dict
+        model = trainer.model
+        start = time.perf_counter()
+        with single_thread_if_small(model):
+            trainer.train()
+        seconds = time.perf_counter() - start
     # Every logged entry: the training metrics of each logging step, and last the run's summary (train_loss,
     # train_runtime, ... and the metrics of the steps after the last logging step), each with its `step`.
     history = [{k: float(v) for k, v in entry.items() if isinstance(v, int | float)} for entry in trainer.state.log_history]

@@ -119,29 +119,38 @@ def train_reward(
     info = build_info(out_dir)
     held_out = _held_out(previous, out_dir, eval_pairs, settings)
     training_metrics = final_metrics(info.get("history", []))
+
+    def record(run_id: str | None, version: str | None) -> None:
+        with open_db() as con:
+            store.record_reward_model(
+                con,
+                store.RewardModelRecord(
+                    fingerprint=fingerprint,
+                    reference_fingerprint=reference.fingerprint,
+                    pairs_digest=pairs_digest,
+                    path=str(out_dir),
+                    accuracy=held_out.accuracy,
+                    margin=held_out.margin,
+                    loss=held_out.loss,
+                    eval_pairs=held_out.pairs,
+                    train_pairs=int(info["train_pairs"]),
+                    settings=dataclasses.asdict(settings),
+                    mlflow_run_id=run_id,
+                    registered_version=version,
+                ),
+            )
+
     run_id, version = (previous.mlflow_run_id, previous.registered_version) if previous is not None else (None, None)
-    if tracking_to is not None and not _still_registered(tracking_to.uri, registered_model, run_id, version):
-        run_id, version = _track(tracking_to, registered_model, open_db, out_dir, info, held_out, reference, settings, pairs_digest, fingerprint)
-    elif run_id is not None:
+    if tracking_to is None:
+        record(run_id, version)
+    elif _finished_and_registered(tracking_to.uri, registered_model, run_id, version):
         log(f"reward model already logged in MLflow run {run_id} as {registered_model} version {version}")
-    with open_db() as con:
-        store.record_reward_model(
-            con,
-            store.RewardModelRecord(
-                fingerprint=fingerprint,
-                reference_fingerprint=reference.fingerprint,
-                pairs_digest=pairs_digest,
-                path=str(out_dir),
-                accuracy=held_out.accuracy,
-                margin=held_out.margin,
-                loss=held_out.loss,
-                eval_pairs=held_out.pairs,
-                train_pairs=int(info["train_pairs"]),
-                settings=dataclasses.asdict(settings),
-                mlflow_run_id=run_id,
-                registered_version=version,
-            ),
-        )
+        record(run_id, version)
+    else:
+        resume = run_id if run_id is not None and tracking.run_status(tracking_to.uri, run_id) not in ("FINISHED", "DELETED") else None
+        if resume is not None:
+            log(f"resuming MLflow run {resume}, interrupted before it registered the reward model")
+        run_id, version = _track(tracking_to, registered_model, open_db, record, resume, out_dir, info, held_out, reference, settings, pairs_digest, fingerprint)
     return RewardHandle(
         path=str(out_dir),
         fingerprint=fingerprint,
@@ -164,7 +173,7 @@ def _held_out(previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs
     return held_out_accuracy(load_reward_function(out_dir, batch_size=settings.eval_batch_size), eval_pairs)
 
 
-def _still_registered(tracking_uri: str, name: str, run_id: str | None, version: str | None) -> bool:
+def _finished_and_registered(tracking_uri: str, name: str, run_id: str | None, version: str | None) -> bool:
     """Whether the recorded run finished and its version is still in the registry (then nothing is logged again)."""
     if run_id is None or version is None or tracking.run_status(tracking_uri, run_id) != "FINISHED":
         return False
@@ -175,6 +184,8 @@ def _track(
     tracking_to: RunTracking,
     registered_model: str,
     open_db: OpenDb,
+    record: Callable[[str | None, str | None], None],
+    resume: str | None,
     out_dir: Any,
     info: dict[str, Any],
     held_out: RewardHeldOut,
@@ -183,10 +194,12 @@ def _track(
     pairs_digest: str,
     fingerprint: str,
 ) -> tuple[str, str]:
-    """A new MLflow run: parameters, TRL's training curve, the held-out metrics, the train pairs as a dataset,
-    the folder registered as a new version of `registered_model`."""
+    """An MLflow run (a new one, or `resume`: one interrupted before it finished): parameters, TRL's training
+    curve, the held-out metrics, the train pairs as a dataset, the folder registered as a new version of
+    `registered_model`. The run is recorded in DuckDB as soon as it exists, so a crash before the end is
+    resumed in the same run, which registers at most one version (tracking.register_model_folder)."""
     uri = tracking_to.uri
-    run_id = tracking.start_run(
+    run_id = resume or tracking.start_run(
         uri,
         tracking_to.experiment_id,
         "reward_model",
@@ -200,23 +213,28 @@ def _track(
             "reference_mlflow_run_id": reference.mlflow_run_id,
         },
     )
+    record(run_id, None)
     try:
-        for entry in info.get("history", []):
-            step = int(entry.get("step", 0))
-            tracking.log_metrics(uri, run_id, {k: v for k, v in entry.items() if k not in ("step", "epoch")}, step=step)
-        tracking.log_metrics(uri, run_id, held_out.as_metrics(), step=int(info.get("steps", 0)))
-        with open_db() as con:
-            frame = store.train_pairs_frame(con)
-        tracking.log_dataset(uri, run_id, frame, "preference_pairs/train", pairs_digest[-16:], "training")
-        version = tracking.register_model_folder(
-            uri,
-            run_id,
-            out_dir,
-            registered_model,
-            tags={"held_out_accuracy": f"{held_out.accuracy:.4f}", "eval_pairs": str(held_out.pairs), "fingerprint": fingerprint},
+        if not tracking.metric_history(uri, run_id, "eval_accuracy"):  # a resumed run may have its curves already
+            for entry in info.get("history", []):
+                step = int(entry.get("step", 0))
+                tracking.log_metrics(uri, run_id, {k: v for k, v in entry.items() if k not in ("step", "epoch")}, step=step)
+            with open_db() as con:
+                frame = store.train_pairs_frame(con)
+            tracking.log_dataset(uri, run_id, frame, "preference_pairs/train", pairs_digest[-16:], "training")
+            tracking.log_metrics(uri, run_id, held_out.as_metrics(), step=int(info.get("steps", 0)))
+        version = str(
+            tracking.register_model_folder(
+                uri,
+                run_id,
+                out_dir,
+                registered_model,
+                tags={"held_out_accuracy": f"{held_out.accuracy:.4f}", "eval_pairs": str(held_out.pairs), "fingerprint": fingerprint},
+            )
         )
     except BaseException:
         tracking.finish_run(uri, run_id, failed=True)
         raise
+    record(run_id, version)
     tracking.finish_run(uri, run_id)
-    return run_id, str(version)
+    return run_id, version
