@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = ["preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation"]
+ASSETS = ["preference_pairs", "reference_model", "reward_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation"]
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

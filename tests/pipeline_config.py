@@ -11,8 +11,13 @@ TINY_MODEL = {
 }
 
 
-def small_run_config(pairs: int = 48, steps: int = 16, **policy) -> dict:
-    return {
+# Enough steps for the reward model to beat chance on 40 train pairs (its defaults take 3 on them).
+REWARD_MODEL = {"epochs": 10, "batch_size": 8, "learning_rate": 5e-3}
+
+
+def small_run_config(pairs: int = 48, steps: int = 16, with_reward_model: bool = False, **policy) -> dict:
+    """`with_reward_model`: also configure reward_model (a run config may only name the assets it runs)."""
+    config = {
         "ops": {
             "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.25}},
             "reference_model": {"config": TINY_MODEL},
@@ -32,3 +37,6 @@ def small_run_config(pairs: int = 48, steps: int = 16, **policy) -> dict:
             "evaluation": {"config": {"benchmark_limit": 3, "benchmark_max_gen_tokens": 16}},
         }
     }
+    if with_reward_model:
+        config["ops"]["reward_model"] = {"config": dict(REWARD_MODEL)}
+    return config

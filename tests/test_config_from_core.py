@@ -15,6 +15,7 @@ from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConf
 from tidpo_pipeline.comparison_assets import MethodComparisonConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, attribute_docs, config_class, core_fields
 from tidpo_pipeline.evaluation_assets import EvaluationConfig
+from tidpo_pipeline.reward_assets import RewardModelConfig
 
 
 def _default(f: dataclasses.Field):
@@ -88,6 +89,21 @@ def test_benchmark_settings_come_from_one_dataclass_and_build_the_core_options()
     assert EvaluationConfig().benchmarks == ["truthfulqa", "ifeval"] and MethodComparisonConfig().benchmarks == []
 
 
+def test_the_reward_model_config_is_its_settings_dataclass_with_the_recipe_s_docs():
+    from tidpo_core.reward import RewardTraining
+    from tidpo_core.steps.reward import RewardModelSettings
+
+    for f in dataclasses.fields(RewardModelSettings):
+        assert RewardModelConfig.model_fields[f.name].get_default() == _default(f), f.name
+    assert set(RewardModelConfig.model_fields) == {f.name for f in dataclasses.fields(RewardModelSettings)}
+    assert {f.name for f in dataclasses.fields(RewardTraining)} < set(RewardModelConfig.model_fields)
+    fields = _launchpad_fields(RewardModelConfig)
+    # Documented where they are declared: the training fields in RewardTraining, the check's in the settings.
+    assert "num_train_epochs" in fields["epochs"].description
+    assert "reward_model_beats_chance" in fields["min_accuracy_margin"].description
+    assert fields["min_accuracy_margin"].default_value == 0.1
+
+
 @dataclass
 class _Example:
     size: int = 3
@@ -99,6 +115,17 @@ class _Example:
 
 def test_attribute_docs_reads_the_string_under_each_field_only():
     assert attribute_docs(_Example) == {"size": "How big."}
+
+
+@dataclass
+class _Extended(_Example):
+    plain: float = 2.0
+    """Now documented."""
+    extra: int = 0
+
+
+def test_attribute_docs_of_a_subclass_include_its_bases_docs():
+    assert attribute_docs(_Extended) == {"size": "How big.", "plain": "Now documented."}
 
 
 def test_core_fields_keeps_defaults_and_factories_and_refuses_unknown_names():

@@ -48,7 +48,7 @@ def first_run(tmp_path_factory):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = _materialize(data_dir, small_run_config(), instance=instance)
+            result = _materialize(data_dir, small_run_config(with_reward_model=True), instance=instance)
     finally:
         os.chdir(previous_cwd)
         for logger in loggers:
@@ -95,6 +95,7 @@ def test_definitions_load():
     assert {a.key.to_user_string() for a in ASSETS} == {
         "preference_pairs",
         "reference_model",
+        "reward_model",
         "anchor_responses",
         "token_weights",
         "tidpo_policy",
@@ -131,6 +132,7 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
         "token_weights_are_valid",
         "training_is_healthy",
         "evaluation_gate",
+        "reward_model_beats_chance",
     }
     assert all(checks.values()), checks
     from tidpo_pipeline.run import gate_verdict
@@ -183,7 +185,7 @@ def test_registry_round_trip_champion_generates(first_run):
 def test_rematerialization_is_idempotent_and_reuses_work(first_run):
     data_dir, instance, _ = first_run
     before = _counts(data_dir)
-    again = _materialize(data_dir, small_run_config(), instance=instance)
+    again = _materialize(data_dir, small_run_config(with_reward_model=True), instance=instance)
     assert again.success
     after = _counts(data_dir)
     for table in ("preference_pairs", "quarantine", "anchor_responses", "token_weights"):
@@ -196,6 +198,8 @@ def test_rematerialization_is_idempotent_and_reuses_work(first_run):
     assert meta["anchor_responses"]["generated"].value == 0
     assert meta["token_weights"]["computed"].value == 0
     assert meta["token_weights"]["reused"].value > 0
+    reward = again.asset_materializations_for_node("reward_model")[0].metadata
+    assert reward["reused"].value is True and reward["registered_version"].value == "1"  # same run, same version
 
 
 def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):

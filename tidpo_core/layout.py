@@ -4,7 +4,7 @@
     tidpo.duckdb          pairs, quarantine, anchors, token weights, metrics, champion history
     mlflow.db             MLflow's tracking store and model registry (sqlite; the default)
     mlartifacts/          MLflow's artifacts (models, reports)
-    models/               model folders: reference/, contrastive/<key>/, policy/<run key>/, comparison/<id>/
+    models/               model folders: reference/, contrastive/<key>/, reward/<key>/, policy/<run key>/, comparison/<id>/
     evaluation/<run id>/  the evaluation's pictures and files
     inbox/                data files dropped here are loaded with the configured source
     .lock, .lock.d/       the run lock (one run at a time per data directory)
@@ -63,6 +63,10 @@ class DataDir:
 
     def contrastive_models(self, fingerprint: str) -> Path:
         return self.models / "contrastive" / fingerprint
+
+    def reward_model(self, fingerprint: str) -> Path:
+        """A Bradley-Terry reward model (the GRPO baseline's reward), keyed by its pairs, reference and settings."""
+        return self.models / "reward" / fingerprint
 
     def policy_run(self, run_key: str) -> Path:
         return self.models / "policy" / run_key

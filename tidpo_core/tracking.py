@@ -1,5 +1,6 @@
 """MLflow conventions of tidpo: one sqlite-backed store per data directory, a registered model with a
-`champion` alias that only a model passing the evaluation gate receives."""
+`champion` alias that only a model passing the evaluation gate receives, and a registered reward model
+(`tidpo-reward`, the GRPO baseline's Bradley-Terry reward)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
 
 EXPERIMENT = "tidpo"
 REGISTERED_MODEL = "tidpo-policy"
+REWARD_MODEL = "tidpo-reward"
+REWARD_ARTIFACT_PATH = "reward_model"  # the reward model's Hugging Face folder among its run's artifacts
 CHAMPION_ALIAS = "champion"
 STORE_FILE = TRACKING_STORE_FILE  # the sqlite tracking store inside a data directory
 # Without explicit requirements mlflow infers them by importing the model's stack, torchvision
@@ -227,6 +230,55 @@ def log_transformers_model(
             registered_model_name=registered_model_name,
         )
     return info
+
+
+def register_model_folder(
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str | Path,
+    name: str = REWARD_MODEL,
+    artifact_path: str = REWARD_ARTIFACT_PATH,
+    tags: dict[str, str] | None = None,
+) -> int:
+    """Log a saved model folder (a Hugging Face folder, as it is) to a run's artifacts and register it as a new
+    version of `name`; returns the version. A run that already registered a version of `name` (a re-run after a
+    crash between registering and finishing) gets that version back instead of a second one.
+
+    The policy is logged as an MLflow transformers model (a generation pipeline); a reward model has no
+    pipeline of its own, so its folder is registered as it is: `download_model_version` fetches it back for
+    `tidpo_core.reward.load_reward_function`.
+    """
+    store = client(tracking_uri)
+    for version in store.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if version.status == "READY":
+            return int(version.version)
+    store.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
+    try:
+        store.create_registered_model(name)
+    except MlflowException:  # it exists (another run may have created it a moment ago)
+        store.get_registered_model(name)
+    source = f"{store.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    return int(store.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
+
+
+def latest_version(tracking_uri: str, name: str = REWARD_MODEL) -> str | None:
+    """The highest version number of a registered model (None: no version)."""
+    versions = [int(v.version) for v in client(tracking_uri).search_model_versions(f"name='{name}'")]
+    return str(max(versions)) if versions else None
+
+
+def download_model_version(
+    tracking_uri: str, dst: str | Path, version: str | int | None = None, name: str = REWARD_MODEL, artifact_path: str = REWARD_ARTIFACT_PATH
+) -> Path:
+    """A registered folder (register_model_folder) fetched to `dst`; the latest version when none is named.
+    Returns the folder, e.g. for `tidpo_core.reward.load_reward_function`."""
+    version = version if version is not None else latest_version(tracking_uri, name)
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no version in {tracking_uri}")
+    store = client(tracking_uri)
+    run_id = store.get_model_version(name, str(version)).run_id
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(store.download_artifacts(run_id, artifact_path, str(dst)))
 
 
 def load_registered_model(tracking_uri: str, model_uri: str) -> tuple[Any, Any]:

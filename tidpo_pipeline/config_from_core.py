@@ -28,7 +28,16 @@ class DocumentedConfig(dg.Config):
 
 @cache
 def attribute_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under a class's fields (`x: int = 0` then `\"\"\"what x is\"\"\"`)."""
+    """The docstrings written under a class's fields (`x: int = 0` then `\"\"\"what x is\"\"\"`), its base
+    classes' included (a settings dataclass that extends another keeps the other's descriptions)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object:
+            docs.update(_own_attribute_docs(klass))
+    return docs
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source (a frozen app): the fields keep no description

@@ -19,13 +19,17 @@ from tidpo_pipeline.comparison_assets import COMPARISON_ASSETS, method_compariso
 from tidpo_pipeline.console import tidpo_console
 from tidpo_pipeline.evaluation_assets import evaluation
 from tidpo_pipeline.resources import TidpoStorage, build_resources
+from tidpo_pipeline.reward_assets import reward_model
 
-ASSETS = [preference_pairs, reference_model, anchor_responses, token_weights, tidpo_policy, evaluation]
+ASSETS = [preference_pairs, reference_model, reward_model, anchor_responses, token_weights, tidpo_policy, evaluation]
 
 tidpo_training = dg.define_asset_job(
     "tidpo_training",
     selection=dg.AssetSelection.assets(*ASSETS),
-    description="Load pairs, build the reference, sample anchors, weigh tokens, train with TI-DPO, evaluate and gate.",
+    description=(
+        "Load pairs, build the reference, train the reward model (the GRPO baseline's), sample anchors, weigh "
+        "tokens, train with TI-DPO, evaluate and gate."
+    ),
 )
 
 weekly_retraining = dg.ScheduleDefinition(

@@ -7,6 +7,7 @@ stage is written twice.
 
     pairs.ingest_pairs          sources -> preference_pairs + quarantine tables
     reference.build_reference   pairs -> the reference model folder (or a checked checkpoint)
+    reward.train_reward         pairs + reference -> a Bradley-Terry reward model (GRPO's), registered
     anchors.sample_anchors      reference -> anchor_responses table
     weights.weigh_tokens        reference + anchors -> token_weights table
     policy.train_policy         everything above -> a trained, registered policy

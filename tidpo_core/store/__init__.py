@@ -49,6 +49,12 @@ from tidpo_core.store.records import (
     shared_evaluation_pairs,
     write_metrics,
 )
+from tidpo_core.store.rewards import (
+    RewardModelRecord,
+    latest_reward_model,
+    record_reward_model,
+    reward_model_record,
+)
 from tidpo_core.store.weights import (
     REFERENCE_TOPK_SIDES,
     StoredWeights,
@@ -68,6 +74,7 @@ __all__ = [
     "ChampionEvent",
     "PairsValidity",
     "PairsWriteSummary",
+    "RewardModelRecord",
     "StoredWeights",
     "WeightsSummary",
     "WeightsValidity",
@@ -83,6 +90,7 @@ __all__ = [
     "insert_anchors",
     "integrity_problems",
     "latest_contrastive_models",
+    "latest_reward_model",
     "missing_anchor_pair_ids",
     "now",
     "pair_count",
@@ -95,8 +103,10 @@ __all__ = [
     "record_champion_event",
     "record_contrastive_models",
     "record_evaluation_pairs",
+    "record_reward_model",
     "replace_comparison",
     "replace_pairs",
+    "reward_model_record",
     "set_eval_split",
     "shared_evaluation_pairs",
     "table_counts",

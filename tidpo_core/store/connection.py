@@ -68,6 +68,21 @@ CREATE TABLE IF NOT EXISTS contrastive_models (
     recipe_json VARCHAR,
     created_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS reward_models (
+    fingerprint VARCHAR PRIMARY KEY,    -- pairs digest + reference fingerprint + training settings
+    reference_fingerprint VARCHAR NOT NULL,
+    pairs_digest VARCHAR NOT NULL,
+    path VARCHAR NOT NULL,
+    accuracy DOUBLE,                    -- held-out pair accuracy (eval split; a tie counts half)
+    margin DOUBLE,                      -- held-out mean r(chosen) - r(rejected)
+    loss DOUBLE,                        -- held-out Bradley-Terry loss
+    eval_pairs INTEGER NOT NULL,
+    train_pairs INTEGER NOT NULL,
+    settings_json VARCHAR,
+    mlflow_run_id VARCHAR,
+    registered_version VARCHAR,
+    created_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS evaluation_pairs (
     mlflow_run_id VARCHAR NOT NULL,     -- the evaluated version's training run
     pair_id VARCHAR NOT NULL,
