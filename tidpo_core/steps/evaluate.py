@@ -34,7 +34,7 @@ from tidpo_core.plots import save_token_heatmap_png, save_training_curves_png, t
 from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
 
-CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
+CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward")  # the last: a GRPO policy's mean reward
 HEATMAP_PNG = "token_importance_heatmap.png"
 HEATMAP_HTML = "token_importance_heatmap.html"
 CURVES_PNG = "training_curves.png"
