@@ -36,7 +36,6 @@ def _written(results_dir, name: str) -> dict:
 
 
 def test_trl_throughput_and_loss_agreement(results_dir):
-    pytest.importorskip("trl", reason="TRL is in the `bench` extra only")
     from bench import bench_trl
 
     doc = bench_trl.run(quick=True)

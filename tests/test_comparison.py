@@ -10,6 +10,7 @@ from pipeline_config import small_run_config
 
 from tidpo_core import store, tracking
 from tidpo_core.comparison import (
+    DEFAULT_METHODS,
     METHODS,
     ComparisonInputs,
     ComparisonResult,
@@ -51,9 +52,11 @@ def test_each_method_is_one_switch():
     assert configs["tidpo_no_attribution"].weight_lambda == 0.0
     assert configs["tidpo_no_prior"].weight_lambda == 1.0
     assert configs["tidpo_no_triplet"].gamma == 0.0 and configs["tidpo_no_triplet"].weight_lambda == 0.7
+    assert configs["grpo"].loss_type == "grpo" and configs["grpo"].is_grpo
     assert all(c.seed == 3 and c.max_steps == 5 and c.checkpoint_every == 0 for c in configs.values())
+    assert "grpo" not in DEFAULT_METHODS and set(DEFAULT_METHODS) | {"grpo"} == set(METHODS)
     with pytest.raises(ValueError):
-        method_train_config("grpo", 0, inputs, "out", {})
+        method_train_config("ppo", 0, inputs, "out", {})
 
 
 def test_method_comparison_job_is_separate_from_training():
@@ -89,14 +92,14 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     assert result.success
     meta = result.asset_materializations_for_node("compare_methods")[0].metadata
     table = meta["table"].value
-    for method in ("reference", *METHODS):
+    for method in ("reference", *DEFAULT_METHODS):
         assert f"{method} (n=1)" in table
     for metric in ("reward_accuracy", "kl_to_reference", "distinct_2", "precision_at_k_hybrid", "critical_phrase_chosen_rate"):
         assert f"| {metric} |" in table
     report = meta["report_dir"].value
     with open(f"{report}/method_comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["method"] for r in rows] == ["reference", *METHODS]
+    assert [r["method"] for r in rows] == ["reference", *DEFAULT_METHODS]
     assert all(0.0 <= float(r["reward_accuracy_mean"]) <= 1.0 for r in rows)
     assert (tmp_path / "docs" / "img" / "method_comparison.png").stat().st_size > 0
 
@@ -106,7 +109,7 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
         per_seed = con.execute("SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'").fetchone()[0]
     finally:
         con.close()
-    assert methods == {"reference", *METHODS} and per_seed == len(METHODS) + 1
+    assert methods == {"reference", *DEFAULT_METHODS} and per_seed == len(DEFAULT_METHODS) + 1
 
     client = MlflowClient(tracking.sqlite_tracking_uri(tmp_path / "data"))
     run = client.get_run(meta["mlflow_run_id"].value)

@@ -1,6 +1,14 @@
-"""The paper's method comparison in miniature: DPO, SimPO, TI-DPO and its three ablations, trained
-from one reference model on one data set over several seeds, each evaluated with every metric of
-`tidpo_core.evaluation` (and, on request, the benchmarks), aggregated to mean and spread per method.
+"""The paper's method comparison in miniature: DPO, SimPO, TI-DPO and its three ablations, and on request
+the GRPO baseline, trained from one reference model on one data set over several seeds, each evaluated
+with every metric of `tidpo_core.evaluation` (and, on request, the benchmarks), aggregated to mean and
+spread per method.
+
+Every trained run also reports `train_seconds` (its wall-clock training time) and, when a reward is
+available, `reward_model_score`: the mean reward of its sampled answers to the eval prompts (the same
+samples the KL and diversity metrics use), under the reward model of grpo_reward: model, or else the
+rule reward of the built-in data (tidpo_core.grpo.PhraseReward over the eval pairs). GRPO's policy is
+scored like every other: its implicit reward is the DPO one, beta times its summed log-ratio to the
+reference, so reward accuracy and margin mean for it what they mean for DPO.
 
 Plain functions over paths and fingerprints: `run_method_comparison` trains in-process through
 `tidpo_core.train.train`, so a notebook, a test or the Dagster asset drive it alike.
@@ -15,7 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +33,12 @@ import yaml
 
 from tidpo_core import store
 from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
+from tidpo_core.data import PreferencePair
 from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
+from tidpo_core.grpo import RewardFunction, mean_reward, phrase_reward, reward_function
 from tidpo_core.launch import LaunchSettings, run_training
 from tidpo_core.layout import RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.modeling import torch_threads as use_torch_threads
 from tidpo_core.training import TrainConfig
 
 # Method name -> TrainConfig fields that make it. The three ablations are the paper's (METHOD.md):
@@ -41,7 +50,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "tidpo_no_attribution": {"loss_type": "tidpo", "weight_lambda": 0.0},
     "tidpo_no_prior": {"loss_type": "tidpo", "weight_lambda": 1.0},
     "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
+    # GRPO (METHOD.md "GRPO baseline"): sampled completions and a reward (grpo_reward) instead of the pairs.
+    "grpo": {"loss_type": "grpo"},
 }
+# What a comparison trains unless told otherwise: grpo is asked for by name, because it needs a reward
+# (the built-in data's phrases or a reward model) and samples G completions per prompt at every step.
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "grpo")
 REFERENCE = "reference"
 
 # The rows of the summary table, in order; every other metric is kept in the CSV and DuckDB.
@@ -68,6 +82,8 @@ TABLE_METRICS: tuple[str, ...] = (
     "critical_phrase_chosen_rate",
     "critical_phrase_rejected_rate",
     "critical_phrase_neither_rate",
+    "reward_model_score",
+    "train_seconds",
 )
 # What the bar chart shows.
 PLOT_METRICS: tuple[str, ...] = (
@@ -79,8 +95,11 @@ PLOT_METRICS: tuple[str, ...] = (
     "precision_at_k_attribution",
     "critical_phrase_chosen_rate",
     "critical_phrase_neither_rate",
+    "reward_model_score",
+    "train_seconds",
 )
-CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")
+# Training curves: the pair losses' (TRL's DPOTrainer names) and GRPO's mean reward (TRL's GRPOTrainer's).
+CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins", "reward")
 
 
 
@@ -118,6 +137,8 @@ class ComparisonResult:
     runs: list[ComparisonRun]
     table: list[dict[str, Any]]
     seconds: float
+    reward: str = ""
+    """The reward behind reward_model_score (empty: none was available, so no run has that metric)."""
 
     def methods(self) -> list[str]:
         return [str(row["method"]) for row in self.table]
@@ -152,34 +173,57 @@ def method_train_config(
     return TrainConfig(**fields)
 
 
-def _train_or_reuse(config: TrainConfig, launch_settings: LaunchSettings) -> tuple[dict[str, Any], bool]:
-    """Train, unless this exact config already finished in its output folder (then reuse it)."""
+def _train_or_reuse(config: TrainConfig, launch_settings: LaunchSettings) -> tuple[dict[str, Any], bool, float]:
+    """Train, unless this exact config already finished in its output folder (then reuse it); returns the
+    summary, whether it was reused, and the wall-clock seconds its training took (when reused, those of
+    the run that trained it)."""
     out = Path(config.output_dir)
     wanted = yaml.safe_dump(asdict(config), sort_keys=True)
-    summary_file, config_file = RunDir(out).summary, out / "comparison_config.yaml"
+    summary_file, config_file, timing_file = RunDir(out).summary, out / "comparison_config.yaml", out / "comparison_timing.json"
     if summary_file.exists() and config_file.exists() and config_file.read_text() == wanted:
         summary = json.loads(summary_file.read_text())
         if Path(summary["final_model_path"]).exists():
-            return summary, True
+            seconds = json.loads(timing_file.read_text())["train_seconds"] if timing_file.exists() else float("nan")
+            return summary, True, float(seconds)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    tic = time.perf_counter()
     summary = run_training(config, launch_settings)
+    seconds = time.perf_counter() - tic
     config_file.write_text(wanted)
-    return summary, False
+    timing_file.write_text(json.dumps({"train_seconds": seconds}))
+    return summary, False, seconds
+
+
+def grpo_reward_setting(overrides: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(grpo_reward, grpo_reward_model) as the comparison's runs get them: the overrides, else TrainConfig's defaults."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return str(overrides.get("grpo_reward", defaults["grpo_reward"])), overrides.get("grpo_reward_model", defaults["grpo_reward_model"])
+
+
+def scoring_reward(overrides: Mapping[str, Any], eval_pairs: Sequence[PreferencePair]) -> tuple[RewardFunction | None, str]:
+    """The reward behind reward_model_score, and what it is: the reward model of grpo_reward: model, else
+    the rule reward of the eval pairs' phrases (the built-in data), else none."""
+    kind, path = grpo_reward_setting(overrides)
+    if kind == "model":
+        return reward_function(kind, path, eval_pairs), f"reward model {path}"
+    try:
+        return phrase_reward(eval_pairs), "rule reward of the built-in data (eval pairs' safe/risky phrases)"
+    except ValueError:
+        return None, ""
 
 
 def run_method_comparison(
     inputs: ComparisonInputs,
     output_dir: str | Path,
     *,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] = DEFAULT_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
     train_overrides: Mapping[str, Any] | None = None,
     eval_settings: EvalSettings = EvalSettings(),
     benchmarks: Sequence[str] = (),
     benchmark_options: BenchmarkOptions | None = None,
     keep_models: bool = True,
-    torch_threads: int = 0,
     launch_settings: LaunchSettings = LaunchSettings(launcher="in_process"),
     log: Callable[[str], None] = print,
 ) -> ComparisonResult:
@@ -187,14 +231,12 @@ def run_method_comparison(
 
     The reference is evaluated once (row "reference"); eval sampling uses the same seed for every run,
     so differences between runs come from training. Finished runs whose config is unchanged are
-    reused. With keep_models False, each policy folder is deleted after its evaluation. torch_threads > 0
-    sets torch's intra-op threads for the duration (on a machine shared with other jobs one thread can be
-    several times faster than two that wait on each other); 0 leaves torch's default. `launch_settings`
+    reused. With keep_models False, each policy folder is deleted after its evaluation. Training and
+    evaluation run under the thread policy (tidpo_core.threads). `launch_settings`
     says how each run is trained: in this process by default (the runs are short and share the loaded
     reference's pages), or through `accelerate launch` for multi-GPU runs.
     """
-    with use_torch_threads(torch_threads):
-        return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, launch_settings, log)
+    return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, launch_settings, log)
 
 
 def _run_method_comparison(
@@ -225,6 +267,17 @@ def _run_method_comparison(
         con.close()
     if not pairs:
         raise ValueError(f"no eval pairs in {inputs.duckdb_path}: the comparison needs a held-out split")
+    # Before any training, so that a reward GRPO cannot have fails now rather than after every other method
+    # has trained: the reward model loads here (grpo_reward: model), and the train pairs must carry phrases.
+    scorer, reward_name = scoring_reward(overrides, pairs)
+    if "grpo" in methods and grpo_reward_setting(overrides)[0] == "phrases":
+        con = store.connect(inputs.duckdb_path, read_only=True)
+        try:
+            phrase_reward(store.read_pairs(con, split="train"))
+        finally:
+            con.close()
+    if scorer is not None:
+        log(f"reward_model_score: the {reward_name}")
     settings = replace(
         eval_settings,
         weight_lambda=inputs.weight_lambda,
@@ -237,6 +290,7 @@ def _run_method_comparison(
     tic = time.perf_counter()
     reference_eval = evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
     reference_run = ComparisonRun(REFERENCE, 0, reference_eval.metrics, inputs.reference_model_path, eval_seconds=time.perf_counter() - tic)
+    _score(reference_run.metrics, scorer, reference_eval.samples)
     if benchmarks:
         bench = run_benchmarks(inputs.reference_model_path, benchmarks, benchmark_options or BenchmarkOptions())
         reference_run.metrics.update(benchmark_metrics(bench))
@@ -245,12 +299,11 @@ def _run_method_comparison(
     total = len(methods) * len(seeds)
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         config = method_train_config(method, seed, inputs, output_dir / method / f"seed_{seed}", overrides)
-        tic = time.perf_counter()
-        summary, reused = _train_or_reuse(config, launch_settings)
-        train_seconds = time.perf_counter() - tic
+        summary, reused, train_seconds = _train_or_reuse(config, launch_settings)
         tic = time.perf_counter()
         policy, _ = load_model_and_tokenizer(summary["final_model_path"], trust_remote_code=inputs.trust_remote_code)
         evaluation = evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
+        _score(evaluation.metrics, scorer, evaluation.samples)
         run = ComparisonRun(
             method,
             seed,
@@ -278,8 +331,15 @@ def _run_method_comparison(
             f"[{index}/{total}] {method} seed {seed}: "
             f"{'reused' if reused else f'trained in {train_seconds:.0f} s'}, evaluated in {run.eval_seconds:.0f} s, "
             f"reward_accuracy {run.metrics.get('reward_accuracy', float('nan')):.3f}"
+            + (f", reward_model_score {run.metrics['reward_model_score']:.3f}" if "reward_model_score" in run.metrics else "")
         )
-    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started)
+    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started, reward=reward_name)
+
+
+def _score(metrics: dict[str, float], scorer: RewardFunction | None, samples: Any) -> None:
+    """reward_model_score: the mean reward of the evaluation's sampled answers (none without a reward or samples)."""
+    if scorer is not None and samples is not None and samples.texts:
+        metrics["reward_model_score"] = mean_reward(scorer, samples.prompts, samples.texts)
 
 
 # --- aggregation and reports -------------------------------------------------------------------------------

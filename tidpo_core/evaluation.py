@@ -38,6 +38,7 @@ from tidpo_core.importance import (
     without_eos,
 )
 from tidpo_core.losses import token_logps
+from tidpo_core.synthetic import contains_phrase, critical_phrases
 from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
 
@@ -248,6 +249,8 @@ class TrainingHealth:
     mean_margin_last_window: float
     mean_loss_first_window: float
     mean_loss_last_window: float
+    signal: str = "rewards/margins"
+    """What had to grow: the reward margin (pair losses) or GRPO's mean reward (`reward`)."""
 
 
 def training_health(history: Sequence[dict[str, float]]) -> TrainingHealth:
@@ -257,10 +260,18 @@ def training_health(history: Sequence[dict[str, float]]) -> TrainingHealth:
     of a well-learning run can rise, because SeqKL(y_l) grows as the policy moves away from the rejected
     answer. The margin (beta times the weighted chosen-minus-rejected log-ratio, TRL's rewards/margins)
     grows under every loss tidpo trains. Quarter-length windows: single steps are too noisy to compare.
+
+    A GRPO run (its history has TRL's GRPOTrainer metrics, no margin) must raise its mean sampled reward
+    (`reward`) instead; a step that re-uses the previous step's completions (grpo_num_iterations > 1)
+    samples nothing and logs a NaN reward, which is left out rather than counted as non-finite.
     """
+    grpo = bool(history) and not any("rewards/margins" in h for h in history) and any("reward" in h for h in history)
+    signal = "reward" if grpo else "rewards/margins"
     losses = [float(h["loss"]) for h in history]
-    margins = [float(h["rewards/margins"]) for h in history]
-    finite = bool(losses) and all(math.isfinite(x) for x in losses + margins)
+    margins = [float(h[signal]) for h in history if signal in h]
+    if grpo:
+        margins = [m for m in margins if not math.isnan(m)]
+    finite = bool(losses) and bool(margins) and all(math.isfinite(x) for x in losses + margins)
     window = max(1, len(losses) // 4)
 
     def window_mean(values: list[float], last: bool) -> float:
@@ -278,6 +289,7 @@ def training_health(history: Sequence[dict[str, float]]) -> TrainingHealth:
         mean_margin_last_window=last_margin,
         mean_loss_first_window=window_mean(losses, False),
         mean_loss_last_window=window_mean(losses, True),
+        signal=signal,
     )
 
 
@@ -493,10 +505,6 @@ def importance_precision_at_k(
     return hits / k
 
 
-def _normalize_text(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def critical_phrase_rate(
     samples: Sequence[str], chosen_phrases: Sequence[str], rejected_phrases: Sequence[str]
 ) -> dict[str, float]:
@@ -514,8 +522,7 @@ def critical_phrase_rate(
         )
     counts = {"chosen": 0, "rejected": 0, "both": 0, "neither": 0}
     for text, chosen, rejected in zip(samples, chosen_phrases, rejected_phrases, strict=True):
-        norm = _normalize_text(text)
-        has_c, has_r = _normalize_text(chosen) in norm, _normalize_text(rejected) in norm
+        has_c, has_r = contains_phrase(text, chosen), contains_phrase(text, rejected)
         key = "both" if has_c and has_r else "chosen" if has_c else "rejected" if has_r else "neither"
         counts[key] += 1
     n = len(samples)
@@ -540,8 +547,7 @@ def has_critical_spans(pair: PreferencePair) -> bool:
 
 
 def has_critical_phrases(pair: PreferencePair) -> bool:
-    meta = pair.meta or {}
-    return all(isinstance(meta.get(k), str) and meta[k].strip() for k in ("chosen_phrase", "rejected_phrase"))
+    return critical_phrases(pair) is not None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,16 @@ from typing import Literal, get_args
 
 from tidpo_core.data import PreferencePair, make_pair_id
 
-__all__ = ["SPAN_POSITIONS", "TOPICS", "SpanPosition", "Topic", "generate_synthetic_pairs"]
+__all__ = [
+    "SPAN_POSITIONS",
+    "TOPICS",
+    "SpanPosition",
+    "Topic",
+    "contains_phrase",
+    "critical_phrases",
+    "generate_synthetic_pairs",
+    "normalize_text",
+]
 
 SpanPosition = Literal["middle", "uniform"]
 SPAN_POSITIONS: tuple[str, ...] = get_args(SpanPosition)
@@ -414,3 +423,24 @@ def generate_synthetic_pairs(n: int = 2000, seed: int = 0, span_position: SpanPo
         seen.add(pair.pair_id)
         pairs.append(pair)
     return pairs
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, runs of whitespace made one space: how a critical phrase is looked for in a text."""
+    return " ".join(text.lower().split())
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """Whether `text` contains `phrase`, ignoring case and runs of whitespace (an empty phrase: never)."""
+    needle = normalize_text(phrase)
+    return bool(needle) and needle in normalize_text(text)
+
+
+def critical_phrases(pair: PreferencePair) -> tuple[str, str] | None:
+    """The pair's (safe, risky) critical phrases from its meta (`chosen_phrase`, `rejected_phrase`, as the
+    built-in corpus writes them), or None when it carries none."""
+    meta = pair.meta or {}
+    safe, risky = meta.get("chosen_phrase"), meta.get("rejected_phrase")
+    if isinstance(safe, str) and isinstance(risky, str) and safe.strip() and risky.strip():
+        return safe, risky
+    return None

@@ -353,7 +353,8 @@ def tidpo_policy(
             "run_dir": str(result.run_dir),
             "beta": config.beta,
             "encoding": token_weights["encoding"],
-            "step_history": [{"loss": h["loss"], "rewards/margins": h["rewards/margins"]} for h in history],
+            # The pair losses' margin, or GRPO's mean reward: what the training_is_healthy check reads.
+            "step_history": [{k: h[k] for k in ("loss", "rewards/margins", "reward") if k in h} for h in history],
         },
         metadata={
             **result.reported,
@@ -364,7 +365,7 @@ def tidpo_policy(
             "steps": summary["steps"],
             "first_loss": summary["first_loss"],
             "last_loss": summary["last_loss"],
-            "final_reward_accuracy": history[-1]["rewards/accuracies"] if history else float("nan"),
+            "final_reward_accuracy": history[-1].get("rewards/accuracies", float("nan")) if history else float("nan"),
             "seconds": summary["seconds"],
         },
     )

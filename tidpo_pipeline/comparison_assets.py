@@ -1,5 +1,6 @@
-"""The method comparison: DPO, SimPO, TI-DPO and its three ablations from one reference and one data
-set, over several seeds, in one table (the paper's comparison in miniature).
+"""The method comparison: DPO, SimPO, TI-DPO and its three ablations (and, with `grpo` in the methods, the
+GRPO baseline) from one reference and one data set, over several seeds, in one table (the paper's
+comparison in miniature).
 
 Not part of `tidpo_training`: it trains 6 methods x N seeds, so it has its own job,
 `method_comparison`, started by hand (UI: Jobs -> method_comparison, or
@@ -53,8 +54,9 @@ MethodComparisonConfig = config_class(
             kinds={"pytorch", "duckdb", "mlflow"},
             deps=["preference_pairs", "reference_model", "anchor_responses", "token_weights"],
             description=(
-                "DPO, SimPO, TI-DPO and its ablations (no gradient attribution, no Gaussian prior, no triplet) trained "
-                "from the same reference and data over several seeds, each evaluated on every held-out metric; one table "
+                "DPO, SimPO, TI-DPO and its ablations (no gradient attribution, no Gaussian prior, no triplet), and GRPO "
+                "when listed, trained from the same reference and data over several seeds, each evaluated on every "
+                "held-out metric (with training seconds and, where a reward exists, reward_model_score); one table "
                 "of mean and spread (DuckDB method_comparison, CSV + PNG in MLflow)."
             ),
         )
@@ -94,6 +96,7 @@ def method_comparison(
                 "train_s": f"{r.train_seconds:.0f}" + (" (reused)" if r.reused else ""),
                 "eval_s": f"{r.eval_seconds:.0f}",
                 "reward_accuracy": f"{r.metrics.get('reward_accuracy', float('nan')):.3f}",
+                "reward_model_score": f"{r.metrics.get('reward_model_score', float('nan')):.3f}",
             }
             for r in result.runs
         ]
@@ -109,6 +112,7 @@ def method_comparison(
             "duckdb_rows": report.duckdb_rows,
             "mlflow_run_id": report.mlflow_run_id,
             "seconds": result.seconds,
+            "reward_model_score_reward": result.reward or "none (no reward model, no built-in phrases)",
             "methods": dg.MetadataValue.json(list(config.methods)),
             "seeds": dg.MetadataValue.json(list(config.seeds)),
         },
@@ -120,7 +124,7 @@ COMPARISON_ASSETS = [method_comparison]
 method_comparison_job = dg.define_asset_job(
     "method_comparison",
     selection=dg.AssetSelection.assets(method_comparison),
-    description="Train DPO, SimPO, TI-DPO and its ablations over several seeds and compare them in one table.",
+    description="Train DPO, SimPO, TI-DPO and its ablations (and GRPO, when listed) over several seeds and compare them in one table.",
 )
 
 __all__ = ["COMPARISON_ASSETS", "MethodComparisonConfig", "method_comparison", "method_comparison_job"]

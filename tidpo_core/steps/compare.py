@@ -1,5 +1,6 @@
-"""Compare methods: DPO, SimPO, TI-DPO and its ablations trained from one reference and one data set over
-several seeds, each evaluated on every held-out metric, in one table (DuckDB, CSV, PNG, an MLflow run)."""
+"""Compare methods: DPO, SimPO, TI-DPO and its ablations (and, asked for, the GRPO baseline) trained from one
+reference and one data set over several seeds, each evaluated on every held-out metric, in one table (DuckDB,
+CSV, PNG, an MLflow run)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from tidpo_core import tracking
 from tidpo_core.benchmarks import BenchmarkOptions
 from tidpo_core.comparison import (
-    METHODS,
+    DEFAULT_METHODS,
     PLOT_METRICS,
     ComparisonInputs,
     ComparisonResult,
@@ -39,8 +40,10 @@ COMPARISON_CURVES_PNG = "method_comparison_curves.png"
 
 @dataclass(frozen=True)
 class ComparisonSettings:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0)."""
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0),
+    and grpo (the GRPO baseline, not in the default list: it needs a reward, the built-in data's phrases or
+    grpo_reward: model, and samples grpo_num_generations completions per prompt at every step)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     max_steps: int = 100
     """Optimizer steps per run (100 x 8 pairs = 0.44 epoch of the embedded default's 1818 train pairs).
@@ -54,10 +57,6 @@ class ComparisonSettings:
     critical_pairs: int = 32
     """Eval pairs whose attribution is computed for importance precision@k, per run."""
     sample_seed: int = 0
-    torch_threads: int = 1
-    """torch intra-op threads while the comparison runs (0: torch's default). The default, 1, is what the
-    budget below was measured with: on a machine busy with other jobs, 2 threads that wait on each other
-    were 3x slower than 1; on an idle multi-core machine or a GPU set 0."""
     keep_models: bool = False
     """Keep every trained policy folder (6 x seeds models); by default each is deleted once evaluated."""
     docs_dir: str = ""
@@ -133,7 +132,6 @@ def compare_methods(
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
-        torch_threads=settings.torch_threads,
         log=log,
     )
     report_dir = output_dir / "report"

@@ -34,7 +34,7 @@ from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.threads import threads_for
 
-CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
+CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward")  # the last: a GRPO policy's mean reward
 HEATMAP_PNG = "token_importance_heatmap.png"
 HEATMAP_HTML = "token_importance_heatmap.html"
 CURVES_PNG = "training_curves.png"

@@ -35,6 +35,8 @@ Modules, one concern each:
 - reporting: TrainSummary, metrics to MLflow and Dagster Pipes, log lines.
 - state: a run prepared for its first step (accelerate's prepare, the reference, resuming).
 - loop: train(), the optimizer-step loop.
+- grpo: loss_type grpo, the GRPO baseline, trained by TRL's GRPOTrainer into the same run folder and summary
+  (the computation is stated in tidpo_core.grpo).
 
 tidpo_core.train is the command line (``python -m tidpo_core.train``) and re-exports these names.
 """

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tidpo_core.grpo import GRPO_REWARDS, GrpoReward
 from tidpo_core.importance import Normalization
 from tidpo_core.losses import LossConfig
 from tidpo_core.packing import BATCH_LAYOUTS, BatchLayout
@@ -53,7 +54,10 @@ class TrainConfig:
     weights_fingerprint: str | None = None
     anchors_fingerprint: str | None = None
     # loss (names follow the paper: beta, alpha, gamma, lambda)
-    loss_type: Literal["dpo", "ipo", "simpo", "tidpo"] = "tidpo"
+    loss_type: Literal["dpo", "ipo", "simpo", "tidpo", "grpo"] = "tidpo"
+    """The preference losses (METHOD.md), or `grpo`: the GRPO baseline, trained by TRL's GRPOTrainer on the
+    train prompts with the reward named by grpo_reward (the grpo_* settings below; the pair losses' settings,
+    token weights and anchors do not apply)."""
     beta: float = 0.1
     alpha: float = 0.5
     gamma: float = 0.1
@@ -82,6 +86,29 @@ class TrainConfig:
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
     recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
+    # GRPO (loss_type grpo; METHOD.md "GRPO baseline"; defaults are TRL's GRPOConfig's unless said)
+    grpo_num_generations: int = 8
+    """G: completions sampled per prompt, the group whose rewards give each one's advantage. A micro-batch
+    holds per_device_batch_size prompts, so per_device_batch_size x G completions."""
+    grpo_beta: float = 0.0
+    """Weight of the k3 KL penalty to the reference (0: no reference is loaded, TRL's default)."""
+    grpo_epsilon: float = 0.2
+    """Clip range of the importance ratio: [1 - epsilon, 1 + epsilon]."""
+    grpo_num_iterations: int = 1
+    """Optimisation passes over each batch of completions (TRL's num_iterations, mu). With 1 the ratio is 1
+    at every step and the clipping never acts."""
+    grpo_max_completion_length: int = 64
+    """Most tokens sampled per completion (TRL's default, 512, is far beyond the built-in answers and slow
+    on a CPU; 64 is the anchors' length)."""
+    grpo_temperature: float = 1.0
+    """Sampling temperature of the completions (no top-k, no top-p); TRL also divides the logits by it when
+    it computes the log-probs."""
+    grpo_reward: GrpoReward = "phrases"
+    """`phrases`: the rule reward of the built-in data, +1 when a completion contains its prompt's safe
+    phrase, -1 for the risky one, 0 otherwise. `model`: the reward model in grpo_reward_model
+    (tidpo_core.reward.load_reward_function)."""
+    grpo_reward_model: str | None = None
+    """With grpo_reward: model, the reward model's folder."""
     # optimisation
     learning_rate: float = 5e-4
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
@@ -138,9 +165,14 @@ class TrainConfig:
         return path
 
     @property
+    def is_grpo(self) -> bool:
+        """GRPO: sampled completions and a reward instead of the stored pairs' preference loss."""
+        return self.loss_type == "grpo"
+
+    @property
     def cached_reference_kl(self) -> bool:
         """SeqKL from the stored reference top-k instead of a reference forward."""
-        return self.reference_kl == "cached" and self.loss_config().needs_kl
+        return not self.is_grpo and self.reference_kl == "cached" and self.loss_config().needs_kl
 
     @property
     def uniform_token_weights(self) -> bool:
@@ -148,6 +180,8 @@ class TrainConfig:
         return self.uniform_weights or self.loss_type != "tidpo"
 
     def loss_config(self) -> LossConfig:
+        if self.is_grpo:
+            raise ValueError("loss_type grpo has no preference loss: it trains through tidpo_core.training.grpo")
         return LossConfig(
             loss_type=self.loss_type,
             beta=self.beta,
@@ -175,3 +209,23 @@ class TrainConfig:
             # LoRA's reference is its base with the adapter off: starting from other weights would change it.
             raise ValueError("init_model_path cannot be combined with lora: under LoRA the starting weights are the reference")
         self.lora_target_modules = list(self.lora_target_modules)
+        if self.is_grpo:
+            self._check_grpo()
+
+    def _check_grpo(self) -> None:
+        if self.grpo_num_generations < 2:
+            raise ValueError(f"grpo_num_generations must be >= 2 (a group's std needs two rewards), got {self.grpo_num_generations}")
+        if self.grpo_max_completion_length < 1:
+            raise ValueError(f"grpo_max_completion_length must be >= 1, got {self.grpo_max_completion_length}")
+        if self.grpo_num_iterations < 1:
+            raise ValueError(f"grpo_num_iterations must be >= 1, got {self.grpo_num_iterations}")
+        # Written as "not (x > 0)" so that NaN is rejected too.
+        if not self.grpo_temperature > 0:
+            raise ValueError(f"grpo_temperature must be > 0, got {self.grpo_temperature}")
+        for name in ("grpo_beta", "grpo_epsilon"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grpo_reward not in GRPO_REWARDS:
+            raise ValueError(f"grpo_reward must be one of {GRPO_REWARDS}, got {self.grpo_reward!r}")
+        if self.grpo_reward == "model" and not self.grpo_reward_model:
+            raise ValueError("grpo_reward: model needs grpo_reward_model, the reward model's folder")

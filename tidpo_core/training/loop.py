@@ -41,7 +41,12 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 
 def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainSummary:
-    """Run (or resume) one training run; see tidpo_core.training."""
+    """Run (or resume) one training run; see tidpo_core.training. loss_type grpo runs TRL's GRPOTrainer
+    (tidpo_core.training.grpo) and leaves the same run folder and summary."""
+    if config.is_grpo:
+        from tidpo_core.training.grpo import train_grpo  # imports TRL: only for grpo
+
+        return train_grpo(config, on_step)
     cpu = _use_cpu(config)
     accelerator = Accelerator(
         cpu=cpu,
