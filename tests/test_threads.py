@@ -3,6 +3,7 @@ model, TIDPO_NUM_THREADS over both."""
 
 from __future__ import annotations
 
+import dagster as dg
 import pytest
 
 from tidpo_core import threads
@@ -13,6 +14,7 @@ from tidpo_core.threads import (
     requested_threads,
     thread_environment,
 )
+from tidpo_pipeline.resources import ComputeThreads
 
 
 def test_cgroup_v2_quota_and_unlimited(tmp_path):
@@ -83,3 +85,22 @@ def test_a_child_gets_the_policy_s_environment_but_keeps_what_the_user_set(monke
     assert "TIDPO_NUM_THREADS" not in env  # the child decides for its own model
     kept = thread_environment(None, base={"OMP_WAIT_POLICY": "ACTIVE", "TIDPO_NUM_THREADS": "3"})
     assert kept["OMP_WAIT_POLICY"] == "ACTIVE" and kept["OMP_NUM_THREADS"] == "3"
+
+
+def test_the_compute_resource_sets_the_thread_count_for_the_step_and_its_children(monkeypatch):
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    seen = {}
+
+    @dg.asset
+    def uses_a_model(compute: ComputeThreads) -> None:
+        seen["requested"] = requested_threads()
+        seen["child"] = thread_environment(1_000)["OMP_NUM_THREADS"]
+
+    assert dg.materialize([uses_a_model], resources={"compute": ComputeThreads(num_threads=2)}).success
+    assert seen == {"requested": 2, "child": "2"}
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    assert dg.materialize([uses_a_model], resources={"compute": ComputeThreads()}).success
+    assert seen == {"requested": None, "child": "1"}  # automatic: one thread for a small model
+    monkeypatch.setenv("TIDPO_NUM_THREADS", "many")
+    result = dg.materialize([uses_a_model], resources={"compute": ComputeThreads()}, raise_on_error=False)
+    assert not result.success

@@ -39,7 +39,7 @@ from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 from tidpo_core.training import TrainConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, anchors_preview, mlflow_tags, pairs_preview, quarantine_preview
-from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -128,6 +128,7 @@ def reference_model(
     preference_pairs: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     run_tracking = RunTracking(mlflow_tracking.uri, mlflow_tracking.experiment_id(), mlflow_tags(context))  # fails early if tracking is down
@@ -174,6 +175,7 @@ def anchor_responses(
     preference_pairs: dict,
     reference_model: dict,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
 ) -> dg.MaterializeResult:
     settings = settings_of(config, SamplingSettings)
     report = sample_anchors(duckdb.get_connection, ReferenceHandle.from_value(reference_model), settings, log=context.log.info)
@@ -212,6 +214,7 @@ def contrastive_models(
     reference_model: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
 ) -> dg.MaterializeResult:
     built = train_contrastive_models(
         duckdb.get_connection,
@@ -249,6 +252,7 @@ def token_weights(
     reference_model: dict,
     anchor_responses: dict,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
 ) -> dg.MaterializeResult:
     settings = settings_of(config, WeighingSettings)
     with user_errors_as_failures():
@@ -319,6 +323,7 @@ def tidpo_policy(
     token_weights: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:

@@ -19,7 +19,7 @@ from tidpo_core.training import TrainConfig
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags, picture_metadata
-from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 # The engine options every run of the comparison shares: the policy's, less what the comparison sets
 # per run (the method's loss and switches, the seed) and its own short-run defaults.
@@ -71,6 +71,7 @@ def method_comparison(
     token_weights: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     report = compare_methods(

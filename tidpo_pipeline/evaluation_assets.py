@@ -15,7 +15,7 @@ from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata
-from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
 EvaluationConfig = config_class(
     "EvaluationConfig", "How the policy is evaluated beside its reference.", BenchmarkConfig, core_fields(EvaluationSettings)
@@ -71,6 +71,7 @@ def evaluation(
     tidpo_policy: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
     quality: QualityPolicy,
 ):

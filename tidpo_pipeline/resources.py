@@ -18,7 +18,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from tidpo_core import store, tracking
+from tidpo_core import store, threads, tracking
 from tidpo_core.layout import LOCK_FILE, RUNS_DIR, DataDir
 from tidpo_core.steps.evaluate import GatePolicy
 from tidpo_pipeline.config_from_core import config_class, core_fields
@@ -315,6 +315,21 @@ class TidpoDuckDB(DuckDBResource):
             con.close()
 
 
+class ComputeThreads(dg.ConfigurableResource):
+    """The thread policy of the steps that run a model (tidpo_core.threads): automatic by default (one
+    thread for a small model, one per usable CPU for a large one); `num_threads` fixes the count, for the
+    step's process and the training processes it starts (as TIDPO_NUM_THREADS does)."""
+
+    num_threads: int = Field(
+        default=0, ge=0, description="torch intra-op threads per process; 0: decided per model by the thread policy"
+    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if self.num_threads > 0:
+            os.environ[threads.NUM_THREADS_ENV] = str(self.num_threads)
+        threads.requested_threads()  # a bad TIDPO_NUM_THREADS fails here, naming the variable
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking: sqlite in the data dir by default (the registry needs a database), artifacts
     beside it, never ./mlruns."""
@@ -357,6 +372,7 @@ def build_resources(data_dir: str | None = None) -> dict[str, object]:
         "duckdb": TidpoDuckDB(database=str(DataDir.at(data_dir).database)),
         "mlflow_tracking": MlflowTracking(data_dir=data_dir),
         "quality": QualityPolicy(),
+        "compute": ComputeThreads(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         # Named explicitly: Dagster's implicit default (fs_io_manager) warns that it is superseded by this.
         "io_manager": dg.FilesystemIOManager(),

@@ -14,7 +14,7 @@ from tidpo_core.steps.reward import RewardModelSettings, beats_chance, train_rew
 from tidpo_pipeline.assets import user_errors_as_failures
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, mlflow_tags
-from tidpo_pipeline.resources import MlflowTracking, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 CHECK = "reward_model_beats_chance"
 
@@ -55,6 +55,7 @@ def reward_model(
     reference_model: dict,
     storage: TidpoStorage,
     duckdb: TidpoDuckDB,
+    compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
 ):  # no return annotation: with check results in it, Dagster would take MaterializeResult for a Nothing output
     settings: RewardModelSettings = settings_of(config, RewardModelSettings)
