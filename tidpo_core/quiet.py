@@ -42,3 +42,21 @@ MLFLOW_LOCAL_FOLDER_NOISE = (
 # lm-eval advises `--metadata` for every task built from a local file (a custom_dataset), which is how
 # tidpo feeds its offline benchmark data.
 LM_EVAL_CUSTOM_DATASET_NOISE = ("Custom kwargs can be passed to `--metadata`",)
+
+
+def quiet_trainer_output(trainer, postfix: tuple[str, ...] = ("loss",)) -> None:
+    """A transformers Trainer (TRL's RewardTrainer, GRPOTrainer) that shows a progress bar with `postfix`
+    metrics, instead of printing the dict of every logged metric under it (ProgressCallback.on_log) or,
+    without a bar, on its own line (PrinterCallback). The metrics still reach the log history and MLflow."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "train_runtime" not in logs:
+                shown = {name: f"{float(logs[name]):.4g}" for name in postfix if name in logs}
+                if shown:
+                    self.training_bar.set_postfix(**shown)
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress)

@@ -47,6 +47,7 @@ from transformers import (
 
 from tidpo_core.data import PreferencePair
 from tidpo_core.modeling import resolve_device, save_model_and_tokenizer
+from tidpo_core.quiet import quiet_trainer_output
 from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import encode_prompt_response, pad_right
 
@@ -272,7 +273,6 @@ def train_reward_model(
     and save it to `out_dir` (model, tokenizer and the build marker). The folder appears whole or not at all.
     Deterministic for a seed."""
     from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import RewardTrainer
 
     pairs = training_subset(train_pairs, training.max_train_pairs, training.seed)
@@ -293,8 +293,7 @@ def train_reward_model(
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
         )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer prints every log as a dict
+        quiet_trainer_output(trainer, ("loss", "accuracy", "margin"))
         model = trainer.model
         start = time.perf_counter()
         with threads_for(model):

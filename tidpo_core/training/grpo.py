@@ -48,6 +48,7 @@ from tidpo_core.faults import Faults
 from tidpo_core.grpo import RewardFunction, reward_function
 from tidpo_core.layout import RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.quiet import quiet_trainer_output
 from tidpo_core.threads import threads_for
 from tidpo_core.training.config import TrainConfig
 from tidpo_core.training.reporting import Reporter, TrainSummary, _peak_rss_mb
@@ -162,20 +163,6 @@ def _numeric(entry: dict[str, Any]) -> dict[str, float]:
 
 def _history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     return [{**_numeric(h), "step": int(h["step"])} for h in log_history if _is_step_log(h)]
-
-
-def _quiet_progress() -> Any:
-    """transformers' progress bar without its dict of every metric printed under the bar at every log."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs and _is_step_log(logs):
-                self.training_bar.set_postfix(
-                    reward=f"{float(logs.get('reward', float('nan'))):.3f}", loss=f"{float(logs.get('loss', float('nan'))):.4f}"
-                )
-
-    return QuietProgress
 
 
 def _make_callback(config: TrainConfig, reporter: Reporter, stop: StopSignals, on_step: Any, started: list[float]):
@@ -298,11 +285,7 @@ def _train(
     callback.trainer = trainer
     # Progress: a bar with the reward (progress: true) or a line every tenth of the run (the callback), not
     # transformers' dict of every metric at every step.
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_quiet_progress())
+    quiet_trainer_output(trainer, ("reward", "loss"))
     accelerator = trainer.accelerator
     if accelerator.is_main_process and not config.resume:
         shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
