@@ -8,9 +8,9 @@ Stages (the pipeline's own code, on the embedded model shape and the built-in pa
 - `sample`: tidpo_core.generation.sample_responses (what anchor_responses and the evaluation run).
 
 Each stage runs in fresh worker processes (python -m bench.bench_contention --worker ...) under two
-policies: `default` (torch's and OpenMP's defaults: one thread per core, OpenMP threads spin while they
-wait) and `tidpo` (tidpo_core.threads: the environment the launcher gives a child, and the policy for the
-model applied in the worker). Workers build their model and data first, then wait at a barrier, so two
+policies: `default` (what torch and OpenMP do on their own: one thread per core, OpenMP threads spin while
+they wait; pinned with TIDPO_NUM_THREADS, since the stages apply the policy themselves) and `tidpo`
+(tidpo_core.threads: the environment the launcher gives a child, and the policy for the model). Workers build their model and data first, then wait at a barrier, so two
 concurrent workers time the same stretch. Slowdown = time with a second process / time alone, per policy
 (target for `tidpo`: <= 2.5x with 2 processes on 2 cores; fair sharing is 2x). The cost on an idle
 machine is tidpo alone / default alone (target: within 5%).
@@ -64,8 +64,6 @@ def _worker(args: argparse.Namespace) -> None:
     from tidpo_core.sft import supervised_finetune
     from tidpo_core.synthetic import generate_synthetic_pairs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     pairs = generate_synthetic_pairs(args.pairs, seed=0)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
     model = build_tiny_model(tokenizer, TinyModelConfig(**SHAPES[args.shape]), seed=0)
@@ -87,8 +85,8 @@ def _worker(args: argparse.Namespace) -> None:
         def work() -> None:
             sample_responses(model, tokenizer, prompts, settings)
 
-    policy = threads.threads_for(model) if args.policy == "tidpo" and not args.threads else None
-    with policy if policy is not None else _nothing():
+    # The stages apply the policy themselves (threads_for), from the environment _environment gave.
+    with threads.threads_for(model):
         used = torch.get_num_threads()
         Path(args.ready).touch()
         deadline = time.monotonic() + 600
@@ -102,24 +100,23 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "threads": used, "parameters": threads.parameter_count(model)}))
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _environment(policy: str) -> dict[str, str]:
+def _environment(policy: str, threads: int = 0) -> dict[str, str]:
+    """The worker's environment. tidpo_core applies the policy inside the stages themselves (threads_for), so
+    `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
+    OpenMP's wait policy alone; `threads` > 0 pins that count instead (the size-threshold runs)."""
     from tidpo_core.threads import thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.update({"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
+    if threads:
+        return {**base, "TIDPO_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    if policy == "default":
+        return {**base, "TIDPO_NUM_THREADS": str(os.cpu_count() or 1)}
     # The launcher's child environment: the model's size is not known before the child loads it.
-    return thread_environment(None, base) if policy == "tidpo" else base
+    return thread_environment(None, base)
 
 
 def _run_together(count: int, stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded", threads: int = 0) -> list[dict[str, Any]]:
@@ -132,11 +129,11 @@ def _run_together(count: int, stage: str, policy: str, sizes: dict[str, Any], sh
             ready = Path(tmp) / f"ready{i}"
             command = [
                 sys.executable, "-m", "bench.bench_contention", "--worker", "--stage", stage, "--policy", policy,
-                "--shape", shape, "--threads", str(threads), "--ready", str(ready), "--go", str(go),
+                "--shape", shape, "--ready", str(ready), "--go", str(go),
                 "--pairs", str(sizes["pairs"]), "--train-steps", str(sizes["train_steps"]),
                 "--sample-prompts", str(sizes["sample_prompts"]), "--new-tokens", str(sizes["new_tokens"]),
             ]
-            workers.append((ready, subprocess.Popen(command, cwd=root, env=_environment(policy), stdout=subprocess.PIPE, text=True)))
+            workers.append((ready, subprocess.Popen(command, cwd=root, env=_environment(policy, threads), stdout=subprocess.PIPE, text=True)))
         deadline = time.monotonic() + 900
         while not all(ready.exists() for ready, _ in workers):
             if any(w.poll() not in (None, 0) for _, w in workers) or time.monotonic() > deadline:
@@ -185,7 +182,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     for shape in SHAPES:
         for stage in STAGES:
             timings: dict[int, list[float]] = {1: [], cpus: []}
-            for _ in range(sizes["rounds"]):
+            for _ in range(1):  # one round: this part sets a threshold, not a guard
                 for count in timings:
                     result = _run_together(1, stage, "default", sizes, shape, threads=count)[0]
                     timings[count].append(result["seconds"])
@@ -213,7 +210,6 @@ def main() -> None:
     parser.add_argument("--stage", choices=STAGES)
     parser.add_argument("--policy", choices=POLICIES, default="tidpo")
     parser.add_argument("--shape", choices=tuple(SHAPES), default="embedded")
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--ready", default="")
     parser.add_argument("--go", default="")
     parser.add_argument("--pairs", type=int, default=192)

@@ -3,15 +3,19 @@
 torch's default is one intra-op thread per core it can see, and OpenMP's threads spin while they wait for
 work. On a machine that runs anything else (a second experiment, `dagster dev`, the MLflow UI, Dagster's
 multiprocess executor), those spinning threads take the cores the other process needs, and a small model,
-whose every op is tiny, spends its time in that synchronisation: bench/bench_contention.py measured the
-weights pass 40x slower beside one other process. So every process tidpo starts runs under a policy:
+whose every op is tiny, spends its time in that synchronisation. bench/bench_contention.py measured, on
+2 cores, the weights pass 13x and SFT steps 28x slower beside one identical process under those defaults.
+With passive waits and the same two threads: 1.5x and 1.8x, at no cost alone. One thread per process
+also avoids the collapse but made the embedded 1M-parameter model 2x slower on an idle machine. So every
+process tidpo starts runs under this policy:
 
 - the CPUs it may use are the fewer of its affinity mask and its cgroup CPU quota (a container limited to
   2 CPUs on a 64-core host sees 64 cores but gets 2);
-- a small model (under SMALL_MODEL_PARAMETERS) gets one intra-op thread: a second one buys nothing there;
-- a larger one gets one thread per available CPU;
+- one intra-op thread per usable CPU, except for a toy model (under SMALL_MODEL_PARAMETERS, the tests'
+  models), where ops are too small to split;
 - one inter-op thread (tidpo runs one model call at a time), and OpenMP waits passively
-  (``OMP_WAIT_POLICY=PASSIVE``): a waiting thread sleeps instead of burning a core.
+  (``OMP_WAIT_POLICY=PASSIVE``, set when tidpo_core is imported, before torch loads OpenMP, unless the
+  user set it): a waiting thread sleeps instead of burning a core.
 
 ``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads` in Dagster) overrides the intra-op count.
 The OpenMP runtime reads its environment once, when torch loads it: ``thread_environment`` gives the
@@ -28,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NUM_THREADS_ENV = "TIDPO_NUM_THREADS"
-# Below this, one thread: bench/bench_contention.py times the embedded model on 1 and on all threads.
-SMALL_MODEL_PARAMETERS = 30_000_000
+# Below this, one thread. Set below every model bench/bench_contention.py measured: the embedded model
+# (1M parameters) and a 21M one both ran faster on 2 threads than on 1 on an idle 2-core machine.
+SMALL_MODEL_PARAMETERS = 100_000
 WAIT_POLICY = "PASSIVE"
 
 
