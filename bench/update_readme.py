@@ -296,6 +296,22 @@ def rows_hh(doc: dict[str, Any]) -> list[Row]:
     return _method_rows(doc, f"HH-RLHF harmless-base ({info['train']:,} train / {info['eval']} eval, {seeds} seed{'s' if seeds > 1 else ''})")
 
 
+def rows_contention(doc: dict[str, Any]) -> list[Row]:
+    rows = []
+    for stage, figures in doc["stages"].items():
+        default, policy = figures["default"], figures["tidpo"]
+        rows.append(
+            (
+                f"busy machine: {stage}",
+                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy; policy alone / defaults alone",
+                f"{_r(default['slowdown'])} vs {_r(policy['slowdown'])}; idle {_r(figures['tidpo_idle_cost'])}",
+                f"<= {doc['targets']['slowdown_with_two_processes']}x: {_mark(figures['slowdown_target_met'])}; "
+                f"idle <= {doc['targets']['idle_cost']}x: {_mark(figures['idle_cost_target_met'])}",
+            )
+        )
+    return rows
+
+
 RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("trl", rows_trl),
     ("weights", rows_weights),
@@ -304,6 +320,7 @@ RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("importance", rows_importance),
     ("quality", rows_quality),
     ("hh", rows_hh),
+    ("contention", rows_contention),
 )
 
 

@@ -204,3 +204,23 @@ def test_gpu_check_harness_runs_its_kill_and_resume_rows_on_cpu(tmp_path, monkey
     assert row["resume_max_abs_diff"] == 0.0
     lora = gpu_check.check_lora(data, tmp_path, {})
     assert 0 < lora["trainable_parameters"] < lora["total_parameters"]
+
+
+def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders():
+    from bench import bench_contention, update_readme
+
+    sizes = bench_contention._sizes(quick=True)
+    default = bench_contention._run_together(1, "sample", "default", sizes)[0]
+    policy = bench_contention._run_together(2, "sample", "tidpo", sizes)
+    assert default["seconds"] > 0 and all(r["seconds"] > 0 for r in policy)
+    # torch's default on this machine (one thread per core), against the policy's count for this model.
+    from tidpo_core.threads import available_cpus, decide_threads
+
+    assert default["threads"] == (__import__("os").cpu_count() or 1)
+    assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"]).intra_op
+    doc = {
+        "stages": {"weights": {"default": {"slowdown": 13.5}, "tidpo": {"slowdown": 1.5}, "tidpo_idle_cost": 1.02, "slowdown_target_met": True, "idle_cost_target_met": True}},
+        "targets": {"slowdown_with_two_processes": 2.5, "idle_cost": 1.05},
+    }
+    (row,) = update_readme.rows_contention(doc)
+    assert row[2] == "13.50x vs 1.50x; idle 1.02x" and row[3] == "<= 2.5x: met; idle <= 1.05x: met"
