@@ -260,22 +260,14 @@ def _run_method_comparison(
         raise ValueError("at least one seed is needed")
     overrides = dict(train_overrides or {})
     output_dir = Path(output_dir)
-    con = store.connect(inputs.duckdb_path, read_only=True)
-    try:
-        pairs = store.read_pairs(con, split="eval")
-    finally:
-        con.close()
+    pairs = store.read_pairs_at(inputs.duckdb_path, split="eval")
     if not pairs:
         raise ValueError(f"no eval pairs in {inputs.duckdb_path}: the comparison needs a held-out split")
     # Before any training, so that a reward GRPO cannot have fails now rather than after every other method
     # has trained: the reward model loads here (grpo_reward: model), and the train pairs must carry phrases.
     scorer, reward_name = scoring_reward(overrides, pairs)
     if "grpo" in methods and grpo_reward_setting(overrides)[0] == "phrases":
-        con = store.connect(inputs.duckdb_path, read_only=True)
-        try:
-            phrase_reward(store.read_pairs(con, split="train"))
-        finally:
-            con.close()
+        phrase_reward(store.read_pairs_at(inputs.duckdb_path, split="train"))
     if scorer is not None:
         log(f"reward_model_score: the {reward_name}")
     settings = replace(

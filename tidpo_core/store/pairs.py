@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -10,7 +11,7 @@ import pyarrow as pa
 
 from tidpo_core.data import LoadResult, PreferencePair, assign_split
 from tidpo_core.store import connection
-from tidpo_core.store.connection import now, table_digest
+from tidpo_core.store.connection import connect, now, table_digest
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ def read_pairs(con: duckdb.DuckDBPyConnection, split: str | None = None) -> list
     query += " ORDER BY pair_id"
     columns = ["pair_id", "prompt", "chosen", "rejected", "source", "meta_json"]
     return [PreferencePair.from_row(dict(zip(columns, row, strict=True))) for row in con.execute(query, params).fetchall()]
+
+
+def read_pairs_at(path: str | Path, split: str | None = None) -> list[PreferencePair]:
+    """read_pairs from the DuckDB file at `path`, opened read-only for this read and closed after it."""
+    con = connect(path, read_only=True)
+    try:
+        return read_pairs(con, split)
+    finally:
+        con.close()
 
 
 

@@ -61,11 +61,7 @@ SOURCE_PROMPT = "source_prompt"
 
 def train_prompts(config: TrainConfig) -> list[PreferencePair]:
     """The train pairs (their prompts are what GRPO samples for; the rule reward reads their phrases)."""
-    con = store.connect(config.duckdb_path, read_only=True)
-    try:
-        pairs = store.read_pairs(con, split="train")
-    finally:
-        con.close()
+    pairs = store.read_pairs_at(config.duckdb_path, split="train")
     if not pairs:
         raise ValueError(f"no training pairs in {config.duckdb_path}")
     return pairs
