@@ -37,7 +37,17 @@ IDLE_COST_TARGET = 1.05
 STAGES = ("weights", "train", "sample")
 POLICIES = ("default", "tidpo")
 # The policy's environment variables; `default` runs without any of them.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "TIDPO_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TIDPO_NUM_THREADS")
+# How OpenMP's idle threads wait, the candidates the policy chose from (same thread counts as `tidpo`): libgomp
+# (torch's OpenMP on Linux) spins GOMP_SPINCOUNT times (about 100,000 per ms; default 300,000) before it
+# sleeps; PASSIVE sleeps at once. A short spin catches the next op of a small model without a wake-up, and
+# gives the core away soon enough when another process needs it.
+WAIT_CANDIDATES: dict[str, dict[str, str]] = {
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin_1k": {"GOMP_SPINCOUNT": "1000"},
+    "spin_10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin_100k": {"GOMP_SPINCOUNT": "100000"},
+}
 SHAPES = {
     "embedded": {},
     "larger": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8},
@@ -103,10 +113,11 @@ def _worker(args: argparse.Namespace) -> None:
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _environment(policy: str, threads: int = 0) -> dict[str, str]:
+def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str]:
     """The worker's environment. tidpo_core applies the policy inside the stages themselves (threads_for), so
     `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
-    OpenMP's wait policy alone; `threads` > 0 pins that count instead (the size-threshold runs)."""
+    OpenMP's wait policy alone; `threads` > 0 pins that count instead (the size-threshold runs); `wait` (a
+    WAIT_CANDIDATES name) replaces the policy's OpenMP wait setting."""
     from tidpo_core.threads import thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
@@ -116,10 +127,15 @@ def _environment(policy: str, threads: int = 0) -> dict[str, str]:
     if policy == "default":
         return {**base, "TIDPO_NUM_THREADS": str(os.cpu_count() or 1)}
     # The launcher's child environment: the model's size is not known before the child loads it.
-    return thread_environment(None, base)
+    env = thread_environment(None, base)
+    if wait:
+        env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | WAIT_CANDIDATES[wait]
+    return env
 
 
-def _run_together(count: int, stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded", threads: int = 0) -> list[dict[str, Any]]:
+def _run_together(
+    count: int, stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded", threads: int = 0, wait: str = ""
+) -> list[dict[str, Any]]:
     """`count` workers of one stage at once, released together; their timings."""
     root = Path(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or Path(__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +149,7 @@ def _run_together(count: int, stage: str, policy: str, sizes: dict[str, Any], sh
                 "--pairs", str(sizes["pairs"]), "--train-steps", str(sizes["train_steps"]),
                 "--sample-prompts", str(sizes["sample_prompts"]), "--new-tokens", str(sizes["new_tokens"]),
             ]
-            workers.append((ready, subprocess.Popen(command, cwd=root, env=_environment(policy, threads), stdout=subprocess.PIPE, text=True)))
+            workers.append((ready, subprocess.Popen(command, cwd=root, env=_environment(policy, threads, wait), stdout=subprocess.PIPE, text=True)))
         deadline = time.monotonic() + 900
         while not all(ready.exists() for ready, _ in workers):
             if any(w.poll() not in (None, 0) for _, w in workers) or time.monotonic() > deadline:
@@ -176,6 +192,25 @@ def run(quick: bool = False) -> dict[str, Any]:
         figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
         stages[stage] = figures
         common.log(NAME, f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x; idle cost {figures['tidpo_idle_cost']}x")
+    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: where WAIT_POLICY comes from.
+    waits: dict[str, Any] = {}
+    for stage in STAGES:
+        timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
+        for _ in range(sizes["rounds"]):
+            for wait in WAIT_CANDIDATES:
+                timings[wait]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=wait)[0]["seconds"])
+                timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
+        default_alone = stages[stage]["default"]["alone_s"]
+        waits[stage] = {
+            wait: {
+                "alone_s": round(min(t["alone"]), 3),
+                "two_processes_s": round(min(t["two"]), 3),
+                "slowdown": round(min(t["two"]) / min(t["alone"]), 2),
+                "idle_cost": round(min(t["alone"]) / default_alone, 3),
+            }
+            for wait, t in timings.items()
+        }
+        common.log(NAME, f"{stage} wait settings: " + ", ".join(f"{w} {v['slowdown']}x busy / {v['idle_cost']}x idle" for w, v in waits[stage].items()))
     # One thread against all CPUs, alone, per model size: where the policy's size threshold comes from.
     cpus = os.cpu_count() or 1
     threshold: dict[str, Any] = {}
@@ -196,6 +231,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             }
     figures = {
         "stages": stages,
+        "wait_settings": waits,
         "threads_by_size": threshold,
         "targets": {"slowdown_with_two_processes": SLOWDOWN_TARGET, "idle_cost": IDLE_COST_TARGET},
         "sizes": sizes,

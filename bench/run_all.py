@@ -30,6 +30,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("importance", "bench.bench_importance"),
     ("quality", "bench.bench_quality"),
     ("hh", "bench.bench_hh"),
+    ("grpo", "bench.bench_grpo"),
     ("contention", "bench.bench_contention"),
 )
 

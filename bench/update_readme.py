@@ -296,6 +296,30 @@ def rows_hh(doc: dict[str, Any]) -> list[Row]:
     return _method_rows(doc, f"HH-RLHF harmless-base ({info['train']:,} train / {info['eval']} eval, {seeds} seed{'s' if seeds > 1 else ''})")
 
 
+def rows_grpo(doc: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    seeds = len(doc["setup"]["seeds"])
+    for name, label in (("builtin", "built-in data"), ("hh", "HH-RLHF harmless-base")):
+        data = doc["datasets"].get(name)
+        if not data:
+            continue
+        if "skipped" in data:
+            rows.append((f"GRPO baseline, {label}", "", data["skipped"], ""))
+            continue
+        title = f"GRPO baseline, {label} ({data['train_pairs'] if 'train_pairs' in data else data['data_info']['train']:,} train, {seeds} seeds)"
+        if "reward_model" in data:
+            rm = data["reward_model"]
+            rows.append((title, "reward model (GRPO's reward and the score): held-out pair accuracy", f"{rm['held_out_accuracy']:.3f} on {rm['eval_pairs']} pairs", ""))
+            title = ""
+        methods = [m for m in data["methods"] if m != "reference"]
+        for metric, verdict in data["verdicts"].items():
+            values = " / ".join(_ms(data["methods"][m].get(metric), 1 if metric == "train_seconds" else 3) for m in methods)
+            winner = verdict["best"] + ("" if verdict["separated"] else " (within the spread)")
+            rows.append((title, f"{verdict['label']}: {' / '.join(methods)}", values, f"best: {winner}"))
+            title = ""
+    return rows
+
+
 def rows_contention(doc: dict[str, Any]) -> list[Row]:
     rows = []
     for stage, figures in doc["stages"].items():
@@ -320,6 +344,7 @@ RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("importance", rows_importance),
     ("quality", rows_quality),
     ("hh", rows_hh),
+    ("grpo", rows_grpo),
     ("contention", rows_contention),
 )
 

@@ -148,6 +148,45 @@ def test_hh(results_dir, shared_data):
     assert set(doc["methods"]) == set(bench_hh.HH_METHODS)
 
 
+def test_grpo(results_dir, shared_data):
+    """The GRPO baseline's comparison on both data sets, tiny: every method on every data set, a reward model on
+    HH-RLHF, a verdict per metric, and the README rows render."""
+    from bench import bench_grpo, update_readme
+
+    doc = bench_grpo.run(quick=True)
+    assert doc == _written(results_dir, "grpo")
+    for name in ("builtin", "hh"):
+        data = doc["datasets"][name]
+        assert set(bench_grpo.METHODS) <= set(data["methods"]), name
+        assert data["methods"]["grpo"]["train_seconds"]["mean"] > 0
+        assert data["verdicts"]["train_seconds"]["best"] in bench_grpo.METHODS
+    assert doc["datasets"]["builtin"]["reward"].startswith("rule reward")
+    assert doc["datasets"]["hh"]["reward"].startswith("reward model")
+    assert 0.0 <= doc["datasets"]["hh"]["reward_model"]["held_out_accuracy"] <= 1.0
+    rows = update_readme.rows_grpo(doc)
+    assert any("reward model" in row[1] for row in rows)
+    assert any(row[1].startswith("wall-clock training time") for row in rows)
+
+
+def test_grpo_verdicts_by_hand():
+    from bench import bench_grpo
+
+    table = {
+        "reference": {"reward_accuracy": {"mean": 0.9, "std": 0.0}},
+        "dpo": {"reward_accuracy": {"mean": 0.70, "std": 0.02}, "train_seconds": {"mean": 40.0, "std": 2.0}},
+        "grpo": {"reward_accuracy": {"mean": 0.60, "std": 0.05}, "train_seconds": {"mean": 350.0, "std": 10.0}},
+        "tidpo": {"reward_accuracy": {"mean": 0.72, "std": 0.03}, "train_seconds": {"mean": 60.0, "std": 3.0}},
+    }
+    out = bench_grpo.verdicts(table)
+    # The reference is not a method; 0.72 - 0.70 = 0.02 < 0.03 + 0.02: within the spread.
+    assert (out["reward_accuracy"]["best"], out["reward_accuracy"]["runner_up"]) == ("tidpo", "dpo")
+    assert out["reward_accuracy"]["separated"] is False
+    # Lower is better for time: 60 - 40 = 20 > 2 + 3.
+    assert (out["train_seconds"]["best"], out["train_seconds"]["runner_up"]) == ("dpo", "tidpo")
+    assert out["train_seconds"]["separated"] is True
+    assert set(out) == {"reward_accuracy", "train_seconds"}
+
+
 def test_readme_table_between_markers(tmp_path, capsys):
     from bench import update_readme
 
