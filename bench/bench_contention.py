@@ -96,7 +96,7 @@ def _worker(args: argparse.Namespace) -> None:
             sample_responses(model, tokenizer, prompts, settings)
 
     # The stages apply the policy themselves (threads_for), from the environment _environment gave.
-    with threads.threads_for(model):
+    with threads.threads_for(model, workload="generate" if args.stage == "sample" else "compute"):
         used = torch.get_num_threads()
         Path(args.ready).touch()
         deadline = time.monotonic() + 600
@@ -234,6 +234,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "wait_settings": waits,
         "threads_by_size": threshold,
         "targets": {"slowdown_with_two_processes": SLOWDOWN_TARGET, "idle_cost": IDLE_COST_TARGET},
+        # What `tidpo` ran under (the launcher's child environment; the stages then size threads per model).
+        "policy_environment": {k: v for k, v in _environment("tidpo").items() if k in THREAD_VARIABLES},
         "sizes": sizes,
     }
     return common.write_results(NAME, figures, quick, started)

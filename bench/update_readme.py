@@ -333,6 +333,15 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
                 f"idle <= {doc['targets']['idle_cost']}x: {_mark(figures['idle_cost_target_met'])}",
             )
         )
+    for stage, candidates in doc.get("wait_settings", {}).items():
+        rows.append(
+            (
+                f"busy machine: {stage}, OpenMP wait",
+                "per wait setting (the policy's threads): beside a 2nd process / alone; alone / torch's defaults alone",
+                "; ".join(f"{name} {_r(c['slowdown'])} / {_r(c['idle_cost'])}" for name, c in candidates.items()),
+                "",
+            )
+        )
     return rows
 
 

@@ -4,18 +4,22 @@ torch's default is one intra-op thread per core it can see, and OpenMP's threads
 work. On a machine that runs anything else (a second experiment, `dagster dev`, the MLflow UI, Dagster's
 multiprocess executor), those spinning threads take the cores the other process needs, and a small model,
 whose every op is tiny, spends its time in that synchronisation. bench/bench_contention.py measured, on
-2 cores, the weights pass 13x and SFT steps 28x slower beside one identical process under those defaults.
-With passive waits and the same two threads: 1.5x and 1.8x, at no cost alone. One thread per process
-also avoids the collapse but made the embedded 1M-parameter model 2x slower on an idle machine. So every
-process tidpo starts runs under this policy:
+2 cores, the weights pass 6-21x and SFT steps 5x slower beside one identical process under those defaults.
+So every process tidpo starts runs under this policy:
 
 - the CPUs it may use are the fewer of its affinity mask and its cgroup CPU quota (a container limited to
   2 CPUs on a 64-core host sees 64 cores but gets 2);
 - one intra-op thread per usable CPU, except for a toy model (under SMALL_MODEL_PARAMETERS, the tests'
-  models), where ops are too small to split;
-- one inter-op thread (tidpo runs one model call at a time), and OpenMP waits passively
-  (``OMP_WAIT_POLICY=PASSIVE``, set when tidpo_core is imported, before torch loads OpenMP, unless the
-  user set it): a waiting thread sleeps instead of burning a core.
+  models), where ops are too small to split, and for token-by-token sampling of a small model (under
+  SMALL_GENERATION_PARAMETERS), where one thread was 2.4x faster than two on the embedded model;
+- one inter-op thread (tidpo runs one model call at a time);
+- OpenMP's idle threads spin briefly, then sleep: ``GOMP_SPINCOUNT=1000`` (about 10 microseconds) with
+  ``OMP_WAIT_POLICY=PASSIVE``, set when tidpo_core is imported, before torch loads OpenMP, unless the user
+  set them. Measured on 2 cores beside an identical process (bench/bench_contention.py, "wait_settings"):
+  sleeping at once (PASSIVE alone) kept the slowdown at 0.7-1.4x but cost 10-66 % alone, because waking
+  a sleeping thread is slow (in a VM, an idle vCPU halts); a 1,000-spin wait cost -13 to +25 % alone and
+  slowed 1.8-2.2x beside the twin (fair sharing: 2x); 10,000 spins and more were as fast as torch's
+  defaults alone but 4.8-10x slower beside the twin.
 
 ``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads` in Dagster) overrides the intra-op count.
 The OpenMP runtime reads its environment once, when torch loads it: ``thread_environment`` gives the
@@ -30,12 +34,18 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 NUM_THREADS_ENV = "TIDPO_NUM_THREADS"
 # Below this, one thread. Set below every model bench/bench_contention.py measured: the embedded model
 # (1M parameters) and a 21M one both ran faster on 2 threads than on 1 on an idle 2-core machine.
 SMALL_MODEL_PARAMETERS = 100_000
+# Sampling runs one token at a time, so its ops stay tiny for longer: bench_contention's threads_by_size found
+# one thread 2.4x faster than two on the embedded 1M-parameter model and 1.06x slower on a 21M one.
+SMALL_GENERATION_PARAMETERS = 10_000_000
 WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "1000"
+Workload = Literal["compute", "generate"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class ThreadPolicy:
     """torch.set_num_interop_threads: ops run at the same time (tidpo runs one at a time)."""
     omp_wait_policy: str
     """OMP_WAIT_POLICY for processes started under this policy: PASSIVE sleeps while waiting."""
+    spin_count: str
+    """GOMP_SPINCOUNT: how many times an idle OpenMP thread spins before it sleeps (libgomp, torch's OpenMP)."""
     reason: str
     """Why these numbers, for logs and run metadata."""
 
@@ -55,6 +67,7 @@ class ThreadPolicy:
             "OMP_NUM_THREADS": str(self.intra_op),
             "MKL_NUM_THREADS": str(self.intra_op),
             "OMP_WAIT_POLICY": self.omp_wait_policy,
+            "GOMP_SPINCOUNT": self.spin_count,
         }
 
 
@@ -101,20 +114,23 @@ def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
     return count
 
 
-def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None) -> ThreadPolicy:
+def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
     """The policy for a process with `cpus` usable CPUs running a model of `model_parameters` (None: not
-    known yet, treated as large). `requested` (TIDPO_NUM_THREADS) wins when given."""
+    known yet, treated as large) for `workload` (forward/backward passes, or token-by-token sampling).
+    `requested` (TIDPO_NUM_THREADS) wins when given."""
     if requested is not None:
-        return ThreadPolicy(requested, 1, WAIT_POLICY, f"{NUM_THREADS_ENV}={requested}")
+        return ThreadPolicy(requested, 1, WAIT_POLICY, SPIN_COUNT, f"{NUM_THREADS_ENV}={requested}")
     if model_parameters is not None and model_parameters < SMALL_MODEL_PARAMETERS:
-        return ThreadPolicy(1, 1, WAIT_POLICY, f"small model ({model_parameters:,} parameters): one thread")
+        return ThreadPolicy(1, 1, WAIT_POLICY, SPIN_COUNT, f"small model ({model_parameters:,} parameters): one thread")
+    if workload == "generate" and model_parameters is not None and model_parameters < SMALL_GENERATION_PARAMETERS:
+        return ThreadPolicy(1, 1, WAIT_POLICY, SPIN_COUNT, f"sampling a small model ({model_parameters:,} parameters): one thread")
     size = "model size unknown" if model_parameters is None else f"{model_parameters:,} parameters"
-    return ThreadPolicy(cpus, 1, WAIT_POLICY, f"{size}: one thread per available CPU ({cpus})")
+    return ThreadPolicy(cpus, 1, WAIT_POLICY, SPIN_COUNT, f"{size}: one thread per available CPU ({cpus})")
 
 
-def policy_for(model_parameters: int | None = None) -> ThreadPolicy:
-    """The policy for this process now: its CPUs, the model's size, and TIDPO_NUM_THREADS."""
-    return decide_threads(available_cpus(), model_parameters, requested_threads())
+def policy_for(model_parameters: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
+    """The policy for this process now: its CPUs, the model's size, the workload and TIDPO_NUM_THREADS."""
+    return decide_threads(available_cpus(), model_parameters, requested_threads(), workload)
 
 
 def parameter_count(*models: object) -> int:
@@ -133,13 +149,14 @@ def apply_policy(policy: ThreadPolicy) -> None:
 
 
 @contextlib.contextmanager
-def threads_for(*models: object) -> Iterator[ThreadPolicy]:
-    """Run the block under the policy for `models` (on CPU), then restore torch's previous thread count."""
+def threads_for(*models: object, workload: Workload = "compute") -> Iterator[ThreadPolicy]:
+    """Run the block under the policy for `models` (on CPU) and `workload`, then restore torch's previous
+    thread count."""
     import torch
 
     previous = torch.get_num_threads()
     on_cpu = all(next(iter(m.parameters())).device.type == "cpu" for m in models)  # type: ignore[attr-defined]
-    policy = policy_for(parameter_count(*models)) if on_cpu else policy_for(None)
+    policy = policy_for(parameter_count(*models), workload) if on_cpu else policy_for(None, workload)
     torch.set_num_threads(policy.intra_op)
     try:
         yield policy
