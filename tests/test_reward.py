@@ -13,6 +13,7 @@ import torch
 
 from tidpo_core import store, tracking
 from tidpo_core.data import LoadResult
+from tidpo_core.errors import UserInputError
 from tidpo_core.fingerprint import model_fingerprint
 from tidpo_core.layout import DataDir
 from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
@@ -26,7 +27,13 @@ from tidpo_core.reward import (
 )
 from tidpo_core.steps import RunTracking, database_at
 from tidpo_core.steps.reference import ReferenceHandle
-from tidpo_core.steps.reward import RewardModelSettings, beats_chance, reward_fingerprint, train_reward
+from tidpo_core.steps.reward import (
+    RewardModelSettings,
+    beats_chance,
+    reward_fingerprint,
+    train_reward,
+    with_stored_reward_model,
+)
 from tidpo_core.synthetic import generate_synthetic_pairs
 
 # A backbone small enough for seconds on one CPU thread, big enough to generalise to held-out pairs
@@ -119,6 +126,18 @@ def test_a_trained_reward_model_beats_chance_on_held_out_pairs(trained):
     assert record is not None and record.accuracy == handle.held_out_accuracy and record.eval_pairs == eval_pairs
     assert (record.mlflow_run_id, record.registered_version) == (handle.mlflow_run_id, handle.registered_version) == (handle.mlflow_run_id, "1")
     assert record.settings["min_accuracy_margin"] == 0.1
+
+
+def test_grpo_without_a_folder_gets_the_stored_reward_model_of_its_reference(trained, tmp_path):
+    """tidpo_policy and method_comparison with grpo_reward: model and no grpo_reward_model train on the reward_model
+    asset's newest model for their reference; another reference has none, which is a user error."""
+    _, open_db, reference, _, _, handle = trained
+    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "beta": 0.1}) == {"grpo_reward": "model", "beta": 0.1, "grpo_reward_model": handle.path}
+    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "grpo_reward_model": "/mine"})["grpo_reward_model"] == "/mine"
+    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "phrases"}) == {"grpo_reward": "phrases"}
+    other = ReferenceHandle(path=str(tmp_path), fingerprint="another-reference")
+    with pytest.raises(UserInputError, match="materialize the reward_model asset first"):
+        with_stored_reward_model(open_db, other, {"grpo_reward": "model"})
 
 
 def test_the_reward_function_scores_chosen_above_rejected(trained):

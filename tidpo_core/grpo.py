@@ -26,7 +26,6 @@ rule reward of the built-in data (`phrase_reward`) or a trained reward model
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -45,7 +44,6 @@ GRPO_REWARDS: tuple[str, ...] = get_args(GrpoReward)
 
 # TRL's GRPOTrainer divides by std + 1e-4 (a constant in its code, not an option).
 ADVANTAGE_EPS = 1e-4
-REWARD_MODULE = "tidpo_core.reward"
 
 
 # --- advantages ---------------------------------------------------------------------------------------
@@ -223,21 +221,10 @@ def phrase_reward(pairs: Iterable[PreferencePair]) -> PhraseReward:
 
 
 def load_reward_model(model_dir: str) -> RewardFunction:
-    """`tidpo_core.reward.load_reward_function(model_dir)`, imported only when asked for (the reward model
-    is trained by tidpo_core.reward; a tidpo without that module cannot use grpo_reward: model)."""
-    try:
-        module = importlib.import_module(REWARD_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != REWARD_MODULE:
-            raise
-        raise RuntimeError(
-            f"grpo_reward: model needs {REWARD_MODULE}.load_reward_function, and this tidpo has no {REWARD_MODULE} "
-            "module; use grpo_reward: phrases on the built-in data"
-        ) from exc
-    load = getattr(module, "load_reward_function", None)
-    if load is None:
-        raise RuntimeError(f"{REWARD_MODULE} has no load_reward_function(model_dir)")
-    return load(model_dir)
+    """The reward model in `model_dir` as a reward function (tidpo_core.reward, imported only when asked for)."""
+    from tidpo_core.reward import load_reward_function
+
+    return load_reward_function(model_dir)
 
 
 def reward_function(kind: str, model_dir: str | None, pairs: Sequence[PreferencePair]) -> RewardFunction:

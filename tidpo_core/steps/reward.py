@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tidpo_core import store, tracking
+from tidpo_core.errors import UserInputError
 from tidpo_core.fingerprint import digest
 from tidpo_core.layout import DataDir
 from tidpo_core.reward import (
@@ -171,6 +172,23 @@ def _held_out(previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs
     if previous is not None and previous.eval_pairs == len(eval_pairs):
         return RewardHeldOut(previous.accuracy, previous.margin, previous.loss, previous.eval_pairs)
     return held_out_accuracy(load_reward_function(out_dir, batch_size=settings.eval_batch_size), eval_pairs)
+
+
+def with_stored_reward_model(open_db: OpenDb, reference: ReferenceHandle, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` (training settings) with grpo_reward_model filled in when grpo_reward is `model` and no folder
+    is given: the newest reward model the reward_model asset trained on this reference."""
+    options = dict(options)
+    if options.get("grpo_reward") != "model" or options.get("grpo_reward_model"):
+        return options
+    with open_db() as con:
+        record = store.latest_reward_model(con, reference.fingerprint)
+    if record is None:
+        raise UserInputError(
+            "grpo_reward: model without grpo_reward_model: materialize the reward_model asset first (it trains one "
+            "on this reference), or set grpo_reward_model to a reward model's folder"
+        )
+    options["grpo_reward_model"] = record.path
+    return options
 
 
 def _finished_and_registered(tracking_uri: str, name: str, run_id: str | None, version: str | None) -> bool:

@@ -108,7 +108,8 @@ class TrainConfig:
     phrase, -1 for the risky one, 0 otherwise. `model`: the reward model in grpo_reward_model
     (tidpo_core.reward.load_reward_function)."""
     grpo_reward_model: str | None = None
-    """With grpo_reward: model, the reward model's folder."""
+    """With grpo_reward: model, the reward model's folder. Left empty in the pipeline (tidpo_policy,
+    method_comparison): the newest reward model the reward_model asset trained on this reference."""
     # optimisation
     learning_rate: float = 5e-4
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
