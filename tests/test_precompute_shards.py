@@ -241,3 +241,37 @@ def test_a_corrupt_or_missing_weight_shard_fails_naming_it_and_loads_nothing(bas
     assert report.shards is not None and report.shards.reused == 8 and report.shards.computed == 1
     assert anchors.fingerprint == single_anchors.fingerprint
     assert weight_rows(layout) == weight_rows(single)
+
+
+# --- through the assets -------------------------------------------------------------------------------------
+
+
+def test_the_assets_launch_their_ranks_through_pipes_and_record_the_shards(tmp_path):
+    import dagster as dg
+    from pipeline_config import small_run_config
+
+    from tidpo_pipeline.definitions import ASSETS
+    from tidpo_pipeline.resources import build_resources
+
+    selection = ["preference_pairs", "reference_model", "anchor_responses", "token_weights"]
+    config = small_run_config(pairs=24)
+    ops = {name: config["ops"][name] for name in selection}
+    ops["anchor_responses"]["config"].update({"launcher": "accelerate", "num_processes": 2, "batch_size": 4, "batches_per_shard": 1})
+    ops["token_weights"]["config"].update({"launcher": "python"})
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        ASSETS, resources=build_resources(str(tmp_path)), run_config={"ops": ops}, selection=selection, instance=instance, raise_on_error=False
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    anchors = result.asset_materializations_for_node("anchor_responses")[0].metadata
+    weights = result.asset_materializations_for_node("token_weights")[0].metadata
+    train = result.output_for_node("preference_pairs")["train"]
+    assert anchors["processes"].value == 2 and anchors["launcher"].value == "accelerate"
+    assert anchors["shards_planned"].value == anchors["shards_computed"].value == -(-train // 4)
+    assert anchors["shards_reused"].value == 0 and anchors["rows_loaded"].value == anchors["dagster/row_count"].value == train
+    assert weights["processes"].value == 1 and weights["shards_planned"].value == weights["shards_computed"].value == 1
+    assert weights["rows_loaded"].value == weights["responses"].value == 3 * train
+    # Rank 0 reported its progress to Dagster through Pipes.
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("anchors: shard" in m and "shards finished" in m for m in messages)
+    assert not (tmp_path / "precompute").exists()

@@ -110,6 +110,9 @@ def sample_anchors(
             generated = store.load_anchor_shards(con, fingerprint, outcome.files, settings.as_dict())
         remove_folder(outcome.folder)
         say(f"{generated} anchors loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)")
+    else:
+        # A run killed after its load committed but before the folder went: the shards are in DuckDB.
+        remove_folder(layout.precompute(SHARD_KIND, fingerprint))
     with open_db() as con:
         return AnchorsReport(
             fingerprint, generated, store.anchor_count(con, fingerprint), store.first_anchors(con, fingerprint, 5), outcome

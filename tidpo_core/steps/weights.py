@@ -210,6 +210,9 @@ def weigh_tokens(
             loaded = store.load_weight_shards(con, fingerprint, outcome.files)
         remove_folder(outcome.folder)
         say(f"{loaded} responses' weights loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)")
+    else:
+        # A run killed after its load committed but before the folder went: the shards are in DuckDB.
+        remove_folder(layout.precompute(SHARD_KIND, fingerprint))
     with open_db() as con:
         summary = store.weights_summary(con, fingerprint)
     return WeightsReport(fingerprint, importance, len(todo), len(wanted), summary, outcome)
