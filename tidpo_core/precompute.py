@@ -397,6 +397,14 @@ class PipesProgress:
             context_manager.__exit__(type(exc), exc, exc.__traceback__)
 
 
+def _no_progress_bars() -> None:
+    """A process's output is its shards and its Pipes messages: no library progress bar per model load
+    and per process on the terminal (the in-process step keeps them, as before)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compute this process's shards of a precompute plan (anchors, token weights).")
     parser.add_argument("--plan", required=True, help="the plan's folder (<data dir>/precompute/<kind>/<fingerprint>)")
@@ -404,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = ShardDir(Path(args.plan))
     rank, world_size, local_processes = rank_from_env(os.environ)
+    _no_progress_bars()
     reporter = PipesProgress(rank, ShardPlan.read(folder))
     try:
         compute_shards(folder, rank, world_size, args.attempt, local_processes=local_processes, on_shard=reporter.shard_done)
