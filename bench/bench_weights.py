@@ -33,7 +33,7 @@ SPEEDUP_TARGET = 1.7
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"pairs": 16, "batch_size": 8, "rounds": 1, "tiny": True, "sharded_pairs": 16, "anchor_pairs": 8, "sharded_rounds": 1}
-    return {"pairs": 600, "batch_size": 16, "rounds": 3, "tiny": False, "sharded_pairs": 1200, "anchor_pairs": 320, "sharded_rounds": 2}
+    return {"pairs": 600, "batch_size": 16, "rounds": 3, "tiny": False, "sharded_pairs": 3000, "anchor_pairs": 1000, "sharded_rounds": 2}
 
 
 def _batches(encoded, batch_size: int, pad_id: int):
