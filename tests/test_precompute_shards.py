@@ -109,9 +109,9 @@ def test_each_rank_gets_its_share_of_the_cpus():
     assert precompute.rank_threads(16, 2) == 8
     assert precompute.rank_threads(2, 2) == 1
     assert precompute.rank_threads(1, 4) == 1  # never zero
-    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_WORLD_SIZE": "2"}
-    assert precompute.rank_from_env(env) == (3, 4, 2)
-    assert precompute.rank_from_env({}) == (0, 1, 1)
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert precompute.rank_from_env(env) == (3, 4, 1, 2)
+    assert precompute.rank_from_env({}) == (0, 1, 0, 1)
 
 
 def test_a_shard_size_below_one_is_refused():

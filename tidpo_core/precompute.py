@@ -130,6 +130,7 @@ def shard_size(batch_size: int, batches_per_shard: int) -> int:
 
 
 def make_plan(kind: str, fingerprint: str, task: Mapping[str, Any], keys: Sequence[Any], size: int) -> ShardPlan:
+    # The task as it reads back from plan.json (tuples become lists), so a plan compares equal to its file.
     return ShardPlan(kind, fingerprint, json.loads(json.dumps(dict(task))), len(keys), size, digest(list(keys), 32))
 
 
@@ -229,10 +230,22 @@ def _writers(files: Sequence[Path]) -> list[tuple[str, int]]:
     return out
 
 
-def worker_for(plan: ShardPlan) -> ShardWorker:
+def worker_for(plan: ShardPlan, device: str | None = None) -> ShardWorker:
+    """The kind's worker with its models loaded (and moved to `device`; None: where they load, the CPU)."""
     if plan.kind not in WORKER_MODULES:
         raise ValueError(f"unknown precompute kind {plan.kind!r}; expected one of {sorted(WORKER_MODULES)}")
-    return importlib.import_module(WORKER_MODULES[plan.kind]).shard_worker(plan.task)
+    worker = importlib.import_module(WORKER_MODULES[plan.kind]).shard_worker(plan.task)
+    if device is not None:
+        for model in worker.models:
+            model.to(device)
+    return worker
+
+
+def rank_device(local_rank: int) -> str | None:
+    """A launched process's device: its own GPU (by local rank) when GPUs are visible; None (the CPU) otherwise."""
+    import torch
+
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else None
 
 
 def rank_threads(policy_threads: int, local_processes: int) -> int:
@@ -263,12 +276,13 @@ def compute_shards(
     attempt: str,
     *,
     local_processes: int = 1,
+    device: str | None = None,
     progress: bool = False,
     on_shard: ShardDone | None = None,
     faults: Faults | None = None,
 ) -> int:
     """Compute this rank's shards that have no file yet; returns how many it wrote. The models load only
-    when there is work."""
+    when there is work, on `device` (None: the CPU)."""
     plan = ShardPlan.read(folder)
     todo = [index for index in shards_for_rank(plan.shards, rank, world_size) if not folder.shard(index).exists()]
     if not todo:
@@ -276,7 +290,7 @@ def compute_shards(
     faults = Faults.from_env() if faults is None else faults
     kill_after = faults.kill_after_shards if faults.kill_rank in (None, rank) else None
     items = pq.read_table(folder.items)
-    worker = worker_for(plan)
+    worker = worker_for(plan, device)
     share_threads(worker.models, local_processes)
     metadata = {ATTEMPT_KEY: attempt.encode(), WORLD_SIZE_KEY: str(world_size).encode()}
     written = 0
@@ -362,10 +376,12 @@ def data_dir_of(con: Any) -> Path:
 # --- the process --------------------------------------------------------------------------------------
 
 
-def rank_from_env(environ: Mapping[str, str]) -> tuple[int, int, int]:
-    """(rank, world size, processes on this machine) as torchrun / accelerate set them; one process without."""
+def rank_from_env(environ: Mapping[str, str]) -> tuple[int, int, int, int]:
+    """(rank, world size, rank on this machine, processes on this machine) as torchrun / accelerate set
+    them; one process without."""
     world = int(environ.get("WORLD_SIZE", "1"))
-    return int(environ.get("RANK", "0")), world, int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    rank = int(environ.get("RANK", "0"))
+    return rank, world, int(environ.get("LOCAL_RANK", str(rank))), int(environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
 class PipesProgress:
@@ -411,11 +427,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attempt", default="", help="an id of this launch, recorded in each shard it writes")
     args = parser.parse_args(argv)
     folder = ShardDir(Path(args.plan))
-    rank, world_size, local_processes = rank_from_env(os.environ)
+    rank, world_size, local_rank, local_processes = rank_from_env(os.environ)
     _no_progress_bars()
     reporter = PipesProgress(rank, ShardPlan.read(folder))
     try:
-        compute_shards(folder, rank, world_size, args.attempt, local_processes=local_processes, on_shard=reporter.shard_done)
+        compute_shards(
+            folder,
+            rank,
+            world_size,
+            args.attempt,
+            local_processes=local_processes,
+            device=rank_device(local_rank),
+            on_shard=reporter.shard_done,
+        )
     except BaseException as exc:
         reporter.close(exc)
         raise
