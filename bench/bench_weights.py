@@ -8,23 +8,32 @@ with the same batches (same length-sorted order, same batch size, right padding)
 (what TRL's precompute_ref_log_probs runs) is timed too, for context.
 
 Rounds alternate the measurements; each figure is its best round. Target: precompute <= 1.5x fwd+bwd.
+
+Data-parallel precompute (tidpo_core.precompute): the token_weights and anchor_responses steps, end to
+end (plan, launch, model load, compute, load into DuckDB), with `accelerate launch` of 1 and of 2 CPU
+processes on the same data, as responses per second. Both launches pay accelerate's start-up; the
+single process runs under the thread policy (one thread per CPU), each of the two takes half the CPUs.
+`two_process_speedup` (weights) and `anchors_two_process_speedup`: target >= 1.7x. The full run also
+times one process on one thread, to show what the thread policy already gives a single process.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import common
 
 NAME = "weights"
 TARGET = 1.5
+SPEEDUP_TARGET = 1.7
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"pairs": 16, "batch_size": 8, "rounds": 1, "tiny": True}
-    return {"pairs": 600, "batch_size": 16, "rounds": 3, "tiny": False}
+        return {"pairs": 16, "batch_size": 8, "rounds": 1, "tiny": True, "sharded_pairs": 16, "anchor_pairs": 8, "sharded_rounds": 1}
+    return {"pairs": 600, "batch_size": 16, "rounds": 3, "tiny": False, "sharded_pairs": 3000, "anchor_pairs": 1000, "sharded_rounds": 2}
 
 
 def _batches(encoded, batch_size: int, pad_id: int):
@@ -89,6 +98,126 @@ def _importance(model, encoded, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def _sharded_data(folder: Path, pairs, tokenizer, model) -> tuple[Path, Any]:
+    """A data dir holding `pairs` (all train) and the reference model: the starting point of each timed run."""
+    from tidpo_core import store
+    from tidpo_core.data import LoadResult
+    from tidpo_core.fingerprint import model_fingerprint
+    from tidpo_core.layout import DataDir
+    from tidpo_core.modeling import save_model_and_tokenizer
+    from tidpo_core.steps.reference import ReferenceHandle
+
+    layout = DataDir.at(folder)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    con = store.connect(layout.database)
+    try:
+        store.replace_pairs(con, LoadResult(list(pairs), [], len(pairs)), eval_fraction=0.0)
+    finally:
+        con.close()
+    path = save_model_and_tokenizer(model, tokenizer, layout.reference_model)
+    return layout.database, ReferenceHandle(str(path), model_fingerprint(path))
+
+
+def _timed_precompute(kind: str, database: Path, reference, workdir: Path, processes: int, batch_size: int, one_thread: bool = False) -> tuple[float, int]:
+    """Seconds and items of one precompute step on a fresh copy of `database`, through `accelerate launch`."""
+    import os
+    import shutil
+
+    from tidpo_core.generation import SamplingSettings
+    from tidpo_core.layout import DataDir
+    from tidpo_core.precompute import PrecomputeSettings
+    from tidpo_core.steps import database_at
+    from tidpo_core.steps.anchors import sample_anchors
+    from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
+    from tidpo_core.threads import NUM_THREADS_ENV
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    layout = DataDir.at(workdir)
+    shutil.copyfile(database, layout.database)
+    settings = PrecomputeSettings(launcher="accelerate", num_processes=processes)
+    open_db = database_at(layout.database)
+    previous = os.environ.get(NUM_THREADS_ENV)
+    if one_thread:
+        os.environ[NUM_THREADS_ENV] = "1"
+    else:
+        os.environ.pop(NUM_THREADS_ENV, None)  # the thread policy decides (and shares the CPUs between ranks)
+    try:
+        start = time.perf_counter()
+        if kind == "weights":
+            items = weigh_tokens(open_db, reference, None, WeighingSettings(batch_size=batch_size), precompute=settings, layout=layout, progress=False).computed
+        else:
+            sampling = SamplingSettings(batch_size=batch_size)
+            items = sample_anchors(open_db, reference, sampling, precompute=settings, layout=layout, progress=False).generated
+        seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop(NUM_THREADS_ENV, None)
+        else:
+            os.environ[NUM_THREADS_ENV] = previous
+    shutil.rmtree(workdir, ignore_errors=True)
+    return seconds, items
+
+
+def data_parallel(sizes: dict[str, Any], tokenizer, model, pairs) -> dict[str, Any]:
+    """Responses per second of the weights and anchors steps with 1 and 2 processes (best of the rounds)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_sharded_") as tmp:
+        root = Path(tmp)
+        database, reference = _sharded_data(root / "source", pairs, tokenizer, model)
+        runs: dict[str, tuple[str, int, bool]] = {
+            "weights_1_process": ("weights", 1, False),
+            "weights_2_processes": ("weights", 2, False),
+            "anchors_1_process": ("anchors", 1, False),
+            "anchors_2_processes": ("anchors", 2, False),
+        }
+        if not sizes["tiny"]:
+            runs["weights_1_process_1_thread"] = ("weights", 1, True)
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        items: dict[str, int] = {}
+        for r in range(sizes["sharded_rounds"]):
+            for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
+                kind, processes, one_thread = runs[name]
+                source = database if kind == "weights" else _anchor_source(database, root, sizes["anchor_pairs"])
+                took, items[name] = _timed_precompute(kind, source, reference, root / "work", processes, sizes["batch_size"], one_thread)
+                seconds[name].append(took)
+                common.log(NAME, f"round {r + 1} {name:<27} {took:6.2f}s  {items[name] / took:7.1f} items/s")
+    per_s = {name: items[name] / min(values) for name, values in seconds.items()}
+    weights_speedup = per_s["weights_2_processes"] / per_s["weights_1_process"]
+    anchors_speedup = per_s["anchors_2_processes"] / per_s["anchors_1_process"]
+    figures: dict[str, Any] = {
+        "items": items,
+        "seconds": {name: {"best": min(values), "rounds": values} for name, values in seconds.items()},
+        "items_per_s": per_s,
+        "two_process_speedup": weights_speedup,
+        "anchors_two_process_speedup": anchors_speedup,
+        "target": {"min": SPEEDUP_TARGET, "weights_met": weights_speedup >= SPEEDUP_TARGET, "anchors_met": anchors_speedup >= SPEEDUP_TARGET},
+        "measured": "the step end to end through accelerate launch: plan, process start-up, model load, compute, DuckDB load",
+    }
+    if "weights_1_process_1_thread" in per_s:
+        figures["two_process_speedup_over_one_thread"] = per_s["weights_2_processes"] / per_s["weights_1_process_1_thread"]
+    common.log(NAME, f"data parallel: weights x{weights_speedup:.2f}, anchors x{anchors_speedup:.2f} with 2 processes (target >= {SPEEDUP_TARGET})")
+    return figures
+
+
+def _anchor_source(database: Path, root: Path, pairs: int) -> Path:
+    """`database` cut to its first `pairs` pairs (sampling is slower per item than weighing)."""
+    import shutil
+
+    from tidpo_core import store
+
+    cut = root / f"anchors_{pairs}.duckdb"
+    if not cut.exists():
+        shutil.copyfile(database, cut)
+        con = store.connect(cut)
+        try:
+            con.execute("DELETE FROM preference_pairs WHERE pair_id NOT IN (SELECT pair_id FROM preference_pairs ORDER BY pair_id LIMIT ?)", [pairs])
+        finally:
+            con.close()
+    return cut
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick)
@@ -149,6 +278,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "target": {"importance_over_forward_backward": ratio, "max": TARGET, "met": ratio <= TARGET},
         "sizes": sizes,
     }
+    sharded_pairs = generate_synthetic_pairs(sizes["sharded_pairs"], seed=2)
+    figures["data_parallel"] = data_parallel(sizes, tokenizer, model, sharded_pairs)
     common.log(
         NAME,
         f"precompute {tokens / best['importance']:.0f} tok/s vs fwd+bwd {tokens / best['forward_backward']:.0f} tok/s: "

@@ -109,7 +109,7 @@ def rows_trl(doc: dict[str, Any]) -> list[Row]:
 
 def rows_weights(doc: dict[str, Any]) -> list[Row]:
     tps, ratio = doc["tokens_per_s"], doc["ratios"]["importance_over_forward_backward"]
-    return [
+    rows = [
         (
             "token-weight precompute",
             "tokens/s: precompute vs plain forward+backward",
@@ -117,6 +117,19 @@ def rows_weights(doc: dict[str, Any]) -> list[Row]:
             f"<= 1.5x: {_mark(doc['target']['met'])}",
         )
     ]
+    parallel = doc.get("data_parallel")  # results written before the sharded precompute have none
+    if parallel:
+        per_s, target = parallel["items_per_s"], parallel["target"]
+        rows.append(
+            (
+                "",
+                "data-parallel precompute, responses/s with 1 / 2 CPU processes (step end to end): weights; anchors",
+                f"{per_s['weights_1_process']:,.1f} / {per_s['weights_2_processes']:,.1f} ({_r(parallel['two_process_speedup'])}); "
+                f"{per_s['anchors_1_process']:,.1f} / {per_s['anchors_2_processes']:,.1f} ({_r(parallel['anchors_two_process_speedup'])})",
+                f">= {target['min']}x: weights {_mark(target['weights_met'])}, anchors {_mark(target['anchors_met'])}",
+            )
+        )
+    return rows
 
 
 def rows_training(doc: dict[str, Any]) -> list[Row]:

@@ -72,8 +72,8 @@ TINY_MODEL = {
 # measured difference is reported (float32 round-off on CPU, not a lost or repeated step: one optimizer
 # step at these learning rates moves weights by about 1e-3).
 POLICY_TOLERANCE = 1e-4
-ANCHOR_BATCH = 8  # anchors are written per chunk of 8 batches: 64 pairs per transaction
-WEIGHT_CHUNK = 96  # responses per token_weights transaction
+ANCHOR_BATCH = 8
+WEIGHT_CHUNK = 96  # responses per token_weights shard (6 batches of 16)
 
 
 def stress_config(pairs: int = 160, steps: int = 24, **policy: Any) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def stress_config(pairs: int = 160, steps: int = 24, **policy: Any) -> dict[str,
             "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.2}},
             "reference_model": {"config": TINY_MODEL},
             "anchor_responses": {"config": {"max_new_tokens": 12, "batch_size": ANCHOR_BATCH}},
-            "token_weights": {"config": {"max_response_tokens": 64, "batch_size": 16, "write_every": WEIGHT_CHUNK}},
+            "token_weights": {"config": {"max_response_tokens": 64, "batch_size": 16, "batches_per_shard": WEIGHT_CHUNK // 16}},
             "tidpo_policy": {
                 "config": {
                     "max_steps": steps,
@@ -146,8 +146,9 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
 
         setattr(store, name, wrapped)
 
-    wrap("insert_anchors", "anchors")
-    wrap("write_token_weights", "weights")
+    # The steps load every precompute shard in one transaction (tidpo_core.precompute).
+    wrap("load_anchor_shards", "anchors")
+    wrap("load_weight_shards", "weights")
     original_log = tracking.log_transformers_model
 
     def log_model(*args: Any, **kwargs: Any) -> Any:
@@ -772,15 +773,15 @@ def scenario_crashes(work: Path, report: dict[str, Any], cli: bool = True) -> tu
 
     print("== crashes: SIGKILL of the run's step process at chosen points, then re-runs")
     train_pairs = counts["anchors"]
-    # 1. inside the second anchor transaction: the first chunk stays whole, the second leaves no row
+    # 1. inside the anchors' load transaction (all shards at once): no anchor row; the shard files stay
     after(
-        _kill_at_mark(data_dir, logs, "kill_in_2nd_anchor_transaction", "in-transaction anchors", config, occurrence=2, pause_in="anchors", pause_in_s=1.0),
-        lambda c: c["anchors"] == ANCHOR_BATCH * 8 and c["pairs"] == len(baseline["pairs"]),
+        _kill_at_mark(data_dir, logs, "kill_in_anchor_load", "in-transaction anchors", config, pause_in="anchors", pause_in_s=1.0),
+        lambda c: c["anchors"] == 0 and c["pairs"] == len(baseline["pairs"]),
     )
-    # 2. inside the second token-weight transaction, likewise
+    # 2. inside the token weights' load transaction, likewise
     after(
-        _kill_at_mark(data_dir, logs, "kill_in_2nd_weight_transaction", "in-transaction weights", config, occurrence=2, pause_in="weights", pause_in_s=1.0),
-        lambda c: c["anchors"] == train_pairs and c["weight_responses"] == WEIGHT_CHUNK,
+        _kill_at_mark(data_dir, logs, "kill_in_weight_load", "in-transaction weights", config, pause_in="weights", pause_in_s=1.0),
+        lambda c: c["anchors"] == train_pairs and c["weight_responses"] == 0,
     )
     # 3. during training, once a checkpoint is complete: the trainer must die with its step
     after(

@@ -63,6 +63,14 @@ def test_weight_precompute_cost(results_dir):
     doc = bench_weights.run(quick=True)
     assert doc == _written(results_dir, "weights")
     assert doc["tokens_per_s"]["importance"] > 0 and doc["tokens_per_s"]["forward_backward"] > 0
+    parallel = doc["data_parallel"]
+    # Every pair weighed (chosen and rejected) and sampled, with 1 and with 2 processes.
+    assert parallel["items"]["weights_1_process"] == parallel["items"]["weights_2_processes"] == 2 * doc["sizes"]["sharded_pairs"]
+    assert parallel["items"]["anchors_1_process"] == parallel["items"]["anchors_2_processes"] == doc["sizes"]["anchor_pairs"]
+    assert parallel["two_process_speedup"] > 0 and parallel["anchors_two_process_speedup"] > 0
+    from bench.update_readme import rows_weights
+
+    assert any("data-parallel precompute" in row[1] for row in rows_weights(doc))
 
 
 @pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget

@@ -9,9 +9,11 @@ import pytest
 from tidpo_core.benchmarks import BenchmarkSelection
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.modeling import TinyModelConfig
+from tidpo_core.precompute import PrecomputeSettings
 from tidpo_core.steps.policy import SET_BY_THE_RUN
+from tidpo_core.steps.weights import WeighingSettings
 from tidpo_core.training import TrainConfig
-from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConfig
+from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConfig, TokenWeightsConfig
 from tidpo_pipeline.comparison_assets import MethodComparisonConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, attribute_docs, config_class, core_fields
 from tidpo_pipeline.evaluation_assets import EvaluationConfig
@@ -73,8 +75,11 @@ def test_comparison_shares_every_engine_option_but_keeps_its_short_run_defaults(
 
 
 def test_sampling_and_model_shape_come_from_their_dataclasses():
-    assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)}
+    sharding = {f.name for f in dataclasses.fields(PrecomputeSettings)}
+    assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)} | sharding
     assert AnchorConfig().batch_size == 32 and AnchorConfig().top_p == SamplingSettings().top_p
+    assert set(TokenWeightsConfig.model_fields) == {f.name for f in dataclasses.fields(WeighingSettings)} | sharding
+    assert AnchorConfig().launcher == TokenWeightsConfig().launcher == "in_process"  # make run stays in one process
     assert {f.name for f in dataclasses.fields(TinyModelConfig)} <= set(ReferenceModelConfig.model_fields)
 
 

@@ -9,8 +9,11 @@ import pytest
 from tidpo_core.launch import (
     ENGINE_MODULE,
     LaunchSettings,
+    ProcessFailed,
     TrainingFailed,
     bind_to_parent,
+    module_command,
+    run_module,
     run_training,
     training_command,
     training_env,
@@ -90,3 +93,30 @@ def test_a_failed_child_raises_with_the_reason_the_engine_recorded(tmp_path: Pat
     assert failed.value.run_dir == tmp_path / "run"
     assert "no_model" in failed.value.reason or "none.duckdb" in failed.value.reason, failed.value.reason
     assert (tmp_path / "run" / "train.yaml").exists()
+
+
+def test_any_module_launches_with_the_engine_s_flags():
+    """The precompute's processes start like the engine's: one launcher, one set of accelerate flags."""
+    settings = LaunchSettings("accelerate", num_processes=2)
+    command = module_command("tidpo_core.precompute", ["--plan", "p"], settings, gpu_available=False)
+    assert command[-4:] == ["-m", "tidpo_core.precompute", "--plan", "p"]
+    engine = training_command("run.yaml", settings, gpu_available=False)
+    assert {k: v for k, v in _flags(command).items() if k != "--main_process_port"} == {
+        k: v for k, v in _flags(engine).items() if k != "--main_process_port"
+    }
+    assert module_command("json.tool", ["--help"], LaunchSettings("python")) == [sys.executable, "-m", "json.tool", "--help"]
+    with pytest.raises(ValueError, match="starts no process"):
+        module_command("json.tool", [], LaunchSettings("in_process"))
+
+
+def test_run_module_waits_for_the_child_and_reports_its_failure(tmp_path: Path):
+    seen: list[dict[str, str]] = []
+
+    def runner(command: list[str], env: dict[str, str]) -> dict[str, str]:
+        seen.append(env)
+        return {"ran": " ".join(command[-2:])}
+
+    assert run_module("json.tool", ["--help"], LaunchSettings("python"), runner, env={"EXTRA": "1"}) == {"ran": "json.tool --help"}
+    assert seen[0]["EXTRA"] == "1" and seen[0]["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(ProcessFailed):
+        run_module("json.tool", [str(tmp_path / "missing.json")], LaunchSettings("python"))

@@ -319,7 +319,7 @@ def test_a_missing_model_fails_before_any_work(tmp_path, name):
 
 def _registry_config(**policy) -> dict:
     config = small_run_config(pairs=64, steps=6, **policy)
-    # Anchors in chunks of 32 pairs (8 batches of 4): two transactions for the crash test below.
+    # Anchors in shards of 32 pairs (8 batches of 4): two shards for the crash test below.
     config["ops"]["anchor_responses"]["config"]["batch_size"] = 4
     config["ops"]["evaluation"] = {"config": {"heatmap_pairs": 0, "sample_prompts": 8, "max_new_tokens": 16}}
     return config
@@ -450,10 +450,11 @@ def test_models_are_stored_as_safetensors_only(trained):
     assert not [p for p in model_files if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}]
 
 
-def test_a_run_killed_inside_an_anchor_transaction_resumes_to_the_uninterrupted_result(trained, tmp_path):
-    """SIGKILL of the run's process (in-process executor: the step process) while the second chunk of
-    anchors is inside its DuckDB transaction: the first chunk stays, the second leaves no row, and the
-    re-run ends with exactly the anchors of an uninterrupted run."""
+def test_a_run_killed_inside_the_anchor_load_resumes_from_its_shards_to_the_uninterrupted_result(trained, tmp_path):
+    """SIGKILL of the run's process (in-process executor: the step process) while the anchors' shards are
+    being loaded (one DuckDB transaction for all of them): no anchor row is stored, the finished shard
+    files stay, and the re-run loads them without sampling again, ending with exactly the anchors of an
+    uninterrupted run."""
     uninterrupted_dir, _ = trained
     config = _registry_config()
     selection = "preference_pairs,reference_model,anchor_responses"
@@ -465,22 +466,26 @@ def test_a_run_killed_inside_an_anchor_transaction_resumes_to_the_uninterrupted_
          "--select", selection, "--pause-in", "anchors", "--pause-in-s", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
-    seen = 0
+    reached = False
     for line in worker.stdout:
-        seen += "in-transaction anchors" in line
-        if seen == 2:
+        if "in-transaction anchors" in line:
+            reached = True
             worker.kill()
             break
     worker.wait()
-    assert seen == 2, "the worker never reached its second anchor transaction"
-    counts = _counts(crash_dir)
-    assert counts["anchor_responses"] == 32  # whole first chunk, nothing of the second
+    assert reached, "the worker never reached the anchors' load transaction"
+    assert _counts(crash_dir)["anchor_responses"] == 0  # the load is all or nothing
+    shards = sorted((crash_dir / "precompute" / "anchors").glob("*/shard-*.parquet"))
+    assert len(shards) >= 2  # about 48 train pairs, in shards of 8 batches of 4
 
     partial = {"ops": {k: v for k, v in config["ops"].items() if k in selection.split(",")}}
     result = _materialize(crash_dir, partial, selection=selection.split(","))
     assert result.success, _errors(result)
     meta = result.asset_materializations_for_node("anchor_responses")[0].metadata
-    assert meta["reused"].value == 32 and meta["generated"].value == _counts(crash_dir)["anchor_responses"] - 32
+    assert meta["shards_reused"].value == meta["shards_planned"].value == len(shards)
+    assert meta["shards_computed"].value == 0 and meta["reused"].value == 0
+    assert meta["generated"].value == meta["rows_loaded"].value == _counts(crash_dir)["anchor_responses"]
+    assert not (crash_dir / "precompute").exists()
 
     def anchors(data_dir: Path) -> dict:
         con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)

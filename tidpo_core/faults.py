@@ -1,6 +1,7 @@
-"""Planted faults for the reliability tests: a crash, a preemption signal or a NaN loss at a chosen step.
+"""Planted faults for the reliability tests: a crash, a preemption signal or a NaN loss at a chosen step,
+or a precompute process killed in the middle of writing a shard.
 
-They are not training settings: the engine reads them from the environment variable TIDPO_FAULTS (JSON),
+They are not settings: the training engine and the precompute processes read them from the environment variable TIDPO_FAULTS (JSON),
 which a test sets around an in-process run or a launched process, and which nobody sets in production.
 """
 
@@ -23,6 +24,11 @@ class Faults:
     """SIGKILL the training process(es) right after this optimizer step (simulates a crash)."""
     sigterm_at_step: int | None = None
     """Send SIGTERM to the main process right after this optimizer step (simulates preemption)."""
+    kill_after_shards: int | None = None
+    """A precompute process SIGKILLs itself after writing this many shards, with the next shard's
+    temporary file half written (simulates a crash mid-shard)."""
+    kill_rank: int | None = None
+    """Which precompute process kill_after_shards hits (its rank); None: every process."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Faults:

@@ -1,9 +1,10 @@
-"""Starting the training engine: in this process, as one child process, or through `accelerate launch`.
+"""Starting the training engine and the sharded precompute: in this process, as one child process, or
+through `accelerate launch`.
 
-The one place that knows the engine's command line, accelerate's flags, the rendezvous port, how a
-child is bound to its parent and what it reads from its run folder. The Dagster asset hands the
-command and environment built here to Dagster Pipes; the method comparison and scripts call
-:func:`run_training`.
+The one place that knows a module's command line under each launcher, accelerate's flags, the
+rendezvous port, how a child is bound to its parent and what the engine reads from its run folder. The
+Dagster assets hand the commands and environment built here to Dagster Pipes; the method comparison and
+scripts call :func:`run_training`, the precompute steps :func:`run_module`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,10 @@ from tidpo_core.threads import thread_environment
 
 Launcher = Literal["in_process", "python", "accelerate"]
 ENGINE_MODULE = "tidpo_core.train"
+
+ProcessRunner = Callable[[list[str], dict[str, str]], dict[str, Any]]
+"""Runs a command with an environment and returns what the process reported (metadata); raises
+ProcessFailed when it exits non-zero. `run_subprocess` without Dagster, Dagster Pipes in the assets."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +91,32 @@ def accelerate_prefix(settings: LaunchSettings, gpu_available: bool | None = Non
     return launch
 
 
+def module_command(module: str, arguments: Sequence[str], settings: LaunchSettings, gpu_available: bool | None = None) -> list[str]:
+    """`python -m module arguments...` under the settings' launcher (one child, or accelerate's processes)."""
+    invocation = ["-m", module, *arguments]
+    if settings.launcher == "accelerate":
+        return [*accelerate_prefix(settings, gpu_available), *invocation]
+    if settings.launcher == "python":
+        return [sys.executable, *invocation]
+    raise ValueError(f"launcher {settings.launcher!r} starts no process")
+
+
 def training_command(config_path: str | Path, settings: LaunchSettings, gpu_available: bool | None = None) -> list[str]:
     """The engine's command line for a TrainConfig YAML file."""
-    module = ["-m", ENGINE_MODULE, "--config", str(config_path)]
-    if settings.launcher == "accelerate":
-        return [*accelerate_prefix(settings, gpu_available), *module]
-    if settings.launcher == "python":
-        return [sys.executable, *module]
-    raise ValueError(f"launcher {settings.launcher!r} starts no process")
+    return module_command(ENGINE_MODULE, ["--config", str(config_path)], settings, gpu_available)
+
+
+def run_module(
+    module: str,
+    arguments: Sequence[str],
+    settings: LaunchSettings,
+    run_process: ProcessRunner | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Launch `module` with `arguments` as the settings say (bound to this process, offline, under the
+    thread policy) and wait for it; returns what `run_process` (default: a plain subprocess) reports."""
+    command = bind_to_parent(module_command(module, arguments, settings))
+    return (run_process or run_subprocess)(command, {**training_env(), **(env or {})})
 
 
 # Run as `python -c BIND_TO_PARENT <parent pid> <command...>`: ask the kernel to SIGKILL this process

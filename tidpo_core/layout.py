@@ -7,6 +7,9 @@
     models/               model folders: reference/, contrastive/<key>/, reward/<key>/, policy/<run key>/, comparison/<id>/
     evaluation/<run id>/  the evaluation's pictures and files
     inbox/                data files dropped here are loaded with the configured source
+    precompute/<kind>/<fingerprint>/
+                          a sharded precompute (anchors, weights) in flight: its plan and the finished
+                          shards' Parquet files; removed once the shards are loaded into DuckDB
     .lock, .lock.d/       the run lock (one run at a time per data directory)
     registry.lock         serializes moves of the champion alias
 """
@@ -22,6 +25,7 @@ ARTIFACTS_DIR = "mlartifacts"
 MODELS_DIR = "models"
 EVALUATION_DIR = "evaluation"
 INBOX_DIR = "inbox"
+PRECOMPUTE_DIR = "precompute"
 LOCK_FILE = ".lock"  # a mutex around the run files below, held for milliseconds
 RUNS_DIR = ".lock.d"  # <run_id>.lock: one file per run that holds the data dir
 REGISTRY_LOCK_FILE = "registry.lock"
@@ -80,6 +84,41 @@ class DataDir:
     @property
     def inbox(self) -> Path:
         return self.root / INBOX_DIR
+
+    def precompute(self, kind: str, fingerprint: str) -> ShardDir:
+        """The folder of one sharded precompute (`kind`: anchors or weights) under one fingerprint."""
+        return ShardDir(self.root / PRECOMPUTE_DIR / kind / fingerprint)
+
+
+@dataclass(frozen=True)
+class ShardDir:
+    """One sharded precompute's folder: the plan every process reads, and one Parquet file per finished shard.
+
+    A shard is written under a temporary name and renamed when complete, so a file with the final name is
+    always whole; a temporary file is what a killed process left and is never read.
+    """
+
+    root: Path
+
+    @property
+    def plan(self) -> Path:
+        """What to compute and how: kind, fingerprint, settings, shard size (JSON)."""
+        return self.root / "plan.json"
+
+    @property
+    def items(self) -> Path:
+        """The pending work items in plan order (Parquet): shard i is rows [i * size, (i + 1) * size)."""
+        return self.root / "items.parquet"
+
+    def shard(self, index: int) -> Path:
+        return self.root / f"shard-{index:05d}.parquet"
+
+    def temporary(self, index: int, writer: str) -> Path:
+        """Where `writer` (a process) writes shard `index` before renaming it."""
+        return self.root / f".shard-{index:05d}.parquet.{writer}.tmp"
+
+    def temporaries(self) -> list[Path]:
+        return sorted(self.root.glob(".shard-*.tmp"))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from tidpo_core.errors import UserInputError
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.launch import ProcessFailed, TrainingFailed
 from tidpo_core.modeling import TinyModelConfig
+from tidpo_core.precompute import PrecomputeFailed, PrecomputeSettings, ShardOutcome
 from tidpo_core.sources import inbox_files
 from tidpo_core.steps import RunTracking, settings_of
 from tidpo_core.steps.anchors import sample_anchors
@@ -157,15 +158,60 @@ def reference_model(
     )
 
 
+# --- launched processes ------------------------------------------------------------------------
+
+
+def _through_pipes(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient) -> ProcessRunner:
+    def run(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+        try:
+            # Dagster's own Pipes context reads a preview property of every message reader; the warning is
+            # about Dagster's internals, not about anything this asset does.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader.expected_writer_count`", category=dg.PreviewWarning)
+                return client.run(context=context, command=command, env=env).get_materialize_result().metadata
+        except DagsterPipesExecutionError as exc:
+            raise ProcessFailed(str(exc)) from exc
+
+    return run
+
+
 # --- anchor_responses ------------------------------------------------------------------------------
 
 
 AnchorConfig = config_class(
     "AnchorConfig",
-    "How the anchors are sampled from the reference.",
+    "How the anchors are sampled from the reference, and by how many processes.",
     DocumentedConfig,
     core_fields(SamplingSettings, defaults={"batch_size": 32}),
+    core_fields(PrecomputeSettings),
 )
+
+
+def _precompute_runner(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient, settings: PrecomputeSettings) -> ProcessRunner | None:
+    """Launched precompute processes run through Dagster Pipes (rank 0 reports progress); in process: none."""
+    return None if settings.launcher == "in_process" else _through_pipes(context, client)
+
+
+@contextmanager
+def precompute_failures_as_failures() -> Iterator[None]:
+    """A failed precompute process: a Failure with the step's message (finished shards are kept)."""
+    try:
+        yield
+    except PrecomputeFailed as exc:
+        raise dg.Failure(description=str(exc)) from exc
+
+
+def shard_metadata(outcome: ShardOutcome | None, loaded: int) -> dict[str, Any]:
+    """What a sharded precompute did: processes, shards planned / reused / computed, rows loaded."""
+    if outcome is None:
+        return {"processes": 0, "shards_planned": 0, "shards_reused": 0, "shards_computed": 0, "rows_loaded": 0}
+    return {
+        "processes": outcome.processes,
+        "shards_planned": outcome.planned,
+        "shards_reused": outcome.reused,
+        "shards_computed": outcome.computed,
+        "rows_loaded": loaded,
+    }
 
 
 @dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.")
@@ -174,11 +220,23 @@ def anchor_responses(
     config: AnchorConfig,  # type: ignore[valid-type]
     preference_pairs: dict,
     reference_model: dict,
+    storage: TidpoStorage,
     duckdb: TidpoDuckDB,
     compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     settings = settings_of(config, SamplingSettings)
-    report = sample_anchors(duckdb.get_connection, ReferenceHandle.from_value(reference_model), settings, log=context.log.info)
+    precompute = settings_of(config, PrecomputeSettings)
+    with user_errors_as_failures(), precompute_failures_as_failures():
+        report = sample_anchors(
+            duckdb.get_connection,
+            ReferenceHandle.from_value(reference_model),
+            settings,
+            precompute=precompute,
+            layout=storage.layout,
+            run_process=_precompute_runner(context, pipes_subprocess_client, precompute),
+            log=context.log.info,
+        )
     return dg.MaterializeResult(
         value={"fingerprint": report.fingerprint},
         metadata={
@@ -186,6 +244,8 @@ def anchor_responses(
             "generated": report.generated,
             "reused": report.stored - report.generated,
             "dagster/row_count": report.stored,
+            **shard_metadata(report.shards, report.generated),
+            "launcher": precompute.launcher,
             "sampling": dg.MetadataValue.json(settings.as_dict()),
             "preview": dg.MetadataValue.md(anchors_preview(report.preview)),
         },
@@ -240,7 +300,11 @@ def contrastive_models(
 
 
 TokenWeightsConfig = config_class(
-    "TokenWeightsConfig", "How each response token is weighed (METHOD.md section 1).", DocumentedConfig, core_fields(WeighingSettings)
+    "TokenWeightsConfig",
+    "How each response token is weighed (METHOD.md section 1), and by how many processes.",
+    DocumentedConfig,
+    core_fields(WeighingSettings),
+    core_fields(PrecomputeSettings),
 )
 
 
@@ -251,13 +315,23 @@ def token_weights(
     preference_pairs: dict,
     reference_model: dict,
     anchor_responses: dict,
+    storage: TidpoStorage,
     duckdb: TidpoDuckDB,
     compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     settings = settings_of(config, WeighingSettings)
-    with user_errors_as_failures():
+    precompute = settings_of(config, PrecomputeSettings)
+    with user_errors_as_failures(), precompute_failures_as_failures():
         report = weigh_tokens(
-            duckdb.get_connection, ReferenceHandle.from_value(reference_model), anchor_responses["fingerprint"], settings, log=context.log.info
+            duckdb.get_connection,
+            ReferenceHandle.from_value(reference_model),
+            anchor_responses["fingerprint"],
+            settings,
+            precompute=precompute,
+            layout=storage.layout,
+            run_process=_precompute_runner(context, pipes_subprocess_client, precompute),
+            log=context.log.info,
         )
     summary = report.summary
     return dg.MaterializeResult(
@@ -273,6 +347,8 @@ def token_weights(
             "responses": summary.responses,
             "computed": report.computed,
             "reused": report.expected - report.computed,
+            **shard_metadata(report.shards, report.computed),
+            "launcher": precompute.launcher,
             "mean_attribution": summary.mean_attribution,
             "mean_weight": summary.mean_weight,
             "reference_kl_top_k": settings.reference_kl_top_k,
@@ -297,20 +373,6 @@ PolicyConfig = config_class(
 def training_fields(config: Any) -> dict[str, Any]:
     """The PolicyConfig values that are the engine's TrainConfig options (same names)."""
     return {name: getattr(config, name) for name in engine_option_names()}
-
-
-def _through_pipes(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient) -> ProcessRunner:
-    def run(command: list[str], env: dict[str, str]) -> dict[str, Any]:
-        try:
-            # Dagster's own Pipes context reads a preview property of every message reader; the warning is
-            # about Dagster's internals, not about anything this asset does.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader.expected_writer_count`", category=dg.PreviewWarning)
-                return client.run(context=context, command=command, env=env).get_materialize_result().metadata
-        except DagsterPipesExecutionError as exc:
-            raise ProcessFailed(str(exc)) from exc
-
-    return run
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.")

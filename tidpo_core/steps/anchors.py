@@ -1,18 +1,41 @@
-"""Sample the anchors: one response per train prompt from the reference (the triplet loss's anchor)."""
+"""Sample the anchors: one response per train prompt from the reference (the triplet loss's anchor).
+
+The pairs without an anchor are sampled as a sharded precompute (tidpo_core.precompute): in this process
+or in N processes through the training launcher, each anchor drawn with its own seed (from its pair id
+and the sampling settings), so an anchor is the same whatever the process count or its batch-mates.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
 
 from tidpo_core import store
 from tidpo_core.fingerprint import digest
 from tidpo_core.generation import SamplingSettings, sample_responses
+from tidpo_core.launch import ProcessRunner
+from tidpo_core.layout import DataDir
+from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.precompute import (
+    PrecomputeSettings,
+    ShardOutcome,
+    ShardWorker,
+    data_dir_of,
+    make_plan,
+    remove_folder,
+    run_sharded,
+    shard_size,
+)
 from tidpo_core.steps import OpenDb, log_to
 from tidpo_core.steps.reference import ReferenceHandle
 
-# Pairs per DuckDB transaction, in sampling batches: a crash keeps finished chunks and loses no more.
-BATCHES_PER_WRITE = 8
+SHARD_KIND = "anchors"
+# Anchors drawn per pair (generation's row seeds) are other draws than the batch-seeded ones stored
+# before 2026-12: another fingerprint, so a table never mixes the two.
+SEEDING = "per_pair"
 
 
 @dataclass(frozen=True)
@@ -21,10 +44,34 @@ class AnchorsReport:
     generated: int
     stored: int
     preview: list[tuple[str, str, str]]
+    shards: ShardOutcome | None = None
+    """How the sampling was sharded (None: nothing to sample)."""
 
 
 def anchors_fingerprint(reference: ReferenceHandle, settings: SamplingSettings) -> str:
-    return digest({"model": reference.fingerprint, "sampling": settings.as_dict()})
+    return digest({"model": reference.fingerprint, "sampling": settings.as_dict(), "seeding": SEEDING})
+
+
+def pair_seed(pair_id: str, settings: SamplingSettings) -> int:
+    """The seed of a pair's anchor: its pair id and the sampling settings. Not the batch size, which
+    only decides how many rows run together and does not change a row's draw."""
+    sampling = {name: value for name, value in settings.as_dict().items() if name != "batch_size"}
+    return int(digest({"pair_id": pair_id, "sampling": sampling}, 15), 16)
+
+
+def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
+    """The anchors' computation in a precompute process: the reference loaded once, then per shard its
+    prompts sampled with each pair's seed."""
+    settings = SamplingSettings(**task["sampling"])
+    model, tokenizer = load_model_and_tokenizer(**task["reference"])
+
+    def sample(items: pa.Table, progress: bool) -> pa.Table:
+        pair_ids = items.column("pair_id").to_pylist()
+        seeds = [pair_seed(pair_id, settings) for pair_id in pair_ids]
+        texts = sample_responses(model, tokenizer, items.column("prompt").to_pylist(), settings, progress, seeds)
+        return store.anchor_shard_table(pair_ids, texts)
+
+    return ShardWorker(sample, (model,))
 
 
 def sample_anchors(
@@ -32,26 +79,41 @@ def sample_anchors(
     reference: ReferenceHandle,
     settings: SamplingSettings,
     *,
+    precompute: PrecomputeSettings = PrecomputeSettings(),
+    layout: DataDir | None = None,
+    run_process: ProcessRunner | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> AnchorsReport:
-    """Anchors for the train pairs that have none under these settings yet (a re-run samples only those)."""
+    """Anchors for the train pairs that have none under these settings yet (a re-run samples only those).
+
+    `precompute` says how (in this process, or N processes); `layout` is the data dir that holds the
+    shards in flight (default: the DuckDB file's folder); `run_process` runs a launched command (Dagster
+    Pipes in the asset; a plain subprocess by default).
+    """
+    say = log_to(log)
     fingerprint = anchors_fingerprint(reference, settings)
     with open_db() as con:
-        missing = set(store.missing_anchor_pair_ids(con, fingerprint))
-        train = store.read_pairs(con, split="train")
-    pairs = [p for p in train if p.pair_id in missing]
-    log_to(log)(f"{len(pairs)} anchors to sample, {len(train) - len(pairs)} reused")
-    generated = 0
-    if pairs:
-        model, tokenizer = reference.load()
-        chunk = max(settings.batch_size * BATCHES_PER_WRITE, 1)
-        for start in range(0, len(pairs), chunk):
-            part = pairs[start : start + chunk]
-            texts = sample_responses(model, tokenizer, [p.prompt for p in part], settings, progress=progress)
-            with open_db() as con:
-                generated += store.insert_anchors(
-                    con, fingerprint, {p.pair_id: t for p, t in zip(part, texts, strict=True)}, settings.as_dict()
-                )
+        missing = store.missing_anchor_pair_ids(con, fingerprint)  # sorted by pair id: the plan's order
+        prompts = {p.pair_id: p.prompt for p in store.read_pairs(con, split="train")}
+        layout = layout or DataDir.at(data_dir_of(con))
+    say(f"{len(missing)} anchors to sample, {len(prompts) - len(missing)} reused")
+    outcome, generated = None, 0
+    if missing:
+        task = {"reference": reference.loading(), "sampling": settings.as_dict()}
+        plan = make_plan(SHARD_KIND, fingerprint, task, missing, shard_size(settings.batch_size, precompute.batches_per_shard))
+        items = pa.table({"pair_id": missing, "prompt": [prompts[pair_id] for pair_id in missing]})
+        outcome = run_sharded(
+            layout.precompute(SHARD_KIND, fingerprint), plan, items, precompute, run_process=run_process, progress=progress, log=say
+        )
+        with open_db() as con:
+            generated = store.load_anchor_shards(con, fingerprint, outcome.files, settings.as_dict())
+        remove_folder(outcome.folder)
+        say(f"{generated} anchors loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)")
+    else:
+        # A run killed after its load committed but before the folder went: the shards are in DuckDB.
+        remove_folder(layout.precompute(SHARD_KIND, fingerprint))
     with open_db() as con:
-        return AnchorsReport(fingerprint, generated, store.anchor_count(con, fingerprint), store.first_anchors(con, fingerprint, 5))
+        return AnchorsReport(
+            fingerprint, generated, store.anchor_count(con, fingerprint), store.first_anchors(con, fingerprint, 5), outcome
+        )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -43,6 +45,28 @@ def insert_anchors(
         con.execute("INSERT OR REPLACE INTO anchor_responses SELECT * FROM _anchor_staging")
         con.unregister("_anchor_staging")
     return len(anchors)
+
+
+def anchor_shard_table(pair_ids: Sequence[str], anchors: Sequence[str]) -> pa.Table:
+    """One shard of sampled anchors as load_anchor_shards reads it: (pair_id, anchor)."""
+    return pa.table({"pair_id": pa.array(list(pair_ids), pa.string()), "anchor": pa.array(list(anchors), pa.string())})
+
+
+def load_anchor_shards(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, files: Sequence[Path], generation: dict[str, Any]
+) -> int:
+    """Every shard file's anchors (anchor_shard_table's columns) into the table, in one transaction;
+    returns the rows loaded. The files are read here, by DuckDB: a file it cannot read fails the whole
+    load, naming the file."""
+    if not files:
+        return 0
+    paths = [str(f) for f in files]
+    with connection.transaction(con):
+        loaded = con.execute(
+            "INSERT OR REPLACE INTO anchor_responses SELECT pair_id, ?, anchor, ?, ? FROM read_parquet(?)",
+            [fingerprint, json.dumps(generation, sort_keys=True), now(), paths],
+        ).fetchone()[0]
+    return int(loaded)
 
 
 def read_anchors(con: duckdb.DuckDBPyConnection, fingerprint: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -113,6 +114,74 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
         )
         con.unregister("_weight_staging")
     return len(keys)
+
+
+# One row per response, the per-token values as lists: how a precompute shard holds weights.
+WEIGHT_SHARD_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("side", pa.string()),
+        ("text_digest", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("attribution", pa.list_(pa.float32())),
+        ("prior", pa.list_(pa.float32())),
+        ("weight", pa.list_(pa.float32())),
+        ("reference_logp", pa.list_(pa.float32())),
+        ("reference_topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("reference_topk_logp", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+
+def _token_lists(values: Any, dtype: Any) -> list[list[Any]] | None:
+    return None if values is None else np.asarray(values, dtype=dtype).tolist()
+
+
+def weight_shard_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Responses' rows (write_token_weights' format) as one shard table (WEIGHT_SHARD_SCHEMA), values as
+    float32 exactly as write_token_weights stores them."""
+    columns: dict[str, list[Any]] = {name: [] for name in WEIGHT_SHARD_SCHEMA.names}
+    for row in rows:
+        n = len(row["token_ids"])
+        for name in ("attribution", "prior", "weight", "reference_logp"):
+            if len(row[name]) != n:
+                raise ValueError(f"{name} has {len(row[name])} values for {n} tokens ({row['pair_id']}/{row['side']})")
+        for name in ("pair_id", "side", "text_digest"):
+            columns[name].append(row[name])
+        columns["token_ids"].append(np.asarray(row["token_ids"], dtype=np.int32).tolist())
+        for name in ("attribution", "prior", "weight", "reference_logp"):
+            columns[name].append(np.asarray(row[name], dtype=np.float32).tolist())
+        columns["reference_topk_ids"].append(_token_lists(row.get("reference_topk_ids"), np.int32))
+        columns["reference_topk_logp"].append(_token_lists(row.get("reference_topk_logp"), np.float32))
+    return pa.table(columns, schema=WEIGHT_SHARD_SCHEMA)
+
+
+def load_weight_shards(con: duckdb.DuckDBPyConnection, fingerprint: str, files: Sequence[Path]) -> int:
+    """Every shard file's responses (WEIGHT_SHARD_SCHEMA) into token_weights, one row per token, in one
+    transaction, replacing the weights those (pair, side)s had; returns the responses loaded. DuckDB
+    reads the files: one it cannot read fails the whole load, naming the file."""
+    if not files:
+        return 0
+    paths = [str(f) for f in files]
+    with connection.transaction(con):
+        con.execute(
+            "DELETE FROM token_weights WHERE fingerprint = ? AND (pair_id, side) IN "
+            "(SELECT (pair_id, side) FROM read_parquet(?))",
+            [fingerprint, paths],
+        )
+        # Unnests in one SELECT walk their lists together (a response's NULL top-k gives NULL per token).
+        con.execute(
+            """
+            INSERT INTO token_weights
+            SELECT ?, pair_id, side, text_digest, unnest(range(len(token_ids)))::INTEGER, unnest(token_ids),
+                   unnest(attribution), unnest(prior), unnest(weight), unnest(reference_logp),
+                   unnest(reference_topk_ids), unnest(reference_topk_logp)
+            FROM read_parquet(?)
+            """,
+            [fingerprint, paths],
+        )
+        responses = con.execute("SELECT count(*) FROM read_parquet(?)", [paths]).fetchone()[0]
+    return int(responses)
 
 
 @dataclass(frozen=True)
