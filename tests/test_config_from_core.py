@@ -10,6 +10,7 @@ from tidpo_core.benchmarks import BenchmarkSelection
 from tidpo_core.generation import SamplingSettings
 from tidpo_core.modeling import TinyModelConfig
 from tidpo_core.precompute import PrecomputeSettings
+from tidpo_core.steps.anchors import AnchorBackend
 from tidpo_core.steps.policy import SET_BY_THE_RUN
 from tidpo_core.steps.weights import WeighingSettings
 from tidpo_core.training import TrainConfig
@@ -76,7 +77,9 @@ def test_comparison_shares_every_engine_option_but_keeps_its_short_run_defaults(
 
 def test_sampling_and_model_shape_come_from_their_dataclasses():
     sharding = {f.name for f in dataclasses.fields(PrecomputeSettings)}
-    assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)} | sharding
+    backend = {f.name for f in dataclasses.fields(AnchorBackend)}
+    assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)} | backend | sharding
+    assert AnchorConfig().generation_backend == "transformers"
     assert AnchorConfig().batch_size == 32 and AnchorConfig().top_p == SamplingSettings().top_p
     assert set(TokenWeightsConfig.model_fields) == {f.name for f in dataclasses.fields(WeighingSettings)} | sharding
     assert AnchorConfig().launcher == TokenWeightsConfig().launcher == "in_process"  # make run stays in one process

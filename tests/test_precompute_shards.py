@@ -105,10 +105,7 @@ def test_ranks_take_every_shard_once_whatever_the_process_count():
     assert precompute.shards_for_rank(10, 1, 3) == [1, 4, 7]
 
 
-def test_each_rank_gets_its_share_of_the_cpus():
-    assert precompute.rank_threads(16, 2) == 8
-    assert precompute.rank_threads(2, 2) == 1
-    assert precompute.rank_threads(1, 4) == 1  # never zero
+def test_rank_and_world_come_from_the_launcher():
     env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     assert precompute.rank_from_env(env) == (3, 4, 1, 2)
     assert precompute.rank_from_env({}) == (0, 1, 0, 1)

@@ -77,6 +77,18 @@ def test_sampling_a_small_model_gets_one_thread_a_large_one_every_cpu():
     assert decide_threads(8, 1_000_000, requested=3, workload="generate").intra_op == 3
 
 
+def test_the_processes_of_one_launch_share_the_cpus(monkeypatch):
+    assert (threads.cpu_share(16, 2), threads.cpu_share(2, 2), threads.cpu_share(1, 4)) == (8, 1, 1)  # never zero
+    assert threads.local_processes({"LOCAL_WORLD_SIZE": "2"}) == 2
+    assert threads.local_processes({}) == threads.local_processes({"LOCAL_WORLD_SIZE": "x"}) == 1
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert threads.policy_for(10**9).intra_op == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert threads.policy_for(10**9).intra_op == 8
+
+
 def test_tidpo_num_threads_wins_over_size_and_cpus():
     assert decide_threads(2, 1_000, requested=4).intra_op == 4
     assert decide_threads(64, 10**10, requested=1).intra_op == 1

@@ -34,6 +34,33 @@ def test_refused_on_this_machine_before_loading_anything(tmp_path):
         sample_with_vllm(str(tmp_path / "no-model"), ["a prompt"], [0], SamplingSettings())
 
 
+def test_anchors_with_vllm_are_refused_before_anything_is_read_or_launched(monkeypatch):
+    """The step checks vLLM before it opens the database or plans a shard (here: no CUDA, or no extra)."""
+    from tidpo_core import vllm_sampling
+    from tidpo_core.steps.anchors import AnchorBackend, sample_anchors
+    from tidpo_core.steps.reference import ReferenceHandle
+
+    monkeypatch.setattr(vllm_sampling.importlib.util, "find_spec", lambda name: object() if name == "vllm" else None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+
+    def no_database():
+        raise AssertionError("the database was opened")
+
+    with pytest.raises(UserInputError, match="needs a CUDA GPU"):
+        sample_anchors(no_database, ReferenceHandle(path="ref", fingerprint="f"), SamplingSettings(), backend=AnchorBackend("vllm"))
+
+
+def test_vllm_anchors_have_their_own_fingerprint_and_transformers_anchors_keep_theirs():
+    from tidpo_core.fingerprint import digest
+    from tidpo_core.steps.anchors import SEEDING, AnchorBackend, anchors_fingerprint
+    from tidpo_core.steps.reference import ReferenceHandle
+
+    reference, settings = ReferenceHandle(path="ref", fingerprint="f"), SamplingSettings()
+    before = digest({"model": "f", "sampling": settings.as_dict(), "seeding": SEEDING})
+    assert anchors_fingerprint(reference, settings) == anchors_fingerprint(reference, settings, AnchorBackend("transformers")) == before
+    assert anchors_fingerprint(reference, settings, AnchorBackend("vllm")) != before
+
+
 def test_sampling_params_match_the_transformers_settings():
     settings = SamplingSettings(max_new_tokens=12, top_k=50, top_p=0.95, temperature=0.8)
     assert vllm_sampling_params(settings, seed=7) == {

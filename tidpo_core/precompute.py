@@ -248,23 +248,6 @@ def rank_device(local_rank: int) -> str | None:
     return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else None
 
 
-def rank_threads(policy_threads: int, local_processes: int) -> int:
-    """Threads per process when `local_processes` share this machine's CPUs: an equal share, at least 1."""
-    return max(1, policy_threads // max(1, local_processes))
-
-
-def share_threads(models: Sequence[Any], local_processes: int, environ: dict[str, str] | None = None) -> None:
-    """Give this process its share of the CPUs (TIDPO_NUM_THREADS, which tidpo_core.threads honours):
-    N processes each taking one thread per CPU would oversubscribe the machine N times. A count the
-    user set is kept."""
-    from tidpo_core.threads import NUM_THREADS_ENV, parameter_count, policy_for, requested_threads
-
-    environ = os.environ if environ is None else environ
-    if local_processes <= 1 or requested_threads(environ) is not None:
-        return
-    environ[NUM_THREADS_ENV] = str(rank_threads(policy_for(parameter_count(*models)).intra_op, local_processes))
-
-
 ShardDone = Callable[[int, int, int], None]
 """Called after each shard this process wrote: (shard index, rows, shards finished in the folder)."""
 
@@ -275,7 +258,6 @@ def compute_shards(
     world_size: int,
     attempt: str,
     *,
-    local_processes: int = 1,
     device: str | None = None,
     progress: bool = False,
     on_shard: ShardDone | None = None,
@@ -291,7 +273,6 @@ def compute_shards(
     kill_after = faults.kill_after_shards if faults.kill_rank in (None, rank) else None
     items = pq.read_table(folder.items)
     worker = worker_for(plan, device)
-    share_threads(worker.models, local_processes)
     metadata = {ATTEMPT_KEY: attempt.encode(), WORLD_SIZE_KEY: str(world_size).encode()}
     written = 0
     for index in todo:
@@ -427,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attempt", default="", help="an id of this launch, recorded in each shard it writes")
     args = parser.parse_args(argv)
     folder = ShardDir(Path(args.plan))
-    rank, world_size, local_rank, local_processes = rank_from_env(os.environ)
+    rank, world_size, local_rank, _ = rank_from_env(os.environ)
     _no_progress_bars()
     reporter = PipesProgress(rank, ShardPlan.read(folder))
     try:
@@ -436,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank,
             world_size,
             args.attempt,
-            local_processes=local_processes,
             device=rank_device(local_rank),
             on_shard=reporter.shard_done,
         )

@@ -9,7 +9,8 @@ So every process tidpo starts runs under this policy:
 
 - the CPUs it may use are the fewer of its affinity mask and its cgroup CPU quota (a container limited to
   2 CPUs on a 64-core host sees 64 cores but gets 2);
-- one intra-op thread per usable CPU, except for a toy model (under SMALL_MODEL_PARAMETERS, the tests'
+- one intra-op thread per usable CPU (its equal share when a launch runs several processes on the machine:
+  LOCAL_WORLD_SIZE), except for a toy model (under SMALL_MODEL_PARAMETERS, the tests'
   models), where ops are too small to split, and for token-by-token sampling of a small model (under
   SMALL_GENERATION_PARAMETERS), where one thread was 2.4x faster than two on the embedded model;
 - one inter-op thread (tidpo runs one model call at a time);
@@ -100,6 +101,22 @@ def available_cpus(affinity: set[int] | frozenset[int] | None = None, quota: flo
     return max(1, cpus)
 
 
+def local_processes(environ: Mapping[str, str] | None = None) -> int:
+    """How many processes of one launch share this machine (LOCAL_WORLD_SIZE, set by torchrun and
+    `accelerate launch`); 1 outside a launch or when unreadable."""
+    value = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        return 1
+
+
+def cpu_share(cpus: int, processes: int) -> int:
+    """Each of `processes` processes' equal share of `cpus`, at least 1: N processes each taking every CPU
+    would oversubscribe the machine N times."""
+    return max(1, cpus // max(1, processes))
+
+
 def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
     """TIDPO_NUM_THREADS as a positive int; None when unset or empty; a clear error otherwise."""
     value = (os.environ if environ is None else environ).get(NUM_THREADS_ENV, "").strip()
@@ -129,8 +146,9 @@ def decide_threads(cpus: int, model_parameters: int | None, requested: int | Non
 
 
 def policy_for(model_parameters: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
-    """The policy for this process now: its CPUs, the model's size, the workload and TIDPO_NUM_THREADS."""
-    return decide_threads(available_cpus(), model_parameters, requested_threads(), workload)
+    """The policy for this process now: its share of the CPUs (with the other processes of its launch), the
+    model's size, the workload and TIDPO_NUM_THREADS."""
+    return decide_threads(cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads(), workload)
 
 
 def parameter_count(*models: object) -> int:

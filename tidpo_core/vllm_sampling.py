@@ -52,6 +52,46 @@ def vllm_sampling_params(settings: SamplingSettings, seed: int) -> dict[str, Any
     }
 
 
+class VllmSampler:
+    """A vLLM engine over one model, loaded once per process; called with (prompts, seeds), it returns one
+    sampled response text per prompt, `seeds[i]` seeding prompt i."""
+
+    def __init__(
+        self,
+        model_path: str,
+        settings: SamplingSettings,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        gpu_memory_utilization: float = 0.85,
+    ):
+        check_vllm_usable()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.settings = settings
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+        self.engine = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            seed=settings.seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], progress: bool = False) -> list[str]:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p, self.settings.max_prompt_tokens)) for p in prompts]
+        params = [SamplingParams(**vllm_sampling_params(self.settings, seed)) for seed in seeds]
+        outputs = self.engine.generate(requests, sampling_params=params, use_tqdm=progress)
+        return [self.tokenizer.decode(list(out.outputs[0].token_ids), skip_special_tokens=True) for out in outputs]
+
+
 def sample_with_vllm(
     model_path: str,
     prompts: Sequence[str],
@@ -62,25 +102,9 @@ def sample_with_vllm(
     trust_remote_code: bool = False,
     gpu_memory_utilization: float = 0.85,
 ) -> list[str]:
-    """One sampled response text per prompt from the model folder or hub id at `model_path`, `seeds[i]` seeding
-    prompt i."""
+    """One sampled response text per prompt from the model folder or hub id at `model_path` (a VllmSampler
+    used once)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    check_vllm_usable()
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    engine = LLM(
-        model=model_path,
-        tokenizer=model_path,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        seed=settings.seed,
-        gpu_memory_utilization=gpu_memory_utilization,
-    )
-    requests = [TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, p, settings.max_prompt_tokens)) for p in prompts]
-    params = [SamplingParams(**vllm_sampling_params(settings, seed)) for seed in seeds]
-    outputs = engine.generate(requests, sampling_params=params, use_tqdm=True)
-    return [tokenizer.decode(list(out.outputs[0].token_ids), skip_special_tokens=True) for out in outputs]
+    sampler = VllmSampler(model_path, settings, revision=revision, trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
+    return sampler(prompts, seeds)

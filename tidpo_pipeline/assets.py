@@ -24,7 +24,7 @@ from tidpo_core.modeling import TinyModelConfig
 from tidpo_core.precompute import PrecomputeFailed, PrecomputeSettings, ShardOutcome
 from tidpo_core.sources import inbox_files
 from tidpo_core.steps import RunTracking, settings_of
-from tidpo_core.steps.anchors import sample_anchors
+from tidpo_core.steps.anchors import AnchorBackend, sample_anchors
 from tidpo_core.steps.contrastive import train_contrastive_models
 from tidpo_core.steps.pairs import PairSources, ingest_pairs
 from tidpo_core.steps.policy import (
@@ -40,10 +40,15 @@ from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 from tidpo_core.training import TrainConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, anchors_preview, mlflow_tags, pairs_preview, quarantine_preview
+from tidpo_pipeline.placement import model_op_tags
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# Read once, when the code location loads (TIDPO_GPU_K8S_CONFIG; docs/cluster.md).
+MODEL_OP_TAGS = model_op_tags()
 
 
 # --- preference_pairs ------------------------------------------------------------------------------
@@ -122,7 +127,7 @@ ReferenceModelConfig = config_class(
 )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, description="The starting policy: a configured checkpoint, or the embedded tiny Llama with a locally trained tokenizer and a short SFT.")
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"pytorch", "mlflow"}, description="The starting policy: a configured checkpoint, or the embedded tiny Llama with a locally trained tokenizer and a short SFT.")
 def reference_model(
     context: dg.AssetExecutionContext,
     config: ReferenceModelConfig,  # type: ignore[valid-type]
@@ -183,6 +188,7 @@ AnchorConfig = config_class(
     "How the anchors are sampled from the reference, and by how many processes.",
     DocumentedConfig,
     core_fields(SamplingSettings, defaults={"batch_size": 32}),
+    core_fields(AnchorBackend),
     core_fields(PrecomputeSettings),
 )
 
@@ -214,7 +220,7 @@ def shard_metadata(outcome: ShardOutcome | None, loaded: int) -> dict[str, Any]:
     }
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.")
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"duckdb", "pytorch"}, description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.")
 def anchor_responses(
     context: dg.AssetExecutionContext,
     config: AnchorConfig,  # type: ignore[valid-type]
@@ -227,11 +233,13 @@ def anchor_responses(
 ) -> dg.MaterializeResult:
     settings = settings_of(config, SamplingSettings)
     precompute = settings_of(config, PrecomputeSettings)
+    backend = settings_of(config, AnchorBackend)
     with user_errors_as_failures(), precompute_failures_as_failures():
         report = sample_anchors(
             duckdb.get_connection,
             ReferenceHandle.from_value(reference_model),
             settings,
+            backend=backend,
             precompute=precompute,
             layout=storage.layout,
             run_process=_precompute_runner(context, pipes_subprocess_client, precompute),
@@ -246,6 +254,7 @@ def anchor_responses(
             "dagster/row_count": report.stored,
             **shard_metadata(report.shards, report.generated),
             "launcher": precompute.launcher,
+            "generation_backend": backend.generation_backend,
             "sampling": dg.MetadataValue.json(settings.as_dict()),
             "preview": dg.MetadataValue.md(anchors_preview(report.preview)),
         },
@@ -262,6 +271,7 @@ ContrastiveModelsConfig = config_class(
 
 @dg.asset(
     group_name=GROUP,
+    op_tags=MODEL_OP_TAGS,
     kinds={"pytorch", "duckdb"},
     description="Two contrastive models for the `contrastive` importance estimator (TIS-DPO): the reference's base "
     "fine-tuned on the chosen answers only and on the rejected answers only. Not part of tidpo_training: "
@@ -308,7 +318,7 @@ TokenWeightsConfig = config_class(
 )
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (an importance estimate, by default the paper's gradient attribution, + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (an importance estimate, by default the paper's gradient attribution, + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
 def token_weights(
     context: dg.AssetExecutionContext,
     config: TokenWeightsConfig,  # type: ignore[valid-type]
@@ -375,7 +385,7 @@ def training_fields(config: Any) -> dict[str, Any]:
     return {name: getattr(config, name) for name in engine_option_names()}
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.")
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"pytorch", "mlflow"}, description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.")
 def tidpo_policy(
     context: dg.AssetExecutionContext,
     config: PolicyConfig,  # type: ignore[valid-type]

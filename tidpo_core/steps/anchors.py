@@ -7,9 +7,10 @@ and the sampling settings), so an anchor is the same whatever the process count 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -39,6 +40,17 @@ SEEDING = "per_pair"
 
 
 @dataclass(frozen=True)
+class AnchorBackend:
+    generation_backend: Literal["transformers", "vllm"] = "transformers"
+    """`transformers`: the model's generate() on any device, CPU included. `vllm`: vLLM's engine, the fast way
+    to sample on CUDA GPUs (`pip install 'tidpo[vllm]'`; refused without CUDA), one engine per process. Both
+    seed each anchor from its pair id; their random streams differ, so vLLM anchors have their own
+    fingerprint."""
+    vllm_gpu_memory_utilization: float = 0.85
+    """With vllm: the share of each GPU's memory vLLM may take (weights and KV cache)."""
+
+
+@dataclass(frozen=True)
 class AnchorsReport:
     fingerprint: str
     generated: int
@@ -48,8 +60,10 @@ class AnchorsReport:
     """How the sampling was sharded (None: nothing to sample)."""
 
 
-def anchors_fingerprint(reference: ReferenceHandle, settings: SamplingSettings) -> str:
-    return digest({"model": reference.fingerprint, "sampling": settings.as_dict(), "seeding": SEEDING})
+def anchors_fingerprint(reference: ReferenceHandle, settings: SamplingSettings, backend: AnchorBackend = AnchorBackend()) -> str:
+    # The backend only when it is not the default, so that transformers anchors keep their fingerprint.
+    extra = {} if backend.generation_backend == "transformers" else {"backend": backend.generation_backend}
+    return digest({"model": reference.fingerprint, "sampling": settings.as_dict(), "seeding": SEEDING, **extra})
 
 
 def pair_seed(pair_id: str, settings: SamplingSettings) -> int:
@@ -63,6 +77,25 @@ def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
     """The anchors' computation in a precompute process: the reference loaded once, then per shard its
     prompts sampled with each pair's seed."""
     settings = SamplingSettings(**task["sampling"])
+    backend = AnchorBackend(**task.get("backend", {}))
+    if backend.generation_backend == "vllm":
+        from tidpo_core.vllm_sampling import VllmSampler
+
+        reference = task["reference"]
+        vllm = VllmSampler(
+            reference["name_or_path"],
+            settings,
+            revision=reference["revision"],
+            trust_remote_code=reference["trust_remote_code"],
+            gpu_memory_utilization=backend.vllm_gpu_memory_utilization,
+        )
+
+        def sample_with_vllm(items: pa.Table, progress: bool) -> pa.Table:
+            pair_ids = items.column("pair_id").to_pylist()
+            texts = vllm(items.column("prompt").to_pylist(), [pair_seed(pair_id, settings) for pair_id in pair_ids], progress)
+            return store.anchor_shard_table(pair_ids, texts)
+
+        return ShardWorker(sample_with_vllm, ())
     model, tokenizer = load_model_and_tokenizer(**task["reference"])
 
     def sample(items: pa.Table, progress: bool) -> pa.Table:
@@ -79,6 +112,7 @@ def sample_anchors(
     reference: ReferenceHandle,
     settings: SamplingSettings,
     *,
+    backend: AnchorBackend = AnchorBackend(),
     precompute: PrecomputeSettings = PrecomputeSettings(),
     layout: DataDir | None = None,
     run_process: ProcessRunner | None = None,
@@ -92,7 +126,11 @@ def sample_anchors(
     Pipes in the asset; a plain subprocess by default).
     """
     say = log_to(log)
-    fingerprint = anchors_fingerprint(reference, settings)
+    if backend.generation_backend == "vllm":
+        from tidpo_core.vllm_sampling import check_vllm_usable
+
+        check_vllm_usable()  # here, before any process starts: the user error, not a rank's traceback
+    fingerprint = anchors_fingerprint(reference, settings, backend)
     with open_db() as con:
         missing = store.missing_anchor_pair_ids(con, fingerprint)  # sorted by pair id: the plan's order
         prompts = {p.pair_id: p.prompt for p in store.read_pairs(con, split="train")}
@@ -100,7 +138,7 @@ def sample_anchors(
     say(f"{len(missing)} anchors to sample, {len(prompts) - len(missing)} reused")
     outcome, generated = None, 0
     if missing:
-        task = {"reference": reference.loading(), "sampling": settings.as_dict()}
+        task = {"reference": reference.loading(), "sampling": settings.as_dict(), "backend": dataclasses.asdict(backend)}
         plan = make_plan(SHARD_KIND, fingerprint, task, missing, shard_size(settings.batch_size, precompute.batches_per_shard))
         items = pa.table({"pair_id": missing, "prompt": [prompts[pair_id] for pair_id in missing]})
         outcome = run_sharded(
