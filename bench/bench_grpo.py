@@ -17,6 +17,7 @@ thread, as the comparison job's default does; `train_seconds` is each run's wall
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -204,13 +205,23 @@ def run(quick: bool = False) -> dict[str, Any]:
             "sizes": sizes,
         }
 
+    # One sitting may not hold both data sets: TIDPO_GRPO_REUSE names an earlier results file whose finished data
+    # sets are kept (each keeps the commit and date of its own file), TIDPO_GRPO_DATASETS the ones to run now.
+    reuse_path = os.environ.get("TIDPO_GRPO_REUSE")
+    if reuse_path:
+        earlier = json.loads(Path(reuse_path).read_text())
+        for name, doc in earlier.get("datasets", {}).items():
+            if "skipped" not in doc:
+                datasets[name] = {**doc, "reused_from": {"commit": earlier.get("commit"), "created_at": earlier.get("created_at")}}
+    wanted = [d for d in os.environ.get("TIDPO_GRPO_DATASETS", "builtin,hh").split(",") if d]
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-grpo-"))
     try:
-        datasets["builtin"] = run_builtin(sizes, work / "builtin")
-        common.write_results(NAME, figures(complete=False), quick, started)
-        if bench_hh.data_path().exists():
+        if "builtin" in wanted:
+            datasets["builtin"] = run_builtin(sizes, work / "builtin")
+            common.write_results(NAME, figures(complete=False), quick, started)
+        if "hh" in wanted and bench_hh.data_path().exists():
             datasets["hh"] = run_hh(sizes, work / "hh")
-        else:
+        elif "hh" in wanted:
             datasets["hh"] = {"skipped": f"{bench_hh.data_path()} not found (HH-RLHF lives in the project's shared data folder)"}
         for name, doc in datasets.items():
             for verdict in doc.get("verdicts", {}).values():
