@@ -125,7 +125,12 @@ def rows_weights(doc: dict[str, Any]) -> list[Row]:
                 "",
                 "data-parallel precompute, responses/s with 1 / 2 CPU processes (step end to end): weights; anchors",
                 f"{per_s['weights_1_process']:,.1f} / {per_s['weights_2_processes']:,.1f} ({_r(parallel['two_process_speedup'])}); "
-                f"{per_s['anchors_1_process']:,.1f} / {per_s['anchors_2_processes']:,.1f} ({_r(parallel['anchors_two_process_speedup'])})",
+                f"{per_s['anchors_1_process']:,.1f} / {per_s['anchors_2_processes']:,.1f} ({_r(parallel['anchors_two_process_speedup'])})"
+                + (
+                    f"; weights, 2 processes vs 1 process on one thread: {_r(parallel['two_process_speedup_over_one_thread'])}"
+                    if "two_process_speedup_over_one_thread" in parallel
+                    else ""
+                ),
                 f">= {target['min']}x: weights {_mark(target['weights_met'])}, anchors {_mark(target['anchors_met'])}",
             )
         )
