@@ -70,11 +70,13 @@ def verdicts(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         scored.sort(key=lambda mv: mv[1]["mean"], reverse=higher)
         (best, b), (second, s) = scored[0], scored[1]
         gap = abs(b["mean"] - s["mean"])
+        tied = [m for m, v in scored if math.isclose(v["mean"], b["mean"], abs_tol=1e-9)]
         out[metric] = {
             "label": label,
             "higher_is_better": higher,
             "best": best,
             "runner_up": second,
+            "tied": tied,
             "best_mean": b["mean"], "best_std": b["std"],
             "runner_up_mean": s["mean"], "runner_up_std": s["std"],
             "separated": gap > b["std"] + s["std"],

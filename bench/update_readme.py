@@ -315,6 +315,8 @@ def rows_hh(doc: dict[str, Any]) -> list[Row]:
 
 
 def rows_grpo(doc: dict[str, Any]) -> list[Row]:
+    from bench import bench_grpo
+
     rows: list[Row] = []
     seeds = len(doc["setup"]["seeds"])
     for name, label in (("builtin", "built-in data"), ("hh", "HH-RLHF harmless-base")):
@@ -330,10 +332,16 @@ def rows_grpo(doc: dict[str, Any]) -> list[Row]:
             rows.append((title, "reward model (GRPO's reward and the score): held-out pair accuracy", f"{rm['held_out_accuracy']:.3f} on {rm['eval_pairs']} pairs", ""))
             title = ""
         methods = [m for m in data["methods"] if m != "reference"]
-        for metric, verdict in data["verdicts"].items():
+        # Judged again from the table, so a results file written before a verdict rule changed renders by today's rules.
+        for metric, verdict in bench_grpo.verdicts(data["methods"]).items():
             values = " / ".join(_ms(data["methods"][m].get(metric), 1 if metric == "train_seconds" else 3) for m in methods)
-            winner = verdict["best"] + ("" if verdict["separated"] else " (within the spread)")
-            rows.append((title, f"{verdict['label']}: {' / '.join(methods)}", values, f"best: {winner}"))
+            if len(verdict.get("tied", [])) > 1:
+                winner = "tie: " + " = ".join(verdict["tied"])
+            elif verdict["separated"]:
+                winner = f"best: {verdict['best']}"
+            else:
+                winner = f"best: {verdict['best']}, within the spread of {verdict['runner_up']}"
+            rows.append((title, f"{verdict['label']}: {' / '.join(methods)}", values, winner))
             title = ""
     return rows
 

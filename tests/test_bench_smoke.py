@@ -193,6 +193,8 @@ def test_grpo_verdicts_by_hand():
     assert (out["train_seconds"]["best"], out["train_seconds"]["runner_up"]) == ("dpo", "tidpo")
     assert out["train_seconds"]["separated"] is True
     assert set(out) == {"reward_accuracy", "train_seconds"}
+    table["dpo"]["reward_accuracy"]["mean"] = 0.72
+    assert bench_grpo.verdicts(table)["reward_accuracy"]["tied"] == ["dpo", "tidpo"]
 
 
 def test_readme_table_between_markers(tmp_path, capsys):
