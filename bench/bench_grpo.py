@@ -154,21 +154,13 @@ def run_hh(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     from tidpo_core.reward import RewardTraining, held_out_accuracy, load_reward_function, train_reward_model
 
     pairs, eval_ids, data_info = bench_hh.load_split(sizes["hh_train"], sizes["hh_eval"])
-    model_config = bench_quality.tiny_model_config(sizes["tiny"])
-    prepared = common.prepare(
-        work / "data",
-        pairs,
-        eval_ids=eval_ids,
-        model_config=model_config,
-        vocab_size=model_config.vocab_size,
-        sft_steps=sizes["sft_steps"],
-        anchor_new_tokens=min(sizes["anchor_new_tokens"], 32),
-        max_prompt_tokens=128,
-        max_response_tokens=64,
-    )
+    # bench_hh's preparation, anchors at most 32 tokens as there.
+    prepared = bench_hh.prepare_split(work / "data", pairs, eval_ids, {**sizes, "anchor_new_tokens": min(sizes["anchor_new_tokens"], 32)})
     train = [p for p in pairs if p.pair_id not in eval_ids]
     evaluation = [p for p in pairs if p.pair_id in eval_ids]
-    training = RewardTraining(max_prompt_tokens=128, max_response_tokens=64, max_train_pairs=sizes["reward_max_train_pairs"])
+    training = RewardTraining(
+        max_prompt_tokens=bench_hh.MAX_PROMPT_TOKENS, max_response_tokens=bench_hh.MAX_RESPONSE_TOKENS, max_train_pairs=sizes["reward_max_train_pairs"]
+    )
     reward_dir = work / "reward_model"
     reward = train_reward_model(prepared.reference_path, train, reward_dir, training)
     held_out = held_out_accuracy(load_reward_function(reward_dir), evaluation)

@@ -56,6 +56,26 @@ def load_split(train: int, eval_limit: int | None) -> tuple[list[Any], set[str],
     return train_pairs + eval_pairs, {p.pair_id for p in eval_pairs}, info
 
 
+# Prompts keep their last 128 tokens, responses their first 64 (the 2-core time budget).
+MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS = 128, 64
+
+
+def prepare_split(data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]) -> common.Prepared:
+    """The reference (tokenizer + tiny Llama + SFT on the train split), anchors and token weights for HH-RLHF."""
+    model_config = bench_quality.tiny_model_config(sizes["tiny"])
+    return common.prepare(
+        data_dir,
+        pairs,
+        eval_ids=eval_ids,
+        model_config=model_config,
+        vocab_size=model_config.vocab_size,
+        sft_steps=sizes["sft_steps"],
+        anchor_new_tokens=sizes["anchor_new_tokens"],
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+        max_response_tokens=MAX_RESPONSE_TOKENS,
+    )
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     if not data_path().exists():
@@ -67,18 +87,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     try:
         pairs, eval_ids, data_info = load_split(sizes["train"], sizes["eval"])
         common.log(NAME, f"HH-RLHF harmless-base: {data_info['train']} train / {data_info['eval']} eval pairs")
-        model_config = bench_quality.tiny_model_config(sizes["tiny"])
-        prepared = common.prepare(
-            work / "data",
-            pairs,
-            eval_ids=eval_ids,
-            model_config=model_config,
-            vocab_size=model_config.vocab_size,
-            sft_steps=sizes["sft_steps"],
-            anchor_new_tokens=sizes["anchor_new_tokens"],
-            max_prompt_tokens=128,
-            max_response_tokens=64,
-        )
+        prepared = prepare_split(work / "data", pairs, eval_ids, sizes)
         estimator_s = bench_quality._estimator_weights(prepared, sizes, HH_METHODS)
         evaluator = bench_quality.Evaluator(prepared, sample_new_tokens=0, phrases=False)
         common.log(NAME, f"reference: {evaluator.reference}")
@@ -98,8 +107,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "split": "sorted by pair_id (content hash): first 2,000 train, the rest eval",
                 "data_info": data_info,
                 "model_parameters": prepared.parameters,
-                "max_prompt_tokens": 128,
-                "max_response_tokens": 64,
+                "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                "max_response_tokens": MAX_RESPONSE_TOKENS,
                 "seeds": sizes["seeds"],
                 "seed_controls": "training data order (reference, anchors and weights shared)",
                 "training": "1 epoch, batch 8, AdamW lr 5e-4 cosine, beta 0.1; tidpo: lambda 0.7, alpha 0.5 (inside beta), "

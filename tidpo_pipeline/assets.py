@@ -40,15 +40,11 @@ from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 from tidpo_core.training import TrainConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, anchors_preview, mlflow_tags, pairs_preview, quarantine_preview
-from tidpo_pipeline.placement import model_op_tags
+from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-# Read once, when the code location loads (TIDPO_GPU_K8S_CONFIG; docs/cluster.md).
-MODEL_OP_TAGS = model_op_tags()
 
 
 # --- preference_pairs ------------------------------------------------------------------------------

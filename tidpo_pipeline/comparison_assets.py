@@ -19,7 +19,7 @@ from tidpo_core.training import TrainConfig
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, markdown_table, mlflow_tags, picture_metadata
-from tidpo_pipeline.placement import model_op_tags
+from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 # The engine options every run of the comparison shares: the policy's, less what the comparison sets
@@ -49,7 +49,7 @@ MethodComparisonConfig = config_class(
 @dg.multi_asset(
     name="compare_methods",
     group_name=GROUP,
-    op_tags=model_op_tags(),
+    op_tags=MODEL_OP_TAGS,
     specs=[
         dg.AssetSpec(
             "method_comparison",

@@ -15,7 +15,7 @@ from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata
-from tidpo_pipeline.placement import model_op_tags
+from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
 EvaluationConfig = config_class(
@@ -57,7 +57,7 @@ def _samples_preview(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, 
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "mlflow"},
-    op_tags=model_op_tags(),
+    op_tags=MODEL_OP_TAGS,
     description=(
         "Held-out metrics of the trained policy vs the reference: preference accuracy and margins, KL to the "
         "reference, diversity, critical-token precision and phrase rate, opt-in benchmarks (TruthfulQA, IFEval, "

@@ -41,3 +41,7 @@ def model_op_tags(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{GPU_K8S_CONFIG_ENV}={path}: unknown keys {sorted(unknown)}; expected some of {sorted(K8S_CONFIG_KEYS)}")
     return {K8S_CONFIG_TAG: config}
+
+
+# What the model assets' decorators use: read once, when the code location loads.
+MODEL_OP_TAGS = model_op_tags()

@@ -14,7 +14,7 @@ from tidpo_core.steps.reward import RewardModelSettings, beats_chance, train_rew
 from tidpo_pipeline.assets import user_errors_as_failures
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, mlflow_tags
-from tidpo_pipeline.placement import model_op_tags
+from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
 
 CHECK = "reward_model_beats_chance"
@@ -34,7 +34,7 @@ def _rounded(value: float) -> float:
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "duckdb", "mlflow"},
-    op_tags=model_op_tags(),
+    op_tags=MODEL_OP_TAGS,
     description=(
         "A Bradley-Terry reward model for the GRPO baseline: the reference's backbone with a one-output head, "
         "trained with TRL's RewardTrainer on the train pairs (-log sigmoid(r(chosen) - r(rejected))), judged "

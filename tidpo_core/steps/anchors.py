@@ -74,37 +74,37 @@ def pair_seed(pair_id: str, settings: SamplingSettings) -> int:
 
 
 def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
-    """The anchors' computation in a precompute process: the reference loaded once, then per shard its
-    prompts sampled with each pair's seed."""
+    """The anchors' computation in a precompute process: the sampler (the reference, or a vLLM engine over it)
+    loaded once, then per shard its prompts sampled with each pair's seed."""
     settings = SamplingSettings(**task["sampling"])
     backend = AnchorBackend(**task.get("backend", {}))
+    draw: Callable[[list[str], list[int], bool], list[str]]
     if backend.generation_backend == "vllm":
         from tidpo_core.vllm_sampling import VllmSampler
 
         reference = task["reference"]
-        vllm = VllmSampler(
+        draw = VllmSampler(
             reference["name_or_path"],
             settings,
             revision=reference["revision"],
             trust_remote_code=reference["trust_remote_code"],
             gpu_memory_utilization=backend.vllm_gpu_memory_utilization,
         )
+        models: tuple[Any, ...] = ()
+    else:
+        model, tokenizer = load_model_and_tokenizer(**task["reference"])
 
-        def sample_with_vllm(items: pa.Table, progress: bool) -> pa.Table:
-            pair_ids = items.column("pair_id").to_pylist()
-            texts = vllm(items.column("prompt").to_pylist(), [pair_seed(pair_id, settings) for pair_id in pair_ids], progress)
-            return store.anchor_shard_table(pair_ids, texts)
+        def draw(prompts: list[str], seeds: list[int], progress: bool) -> list[str]:
+            return sample_responses(model, tokenizer, prompts, settings, progress, seeds)
 
-        return ShardWorker(sample_with_vllm, ())
-    model, tokenizer = load_model_and_tokenizer(**task["reference"])
+        models = (model,)
 
     def sample(items: pa.Table, progress: bool) -> pa.Table:
         pair_ids = items.column("pair_id").to_pylist()
         seeds = [pair_seed(pair_id, settings) for pair_id in pair_ids]
-        texts = sample_responses(model, tokenizer, items.column("prompt").to_pylist(), settings, progress, seeds)
-        return store.anchor_shard_table(pair_ids, texts)
+        return store.anchor_shard_table(pair_ids, draw(items.column("prompt").to_pylist(), seeds, progress))
 
-    return ShardWorker(sample, (model,))
+    return ShardWorker(sample, models)
 
 
 def sample_anchors(
