@@ -15,6 +15,11 @@ concurrent workers time the same stretch. Slowdown = time with a second process 
 (target for `tidpo`: <= 2.5x with 2 processes on 2 cores; fair sharing is 2x). The cost on an idle
 machine is tidpo alone / default alone (target: within 5%).
 
+This machine drifts by tens of percent over minutes, so every ratio is paired: both of its timings come from
+the same round, taken back to back, and the figure is the median over rounds. Each worker first runs a small
+slice of its stage untimed (OpenMP's thread pool, allocator and caches warm), so a round times the steady
+state rather than whichever process happened to start cold.
+
 The policy's size threshold is measured too: each stage alone on one thread and on every CPU, for the
 embedded model and a model about 20x larger.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,8 +62,8 @@ SHAPES = {
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"pairs": 16, "train_steps": 3, "sample_prompts": 8, "new_tokens": 8, "rounds": 1}
-    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 2}
+        return {"pairs": 16, "train_steps": 3, "sample_prompts": 8, "new_tokens": 8, "rounds": 1, "wait_rounds": 1}
+    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 5, "wait_rounds": 3}
 
 
 # --- the worker ------------------------------------------------------------------------------------------
@@ -81,23 +87,26 @@ def _worker(args: argparse.Namespace) -> None:
     if args.stage == "weights":
         encoded = [encode_response(tokenizer, p.prompt, r, encoding) for p in pairs for r in (p.chosen, p.rejected)]
 
-        def work() -> None:
-            compute_token_importance(model, encoded, batch_size=16)
+        def work(warm_up: bool = False) -> None:
+            compute_token_importance(model, encoded[:16] if warm_up else encoded, batch_size=16)
     elif args.stage == "train":
         examples = [(p.prompt, p.chosen) for p in pairs]
 
-        def work() -> None:
-            supervised_finetune(model, tokenizer, examples, steps=args.train_steps, batch_size=16, settings=encoding)
+        def work(warm_up: bool = False) -> None:
+            steps = 1 if warm_up else args.train_steps
+            supervised_finetune(model, tokenizer, examples, steps=steps, batch_size=16, settings=encoding)
     else:
         prompts = [p.prompt for p in pairs[: args.sample_prompts]]
-        settings = SamplingSettings(max_new_tokens=args.new_tokens, batch_size=16, seed=0)
 
-        def work() -> None:
-            sample_responses(model, tokenizer, prompts, settings)
+        def work(warm_up: bool = False) -> None:
+            tokens = 4 if warm_up else args.new_tokens
+            settings = SamplingSettings(max_new_tokens=tokens, batch_size=16, seed=0)
+            sample_responses(model, tokenizer, prompts[:16] if warm_up else prompts, settings)
 
     # The stages apply the policy themselves (threads_for), from the environment _environment gave.
     with threads.threads_for(model, workload="generate" if args.stage == "sample" else "compute"):
         used = torch.get_num_threads()
+        work(warm_up=True)
         Path(args.ready).touch()
         deadline = time.monotonic() + 600
         while not Path(args.go).exists():
@@ -167,6 +176,11 @@ def _run_together(
     return results
 
 
+def _paired(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of one round's ratio: drift between rounds cancels within a round's pair."""
+    return round(statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)), 3)
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from bench import common
 
@@ -177,36 +191,45 @@ def run(quick: bool = False) -> dict[str, Any]:
         rounds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in POLICIES}
         threads_used: dict[str, int] = {}
         for _ in range(sizes["rounds"]):
-            for policy in POLICIES:  # alternating, so drift in the machine's load hits both alike
+            # Both policies alone back to back, then both beside a twin: the idle-cost pair is adjacent in time.
+            for policy in POLICIES:
                 alone = _run_together(1, stage, policy, sizes)[0]
-                two = _run_together(2, stage, policy, sizes)
                 rounds[policy]["alone"].append(alone["seconds"])
-                rounds[policy]["two"].append(max(r["seconds"] for r in two))
                 threads_used[policy] = alone["threads"]
-        figures = {}
+            for policy in POLICIES:
+                rounds[policy]["two"].append(max(r["seconds"] for r in _run_together(2, stage, policy, sizes)))
+        figures: dict[str, Any] = {}
         for policy in POLICIES:
-            alone, two = min(rounds[policy]["alone"]), min(rounds[policy]["two"])
-            figures[policy] = {"alone_s": round(alone, 3), "two_processes_s": round(two, 3), "slowdown": round(two / alone, 2), "threads": threads_used[policy], "rounds": rounds[policy]}
-        figures["tidpo_idle_cost"] = round(figures["tidpo"]["alone_s"] / figures["default"]["alone_s"], 3)
+            timings = rounds[policy]
+            figures[policy] = {
+                "alone_s": round(statistics.median(timings["alone"]), 3),
+                "two_processes_s": round(statistics.median(timings["two"]), 3),
+                "slowdown": round(_paired(timings["two"], timings["alone"]), 2),
+                "threads": threads_used[policy],
+                "rounds": timings,
+            }
+        figures["tidpo_idle_cost"] = _paired(rounds["tidpo"]["alone"], rounds["default"]["alone"])
         figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
         figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
         stages[stage] = figures
         common.log(NAME, f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x; idle cost {figures['tidpo_idle_cost']}x")
-    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: where WAIT_POLICY comes from.
+    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: where the policy's wait
+    # setting comes from. Each round times torch's defaults alone first, the pair for every idle cost.
     waits: dict[str, Any] = {}
     for stage in STAGES:
+        default_alone: list[float] = []
         timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
-        for _ in range(sizes["rounds"]):
+        for _ in range(sizes["wait_rounds"]):  # fewer than the guard's rounds: this table chose a setting
+            default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
             for wait in WAIT_CANDIDATES:
                 timings[wait]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=wait)[0]["seconds"])
                 timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
-        default_alone = stages[stage]["default"]["alone_s"]
         waits[stage] = {
             wait: {
-                "alone_s": round(min(t["alone"]), 3),
-                "two_processes_s": round(min(t["two"]), 3),
-                "slowdown": round(min(t["two"]) / min(t["alone"]), 2),
-                "idle_cost": round(min(t["alone"]) / default_alone, 3),
+                "alone_s": round(statistics.median(t["alone"]), 3),
+                "two_processes_s": round(statistics.median(t["two"]), 3),
+                "slowdown": round(_paired(t["two"], t["alone"]), 2),
+                "idle_cost": _paired(t["alone"], default_alone),
             }
             for wait, t in timings.items()
         }
