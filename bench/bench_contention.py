@@ -16,7 +16,8 @@ concurrent workers time the same stretch. Slowdown = time with a second process 
 machine is tidpo alone / default alone (target: within 5%).
 
 This machine drifts by tens of percent over minutes, so every ratio is paired: both of its timings come from
-the same round, taken back to back, and the figure is the median over rounds. Each worker first runs a small
+the same round (a round times every setting alone, in a shuffled order, then every setting beside a twin),
+and the figure is the median over rounds. Each worker first runs a small
 slice of its stage untimed (OpenMP's thread pool, allocator and caches warm), so a round times the steady
 state rather than whichever process happened to start cold.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -46,13 +48,13 @@ POLICIES = ("default", "tidpo")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TIDPO_NUM_THREADS")
 # How OpenMP's idle threads wait, the candidates the policy chose from (same thread counts as `tidpo`): libgomp
 # (torch's OpenMP on Linux) spins GOMP_SPINCOUNT times (about 100,000 per ms; default 300,000) before it
-# sleeps; PASSIVE sleeps at once. A short spin catches the next op of a small model without a wake-up, and
-# gives the core away soon enough when another process needs it.
+# sleeps. A short spin catches the next op of a small model without a wake-up, and gives the core away soon
+# enough when another process needs it. Every candidate names both variables, so `spin_1k` is the policy itself.
 WAIT_CANDIDATES: dict[str, dict[str, str]] = {
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin_1k": {"GOMP_SPINCOUNT": "1000"},
-    "spin_10k": {"GOMP_SPINCOUNT": "10000"},
-    "spin_100k": {"GOMP_SPINCOUNT": "100000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+    "spin_1k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+    "spin_10k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"},
+    "spin_100k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "100000"},
 }
 SHAPES = {
     "embedded": {},
@@ -125,14 +127,15 @@ def _worker(args: argparse.Namespace) -> None:
 def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str]:
     """The worker's environment. tidpo_core applies the policy inside the stages themselves (threads_for), so
     `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
-    OpenMP's wait policy alone; `threads` > 0 pins that count instead (the size-threshold runs); `wait` (a
+    OpenMP's wait policy alone; `threads` > 0 pins that count under the policy's wait (the size-threshold
+    runs); `wait` (a
     WAIT_CANDIDATES name) replaces the policy's OpenMP wait setting."""
-    from tidpo_core.threads import thread_environment
+    from tidpo_core.threads import SPIN_COUNT, WAIT_POLICY, thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.update({"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
     if threads:
-        return {**base, "TIDPO_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        return {**base, "TIDPO_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": WAIT_POLICY, "GOMP_SPINCOUNT": SPIN_COUNT}
     if policy == "default":
         return {**base, "TIDPO_NUM_THREADS": str(os.cpu_count() or 1)}
     # The launcher's child environment: the model's size is not known before the child loads it.
@@ -186,17 +189,19 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     started = time.perf_counter()
     sizes = _sizes(quick)
+    # A run that follows a two-process run can start slow on a VM (the host's share settles): within a round
+    # the runs alone come first, in a shuffled order, then the runs beside a twin, shuffled too.
+    order = random.Random(0)
     stages: dict[str, Any] = {}
     for stage in STAGES:
         rounds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in POLICIES}
         threads_used: dict[str, int] = {}
         for _ in range(sizes["rounds"]):
-            # Both policies alone back to back, then both beside a twin: the idle-cost pair is adjacent in time.
-            for policy in POLICIES:
+            for policy in order.sample(POLICIES, len(POLICIES)):
                 alone = _run_together(1, stage, policy, sizes)[0]
                 rounds[policy]["alone"].append(alone["seconds"])
                 threads_used[policy] = alone["threads"]
-            for policy in POLICIES:
+            for policy in order.sample(POLICIES, len(POLICIES)):
                 rounds[policy]["two"].append(max(r["seconds"] for r in _run_together(2, stage, policy, sizes)))
         figures: dict[str, Any] = {}
         for policy in POLICIES:
@@ -214,15 +219,18 @@ def run(quick: bool = False) -> dict[str, Any]:
         stages[stage] = figures
         common.log(NAME, f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x; idle cost {figures['tidpo_idle_cost']}x")
     # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: where the policy's wait
-    # setting comes from. Each round times torch's defaults alone first, the pair for every idle cost.
+    # setting comes from. Each round also times torch's defaults alone, the pair for every idle cost.
     waits: dict[str, Any] = {}
     for stage in STAGES:
         default_alone: list[float] = []
         timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
         for _ in range(sizes["wait_rounds"]):  # fewer than the guard's rounds: this table chose a setting
-            default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
-            for wait in WAIT_CANDIDATES:
-                timings[wait]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=wait)[0]["seconds"])
+            for wait in order.sample([*WAIT_CANDIDATES, ""], len(WAIT_CANDIDATES) + 1):
+                if not wait:
+                    default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
+                else:
+                    timings[wait]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=wait)[0]["seconds"])
+            for wait in order.sample(list(WAIT_CANDIDATES), len(WAIT_CANDIDATES)):
                 timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
         waits[stage] = {
             wait: {
