@@ -17,9 +17,9 @@ machine is tidpo alone / default alone (target: within 5%).
 
 This machine drifts by tens of percent over minutes, so every ratio is paired: both of its timings come from
 the same round (a round times every setting alone, in a shuffled order, then every setting beside a twin),
-and the figure is the median over rounds. Each worker first runs a small
-slice of its stage untimed (OpenMP's thread pool, allocator and caches warm), so a round times the steady
-state rather than whichever process happened to start cold.
+and the figure is the median over rounds. Each worker first runs a small slice of its stage untimed
+(OpenMP's thread pool, allocator and caches warm), so a round times the steady state rather than whichever
+process happened to start cold.
 
 The policy's size threshold is measured too: each stage alone on one thread and on every CPU, for the
 embedded model and a model about 20x larger.
@@ -128,8 +128,7 @@ def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str
     """The worker's environment. tidpo_core applies the policy inside the stages themselves (threads_for), so
     `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
     OpenMP's wait policy alone; `threads` > 0 pins that count under the policy's wait (the size-threshold
-    runs); `wait` (a
-    WAIT_CANDIDATES name) replaces the policy's OpenMP wait setting."""
+    runs); `wait` (a WAIT_CANDIDATES name) replaces the policy's OpenMP wait setting."""
     from tidpo_core.threads import SPIN_COUNT, WAIT_POLICY, thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
@@ -184,6 +183,15 @@ def _paired(numerators: list[float], denominators: list[float]) -> float:
     return round(statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)), 3)
 
 
+def _summary(timings: dict[str, list[float]]) -> dict[str, float]:
+    """One setting's rounds, alone and beside a twin: median times and the paired slowdown."""
+    return {
+        "alone_s": round(statistics.median(timings["alone"]), 3),
+        "two_processes_s": round(statistics.median(timings["two"]), 3),
+        "slowdown": round(_paired(timings["two"], timings["alone"]), 2),
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from bench import common
 
@@ -205,14 +213,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 rounds[policy]["two"].append(max(r["seconds"] for r in _run_together(2, stage, policy, sizes)))
         figures: dict[str, Any] = {}
         for policy in POLICIES:
-            timings = rounds[policy]
-            figures[policy] = {
-                "alone_s": round(statistics.median(timings["alone"]), 3),
-                "two_processes_s": round(statistics.median(timings["two"]), 3),
-                "slowdown": round(_paired(timings["two"], timings["alone"]), 2),
-                "threads": threads_used[policy],
-                "rounds": timings,
-            }
+            figures[policy] = {**_summary(rounds[policy]), "threads": threads_used[policy], "rounds": rounds[policy]}
         figures["tidpo_idle_cost"] = _paired(rounds["tidpo"]["alone"], rounds["default"]["alone"])
         figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
         figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
@@ -225,20 +226,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         default_alone: list[float] = []
         timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
         for _ in range(sizes["wait_rounds"]):  # fewer than the guard's rounds: this table chose a setting
-            for wait in order.sample([*WAIT_CANDIDATES, ""], len(WAIT_CANDIDATES) + 1):
-                if not wait:
+            for setting in order.sample(["default", *WAIT_CANDIDATES], len(WAIT_CANDIDATES) + 1):
+                if setting == "default":
                     default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
                 else:
-                    timings[wait]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=wait)[0]["seconds"])
+                    timings[setting]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=setting)[0]["seconds"])
             for wait in order.sample(list(WAIT_CANDIDATES), len(WAIT_CANDIDATES)):
                 timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
         waits[stage] = {
-            wait: {
-                "alone_s": round(statistics.median(t["alone"]), 3),
-                "two_processes_s": round(statistics.median(t["two"]), 3),
-                "slowdown": round(_paired(t["two"], t["alone"]), 2),
-                "idle_cost": _paired(t["alone"], default_alone),
-            }
+            wait: {**_summary(t), "idle_cost": _paired(t["alone"], default_alone)}
             for wait, t in timings.items()
         }
         common.log(NAME, f"{stage} wait settings: " + ", ".join(f"{w} {v['slowdown']}x busy / {v['idle_cost']}x idle" for w, v in waits[stage].items()))
