@@ -11,9 +11,6 @@ export HF_DATASETS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DAGSTER_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
-# OpenMP threads spin briefly, then sleep (tidpo_core.threads): set before any process loads torch.
-export OMP_WAIT_POLICY ?= PASSIVE
-export GOMP_SPINCOUNT ?= 1000
 
 .PHONY: install run test lint ui e2e bench stress gpu-check clean
 

@@ -9,9 +9,10 @@ Stages (the pipeline's own code, on the embedded model shape and the built-in pa
 
 Each stage runs in fresh worker processes (python -m bench.bench_contention --worker ...) under two
 policies: `default` (what torch and OpenMP do on their own: one thread per core, OpenMP threads spin while
-they wait; pinned with TIDPO_NUM_THREADS, since the stages apply the policy themselves) and `tidpo`
-(tidpo_core.threads: the environment the launcher gives a child, and the policy for the model). Workers build their model and data first, then wait at a barrier, so two
-concurrent workers time the same stretch. Slowdown = time with a second process / time alone, per policy
+they wait; pinned with TIDPO_NUM_THREADS, since the stages apply the policy themselves, and a pinned count
+does not adapt) and `tidpo` (tidpo_core.threads: the environment the launcher gives a child, then the policy
+for the model, whose governor gives threads away while the twin runs). Workers build their model and data
+first, then wait at a barrier, so two concurrent workers time the same stretch. Slowdown = time with a second process / time alone, per policy
 (target for `tidpo`: <= 2.5x with 2 processes on 2 cores; fair sharing is 2x). The cost on an idle
 machine is tidpo alone / default alone (target: within 5%).
 
@@ -46,15 +47,14 @@ STAGES = ("weights", "train", "sample")
 POLICIES = ("default", "tidpo")
 # The policy's environment variables; `default` runs without any of them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TIDPO_NUM_THREADS")
-# How OpenMP's idle threads wait, the candidates the policy chose from (same thread counts as `tidpo`): libgomp
-# (torch's OpenMP on Linux) spins GOMP_SPINCOUNT times (about 100,000 per ms; default 300,000) before it
-# sleeps. A short spin catches the next op of a small model without a wake-up, and gives the core away soon
-# enough when another process needs it. Every candidate names both variables, so `spin_1k` is the policy itself.
+# How OpenMP's idle threads wait, with the policy's thread counts (its governor included): libgomp (torch's
+# OpenMP on Linux) spins GOMP_SPINCOUNT times (about 100,000 per ms) before it sleeps; without either variable
+# it spins 300,000 times (about 3 ms), and OMP_WAIT_POLICY=PASSIVE alone means no spin. `openmp_default` is
+# the policy itself: it sets neither.
 WAIT_CANDIDATES: dict[str, dict[str, str]] = {
+    "openmp_default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "spin_1k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
-    "spin_10k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"},
-    "spin_100k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "100000"},
 }
 SHAPES = {
     "embedded": {},
@@ -108,6 +108,9 @@ def _worker(args: argparse.Namespace) -> None:
     # The stages apply the policy themselves (threads_for), from the environment _environment gave.
     with threads.threads_for(model, workload="generate" if args.stage == "sample" else "compute"):
         used = torch.get_num_threads()
+        # The thread count at every forward pass of the timed work: what the governor chose, and when.
+        counts: list[int] = []
+        model.register_forward_pre_hook(lambda *_: counts.append(torch.get_num_threads()) and None)
         work(warm_up=True)
         Path(args.ready).touch()
         deadline = time.monotonic() + 600
@@ -115,10 +118,12 @@ def _worker(args: argparse.Namespace) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError("no go signal")
             time.sleep(0.01)
+        counts.clear()
         started = time.perf_counter()
         work()
         seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "threads": used, "parameters": threads.parameter_count(model)}))
+    mean_threads = round(sum(counts) / len(counts), 2) if counts else float(used)
+    print(json.dumps({"seconds": seconds, "threads": used, "mean_threads": mean_threads, "parameters": threads.parameter_count(model)}))
 
 
 # --- the driver ------------------------------------------------------------------------------------------
@@ -128,20 +133,17 @@ def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str
     """The worker's environment. tidpo_core applies the policy inside the stages themselves (threads_for), so
     `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
     OpenMP's wait policy alone; `threads` > 0 pins that count under the policy's wait (the size-threshold
-    runs); `wait` (a WAIT_CANDIDATES name) replaces the policy's OpenMP wait setting."""
-    from tidpo_core.threads import SPIN_COUNT, WAIT_POLICY, thread_environment
+    runs, alone, under OpenMP's own wait like the policy); `wait` (a WAIT_CANDIDATES name) sets OpenMP's wait."""
+    from tidpo_core.threads import thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.update({"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
     if threads:
-        return {**base, "TIDPO_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": WAIT_POLICY, "GOMP_SPINCOUNT": SPIN_COUNT}
+        return {**base, "TIDPO_NUM_THREADS": str(threads)}
     if policy == "default":
         return {**base, "TIDPO_NUM_THREADS": str(os.cpu_count() or 1)}
     # The launcher's child environment: the model's size is not known before the child loads it.
-    env = thread_environment(None, base)
-    if wait:
-        env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | WAIT_CANDIDATES[wait]
-    return env
+    return thread_environment(None, base) | WAIT_CANDIDATES.get(wait, {})
 
 
 def _run_together(
@@ -204,23 +206,30 @@ def run(quick: bool = False) -> dict[str, Any]:
     for stage in STAGES:
         rounds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in POLICIES}
         threads_used: dict[str, int] = {}
+        # Each worker's thread count, averaged over its forward passes: the governor's choice, alone and beside the twin.
+        mean_threads: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in POLICIES}
         for _ in range(sizes["rounds"]):
             for policy in order.sample(POLICIES, len(POLICIES)):
                 alone = _run_together(1, stage, policy, sizes)[0]
                 rounds[policy]["alone"].append(alone["seconds"])
                 threads_used[policy] = alone["threads"]
+                mean_threads[policy]["alone"].append(alone["mean_threads"])
             for policy in order.sample(POLICIES, len(POLICIES)):
-                rounds[policy]["two"].append(max(r["seconds"] for r in _run_together(2, stage, policy, sizes)))
+                pair = _run_together(2, stage, policy, sizes)
+                rounds[policy]["two"].append(max(r["seconds"] for r in pair))
+                mean_threads[policy]["two"].extend(r["mean_threads"] for r in pair)
         figures: dict[str, Any] = {}
         for policy in POLICIES:
-            figures[policy] = {**_summary(rounds[policy]), "threads": threads_used[policy], "rounds": rounds[policy]}
+            figures[policy] = {
+                **_summary(rounds[policy]), "threads": threads_used[policy], "mean_threads": mean_threads[policy], "rounds": rounds[policy],
+            }
         figures["tidpo_idle_cost"] = _paired(rounds["tidpo"]["alone"], rounds["default"]["alone"])
         figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
         figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
         stages[stage] = figures
         common.log(NAME, f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x; idle cost {figures['tidpo_idle_cost']}x")
-    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: where the policy's wait
-    # setting comes from. Each round also times torch's defaults alone, the pair for every idle cost.
+    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: why the policy leaves
+    # OpenMP's own wait alone. Each round also times torch's defaults alone, the pair for every idle cost.
     waits: dict[str, Any] = {}
     for stage in STAGES:
         default_alone: list[float] = []

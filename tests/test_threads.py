@@ -1,5 +1,5 @@
 """The thread policy's arithmetic: CPUs from the affinity mask and the cgroup quota, one thread for a small
-model, TIDPO_NUM_THREADS over both."""
+model, TIDPO_NUM_THREADS over both, and the governor that gives threads away while other processes run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tidpo_core.threads import (
     decide_threads,
     requested_threads,
     thread_environment,
+    threads_for,
 )
 from tidpo_pipeline.resources import ComputeThreads
 
@@ -60,9 +61,10 @@ def test_a_small_model_gets_one_thread_a_large_one_every_cpu():
     unknown = decide_threads(8, None)
     assert (small.intra_op, large.intra_op, unknown.intra_op) == (1, 8, 8)
     assert {small.inter_op, large.inter_op, unknown.inter_op} == {1}
-    assert {small.omp_wait_policy, large.omp_wait_policy} == {"PASSIVE"}
-    assert {small.spin_count, large.spin_count} == {"1000"}
     assert "small model" in small.reason and "8" in large.reason
+    # Only a count above one has a thread to give away; a count the user fixed stays fixed.
+    assert (small.adapts, large.adapts, unknown.adapts) == (False, True, True)
+    assert not decide_threads(1, 10**9).adapts and not decide_threads(8, 10**9, requested=8).adapts
 
 
 def test_sampling_a_small_model_gets_one_thread_a_large_one_every_cpu():
@@ -108,8 +110,9 @@ def test_unset_or_empty_tidpo_num_threads_is_no_request():
 def test_a_child_gets_the_policy_s_environment_but_keeps_what_the_user_set(monkeypatch):
     monkeypatch.setattr(threads, "available_cpus", lambda: 4)
     env = thread_environment(1_000, base={"PATH": "/bin"})
-    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE" and env["PATH"] == "/bin"
-    assert env["GOMP_SPINCOUNT"] == "1000"
+    assert env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/bin"}
+    # OpenMP's own wait (spin about 3 ms, then sleep) is the policy's: no wait variable is set.
+    assert "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env
     assert "TIDPO_NUM_THREADS" not in env  # the child decides for its own model
     kept = thread_environment(None, base={"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0", "TIDPO_NUM_THREADS": "3"})
     assert kept["OMP_WAIT_POLICY"] == "ACTIVE" and kept["GOMP_SPINCOUNT"] == "0" and kept["OMP_NUM_THREADS"] == "3"
@@ -134,3 +137,108 @@ def test_the_compute_resource_sets_the_thread_count_for_the_step_and_its_childre
     monkeypatch.setenv("TIDPO_NUM_THREADS", "many")
     result = dg.materialize([uses_a_model], resources={"compute": ComputeThreads()}, raise_on_error=False)
     assert not result.success
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "cpus", "others", "threads_left"),
+    [
+        (2, 2, 0.0, 2),  # alone: the ceiling, as torch's defaults
+        (2, 2, 0.2, 2),  # a mostly idle `dagster dev` beside it takes nothing
+        (2, 2, 0.3, 1),  # more than a quarter of a CPU counts as a CPU taken
+        (2, 2, 1.0, 1),  # a twin on one thread
+        (2, 2, 2.0, 1),  # a twin on both: never zero
+        (8, 8, 3.1, 5),  # ceil(3.1 - 0.25) = 3 CPUs taken
+        (4, 8, 1.0, 4),  # never above the ceiling (a launch's share)
+    ],
+)
+def test_threads_beside_others_gives_one_thread_per_cpu_taken(ceiling, cpus, others, threads_left):
+    assert threads.threads_beside_others(ceiling, cpus, others) == threads_left
+
+
+PROC_STAT = """cpu  300 10 60 900 5 1 2 70 0 0
+cpu0 100 0 20 500 5 1 1 30 0 0
+cpu1 200 10 40 400 0 0 1 40 0 0
+intr 1 2 3
+ctxt 42
+"""
+
+
+def test_busy_cpu_seconds_counts_user_nice_system_irq_softirq_of_the_listed_cpus():
+    # cpu0: 100 + 0 + 20 + 1 + 1 = 122 ticks; cpu1: 200 + 10 + 40 + 0 + 1 = 251 (idle, iowait and steal left out)
+    assert threads.busy_cpu_seconds(PROC_STAT, {0}, ticks_per_second=100) == pytest.approx(1.22)
+    assert threads.busy_cpu_seconds(PROC_STAT, {0, 1}, ticks_per_second=100) == pytest.approx(3.73)
+    assert threads.busy_cpu_seconds(PROC_STAT, {1, 7}, ticks_per_second=250) == pytest.approx(251 / 250)
+    assert threads.busy_cpu_seconds(PROC_STAT, set()) == 0.0  # the all-CPU line never counts
+
+
+def test_cgroup_cpu_seconds_reads_v2_then_v1(tmp_path):
+    assert threads.cgroup_cpu_seconds(tmp_path) is None
+    (tmp_path / "cpuacct").mkdir()
+    (tmp_path / "cpuacct" / "cpuacct.usage").write_text("2500000000\n")
+    assert threads.cgroup_cpu_seconds(tmp_path) == pytest.approx(2.5)
+    (tmp_path / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
+    assert threads.cgroup_cpu_seconds(tmp_path) == pytest.approx(1.5)
+
+
+class FakeMachine:
+    """A clock, the machine's busy CPU-seconds and this process's own CPU-seconds, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = self.busy = self.own = 0.0
+        self.set_to: list[int] = []
+
+    def run(self, seconds: float, own_cpus: float, other_cpus: float) -> None:
+        self.now += seconds
+        self.own += own_cpus * seconds
+        self.busy += (own_cpus + other_cpus) * seconds
+
+    def governor(self, ceiling: int = 2, cpus: int = 2) -> threads.ThreadGovernor:
+        return threads.ThreadGovernor(
+            ceiling, cpus, read_busy=lambda: self.busy, read_own=lambda: self.own, clock=lambda: self.now, set_threads=self.set_to.append
+        )
+
+
+def test_the_governor_keeps_the_ceiling_alone_and_gives_a_thread_to_a_twin():
+    machine = FakeMachine()
+    governor = machine.governor()
+    machine.run(threads.FIRST_LOOK_S, own_cpus=2.0, other_cpus=0.1)
+    assert governor.look() == 2 and machine.set_to == []  # alone (a 0.1-CPU neighbour takes nothing)
+    machine.run(threads.LOOK_EVERY_S / 2, own_cpus=2.0, other_cpus=2.0)
+    assert governor.look() == 2 and machine.set_to == []  # no look before one is due, however busy
+    machine.run(threads.LOOK_EVERY_S / 2, own_cpus=2.0, other_cpus=2.0)
+    assert governor.look() == 1 and machine.set_to == [1]  # a twin started: one thread
+    machine.run(threads.LOOK_EVERY_S, own_cpus=1.0, other_cpus=1.0)
+    assert governor.look() == 1 and machine.set_to == [1]  # both on one thread: stays (no flapping)
+    machine.run(threads.LOOK_EVERY_S, own_cpus=1.0, other_cpus=0.0)
+    assert governor.look() == 2 and machine.set_to == [1, 2] and governor.changes == 2  # the twin finished
+
+
+def test_the_governor_measures_the_others_over_the_window_since_its_last_look():
+    machine = FakeMachine()
+    governor = machine.governor(ceiling=8, cpus=8)
+    machine.run(2.0, own_cpus=4.0, other_cpus=3.0)  # a long gap between forward passes: one window
+    assert governor.look() == 5  # 8 - ceil(3.0 - 0.25)
+    machine.run(threads.LOOK_EVERY_S, own_cpus=5.0, other_cpus=0.0)
+    assert governor.look() == 8
+
+
+def test_threads_for_lowers_torch_s_count_before_a_forward_while_others_are_busy(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    busy = {"seconds": 0.0}
+    monkeypatch.setattr(threads, "machine_busy_reader", lambda: lambda: busy["seconds"])
+    monkeypatch.setattr(threads, "FIRST_LOOK_S", 0.0)
+    model = torch.nn.Linear(400, 400)  # 160,400 parameters: above the one-thread toy size
+    seen: list[int] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    with threads_for(model) as policy:
+        assert policy.intra_op == 2 and policy.adapts
+        busy["seconds"] += 1e6  # another process kept both CPUs busy since the governor's first reading
+        model(torch.ones(1, 400))
+    assert seen == [1]
+    assert torch.get_num_threads() == before  # restored on exit
+    model(torch.ones(1, 400))
+    assert seen == [1, before]  # the governor's hook is gone with the block

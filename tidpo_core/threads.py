@@ -1,30 +1,32 @@
-"""How many threads each tidpo process gives torch and OpenMP: decided, not left to the defaults.
+"""How many threads each tidpo process gives torch: decided, and re-decided while other processes run.
 
-torch's default is one intra-op thread per core it can see, and OpenMP's threads spin while they wait for
-work. On a machine that runs anything else (a second experiment, `dagster dev`, the MLflow UI, Dagster's
-multiprocess executor), those spinning threads take the cores the other process needs, and a small model,
-whose every op is tiny, spends its time in that synchronisation. bench/bench_contention.py measured, on
-2 cores, the weights pass 6-21x and SFT steps 5x slower beside one identical process under those defaults.
-So every process tidpo starts runs under this policy:
+torch's default is one intra-op thread per core it can see, and OpenMP's idle threads spin for a few
+milliseconds while they wait for the next op. Alone, that is the fastest setting. Beside another busy process
+it is the slowest: the two processes' threads outnumber the cores, an op waits for the thread the kernel
+descheduled, and the spinning threads take the core the other process needs. bench/bench_contention.py
+measured, on 2 cores beside an identical process, the weights pass 7-8x and sampling 4-6x slower under those
+defaults. No static setting wins both: a short OpenMP spin (GOMP_SPINCOUNT=1000, this policy until
+December 2026) held the slowdown to 1.4-2.1x but cost up to 55 % alone, because waking a sleeping thread is
+slow on a VM. So every process tidpo starts runs under this policy:
 
-- the CPUs it may use are the fewer of its affinity mask and its cgroup CPU quota (a container limited to
-  2 CPUs on a 64-core host sees 64 cores but gets 2);
-- one intra-op thread per usable CPU (its equal share when a launch runs several processes on the machine:
-  LOCAL_WORLD_SIZE), except for a toy model (under SMALL_MODEL_PARAMETERS, the tests'
-  models), where ops are too small to split, and for token-by-token sampling of a small model (under
-  SMALL_GENERATION_PARAMETERS), where one thread was 2.4x faster than two on the embedded model;
+- a ceiling: the CPUs it may use, the fewer of its affinity mask and its cgroup CPU quota (a container limited
+  to 2 CPUs on a 64-core host sees 64 cores but gets 2), divided equally among the processes of its launch
+  (LOCAL_WORLD_SIZE); one thread for a toy model (under SMALL_MODEL_PARAMETERS, the tests' models), whose ops
+  are too small to split, and for token-by-token sampling of a small model (under
+  SMALL_GENERATION_PARAMETERS), where one thread was faster than two on the embedded model;
+- below the ceiling, as many threads as the CPUs other processes leave free (ThreadGovernor): every
+  LOOK_EVERY_S, between two forward passes of the model, it compares the busy time of this process's CPUs
+  (/proc/stat, or the cgroup's usage under a quota) with this
+  process's own CPU time, and gives torch one thread fewer for each CPU the others keep busy. Alone it keeps
+  the ceiling, so it runs exactly as torch's defaults do; beside a twin both drop to one thread each and
+  share the cores without oversubscribing them;
 - one inter-op thread (tidpo runs one model call at a time);
-- OpenMP's idle threads spin briefly, then sleep: ``GOMP_SPINCOUNT=1000`` (about 10 microseconds) with
-  ``OMP_WAIT_POLICY=PASSIVE``, set when tidpo_core is imported, before torch loads OpenMP, unless the user
-  set them. Measured on 2 cores beside an identical process (bench/bench_contention.py, "wait_settings"):
-  sleeping at once (PASSIVE alone) kept the slowdown at 0.7-1.4x but cost 10-66 % alone, because waking
-  a sleeping thread is slow (in a VM, an idle vCPU halts); a 1,000-spin wait cost -13 to +25 % alone and
-  slowed 1.8-2.2x beside the twin (fair sharing: 2x); 10,000 spins and more were as fast as torch's
-  defaults alone but 4.8-10x slower beside the twin.
+- OpenMP's wait left at its default (spin about 3 ms, then sleep): a process that gave its threads away has an
+  idle pool, which sleeps after that spin, and one that runs alone needs the spin.
 
-``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads` in Dagster) overrides the intra-op count.
-The OpenMP runtime reads its environment once, when torch loads it: ``thread_environment`` gives the
-variables for a child process (the launcher adds them), and ``make`` exports them for its own processes.
+``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads` in Dagster) fixes the intra-op count and
+turns the adaptation off. ``thread_environment`` gives a child process its thread count (the launcher adds
+it); a value the user set (OMP_NUM_THREADS, OMP_WAIT_POLICY, ...) is kept.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -42,34 +45,33 @@ NUM_THREADS_ENV = "TIDPO_NUM_THREADS"
 # (1M parameters) and a 21M one both ran faster on 2 threads than on 1 on an idle 2-core machine.
 SMALL_MODEL_PARAMETERS = 100_000
 # Sampling runs one token at a time, so its ops stay tiny for longer: bench_contention's threads_by_size found
-# one thread 2.4x faster than two on the embedded 1M-parameter model and 1.06x slower on a 21M one.
+# one thread faster than two on the embedded 1M-parameter model (0.83x of two threads' time on a quiet host,
+# 0.39x on a loaded one) and slower on a 21M one.
 SMALL_GENERATION_PARAMETERS = 10_000_000
-WAIT_POLICY = "PASSIVE"
-SPIN_COUNT = "1000"
+# How often the governor looks at the machine: a first look soon after the start (a process that starts
+# beside a busy one should not oversubscribe it for long), then every LOOK_EVERY_S. /proc/stat counts in
+# 10 ms ticks, so a shorter window would mostly measure its own rounding.
+FIRST_LOOK_S = 0.25
+LOOK_EVERY_S = 0.5
+# Another process's CPU use below this (a mostly idle `dagster dev` or MLflow UI) takes no thread away.
+IDLE_NEIGHBOUR_CPUS = 0.25
 Workload = Literal["compute", "generate"]
 
 
 @dataclass(frozen=True)
 class ThreadPolicy:
     intra_op: int
-    """torch.set_num_threads: threads inside one op (matmul, attention)."""
+    """torch.set_num_threads: threads inside one op (matmul, attention); the most the governor gives."""
     inter_op: int
     """torch.set_num_interop_threads: ops run at the same time (tidpo runs one at a time)."""
-    omp_wait_policy: str
-    """OMP_WAIT_POLICY for processes started under this policy: PASSIVE sleeps while waiting."""
-    spin_count: str
-    """GOMP_SPINCOUNT: how many times an idle OpenMP thread spins before it sleeps (libgomp, torch's OpenMP)."""
     reason: str
     """Why these numbers, for logs and run metadata."""
+    adapts: bool = False
+    """Whether the count drops below intra_op while other processes keep the CPUs busy (ThreadGovernor)."""
 
     def environment(self) -> dict[str, str]:
         """The variables a child process needs to start under this policy (OpenMP reads them at load)."""
-        return {
-            "OMP_NUM_THREADS": str(self.intra_op),
-            "MKL_NUM_THREADS": str(self.intra_op),
-            "OMP_WAIT_POLICY": self.omp_wait_policy,
-            "GOMP_SPINCOUNT": self.spin_count,
-        }
+        return {"OMP_NUM_THREADS": str(self.intra_op), "MKL_NUM_THREADS": str(self.intra_op)}
 
 
 def cgroup_cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -87,12 +89,16 @@ def cgroup_cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None
     return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
+def _affinity() -> set[int]:
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def available_cpus(affinity: set[int] | frozenset[int] | None = None, quota: float | None = None) -> int:
     """The CPUs this process may actually use: its affinity mask, capped by a CPU quota (rounded up), at least 1.
 
     Defaults read the running process (``os.sched_getaffinity``) and its cgroup."""
     if affinity is None:
-        affinity = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        affinity = _affinity()
     if quota is None:
         quota = cgroup_cpu_quota()
     cpus = len(affinity) or 1
@@ -134,15 +140,17 @@ def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
 def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
     """The policy for a process with `cpus` usable CPUs running a model of `model_parameters` (None: not
     known yet, treated as large) for `workload` (forward/backward passes, or token-by-token sampling).
-    `requested` (TIDPO_NUM_THREADS) wins when given."""
+    `requested` (TIDPO_NUM_THREADS) wins when given, and is kept however busy the machine is."""
     if requested is not None:
-        return ThreadPolicy(requested, 1, WAIT_POLICY, SPIN_COUNT, f"{NUM_THREADS_ENV}={requested}")
+        return ThreadPolicy(requested, 1, f"{NUM_THREADS_ENV}={requested}")
     if model_parameters is not None and model_parameters < SMALL_MODEL_PARAMETERS:
-        return ThreadPolicy(1, 1, WAIT_POLICY, SPIN_COUNT, f"small model ({model_parameters:,} parameters): one thread")
+        return ThreadPolicy(1, 1, f"small model ({model_parameters:,} parameters): one thread")
     if workload == "generate" and model_parameters is not None and model_parameters < SMALL_GENERATION_PARAMETERS:
-        return ThreadPolicy(1, 1, WAIT_POLICY, SPIN_COUNT, f"sampling a small model ({model_parameters:,} parameters): one thread")
+        return ThreadPolicy(1, 1, f"sampling a small model ({model_parameters:,} parameters): one thread")
     size = "model size unknown" if model_parameters is None else f"{model_parameters:,} parameters"
-    return ThreadPolicy(cpus, 1, WAIT_POLICY, SPIN_COUNT, f"{size}: one thread per available CPU ({cpus})")
+    adapts = cpus > 1
+    fewer = ", fewer while other processes keep CPUs busy" if adapts else ""
+    return ThreadPolicy(cpus, 1, f"{size}: one thread per available CPU ({cpus}){fewer}", adapts=adapts)
 
 
 def policy_for(model_parameters: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
@@ -154,6 +162,112 @@ def policy_for(model_parameters: int | None = None, workload: Workload = "comput
 def parameter_count(*models: object) -> int:
     """Parameters of the models together (anything with ``.parameters()``)."""
     return sum(p.numel() for model in models for p in model.parameters())  # type: ignore[attr-defined]
+
+
+# --- adapting to the other processes --------------------------------------------------------------------
+
+
+def threads_beside_others(ceiling: int, cpus: int, others_busy_cpus: float) -> int:
+    """Intra-op threads that fit beside other processes that kept `others_busy_cpus` CPUs busy (an average
+    over the last window) out of the `cpus` this process may use: one thread fewer per CPU they take, a CPU
+    counted as taken once they use more than IDLE_NEIGHBOUR_CPUS of it; never more than `ceiling`, never 0."""
+    taken = max(0, math.ceil(others_busy_cpus - IDLE_NEIGHBOUR_CPUS))
+    return max(1, min(ceiling, cpus - taken))
+
+
+# /proc/stat columns after the CPU's name: user nice system idle iowait irq softirq steal (guest time is
+# already inside user). Busy means run by this machine's processes: user, nice, system, irq, softirq. Steal
+# (time the VM's host gave another guest) is left out: it comes and goes with the host's other tenants, and
+# counted as busy, a light steal of 10-20 % sent a process running alone to one thread for a sixth of its
+# forward passes (bench_contention, 2026-12-03), where the defaults it must match keep both.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6)
+
+
+def busy_cpu_seconds(proc_stat: str, cpus: Collection[int], ticks_per_second: int = 100) -> float:
+    """CPU-seconds the listed CPUs have spent running this machine's processes, from the text of /proc/stat."""
+    ticks = 0
+    for line in proc_stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        columns = [int(v) for v in rest.split()]
+        ticks += sum(columns[i] for i in _BUSY_COLUMNS if i < len(columns))
+    return ticks / ticks_per_second
+
+
+def cgroup_cpu_seconds(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPU-seconds the processes of this cgroup have used (v2 ``cpu.stat`` usage_usec, then v1 cpuacct.usage)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (cgroup_root / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) / 1e6
+    with contextlib.suppress(OSError, ValueError):
+        return int((cgroup_root / "cpuacct" / "cpuacct.usage").read_text()) / 1e9
+    return None
+
+
+def machine_busy_reader() -> Callable[[], float] | None:
+    """A function giving the busy CPU-seconds of the CPUs this process competes for, or None where this
+    system does not say (no /proc/stat: not Linux). Under a cgroup CPU quota the competition is the cgroup's
+    own processes (the quota is this process's share whatever runs outside it), otherwise every process on
+    the CPUs of this process's affinity mask."""
+    affinity = _affinity()
+    quota = cgroup_cpu_quota()
+    if quota is not None and math.ceil(quota) < len(affinity):
+        return cgroup_cpu_seconds if cgroup_cpu_seconds() is not None else None
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return lambda: busy_cpu_seconds(stat.read_text(), affinity, ticks)
+
+
+@dataclass
+class ThreadGovernor:
+    """Gives torch as many intra-op threads as the CPUs other processes leave free, up to the policy's count.
+
+    `look` is called between two model calls (threads_for hooks it to the model's forward), in the thread that
+    runs the model: OpenMP's thread count belongs to the calling thread. It costs one clock read until a look
+    is due. The readers are injected so the arithmetic can be tested without a machine."""
+
+    ceiling: int
+    cpus: int
+    read_busy: Callable[[], float]
+    read_own: Callable[[], float] = time.process_time
+    clock: Callable[[], float] = time.monotonic
+    set_threads: Callable[[int], None] = field(default=lambda n: _set_torch_threads(n))
+    current: int = 0
+    changes: int = 0
+    _next_look: float = 0.0
+    _last: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.ceiling
+        now = self.clock()
+        self._last = (now, self.read_busy(), self.read_own())
+        self._next_look = now + FIRST_LOOK_S
+
+    def look(self) -> int:
+        """Re-decide the thread count if a look is due; the count in force."""
+        now = self.clock()
+        if now < self._next_look:
+            return self.current
+        busy, own = self.read_busy(), self.read_own()
+        then, busy_then, own_then = self._last
+        others = max(0.0, (busy - busy_then) - (own - own_then)) / max(now - then, 1e-9)
+        self._last, self._next_look = (now, busy, own), now + LOOK_EVERY_S
+        wanted = threads_beside_others(self.ceiling, self.cpus, others)
+        if wanted != self.current:
+            self.set_threads(wanted)
+            self.current, self.changes = wanted, self.changes + 1
+        return self.current
+
+
+def _set_torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
 
 
 def apply_policy(policy: ThreadPolicy) -> None:
@@ -168,24 +282,36 @@ def apply_policy(policy: ThreadPolicy) -> None:
 
 @contextlib.contextmanager
 def threads_for(*models: object, workload: Workload = "compute") -> Iterator[ThreadPolicy]:
-    """Run the block under the policy for `models` (on CPU) and `workload`, then restore torch's previous
-    thread count."""
+    """Run the block under the policy for `models` (on CPU) and `workload`: its thread count, lowered while
+    other processes keep the CPUs busy (a ThreadGovernor looking before each forward pass of the first
+    model); then restore torch's previous thread count."""
     import torch
 
     previous = torch.get_num_threads()
     on_cpu = all(next(iter(m.parameters())).device.type == "cpu" for m in models)  # type: ignore[attr-defined]
     policy = policy_for(parameter_count(*models), workload) if on_cpu else policy_for(None, workload)
     torch.set_num_threads(policy.intra_op)
+    hook = None
+    reader = machine_busy_reader() if on_cpu and policy.adapts and models else None
+    if reader is not None:
+        governor = ThreadGovernor(policy.intra_op, available_cpus(), reader)
+
+        def look_before_forward(*_: object) -> None:  # a pre-hook's return value would replace the inputs
+            governor.look()
+
+        hook = models[0].register_forward_pre_hook(look_before_forward)  # type: ignore[attr-defined]
     try:
         yield policy
     finally:
+        if hook is not None:
+            hook.remove()
         torch.set_num_threads(previous)
 
 
 def thread_environment(model_parameters: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """`base` (default: this process's environment) plus the policy's variables, for a child process; a
-    value the user set (OMP_NUM_THREADS, OMP_WAIT_POLICY, ...) is kept. The child applies the policy for
-    its own model again once it knows it (threads_for)."""
+    value the user set (OMP_NUM_THREADS, ...) is kept. The child applies the policy for its own model again
+    once it knows it (threads_for)."""
     env = dict(os.environ if base is None else base)
     policy = decide_threads(available_cpus(), model_parameters, requested_threads(env))
     return {**policy.environment(), **env}
