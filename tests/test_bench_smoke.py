@@ -266,7 +266,7 @@ def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders
     from tidpo_core.threads import available_cpus, decide_threads
 
     assert default["threads"] == (__import__("os").cpu_count() or 1)
-    assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"], workload="generate").intra_op
+    assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"]).intra_op
     doc = {
         "stages": {"weights": {"default": {"slowdown": 13.5}, "tidpo": {"slowdown": 1.5}, "tidpo_idle_cost": 1.02, "slowdown_target_met": True, "idle_cost_target_met": True}},
         "targets": {"slowdown_with_two_processes": 2.5, "idle_cost": 1.05},

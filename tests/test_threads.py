@@ -67,18 +67,6 @@ def test_a_small_model_gets_one_thread_a_large_one_every_cpu():
     assert not decide_threads(1, 10**9).adapts and not decide_threads(8, 10**9, requested=8).adapts
 
 
-def test_sampling_a_small_model_gets_one_thread_a_large_one_every_cpu():
-    """Token-by-token sampling keeps ops tiny for longer: bench_contention measured one thread 2.4x faster on the
-    embedded 1M-parameter model, and slightly slower on a 21M one."""
-    below = decide_threads(8, threads.SMALL_GENERATION_PARAMETERS - 1, workload="generate")
-    at = decide_threads(8, threads.SMALL_GENERATION_PARAMETERS, workload="generate")
-    same_model_training = decide_threads(8, threads.SMALL_GENERATION_PARAMETERS - 1)
-    assert (below.intra_op, at.intra_op, same_model_training.intra_op) == (1, 8, 8)
-    assert "sampling" in below.reason
-    assert decide_threads(8, None, workload="generate").intra_op == 8  # size unknown: treated as large
-    assert decide_threads(8, 1_000_000, requested=3, workload="generate").intra_op == 3
-
-
 def test_the_processes_of_one_launch_share_the_cpus(monkeypatch):
     assert (threads.cpu_share(16, 2), threads.cpu_share(2, 2), threads.cpu_share(1, 4)) == (8, 1, 1)  # never zero
     assert threads.local_processes({"LOCAL_WORLD_SIZE": "2"}) == 2
@@ -242,3 +230,29 @@ def test_threads_for_lowers_torch_s_count_before_a_forward_while_others_are_busy
     assert torch.get_num_threads() == before  # restored on exit
     model(torch.ones(1, 400))
     assert seen == [1, before]  # the governor's hook is gone with the block
+
+
+def test_a_nested_block_s_policy_is_not_undone_by_the_outer_governor(monkeypatch):
+    """A block nested in another (sampling inside an evaluation) governs itself: the outer governor must not
+    hand threads back while the inner block holds its own count."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    busy = {"seconds": 0.0}
+    monkeypatch.setattr(threads, "machine_busy_reader", lambda: lambda: busy["seconds"])
+    monkeypatch.setattr(threads, "FIRST_LOOK_S", 0.0)
+    monkeypatch.setattr(threads, "LOOK_EVERY_S", 0.0)
+    model = torch.nn.Linear(400, 400)
+    toy = torch.nn.Linear(10, 10)  # under the toy size: a one-thread block
+    seen: list[int] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    with threads_for(model):
+        busy["seconds"] += 1e6  # another process busy: the outer governor gives a thread away
+        model(torch.ones(1, 400))
+        # The other process is gone: from here on the outer governor, were it looking, would want both back.
+        with threads_for(toy) as inner:
+            assert inner.intra_op == 1
+            model(torch.ones(1, 400))
+        model(torch.ones(1, 400))
+    assert seen == [1, 1, 2]

@@ -12,8 +12,7 @@ slow on a VM. So every process tidpo starts runs under this policy:
 - a ceiling: the CPUs it may use, the fewer of its affinity mask and its cgroup CPU quota (a container limited
   to 2 CPUs on a 64-core host sees 64 cores but gets 2), divided equally among the processes of its launch
   (LOCAL_WORLD_SIZE); one thread for a toy model (under SMALL_MODEL_PARAMETERS, the tests' models), whose ops
-  are too small to split, and for token-by-token sampling of a small model (under
-  SMALL_GENERATION_PARAMETERS), where one thread was faster than two on the embedded model;
+  are too small to split;
 - below the ceiling, as many threads as the CPUs other processes leave free (ThreadGovernor): every
   LOOK_EVERY_S, between two forward passes of the model, it compares the busy time of this process's CPUs
   (/proc/stat, or the cgroup's usage under a quota) with this
@@ -34,20 +33,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 NUM_THREADS_ENV = "TIDPO_NUM_THREADS"
 # Below this, one thread. Set below every model bench/bench_contention.py measured: the embedded model
 # (1M parameters) and a 21M one both ran faster on 2 threads than on 1 on an idle 2-core machine.
 SMALL_MODEL_PARAMETERS = 100_000
-# Sampling runs one token at a time, so its ops stay tiny for longer: bench_contention's threads_by_size found
-# one thread faster than two on the embedded 1M-parameter model (0.83x of two threads' time on a quiet host,
-# 0.39x on a loaded one) and slower on a 21M one.
-SMALL_GENERATION_PARAMETERS = 10_000_000
 # How often the governor looks at the machine: a first look soon after the start (a process that starts
 # beside a busy one should not oversubscribe it for long), then every LOOK_EVERY_S. /proc/stat counts in
 # 10 ms ticks, so a shorter window would mostly measure its own rounding.
@@ -55,7 +50,6 @@ FIRST_LOOK_S = 0.25
 LOOK_EVERY_S = 0.5
 # Another process's CPU use below this (a mostly idle `dagster dev` or MLflow UI) takes no thread away.
 IDLE_NEIGHBOUR_CPUS = 0.25
-Workload = Literal["compute", "generate"]
 
 
 @dataclass(frozen=True)
@@ -137,26 +131,29 @@ def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
     return count
 
 
-def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
+def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None) -> ThreadPolicy:
     """The policy for a process with `cpus` usable CPUs running a model of `model_parameters` (None: not
-    known yet, treated as large) for `workload` (forward/backward passes, or token-by-token sampling).
-    `requested` (TIDPO_NUM_THREADS) wins when given, and is kept however busy the machine is."""
+    known yet, treated as large). `requested` (TIDPO_NUM_THREADS) wins when given, and is kept however busy
+    the machine is.
+
+    Sampling gets no count of its own: until December 2026 it ran one thread for models under 10M
+    parameters, which bench_contention measured 6 % slower than two on the embedded model when both were
+    timed in one process (separate processes had said anything from 0.86x to 1.12x); beside another
+    process, the governor now gives the thread away anyway."""
     if requested is not None:
         return ThreadPolicy(requested, 1, f"{NUM_THREADS_ENV}={requested}")
     if model_parameters is not None and model_parameters < SMALL_MODEL_PARAMETERS:
         return ThreadPolicy(1, 1, f"small model ({model_parameters:,} parameters): one thread")
-    if workload == "generate" and model_parameters is not None and model_parameters < SMALL_GENERATION_PARAMETERS:
-        return ThreadPolicy(1, 1, f"sampling a small model ({model_parameters:,} parameters): one thread")
     size = "model size unknown" if model_parameters is None else f"{model_parameters:,} parameters"
     adapts = cpus > 1
     fewer = ", fewer while other processes keep CPUs busy" if adapts else ""
     return ThreadPolicy(cpus, 1, f"{size}: one thread per available CPU ({cpus}){fewer}", adapts=adapts)
 
 
-def policy_for(model_parameters: int | None = None, workload: Workload = "compute") -> ThreadPolicy:
+def policy_for(model_parameters: int | None = None) -> ThreadPolicy:
     """The policy for this process now: its share of the CPUs (with the other processes of its launch), the
-    model's size, the workload and TIDPO_NUM_THREADS."""
-    return decide_threads(cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads(), workload)
+    model's size and TIDPO_NUM_THREADS."""
+    return decide_threads(cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads())
 
 
 def parameter_count(*models: object) -> int:
@@ -281,31 +278,50 @@ def apply_policy(policy: ThreadPolicy) -> None:
 
 
 @contextlib.contextmanager
-def threads_for(*models: object, workload: Workload = "compute") -> Iterator[ThreadPolicy]:
-    """Run the block under the policy for `models` (on CPU) and `workload`: its thread count, lowered while
+def threads_for(*models: object) -> Iterator[ThreadPolicy]:
+    """Run the block under the policy for `models` (on CPU): its thread count, lowered while
     other processes keep the CPUs busy (a ThreadGovernor looking before each forward pass of the first
     model); then restore torch's previous thread count."""
     import torch
 
     previous = torch.get_num_threads()
     on_cpu = all(next(iter(m.parameters())).device.type == "cpu" for m in models)  # type: ignore[attr-defined]
-    policy = policy_for(parameter_count(*models), workload) if on_cpu else policy_for(None, workload)
+    policy = policy_for(parameter_count(*models)) if on_cpu else policy_for(None)
     torch.set_num_threads(policy.intra_op)
-    hook = None
+    hook, governor = None, None
     reader = machine_busy_reader() if on_cpu and policy.adapts and models else None
     if reader is not None:
         governor = ThreadGovernor(policy.intra_op, available_cpus(), reader)
 
         def look_before_forward(*_: object) -> None:  # a pre-hook's return value would replace the inputs
-            governor.look()
+            if _innermost() is governor:  # a nested block (sampling inside an evaluation) governs itself
+                governor.look()
 
         hook = models[0].register_forward_pre_hook(look_before_forward)  # type: ignore[attr-defined]
+    stack = _governors()
+    stack.append(governor)
     try:
         yield policy
     finally:
+        stack.pop()
         if hook is not None:
             hook.remove()
         torch.set_num_threads(previous)
+
+
+_local = threading.local()
+
+
+def _governors() -> list[ThreadGovernor | None]:
+    """This thread's open threads_for blocks, innermost last (None: a block whose count does not adapt)."""
+    if not hasattr(_local, "governors"):
+        _local.governors = []
+    return _local.governors
+
+
+def _innermost() -> ThreadGovernor | None:
+    stack = _governors()
+    return stack[-1] if stack else None
 
 
 def thread_environment(model_parameters: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:

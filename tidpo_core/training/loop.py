@@ -93,7 +93,7 @@ def _run(
     # The thread policy for this model (tidpo_core.threads); restored on return, for in-process runs.
     with threads_for(models.policy) as thread_policy:
         reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
-        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings)
+        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings, thread_policy.intra_op)
 
 
 def _train_loaded(
@@ -106,6 +106,7 @@ def _train_loaded(
     faults: Faults,
     models: Any,
     timings: dict[str, float],
+    thread_count: int,
 ) -> TrainSummary:
     features = load_training_features(config, models.tokenizer, timings)
     refresh = _AnchorRefresh.create(
@@ -117,7 +118,7 @@ def _train_loaded(
     start_step = run.step
     _train_steps(run, reporter, on_step, stop, faults)
     timings["loop_s"] = seconds = time.perf_counter() - run.loop_started
-    return _finish(run, timings, seconds, start_step)
+    return _finish(run, timings, seconds, start_step, thread_count)
 
 
 def _announce(run: RunState, reporter: Reporter, pairs: int) -> None:
@@ -311,7 +312,7 @@ def _after_step(run: RunState, reporter: Reporter, stop: StopSignals, faults: Fa
         )
 
 
-def _finish(run: RunState, timings: dict[str, float], seconds: float, start_step: int) -> TrainSummary:
+def _finish(run: RunState, timings: dict[str, float], seconds: float, start_step: int, thread_count: int) -> TrainSummary:
     """Save the final model, then the summary (returned, and written as summary.json)."""
     accelerator, step = run.accelerator, run.step
     started = time.perf_counter()
@@ -336,7 +337,7 @@ def _finish(run: RunState, timings: dict[str, float], seconds: float, start_step
         trainable_parameters=run.trainable_count,
         total_parameters=run.total_count,
         peak_rss_mb=_peak_rss_mb(),
-        torch_threads=torch.get_num_threads(),
+        torch_threads=thread_count,
         timings={k: round(v, 4) for k, v in timings.items()},
     )
     if accelerator.is_main_process:

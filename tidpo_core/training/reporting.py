@@ -31,7 +31,8 @@ class TrainSummary:
     total_parameters: int = 0
     peak_rss_mb: float = 0.0
     torch_threads: int = 0
-    """Intra-op threads the run trained with (tidpo_core.threads)."""
+    """Intra-op threads the run's policy gave it (tidpo_core.threads): the most it used; fewer while other
+    processes kept the CPUs busy."""
     timings: dict[str, float] = field(default_factory=dict)
 
 
