@@ -66,7 +66,7 @@ SHAPES = {
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"pairs": 16, "train_steps": 3, "sample_prompts": 8, "new_tokens": 8, "rounds": 1, "wait_rounds": 1, "interleaved_rounds": 2}
-    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 5, "wait_rounds": 3, "interleaved_rounds": 8}
+    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 4, "wait_rounds": 2, "interleaved_rounds": 8}
 
 
 # --- the worker ------------------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
         rows.append(
             (
                 f"busy machine: {stage}",
-                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy; policy alone / defaults alone",
+                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy; policy alone / defaults alone (one process alternating both)",
                 f"{_r(default['slowdown'])} vs {_r(policy['slowdown'])}; idle {_r(figures['tidpo_idle_cost'])}",
                 f"<= {doc['targets']['slowdown_with_two_processes']}x: {_mark(figures['slowdown_target_met'])}; "
                 f"idle <= {doc['targets']['idle_cost']}x: {_mark(figures['idle_cost_target_met'])}",
