@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/python -m tidpo_pipeline.run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --timeout 600
+	$(BIN)/python -m pytest -q -m "not slow" --timeout 600 --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check tidpo_core tidpo_pipeline tests bench
