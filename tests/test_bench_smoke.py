@@ -57,6 +57,7 @@ def test_trl_throughput_and_loss_agreement(results_dir):
     assert targets[0].startswith("`dpo` <= 0.75x TRL: ") and any(t.startswith("<= 1.0x TRL: ") for t in targets)
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_weight_precompute_cost(results_dir):
     from bench import bench_weights
 

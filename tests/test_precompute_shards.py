@@ -243,6 +243,7 @@ def test_a_corrupt_or_missing_weight_shard_fails_naming_it_and_loads_nothing(bas
 # --- through the assets -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_the_assets_launch_their_ranks_through_pipes_and_record_the_shards(tmp_path):
     import dagster as dg
     from pipeline_config import small_run_config

@@ -186,6 +186,7 @@ def test_a_run_on_a_busy_data_dir_fails_fast_and_changes_nothing(tmp_path):
     assert _materialize(tmp_path, _pairs_config(80), selection=["preference_pairs"]).success  # lock freed
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_with_a_lock_timeout_runs_serialize(tmp_path):
     holder = _hold_lock(tmp_path)
     threading.Timer(2.0, holder.stdin.close).start()  # the other run finishes after 2 s

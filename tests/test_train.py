@@ -326,6 +326,7 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
 def test_anchor_refresh_every_step_samples_each_batch_from_the_current_policy(tiny, tmp_path):
     """anchor_refresh_every 1, the authors' algorithm: each micro-batch's anchors are sampled from the policy
     right before its step (its own prompts only), and a resumed run samples what the uninterrupted one did."""
