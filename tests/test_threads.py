@@ -210,14 +210,21 @@ def test_the_governor_measures_the_others_over_the_window_since_its_last_look():
     assert governor.look() == 8
 
 
-def test_threads_for_lowers_torch_s_count_before_a_forward_while_others_are_busy(monkeypatch):
-    torch = pytest.importorskip("torch")
+@pytest.fixture
+def busy(monkeypatch) -> dict[str, float]:
+    """Two CPUs, no TIDPO_NUM_THREADS, and the machine's busy CPU-seconds as a counter the test advances;
+    the governor's first look is due at once."""
     monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda: 2)
-    busy = {"seconds": 0.0}
-    monkeypatch.setattr(threads, "machine_busy_reader", lambda: lambda: busy["seconds"])
+    counter = {"seconds": 0.0}
+    monkeypatch.setattr(threads, "machine_busy_reader", lambda: lambda: counter["seconds"])
     monkeypatch.setattr(threads, "FIRST_LOOK_S", 0.0)
+    return counter
+
+
+def test_threads_for_lowers_torch_s_count_before_a_forward_while_others_are_busy(busy):
+    torch = pytest.importorskip("torch")
     model = torch.nn.Linear(400, 400)  # 160,400 parameters: above the one-thread toy size
     seen: list[int] = []
     model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
@@ -232,16 +239,10 @@ def test_threads_for_lowers_torch_s_count_before_a_forward_while_others_are_busy
     assert seen == [1, before]  # the governor's hook is gone with the block
 
 
-def test_a_nested_block_s_policy_is_not_undone_by_the_outer_governor(monkeypatch):
+def test_a_nested_block_s_policy_is_not_undone_by_the_outer_governor(busy, monkeypatch):
     """A block nested in another (sampling inside an evaluation) governs itself: the outer governor must not
     hand threads back while the inner block holds its own count."""
     torch = pytest.importorskip("torch")
-    monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
-    busy = {"seconds": 0.0}
-    monkeypatch.setattr(threads, "machine_busy_reader", lambda: lambda: busy["seconds"])
-    monkeypatch.setattr(threads, "FIRST_LOOK_S", 0.0)
     monkeypatch.setattr(threads, "LOOK_EVERY_S", 0.0)
     model = torch.nn.Linear(400, 400)
     toy = torch.nn.Linear(10, 10)  # under the toy size: a one-thread block
