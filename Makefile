@@ -28,8 +28,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m tidpo_pipeline.run
 
+# One pytest worker per core, each test file on one worker (its module fixtures built once): the tests run
+# torch on one thread each (tests/conftest.py), so a single worker leaves the other cores idle. nproc, not
+# xdist's `auto`: auto counts physical cores, one on a 2-vCPU VM with hyperthreads.
+TEST_WORKERS ?= $(shell nproc)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --timeout 600 --durations=25
+	$(BIN)/python -m pytest -q -m "not slow" --timeout 600 --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check tidpo_core tidpo_pipeline tests bench

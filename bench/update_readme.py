@@ -350,11 +350,12 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
     rows = []
     for stage, figures in doc["stages"].items():
         default, policy = figures["default"], figures["tidpo"]
+        fair_share = f" (one thread each: {_r(figures['fair_share_slowdown'])})" if "fair_share_slowdown" in figures else ""
         rows.append(
             (
                 f"busy machine: {stage}",
-                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy; policy alone / defaults alone (one process alternating both)",
-                f"{_r(default['slowdown'])} vs {_r(policy['slowdown'])}; idle {_r(figures['tidpo_idle_cost'])}",
+                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy (vs two fixed one-thread processes / defaults alone); policy alone / defaults alone (one process alternating both)",
+                f"{_r(default['slowdown'])} vs {_r(policy['slowdown'])}{fair_share}; idle {_r(figures['tidpo_idle_cost'])}",
                 f"<= {doc['targets']['slowdown_with_two_processes']}x: {_mark(figures['slowdown_target_met'])}; "
                 f"idle <= {doc['targets']['idle_cost']}x: {_mark(figures['idle_cost_target_met'])}",
             )

@@ -269,8 +269,26 @@ def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders
     assert default["threads"] == (__import__("os").cpu_count() or 1)
     assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"]).intra_op
     doc = {
-        "stages": {"weights": {"default": {"slowdown": 13.5}, "tidpo": {"slowdown": 1.5}, "tidpo_idle_cost": 1.02, "slowdown_target_met": True, "idle_cost_target_met": True}},
+        "stages": {
+            "weights": {"default": {"slowdown": 13.5}, "tidpo": {"slowdown": 1.5}, "tidpo_idle_cost": 1.02, "slowdown_target_met": True, "idle_cost_target_met": True},
+            "train": {
+                "default": {"slowdown": 3.6}, "tidpo": {"slowdown": 2.6}, "fair_share_slowdown": 2.55, "tidpo_idle_cost": 1.0,
+                "slowdown_target_met": False, "idle_cost_target_met": True,
+            },
+        },
         "targets": {"slowdown_with_two_processes": 2.5, "idle_cost": 1.05},
     }
-    (row,) = update_readme.rows_contention(doc)
-    assert row[2] == "13.50x vs 1.50x; idle 1.02x" and row[3] == "<= 2.5x: met; idle <= 1.05x: met"
+    weights, train = update_readme.rows_contention(doc)
+    assert weights[2] == "13.50x vs 1.50x; idle 1.02x" and weights[3] == "<= 2.5x: met; idle <= 1.05x: met"
+    assert train[2] == "3.60x vs 2.60x (one thread each: 2.55x); idle 1.00x" and train[3] == "<= 2.5x: not met; idle <= 1.05x: met"
+
+
+def test_the_fair_share_setting_runs_each_worker_on_one_fixed_thread(monkeypatch):
+    from bench import bench_contention
+
+    calls = []
+    monkeypatch.setattr(bench_contention, "_run_together", lambda *args, **kwargs: calls.append((args, kwargs)) or [])
+    bench_contention._run_setting(2, "train", bench_contention.ONE_THREAD_EACH, {})
+    bench_contention._run_setting(1, "train", "tidpo", {})
+    assert calls == [((2, "train", "default", {}), {"threads": 1}), ((1, "train", "tidpo", {}), {})]
+    assert bench_contention._environment("default", threads=1)["TIDPO_NUM_THREADS"] == "1"
