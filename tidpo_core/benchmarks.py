@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tidpo_core.chat import has_chat_template
 from tidpo_core.quiet import LM_EVAL_CUSTOM_DATASET_NOISE, without_log_messages
 
 logger = logging.getLogger(__name__)
@@ -627,6 +628,9 @@ def run_benchmarks(
         batch_size=options.batch_size,
         max_length=options.max_length,
     )
+    # A chat model answers questions put to it as a user turn in its chat template (lm-eval's
+    # --apply_chat_template); a base or tiny model reads the raw text.
+    chat = has_chat_template(lm.tokenizer)
     manager = TaskManager(include_defaults=False)
     by_task = {r.task: r for r in results}
     for task in runnable:
@@ -644,6 +648,7 @@ def run_benchmarks(
                     bootstrap_iters=0,
                     log_samples=False,
                     confirm_run_unsafe_code=options.allow_code_execution,
+                    apply_chat_template=chat,
                 )
             raw = (output or {}).get("results", {}).get(task)
             if raw is None:

@@ -26,8 +26,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from tidpo_core.chat import stop_token_ids
 from tidpo_core.fingerprint import digest
 from tidpo_core.threads import threads_for
+from tidpo_core.tokenization import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,8 @@ class SamplingSettings:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_tokens: int) -> list[int]:
-    """The prompt exactly as training sees it: bos + prompt tokens, keeping the prompt's end."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    """The prompt exactly as training sees it (`tokenization.encode_prompt`: the chat template, if any)."""
+    return encode_prompt(tokenizer, prompt, max_prompt_tokens)
 
 
 def warpers(settings: SamplingSettings) -> list[LogitsProcessor]:
@@ -109,7 +110,7 @@ def sample_batches(
     Without `seeds`, each batch is seeded from the settings' seed and its prompts, so a prompt's sample
     does not depend on which other prompts were still missing when the asset re-ran. With `seeds` (one
     per prompt), each row is drawn from its own generator (see the module's docstring). The new ids
-    run to max_new_tokens, eos and padding included.
+    run to max_new_tokens, the stop token and padding included.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
@@ -135,7 +136,8 @@ def sample_batches(
                     **_decoding(settings, chunk_seeds),
                     max_new_tokens=settings.max_new_tokens,
                     pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
+                    # A chat model stops at its end-of-turn token (and eos, where that differs).
+                    eos_token_id=stop_token_ids(tokenizer),
                 )
                 yield chunk, encoded, output[:, width:].tolist()
     finally:

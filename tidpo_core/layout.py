@@ -65,6 +65,11 @@ class DataDir:
     def reference_model(self) -> Path:
         return self.models / "reference"
 
+    @property
+    def imported_models(self) -> Path:
+        """HF folders converted from GGUF checkpoints, one per file fingerprint (modeling.import_gguf)."""
+        return self.models / "imported"
+
     def contrastive_models(self, fingerprint: str) -> Path:
         return self.models / "contrastive" / fingerprint
 

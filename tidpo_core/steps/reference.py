@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tidpo_core import store, tracking
+from tidpo_core.chat import has_chat_template
 from tidpo_core.errors import UserInputError
 from tidpo_core.features import EncodingSettings
 from tidpo_core.fingerprint import digest, model_fingerprint
@@ -22,6 +23,8 @@ from tidpo_core.modeling import (
     check_model_available,
     count_parameters,
     load_model_and_tokenizer,
+    resolve_model_source,
+    resolves_to_import,
     save_model_and_tokenizer,
     train_tokenizer,
 )
@@ -34,7 +37,8 @@ BUILD_MARKER = "tidpo_build.json"
 @dataclass(frozen=True)
 class ReferenceRecipe:
     model_name_or_path: str = ""
-    """Hub id (e.g. meta-llama/Llama-3.1-8B-Instruct) or local folder; empty builds the embedded tiny model."""
+    """Hub id (e.g. meta-llama/Llama-3.1-8B-Instruct), local HF folder, GGUF file, or a shipped model's short
+    name (`smollm2-135m-instruct`); empty builds the embedded tiny model."""
     revision: str | None = None
     trust_remote_code: bool = False
     sft_steps: int = 300
@@ -94,7 +98,7 @@ def build_reference(
 ) -> ReferenceBuilt:
     """The reference for the stored pairs: reused when its folder was built from the same pairs and recipe."""
     if recipe.model_name_or_path:
-        built = _checked_checkpoint(recipe)
+        built = _checked_checkpoint(recipe, layout.imported_models, log_to(log))
     else:
         built = _embedded_model(open_db, recipe, tiny, layout.reference_model, pairs_digest, encoding, progress, log_to(log))
     if tracking_to is None:
@@ -111,21 +115,38 @@ def build_reference(
     return dataclasses.replace(built, handle=dataclasses.replace(built.handle, mlflow_run_id=run_id))
 
 
-def _checked_checkpoint(recipe: ReferenceRecipe) -> ReferenceBuilt:
+def _checked_checkpoint(recipe: ReferenceRecipe, imports_dir: Path, log: Callable[[str], None]) -> ReferenceBuilt:
     # Validate the checkpoint without loading its weights: an 8B model has no business in the
-    # orchestrator's memory; the steps that need it load it themselves.
+    # orchestrator's memory; the steps that need it load it themselves. A GGUF file (or a shipped model's
+    # short name) is the exception: it is converted once into an HF folder that every later step loads.
     try:
-        model_config = check_model_available(recipe.model_name_or_path, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision)
-    except OSError as exc:  # a missing folder, a file, an unknown hub id, no network
+        if resolves_to_import(recipe.model_name_or_path):
+            log(f"reference model: importing {recipe.model_name_or_path} into {imports_dir} (once per file)")
+        source = resolve_model_source(recipe.model_name_or_path, imports_dir)
+        model_config = check_model_available(source, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision)
+    except OSError as exc:  # a missing folder or file, an unknown hub id, no network, a wheel not installed
         raise UserInputError(f"reference model: {exc}", model=recipe.model_name_or_path) from None
     handle = ReferenceHandle(
-        path=recipe.model_name_or_path,
-        fingerprint=model_fingerprint(recipe.model_name_or_path, recipe.revision),
+        path=source,
+        fingerprint=model_fingerprint(source, recipe.revision),
         revision=recipe.revision,
         trust_remote_code=recipe.trust_remote_code,
-        base={"path": recipe.model_name_or_path, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code},
+        base={"path": source, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code},
     )
-    return ReferenceBuilt(handle, [], None, {"architecture": (model_config.architectures or ["?"])[0]}, reused=True)
+    details = {"architecture": (model_config.architectures or ["?"])[0], "chat_template": _has_template(source)}
+    if source != recipe.model_name_or_path:
+        details["imported_from"] = recipe.model_name_or_path
+    return ReferenceBuilt(handle, [], None, details, reused=True)
+
+
+def _has_template(source: str) -> bool:
+    """Whether the checkpoint's tokenizer ships a chat template (prompts are rendered with it when it does)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return has_chat_template(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError):
+        return False
 
 
 def _embedded_model(

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from tidpo_core import store
+from tidpo_core.chat import closing_token_id
 from tidpo_core.errors import UserInputError
 from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
 from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
@@ -147,7 +148,7 @@ def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
             reference_topk=settings.reference_kl_top_k,
             estimator=settings.estimator,
             exclude_eos=settings.exclude_eos,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=closing_token_id(tokenizer),  # a chat model's end-of-turn token
             contrastive_models=contrastive,
         )
         return store.weight_shard_table(token_weights_row(*key, enc, imp) for key, enc, imp in zip(keys, encoded, importances, strict=True))

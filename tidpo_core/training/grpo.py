@@ -43,6 +43,7 @@ import torch
 from accelerate.utils import set_seed
 
 from tidpo_core import store
+from tidpo_core.chat import has_chat_template
 from tidpo_core.data import PreferencePair
 from tidpo_core.faults import Faults
 from tidpo_core.grpo import RewardFunction, reward_function
@@ -50,6 +51,7 @@ from tidpo_core.layout import RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
 from tidpo_core.quiet import quiet_trainer_output
 from tidpo_core.threads import threads_for
+from tidpo_core.tokenization import encode_prompt
 from tidpo_core.training.config import TrainConfig
 from tidpo_core.training.reporting import Reporter, TrainSummary, _peak_rss_mb
 from tidpo_core.training.setup import _mixed_precision, _model_dtype, _use_cpu
@@ -69,8 +71,11 @@ def train_prompts(config: TrainConfig) -> list[PreferencePair]:
 
 def prompt_text(tokenizer: Any, prompt: str, max_prompt_tokens: int) -> str:
     """The text TRL tokenizes (`tokenizer(text=...)`) for `prompt`, so that it reads the ids tidpo's sampling
-    and training read: bos (when the tokenizer does not add it itself) and the prompt's last
-    max_prompt_tokens tokens (TRL 1.16 does not truncate prompts)."""
+    and training read (`tokenization.encode_prompt`; TRL 1.16 does not truncate prompts). With a chat
+    template that is the rendered conversation; without one, bos (when the tokenizer does not add it
+    itself) and the prompt's last max_prompt_tokens tokens."""
+    if has_chat_template(tokenizer):
+        return tokenizer.decode(encode_prompt(tokenizer, prompt, max_prompt_tokens))
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     text = tokenizer.decode(ids[-max_prompt_tokens:]) if len(ids) > max_prompt_tokens else prompt
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
