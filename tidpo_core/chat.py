@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 __all__ = [
+    "PROMPT_FORMAT",
     "ROLE_OF_LABEL",
     "closing_token_id",
     "end_of_turn_id",
@@ -27,6 +28,8 @@ __all__ = [
     "stop_token_ids",
 ]
 
+PROMPT_FORMAT = "chat-template-1"
+"""Version of how a chat model's prompts and responses are encoded (part of a chat reference's fingerprint)."""
 # The labels `tidpo_core.data` writes for each role, and HH's own two.
 ROLE_OF_LABEL = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")

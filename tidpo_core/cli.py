@@ -108,9 +108,14 @@ def _history(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace, tracking_uri: str) -> int:
     from tidpo_core import store
+    from tidpo_core.errors import UserInputError
     from tidpo_core.tracking import rollback_champion
 
-    previous = rollback_champion(tracking_uri, args.version, args.reason, args.data_dir, args.name)
+    try:
+        previous = rollback_champion(tracking_uri, args.version, args.reason, args.data_dir, args.name)
+    except UserInputError as exc:  # an unknown version: nothing moved, nothing to record
+        print(f"tidpo rollback: {exc}", file=sys.stderr)
+        return 1
     con = store.connect(_database(args.data_dir))
     try:
         store.record_champion_event(

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tidpo_core.chat import closing_token_id, readable_prompt, stop_token_ids
 from tidpo_core.data import PreferencePair
 from tidpo_core.features import (
     EncodingSettings,
@@ -326,14 +327,15 @@ def sample_with_tokens(
     Re-encoding decoded text would score a canonical tokenization rather than the sampled path, which
     biases a likelihood-ratio estimate; so the ids come straight from `generate`.
     """
-    eos = tokenizer.eos_token_id
+    stops = set(stop_token_ids(tokenizer))  # eos, or a chat model's end-of-turn token
     out = SampledResponses([], [], [], [], [])
     for chunk, encoded, rows in sample_batches(model, tokenizer, prompts, settings, progress):
         for prompt, ids, row in zip(chunk, encoded, rows, strict=True):
-            finished = eos in row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            finished = end is not None
             out.prompts.append(prompt)
             out.prompt_ids.append(ids)
-            out.response_ids.append(row[: row.index(eos) + 1] if finished else row)
+            out.response_ids.append(row[: end + 1] if finished else row)
             out.finished.append(finished)
             out.texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return out
@@ -372,7 +374,8 @@ def response_logps(
 
 @dataclass(frozen=True)
 class KLEstimate:
-    """Monte-Carlo KL(pi || ref) = E_{y ~ pi}[sum_t log pi(y_t|.) - log ref(y_t|.)] over sampled responses."""
+    """Monte-Carlo KL(pi || ref) = E_{y ~ pi}[sum_t log pi(y_t|.) - log ref(y_t|.)] over sampled responses,
+    with the standard error of that mean (`stderr`, NaN for fewer than two samples)."""
 
     kl: float
     stderr: float
@@ -389,13 +392,27 @@ class KLEstimate:
         }
 
 
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of Monte-Carlo samples: std(values, ddof=1) / sqrt(n).
+
+    NaN mean and stderr for no values; a single value has a mean but no stderr (NaN).
+    """
+    x = np.asarray(values, np.float64)
+    n = x.size
+    if n == 0:
+        return float("nan"), float("nan")
+    stderr = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(x.mean()), stderr
+
+
 def kl_from_logps(
     policy_logps: Sequence[Sequence[float]], reference_logps: Sequence[Sequence[float]]
 ) -> KLEstimate:
     """The estimate from per-token log-probs of responses sampled from the policy.
 
     Each sample contributes s_i = sum_t [log pi - log ref]; the estimate is mean(s_i), its standard error
-    std(s_i, ddof=1) / sqrt(n). Single samples can be negative; the expectation cannot.
+    std(s_i, ddof=1) / sqrt(n) (`mean_and_stderr`). The estimate can be negative by sampling noise (the
+    true KL cannot), which is why it is always reported with its standard error.
     """
     sums, tokens = [], 0
     for p, r in zip(policy_logps, reference_logps, strict=True):
@@ -404,12 +421,11 @@ def kl_from_logps(
             raise ValueError(f"policy and reference log-probs differ in length: {p.shape} vs {r.shape}")
         sums.append(float(np.sum(p - r)))
         tokens += p.size
-    per_sample = np.asarray(sums)
+    per_sample = np.asarray(sums, np.float64)
     n = per_sample.size
-    if n == 0:
-        return KLEstimate(float("nan"), float("nan"), float("nan"), 0, per_sample)
-    stderr = float(np.std(per_sample, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return KLEstimate(float(per_sample.mean()), stderr, float(per_sample.sum() / max(tokens, 1)), n, per_sample)
+    kl, stderr = mean_and_stderr(per_sample)
+    per_token = float(per_sample.sum() / max(tokens, 1)) if n else float("nan")
+    return KLEstimate(kl, stderr, per_token, n, per_sample)
 
 
 def kl_to_reference(
@@ -459,9 +475,10 @@ def distinct_n(texts: Sequence[str] | Sequence[Sequence[Any]], n: int) -> float:
     return len(seen) / total if total else float("nan")
 
 
-def diversity_metrics(samples: SampledResponses, eos_token_id: int | None) -> dict[str, float]:
-    """distinct-1/2 over the sampled token ids (eos excluded), mean length in tokens, share that stopped."""
-    tokens = [[t for t in ids if t != eos_token_id] for ids in samples.response_ids]
+def diversity_metrics(samples: SampledResponses, eos_token_id: int | Sequence[int] | None) -> dict[str, float]:
+    """distinct-1/2 over the sampled token ids (the stop tokens excluded), mean length in tokens, share that stopped."""
+    stops = {eos_token_id} if eos_token_id is None or isinstance(eos_token_id, int) else set(eos_token_id)
+    tokens = [[t for t in ids if t not in stops] for ids in samples.response_ids]
     return {
         "distinct_1": distinct_n(tokens, 1),
         "distinct_2": distinct_n(tokens, 2),
@@ -628,7 +645,7 @@ def importance_by_variant(
             without_eos(
                 estimate,
                 [t for t, on in zip(e.input_ids, e.response_mask, strict=True) if on],
-                tokenizer.eos_token_id,
+                closing_token_id(tokenizer),  # a chat model's end-of-turn token
                 lambda_=weight_lambda,
                 normalization=normalization,
             )
@@ -805,7 +822,7 @@ def _evaluate_model(
             progress=progress,
         )
         metrics.update(estimate.as_metrics())
-        metrics.update(diversity_metrics(samples, tokenizer.eos_token_id))
+        metrics.update(diversity_metrics(samples, stop_token_ids(tokenizer)))
         if not is_pure_sampling(settings.sampling):
             skipped["kl_exactness"] = (
                 "samples were drawn with temperature/top-k/top-p: the KL estimate is of the modified distribution"
@@ -852,9 +869,15 @@ def _evaluate_model(
 # --- token-importance pictures --------------------------------------------------------------------------
 
 
-def _prompt_title(prompt: str, limit: int = 150) -> str:
-    text = " ".join(prompt.replace("Human:", " ").replace("Assistant:", " ").split())
-    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+def _prompt_title(prompt: str, width: int = 110, turns: int = 4) -> str:
+    """A heatmap section's title: the prompt's turns one per line ("user: ...", "assistant: ..."), each cut
+    to `width` characters; of a longer conversation the last `turns` turns, under a line that says how many
+    came before."""
+    lines = readable_prompt(prompt, width).split("\n")
+    if len(lines) > turns:
+        earlier = len(lines) - turns
+        lines = [f"… {earlier} earlier turn{'s' if earlier > 1 else ''}", *lines[-turns:]]
+    return "\n".join(lines)
 
 
 def best_importance_variant(metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_VARIANTS) -> str | None:

@@ -32,20 +32,38 @@ def metric_group(name: str) -> str:
     return "other"
 
 
+# A metric `m` estimated by sampling (the KL to the reference) carries its standard error as `m_stderr`.
+STDERR_SUFFIX = "_stderr"
+
+
 def _rounded(value: float | None) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def with_stderr(value: float | None, stderr: float | None = None) -> str:
+    """The value rounded to 3 decimals, followed by "± <stderr>" when a finite standard error is given
+    (e.g. "0.012 ± 0.031": a sampled KL of -0.064 reads as noise only next to its error)."""
+    text = _rounded(value)
+    if text != "n/a" and stderr is not None and math.isfinite(stderr):
+        text += f" ± {stderr:.3f}"
+    return text
+
+
+def _shown(values: dict[str, float], name: str) -> str:
+    return with_stderr(values.get(name, math.nan), values.get(name + STDERR_SUFFIX))
 
 
 def comparison_rows(
     policy: dict[str, float], reference: dict[str, float], names: list[str] | None = None, baseline: str = "reference"
 ) -> list[dict[str, str]]:
     """Rows of (metric, policy, <baseline>, policy - <baseline>), rounded to 3 decimals, for `names` (all
-    by default); `baseline` names what `reference` holds (e.g. "champion")."""
+    by default); `baseline` names what `reference` holds (e.g. "champion"). A value whose model also has
+    `<metric>_stderr` is shown as "value ± stderr"."""
     rows = []
     for name in names if names is not None else list(dict.fromkeys([*policy, *reference])):
         pol, ref = policy.get(name, math.nan), reference.get(name, math.nan)
         delta = pol - ref if math.isfinite(pol) and math.isfinite(ref) else math.nan
-        rows.append({"metric": name, "policy": _rounded(pol), baseline: _rounded(ref), f"policy - {baseline}": _rounded(delta)})
+        rows.append({"metric": name, "policy": _shown(policy, name), baseline: _shown(reference, name), f"policy - {baseline}": _rounded(delta)})
     return rows
 
 
@@ -59,17 +77,24 @@ def grouped_comparison_rows(policy: dict[str, float], reference: dict[str, float
 
 def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]:
     """An aligned table of KEY_METRICS from `eval/policy/...` and `eval/reference/...` entries; a metric the
-    run did not measure is left out."""
+    run did not measure is left out. A metric logged with its standard error (`..._stderr`, the sampled KL)
+    shows as "value ± stderr"; runs logged before it was recorded print as before."""
     rows = [("metric", "policy", "reference")]
     for key, label in KEY_METRICS:
         policy, reference = metrics.get(f"eval/policy/{key}"), metrics.get(f"eval/reference/{key}")
         if policy is None:
             continue
-        rows.append((label, _rounded(policy), "" if reference is None else _rounded(reference)))
+        policy_se, reference_se = metrics.get(f"eval/policy/{key}{STDERR_SUFFIX}"), metrics.get(f"eval/reference/{key}{STDERR_SUFFIX}")
+        rows.append((label, with_stderr(policy, policy_se), "" if reference is None else with_stderr(reference, reference_se)))
     if len(rows) == 1:
         return []
     width = max(len(r[0]) for r in rows)
-    return [f"{indent}{label:<{width}}  {policy:>8}  {reference:>9}" for label, policy, reference in rows]
+    policy_width = max(8, *(len(r[1]) for r in rows))
+    reference_width = max(9, *(len(r[2]) for r in rows))
+    return [
+        f"{indent}{label:<{width}}  {policy:>{policy_width}}  {reference:>{reference_width}}"
+        for label, policy, reference in rows
+    ]
 
 
 def evaluation_by_model(run_metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -58,7 +58,7 @@ class HeatmapRow:
 class HeatmapSection:
     """The responses of one prompt (chosen, rejected, anchor), drawn together under the prompt."""
 
-    title: str
+    title: str  # one or more lines (a prompt's turns), each drawn on its own line
     rows: list[HeatmapRow] = field(default_factory=list)
 
 
@@ -93,7 +93,8 @@ def token_heatmap_html(sections: Sequence[HeatmapSection], caption: str = "") ->
     if caption:
         parts.append(f"<p><em>{html.escape(caption)}</em></p>")
     for section in sections:
-        parts.append(f"<h4>{html.escape(section.title)}</h4>")
+        title = "<br>".join(html.escape(line) for line in section.title.split("\n"))  # a prompt's turns, one per line
+        parts.append(f"<h4>{title}</h4>")
         for row in section.rows:
             parts.append(f'<div class="row"><strong>{html.escape(row.label)}</strong>: ')
             for i, (token, weight, shade) in enumerate(zip(row.tokens, row.weights, _shades(row.weights), strict=True)):
@@ -150,8 +151,10 @@ def save_token_heatmap_png(
         commands.append(("caption", 0.0, y, " ".join(caption.split()), {}))
         y += line_px * 1.2
     for section in sections:
-        commands.append(("title", 0.0, y, " ".join(section.title.split()), {}))
-        y += line_px * 1.1
+        for line in section.title.split("\n"):  # a prompt's turns, one per line
+            commands.append(("title", 0.0, y, " ".join(line.split()), {}))
+            y += line_px
+        y += line_px * 0.1
         for row in section.rows:
             label = f"{row.label}:"
             commands.append(("label", 0.0, y, label, {}))

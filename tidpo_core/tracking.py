@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from tidpo_core.errors import UserInputError
 from tidpo_core.layout import REGISTRY_LOCK_FILE, TRACKING_STORE_FILE, DataDir
 from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
 
@@ -334,14 +335,29 @@ def promote_if_champion_is(
 def rollback_champion(
     tracking_uri: str, version: str | int, reason: str, lock_dir: str | Path, name: str = REGISTERED_MODEL
 ) -> str | None:
-    """Give an earlier `version` the alias back; tags it with why. Returns the champion it replaced."""
+    """Give an earlier `version` the alias back; tags it with why. Returns the champion it replaced.
+    An unknown version raises UserInputError (naming the versions that exist) before the alias moves."""
     store = client(tracking_uri)
-    store.get_model_version(name, str(version))  # an unknown version fails here, before the alias moves
+    try:
+        store.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        versions = registered_versions(tracking_uri, name)
+        known = f"versions: {', '.join(versions)}" if versions else f"{name!r} has no versions yet"
+        raise UserInputError(f"version {version} of {name!r} does not exist; {known}", version=str(version)) from None
     with registry_lock(lock_dir):
         previous = champion_version(tracking_uri, name)
         set_champion(tracking_uri, version, name)
     store.set_model_version_tag(name, str(version), "rollback_reason", reason[:5000])
     return previous
+
+
+def registered_versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list[str]:
+    """The registered model's version numbers, oldest first (none if the model is not registered)."""
+    quoted = name.replace("'", "\\'")
+    found = client(tracking_uri).search_model_versions(f"name='{quoted}'")
+    return [str(v) for v in sorted(int(mv.version) for mv in found)]
 
 
 def tag_gate_verdict(

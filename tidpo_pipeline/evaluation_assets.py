@@ -8,13 +8,13 @@ import dagster as dg
 
 from tidpo_core.benchmarks import BenchmarkResult
 from tidpo_core.evaluation import ModelEvaluation
-from tidpo_core.metrics import KEY_METRICS, comparison_rows, grouped_comparison_rows
+from tidpo_core.metrics import KEY_METRICS, STDERR_SUFFIX, comparison_rows, grouped_comparison_rows
 from tidpo_core.steps import handle_of, settings_of
 from tidpo_core.steps.evaluate import EvaluationSettings, GatePolicy, TrainedPolicy, evaluate_policy
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
-from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata
+from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata, prompt_cell
 from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
 
@@ -50,7 +50,7 @@ def _samples_preview(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, 
     rows = []
     for model, e in evaluations.items():
         if e.samples is not None:
-            rows += [{"model": model, "prompt": p, "sample": t} for p, t in list(zip(e.samples.prompts, e.samples.texts, strict=True))[:3]]
+            rows += [{"model": model, "prompt": prompt_cell(p, 160), "sample": t} for p, t in list(zip(e.samples.prompts, e.samples.texts, strict=True))[:3]]
     return rows
 
 
@@ -115,6 +115,12 @@ def evaluation(
             **versus_champion,
             # The key metrics also as numbers, which the UI plots across materializations.
             **{f"policy/{k}": round(metrics["policy"][k], 4) for k in key_names},
+            # ... with the standard error of those estimated by sampling (the KL), where it is finite.
+            **{
+                f"policy/{k}{STDERR_SUFFIX}": round(metrics["policy"][k + STDERR_SUFFIX], 4)
+                for k in key_names
+                if math.isfinite(metrics["policy"].get(k + STDERR_SUFFIX, math.nan))
+            },
             **{
                 f"metrics: {group}": dg.MetadataValue.md(markdown_table(rows))
                 for group, rows in grouped_comparison_rows(metrics["policy"], metrics["reference"]).items()

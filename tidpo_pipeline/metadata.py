@@ -5,6 +5,7 @@ from typing import Any
 
 import dagster as dg
 
+from tidpo_core.chat import readable_prompt
 from tidpo_core.plots import png_markdown
 
 GROUP = "tidpo"
@@ -50,12 +51,20 @@ def mlflow_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
+def prompt_cell(prompt: str, limit: int = 120) -> str:
+    """A stored prompt (an HH transcript or plain text) as its turns on one line, for a table cell:
+    "user: ... / assistant: ... / user: ...". A longer one keeps its end, the turn the answers reply to."""
+    text = readable_prompt(prompt).replace("\n", " / ")
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
 def pairs_preview(rows: list[tuple[str, str, str, str, str]]) -> str:
-    """(pair_id, split, prompt, chosen, rejected) rows as a table that shows where the answers differ."""
+    """(pair_id, split, prompt, chosen, rejected) rows as a table that shows the prompt's turns and where
+    the answers differ."""
     table = []
     for pair_id, split, prompt, chosen, rejected in rows:
         chosen_part, rejected_part = where_they_differ(chosen, rejected)
-        table.append({"pair_id": pair_id, "split": split, "prompt": prompt, "chosen (where it differs)": chosen_part, "rejected (where it differs)": rejected_part})
+        table.append({"pair_id": pair_id, "split": split, "prompt": prompt_cell(prompt, 120), "chosen (where it differs)": chosen_part, "rejected (where it differs)": rejected_part})
     return markdown_table(table, 120)
 
 
@@ -64,7 +73,7 @@ def quarantine_preview(rows: list[tuple[str, int, str, str]]) -> str:
 
 
 def anchors_preview(rows: list[tuple[str, str, str]]) -> str:
-    return markdown_table([dict(zip(["pair_id", "prompt", "anchor"], r, strict=True)) for r in rows], 80)
+    return markdown_table([{"pair_id": pair_id, "prompt": prompt_cell(prompt, 80), "anchor": anchor} for pair_id, prompt, anchor in rows], 80)
 
 
 def picture_metadata(pictures: dict[str, Path]) -> dict[str, dg.MetadataValue]:

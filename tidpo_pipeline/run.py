@@ -9,7 +9,9 @@ asset); settings it leaves out keep their defaults. --docs-dir also writes the e
 """
 
 import argparse
+import difflib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,18 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs-dir", default="", help="also write the evaluation PNGs to DIR/img/")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_job_def(tidpo_training.name)
     try:
         run_config = run_config_for(args.config, args.docs_dir)
-    except (OSError, ValueError) as exc:
+        # A misspelled key or a wrong type fails here, before any step runs or the instance is touched.
+        dg.validate_run_config(job, run_config)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         print(f"tidpo run: {exc}", file=sys.stderr)
         return 2
+    except dg.DagsterInvalidConfigError as exc:
+        print(f"tidpo run: {config_error_message(exc)}", file=sys.stderr)
+        return 2
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     minutes = (time.perf_counter() - started) / 60
     storage: TidpoStorage = defs.resources["storage"]  # type: ignore[assignment]
     tracking: MlflowTracking = defs.resources["mlflow_tracking"]  # type: ignore[assignment]
     print(f"\ntidpo_training {'succeeded' if result.success else 'FAILED'} in {minutes:.1f} min (run {result.run_id})")
+    for line in failure_lines(result):
+        print(f"  {line}")
     checks = [(f"{c.asset_key.to_user_string()}:{c.check_name}", c.passed) for c in result.get_asset_check_evaluations()]
     width = max((len(name) for name, _ in checks), default=0)
     for name, passed in checks:
@@ -79,6 +88,106 @@ def run_config_for(config_path: str, docs_dir: str) -> dict[str, Any]:
         evaluation = run_config.setdefault("ops", {}).setdefault("evaluation", {}).setdefault("config", {})
         evaluation["docs_dir"] = os.path.abspath(docs_dir)
     return run_config
+
+
+def config_error_message(exc: dg.DagsterInvalidConfigError) -> str:
+    """Dagster's message for an invalid run config (it names each bad key and its path), plus a
+    "did you mean" for a key that is a near miss of one the config accepts."""
+    message = str(exc).strip()
+    hints = []
+    for error in exc.errors:
+        field = getattr(error.error_data, "field_name", None)
+        expected = re.search(r'Expected: "\{(.*)\}"', error.message or "")
+        if not field or not expected:
+            continue
+        known = re.findall(r"(?:^|\s)(\w+)\??:", expected.group(1))
+        close = difflib.get_close_matches(field, known, n=1)
+        if close:
+            hints.append(f"did you mean {close[0]!r} instead of {field!r}?")
+    return "\n".join([message, *hints])
+
+
+# A model that is neither a local folder nor in the Hugging Face cache, with the hub out of reach.
+_MODEL_UNAVAILABLE = re.compile(r"not available|offline|\bhub\b|huggingface", re.IGNORECASE)
+
+
+def failure_lines(result: dg.ExecuteInProcessResult) -> list[str]:
+    """What went wrong, for the run's closing summary: one line per failed step with its reason, a hint
+    when tidpo knows what to do about it, and one line for the steps that did not run because of it."""
+    lines: list[str] = []
+    for event in result.get_step_failure_events():
+        step = event.step_key or "?"
+        reason = failure_reason(event)
+        lines.append(f"failed   {step}: {reason.splitlines()[0] if reason else 'no message'}")
+        hint = failure_hint(step, reason)
+        if hint:
+            lines.append(f"         what to do: {hint}")
+    if not lines and not result.success:  # failed outside any step (a resource, the executor)
+        failure = next((e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE), None)
+        error = failure.job_failure_data.error if failure and failure.job_failure_data else None
+        reason = _error_text(_root(error), with_class=True) if error else (failure.message if failure else "") or "no message"
+        lines.append(f"failed   the run: {reason.splitlines()[0]}")
+    skipped = skipped_steps(result)
+    if skipped and lines:
+        lines.append(f"skipped  {', '.join(skipped)} because an upstream step failed")
+    return lines
+
+
+def failure_reason(event: dg.DagsterEvent) -> str:
+    """The message the user needs from a step failure: a dagster.Failure's description (tidpo's user
+    errors), else the first tidpo UserInputError in the cause chain, else the root error (a bug)."""
+    data = event.step_failure_data
+    if data is None:
+        return event.message or ""
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description.strip()
+    chain = _chain(data.error)
+    if not chain:
+        return ""
+    chosen = next((e for e in chain if e.cls_name == "UserInputError"), chain[-1])
+    return _error_text(chosen, with_class=chosen.cls_name != "UserInputError")
+
+
+def _chain(error: Any) -> list[Any]:
+    """A serialized error and its causes, outermost first."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.cause
+    return chain
+
+
+def _root(error: Any) -> Any:
+    return _chain(error)[-1]
+
+
+def _error_text(error: Any, with_class: bool) -> str:
+    """A serialized error's message without the module path Dagster puts before it."""
+    message = (error.message or "").strip()
+    head, sep, rest = message.partition(": ")
+    if sep and (head == error.cls_name or head.endswith(f".{error.cls_name}")):
+        message = rest
+    elif message in (error.cls_name, f"{error.cls_name}:"):
+        message = ""
+    return f"{error.cls_name}: {message}" if with_class else message
+
+
+def failure_hint(step: str, reason: str) -> str:
+    """What to do about a failure tidpo recognizes; empty otherwise."""
+    if "model" in reason.lower() and _MODEL_UNAVAILABLE.search(reason):
+        setting = "`reference_model.model_name_or_path`" if step == "reference_model" else f"the model setting of {step}"
+        return (
+            f"point {setting} at a local folder or a GGUF file (or the short name `smollm2-135m-instruct`), "
+            "or unset HF_HUB_OFFLINE if this machine has a network"
+        )
+    return ""
+
+
+def skipped_steps(result: dg.ExecuteInProcessResult) -> list[str]:
+    """The job's steps that never started (Dagster abandons the steps downstream of a failure)."""
+    started = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START and e.step_key}
+    nodes = [node.name for node in result.job_def.nodes_in_topological_order]
+    return [n for n in nodes if not any(key == n or key.startswith(f"{n}.") for key in started)]
 
 
 def gate_verdict(result: dg.ExecuteInProcessResult) -> str:

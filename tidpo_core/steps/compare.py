@@ -32,7 +32,7 @@ from tidpo_core.layout import DataDir
 from tidpo_core.plots import save_comparison_png, save_training_curves_png
 from tidpo_core.steps import OpenDb, RunTracking, log_to, publish_pictures
 from tidpo_core.steps.evaluate import eval_settings_for
-from tidpo_core.steps.reference import ReferenceHandle
+from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe
 from tidpo_core.steps.reward import with_stored_reward_model
 
 COMPARISON_PNG = "method_comparison.png"
@@ -95,7 +95,7 @@ def compare_methods(
     log: Callable[[str], None] | None = None,
 ) -> ComparisonReport:
     log = log_to(log)
-    engine_options = with_stored_reward_model(open_db, reference, engine_options)
+    engine_options = with_stored_reward_model(open_db, reference, with_optimizer_recipe(reference, engine_options))
     encoding = EncodingSettings(**weights["encoding"])
     importance = weights.get("importance", {})
     recorded = {**asdict(settings), **engine_options, "benchmarks": list(benchmarks), "benchmark_options": repr(benchmark_options)}

@@ -22,7 +22,7 @@ from tidpo_core.launch import LaunchSettings
 from tidpo_core.layout import DataDir, RunDir
 from tidpo_core.modeling import save_model_and_tokenizer
 from tidpo_core.steps import OpenDb, RunTracking, log_to
-from tidpo_core.steps.reference import ReferenceHandle
+from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe
 from tidpo_core.steps.reward import with_stored_reward_model
 from tidpo_core.training import TrainConfig
 
@@ -115,7 +115,7 @@ def train_policy(
     log: Callable[[str], None] | None = None,
 ) -> PolicyResult:
     log = log_to(log)
-    options = with_stored_reward_model(open_db, inputs.reference, engine_options)
+    options = with_stored_reward_model(open_db, inputs.reference, with_optimizer_recipe(inputs.reference, engine_options))
     if options.get("reference_kl") == "cached" and options.get("loss_type") == "tidpo" and options.get("alpha", 0) > 0 and not inputs.weights.get("reference_kl_top_k"):
         raise UserInputError(
             "reference_kl: cached needs the reference top-k stored with the token weights: "

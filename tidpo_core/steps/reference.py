@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tidpo_core import store, tracking
-from tidpo_core.chat import has_chat_template
+from tidpo_core.chat import PROMPT_FORMAT, has_chat_template
 from tidpo_core.errors import UserInputError
 from tidpo_core.features import EncodingSettings
 from tidpo_core.fingerprint import digest, model_fingerprint
@@ -72,6 +72,20 @@ class ReferenceHandle:
     def load(self) -> tuple[Any, Any]:
         return load_model_and_tokenizer(**self.loading())
 
+    @property
+    def is_pretrained(self) -> bool:
+        """A configured checkpoint, not the embedded model built from scratch."""
+        return "tiny_config" not in self.base
+
+
+def with_optimizer_recipe(reference: ReferenceHandle, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Training options with `optimizer_recipe: auto` settled by the reference: the paper's recipe for a
+    pretrained checkpoint, the scratch recipe for the embedded model (training.config.OPTIMIZER_RECIPES)."""
+    out = dict(options)
+    if out.get("optimizer_recipe", "auto") == "auto":
+        out["optimizer_recipe"] = "paper" if reference.is_pretrained else "scratch"
+    return out
+
 
 @dataclass(frozen=True)
 class ReferenceBuilt:
@@ -126,14 +140,20 @@ def _checked_checkpoint(recipe: ReferenceRecipe, imports_dir: Path, log: Callabl
         model_config = check_model_available(source, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision)
     except OSError as exc:  # a missing folder or file, an unknown hub id, no network, a wheel not installed
         raise UserInputError(f"reference model: {exc}", model=recipe.model_name_or_path) from None
+    chat = _has_template(source)
+    fingerprint = model_fingerprint(source, recipe.revision)
+    if chat:
+        # The encoding is part of the reference's identity: anchors and weights stored for a chat model
+        # before prompts were rendered with its template are recomputed, never read against other ids.
+        fingerprint = digest({"model": fingerprint, "prompt_format": PROMPT_FORMAT})
     handle = ReferenceHandle(
         path=source,
-        fingerprint=model_fingerprint(source, recipe.revision),
+        fingerprint=fingerprint,
         revision=recipe.revision,
         trust_remote_code=recipe.trust_remote_code,
         base={"path": source, "revision": recipe.revision, "trust_remote_code": recipe.trust_remote_code},
     )
-    details = {"architecture": (model_config.architectures or ["?"])[0], "chat_template": _has_template(source)}
+    details = {"architecture": (model_config.architectures or ["?"])[0], "chat_template": chat}
     if source != recipe.model_name_or_path:
         details["imported_from"] = recipe.model_name_or_path
     return ReferenceBuilt(handle, [], None, details, reused=True)

@@ -35,6 +35,13 @@ STEP_METRICS = (
     "step_seconds",
 )
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+# Optimizer settings a run takes when its config leaves them empty (TrainConfig.optimizer_recipe).
+OPTIMIZER_RECIPES: dict[str, dict[str, Any]] = {
+    # The embedded ~1M-parameter model learns from scratch-initialised SFT weights: a large step suits it.
+    "scratch": {"learning_rate": 5e-4, "optimizer": "adamw", "warmup_steps": 10},
+    # METHOD.md, the reference code's recipe for pretrained 7-8B models.
+    "paper": {"learning_rate": 5e-6, "optimizer": "rmsprop", "warmup_steps": 150},
+}
 
 
 @dataclass
@@ -111,11 +118,19 @@ class TrainConfig:
     """With grpo_reward: model, the reward model's folder. Left empty in the pipeline (tidpo_policy,
     method_comparison): the newest reward model the reward_model asset trained on this reference."""
     # optimisation
-    learning_rate: float = 5e-4
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    optimizer_recipe: Literal["auto", "scratch", "paper"] = "auto"
+    """Where learning_rate, optimizer and warmup_steps come from when left empty. `scratch`: the embedded
+    tiny model's (5e-4, AdamW, 10 warm-up steps). `paper`: the paper's recipe for a pretrained model
+    (5e-6, RMSprop, 150 warm-up steps). `auto`: `paper` when the reference is a pretrained checkpoint
+    (the pipeline knows it from the reference_model asset), else `scratch`."""
+    learning_rate: float | None = None
+    """Empty: the optimizer recipe's (see optimizer_recipe)."""
+    optimizer: str | None = None
+    """`adamw` or `rmsprop`; empty: the optimizer recipe's (see optimizer_recipe)."""
     weight_decay: float = 0.0
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
+    """Empty: the optimizer recipe's (see optimizer_recipe)."""
     num_epochs: int = 1
     max_steps: int = -1
     per_device_batch_size: int = 8
@@ -196,6 +211,16 @@ class TrainConfig:
         )
 
     def __post_init__(self) -> None:
+        if self.optimizer_recipe == "auto":
+            # A TrainConfig built outside the pipeline knows nothing of its reference: today's default.
+            self.optimizer_recipe = "scratch"
+        if self.optimizer_recipe not in OPTIMIZER_RECIPES:
+            raise ValueError(f"optimizer_recipe must be auto, scratch or paper, got {self.optimizer_recipe!r}")
+        for name, value in OPTIMIZER_RECIPES[self.optimizer_recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.optimizer not in ("adamw", "rmsprop"):
+            raise ValueError(f"optimizer must be adamw or rmsprop, got {self.optimizer!r}")
         if self.reference_kl not in ("forward", "cached"):
             raise ValueError(f"reference_kl must be 'forward' or 'cached', got {self.reference_kl!r}")
         if self.batch_layout not in BATCH_LAYOUTS:

@@ -127,10 +127,16 @@ def _announce(run: RunState, reporter: Reporter, pairs: int) -> None:
         f"training {config.loss_type}{' + LoRA' if config.lora else ''} on {pairs} pairs: {run.total_steps} steps "
         f"({run.steps_per_epoch}/epoch), {accelerator.num_processes} process(es) [{accelerator.distributed_type.value}], "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-        f"{run.trainable_count:,} of {run.total_count:,} parameters trainable"
+        f"{run.trainable_count:,} of {run.total_count:,} parameters trainable, "
+        f"{config.optimizer} at lr {config.learning_rate:g} with {config.warmup_steps} warm-up steps ({config.optimizer_recipe} recipe)"
         + (f", SeqKL from {'the cached reference top-k' if config.cached_reference_kl else 'a reference forward'}"
            if run.loss_config.needs_kl else "")
     )
+    if config.warmup_steps >= run.total_steps:
+        reporter.log(
+            f"warm-up of {config.warmup_steps} steps covers the whole {run.total_steps}-step run: the learning rate "
+            f"peaks at {run.total_steps / max(1, config.warmup_steps):.0%} of {config.learning_rate:g} (set warmup_steps)"
+        )
 
 
 def _train_steps(
