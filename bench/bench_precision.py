@@ -82,7 +82,7 @@ def dpo_step(model, optimizer, batch, reference: dict[str, torch.Tensor], autoca
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -137,7 +137,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
-    """`auto`: bf16 (or fp16) on a GPU, none on CPU; an explicit value wins over the launcher's."""
+    """`auto`: bf16 (or fp16) on a GPU; on a CPU with native bf16 (AMX, AVX512-BF16) bf16 autocast for a model of
+    50M parameters or more, else none (docs/real-models.md has the measurements); an explicit value wins
+    over the launcher's."""
     model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """dtype the policy is loaded in; float32 master weights are what mixed precision expects."""
     cpu: bool | None = None
