@@ -126,3 +126,18 @@ def test_the_evaluation_samples_answer_in_turn(smollm2_run) -> None:
     samples = _metadata(result, "evaluation")["samples"]
     answers = [row.split("|")[-2] for row in samples.splitlines()[2:] if row.startswith("|")]
     assert answers and not any(marker.strip() in answer for answer in answers for marker in TEMPLATE_MARKERS)
+
+
+def test_the_registered_model_answers_a_plain_question_in_its_chat_template(smollm2_run) -> None:
+    # What `tidpo generate` does with the champion, here with the run's registered version (two steps
+    # do not pass the gate, so it is not the champion).
+    from tidpo_core.generation import SamplingSettings, sample_responses
+    from tidpo_core.tracking import REGISTERED_MODEL, load_registered_model, sqlite_tracking_uri
+
+    data_dir, result = smollm2_run
+    version = _metadata(result, "evaluation")["mlflow_model_version"]
+    model, tokenizer = load_registered_model(sqlite_tracking_uri(str(data_dir)), f"models:/{REGISTERED_MODEL}/{version}")
+    assert tokenizer.chat_template  # the registry keeps the template
+    settings = SamplingSettings(max_new_tokens=12, batch_size=1, seed=0)
+    answer = sample_responses(model, tokenizer, ["How do I keep my bike from being stolen?"], settings)[0].strip()
+    assert answer and not any(marker.strip() in answer for marker in TEMPLATE_MARKERS)
