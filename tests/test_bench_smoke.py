@@ -148,6 +148,18 @@ def test_importance(results_dir):
     assert doc["best_estimator_uniform"] in bench_importance.VARIANTS
 
 
+def test_importance_with_a_pretrained_reference(results_dir):
+    from bench import bench_importance
+
+    doc = bench_importance.run_pretrained("smollm2-135m-instruct", quick=True)
+    assert doc == _written(results_dir, "importance-smollm2-135m-instruct")
+    for position in ("middle", "uniform"):
+        rows = doc["span_position"][position]
+        assert rows["responses"]["all"] > 0
+        for name in (*bench_importance.PRETRAINED_VARIANTS, "prior", "uniform_weights"):
+            assert 0.0 <= rows[name]["precision_at_k"] <= 1.0, (position, name)
+
+
 def test_hh(results_dir, shared_data):
     from bench import bench_hh
 
