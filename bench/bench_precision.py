@@ -1,7 +1,7 @@
 """CPU precision on a real chat model: float32, bf16 autocast and bf16 weights, for a DPO training step and for
 the attribution precompute, on SmolLM2-135M-Instruct with HH-RLHF pairs in its chat template.
 
-    python -m bench.bench_precision [--quick] [--steps 8] [--pairs 40]
+    python -m bench.bench_precision [--quick] [--steps 8] [--rounds 3] [--learning-rate 5e-6]
 
 For each precision, in interleaved rounds: the seconds of one training step (4 pairs, forward + backward +
 RMSprop step, the paper's optimizer) and of the attribution pass over 8 responses. Then the loss curve of
@@ -29,7 +29,8 @@ from tidpo_core.data import split_hh_dialogue
 from tidpo_core.importance import compute_token_importance
 from tidpo_core.losses import token_logps
 from tidpo_core.modeling import load_model_and_tokenizer, resolve_model_source
-from tidpo_core.tokenization import PreferenceCollator, encode_prompt_response
+from tidpo_core.tokenization import EncodedSequence, PreferenceCollator, encode_prompt_response
+from tidpo_core.training.setup import cpu_has_native_bf16
 
 NAME = "precision"
 HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -142,8 +143,6 @@ def main() -> None:
     reference = model_in("float32", source).eval()
     refs, refs_shuffled = reference_logps(reference, batches), reference_logps(reference, shuffled)
     del reference
-    from tidpo_core.tokenization import EncodedSequence
-
     sequences = [EncodedSequence(r["chosen_input_ids"], r["chosen_response_mask"], [(0, 0)] * sum(r["chosen_response_mask"])) for r in rows[:8]]
     common.log(NAME, f"timing {rounds} interleaved rounds")
     timed = timings(source, batches[0], refs[0], sequences, rounds)
@@ -152,7 +151,7 @@ def main() -> None:
     other_order = curve("float32", source, shuffled, refs_shuffled, args.learning_rate)
     seed_noise = statistics.fmean(abs(a - b) for a, b in zip(curves["float32"], other_order, strict=True))
     figures: dict = {"model": "SmolLM2-135M-Instruct", "pairs": len(rows), "batch": BATCH, "steps": steps, "learning_rate": args.learning_rate}
-    figures["cpu_bf16"] = native_bf16()
+    figures["cpu_bf16"] = cpu_has_native_bf16()
     figures["precisions"] = {}
     for p in PRECISIONS:
         deviation = statistics.fmean(abs(a - b) for a, b in zip(curves[p], curves["float32"], strict=True))
@@ -169,15 +168,6 @@ def main() -> None:
     figures["seed_noise_mean_abs_loss_difference"] = seed_noise
     figures["attribution_correlation_with_float32"] = attribution_agreement(source, sequences)
     common.write_results(NAME, figures, args.quick, started)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 if __name__ == "__main__":

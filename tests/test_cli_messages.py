@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from registry_fixtures import registry_with_versions
 
 from tidpo_core import store, tracking
 from tidpo_core.cli import main as core_main
@@ -32,13 +33,7 @@ def test_a_misspelled_run_config_key_is_named_without_a_traceback(tmp_path, monk
 
 
 def test_a_rollback_to_a_missing_version_says_which_exist(tmp_path, capsys) -> None:
-    uri = tracking.sqlite_tracking_uri(tmp_path)
-    client = tracking.client(uri)
-    client.create_registered_model(NAME)
-    experiment = client.create_experiment("t", artifact_location=tracking.artifact_root(tmp_path))
-    for _ in range(2):
-        run = client.create_run(experiment)
-        client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    uri = registry_with_versions(tmp_path, 2, NAME)
     tracking.set_champion(uri, 2)
     capsys.readouterr()
 
@@ -60,8 +55,7 @@ def test_a_rollback_to_a_missing_version_says_which_exist(tmp_path, capsys) -> N
 
 
 def test_a_rollback_without_any_version_says_so(tmp_path, capsys) -> None:
-    uri = tracking.sqlite_tracking_uri(tmp_path)
-    tracking.client(uri).create_registered_model(NAME)
+    registry_with_versions(tmp_path, 0, NAME)
     assert core_main(["rollback", "1", "--reason", "x", "--data-dir", str(tmp_path)]) == 1
     assert "version 1 of 'tidpo-policy' does not exist; 'tidpo-policy' has no versions yet" in capsys.readouterr().err
 

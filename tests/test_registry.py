@@ -6,6 +6,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+from registry_fixtures import registry_with_versions
 
 from tidpo_core import store, tracking
 from tidpo_core.cli import main
@@ -15,14 +16,7 @@ NAME = "tidpo-policy"
 
 @pytest.fixture()
 def registry(tmp_path: Path) -> tuple[str, Path]:
-    uri = tracking.sqlite_tracking_uri(tmp_path)
-    client = tracking.client(uri)
-    client.create_registered_model(NAME)
-    experiment = client.create_experiment("t", artifact_location=tracking.artifact_root(tmp_path))
-    for _ in range(3):
-        run = client.create_run(experiment)
-        client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    return uri, tmp_path
+    return registry_with_versions(tmp_path, 3, NAME), tmp_path
 
 
 def test_promotion_is_compare_and_set(registry) -> None:

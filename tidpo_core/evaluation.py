@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -475,9 +475,9 @@ def distinct_n(texts: Sequence[str] | Sequence[Sequence[Any]], n: int) -> float:
     return len(seen) / total if total else float("nan")
 
 
-def diversity_metrics(samples: SampledResponses, eos_token_id: int | Sequence[int] | None) -> dict[str, float]:
-    """distinct-1/2 over the sampled token ids (the stop tokens excluded), mean length in tokens, share that stopped."""
-    stops = {eos_token_id} if eos_token_id is None or isinstance(eos_token_id, int) else set(eos_token_id)
+def diversity_metrics(samples: SampledResponses, stops: Collection[int]) -> dict[str, float]:
+    """distinct-1/2 over the sampled token ids (the `stops` tokens excluded), mean length in tokens, share that stopped."""
+    stops = set(stops)
     tokens = [[t for t in ids if t not in stops] for ids in samples.response_ids]
     return {
         "distinct_1": distinct_n(tokens, 1),

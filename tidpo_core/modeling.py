@@ -203,7 +203,8 @@ def import_gguf(gguf_path: str | os.PathLike, imports_dir: str | os.PathLike) ->
     source = Path(gguf_path).expanduser().resolve()
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file does not exist: {source}")
-    out = Path(imports_dir) / f"{source.stem}-{file_fingerprint(source)}"
+    fingerprint = file_fingerprint(source)
+    out = Path(imports_dir) / f"{source.stem}-{fingerprint}"
     if (out / IMPORT_MARKER).is_file():
         return out
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -219,7 +220,7 @@ def import_gguf(gguf_path: str | os.PathLike, imports_dir: str | os.PathLike) ->
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     save_model_and_tokenizer(model, tokenizer, staging)
-    (staging / IMPORT_MARKER).write_text(json.dumps({"gguf": str(source), "fingerprint": out.name.rsplit("-", 1)[-1]}))
+    (staging / IMPORT_MARKER).write_text(json.dumps({"gguf": str(source), "fingerprint": fingerprint}))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
