@@ -32,6 +32,8 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("hh", "bench.bench_hh"),
     ("grpo", "bench.bench_grpo"),
     ("contention", "bench.bench_contention"),
+    # The paper's comparison on SmolLM2: hours of CPU, resumable from its data dir (.tidpo/bench-real).
+    ("real", "bench.bench_real"),
 )
 
 

@@ -11,6 +11,7 @@ from pipeline_config import small_run_config
 from tidpo_core import store, tracking
 from tidpo_core.comparison import (
     DEFAULT_METHODS,
+    ESTIMATOR_METHODS,
     METHODS,
     ComparisonInputs,
     ComparisonResult,
@@ -18,6 +19,8 @@ from tidpo_core.comparison import (
     aggregate,
     comparison_markdown,
     method_train_config,
+    run_method_comparison,
+    win_rate,
 )
 from tidpo_pipeline.assets import anchor_responses, preference_pairs, reference_model, token_weights
 from tidpo_pipeline.comparison_assets import method_comparison
@@ -54,9 +57,30 @@ def test_each_method_is_one_switch():
     assert configs["tidpo_no_triplet"].gamma == 0.0 and configs["tidpo_no_triplet"].weight_lambda == 0.7
     assert configs["grpo"].loss_type == "grpo" and configs["grpo"].is_grpo
     assert all(c.seed == 3 and c.max_steps == 5 and c.checkpoint_every == 0 for c in configs.values())
-    assert "grpo" not in DEFAULT_METHODS and set(DEFAULT_METHODS) | {"grpo"} == set(METHODS)
+    assert "grpo" not in DEFAULT_METHODS and set(DEFAULT_METHODS) | {"grpo"} | set(ESTIMATOR_METHODS) == set(METHODS)
+    assert all(configs[m].weights_fingerprint == "w" for m in METHODS)
     with pytest.raises(ValueError):
         method_train_config("ppo", 0, inputs, "out", {})
+
+
+def test_an_estimator_method_trains_on_its_own_weight_table():
+    inputs = ComparisonInputs("db", "ref", "w", "a", weights_by_method={"tidpo_contrastive": "w-contrastive"})
+    contrastive = method_train_config("tidpo_contrastive", 0, inputs, "out", {})
+    assert contrastive.loss_type == "tidpo" and contrastive.weights_fingerprint == "w-contrastive"
+    assert method_train_config("tidpo", 0, inputs, "out", {}).weights_fingerprint == "w"
+    with pytest.raises(ValueError, match="weights_by_method"):  # before anything is read or trained
+        run_method_comparison(ComparisonInputs("db", "ref", "w", "a"), "out", methods=["tidpo_surprisal"])
+
+
+def test_win_rate_counts_a_tie_as_half_by_hand():
+    rate, stderr = win_rate([1.0, 0.2, 0.5, 3.0], [0.0, 0.4, 0.5, 1.0])  # win, loss, tie, win
+    assert rate == pytest.approx(2.5 / 4)
+    outcomes = [1.0, 0.0, 0.5, 1.0]
+    mean = sum(outcomes) / 4
+    assert stderr == pytest.approx(math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 3) / 2)
+    assert win_rate([1.0], [1.0])[0] == 0.5 and math.isnan(win_rate([1.0], [1.0])[1])
+    with pytest.raises(ValueError):
+        win_rate([1.0, 2.0], [1.0])
 
 
 def test_method_comparison_job_is_separate_from_training():
@@ -70,8 +94,10 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     run_config = small_run_config(pairs=24)
     del run_config["ops"]["tidpo_policy"], run_config["ops"]["evaluation"]  # not in this selection
     run_config["ops"]["reference_model"]["config"]["sft_steps"] = 4  # the reference's quality does not matter here
+    methods = [*DEFAULT_METHODS, "tidpo_surprisal"]  # the estimator method's weights are weighed by the step
     run_config["ops"]["compare_methods"] = {  # the op of asset method_comparison
         "config": {
+            "methods": methods,
             "seeds": [0],
             "max_steps": 2,
             "per_device_batch_size": 4,
@@ -92,24 +118,26 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     assert result.success
     meta = result.asset_materializations_for_node("compare_methods")[0].metadata
     table = meta["table"].value
-    for method in ("reference", *DEFAULT_METHODS):
+    for method in ("reference", *methods):
         assert f"{method} (n=1)" in table
     for metric in ("reward_accuracy", "kl_to_reference", "distinct_2", "precision_at_k_hybrid", "critical_phrase_chosen_rate"):
         assert f"| {metric} |" in table
     report = meta["report_dir"].value
     with open(f"{report}/method_comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["method"] for r in rows] == ["reference", *DEFAULT_METHODS]
+    assert [r["method"] for r in rows] == ["reference", *methods]
     assert all(0.0 <= float(r["reward_accuracy_mean"]) <= 1.0 for r in rows)
     assert (tmp_path / "docs" / "img" / "method_comparison.png").stat().st_size > 0
 
     con = store.connect(tmp_path / "data" / store.DATABASE_FILE, read_only=True)
     try:
-        methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()}
+        stored_methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()}
+        weight_tables = con.execute("SELECT count(DISTINCT fingerprint) FROM token_weights").fetchone()[0]
         per_seed = con.execute("SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'").fetchone()[0]
     finally:
         con.close()
-    assert methods == {"reference", *DEFAULT_METHODS} and per_seed == len(DEFAULT_METHODS) + 1
+    assert stored_methods == {"reference", *methods} and per_seed == len(methods) + 1
+    assert weight_tables == 2  # the paper's attribution and, for tidpo_surprisal, surprisal
 
     client = MlflowClient(tracking.sqlite_tracking_uri(tmp_path / "data"))
     run = client.get_run(meta["mlflow_run_id"].value)

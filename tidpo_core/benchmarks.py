@@ -617,22 +617,32 @@ def run_benchmarks(
         return results
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    # HFLM fixes accelerate's process-wide state; a training run later in this process must find none.
+    from tidpo_core.training.setup import accelerate_state_left_as_found
+
+    with accelerate_state_left_as_found():
+        lm = HFLM(
+            pretrained=str(model_path),
+            device=_resolve_device(options.device),
+            dtype=options.dtype,
+            batch_size=options.batch_size,
+            max_length=options.max_length,
+        )
+        _run_tasks(lm, runnable, {r.task: r for r in results}, options)
+    return results
+
+
+def _run_tasks(lm: Any, runnable: Sequence[str], by_task: Mapping[str, BenchmarkResult], options: BenchmarkOptions) -> None:
+    """Each task through lm-eval on the loaded model, its scores (or why it failed) into its result."""
+    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(
-        pretrained=str(model_path),
-        device=_resolve_device(options.device),
-        dtype=options.dtype,
-        batch_size=options.batch_size,
-        max_length=options.max_length,
-    )
     # A chat model answers questions put to it as a user turn in its chat template (lm-eval's
     # --apply_chat_template); a base or tiny model reads the raw text.
     chat = has_chat_template(lm.tokenizer)
     manager = TaskManager(include_defaults=False)
-    by_task = {r.task: r for r in results}
     for task in runnable:
         result = by_task[task]
         started = time.perf_counter()
@@ -659,4 +669,3 @@ def run_benchmarks(
             logger.exception("benchmark %s failed", task)
             result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
         result.seconds = time.perf_counter() - started
-    return results

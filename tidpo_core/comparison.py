@@ -35,7 +35,8 @@ from tidpo_core import store
 from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
 from tidpo_core.data import PreferencePair
 from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
-from tidpo_core.grpo import RewardFunction, mean_reward, phrase_reward, reward_function
+from tidpo_core.fingerprint import digest
+from tidpo_core.grpo import RewardFunction, phrase_reward, reward_function
 from tidpo_core.launch import LaunchSettings, run_training
 from tidpo_core.layout import RunDir
 from tidpo_core.modeling import load_model_and_tokenizer
@@ -50,12 +51,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "tidpo_no_attribution": {"loss_type": "tidpo", "weight_lambda": 0.0},
     "tidpo_no_prior": {"loss_type": "tidpo", "weight_lambda": 1.0},
     "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
+    # TI-DPO with another importance estimator (METHOD.md 1b) than the token weights' own: trained on a second
+    # weight table (ComparisonInputs.weights_by_method), which the method_comparison step weighs.
+    "tidpo_surprisal": {"loss_type": "tidpo"},
+    "tidpo_contrastive": {"loss_type": "tidpo"},
     # GRPO (METHOD.md "GRPO baseline"): sampled completions and a reward (grpo_reward) instead of the pairs.
     "grpo": {"loss_type": "grpo"},
 }
+# The methods that train on their own estimator's weights, and that estimator.
+ESTIMATOR_METHODS: dict[str, str] = {"tidpo_surprisal": "surprisal", "tidpo_contrastive": "contrastive"}
 # What a comparison trains unless told otherwise: grpo is asked for by name, because it needs a reward
-# (the built-in data's phrases or a reward model) and samples G completions per prompt at every step.
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "grpo")
+# (the built-in data's phrases or a reward model) and samples G completions per prompt at every step; the
+# estimator methods too, because each weighs every response again (contrastive also needs its two models).
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "grpo" and m not in ESTIMATOR_METHODS)
 REFERENCE = "reference"
 
 # The rows of the summary table, in order; every other metric is kept in the CSV and DuckDB.
@@ -83,6 +91,10 @@ TABLE_METRICS: tuple[str, ...] = (
     "critical_phrase_rejected_rate",
     "critical_phrase_neither_rate",
     "reward_model_score",
+    "judged_win_rate",
+    "judged_win_rate_stderr",
+    "truthfulqa_mc1",
+    "truthfulqa_mc2",
     "train_seconds",
 )
 # What the bar chart shows.
@@ -96,6 +108,7 @@ PLOT_METRICS: tuple[str, ...] = (
     "critical_phrase_chosen_rate",
     "critical_phrase_neither_rate",
     "reward_model_score",
+    "judged_win_rate",
     "train_seconds",
 )
 # Training curves: the pair losses' (TRL's DPOTrainer names) and GRPO's mean reward (TRL's GRPOTrainer's).
@@ -117,6 +130,9 @@ class ComparisonInputs:
     weight_normalization: str = "max"
     max_prompt_tokens: int = 192
     max_response_tokens: int = 128
+    weights_by_method: Mapping[str, str] = field(default_factory=dict)
+    """Method -> the fingerprint of its own weight table (the estimator methods); the others train on
+    `weights_fingerprint`."""
 
 
 @dataclass
@@ -130,6 +146,8 @@ class ComparisonRun:
     reused: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the caller asked to record with the run when it was evaluated (e.g. the commit that trained it)."""
 
 
 @dataclass
@@ -156,7 +174,7 @@ def method_train_config(
         "reference_revision": inputs.reference_revision,
         "trust_remote_code": inputs.trust_remote_code,
         "output_dir": str(output_dir),
-        "weights_fingerprint": inputs.weights_fingerprint,
+        "weights_fingerprint": inputs.weights_by_method.get(method, inputs.weights_fingerprint),
         "anchors_fingerprint": inputs.anchors_fingerprint,
         "weight_lambda": inputs.weight_lambda,
         "weight_normalization": inputs.weight_normalization,
@@ -225,113 +243,226 @@ def run_method_comparison(
     benchmark_options: BenchmarkOptions | None = None,
     keep_models: bool = True,
     launch_settings: LaunchSettings = LaunchSettings(launcher="in_process"),
+    record: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> ComparisonResult:
     """Train every method with every seed from the same reference and data, evaluate each, aggregate.
 
     The reference is evaluated once (row "reference"); eval sampling uses the same seed for every run,
-    so differences between runs come from training. Finished runs whose config is unchanged are
-    reused. With keep_models False, each policy folder is deleted after its evaluation. Training and
-    evaluation run under the thread policy (tidpo_core.threads). `launch_settings`
-    says how each run is trained: in this process by default (the runs are short and share the loaded
-    reference's pages), or through `accelerate launch` for multi-GPU runs.
+    so differences between runs come from training. A run whose training config and evaluation are
+    unchanged is reused, evaluated or not: its metrics are kept beside it (`comparison_eval.json`), so a
+    comparison stopped halfway resumes at the first run it had not finished, even with keep_models False
+    (each policy folder deleted once evaluated). `record` is stored with each run as it is evaluated
+    (ComparisonRun.info: a caller's commit, say). Training and evaluation run under the thread policy
+    (tidpo_core.threads). `launch_settings` says how each run is trained: in this process by default (the
+    runs are short and share the loaded reference's pages), or through `accelerate launch` for multi-GPU runs.
     """
-    return _run_method_comparison(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, keep_models, launch_settings, log)
+    plan = _ComparisonPlan.make(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, record)
+    return _run_plan(plan, keep_models, launch_settings, log)
 
 
-def _run_method_comparison(
-    inputs: ComparisonInputs,
-    output_dir: str | Path,
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    train_overrides: Mapping[str, Any] | None,
-    eval_settings: EvalSettings,
-    benchmarks: Sequence[str],
-    benchmark_options: BenchmarkOptions | None,
-    keep_models: bool,
-    launch_settings: LaunchSettings,
-    log: Callable[[str], None],
-) -> ComparisonResult:
-    started = time.perf_counter()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
-    if not seeds:
-        raise ValueError("at least one seed is needed")
-    overrides = dict(train_overrides or {})
-    output_dir = Path(output_dir)
-    pairs = store.read_pairs_at(inputs.duckdb_path, split="eval")
-    if not pairs:
-        raise ValueError(f"no eval pairs in {inputs.duckdb_path}: the comparison needs a held-out split")
-    # Before any training, so that a reward GRPO cannot have fails now rather than after every other method
-    # has trained: the reward model loads here (grpo_reward: model), and the train pairs must carry phrases.
-    scorer, reward_name = scoring_reward(overrides, pairs)
-    if "grpo" in methods and grpo_reward_setting(overrides)[0] == "phrases":
-        phrase_reward(store.read_pairs_at(inputs.duckdb_path, split="train"))
-    if scorer is not None:
-        log(f"reward_model_score: the {reward_name}")
-    settings = replace(
-        eval_settings,
-        weight_lambda=inputs.weight_lambda,
-        weight_normalization=inputs.weight_normalization,  # type: ignore[arg-type]
-    )
-    reference, tokenizer = load_model_and_tokenizer(
-        inputs.reference_model_path, revision=inputs.reference_revision, trust_remote_code=inputs.trust_remote_code
-    )
-    reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size)
-    tic = time.perf_counter()
-    reference_eval = evaluate_model(reference, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
-    reference_run = ComparisonRun(REFERENCE, 0, reference_eval.metrics, inputs.reference_model_path, eval_seconds=time.perf_counter() - tic)
-    _score(reference_run.metrics, scorer, reference_eval.samples)
-    if benchmarks:
-        bench = run_benchmarks(inputs.reference_model_path, benchmarks, benchmark_options or BenchmarkOptions())
-        reference_run.metrics.update(benchmark_metrics(bench))
-        reference_run.benchmarks = [b.as_dict() for b in bench]
-    runs = [reference_run]
-    total = len(methods) * len(seeds)
-    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
-        config = method_train_config(method, seed, inputs, output_dir / method / f"seed_{seed}", overrides)
-        summary, reused, train_seconds = _train_or_reuse(config, launch_settings)
-        tic = time.perf_counter()
-        policy, _ = load_model_and_tokenizer(summary["final_model_path"], trust_remote_code=inputs.trust_remote_code)
-        evaluation = evaluate_model(policy, reference, tokenizer, pairs, settings, reference_scores=reference_scores)
-        _score(evaluation.metrics, scorer, evaluation.samples)
-        run = ComparisonRun(
-            method,
-            seed,
-            evaluation.metrics,
-            summary["final_model_path"],
-            train_seconds=train_seconds,
-            reused=reused,
-            history=summary.get("history", []),
+@dataclass(frozen=True)
+class _ComparisonPlan:
+    """What every run of one comparison shares: its inputs, runs, evaluation and the key of that evaluation."""
+
+    inputs: ComparisonInputs
+    output_dir: Path
+    runs: list[tuple[str, int]]
+    overrides: dict[str, Any]
+    settings: EvalSettings
+    benchmarks: tuple[str, ...]
+    benchmark_options: BenchmarkOptions
+    eval_pairs: list[PreferencePair]
+    scorer: RewardFunction | None
+    reward_name: str
+    eval_key: str
+    record: dict[str, Any]
+
+    @classmethod
+    def make(cls, inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, record) -> _ComparisonPlan:  # noqa: ANN001
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
+        unweighed = [m for m in methods if m in ESTIMATOR_METHODS and m not in inputs.weights_by_method]
+        if unweighed:
+            raise ValueError(f"{unweighed} train on their estimator's own weights: give them in ComparisonInputs.weights_by_method")
+        if not seeds:
+            raise ValueError("at least one seed is needed")
+        overrides = dict(train_overrides or {})
+        pairs = store.read_pairs_at(inputs.duckdb_path, split="eval")
+        if not pairs:
+            raise ValueError(f"no eval pairs in {inputs.duckdb_path}: the comparison needs a held-out split")
+        # Before any training, so that a reward GRPO cannot have fails now rather than after every other method
+        # has trained: the reward model loads here (grpo_reward: model), and the train pairs must carry phrases.
+        scorer, reward_name = scoring_reward(overrides, pairs)
+        if "grpo" in methods and grpo_reward_setting(overrides)[0] == "phrases":
+            phrase_reward(store.read_pairs_at(inputs.duckdb_path, split="train"))
+        settings = replace(
+            eval_settings,
+            weight_lambda=inputs.weight_lambda,
+            weight_normalization=inputs.weight_normalization,  # type: ignore[arg-type]
         )
-        if benchmarks:
-            bench_results: list[BenchmarkResult] = run_benchmarks(
-                summary["final_model_path"], benchmarks, benchmark_options or BenchmarkOptions()
+        options = benchmark_options or BenchmarkOptions()
+        eval_key = digest(
+            {
+                "settings": asdict(settings),
+                "benchmarks": list(benchmarks),
+                "benchmark_options": repr(options),
+                "reward": reward_name,
+                "reference": [inputs.reference_model_path, inputs.reference_revision],
+                "eval_pairs": sorted(p.pair_id for p in pairs),
+            }
+        )
+        runs = [(m, s) for m in methods for s in seeds]
+        return cls(inputs, Path(output_dir), runs, overrides, settings, tuple(benchmarks), options, pairs, scorer, reward_name, eval_key, dict(record or {}))
+
+    def config(self, method: str, seed: int) -> TrainConfig:
+        return method_train_config(method, seed, self.inputs, self.output_dir / method / f"seed_{seed}", self.overrides)
+
+
+class _Reference:
+    """The reference model, loaded and scored on the eval pairs only when some run still needs evaluating."""
+
+    def __init__(self, plan: _ComparisonPlan):
+        self.plan = plan
+        self._loaded: tuple[Any, Any, Any] | None = None
+
+    def loaded(self) -> tuple[Any, Any, Any]:
+        """(model, tokenizer, its scores of the eval pairs)."""
+        if self._loaded is None:
+            inputs = self.plan.inputs
+            model, tokenizer = load_model_and_tokenizer(
+                inputs.reference_model_path, revision=inputs.reference_revision, trust_remote_code=inputs.trust_remote_code
             )
-            run.metrics.update(benchmark_metrics(bench_results))
-            run.benchmarks = [b.as_dict() for b in bench_results]
-        run.eval_seconds = time.perf_counter() - tic
-        run.metrics["train_seconds"] = train_seconds
-        run.metrics["final_train_loss"] = float(summary.get("last_loss", float("nan")))
+            settings = self.plan.settings
+            self._loaded = (model, tokenizer, score_pairs(model, tokenizer, self.plan.eval_pairs, settings.encoding, settings.batch_size))
+        return self._loaded
+
+
+def _run_plan(plan: _ComparisonPlan, keep_models: bool, launch_settings: LaunchSettings, log: Callable[[str], None]) -> ComparisonResult:
+    started = time.perf_counter()
+    if plan.scorer is not None:
+        log(f"reward_model_score and judged_win_rate: the {plan.reward_name}")
+    reference = _Reference(plan)
+    reference_run = _cached_run(plan.output_dir / REFERENCE, plan.eval_key, config_text="")
+    if reference_run is None:
+        reference_run = _evaluate_reference(plan, reference)
+        _store_run(plan.output_dir / REFERENCE, plan.eval_key, "", reference_run, plan.record)
+    baseline = reference_run.info.get("judge_rewards")
+    runs = [reference_run]
+    for index, (method, seed) in enumerate(plan.runs, start=1):
+        config = plan.config(method, seed)
+        config_text = yaml.safe_dump(asdict(config), sort_keys=True)
+        run = _cached_run(Path(config.output_dir), plan.eval_key, config_text)
+        if run is None:
+            summary, reused, train_seconds = _train_or_reuse(config, launch_settings)
+            run = _evaluate_run(plan, reference, method, seed, summary, reused, train_seconds, baseline)
+            _store_run(Path(config.output_dir), plan.eval_key, config_text, run, plan.record)
+            if not keep_models:
+                shutil.rmtree(Path(summary["final_model_path"]), ignore_errors=True)
         runs.append(run)
-        del policy
-        gc.collect()
-        if not keep_models:
-            shutil.rmtree(Path(summary["final_model_path"]), ignore_errors=True)
         log(
-            f"[{index}/{total}] {method} seed {seed}: "
-            f"{'reused' if reused else f'trained in {train_seconds:.0f} s'}, evaluated in {run.eval_seconds:.0f} s, "
+            f"[{index}/{len(plan.runs)}] {method} seed {seed}: "
+            f"{'reused' if run.reused else f'trained in {run.train_seconds:.0f} s'}, evaluated in {run.eval_seconds:.0f} s, "
             f"reward_accuracy {run.metrics.get('reward_accuracy', float('nan')):.3f}"
-            + (f", reward_model_score {run.metrics['reward_model_score']:.3f}" if "reward_model_score" in run.metrics else "")
+            + (f", judged_win_rate {run.metrics['judged_win_rate']:.3f}" if "judged_win_rate" in run.metrics else "")
         )
-    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started, reward=reward_name)
+    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started, reward=plan.reward_name)
 
 
-def _score(metrics: dict[str, float], scorer: RewardFunction | None, samples: Any) -> None:
-    """reward_model_score: the mean reward of the evaluation's sampled answers (none without a reward or samples)."""
-    if scorer is not None and samples is not None and samples.texts:
-        metrics["reward_model_score"] = mean_reward(scorer, samples.prompts, samples.texts)
+def _evaluate_reference(plan: _ComparisonPlan, reference: _Reference) -> ComparisonRun:
+    model, tokenizer, scores = reference.loaded()
+    tic = time.perf_counter()
+    evaluation = evaluate_model(model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores)
+    run = ComparisonRun(REFERENCE, 0, evaluation.metrics, plan.inputs.reference_model_path)
+    rewards = _judge(plan.scorer, evaluation.samples)
+    if rewards is not None:
+        run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
+        run.info["judge_rewards"] = rewards
+    if plan.benchmarks:
+        _add_benchmarks(run, plan.inputs.reference_model_path, plan)
+    run.eval_seconds = time.perf_counter() - tic
+    return run
+
+
+def _evaluate_run(
+    plan: _ComparisonPlan,
+    reference: _Reference,
+    method: str,
+    seed: int,
+    summary: Mapping[str, Any],
+    reused: bool,
+    train_seconds: float,
+    baseline: Sequence[float] | None,
+) -> ComparisonRun:
+    model, tokenizer, scores = reference.loaded()
+    tic = time.perf_counter()
+    model_path = str(summary["final_model_path"])
+    policy, _ = load_model_and_tokenizer(model_path, trust_remote_code=plan.inputs.trust_remote_code)
+    evaluation = evaluate_model(policy, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores)
+    del policy
+    gc.collect()
+    run = ComparisonRun(method, seed, evaluation.metrics, model_path, train_seconds=train_seconds, reused=reused, history=summary.get("history", []))
+    rewards = _judge(plan.scorer, evaluation.samples)
+    if rewards is not None:
+        run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
+        if baseline is not None and len(baseline) == len(rewards) and rewards:
+            run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(rewards, baseline)
+    if plan.benchmarks:
+        _add_benchmarks(run, model_path, plan)
+    run.eval_seconds = time.perf_counter() - tic
+    run.metrics["train_seconds"] = train_seconds
+    run.metrics["final_train_loss"] = float(summary.get("last_loss", float("nan")))
+    return run
+
+
+def _add_benchmarks(run: ComparisonRun, model_path: str, plan: _ComparisonPlan) -> None:
+    results: list[BenchmarkResult] = run_benchmarks(model_path, plan.benchmarks, plan.benchmark_options)
+    run.metrics.update(benchmark_metrics(results))
+    run.benchmarks = [b.as_dict() for b in results]
+
+
+EVALUATED_FILE = "comparison_eval.json"
+
+
+def _store_run(folder: Path, eval_key: str, config_text: str, run: ComparisonRun, record: Mapping[str, Any]) -> None:
+    """Keep the evaluated run beside its training config, written whole (a resumed comparison reuses it)."""
+    run.info = {**run.info, **record}
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / (EVALUATED_FILE + ".tmp")
+    staging.write_text(json.dumps({"eval_key": eval_key, "config": config_text, "run": asdict(run)}, default=str))
+    staging.replace(folder / EVALUATED_FILE)
+
+
+def _cached_run(folder: Path, eval_key: str, config_text: str) -> ComparisonRun | None:
+    """The run evaluated in `folder` with this training config and evaluation, else None."""
+    path = folder / EVALUATED_FILE
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("eval_key") != eval_key or stored.get("config") != config_text:
+        return None
+    return replace(ComparisonRun(**stored["run"]), reused=True)
+
+
+def _judge(scorer: RewardFunction | None, samples: Any) -> list[float] | None:
+    """The reward of each sampled answer (None without a reward or samples)."""
+    if scorer is None or samples is None or not samples.texts:
+        return None
+    values = [float(v) for v in scorer(list(samples.prompts), list(samples.texts))]
+    if len(values) != len(samples.texts):
+        raise ValueError(f"the reward returned {len(values)} values for {len(samples.texts)} completions")
+    return values
+
+
+def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """(win rate, its standard error): the share of prompts whose answer out-scores the baseline's answer to
+    the same prompt, a tie counting half; the standard error is that of the mean of the per-prompt outcomes."""
+    if len(rewards) != len(baseline) or not rewards:
+        raise ValueError(f"one baseline reward per reward: {len(rewards)} rewards, {len(baseline)} baseline rewards")
+    outcomes = np.array([1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline, strict=True)])
+    stderr = float(outcomes.std(ddof=1) / math.sqrt(len(outcomes))) if len(outcomes) > 1 else float("nan")
+    return float(outcomes.mean()), stderr
 
 
 # --- aggregation and reports -------------------------------------------------------------------------------

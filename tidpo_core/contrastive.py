@@ -14,7 +14,7 @@ import copy
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,26 @@ SIDES = {"positive": "chosen", "negative": "rejected"}
 BUILD_MARKER = "tidpo_build.json"
 
 
+SCRATCH_SFT_LEARNING_RATE = 3e-3
+PRETRAINED_SFT_LEARNING_RATE = 2e-5
+
+
 @dataclass(frozen=True)
 class ContrastiveSFT:
     """SFT recipe of both contrastive models (defaults: the embedded reference's)."""
 
     sft_steps: int = 300
     sft_batch_size: int = 16
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float | None = None
+    """None: 3e-3 for the embedded model built from scratch (its reference's rate), 2e-5 for a pretrained base,
+    which a large rate would wreck (the contrastive_models step settles it by the reference; alone: 3e-3)."""
     seed: int = 0
+
+    def settled(self, pretrained: bool) -> ContrastiveSFT:
+        """This recipe with `sft_learning_rate: None` replaced by the rate for a scratch or a pretrained base."""
+        if self.sft_learning_rate is not None:
+            return self
+        return replace(self, sft_learning_rate=PRETRAINED_SFT_LEARNING_RATE if pretrained else SCRATCH_SFT_LEARNING_RATE)
 
 
 def load_base(base: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -87,7 +99,7 @@ def train_contrastive_pair(
             [(p.prompt, getattr(p, side)) for p in pairs],
             steps=recipe.sft_steps,
             batch_size=recipe.sft_batch_size,
-            learning_rate=recipe.sft_learning_rate,
+            learning_rate=float(recipe.settled(pretrained=False).sft_learning_rate),  # type: ignore[arg-type]
             seed=recipe.seed,
             progress=progress,
         )

@@ -27,11 +27,10 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ from tidpo_core.modeling import resolve_device, save_model_and_tokenizer
 from tidpo_core.quiet import quiet_trainer_output
 from tidpo_core.threads import threads_for
 from tidpo_core.tokenization import encode_prompt_response, pad_right
+from tidpo_core.training.setup import accelerate_state_left_as_found
 
 __all__ = [
     "BUILD_MARKER",
@@ -77,6 +77,10 @@ RewardFunction = Callable[[list[str], list[str]], list[float]]
 """(prompts, completions) -> one scalar reward per completion."""
 
 
+SCRATCH_LEARNING_RATE = 1e-3
+PRETRAINED_LEARNING_RATE = 1e-5
+
+
 @dataclass(frozen=True)
 class RewardTraining:
     """How the reward model is trained. The defaults fit the embedded default: on the built-in data they
@@ -85,8 +89,10 @@ class RewardTraining:
 
     epochs: float = 1.0
     """Passes over the train pairs used (TRL's num_train_epochs)."""
-    learning_rate: float = 1e-3
-    """AdamW's peak learning rate, after a linear warmup and before a linear decay to 0."""
+    learning_rate: float | None = None
+    """AdamW's peak learning rate, after a linear warmup and before a linear decay to 0. None: 1e-3 for a model
+    built from scratch (the embedded default), 1e-5 for a pretrained checkpoint, whose backbone a large rate
+    would wreck (the reward_model step settles it by the reference; `train_reward_model` alone takes 1e-3)."""
     batch_size: int = 16
     """Pairs per optimizer step (each pair is two sequences: prompt + chosen, prompt + rejected)."""
     max_prompt_tokens: int = 192
@@ -102,6 +108,12 @@ class RewardTraining:
     """Seeds the score head's initialisation, the sample of train pairs and the batch order."""
     logging_steps: int = 5
     """Training metrics (TRL's loss, accuracy, margin, ...) are averaged and logged every this many steps."""
+
+    def settled(self, pretrained: bool) -> Self:
+        """These settings with `learning_rate: None` replaced by the rate for a scratch or a pretrained backbone."""
+        if self.learning_rate is not None:
+            return self
+        return replace(self, learning_rate=PRETRAINED_LEARNING_RATE if pretrained else SCRATCH_LEARNING_RATE)
 
 
 @dataclass(frozen=True)
@@ -206,7 +218,7 @@ def _trl_config(output_dir: Path, training: RewardTraining, progress: bool, revi
         num_train_epochs=training.epochs,
         per_device_train_batch_size=training.batch_size,
         gradient_accumulation_steps=1,
-        learning_rate=training.learning_rate,
+        learning_rate=training.settled(pretrained=False).learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=training.warmup_ratio,  # below 1: a share of the steps
         weight_decay=training.weight_decay,
@@ -230,22 +242,6 @@ def _trl_config(output_dir: Path, training: RewardTraining, progress: bool, revi
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         push_to_hub=False,
     )
-
-
-@contextmanager
-def _accelerate_state_left_as_found() -> Iterator[None]:
-    """TRL's Trainer fixes accelerate's process-wide state (device, mixed precision); the training engine run
-    later in the same process (launcher `in_process`) would find it set and could not choose its own. A
-    process that had none before the reward model has none after it."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    fresh = not PartialState._shared_state and not AcceleratorState._shared_state
-    try:
-        yield
-    finally:
-        if fresh:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
 
 
 def build_info(model_dir: str | Path) -> dict[str, Any]:
@@ -286,7 +282,7 @@ def train_reward_model(
         {"chosen_ids": _encode(tokenizer, p.prompt, p.chosen, training), "rejected_ids": _encode(tokenizer, p.prompt, p.rejected, training)}
         for p in pairs
     ]
-    with _accelerate_state_left_as_found():
+    with accelerate_state_left_as_found():
         trainer = RewardTrainer(
             model=str(model_path),  # TRL seeds, then loads the backbone with a one-output head (num_labels=1)
             args=_trl_config(staging / "trainer", training, progress, revision, trust_remote_code),

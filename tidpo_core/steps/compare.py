@@ -15,6 +15,7 @@ from tidpo_core import tracking
 from tidpo_core.benchmarks import BenchmarkOptions
 from tidpo_core.comparison import (
     DEFAULT_METHODS,
+    ESTIMATOR_METHODS,
     PLOT_METRICS,
     ComparisonInputs,
     ComparisonResult,
@@ -34,6 +35,7 @@ from tidpo_core.steps import OpenDb, RunTracking, log_to, publish_pictures
 from tidpo_core.steps.evaluate import eval_settings_for
 from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe
 from tidpo_core.steps.reward import with_stored_reward_model
+from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 
 COMPARISON_PNG = "method_comparison.png"
 COMPARISON_CURVES_PNG = "method_comparison_curves.png"
@@ -42,9 +44,11 @@ COMPARISON_CURVES_PNG = "method_comparison_curves.png"
 @dataclass(frozen=True)
 class ComparisonSettings:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0),
-    and grpo (the GRPO baseline, not in the default list: it needs a reward, the built-in data's phrases or
-    grpo_reward: model, and samples grpo_num_generations completions per prompt at every step)."""
+    """Any of dpo, simpo, tidpo, tidpo_no_attribution (lambda 0), tidpo_no_prior (lambda 1), tidpo_no_triplet (gamma 0);
+    and, not in the default list: tidpo_surprisal and tidpo_contrastive (TI-DPO on the weights of that
+    estimator, weighed here; contrastive needs the contrastive_models asset), and grpo (the GRPO baseline: it
+    needs a reward, the built-in data's phrases or grpo_reward: model, and samples grpo_num_generations
+    completions per prompt at every step)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     max_steps: int = 100
     """Optimizer steps per run (100 x 8 pairs = 0.44 epoch of the embedded default's 1818 train pairs).
@@ -92,8 +96,11 @@ def compare_methods(
     engine_options: Mapping[str, Any],
     benchmarks: Sequence[str] = (),
     benchmark_options: BenchmarkOptions | None = None,
+    record: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ComparisonReport:
+    """Train and evaluate every (method, seed), write the report, log it to MLflow and store the table in DuckDB.
+    `record` is kept with each run as it is evaluated (see run_method_comparison)."""
     log = log_to(log)
     engine_options = with_stored_reward_model(open_db, reference, with_optimizer_recipe(reference, engine_options))
     encoding = EncodingSettings(**weights["encoding"])
@@ -103,6 +110,11 @@ def compare_methods(
         {"pairs": pairs_digest, "reference": reference.fingerprint, "weights": weights["fingerprint"], "anchors": anchors_fingerprint, "config": recorded}
     )
     output_dir = layout.comparison_run(comparison_id)
+    weights_by_method = {
+        method: estimator_weights(open_db, reference, anchors_fingerprint, weights, ESTIMATOR_METHODS[method], layout, log)
+        for method in settings.methods
+        if method in ESTIMATOR_METHODS
+    }
     inputs = ComparisonInputs(
         duckdb_path=str(layout.database),
         reference_model_path=reference.path,
@@ -114,6 +126,7 @@ def compare_methods(
         weight_normalization=importance.get("normalization", "max"),
         max_prompt_tokens=encoding.max_prompt_tokens,
         max_response_tokens=encoding.max_response_tokens,
+        weights_by_method=weights_by_method,
     )
     log(f"comparison {comparison_id}: {len(settings.methods)} methods x {len(settings.seeds)} seeds, {settings.max_steps} steps each")
     result = run_method_comparison(
@@ -134,6 +147,7 @@ def compare_methods(
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
+        record=record,
         log=log,
     )
     report_dir = output_dir / "report"
@@ -143,6 +157,33 @@ def compare_methods(
         rows = write_comparison_table(con, comparison_id, result, run_id)
     publish_pictures(pictures.values(), settings.docs_dir)
     return ComparisonReport(comparison_id, result, table_markdown, report_dir, csv_path, pictures, run_id, rows)
+
+
+def estimator_weights(
+    open_db: OpenDb,
+    reference: ReferenceHandle,
+    anchors_fingerprint: str,
+    weights: Mapping[str, Any],
+    estimator: str,
+    layout: DataDir,
+    log: Callable[[str], None],
+) -> str:
+    """The fingerprint of a weight table like the token_weights asset's (`weights`: its value) but with another
+    importance estimator, weighed now where it is not stored yet."""
+    importance = weights.get("importance", {})
+    encoding = weights["encoding"]
+    settings = WeighingSettings(
+        estimator=estimator,  # type: ignore[arg-type]
+        exclude_eos=bool(importance.get("exclude_eos", False)),
+        weight_lambda=float(importance.get("lambda", 0.7)),
+        normalization=importance.get("normalization", "max"),
+        temperature=float(importance.get("temperature", 1.0)),
+        max_prompt_tokens=int(encoding["max_prompt_tokens"]),
+        max_response_tokens=int(encoding["max_response_tokens"]),
+        reference_kl_top_k=int(weights.get("reference_kl_top_k", 0)),
+    )
+    log(f"token weights of estimator {estimator}:")
+    return weigh_tokens(open_db, reference, anchors_fingerprint, settings, layout=layout, progress=False, log=log).fingerprint
 
 
 def _write_report(result: ComparisonResult, report_dir: Path, log: Callable[[str], None]) -> tuple[str, Path, dict[str, Path]]:

@@ -41,7 +41,9 @@ def train_contrastive_models(
     log: Callable[[str], None] | None = None,
 ) -> ContrastiveBuilt:
     """Both models for the stored train pairs (reused when built from the same pairs, base and recipe), recorded
-    in DuckDB so that token weighing with estimator contrastive finds them."""
+    in DuckDB so that token weighing with estimator contrastive finds them. A learning rate left to None is
+    settled by the reference first (a pretrained base gets a small one)."""
+    recipe = recipe.settled(reference.is_pretrained)
     fingerprint = digest({"pairs": pairs_digest, "base": reference.base, "recipe": dataclasses.asdict(recipe)})
     out_dir = layout.contrastive_models(fingerprint)
     positive, negative = (str(p) for p in contrastive_paths(out_dir))

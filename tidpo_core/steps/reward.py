@@ -92,8 +92,10 @@ def train_reward(
     log: Callable[[str], None] | None = None,
 ) -> RewardHandle:
     """The reward model for the stored pairs and this reference: trained (or reused), judged on the eval
-    pairs, recorded in DuckDB (`reward_models`), and with `tracking_to` logged to MLflow and registered."""
+    pairs, recorded in DuckDB (`reward_models`), and with `tracking_to` logged to MLflow and registered. A
+    learning rate left to None is settled by the reference first (a pretrained backbone gets a small one)."""
     log = log_to(log)
+    settings = settings.settled(reference.is_pretrained)
     fingerprint = reward_fingerprint(pairs_digest, reference, settings)
     out_dir = layout.reward_model(fingerprint)
     with open_db() as con:

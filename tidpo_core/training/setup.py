@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,3 +241,19 @@ def _apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         target_modules=list(config.lora_target_modules),
     )
     return get_peft_model(model, lora_config)
+
+
+@contextmanager
+def accelerate_state_left_as_found() -> Iterator[None]:
+    """TRL's Trainer and lm-eval's HFLM fix accelerate's process-wide state (device, mixed precision); the
+    training engine run later in the same process (launcher `in_process`) would find it set and could not
+    choose its own (bf16, say). A process that had none before the block has none after it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    fresh = not PartialState._shared_state and not AcceleratorState._shared_state
+    try:
+        yield
+    finally:
+        if fresh:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()

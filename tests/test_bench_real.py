@@ -1,0 +1,55 @@
+"""bench_real end to end at the smoke test's sizes, on a tiny chat model (SmolLM2's own stages are covered by
+test_smollm2): every method gets every reported metric, the runs record one commit, and a second call resumes
+from the data dir without training or evaluating anything again."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tidpo_core.data import load_preferences
+from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def tiny_chat_model(tmp_path, shared_data) -> Path:
+    """A tiny Llama with a ChatML tokenizer trained on HH-RLHF text: a stand-in for a pretrained chat model."""
+    pairs = load_preferences(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz").pairs[:200]
+    tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML
+    model = build_tiny_model(tokenizer, TinyModelConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), seed=0)
+    return Path(save_model_and_tokenizer(model, tokenizer, tmp_path / "tiny-chat"))
+
+
+def test_the_grid_runs_through_the_comparison_step_and_resumes(tmp_path, monkeypatch, tiny_chat_model):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("TIDPO_BENCH_RESULTS", str(tmp_path / "results"))
+    from bench import bench_real
+
+    first = bench_real.run(quick=True, work=tmp_path / "work", model=str(tiny_chat_model))
+    assert set(first["methods"]) == {"reference", *bench_real.METHODS}
+    for method in bench_real.METHODS:
+        row = first["methods"][method]
+        for metric in ("reward_accuracy", "judged_win_rate", "kl_to_reference", "distinct_2", "truthfulqa_mc1", "truthfulqa_mc2", "train_seconds"):
+            cell = row[metric]
+            assert len(cell["seeds"]) == 1 and math.isfinite(cell["mean"]), (method, metric)
+        assert 0.0 <= row["judged_win_rate"]["mean"] <= 1.0 and 0.0 <= row["truthfulqa_mc1"]["mean"] <= 1.0
+    assert first["one_commit"] and len(first["commits"]) == 1
+    assert 0.0 <= first["judge"]["held_out"]["eval_accuracy"] <= 1.0 and first["judge"]["train_pairs"] == bench_real.QUICK.judge
+    assert first["judge"]["training"]["learning_rate"] == 1e-5  # a pretrained backbone's rate
+    assert not any(r["reused"] for r in first["runs"])
+
+    second = bench_real.run(quick=True, work=tmp_path / "work", model=str(tiny_chat_model))
+    assert all(r["reused"] for r in second["runs"])
+    assert second["methods"] == first["methods"]
+    assert (tmp_path / "results" / "real-quick.json").exists()
