@@ -107,14 +107,30 @@ def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -
     return rows
 
 
-# The estimators a pretrained reference is scored with here: the contrastive pair needs a fine-tuning recipe
-# for pretrained models (small learning rate, LoRA) that ContrastiveSFT does not have yet.
-PRETRAINED_VARIANTS = ("attribution", "attribution_no_eos", "surprisal", "surprisal_no_eos")
+# The pretrained contrastive pair: the model itself fine-tuned on the train split's chosen / rejected answers
+# (ContrastiveSFT's pretrained learning rate, 2e-5).
+PRETRAINED_CONTRASTIVE_STEPS, PRETRAINED_CONTRASTIVE_BATCH = 96, 8
+
+
+def pretrained_contrastive_pair(model, tokenizer, train_pairs, out_dir: Path, steps: int, batch_size: int):
+    """TIS-DPO's contrastive pair from a pretrained model (the base the reference is), as the pipeline's
+    contrastive_models step builds it for a checkpoint."""
+    from tidpo_core.contrastive import (
+        ContrastiveSFT,
+        contrastive_paths,
+        load_contrastive_pair,
+        train_contrastive_pair,
+    )
+
+    recipe = ContrastiveSFT(sft_steps=steps, sft_batch_size=batch_size).settled(pretrained=True)
+    losses = train_contrastive_pair(model, tokenizer, train_pairs, out_dir, recipe=recipe)
+    return load_contrastive_pair(contrastive_paths(out_dir)), {"recipe": recipe.__dict__, "final_sft_loss": {k: v[-1] for k, v in losses.items()}}
 
 
 def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, Any]:
     """Precision@k with a pretrained model as the reference, on the built-in pairs' eval split at both span
-    positions (prompts in the model's chat template); written as importance-<model>.json."""
+    positions (prompts in the model's chat template), every estimator including the contrastive pair
+    fine-tuned from the model on the train split; written as importance-<model>.json."""
     from tidpo_core.data import assign_split
     from tidpo_core.features import EncodingSettings
     from tidpo_core.modeling import load_model_and_tokenizer, resolve_model_source
@@ -123,19 +139,28 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
     common.setup_threads()
     started = time.perf_counter()
     pairs_count, eval_fraction = (12, 0.5) if quick else (240, 0.4)
+    steps, batch = (1, 2) if quick else (PRETRAINED_CONTRASTIVE_STEPS, PRETRAINED_CONTRASTIVE_BATCH)
     source = resolve_model_source(model_name_or_path, Path(tempfile.gettempdir()) / "tidpo-bench-imports")
     model, tokenizer = load_model_and_tokenizer(source)
     settings = EncodingSettings(192, 128)
-    figures: dict[str, Any] = {"model": model_name_or_path, "pairs": pairs_count, "eval_fraction": eval_fraction, "span_position": {}}
-    for position in SPAN_POSITIONS:
-        pairs = generate_synthetic_pairs(pairs_count, seed=0, span_position=position)
-        scored = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "eval"]
-        figures["span_position"][position] = score_model(model, tokenizer, scored, settings, PRETRAINED_VARIANTS)
-        common.log(NAME, f"{model_name_or_path} {position}: " + ", ".join(
-            f"{name} {row['precision_at_k']:.3f}" for name, row in figures["span_position"][position].items()
-            if isinstance(row, dict) and "precision_at_k" in row
-        ))
-    figures["notes"] = ["contrastive is not scored on a pretrained reference yet (no pretrained SFT recipe for its pair)."]
+    figures: dict[str, Any] = {"model": model_name_or_path, "pairs": pairs_count, "eval_fraction": eval_fraction, "span_position": {}, "contrastive": {}}
+    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-importance-pretrained-"))
+    try:
+        for position in SPAN_POSITIONS:
+            pairs = generate_synthetic_pairs(pairs_count, seed=0, span_position=position)
+            scored = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "eval"]
+            trained = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "train"]
+            contrastive, figures["contrastive"][position] = pretrained_contrastive_pair(model, tokenizer, trained, work / position, steps, batch)
+            figures["span_position"][position] = score_model(model, tokenizer, scored, settings, VARIANTS, contrastive)
+            common.log(NAME, f"{model_name_or_path} {position}: " + ", ".join(
+                f"{name} {row['precision_at_k']:.3f}" for name, row in figures["span_position"][position].items()
+                if isinstance(row, dict) and "precision_at_k" in row
+            ))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    figures["target"] = {
+        "contrastive hybrid precision@k at uniform >= 0.8": figures["span_position"]["uniform"]["contrastive"]["precision_at_k"] >= 0.8
+    }
     name = f"{NAME}-{Path(model_name_or_path).name.lower()}"
     return common.write_results(name, figures, quick, started)
 

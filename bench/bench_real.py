@@ -12,8 +12,8 @@ and the next `judge` train the judge, a reward model on the same backbone whose 
 answers the same `sample_prompts` held-out prompts (pure sampling); judged_win_rate is the share of prompts on
 which the judge prefers the model's answer to the reference's.
 
-    python -m bench.bench_real                  # the grid (hours on a 2-core CPU; resumable)
-    python -m bench.bench_real --part trl       # TRL's DPOTrainer against tidpo on the same model
+    python -m bench.bench_real                  # all three parts (hours on a 2-core CPU; the grid resumes)
+    python -m bench.bench_real --part grid      # or one: grid, importance (precision@k), trl (TRL's DPOTrainer)
     python -m bench.bench_real --quick          # the smoke test's sizes
 
 Results go to bench/results/real.json ("methods", "importance", "trl": each part replaces its own section).
@@ -310,7 +310,7 @@ def merge_results(section: dict[str, Any], quick: bool, started: float) -> dict[
     return common.write_results(NAME, figures, quick, started)
 
 
-def run(quick: bool = False, work: Path | None = None, model: str = MODEL, part: str = "grid") -> dict[str, Any]:
+def run(quick: bool = False, work: Path | None = None, model: str = MODEL, part: str = "all") -> dict[str, Any]:
     common.setup_threads()
     started = time.perf_counter()
     if not (common.SHARED_DATA / DATA_FILE).exists():
@@ -319,9 +319,52 @@ def run(quick: bool = False, work: Path | None = None, model: str = MODEL, part:
         return common.write_results(NAME, {"skipped": reason}, quick, started)
     sizes = QUICK if quick else GridSizes()
     work = work or common.ROOT / ".tidpo" / (f"bench-{NAME}-quick" if quick else f"bench-{NAME}")
-    if part == "grid":
-        return merge_results(run_grid(work, model, sizes), quick, started)
-    raise ValueError(f"unknown part {part!r}")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+    figures: dict[str, Any] = {}
+    if part in ("grid", "all"):
+        figures = merge_results(run_grid(work, model, sizes), quick, started)
+    if part in ("importance", "all"):
+        figures = merge_results(importance_section(model, quick), quick, started)
+    if part in ("trl", "all"):
+        figures = merge_results(trl_section(model, quick), quick, started)
+    return figures
+
+
+PARTS = ("grid", "importance", "trl", "all")
+
+
+def importance_section(model: str, quick: bool) -> dict[str, Any]:
+    """real.json's "importance": every estimator's precision@k (hybrid, and raw beside it) with `model` as the
+    reference, at both span positions (bench_importance.run_pretrained, which also writes its own file)."""
+    from bench import bench_importance
+
+    doc = bench_importance.run_pretrained(model, quick=quick)
+    section: dict[str, Any] = {}
+    for position, rows in doc["span_position"].items():
+        section[position] = {
+            name: {key: row[key] for key in ("precision_at_k", "raw_precision_at_k") if key in row}
+            for name, row in rows.items()
+            if isinstance(row, dict) and "precision_at_k" in row
+        }
+    return {"importance": section, "importance_targets": doc["target"]}
+
+
+def trl_section(model: str, quick: bool) -> dict[str, Any]:
+    """real.json's "trl": tidpo's epoch time over TRL's DPOTrainer's on `model` (bench_trl.run_pretrained, which
+    also writes its own file), and the first-batch loss difference."""
+    from bench import bench_trl
+
+    doc = bench_trl.run_pretrained(model, quick=quick)
+    section: dict[str, Any] = {
+        method: {"epoch_ratio_vs_trl": row["epoch_ratio_vs_trl"], "epoch_ratio_vs_trl_rounds": row["epoch_ratio_vs_trl_rounds"]}
+        for method, row in doc["methods"].items()
+        if method != "trl_dpo"
+    }
+    section["first_batch_loss_abs_diff"] = doc["first_batch_loss_abs_diff"]
+    section["token_ids"] = doc["methods"]["trl_dpo"]["token_ids"]
+    section["setup"] = doc["setup"]
+    return {"trl": section, "trl_targets": doc["target"]}
 
 
 def main() -> None:
@@ -329,7 +372,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the smoke test's sizes")
     parser.add_argument("--work", type=Path, default=None, help="the data dir that keeps every stage (default .tidpo/bench-real)")
     parser.add_argument("--model", default=MODEL, help="reference model: hub id, HF folder, GGUF file or shipped name")
-    parser.add_argument("--part", default="grid", choices=["grid"])
+    parser.add_argument("--part", default="all", choices=PARTS, help="the grid, the estimators' precision@k, TRL's timing, or all three")
     args = parser.parse_args()
     run(quick=args.quick, work=args.work, model=args.model, part=args.part)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from tidpo_core.chat import has_chat_template
 
 NAME = "trl"
 TARGET_DPO_OVER_TRL = 0.75
@@ -54,6 +55,8 @@ def _trl_rows(prepared: common.Prepared, tokenizer) -> tuple[list[dict[str, str]
     from tidpo_core.training import load_training_features
 
     features = load_training_features(common.train_config(prepared, "dpo", prepared.data_dir / "unused"), tokenizer)
+    if has_chat_template(tokenizer):
+        return [_decoded_row(tokenizer, f) for f in features], features
     pairs = {p.pair_id: p for p in common.train_pairs(prepared)}
     bos = tokenizer.bos_token or ""
     rows = [
@@ -67,7 +70,17 @@ def _trl_rows(prepared: common.Prepared, tokenizer) -> tuple[list[dict[str, str]
     return rows, features
 
 
-def _trl_args(output_dir: Path, batch_size: int, seed: int = 0, **extra: Any):
+def _decoded_row(tokenizer, feature: dict[str, Any]) -> dict[str, str]:
+    """TRL's text row of a chat model's feature: the prompt as tidpo rendered it (chat template, turns dropped
+    to fit), each answer without its closing end-of-turn token, which TRL appends as the eos text."""
+    prompt_length = len(feature["chosen_input_ids"]) - int(sum(feature["chosen_response_mask"]))
+    row = {"prompt": tokenizer.decode(list(feature["chosen_input_ids"])[:prompt_length])}
+    for side in ("chosen", "rejected"):
+        row[side] = tokenizer.decode(list(feature[f"{side}_input_ids"])[prompt_length:-1])
+    return row
+
+
+def _trl_args(output_dir: Path, batch_size: int, seed: int = 0, learning_rate: float = LEARNING_RATE, **extra: Any):
     from trl import DPOConfig
 
     return DPOConfig(
@@ -75,7 +88,7 @@ def _trl_args(output_dir: Path, batch_size: int, seed: int = 0, **extra: Any):
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
         num_train_epochs=1,
-        learning_rate=LEARNING_RATE,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=WARMUP_STEPS,
         optim="adamw_torch",
@@ -135,7 +148,7 @@ def _check_ids(trainer, features: list[dict[str, Any]]) -> dict[str, int]:
     return {"pairs": len(features), "mismatched_pairs": mismatched}
 
 
-def time_trl(prepared: common.Prepared, rows, features, batch_size: int, work: Path) -> dict[str, Any]:
+def time_trl(prepared: common.Prepared, rows, features, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE) -> dict[str, Any]:
     import datasets
     from trl import DPOTrainer
 
@@ -146,7 +159,7 @@ def time_trl(prepared: common.Prepared, rows, features, batch_size: int, work: P
     start = time.perf_counter()
     trainer = DPOTrainer(
         model=model,
-        args=_trl_args(work / "trl", batch_size),
+        args=_trl_args(work / "trl", batch_size, learning_rate=learning_rate),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[clock],
@@ -172,7 +185,9 @@ def time_trl(prepared: common.Prepared, rows, features, batch_size: int, work: P
     }
 
 
-def time_tidpo(prepared: common.Prepared, loss_type: str, batch_size: int, work: Path, **overrides: Any) -> dict[str, Any]:
+def time_tidpo(
+    prepared: common.Prepared, loss_type: str, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE, **overrides: Any
+) -> dict[str, Any]:
     out = work / f"tidpo-{loss_type}-{'-'.join(f'{k}{v}' for k, v in sorted(overrides.items()))}"
     shutil.rmtree(out, ignore_errors=True)
     config = common.train_config(
@@ -180,7 +195,7 @@ def time_tidpo(prepared: common.Prepared, loss_type: str, batch_size: int, work:
         loss_type,
         out,
         per_device_batch_size=batch_size,
-        learning_rate=LEARNING_RATE,
+        learning_rate=learning_rate,
         warmup_steps=WARMUP_STEPS,
         lr_scheduler="cosine",
         optimizer="adamw",
@@ -205,7 +220,7 @@ def time_tidpo(prepared: common.Prepared, loss_type: str, batch_size: int, work:
 
 
 def first_batch_loss_check(
-    prepared: common.Prepared, policy_path: Path, rows, features, batch_size: int, work: Path
+    prepared: common.Prepared, policy_path: Path, rows, features, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE
 ) -> dict[str, Any]:
     """tidpo's `dpo` loss vs TRL's sigmoid DPO loss: same policy weights, same reference, same token ids."""
     import datasets
@@ -239,7 +254,7 @@ def first_batch_loss_check(
     trainer = DPOTrainer(
         model=trl_policy,
         ref_model=trl_reference,
-        args=_trl_args(work / "trl-check", batch_size, precompute_ref_batch_size=batch_size),
+        args=_trl_args(work / "trl-check", batch_size, learning_rate=learning_rate, precompute_ref_batch_size=batch_size),
         train_dataset=datasets.Dataset.from_list(batch_rows),
         processing_class=tokenizer,
     )
@@ -404,6 +419,99 @@ def run(quick: bool = False) -> dict[str, Any]:
                 f"x{values['epoch_ratio_vs_trl']:.2f} of TRL (CPU time x{values['epoch_cpu_ratio_vs_trl']:.2f})",
             )
         return common.write_results(NAME, figures, quick, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# On a pretrained chat model (bench_real's TRL part): the timed rows, a learning rate that does not wreck it.
+PRETRAINED_METHODS = ("trl_dpo", "tidpo_dpo", "tidpo_tidpo", "tidpo_tidpo_cached_kl")
+PRETRAINED_LEARNING_RATE = 5e-6
+TARGET_PRETRAINED = {"tidpo_dpo": 0.8, "tidpo_tidpo": 1.1}
+HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
+# SmolLM2's vocabulary is 49,152 tokens; the cache keeps the same 64 most likely as on the tiny model.
+REFERENCE_KL_TOP_K_PRETRAINED = 64
+
+
+def _pretrained_sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"pairs": 8, "batch_size": 2, "rounds": 1, "max_prompt_tokens": 64, "max_response_tokens": 16, "anchor_new_tokens": 8}
+    return {"pairs": 64, "batch_size": 4, "rounds": 3, "max_prompt_tokens": 160, "max_response_tokens": 64, "anchor_new_tokens": 32}
+
+
+def _prepare_pretrained(model: str, sizes: dict[str, Any], work: Path) -> common.Prepared:
+    """The first HH-RLHF pairs by pair_id (bench_real's first train pairs) on `model`, weights with the top-k cache."""
+    from tidpo_core.data import load_preferences
+
+    pairs = sorted(load_preferences(common.SHARED_DATA / HH_FILE).pairs, key=lambda p: p.pair_id)[: sizes["pairs"]]
+    return common.prepare_uncached(
+        work / "data",
+        pairs,
+        eval_fraction=0.0,
+        model_name_or_path=model,
+        anchor_new_tokens=sizes["anchor_new_tokens"],
+        sampling_batch_size=16,
+        max_prompt_tokens=sizes["max_prompt_tokens"],
+        max_response_tokens=sizes["max_response_tokens"],
+        weight_batch_size=8,
+        reference_kl_top_k=REFERENCE_KL_TOP_K_PRETRAINED,
+    )
+
+
+def paired_ratios(rounds: dict[str, list[dict[str, Any]]], baseline: str = "trl_dpo") -> dict[str, dict[str, Any]]:
+    """Per method: its epoch time over the baseline's in each round (timed back to back), and their median."""
+    out: dict[str, dict[str, Any]] = {}
+    for method, results in rounds.items():
+        ratios = [r["epoch_s"] / b["epoch_s"] for r, b in zip(results, rounds[baseline], strict=True)]
+        out[method] = {
+            "epoch_s_rounds": [r["epoch_s"] for r in results],
+            "epoch_ratio_vs_trl_rounds": ratios,
+            "epoch_ratio_vs_trl": statistics.median(ratios),
+            "steps": results[0]["steps"],
+        }
+    return out
+
+
+def run_pretrained(model: str, quick: bool = False) -> dict[str, Any]:
+    """TRL's DPOTrainer against tidpo's `dpo`, `tidpo` and `tidpo` with the cached KL on a pretrained chat model:
+    same pairs (HH-RLHF, in the model's chat template), batch and steps, fp32, rounds interleaved (ABCD DCBA
+    ...), each ratio the median over rounds of the per-round ratio; then the first-batch loss against TRL's."""
+    from tidpo_core.modeling import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    sizes = _pretrained_sizes(quick)
+    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-trl-pretrained-"))
+    try:
+        prepared = _prepare_pretrained(model, sizes, work)
+        _, tokenizer = load_model_and_tokenizer(prepared.reference_path)
+        rows, features = _trl_rows(prepared, tokenizer)
+        batch, lr = sizes["batch_size"], PRETRAINED_LEARNING_RATE
+        methods = {
+            "trl_dpo": lambda: time_trl(prepared, rows, features, batch, work, learning_rate=lr),
+            "tidpo_dpo": lambda: time_tidpo(prepared, "dpo", batch, work, learning_rate=lr),
+            "tidpo_tidpo": lambda: time_tidpo(prepared, "tidpo", batch, work, learning_rate=lr),
+            "tidpo_tidpo_cached_kl": lambda: time_tidpo(prepared, "tidpo", batch, work, learning_rate=lr, reference_kl="cached"),
+        }
+        rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for r in range(sizes["rounds"]):
+            for method in list(methods) if r % 2 == 0 else list(reversed(methods)):
+                rounds[method].append(methods[method]())
+                common.log(NAME, f"{model} round {r + 1} {method:<22} epoch {rounds[method][-1]['epoch_s']:.1f}s")
+        check = first_batch_loss_check(prepared, Path(rounds["tidpo_dpo"][0]["final_model_path"]), rows, features, batch, work, learning_rate=lr)
+        summary = paired_ratios(rounds)
+        summary["trl_dpo"]["token_ids"] = rounds["trl_dpo"][0]["token_ids"]
+        figures = {
+            "setup": {"model": model, "data": HH_FILE, **sizes, "precision": "fp32 (TRL bf16=False, tidpo mixed_precision no)",
+                      "optimizer": f"AdamW lr {lr}, cosine, warmup {WARMUP_STEPS}, clip 1.0", "model_parameters": prepared.parameters,
+                      "timing": "epoch_s: wall time of one epoch's training loop; ratios: median over rounds of the per-round ratio"},
+            "prepare_s": prepared.timings,
+            "methods": summary,
+            "first_batch_loss_check": check,
+            "first_batch_loss_abs_diff": check["abs_diff_stored"],
+            "target": {f"{m} <= {t}x TRL": summary[m]["epoch_ratio_vs_trl"] <= t for m, t in TARGET_PRETRAINED.items()},
+        }
+        for method, values in summary.items():
+            common.log(NAME, f"{model} {method:<22} x{values['epoch_ratio_vs_trl']:.2f} of TRL (rounds {values['epoch_ratio_vs_trl_rounds']})")
+        return common.write_results(f"{NAME}-{Path(model).name.lower()}", figures, quick, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -406,8 +406,10 @@ def prepare_uncached(
     weight_batch_size: int = 16,
     weight_lambda: float = 0.7,
     reference_kl_top_k: int = 0,
+    model_name_or_path: str = "",
 ) -> Prepared:
-    """Pairs -> reference model (tokenizer + tiny Llama + short SFT) -> anchors -> token weights.
+    """Pairs -> reference model (tokenizer + tiny Llama + short SFT, or the checkpoint `model_name_or_path`)
+    -> anchors -> token weights.
 
     The pipeline's own steps (tidpo_core.steps), given the pairs directly so that a benchmark can fix the
     train/eval split exactly: `eval_ids` (if given) decides it; otherwise the stored hash split with
@@ -436,7 +438,9 @@ def prepare_uncached(
     with timed(timings, "reference_model"):
         reference = build_reference(
             open_db,
-            ReferenceRecipe(sft_steps=sft_steps, sft_batch_size=sft_batch_size, sft_learning_rate=sft_learning_rate, seed=seed),
+            ReferenceRecipe(
+                model_name_or_path=model_name_or_path, sft_steps=sft_steps, sft_batch_size=sft_batch_size, sft_learning_rate=sft_learning_rate, seed=seed
+            ),
             dataclasses.replace(model_config or TinyModelConfig(), vocab_size=vocab_size),
             layout,
             ingested.digest,

@@ -53,3 +53,23 @@ def test_the_grid_runs_through_the_comparison_step_and_resumes(tmp_path, monkeyp
     assert all(r["reused"] for r in second["runs"])
     assert second["methods"] == first["methods"]
     assert (tmp_path / "results" / "real-quick.json").exists()
+
+
+def test_the_trl_and_importance_parts_fill_their_sections(tmp_path, monkeypatch, tiny_chat_model):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("TIDPO_BENCH_RESULTS", str(tmp_path / "results"))
+    from bench import bench_real
+
+    trl = bench_real.run(quick=True, work=tmp_path / "work", model=str(tiny_chat_model), part="trl")["trl"]
+    # The chat-templated rows reach TRL as the very ids tidpo trains on, so the losses agree to float precision.
+    assert trl["token_ids"]["mismatched_pairs"] == 0
+    assert trl["first_batch_loss_abs_diff"] <= 1e-5
+    for method in ("tidpo_dpo", "tidpo_tidpo", "tidpo_tidpo_cached_kl"):
+        assert trl[method]["epoch_ratio_vs_trl"] > 0 and len(trl[method]["epoch_ratio_vs_trl_rounds"]) == 1
+
+    doc = bench_real.run(quick=True, work=tmp_path / "work", model=str(tiny_chat_model), part="importance")
+    for position in ("uniform", "middle"):
+        rows = doc["importance"][position]
+        for name in ("attribution", "contrastive", "contrastive_no_eos", "surprisal"):
+            assert 0.0 <= rows[name]["precision_at_k"] <= 1.0 and 0.0 <= rows[name]["raw_precision_at_k"] <= 1.0
+    assert "trl" in doc  # the other part's section is kept

@@ -156,8 +156,11 @@ def test_importance_with_a_pretrained_reference(results_dir):
     for position in ("middle", "uniform"):
         rows = doc["span_position"][position]
         assert rows["responses"]["all"] > 0
-        for name in (*bench_importance.PRETRAINED_VARIANTS, "prior", "uniform_weights"):
+        for name in (*bench_importance.VARIANTS, "prior", "uniform_weights"):
             assert 0.0 <= rows[name]["precision_at_k"] <= 1.0, (position, name)
+        # The contrastive pair was fine-tuned from the model at the pretrained rate.
+        assert doc["contrastive"][position]["recipe"]["sft_learning_rate"] == 2e-5
+    assert isinstance(doc["target"]["contrastive hybrid precision@k at uniform >= 0.8"], bool)
 
 
 def test_hh(results_dir, shared_data):
