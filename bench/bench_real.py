@@ -347,6 +347,7 @@ def importance_section(model: str, quick: bool) -> dict[str, Any]:
             for name, row in rows.items()
             if isinstance(row, dict) and "precision_at_k" in row
         }
+    section["commit"] = doc["commit"]
     return {"importance": section, "importance_targets": doc["target"]}
 
 
@@ -364,6 +365,7 @@ def trl_section(model: str, quick: bool) -> dict[str, Any]:
     section["first_batch_loss_abs_diff"] = doc["first_batch_loss_abs_diff"]
     section["token_ids"] = doc["methods"]["trl_dpo"]["token_ids"]
     section["setup"] = doc["setup"]
+    section["commit"] = doc["commit"]
     return {"trl": section, "trl_targets": doc["target"]}
 
 

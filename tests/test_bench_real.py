@@ -73,3 +73,4 @@ def test_the_trl_and_importance_parts_fill_their_sections(tmp_path, monkeypatch,
         for name in ("attribution", "contrastive", "contrastive_no_eos", "surprisal"):
             assert 0.0 <= rows[name]["precision_at_k"] <= 1.0 and 0.0 <= rows[name]["raw_precision_at_k"] <= 1.0
     assert "trl" in doc  # the other part's section is kept
+    assert doc["importance"]["commit"] == doc["trl"]["commit"] == doc["commit"]  # each part says where it ran
