@@ -1,9 +1,10 @@
-"""Replace the README's benchmark table (between the bench markers) with the latest figures.
+"""Replace the benchmark table of docs/benchmarks.md (between the bench markers) with the latest figures.
 
-    python -m bench.update_readme [--readme README.md]
+    python -m bench.update_readme [--readme docs/benchmarks.md]
 
-Reads bench/results/<name>.json (never the -quick smoke files). If the README lacks either marker, it
-prints a warning and changes nothing.
+Reads bench/results/<name>.json (never the -quick smoke files). If the target file lacks either marker,
+it prints a warning and changes nothing. The module keeps its name (and `--readme`) for the callers
+that already use it; the table lives in docs/benchmarks.md, not in the README.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 
 from bench import common
 from bench.bench_quality import phrase_value
+
+# The page that holds the table, unless a caller names another file.
+DEFAULT_PATH = Path("docs") / "benchmarks.md"
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
@@ -416,8 +420,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
 
 
 def update(readme: Path | None = None, results_directory: Path | None = None) -> bool:
-    """Rewrite the block between the markers; False (with a warning) if the README has no markers."""
-    readme = readme or common.ROOT / "README.md"
+    """Rewrite the block between the markers of `readme` (default: docs/benchmarks.md); False (with a
+    warning) if that file is missing or has no markers."""
+    readme = readme or common.ROOT / DEFAULT_PATH
     if not readme.exists():
         print(f"warning: {readme} does not exist; benchmark table not written")
         return False
@@ -436,7 +441,13 @@ def update(readme: Path | None = None, results_directory: Path | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help=f"the Markdown page whose bench markers receive the table (default: {DEFAULT_PATH})",
+    )
     args = parser.parse_args(argv)
     update(args.readme)
     return 0
