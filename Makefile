@@ -44,7 +44,7 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
-# Speed, memory and quality figures; writes bench/results/*.json and refreshes the README table.
+# Speed, memory and quality figures; writes bench/results/*.json and refreshes the table in docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 

@@ -1,16 +1,16 @@
 """Throughput on a busy machine: each heavy stage alone, then with a second identical process beside it.
 
 Stages (the pipeline's own code, on the embedded model shape and the built-in pairs):
-- `weights`: tidpo_core.importance.compute_token_importance over the chosen and rejected responses
+- `weights`: tidpo_core.method.importance.compute_token_importance over the chosen and rejected responses
   (what the token_weights asset runs);
-- `train`: tidpo_core.sft.supervised_finetune steps (forward, backward, AdamW: the reference model's SFT,
+- `train`: tidpo_core.models.sft.supervised_finetune steps (forward, backward, AdamW: the reference model's SFT,
   the same work per step as a training step without the preference loss);
-- `sample`: tidpo_core.generation.sample_responses (what anchor_responses and the evaluation run).
+- `sample`: tidpo_core.models.generation.sample_responses (what anchor_responses and the evaluation run).
 
 Each stage runs in fresh worker processes (python -m bench.bench_contention --worker ...) under two
 policies: `default` (what torch and OpenMP do on their own: one thread per core, OpenMP threads spin while
 they wait; pinned with TIDPO_NUM_THREADS, since the stages apply the policy themselves, and a pinned count
-does not adapt) and `tidpo` (tidpo_core.threads: the environment the launcher gives a child, then the policy
+does not adapt) and `tidpo` (tidpo_core.runtime.threads: the environment the launcher gives a child, then the policy
 for the model, whose governor gives threads away while the twin runs). Workers build their model and data
 first, then wait at a barrier, so two concurrent workers time the same stretch. Slowdown = time with a second process / time alone, per policy
 (target for `tidpo`: <= 2.5x with 2 processes on 2 cores; fair sharing is 2x on ideal hardware). Fair sharing
@@ -80,13 +80,13 @@ def _sizes(quick: bool) -> dict[str, Any]:
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from tidpo_core import threads
-    from tidpo_core.features import EncodingSettings, encode_response
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.importance import compute_token_importance
-    from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-    from tidpo_core.sft import supervised_finetune
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.batching.features import EncodingSettings, encode_response
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+    from tidpo_core.method.importance import compute_token_importance
+    from tidpo_core.models.generation import SamplingSettings, sample_responses
+    from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+    from tidpo_core.models.sft import supervised_finetune
+    from tidpo_core.runtime import threads
 
     pairs = generate_synthetic_pairs(args.pairs, seed=0)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
@@ -162,7 +162,7 @@ def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str
     `default` pins TIDPO_NUM_THREADS to what torch would pick on its own (one thread per core) and leaves
     OpenMP's wait policy alone; `threads` > 0 pins that count under the policy's wait (the size-threshold
     runs, alone, under OpenMP's own wait like the policy); `wait` (a WAIT_CANDIDATES name) sets OpenMP's wait."""
-    from tidpo_core.threads import thread_environment
+    from tidpo_core.runtime.threads import thread_environment
 
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.update({"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})

@@ -1,7 +1,7 @@
 """GRPO, the paper's third system, against TI-DPO and DPO: quality and cost over 3 seeds, on the built-in data
 and on HH-RLHF (harmless-base test split).
 
-Every run goes through the `method_comparison` job's own code (`tidpo_core.comparison.run_method_comparison`),
+Every run goes through the `method_comparison` job's own code (`tidpo_core.evaluation.comparison.run_method_comparison`),
 so the table is what a user's comparison would show: the same reference, anchors and token weights for every
 method, the same eval pairs and sampling seed, the seed setting the data order (and GRPO's samples).
 - Built-in data: 2,000 pairs of the embedded default corpus (hash split, 10 % eval); GRPO's reward is the
@@ -101,9 +101,9 @@ def _table(result: Any) -> dict[str, dict[str, Any]]:
 
 
 def _compare(prepared: common.Prepared, sizes: dict[str, Any], work: Path, overrides: dict[str, Any], critical_pairs: int) -> dict[str, Any]:
-    from tidpo_core.comparison import ComparisonInputs, run_method_comparison
-    from tidpo_core.features import EncodingSettings
-    from tidpo_core.generation import SamplingSettings
+    from tidpo_core.batching.features import EncodingSettings
+    from tidpo_core.evaluation.comparison import ComparisonInputs, run_method_comparison
+    from tidpo_core.models.generation import SamplingSettings
     from tidpo_core.steps.evaluate import eval_settings_for
 
     inputs = ComparisonInputs(
@@ -132,7 +132,7 @@ def _compare(prepared: common.Prepared, sizes: dict[str, Any], work: Path, overr
 
 
 def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     model_config = bench_quality.tiny_model_config(sizes["tiny"])
     prepared = common.prepare(
@@ -151,7 +151,12 @@ def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def run_hh(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
-    from tidpo_core.reward import RewardTraining, held_out_accuracy, load_reward_function, train_reward_model
+    from tidpo_core.models.reward import (
+        RewardTraining,
+        held_out_accuracy,
+        load_reward_function,
+        train_reward_model,
+    )
 
     pairs, eval_ids, data_info = bench_hh.load_split(sizes["hh_train"], sizes["hh_eval"])
     # bench_hh's preparation, anchors at most 32 tokens as there.
@@ -179,7 +184,7 @@ def run_hh(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick)
-    # The comparison job's default: each run on one torch thread (tidpo_core.threads honours the override).
+    # The comparison job's default: each run on one torch thread (tidpo_core.runtime.threads honours the override).
     os.environ.setdefault("TIDPO_NUM_THREADS", "1")
     datasets: dict[str, Any] = {}
 

@@ -39,9 +39,9 @@ def contrastive_pair_paths(prepared: common.Prepared, sizes: dict[str, Any], see
     import dataclasses
 
     from bench.bench_quality import tiny_model_config
-    from tidpo_core.contrastive import ContrastiveSFT
-    from tidpo_core.fingerprint import model_fingerprint
-    from tidpo_core.layout import DataDir
+    from tidpo_core.models.contrastive import ContrastiveSFT
+    from tidpo_core.runtime.fingerprint import model_fingerprint
+    from tidpo_core.runtime.layout import DataDir
     from tidpo_core.steps import database_at
     from tidpo_core.steps.contrastive import train_contrastive_models
     from tidpo_core.steps.reference import ReferenceHandle
@@ -63,14 +63,14 @@ def contrastive_pair_paths(prepared: common.Prepared, sizes: dict[str, Any], see
 
 
 def contrastive_pair(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0):
-    from tidpo_core.contrastive import load_contrastive_pair
+    from tidpo_core.models.contrastive import load_contrastive_pair
 
     return load_contrastive_pair(contrastive_pair_paths(prepared, sizes, seed))
 
 
 def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, Any]:
-    from tidpo_core.features import EncodingSettings
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.batching.features import EncodingSettings
+    from tidpo_core.models.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
     settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
@@ -79,8 +79,8 @@ def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, 
 
 def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -> dict[str, Any]:
     """Precision@k of each variant's hybrid weights (and raw estimate) on `pairs`, overall and by third."""
-    from tidpo_core.evaluation import critical_token_precision
-    from tidpo_core.threads import threads_for
+    from tidpo_core.evaluation.evaluate import critical_token_precision
+    from tidpo_core.runtime.threads import threads_for
 
     with threads_for(model):
         metrics = critical_token_precision(model, tokenizer, pairs, settings, variants=variants, contrastive_models=contrastive)
@@ -115,7 +115,7 @@ PRETRAINED_CONTRASTIVE_STEPS, PRETRAINED_CONTRASTIVE_BATCH = 96, 8
 def pretrained_contrastive_pair(model, tokenizer, train_pairs, out_dir: Path, steps: int, batch_size: int):
     """TIS-DPO's contrastive pair from a pretrained model (the base the reference is), as the pipeline's
     contrastive_models step builds it for a checkpoint."""
-    from tidpo_core.contrastive import (
+    from tidpo_core.models.contrastive import (
         ContrastiveSFT,
         contrastive_paths,
         load_contrastive_pair,
@@ -131,10 +131,10 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
     """Precision@k with a pretrained model as the reference, on the built-in pairs' eval split at both span
     positions (prompts in the model's chat template), every estimator including the contrastive pair
     fine-tuned from the model on the train split; written as importance-<model>.json."""
-    from tidpo_core.data import assign_split
-    from tidpo_core.features import EncodingSettings
-    from tidpo_core.modeling import load_model_and_tokenizer, resolve_model_source
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.batching.features import EncodingSettings
+    from tidpo_core.data.pairs import assign_split
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+    from tidpo_core.models.modeling import load_model_and_tokenizer, resolve_model_source
 
     common.setup_threads()
     started = time.perf_counter()
@@ -167,7 +167,7 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
 
 def run(quick: bool = False) -> dict[str, Any]:
     from bench.bench_quality import tiny_model_config
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     common.setup_threads()
     started = time.perf_counter()

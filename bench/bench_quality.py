@@ -46,7 +46,7 @@ METHODS = {
     "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
 }
 ESTIMATOR_WEIGHTS = {"surprisal": {"estimator": "surprisal"}, "contrastive": {"estimator": "contrastive"}}
-# The authors' per-step algorithm in tidpo's engine (METHOD.md 1 and 3, the reference code's choices).
+# The authors' per-step algorithm in tidpo's engine (docs/method.md 1 and 3, the reference code's choices).
 AUTHORS = {"loss_type": "tidpo", "weights_mode": "online", "anchor_refresh_every": 1}
 # Single switches on seed 0 of the middle data: the KL term, the cached KL, and the other triplet spaces.
 ABLATIONS = {
@@ -88,7 +88,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def tiny_model_config(tiny: bool):
-    from tidpo_core.modeling import TinyModelConfig
+    from tidpo_core.models.modeling import TinyModelConfig
 
     if tiny:
         return TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
@@ -96,7 +96,7 @@ def tiny_model_config(tiny: bool):
 
 
 def _phrase_rate(samples: list[str], pairs: list[Any]) -> dict[str, Any] | str:
-    rate = common.optional("tidpo_core.evaluation", "critical_phrase_rate")
+    rate = common.optional("tidpo_core.evaluation.evaluate", "critical_phrase_rate")
     usable = [(s, p) for s, p in zip(samples, pairs, strict=True) if p.meta.get("chosen_phrase") and p.meta.get("rejected_phrase")]
     if rate is None:
         return "pending"
@@ -109,10 +109,10 @@ class Evaluator:
     """Held-out metrics of a policy against the shared reference (reference scores computed once)."""
 
     def __init__(self, prepared: common.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1):
-        from tidpo_core.evaluation import preference_metrics, score_pairs
-        from tidpo_core.features import EncodingSettings
-        from tidpo_core.generation import SamplingSettings
-        from tidpo_core.modeling import load_model_and_tokenizer
+        from tidpo_core.batching.features import EncodingSettings
+        from tidpo_core.evaluation.evaluate import preference_metrics, score_pairs
+        from tidpo_core.models.generation import SamplingSettings
+        from tidpo_core.models.modeling import load_model_and_tokenizer
 
         self.prepared = prepared
         self.beta = beta
@@ -129,7 +129,7 @@ class Evaluator:
         self.reference = self.evaluate_model(reference, is_reference=True)
 
     def evaluate_model(self, model, is_reference: bool = False) -> dict[str, Any]:
-        from tidpo_core.generation import sample_responses
+        from tidpo_core.models.generation import sample_responses
 
         scores = self.reference_scores if is_reference else self._score(model, self.tokenizer, self.pairs, self.settings, 32)
         metrics = self._metrics(scores, self.reference_scores, self.beta)
@@ -142,7 +142,7 @@ class Evaluator:
             # KL(pi || ref) on pure samples of the policy (temperature 1, no top-k/top-p: unbiased).
             from dataclasses import replace
 
-            from tidpo_core.evaluation import KL_SAMPLING, kl_to_reference
+            from tidpo_core.evaluation.evaluate import KL_SAMPLING, kl_to_reference
 
             kl_sampling = replace(KL_SAMPLING, max_new_tokens=self.sampling.max_new_tokens, seed=1234,
                                   max_prompt_tokens=self.prepared.max_prompt_tokens)
@@ -151,7 +151,7 @@ class Evaluator:
         return out
 
     def evaluate_path(self, path: str | Path) -> dict[str, Any]:
-        from tidpo_core.modeling import load_model_and_tokenizer
+        from tidpo_core.models.modeling import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(path)
         return self.evaluate_model(model)
@@ -305,7 +305,7 @@ def run_position(
     """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
     authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run. Runs
     found in `previous` (an earlier results document with the same sizes) are taken from it, not retrained."""
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     plan = sizes["plan"][position]
     methods = {name: METHODS[name] for name in plan["methods"]}

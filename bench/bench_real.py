@@ -105,7 +105,7 @@ class Split:
 
 def split_pairs(path: Path, sizes: GridSizes) -> Split:
     """train, eval and judge pairs: consecutive, disjoint slices of the file's pairs sorted by pair_id."""
-    from tidpo_core.data import load_preferences
+    from tidpo_core.data.pairs import load_preferences
 
     loaded = load_preferences(path)
     ordered = sorted(loaded.pairs, key=lambda p: p.pair_id)
@@ -133,11 +133,11 @@ def truthfulqa_sample(source: Path, questions: int, out: Path) -> Path:
 
 def prepare(work: Path, model: str, split: Split, sizes: GridSizes) -> dict[str, Any]:
     """The pipeline's stages up to the comparison, each reused when already in `work`."""
-    from tidpo_core.contrastive import ContrastiveSFT
-    from tidpo_core.data import LoadResult
-    from tidpo_core.generation import SamplingSettings
-    from tidpo_core.layout import DataDir
-    from tidpo_core.modeling import TinyModelConfig
+    from tidpo_core.data.pairs import LoadResult
+    from tidpo_core.models.contrastive import ContrastiveSFT
+    from tidpo_core.models.generation import SamplingSettings
+    from tidpo_core.models.modeling import TinyModelConfig
+    from tidpo_core.runtime.layout import DataDir
     from tidpo_core.steps import database_at
     from tidpo_core.steps.anchors import sample_anchors
     from tidpo_core.steps.contrastive import train_contrastive_models
@@ -172,14 +172,14 @@ def prepare(work: Path, model: str, split: Split, sizes: GridSizes) -> dict[str,
 def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> dict[str, Any]:
     """The judge: a reward model from the reference's backbone, on the judge pairs (no policy trains on them),
     with its accuracy on the held-out pairs."""
-    from tidpo_core.fingerprint import digest
-    from tidpo_core.reward import (
+    from tidpo_core.models.reward import (
         RewardTraining,
         held_out_accuracy,
         is_built,
         load_reward_function,
         train_reward_model,
     )
+    from tidpo_core.runtime.fingerprint import digest
 
     training = RewardTraining(
         batch_size=sizes.judge_batch_size,
@@ -200,8 +200,8 @@ def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> d
 
 def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
     """Prepare, train the judge, then compare the methods through the method_comparison step."""
-    from tidpo_core import tracking
-    from tidpo_core.benchmarks import BenchmarkOptions
+    from tidpo_core.evaluation.benchmarks import BenchmarkOptions
+    from tidpo_core.runtime import tracking
     from tidpo_core.steps import RunTracking
     from tidpo_core.steps.compare import ComparisonSettings, compare_methods
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from tidpo_core.layout import DATABASE_FILE
+from tidpo_core.runtime.layout import DATABASE_FILE
 
 NAME = "scaling"
 ASSET_ORDER = ("preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation")

@@ -2,7 +2,7 @@
 
     python -m bench.bench_training [--pairs N] [--quick] [--threads T] [--out bench/results/training.json]
 
-Each configuration trains one epoch over the same pairs in its own process (`python -m tidpo_core.train`),
+Each configuration trains one epoch over the same pairs in its own process (`python -m tidpo_core.training`),
 so its peak RSS is the training process's own; the runs are interleaved over `rounds` so that drift in
 the machine's load hits every configuration alike. Figures per configuration:
 
@@ -51,7 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def _sizes(quick: bool, pairs: int | None) -> dict[str, Any]:
-    from tidpo_core.modeling import TinyModelConfig
+    from tidpo_core.models.modeling import TinyModelConfig
 
     if quick:
         return {
@@ -99,7 +99,7 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _train_once(config_path: Path, env: dict[str, str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "tidpo_core.train", "--config", str(config_path)]
+    command = [sys.executable, "-m", "tidpo_core.training", "--config", str(config_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=common.ROOT, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(f"training failed ({config_path}):\n{result.stderr[-3000:]}")
@@ -169,7 +169,7 @@ def _run(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick, pairs)
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         tmp_path = Path(tmp)

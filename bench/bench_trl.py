@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from tidpo_core.chat import has_chat_template
+from tidpo_core.batching.chat import has_chat_template
 
 NAME = "trl"
 TARGET_DPO_OVER_TRL = 0.75
@@ -152,7 +152,7 @@ def time_trl(prepared: common.Prepared, rows, features, batch_size: int, work: P
     import datasets
     from trl import DPOTrainer
 
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.models.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
     clock = _trl_clock()
@@ -227,9 +227,9 @@ def first_batch_loss_check(
     import torch
     from trl import DPOTrainer
 
-    from tidpo_core.features import TrainingCollator
-    from tidpo_core.losses import LossConfig
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.batching.features import TrainingCollator
+    from tidpo_core.method.losses import LossConfig
+    from tidpo_core.models.modeling import load_model_and_tokenizer
     from tidpo_core.training import compute_batch_loss
 
     batch_rows, batch_features = rows[:batch_size], features[:batch_size]
@@ -283,8 +283,8 @@ def first_batch_loss_check(
 def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick)
-    from tidpo_core.modeling import TinyModelConfig, load_model_and_tokenizer
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+    from tidpo_core.models.modeling import TinyModelConfig, load_model_and_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-trl-"))
     try:
@@ -440,7 +440,7 @@ def _pretrained_sizes(quick: bool) -> dict[str, Any]:
 
 def _prepare_pretrained(model: str, sizes: dict[str, Any], work: Path) -> common.Prepared:
     """The first HH-RLHF pairs by pair_id (bench_real's first train pairs) on `model`, weights with the top-k cache."""
-    from tidpo_core.data import load_preferences
+    from tidpo_core.data.pairs import load_preferences
 
     pairs = sorted(load_preferences(common.SHARED_DATA / HH_FILE).pairs, key=lambda p: p.pair_id)[: sizes["pairs"]]
     return common.prepare_uncached(
@@ -475,7 +475,7 @@ def run_pretrained(model: str, quick: bool = False) -> dict[str, Any]:
     """TRL's DPOTrainer against tidpo's `dpo`, `tidpo` and `tidpo` with the cached KL on a pretrained chat model:
     same pairs (HH-RLHF, in the model's chat template), batch and steps, fp32, rounds interleaved (ABCD DCBA
     ...), each ratio the median over rounds of the per-round ratio; then the first-batch loss against TRL's."""
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.models.modeling import load_model_and_tokenizer
 
     started = time.perf_counter()
     sizes = _pretrained_sizes(quick)
@@ -524,7 +524,7 @@ def _token_counts(features: list[dict[str, Any]], prepared: common.Prepared) -> 
     two = sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features)
     anchors = 0
     if prepared.anchors_fingerprint:
-        from tidpo_core.modeling import load_model_and_tokenizer
+        from tidpo_core.models.modeling import load_model_and_tokenizer
         from tidpo_core.training import load_training_features
 
         _, tokenizer = load_model_and_tokenizer(prepared.reference_path)

@@ -1,6 +1,6 @@
 """Cost of the token-weight precompute against a plain forward+backward over the same tokens.
 
-The token_weights asset runs tidpo_core.importance.compute_token_importance: per batch one forward with
+The token_weights asset runs tidpo_core.method.importance.compute_token_importance: per batch one forward with
 gradients on the input embeddings, one backward from the final max logit, the reference log-probs from
 the same forward, then the hybrid weights per response. The yardstick is what a training step costs
 without its optimizer update: forward, next-token loss on the response, backward into the parameters,
@@ -9,7 +9,7 @@ with the same batches (same length-sorted order, same batch size, right padding)
 
 Rounds alternate the measurements; each figure is its best round. Target: precompute <= 1.5x fwd+bwd.
 
-Data-parallel precompute (tidpo_core.precompute): the token_weights and anchor_responses steps, end to
+Data-parallel precompute (tidpo_core.runtime.precompute): the token_weights and anchor_responses steps, end to
 end (plan, launch, model load, compute, load into DuckDB), with `accelerate launch` of 1 and of 2 CPU
 processes on the same data, as responses per second. Both launches pay accelerate's start-up; the
 single process runs under the thread policy (one thread per CPU), each of the two takes half the CPUs.
@@ -39,7 +39,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 def _batches(encoded, batch_size: int, pad_id: int):
     import torch
 
-    from tidpo_core.tokenization import pad_right
+    from tidpo_core.batching.tokenization import pad_right
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     out = []
@@ -56,7 +56,7 @@ def _batches(encoded, batch_size: int, pad_id: int):
 
 
 def _forward_backward(model, batches) -> float:
-    from tidpo_core.losses import token_logps
+    from tidpo_core.method.losses import token_logps
 
     model.train()
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def _forward_backward(model, batches) -> float:
 def _forward_only(model, batches) -> float:
     import torch
 
-    from tidpo_core.losses import token_logps
+    from tidpo_core.method.losses import token_logps
 
     model.eval()
     start = time.perf_counter()
@@ -82,7 +82,7 @@ def _forward_only(model, batches) -> float:
 
 
 def _attribution_core(model, batches) -> float:
-    from tidpo_core.importance import attribution_and_logps
+    from tidpo_core.method.importance import attribution_and_logps
 
     start = time.perf_counter()
     for input_ids, attention_mask, response_mask in batches:
@@ -91,7 +91,7 @@ def _attribution_core(model, batches) -> float:
 
 
 def _importance(model, encoded, batch_size: int) -> float:
-    from tidpo_core.importance import compute_token_importance
+    from tidpo_core.method.importance import compute_token_importance
 
     start = time.perf_counter()
     compute_token_importance(model, encoded, batch_size=batch_size)
@@ -101,10 +101,10 @@ def _importance(model, encoded, batch_size: int) -> float:
 def _sharded_data(folder: Path, pairs, tokenizer, model) -> tuple[Path, Any]:
     """A data dir holding `pairs` (all train) and the reference model: the starting point of each timed run."""
     from tidpo_core import store
-    from tidpo_core.data import LoadResult
-    from tidpo_core.fingerprint import model_fingerprint
-    from tidpo_core.layout import DataDir
-    from tidpo_core.modeling import save_model_and_tokenizer
+    from tidpo_core.data.pairs import LoadResult
+    from tidpo_core.models.modeling import save_model_and_tokenizer
+    from tidpo_core.runtime.fingerprint import model_fingerprint
+    from tidpo_core.runtime.layout import DataDir
     from tidpo_core.steps.reference import ReferenceHandle
 
     layout = DataDir.at(folder)
@@ -123,13 +123,13 @@ def _timed_precompute(kind: str, database: Path, reference, workdir: Path, proce
     import os
     import shutil
 
-    from tidpo_core.generation import SamplingSettings
-    from tidpo_core.layout import DataDir
-    from tidpo_core.precompute import PrecomputeSettings
+    from tidpo_core.models.generation import SamplingSettings
+    from tidpo_core.runtime.layout import DataDir
+    from tidpo_core.runtime.precompute import PrecomputeSettings
+    from tidpo_core.runtime.threads import NUM_THREADS_ENV
     from tidpo_core.steps import database_at
     from tidpo_core.steps.anchors import sample_anchors
     from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
-    from tidpo_core.threads import NUM_THREADS_ENV
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -221,9 +221,14 @@ def _anchor_source(database: Path, root: Path, pairs: int) -> Path:
 def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = _sizes(quick)
-    from tidpo_core.features import EncodingSettings, encode_response
-    from tidpo_core.modeling import TinyModelConfig, build_tiny_model, count_parameters, train_tokenizer
-    from tidpo_core.synthetic import generate_synthetic_pairs
+    from tidpo_core.batching.features import EncodingSettings, encode_response
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+    from tidpo_core.models.modeling import (
+        TinyModelConfig,
+        build_tiny_model,
+        count_parameters,
+        train_tokenizer,
+    )
 
     pairs = generate_synthetic_pairs(sizes["pairs"], seed=1)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=2048)

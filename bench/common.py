@@ -43,7 +43,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from tidpo_core.layout import DataDir  # noqa: E402
+from tidpo_core.runtime.layout import DataDir  # noqa: E402
 
 THREADS = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +362,7 @@ def prepare(data_dir: Path, pairs: Sequence[Any], **kwargs: Any) -> Prepared:
     cache_root = os.environ.get("TIDPO_BENCH_CACHE")
     if not cache_root:
         return prepare_uncached(data_dir, pairs, **kwargs)
-    from tidpo_core.fingerprint import digest
+    from tidpo_core.runtime.fingerprint import digest
 
     key = digest(
         {
@@ -417,11 +417,11 @@ def prepare_uncached(
     """
     import dataclasses
 
-    from tidpo_core.data import LoadResult
-    from tidpo_core.features import EncodingSettings
-    from tidpo_core.generation import SamplingSettings
-    from tidpo_core.layout import DataDir
-    from tidpo_core.modeling import TinyModelConfig
+    from tidpo_core.batching.features import EncodingSettings
+    from tidpo_core.data.pairs import LoadResult
+    from tidpo_core.models.generation import SamplingSettings
+    from tidpo_core.models.modeling import TinyModelConfig
+    from tidpo_core.runtime.layout import DataDir
     from tidpo_core.steps import database_at
     from tidpo_core.steps.anchors import sample_anchors
     from tidpo_core.steps.pairs import store_pairs
@@ -482,7 +482,7 @@ def prepare_uncached(
 def add_weights(prepared: Prepared, **settings: Any) -> str:
     """Another weights table for `prepared`'s pairs and anchors (another estimator: WeighingSettings fields);
     returns its fingerprint."""
-    from tidpo_core.fingerprint import model_fingerprint
+    from tidpo_core.runtime.fingerprint import model_fingerprint
     from tidpo_core.steps import database_at
     from tidpo_core.steps.reference import ReferenceHandle
     from tidpo_core.steps.weights import WeighingSettings, weigh_tokens

@@ -3,11 +3,11 @@
     python -m bench.gpu_check [--work DIR] [--only ROW ...]     (writes bench/results/gpu.json)
 
 Needs one CUDA GPU; the ZeRO-3 row needs `deepspeed` (not a tidpo dependency) and is skipped, with the
-reason, without it. Every row is a real launch of `tidpo_core.train` (the way the tidpo_policy asset
+reason, without it. Every row is a real launch of `tidpo_core.training` (the way the tidpo_policy asset
 starts it) on the tiny data of tests/train_fixtures.py, 10 optimizer steps of the default loss (tidpo,
 alpha 0.5: the frozen reference runs every step):
 
-- single_gpu_bf16: `python -m tidpo_core.train`; mixed precision `auto` must pick bf16 on the GPU. The
+- single_gpu_bf16: `python -m tidpo_core.training`; mixed precision `auto` must pick bf16 on the GPU. The
   run is repeated to measure run-to-run noise (GPU kernels need not be bitwise deterministic), then a
   run SIGKILLed after step 5 is re-run: its final weights must equal the uninterrupted run's within
   that noise.
@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from train_fixtures import TinyData, build_tiny_data, load_weights, run_engine  # noqa: E402
 
-from tidpo_core.faults import planted  # noqa: E402
-from tidpo_core.launch import LaunchSettings, accelerate_prefix, failure_reason, read_summary  # noqa: E402
-from tidpo_core.layout import RunDir  # noqa: E402
+from tidpo_core.runtime.faults import planted  # noqa: E402
+from tidpo_core.runtime.launch import LaunchSettings, accelerate_prefix, failure_reason, read_summary  # noqa: E402
+from tidpo_core.runtime.layout import RunDir  # noqa: E402
 
 NAME = "gpu"
 KILL_AT_STEP = 5

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after the other, then the README table.
+"""`make bench`: every benchmark, one after the other, then the table in docs/benchmarks.md.
 
     python -m bench.run_all [--quick] [--only trl,weights] [--in-process]
 
@@ -87,8 +87,8 @@ def run(quick: bool = False, only: set[str] | None = None, in_process: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run every tidpo benchmark and refresh the README table.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run); the README is left alone")
+    parser = argparse.ArgumentParser(description="Run every tidpo benchmark and refresh the table in docs/benchmarks.md.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run); docs/benchmarks.md is left alone")
     parser.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(n for n, _ in BENCHMARKS))
     parser.add_argument("--in-process", action="store_true", help="run the benchmarks in this process")
     args = parser.parse_args(argv)

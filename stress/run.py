@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidpo_core.layout import DATABASE_FILE
+from tidpo_core.runtime.layout import DATABASE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "stress" / "results.json"
@@ -111,7 +111,8 @@ def _mark(text: str) -> None:
 def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: float, pause_after_register: float = 0.0) -> None:
     """Print a line when a chunk commits (and when a chosen writer is inside its transaction), so the
     parent can kill at a known point; optionally hold there for a while."""
-    from tidpo_core import store, tracking
+    from tidpo_core import store
+    from tidpo_core.runtime import tracking
 
     current: dict[str, str | None] = {"what": None}
     original_transaction = store.transaction
@@ -146,7 +147,7 @@ def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: flo
 
         setattr(store, name, wrapped)
 
-    # The steps load every precompute shard in one transaction (tidpo_core.precompute).
+    # The steps load every precompute shard in one transaction (tidpo_core.runtime.precompute).
     wrap("load_anchor_shards", "anchors")
     wrap("load_weight_shards", "weights")
     original_log = tracking.log_transformers_model
@@ -165,7 +166,7 @@ def _nan_pipes_client(step: int) -> Any:
     """A Pipes client that plants a NaN loss at `step` in the training process's environment."""
     import dagster as dg
 
-    from tidpo_core.faults import Faults
+    from tidpo_core.runtime.faults import Faults
 
     class NanInjectingPipesClient(dg.PipesSubprocessClient):
         def run(self, *, env=None, **kwargs):  # type: ignore[no-untyped-def, override]
@@ -381,7 +382,7 @@ def table_counts(data_dir: Path) -> dict[str, int]:
 
 
 def registry(data_dir: Path) -> dict[str, Any]:
-    from tidpo_core import tracking
+    from tidpo_core.runtime import tracking
 
     uri = tracking.sqlite_tracking_uri(data_dir)
     versions = []
@@ -409,7 +410,7 @@ def trainer_pids(data_dir: Path) -> list[int]:
             state = (proc / "stat").read_text().split(") ", 1)[1][0]
         except OSError:
             continue
-        if b"tidpo_core.train" in cmdline and needle in cmdline and state != "Z":
+        if b"tidpo_core.training" in cmdline and needle in cmdline and state != "Z":
             found.append(int(proc.name))
     return found
 
@@ -577,7 +578,7 @@ def junk_files(directory: Path) -> list[Path]:
 
 
 def scenario_bad_input(work: Path, report: dict[str, Any], files: int = 300, property_examples: int = 300) -> None:
-    from tidpo_core.data import DataFileError, load_preferences
+    from tidpo_core.data.pairs import DataFileError, load_preferences
 
     print(f"\n== bad input: {files} generated files, junk files, property tests ({property_examples} examples each)")
     rng = random.Random(1234)
@@ -1109,9 +1110,10 @@ def scenario_safe_defaults(report: dict[str, Any], data_dir: Path | None) -> Non
     print("\n== safe defaults")
     import inspect
 
-    from tidpo_core import benchmarks, modeling
-    from tidpo_core.data import DataFileError, load_preferences
-    from tidpo_core.sources import is_data_file
+    from tidpo_core.data.pairs import DataFileError, load_preferences
+    from tidpo_core.data.sources import is_data_file
+    from tidpo_core.evaluation import benchmarks
+    from tidpo_core.models import modeling
     from tidpo_pipeline import assets, evaluation_assets
 
     makefile = (ROOT / "Makefile").read_text()

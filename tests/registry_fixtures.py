@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tidpo_core import tracking
+from tidpo_core.runtime import tracking
 
 NAME = "tidpo-policy"
 

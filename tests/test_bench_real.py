@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tidpo_core.data import load_preferences
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
+from tidpo_core.data.pairs import load_preferences
+from tidpo_core.models.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (

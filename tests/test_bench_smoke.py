@@ -279,7 +279,7 @@ def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders
     policy = bench_contention._run_together(2, "sample", "tidpo", sizes)
     assert default["seconds"] > 0 and all(r["seconds"] > 0 for r in policy)
     # torch's default on this machine (one thread per core), against the policy's count for this model.
-    from tidpo_core.threads import available_cpus, decide_threads
+    from tidpo_core.runtime.threads import available_cpus, decide_threads
 
     assert default["threads"] == (__import__("os").cpu_count() or 1)
     assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"]).intra_op

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tidpo_core.benchmarks import (
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.evaluation.benchmarks import (
     BenchmarkOptions,
     IFEvalScorer,
     benchmark_metrics,
@@ -22,8 +23,12 @@ from tidpo_core.benchmarks import (
     run_benchmarks,
     run_python_sandboxed,
 )
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.models.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SENTENCE_CHECK = "length_constraints:number_sentences"

@@ -4,16 +4,16 @@ end-of-turn token, prompt budgets, and the embedded (template-free) encoding kep
 import pytest
 import torch
 
-from tidpo_core.chat import (
+from tidpo_core.batching.chat import (
     closing_token_id,
     end_of_turn_id,
     prompt_messages,
     readable_prompt,
     stop_token_ids,
 )
-from tidpo_core.modeling import train_tokenizer
+from tidpo_core.batching.tokenization import PreferenceCollator, encode_prompt, encode_prompt_response
+from tidpo_core.models.modeling import train_tokenizer
 from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe
-from tidpo_core.tokenization import PreferenceCollator, encode_prompt, encode_prompt_response
 from tidpo_core.training.config import OPTIMIZER_RECIPES, TrainConfig
 
 CHATML = (
@@ -142,8 +142,8 @@ def test_a_tokenizer_without_a_template_keeps_the_transcript_encoding(plain_toke
 
 
 def test_sampling_reads_the_encoded_prompt_and_stops_at_end_of_turn(chat_tokenizer) -> None:
-    from tidpo_core.generation import SamplingSettings, prompt_ids, sample_batches
-    from tidpo_core.modeling import TinyModelConfig, build_tiny_model
+    from tidpo_core.models.generation import SamplingSettings, prompt_ids, sample_batches
+    from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model
 
     assert prompt_ids(chat_tokenizer, HH_PROMPT, 64) == encode_prompt(chat_tokenizer, HH_PROMPT, 64)
     model = build_tiny_model(chat_tokenizer, TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))

@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 from registry_fixtures import registry_with_versions
 
-from tidpo_core import store, tracking
+from tidpo_core import store
 from tidpo_core.cli import main as core_main
-from tidpo_core.errors import UserInputError
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.errors import UserInputError
 from tidpo_pipeline.assets import user_errors_as_failures
 from tidpo_pipeline.run import failure_lines
 from tidpo_pipeline.run import main as run_main

@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 from pipeline_config import small_run_config
 
-from tidpo_core import store, tracking
-from tidpo_core.comparison import (
+from tidpo_core import store
+from tidpo_core.evaluation.comparison import (
     DEFAULT_METHODS,
     ESTIMATOR_METHODS,
     METHODS,
@@ -22,6 +22,7 @@ from tidpo_core.comparison import (
     run_method_comparison,
     win_rate,
 )
+from tidpo_core.runtime import tracking
 from tidpo_pipeline.assets import anchor_responses, preference_pairs, reference_model, token_weights
 from tidpo_pipeline.comparison_assets import method_comparison
 from tidpo_pipeline.definitions import defs

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import dagster as dg
 import pytest
 
-from tidpo_core.benchmarks import BenchmarkSelection
-from tidpo_core.generation import SamplingSettings
-from tidpo_core.modeling import TinyModelConfig
-from tidpo_core.precompute import PrecomputeSettings
+from tidpo_core.evaluation.benchmarks import BenchmarkSelection
+from tidpo_core.models.generation import SamplingSettings
+from tidpo_core.models.modeling import TinyModelConfig
+from tidpo_core.runtime.precompute import PrecomputeSettings
 from tidpo_core.steps.anchors import AnchorBackend
 from tidpo_core.steps.policy import SET_BY_THE_RUN
 from tidpo_core.steps.weights import WeighingSettings
@@ -100,7 +100,7 @@ def test_benchmark_settings_come_from_one_dataclass_and_build_the_core_options()
 
 
 def test_the_reward_model_config_is_its_settings_dataclass_with_the_recipe_s_docs():
-    from tidpo_core.reward import RewardTraining
+    from tidpo_core.models.reward import RewardTraining
     from tidpo_core.steps.reward import RewardModelSettings
 
     for f in dataclasses.fields(RewardModelSettings):

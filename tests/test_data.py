@@ -1,4 +1,4 @@
-"""Tests for tidpo_core.data: formats, quarantine reasons, file-level failures, ids and splits."""
+"""Tests for tidpo_core.data.pairs: formats, quarantine reasons, file-level failures, ids and splits."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tidpo_core.data import (  # noqa: E402
+from tidpo_core.data.pairs import (  # noqa: E402
     DataFileError,
     DataRowError,
     LoadResult,
@@ -30,7 +30,7 @@ from tidpo_core.data import (  # noqa: E402
     split_hh_dialogue,
     validate_rows,
 )
-from tidpo_core.synthetic import generate_synthetic_pairs  # noqa: E402
+from tidpo_core.data.synthetic import generate_synthetic_pairs  # noqa: E402
 
 HH_DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -492,7 +492,7 @@ def test_real_hh_rlhf_harmless_test_split() -> None:
 
 
 def test_keep_at_most_is_a_seeded_subset_in_order_and_accounts_for_the_rest() -> None:
-    from tidpo_core.sources import keep_at_most
+    from tidpo_core.data.sources import keep_at_most
 
     rows = [{"prompt": f"q{i}", "chosen": " a", "rejected": " b"} for i in range(10)] + [{"nope": 1}]
     result = validate(rows)

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tidpo_core import store  # noqa: E402
-from tidpo_core.data import (  # noqa: E402
+from tidpo_core.data.pairs import (  # noqa: E402
     HH_ASSISTANT,
     RAW_MAX_CHARS,
     DataFileError,

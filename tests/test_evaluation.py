@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tidpo_core import evaluation
-from tidpo_core.data import PreferencePair
-from tidpo_core.evaluation import (
+from tidpo_core.batching.features import EncodingSettings
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.evaluation import evaluate as evaluation
+from tidpo_core.evaluation.evaluate import (
     EvalSettings,
     PairScores,
     critical_phrase_rate,
@@ -30,10 +32,8 @@ from tidpo_core.evaluation import (
     span_third,
     training_health,
 )
-from tidpo_core.features import EncodingSettings
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.models.generation import SamplingSettings, sample_responses
+from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
 ENCODING = EncodingSettings(max_prompt_tokens=64, max_response_tokens=96)
 FAST_SAMPLING = SamplingSettings(max_new_tokens=12, top_k=0, top_p=1.0, temperature=1.0, seed=3, batch_size=4)
@@ -285,7 +285,7 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
 
 
 def test_small_models_are_evaluated_under_the_thread_policy(tiny, monkeypatch):
-    from tidpo_core.threads import threads_for
+    from tidpo_core.runtime.threads import threads_for
 
     monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
     model = tiny[0]

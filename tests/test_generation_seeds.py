@@ -1,4 +1,4 @@
-"""Per-row seeded sampling (tidpo_core.generation): a row's sample depends on its own seed only, and the
+"""Per-row seeded sampling (tidpo_core.models.generation): a row's sample depends on its own seed only, and the
 Gumbel-max draw samples the same warped distribution as HF's multinomial sampling."""
 
 from __future__ import annotations
@@ -8,9 +8,15 @@ import math
 import pytest
 import torch
 
-from tidpo_core.generation import RowGumbelNoise, SamplingSettings, prompt_ids, sample_responses, warpers
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.models.generation import (
+    RowGumbelNoise,
+    SamplingSettings,
+    prompt_ids,
+    sample_responses,
+    warpers,
+)
+from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
 SETTINGS = SamplingSettings(max_new_tokens=12, batch_size=8, max_prompt_tokens=64)
 

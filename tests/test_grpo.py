@@ -20,10 +20,10 @@ from pipeline_config import small_run_config
 from train_fixtures import load_weights, reset_accelerate
 
 from tidpo_core import store
-from tidpo_core.data import LoadResult, PreferencePair
-from tidpo_core.features import EncodingSettings
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.grpo import (
+from tidpo_core.batching.features import EncodingSettings
+from tidpo_core.data.pairs import LoadResult, PreferencePair
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.method.grpo import (
     PhraseReward,
     group_advantages,
     grpo_loss,
@@ -33,8 +33,8 @@ from tidpo_core.grpo import (
     phrase_score,
     reward_function,
 )
-from tidpo_core.layout import RunDir
-from tidpo_core.modeling import (
+from tidpo_core.models.generation import SamplingSettings, sample_responses
+from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
     load_model_and_tokenizer,
@@ -42,8 +42,8 @@ from tidpo_core.modeling import (
     torch_threads,
     train_tokenizer,
 )
-from tidpo_core.sft import sft_texts, supervised_finetune
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.models.sft import sft_texts, supervised_finetune
+from tidpo_core.runtime.layout import RunDir
 from tidpo_core.training import TrainConfig, TrainingInterrupted, train
 
 # --- advantages ---------------------------------------------------------------------------------------
@@ -231,9 +231,9 @@ def test_the_model_reward_comes_from_tidpo_core_reward(monkeypatch):
     def stub(prompts: list[str], completions: list[str]) -> list[float]:
         return [float(len(c)) for c in completions]
 
-    module = types.ModuleType("tidpo_core.reward")
+    module = types.ModuleType("tidpo_core.models.reward")
     module.load_reward_function = lambda model_dir: stub if model_dir == "rm-dir" else None  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tidpo_core.reward", module)
+    monkeypatch.setitem(sys.modules, "tidpo_core.models.reward", module)
     assert reward_function("model", "rm-dir", []) is stub
     assert mean_reward(reward_function("model", "rm-dir", []), ["a", "b"], ["xy", "wxyz"]) == 3.0
     with pytest.raises(ValueError, match="grpo_reward_model"):
@@ -350,9 +350,9 @@ def test_grpo_with_a_reward_model_and_the_kl_term(grpo_data, tmp_path, monkeypat
         seen.append((prompts, completions))
         return [float(len(c) % 3) for c in completions]
 
-    module = types.ModuleType("tidpo_core.reward")
+    module = types.ModuleType("tidpo_core.models.reward")
     module.load_reward_function = lambda model_dir: stub  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tidpo_core.reward", module)
+    monkeypatch.setitem(sys.modules, "tidpo_core.models.reward", module)
     config = _grpo_config(
         database, reference, tmp_path / "run", grpo_reward="model", grpo_reward_model="rm", grpo_beta=0.04,
         per_device_batch_size=2, grpo_num_generations=2, grpo_max_completion_length=8, max_steps=2,
@@ -447,7 +447,7 @@ def test_the_comparison_with_grpo_among_its_methods(tmp_path):
 
 
 def test_training_health_of_a_grpo_run_reads_its_mean_reward():
-    from tidpo_core.evaluation import training_health
+    from tidpo_core.evaluation.evaluate import training_health
 
     # TRL's GRPOTrainer history: no margin; a step that re-uses its completions logs a NaN reward.
     rising = [{"loss": 0.0, "reward": r} for r in (0.0, float("nan"), 0.1, 0.2, 0.4, float("nan"), 0.5, 0.6)]

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tidpo_core.importance import (
+from tidpo_core.batching.tokenization import encode_prompt_response, pad_right
+from tidpo_core.method.importance import (
     TokenImportance,
     compute_token_importance,
     gaussian_prior,
@@ -24,8 +25,7 @@ from tidpo_core.importance import (
     normalize_attribution,
     without_eos,
 )
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-from tidpo_core.tokenization import encode_prompt_response, pad_right
+from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
 CORPUS = [
     "How can I sleep better at night?",
@@ -307,7 +307,7 @@ def test_compute_token_importance(model64, encoded) -> None:
     assert compute_token_importance(model64, []) == []
 
 
-# ---------------------------------------------------------------- other estimators (METHOD.md section 1b)
+# ---------------------------------------------------------------- other estimators (docs/method.md section 1, other estimators)
 
 
 def test_surprisal_is_minus_the_log_prob_of_the_same_forward(model64, encoded) -> None:

@@ -7,8 +7,8 @@ import statistics
 import numpy as np
 import pytest
 
-from tidpo_core.evaluation import kl_from_logps, mean_and_stderr
-from tidpo_core.metrics import comparison_rows, key_metric_lines, with_stderr
+from tidpo_core.evaluation.evaluate import kl_from_logps, mean_and_stderr
+from tidpo_core.evaluation.metrics import comparison_rows, key_metric_lines, with_stderr
 
 
 def test_mean_and_stderr_by_hand() -> None:

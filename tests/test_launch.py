@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tidpo_core.launch import (
+from tidpo_core.runtime.launch import (
     ENGINE_MODULE,
     LaunchSettings,
     ProcessFailed,
@@ -98,8 +98,8 @@ def test_a_failed_child_raises_with_the_reason_the_engine_recorded(tmp_path: Pat
 def test_any_module_launches_with_the_engine_s_flags():
     """The precompute's processes start like the engine's: one launcher, one set of accelerate flags."""
     settings = LaunchSettings("accelerate", num_processes=2)
-    command = module_command("tidpo_core.precompute", ["--plan", "p"], settings, gpu_available=False)
-    assert command[-4:] == ["-m", "tidpo_core.precompute", "--plan", "p"]
+    command = module_command("tidpo_core.runtime.precompute", ["--plan", "p"], settings, gpu_available=False)
+    assert command[-4:] == ["-m", "tidpo_core.runtime.precompute", "--plan", "p"]
     engine = training_command("run.yaml", settings, gpu_available=False)
     assert {k: v for k, v in _flags(command).items() if k != "--main_process_port"} == {
         k: v for k, v in _flags(engine).items() if k != "--main_process_port"

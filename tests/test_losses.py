@@ -1,4 +1,4 @@
-"""Tests for tidpo_core.losses: hand-computed values, an independent reimplementation, identities."""
+"""Tests for tidpo_core.method.losses: hand-computed values, an independent reimplementation, identities."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tidpo_core.losses import (
+from tidpo_core.method.losses import (
     ABLATIONS,
     LossConfig,
     SideTensors,
@@ -122,7 +122,7 @@ def test_weighted_dpo_alpha_positive_by_hand() -> None:
     chosen = hand_chosen(seq_kl=t(0.4))
     rejected = hand_rejected(seq_kl=t(1.0))
     delta = 0.5 * (1.0 - 0.4)
-    # The KL difference sits inside beta (METHOD.md section 2): -log sigmoid(0.1 * (2.05 - 0.3)) = -log sigmoid(0.175)
+    # The KL difference sits inside beta (docs/method.md section 2): -log sigmoid(0.1 * (2.05 - 0.3)) = -log sigmoid(0.175)
     expected = softplus_neg(0.1 * (WRHO_W_SUM - WRHO_L_SUM - delta))
     assert expected == pytest.approx(softplus_neg(0.175), abs=1e-12)
     got = weighted_dpo_loss(chosen, rejected, beta=0.1, alpha=0.5, uniform=False)
@@ -301,7 +301,7 @@ def ref_response_logratios(side: dict[str, np.ndarray], b: int) -> list[float]:
 
 
 def ref_eq13(first: dict[str, np.ndarray], second: dict[str, np.ndarray], b: int) -> float:
-    """Paper Eq. 13 written from METHOD.md alone: the two log-ratio sequences from their response starts,
+    """Paper Eq. 13 written from docs/method.md alone: the two log-ratio sequences from their response starts,
     zipped (zip stops at the shorter one), squared differences summed, no weights."""
     return sum((x - y) ** 2 for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b), strict=False))
 
@@ -677,7 +677,7 @@ def test_side_tensors_shape_validation() -> None:
 
 
 def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
-    from tidpo_core.losses import reference_topk, token_kl_topk
+    from tidpo_core.method.losses import reference_topk, token_kl_topk
 
     ref = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.7), math.log(0.2), math.log(0.1)]]], dtype=torch.float64)
     pol = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.5), math.log(0.3), math.log(0.2)]]], dtype=torch.float64)
@@ -693,7 +693,7 @@ def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
 
 
 def test_token_kl_topk_over_the_whole_vocabulary_is_token_kl_values_and_gradients() -> None:
-    from tidpo_core.losses import reference_topk, token_kl, token_kl_topk
+    from tidpo_core.method.losses import reference_topk, token_kl, token_kl_topk
 
     torch.manual_seed(0)
     ref = torch.randn(3, 7, 11)
@@ -708,7 +708,7 @@ def test_token_kl_topk_over_the_whole_vocabulary_is_token_kl_values_and_gradient
 
 
 def test_token_kl_topk_is_a_lower_bound_that_grows_with_k() -> None:
-    from tidpo_core.losses import reference_topk, token_kl, token_kl_topk
+    from tidpo_core.method.losses import reference_topk, token_kl, token_kl_topk
 
     torch.manual_seed(1)
     ref, pol = torch.randn(4, 9, 16, dtype=torch.float64) * 2, torch.randn(4, 9, 16, dtype=torch.float64) * 2
@@ -723,7 +723,7 @@ def test_token_kl_topk_is_a_lower_bound_that_grows_with_k() -> None:
 
 
 def test_token_kl_topk_rejects_mismatched_shapes() -> None:
-    from tidpo_core.losses import token_kl_topk
+    from tidpo_core.method.losses import token_kl_topk
 
     with pytest.raises(ValueError, match="top-k"):
         token_kl_topk(torch.zeros(2, 5, 3, dtype=torch.long), torch.zeros(2, 5, 3), torch.zeros(2, 4, 10))

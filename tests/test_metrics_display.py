@@ -2,7 +2,12 @@
 
 import math
 
-from tidpo_core.metrics import comparison_rows, grouped_comparison_rows, key_metric_lines, metric_group
+from tidpo_core.evaluation.metrics import (
+    comparison_rows,
+    grouped_comparison_rows,
+    key_metric_lines,
+    metric_group,
+)
 from tidpo_pipeline.metadata import where_they_differ
 
 
@@ -53,7 +58,7 @@ def test_where_they_differ_shows_the_differing_span_with_context() -> None:
 def test_without_log_messages_drops_only_the_named_messages_and_only_inside(caplog) -> None:
     import logging
 
-    from tidpo_core.quiet import without_log_messages
+    from tidpo_core.runtime.quiet import without_log_messages
 
     logger = logging.getLogger("some.library")
     with caplog.at_level(logging.INFO, logger="some.library"):
@@ -65,7 +70,7 @@ def test_without_log_messages_drops_only_the_named_messages_and_only_inside(capl
 
 
 def test_evaluation_by_model_splits_the_gate_s_three_way_comparison() -> None:
-    from tidpo_core.metrics import evaluation_by_model
+    from tidpo_core.evaluation.metrics import evaluation_by_model
 
     run = {
         "eval/policy/likelihood_win_rate": 0.75,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tidpo_core import modeling
+from tidpo_core.models import modeling
 
 
 def test_hub_ids_and_folders_pass_through(tmp_path) -> None:

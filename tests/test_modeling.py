@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tidpo_core.modeling import (
+from tidpo_core.models.modeling import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,
@@ -147,7 +147,7 @@ def test_load_missing_local_path_fails_before_asking_the_hub(
 ) -> None:
     # "Fast" means: transformers (which would treat the path as a repo id and wait on the network) is
     # never called. Asserting that is deterministic; a wall-clock bound is not on a shared machine.
-    import tidpo_core.modeling as modeling
+    import tidpo_core.models.modeling as modeling
 
     def must_not_be_called(*args: object, **kwargs: object) -> None:
         raise AssertionError("transformers was asked to load a path that does not exist")

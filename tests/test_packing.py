@@ -1,5 +1,5 @@
-"""Batch layouts (tidpo_core.packing): the shared-prompt layout by hand, the padded layout against the plain
-per-row functions of tidpo_core.losses, and every loss equal in both layouts."""
+"""Batch layouts (tidpo_core.batching.packing): the shared-prompt layout by hand, the padded layout against the plain
+per-row functions of tidpo_core.method.losses, and every loss equal in both layouts."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from train_fixtures import TINY, build_tiny_data, reset_accelerate, single_thread
 
-from tidpo_core.features import TrainingCollator, stack_sides
-from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.packing import PromptMismatchError, lay_out, pack_shared_prompt
+from tidpo_core.batching.features import TrainingCollator, stack_sides
+from tidpo_core.batching.packing import PromptMismatchError, lay_out, pack_shared_prompt
+from tidpo_core.models.modeling import load_model_and_tokenizer
 from tidpo_core.training import compute_batch_loss, load_training_features, train
 
 PAD = 0
@@ -72,7 +72,7 @@ def test_layout_of_two_pairs_by_hand():
 def test_padded_layout_equals_the_per_row_loss_functions():
     """The padded layout's maps give what losses.token_logps / token_kl / token_kl_topk give on the same
     rows, restricted to scored tokens; its first-sides view is the first rows."""
-    from tidpo_core.losses import (
+    from tidpo_core.method.losses import (
         coarsened_kl,
         kl_from_logits,
         reference_topk,
@@ -243,7 +243,7 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
     token's log-prob and every side's pooled hidden state equal those of its own padded row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tidpo_core.losses import token_logps
+    from tidpo_core.method.losses import token_logps
     from tidpo_core.training.forward import _pooled_hidden
 
     torch.manual_seed(seed)
@@ -274,7 +274,7 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
 def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached, tmp_path):
     from types import SimpleNamespace
 
-    from tidpo_core.packing import shared_prompt_obstacle
+    from tidpo_core.batching.packing import shared_prompt_obstacle
 
     assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa"), 321) is None
     assert "flash_attention_2" in shared_prompt_obstacle(SimpleNamespace(_attn_implementation="flash_attention_2"), 321)
@@ -298,7 +298,7 @@ def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached,
 
 
 def _independent_tidpo_loss(policy, reference, rows, weights, config):
-    """TI-DPO (METHOD.md sections 2-4) for pairs given as unpadded rows, written from METHOD.md alone: each
+    """TI-DPO (docs/method.md sections 2-4) for pairs given as unpadded rows, written from docs/method.md alone: each
     sequence runs alone through both models, log-softmax over the whole vocabulary, plain loops."""
     def per_token(ids, prompt_length):
         ids_t = torch.tensor([ids])
@@ -327,10 +327,10 @@ def _independent_tidpo_loss(policy, reference, rows, weights, config):
 @pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
 def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementation(layout):
     """Two pairs with unequal response lengths (2/3/4 and 3/1/2 tokens): the engine's TI-DPO loss and its
-    gradient (KL inside beta, Eq. 13 triplet, live reference) equal METHOD.md computed row by row."""
+    gradient (KL inside beta, Eq. 13 triplet, live reference) equal docs/method.md computed row by row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tidpo_core.losses import LossConfig
+    from tidpo_core.method.losses import LossConfig
 
     def model(seed):
         torch.manual_seed(seed)

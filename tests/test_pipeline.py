@@ -12,7 +12,8 @@ import mlflow
 import pytest
 from pipeline_config import small_run_config
 
-from tidpo_core import store, tracking
+from tidpo_core import store
+from tidpo_core.runtime import tracking
 from tidpo_pipeline.checks import ALL_CHECKS, pairs_are_valid
 from tidpo_pipeline.definitions import ASSETS, defs
 from tidpo_pipeline.resources import build_resources
@@ -145,7 +146,7 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     from tidpo_pipeline.run import gate_verdict
 
     assert gate_verdict(result).startswith("gate passed: version 1 is the new champion (")
-    # Known third-party noise is silenced at its source, narrowly (tidpo_core.quiet, the explicit io_manager).
+    # Known third-party noise is silenced at its source, narrowly (tidpo_core.runtime.quiet, the explicit io_manager).
     for known in ("Custom kwargs can be passed", "model card could not be retrieved", "license information",
                   "PipesMessageReader.expected_writer_count", "SupersessionWarning"):
         assert not [m for m in FIRST_RUN_NOISE if known in m], known
@@ -334,8 +335,8 @@ def test_cli_prints_the_champion(first_run, capsys):
 
 def test_cli_generate_prints_only_the_champion_s_completion(first_run, capsys):
     from tidpo_core.cli import main
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.models.generation import SamplingSettings, sample_responses
+    from tidpo_core.models.modeling import load_model_and_tokenizer
 
     data_dir, _, result = first_run
     prompt = "\n\nHuman: How should I treat a burn?\n\nAssistant:"

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from tidpo_core.evaluation import importance_heatmap_sections
-from tidpo_core.features import EncodingSettings, encode_response
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-from tidpo_core.plots import (
+from tidpo_core.batching.features import EncodingSettings, encode_response
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.evaluation.evaluate import importance_heatmap_sections
+from tidpo_core.evaluation.plots import (
     HeatmapRow,
     HeatmapSection,
     png_markdown,
@@ -17,7 +17,7 @@ from tidpo_core.plots import (
     token_display_text,
     token_heatmap_html,
 )
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
 ENCODING = EncodingSettings(max_prompt_tokens=64, max_response_tokens=96)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,8 +92,8 @@ def test_empty_sections_still_draw(tmp_path):
 
 
 def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
-    from tidpo_core.evaluation import best_importance_variant
-    from tidpo_core.importance import compute_token_importance
+    from tidpo_core.evaluation.evaluate import best_importance_variant
+    from tidpo_core.method.importance import compute_token_importance
 
     pairs, tokenizer, model = setup
     sections = importance_heatmap_sections(model, tokenizer, pairs[:1], ENCODING, compare_with="surprisal_no_eos")

@@ -2,7 +2,12 @@
 
 import pytest
 
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
+from tidpo_core.models.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
 from tidpo_core.training import setup
 from tidpo_core.training.config import TrainConfig
 

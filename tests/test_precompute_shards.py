@@ -1,4 +1,4 @@
-"""The sharded precompute (tidpo_core.precompute) of anchors and token weights: one process and two
+"""The sharded precompute (tidpo_core.runtime.precompute) of anchors and token weights: one process and two
 processes store the same rows bit for bit; a rank killed mid-shard leaves its finished shards for the
 re-run and its half-written file unread; a missing or corrupt shard fails naming it and loads nothing;
 the assets launch their ranks through Dagster Pipes and say what they did."""
@@ -12,20 +12,26 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tidpo_core import precompute, store
-from tidpo_core.data import LoadResult
-from tidpo_core.errors import UserInputError
-from tidpo_core.faults import planted
-from tidpo_core.fingerprint import model_fingerprint
-from tidpo_core.generation import SamplingSettings
-from tidpo_core.layout import DataDir, ShardDir
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
-from tidpo_core.precompute import PrecomputeFailed, PrecomputeSettings, ShardPlan
+from tidpo_core import store
+from tidpo_core.data.pairs import LoadResult
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.models.generation import SamplingSettings
+from tidpo_core.models.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
+from tidpo_core.runtime import precompute
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.faults import planted
+from tidpo_core.runtime.fingerprint import model_fingerprint
+from tidpo_core.runtime.layout import DataDir, ShardDir
+from tidpo_core.runtime.precompute import PrecomputeFailed, PrecomputeSettings, ShardPlan
 from tidpo_core.steps import database_at
 from tidpo_core.steps.anchors import sample_anchors
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
-from tidpo_core.synthetic import generate_synthetic_pairs
 
 PAIRS = 24
 # 24 pairs in batches of 4, one batch per shard: 6 anchor shards; 72 responses in batches of 8: 9 weight shards.

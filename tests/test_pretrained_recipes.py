@@ -1,8 +1,8 @@
 """Learning rates left to None are settled by the reference: a model built from scratch keeps the embedded
 default's large rate, a pretrained checkpoint gets a small one that does not wreck it."""
 
-from tidpo_core.contrastive import ContrastiveSFT
-from tidpo_core.reward import RewardTraining
+from tidpo_core.models.contrastive import ContrastiveSFT
+from tidpo_core.models.reward import RewardTraining
 from tidpo_core.steps.reward import RewardModelSettings
 
 

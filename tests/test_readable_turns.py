@@ -1,7 +1,7 @@
 """Multi-turn HH prompts are shown as their turns in the heatmap titles and the Dagster previews."""
 
-from tidpo_core.evaluation import _prompt_title
-from tidpo_core.plots import HeatmapRow, HeatmapSection, token_heatmap_html
+from tidpo_core.evaluation.evaluate import _prompt_title
+from tidpo_core.evaluation.plots import HeatmapRow, HeatmapSection, token_heatmap_html
 from tidpo_pipeline.metadata import anchors_preview, pairs_preview, prompt_cell
 
 TWO_TURNS = "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water.\n\nHuman: For how long?\n\nAssistant:"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from registry_fixtures import registry_with_versions
 
-from tidpo_core import store, tracking
+from tidpo_core import store
 from tidpo_core.cli import main
+from tidpo_core.runtime import tracking
 
 NAME = "tidpo-policy"
 

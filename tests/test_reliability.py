@@ -20,18 +20,19 @@ import torch
 import yaml
 from pipeline_config import small_run_config
 
-from tidpo_core import store, tracking
-from tidpo_core.data import DataFileError, load_preferences
-from tidpo_core.faults import Faults
-from tidpo_core.launch import bind_to_parent
-from tidpo_core.modeling import (
+from tidpo_core import store
+from tidpo_core.data.pairs import DataFileError, load_preferences
+from tidpo_core.data.sources import is_data_file
+from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
     load_model_and_tokenizer,
     save_model_and_tokenizer,
     train_tokenizer,
 )
-from tidpo_core.sources import is_data_file
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.faults import Faults
+from tidpo_core.runtime.launch import bind_to_parent
 from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.definitions import ASSETS
 from tidpo_pipeline.resources import (
@@ -237,7 +238,7 @@ def test_a_failing_body_closes_its_duckdb_connection(tmp_path):
 
 def test_the_trainer_dies_with_the_step_that_launched_it(tmp_path):
     code = (
-        "import subprocess, sys; from tidpo_core.launch import bind_to_parent; "
+        "import subprocess, sys; from tidpo_core.runtime.launch import bind_to_parent; "
         "p = subprocess.Popen(bind_to_parent(['/bin/sleep', '60'])); print(p.pid, flush=True); p.wait()"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -350,7 +351,7 @@ def _champion(data_dir: Path) -> str | None:
 
 
 class NanInjectingPipesClient(dg.PipesSubprocessClient):
-    """Plants a NaN loss at `step` (a fault of the training engine, see tidpo_core.faults) in the run's environment."""
+    """Plants a NaN loss at `step` (a fault of the training engine, see tidpo_core.runtime.faults) in the run's environment."""
 
     def __init__(self, step: int):
         super().__init__()
@@ -519,7 +520,7 @@ def _config_classes():
 
 
 def test_remote_code_and_code_execution_are_off_by_default():
-    from tidpo_core.benchmarks import BenchmarkOptions
+    from tidpo_core.evaluation.benchmarks import BenchmarkOptions
 
     assert inspect.signature(load_model_and_tokenizer).parameters["trust_remote_code"].default is False
     assert BenchmarkOptions().allow_code_execution is False
@@ -554,7 +555,7 @@ def test_no_pickle_is_ever_read_from_a_data_file(tmp_path):
         with pytest.raises(DataFileError, match="unsupported file type"):
             load_preferences(path)
     core = REPO / "tidpo_core"
-    readers = [core / "data.py", core / "sources.py", *sorted((core / "store").glob("*.py")), *sorted((core / "steps").glob("*.py"))]
+    readers = [*sorted((core / "data").glob("*.py")), *sorted((core / "store").glob("*.py")), *sorted((core / "steps").glob("*.py"))]
     assert len(readers) > 8
     for module in readers:
         source = module.read_text()

@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidpo_core import store, tracking
-from tidpo_core.data import LoadResult
-from tidpo_core.errors import UserInputError
-from tidpo_core.fingerprint import model_fingerprint
-from tidpo_core.layout import DataDir
-from tidpo_core.modeling import TinyModelConfig, build_tiny_model, save_model_and_tokenizer, train_tokenizer
-from tidpo_core.reward import (
+from tidpo_core import store
+from tidpo_core.data.pairs import LoadResult
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.models.modeling import (
+    TinyModelConfig,
+    build_tiny_model,
+    save_model_and_tokenizer,
+    train_tokenizer,
+)
+from tidpo_core.models.reward import (
     RewardTraining,
     bradley_terry_loss,
     load_reward_function,
@@ -25,6 +28,10 @@ from tidpo_core.reward import (
     train_reward_model,
     training_subset,
 )
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.fingerprint import model_fingerprint
+from tidpo_core.runtime.layout import DataDir
 from tidpo_core.steps import RunTracking, database_at
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.steps.reward import (
@@ -34,7 +41,6 @@ from tidpo_core.steps.reward import (
     train_reward,
     with_stored_reward_model,
 )
-from tidpo_core.synthetic import generate_synthetic_pairs
 
 # A backbone small enough for seconds on one CPU thread, big enough to generalise to held-out pairs
 # (hidden 32 overfits 230 pairs: about 0.85 held out); no SFT: the head and backbone learn from scratch.

@@ -6,10 +6,10 @@ import dagster as dg
 import pytest
 
 from tidpo_core import store
-from tidpo_core.chat import render_prompt
-from tidpo_core.features import EncodingSettings, build_features
-from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.tokenization import encode_prompt_response, response_token_ids
+from tidpo_core.batching.chat import render_prompt
+from tidpo_core.batching.features import EncodingSettings, build_features
+from tidpo_core.batching.tokenization import encode_prompt_response, response_token_ids
+from tidpo_core.models.modeling import load_model_and_tokenizer
 from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.definitions import ASSETS
 from tidpo_pipeline.resources import build_resources
@@ -131,8 +131,8 @@ def test_the_evaluation_samples_answer_in_turn(smollm2_run) -> None:
 def test_the_registered_model_answers_a_plain_question_in_its_chat_template(smollm2_run) -> None:
     # What `tidpo generate` does with the champion, here with the run's registered version (two steps
     # do not pass the gate, so it is not the champion).
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.tracking import REGISTERED_MODEL, load_registered_model, sqlite_tracking_uri
+    from tidpo_core.models.generation import SamplingSettings, sample_responses
+    from tidpo_core.runtime.tracking import REGISTERED_MODEL, load_registered_model, sqlite_tracking_uri
 
     data_dir, result = smollm2_run
     version = _metadata(result, "evaluation")["mlflow_model_version"]

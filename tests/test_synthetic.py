@@ -1,4 +1,4 @@
-"""Tests for tidpo_core.synthetic: size, determinism, critical spans and validity."""
+"""Tests for tidpo_core.data.synthetic: size, determinism, critical spans and validity."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from tidpo_core.data import PreferencePair, make_pair_id, validate_rows
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.data.pairs import PreferencePair, make_pair_id, validate_rows
+from tidpo_core.data.synthetic import generate_synthetic_pairs
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import os
 import dagster as dg
 import pytest
 
-from tidpo_core import threads
-from tidpo_core.threads import (
+from tidpo_core.runtime import threads
+from tidpo_core.runtime.threads import (
     available_cpus,
     cgroup_cpu_quota,
     decide_threads,

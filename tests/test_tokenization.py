@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tidpo_core.modeling import train_tokenizer
-from tidpo_core.tokenization import (
+from tidpo_core.batching.tokenization import (
     EncodedSequence,
     PreferenceCollator,
     encode_prompt_response,
@@ -20,6 +19,7 @@ from tidpo_core.tokenization import (
     scatter_response_values,
     tokens_overlapping,
 )
+from tidpo_core.models.modeling import train_tokenizer
 
 CORPUS = [
     "What should I do about a headache that will not go away?",

@@ -1,4 +1,4 @@
-"""The training engine (tidpo_core.train): resume after SIGKILL gives the uninterrupted run's weights,
+"""The training engine (tidpo_core.training): resume after SIGKILL gives the uninterrupted run's weights,
 the NaN guard stops with the step named and a checkpoint saved (also through Dagster Pipes), LoRA
 trains only the adapter and uses the adapter-disabled base as the reference, TRL-named metrics reach
 MLflow, and `weights_mode: online` reproduces the stored weights at step 0."""
@@ -22,9 +22,9 @@ from train_fixtures import (
 )
 
 from tidpo_core import store
-from tidpo_core.faults import Faults, planted
-from tidpo_core.features import TrainingCollator, stack_sides
-from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.batching.features import TrainingCollator, stack_sides
+from tidpo_core.models.modeling import load_model_and_tokenizer
+from tidpo_core.runtime.faults import Faults, planted
 from tidpo_core.training import (
     COMPLETE_MARKER,
     INTERRUPTED_EXIT_CODE,
@@ -159,7 +159,7 @@ def test_nan_through_pipes_fails_the_asset_and_closes_the_session(tiny, tmp_path
 
     @dg.asset
     def policy(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient):
-        command = [sys.executable, "-m", "tidpo_core.train", "--config", str(config_path)]
+        command = [sys.executable, "-m", "tidpo_core.training", "--config", str(config_path)]
         env = {**subprocess_env(), **Faults(nan_at_step=2).as_env()}
         return pipes.run(context=context, command=command, env=env).get_materialize_result()
 
@@ -232,7 +232,7 @@ def test_lora_merged_final_model_loads_as_a_plain_model(tiny, tmp_path):
 def test_trl_metric_names_reach_mlflow(tiny, tmp_path):
     from mlflow import MlflowClient
 
-    from tidpo_core.tracking import STORE_FILE
+    from tidpo_core.runtime.tracking import STORE_FILE
 
     uri = f"sqlite:///{tmp_path / STORE_FILE}"
     client = MlflowClient(tracking_uri=uri)
@@ -519,7 +519,7 @@ def test_init_model_path_starts_the_policy_elsewhere_and_keeps_the_reference(tin
 @pytest.mark.parametrize("requested", [None, 2])
 def test_a_launched_training_process_runs_under_the_thread_policy(tiny, tmp_path, monkeypatch, requested):
     """The child trains the tiny model on one thread (a small model), or on TIDPO_NUM_THREADS when set."""
-    from tidpo_core.launch import LaunchSettings, run_training
+    from tidpo_core.runtime.launch import LaunchSettings, run_training
 
     if requested is None:
         monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from train_fixtures import ROOT, build_tiny_data, load_weights, run_engine, single_thread
 
-from tidpo_core.faults import planted
+from tidpo_core.runtime.faults import planted
 from tidpo_core.training import complete_checkpoints
 
 

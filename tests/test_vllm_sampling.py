@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from tidpo_core.errors import UserInputError
-from tidpo_core.generation import SamplingSettings
-from tidpo_core.vllm_sampling import INSTALL_HINT, check_vllm_usable, sample_with_vllm, vllm_sampling_params
+from tidpo_core.models.generation import SamplingSettings
+from tidpo_core.models.vllm import INSTALL_HINT, check_vllm_usable, sample_with_vllm, vllm_sampling_params
+from tidpo_core.runtime.errors import UserInputError
 
 
 def test_refused_without_the_extra():
@@ -36,7 +36,7 @@ def test_refused_on_this_machine_before_loading_anything(tmp_path):
 
 def test_anchors_with_vllm_are_refused_before_anything_is_read_or_launched(monkeypatch):
     """The step checks vLLM before it opens the database or plans a shard (here: no CUDA, or no extra)."""
-    from tidpo_core import vllm_sampling
+    from tidpo_core.models import vllm as vllm_sampling
     from tidpo_core.steps.anchors import AnchorBackend, sample_anchors
     from tidpo_core.steps.reference import ReferenceHandle
 
@@ -51,7 +51,7 @@ def test_anchors_with_vllm_are_refused_before_anything_is_read_or_launched(monke
 
 
 def test_vllm_anchors_have_their_own_fingerprint_and_transformers_anchors_keep_theirs():
-    from tidpo_core.fingerprint import digest
+    from tidpo_core.runtime.fingerprint import digest
     from tidpo_core.steps.anchors import SEEDING, AnchorBackend, anchors_fingerprint
     from tidpo_core.steps.reference import ReferenceHandle
 
@@ -89,14 +89,14 @@ def test_vllm_samples_look_like_transformers_samples(tmp_path):
     and every vLLM sample stays within max_new_tokens."""
     import statistics
 
-    from tidpo_core.generation import sample_batches
-    from tidpo_core.modeling import (
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+    from tidpo_core.models.generation import sample_batches
+    from tidpo_core.models.modeling import (
         TinyModelConfig,
         build_tiny_model,
         save_model_and_tokenizer,
         train_tokenizer,
     )
-    from tidpo_core.synthetic import generate_synthetic_pairs
 
     pairs = generate_synthetic_pairs(64, seed=0)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])

@@ -18,19 +18,19 @@ from typing import Any
 import torch
 
 from tidpo_core import store
-from tidpo_core.data import LoadResult
-from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
-from tidpo_core.fingerprint import text_digest
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.importance import compute_token_importance
-from tidpo_core.modeling import (
+from tidpo_core.batching.features import EncodingSettings, encode_response, side_texts, token_weights_row
+from tidpo_core.data.pairs import LoadResult
+from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.method.importance import compute_token_importance
+from tidpo_core.models.generation import SamplingSettings, sample_responses
+from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
     save_model_and_tokenizer,
     torch_threads,
     train_tokenizer,
 )
-from tidpo_core.synthetic import generate_synthetic_pairs
+from tidpo_core.runtime.fingerprint import text_digest
 from tidpo_core.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run_engine(config_path: Path, *, launcher: list[str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m tidpo_core.train --config F` (or the given launcher prefix) in a fresh process."""
-    command = [*(launcher or [sys.executable]), "-m", "tidpo_core.train", "--config", str(config_path)]
+    """`python -m tidpo_core.training --config F` (or the given launcher prefix) in a fresh process."""
+    command = [*(launcher or [sys.executable]), "-m", "tidpo_core.training", "--config", str(config_path)]
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from tidpo_core.metrics import evaluation_by_model, key_metric_lines
-from tidpo_core.tracking import REGISTERED_MODEL, STORE_FILE, champion, sqlite_tracking_uri
+from tidpo_core.evaluation.metrics import evaluation_by_model, key_metric_lines
+from tidpo_core.runtime.tracking import REGISTERED_MODEL, STORE_FILE, champion, sqlite_tracking_uri
 
 DEFAULT_DATA_DIR = ".tidpo"
 
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _database(data_dir: str) -> Path:
-    from tidpo_core.layout import DataDir
+    from tidpo_core.runtime.layout import DataDir
 
     return DataDir.at(data_dir).database
 
@@ -108,8 +108,8 @@ def _history(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace, tracking_uri: str) -> int:
     from tidpo_core import store
-    from tidpo_core.errors import UserInputError
-    from tidpo_core.tracking import rollback_champion
+    from tidpo_core.runtime.errors import UserInputError
+    from tidpo_core.runtime.tracking import rollback_champion
 
     try:
         previous = rollback_champion(tracking_uri, args.version, args.reason, args.data_dir, args.name)
@@ -128,8 +128,8 @@ def _rollback(args: argparse.Namespace, tracking_uri: str) -> int:
 
 
 def _generate(args: argparse.Namespace, tracking_uri: str, model_uri: str) -> int:
-    from tidpo_core.generation import SamplingSettings, sample_responses
-    from tidpo_core.tracking import load_registered_model
+    from tidpo_core.models.generation import SamplingSettings, sample_responses
+    from tidpo_core.runtime.tracking import load_registered_model
 
     model, tokenizer = load_registered_model(tracking_uri, model_uri)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, batch_size=1)

@@ -16,13 +16,13 @@ from typing import Any
 import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
 
-from tidpo_core.contrastive import ContrastiveSFT
-from tidpo_core.errors import UserInputError
-from tidpo_core.generation import SamplingSettings
-from tidpo_core.launch import ProcessFailed, TrainingFailed
-from tidpo_core.modeling import TinyModelConfig
-from tidpo_core.precompute import PrecomputeFailed, PrecomputeSettings, ShardOutcome
-from tidpo_core.sources import inbox_files
+from tidpo_core.data.sources import inbox_files
+from tidpo_core.models.contrastive import ContrastiveSFT
+from tidpo_core.models.generation import SamplingSettings
+from tidpo_core.models.modeling import TinyModelConfig
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.launch import ProcessFailed, TrainingFailed
+from tidpo_core.runtime.precompute import PrecomputeFailed, PrecomputeSettings, ShardOutcome
 from tidpo_core.steps import RunTracking, settings_of
 from tidpo_core.steps.anchors import AnchorBackend, sample_anchors
 from tidpo_core.steps.contrastive import train_contrastive_models
@@ -307,7 +307,7 @@ def contrastive_models(
 
 TokenWeightsConfig = config_class(
     "TokenWeightsConfig",
-    "How each response token is weighed (METHOD.md section 1), and by how many processes.",
+    "How each response token is weighed (docs/method.md section 1), and by how many processes.",
     DocumentedConfig,
     core_fields(WeighingSettings),
     core_fields(PrecomputeSettings),

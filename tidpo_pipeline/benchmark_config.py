@@ -1,7 +1,7 @@
 """Configuration of the lm-eval benchmarks, shared by the evaluation asset and the method comparison:
-derived from tidpo_core.benchmarks.BenchmarkSelection, which declares each setting once."""
+derived from tidpo_core.evaluation.benchmarks.BenchmarkSelection, which declares each setting once."""
 
-from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkSelection
+from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkSelection
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import dagster as dg
 
 from tidpo_core import store
-from tidpo_core.evaluation import training_health
+from tidpo_core.evaluation.evaluate import training_health
 from tidpo_pipeline.assets import anchor_responses, preference_pairs, tidpo_policy, token_weights
 from tidpo_pipeline.resources import QualityPolicy, TidpoDuckDB
 

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from tidpo_core.sources import inbox_files
+from tidpo_core.data.sources import inbox_files
 from tidpo_pipeline.assets import (
     anchor_responses,
     contrastive_models,

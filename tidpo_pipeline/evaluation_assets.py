@@ -6,9 +6,9 @@ import math
 
 import dagster as dg
 
-from tidpo_core.benchmarks import BenchmarkResult
-from tidpo_core.evaluation import ModelEvaluation
-from tidpo_core.metrics import KEY_METRICS, STDERR_SUFFIX, comparison_rows, grouped_comparison_rows
+from tidpo_core.evaluation.benchmarks import BenchmarkResult
+from tidpo_core.evaluation.evaluate import ModelEvaluation
+from tidpo_core.evaluation.metrics import KEY_METRICS, STDERR_SUFFIX, comparison_rows, grouped_comparison_rows
 from tidpo_core.steps import handle_of, settings_of
 from tidpo_core.steps.evaluate import EvaluationSettings, GatePolicy, TrainedPolicy, evaluate_policy
 from tidpo_core.steps.reference import ReferenceHandle

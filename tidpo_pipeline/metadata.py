@@ -5,8 +5,8 @@ from typing import Any
 
 import dagster as dg
 
-from tidpo_core.chat import readable_prompt
-from tidpo_core.plots import png_markdown
+from tidpo_core.batching.chat import readable_prompt
+from tidpo_core.evaluation.plots import png_markdown
 
 GROUP = "tidpo"
 

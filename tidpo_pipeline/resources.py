@@ -18,8 +18,9 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from tidpo_core import store, threads, tracking
-from tidpo_core.layout import LOCK_FILE, RUNS_DIR, DataDir
+from tidpo_core import store
+from tidpo_core.runtime import threads, tracking
+from tidpo_core.runtime.layout import LOCK_FILE, RUNS_DIR, DataDir
 from tidpo_core.steps.evaluate import GatePolicy
 from tidpo_pipeline.config_from_core import config_class, core_fields
 
@@ -316,7 +317,7 @@ class TidpoDuckDB(DuckDBResource):
 
 
 class ComputeThreads(dg.ConfigurableResource):
-    """The thread policy of the steps that run a model (tidpo_core.threads): automatic by default (one
+    """The thread policy of the steps that run a model (tidpo_core.runtime.threads): automatic by default (one
     thread for a small model, one per usable CPU for a large one); `num_threads` fixes the count, for the
     step's process and the training processes it starts (as TIDPO_NUM_THREADS does)."""
 

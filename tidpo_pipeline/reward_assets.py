@@ -7,7 +7,7 @@ import math
 
 import dagster as dg
 
-from tidpo_core import tracking
+from tidpo_core.runtime import tracking
 from tidpo_core.steps import RunTracking, settings_of
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.steps.reward import RewardModelSettings, beats_chance, train_reward
@@ -38,7 +38,7 @@ def _rounded(value: float) -> float:
     description=(
         "A Bradley-Terry reward model for the GRPO baseline: the reference's backbone with a one-output head, "
         "trained with TRL's RewardTrainer on the train pairs (-log sigmoid(r(chosen) - r(rejected))), judged "
-        "on the eval pairs, registered in MLflow as tidpo-reward. tidpo_core.reward.load_reward_function(path) "
+        "on the eval pairs, registered in MLflow as tidpo-reward. tidpo_core.models.reward.load_reward_function(path) "
         "scores (prompts, completions)."
     ),
     check_specs=[

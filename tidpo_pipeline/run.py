@@ -20,8 +20,8 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from tidpo_core.metrics import key_metric_lines
-from tidpo_core.tracking import champion
+from tidpo_core.evaluation.metrics import key_metric_lines
+from tidpo_core.runtime.tracking import champion
 from tidpo_pipeline.definitions import defs, tidpo_training
 from tidpo_pipeline.resources import MlflowTracking, TidpoStorage
 

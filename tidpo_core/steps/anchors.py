@@ -1,6 +1,6 @@
 """Sample the anchors: one response per train prompt from the reference (the triplet loss's anchor).
 
-The pairs without an anchor are sampled as a sharded precompute (tidpo_core.precompute): in this process
+The pairs without an anchor are sampled as a sharded precompute (tidpo_core.runtime.precompute): in this process
 or in N processes through the training launcher, each anchor drawn with its own seed (from its pair id
 and the sampling settings), so an anchor is the same whatever the process count or its batch-mates.
 """
@@ -15,12 +15,12 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from tidpo_core import store
-from tidpo_core.fingerprint import digest
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.launch import ProcessRunner
-from tidpo_core.layout import DataDir
-from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.precompute import (
+from tidpo_core.models.generation import SamplingSettings, sample_responses
+from tidpo_core.models.modeling import load_model_and_tokenizer
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.launch import ProcessRunner
+from tidpo_core.runtime.layout import DataDir
+from tidpo_core.runtime.precompute import (
     PrecomputeSettings,
     ShardOutcome,
     ShardWorker,
@@ -80,7 +80,7 @@ def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
     backend = AnchorBackend(**task.get("backend", {}))
     draw: Callable[[list[str], list[int], bool], list[str]]
     if backend.generation_backend == "vllm":
-        from tidpo_core.vllm_sampling import VllmSampler
+        from tidpo_core.models.vllm import VllmSampler
 
         reference = task["reference"]
         draw = VllmSampler(
@@ -127,7 +127,7 @@ def sample_anchors(
     """
     say = log_to(log)
     if backend.generation_backend == "vllm":
-        from tidpo_core.vllm_sampling import check_vllm_usable
+        from tidpo_core.models.vllm import check_vllm_usable
 
         check_vllm_usable()  # here, before any process starts: the user error, not a rank's traceback
     fingerprint = anchors_fingerprint(reference, settings, backend)

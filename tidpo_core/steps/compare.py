@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidpo_core import tracking
-from tidpo_core.benchmarks import BenchmarkOptions
-from tidpo_core.comparison import (
+from tidpo_core.batching.features import EncodingSettings
+from tidpo_core.evaluation.benchmarks import BenchmarkOptions
+from tidpo_core.evaluation.comparison import (
     DEFAULT_METHODS,
     ESTIMATOR_METHODS,
     PLOT_METRICS,
@@ -26,11 +26,11 @@ from tidpo_core.comparison import (
     write_comparison_table,
     write_runs_csv,
 )
-from tidpo_core.features import EncodingSettings
-from tidpo_core.fingerprint import digest
-from tidpo_core.generation import SamplingSettings
-from tidpo_core.layout import DataDir
-from tidpo_core.plots import save_comparison_png, save_training_curves_png
+from tidpo_core.evaluation.plots import save_comparison_png, save_training_curves_png
+from tidpo_core.models.generation import SamplingSettings
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.layout import DataDir
 from tidpo_core.steps import OpenDb, RunTracking, log_to, publish_pictures
 from tidpo_core.steps.evaluate import eval_settings_for
 from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe

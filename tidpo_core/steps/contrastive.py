@@ -8,15 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidpo_core import store
-from tidpo_core.contrastive import (
+from tidpo_core.models.contrastive import (
     ContrastiveSFT,
     contrastive_paths,
     is_built,
     load_base,
     train_contrastive_pair,
 )
-from tidpo_core.fingerprint import digest
-from tidpo_core.layout import DataDir
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.layout import DataDir
 from tidpo_core.steps import OpenDb, log_to
 from tidpo_core.steps.reference import ReferenceHandle
 

@@ -10,10 +10,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tidpo_core import store, tracking
-from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
-from tidpo_core.data import PreferencePair
-from tidpo_core.evaluation import (
+from tidpo_core import store
+from tidpo_core.batching.features import EncodingSettings
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.evaluation.benchmarks import (
+    BenchmarkOptions,
+    BenchmarkResult,
+    benchmark_metrics,
+    run_benchmarks,
+)
+from tidpo_core.evaluation.evaluate import (
     EvalSettings,
     ModelEvaluation,
     PromotionDecision,
@@ -24,15 +30,15 @@ from tidpo_core.evaluation import (
     promotion_decision,
     score_pairs,
 )
-from tidpo_core.features import EncodingSettings
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.launch import read_summary
-from tidpo_core.layout import DataDir, RunDir
-from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
+from tidpo_core.evaluation.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
+from tidpo_core.models.generation import SamplingSettings, sample_responses
+from tidpo_core.models.modeling import load_model_and_tokenizer
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.launch import read_summary
+from tidpo_core.runtime.layout import DataDir, RunDir
+from tidpo_core.runtime.threads import threads_for
 from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
-from tidpo_core.threads import threads_for
 
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward")  # the last: a GRPO policy's mean reward
 HEATMAP_PNG = "token_importance_heatmap.png"

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tidpo_core import store
-from tidpo_core.data import DataFileError, LoadResult
-from tidpo_core.sources import keep_at_most, load_source, merge_loads, refuse_sources_without_pairs
+from tidpo_core.data.pairs import DataFileError, LoadResult
+from tidpo_core.data.sources import keep_at_most, load_source, merge_loads, refuse_sources_without_pairs
+from tidpo_core.data.synthetic import SpanPosition
 from tidpo_core.steps import OpenDb
-from tidpo_core.synthetic import SpanPosition
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tidpo_core import launch, store, tracking
-from tidpo_core.errors import UserInputError
-from tidpo_core.fingerprint import digest
-from tidpo_core.launch import LaunchSettings
-from tidpo_core.layout import DataDir, RunDir
-from tidpo_core.modeling import save_model_and_tokenizer
+from tidpo_core import store
+from tidpo_core.models.modeling import save_model_and_tokenizer
+from tidpo_core.runtime import launch, tracking
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.launch import LaunchSettings
+from tidpo_core.runtime.layout import DataDir, RunDir
 from tidpo_core.steps import OpenDb, RunTracking, log_to
 from tidpo_core.steps.reference import ReferenceHandle, with_optimizer_recipe
 from tidpo_core.steps.reward import with_stored_reward_model

@@ -11,13 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tidpo_core import store, tracking
-from tidpo_core.chat import PROMPT_FORMAT, has_chat_template
-from tidpo_core.errors import UserInputError
-from tidpo_core.features import EncodingSettings
-from tidpo_core.fingerprint import digest, model_fingerprint
-from tidpo_core.layout import DataDir
-from tidpo_core.modeling import (
+from tidpo_core import store
+from tidpo_core.batching.chat import PROMPT_FORMAT, has_chat_template
+from tidpo_core.batching.features import EncodingSettings
+from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
     check_model_available,
@@ -28,7 +25,11 @@ from tidpo_core.modeling import (
     save_model_and_tokenizer,
     train_tokenizer,
 )
-from tidpo_core.sft import sft_texts, supervised_finetune
+from tidpo_core.models.sft import sft_texts, supervised_finetune
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.fingerprint import digest, model_fingerprint
+from tidpo_core.runtime.layout import DataDir
 from tidpo_core.steps import OpenDb, RunTracking, handle_of, log_to
 
 BUILD_MARKER = "tidpo_build.json"

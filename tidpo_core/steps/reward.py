@@ -15,11 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidpo_core import store, tracking
-from tidpo_core.errors import UserInputError
-from tidpo_core.fingerprint import digest
-from tidpo_core.layout import DataDir
-from tidpo_core.reward import (
+from tidpo_core import store
+from tidpo_core.models.reward import (
     RewardHeldOut,
     RewardTraining,
     build_info,
@@ -29,6 +26,10 @@ from tidpo_core.reward import (
     load_reward_function,
     train_reward_model,
 )
+from tidpo_core.runtime import tracking
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.layout import DataDir
 from tidpo_core.steps import OpenDb, RunTracking, handle_of, log_to
 from tidpo_core.steps.reference import ReferenceHandle
 
@@ -52,7 +53,7 @@ class RewardHandle:
     """What later stages need of the reward model (the reward_model asset's value, as a dict)."""
 
     path: str
-    """The model folder: `tidpo_core.reward.load_reward_function(path)` scores (prompts, completions)."""
+    """The model folder: `tidpo_core.models.reward.load_reward_function(path)` scores (prompts, completions)."""
     fingerprint: str
     held_out_accuracy: float
     eval_pairs: int

@@ -1,7 +1,7 @@
 """Weigh the tokens: hybrid importance (an importance estimate mixed with the Gaussian prior) and the
 reference's log-probs for every chosen, rejected and anchor response, stored once for all training runs.
 
-The responses without weights are weighed as a sharded precompute (tidpo_core.precompute): in this
+The responses without weights are weighed as a sharded precompute (tidpo_core.runtime.precompute): in this
 process or in N processes through the training launcher, each shard whole batches of the same
 responses whatever the process count, so the stored values are the same bit for bit.
 """
@@ -16,15 +16,15 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from tidpo_core import store
-from tidpo_core.chat import closing_token_id
-from tidpo_core.errors import UserInputError
-from tidpo_core.features import EncodingSettings, encode_response, side_texts, token_weights_row
-from tidpo_core.fingerprint import digest, model_fingerprint, text_digest
-from tidpo_core.importance import compute_token_importance
-from tidpo_core.launch import ProcessRunner
-from tidpo_core.layout import DataDir
-from tidpo_core.modeling import check_model_available, load_model_and_tokenizer
-from tidpo_core.precompute import (
+from tidpo_core.batching.chat import closing_token_id
+from tidpo_core.batching.features import EncodingSettings, encode_response, side_texts, token_weights_row
+from tidpo_core.method.importance import compute_token_importance
+from tidpo_core.models.modeling import check_model_available, load_model_and_tokenizer
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.fingerprint import digest, model_fingerprint, text_digest
+from tidpo_core.runtime.launch import ProcessRunner
+from tidpo_core.runtime.layout import DataDir
+from tidpo_core.runtime.precompute import (
     PrecomputeSettings,
     ShardOutcome,
     ShardWorker,
@@ -43,7 +43,7 @@ SHARD_KIND = "weights"
 @dataclass(frozen=True)
 class WeighingSettings:
     estimator: Literal["attribution", "surprisal", "contrastive"] = "attribution"
-    """The raw importance I (METHOD.md 1b): the paper's gradient attribution, the reference's surprisal
+    """The raw importance I (docs/method.md section 1, other estimators): the paper's gradient attribution, the reference's surprisal
     -log pi_ref(y_t), or the contrastive |log pi_+ - log pi_-| of two models (paths below)."""
     exclude_eos: bool = False
     """The end-of-sequence token gets I = 0: it leaves the normalization and keeps the prior's term only."""
@@ -53,7 +53,7 @@ class WeighingSettings:
     contrastive_negative_path: str = ""
     """estimator contrastive: a model that prefers the rejected answers (empty: see above)."""
     weight_lambda: float = 0.7
-    """lambda of the hybrid weight: 0 is prior only, 1 attribution only (METHOD.md section 1)."""
+    """lambda of the hybrid weight: 0 is prior only, 1 attribution only (docs/method.md section 1)."""
     normalization: Literal["max", "sum", "softmax"] = "max"
     temperature: float = 1.0
     batch_size: int = 16

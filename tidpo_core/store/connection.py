@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from tidpo_core.layout import DATABASE_FILE
+from tidpo_core.runtime.layout import DATABASE_FILE
 
 __all__ = ["DATABASE_FILE", "SCHEMA", "connect", "ensure_schema", "now", "table_digest", "transaction"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tidpo_core.data import LoadResult, PreferencePair, assign_split
+from tidpo_core.data.pairs import LoadResult, PreferencePair, assign_split
 from tidpo_core.store import connection
 from tidpo_core.store.connection import connect, now, table_digest
 

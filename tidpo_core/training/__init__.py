@@ -2,9 +2,9 @@
 
 One code path for every scale:
 
-    python -m tidpo_core.train --config run.yaml                                    # one process
-    accelerate launch --multi_gpu --num_processes 2 -m tidpo_core.train --config run.yaml  # DDP (CPU: gloo)
-    accelerate launch --config_file configs/accelerate/fsdp.yaml -m tidpo_core.train --config run.yaml
+    python -m tidpo_core.training --config run.yaml                                    # one process
+    accelerate launch --multi_gpu --num_processes 2 -m tidpo_core.training --config run.yaml  # DDP (CPU: gloo)
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m tidpo_core.training --config run.yaml
 
 On a machine without a GPU the engine asks accelerate for CPU processes itself, so the torchrun-based
 launcher (``--multi_gpu``) gives N gloo processes; ``accelerate launch --cpu`` on the other hand picks
@@ -28,7 +28,7 @@ Modules, one concern each:
 - data: the training features read from DuckDB.
 - setup: devices, mixed precision, the models (LoRA, the reference under ZeRO-3), optimizer, lr schedule.
 - forward: one micro-batch's forward and loss (compute_batch_loss), the reference and online weights;
-  a micro-batch is a tidpo_core.batch.TrainingBatch (built by features.TrainingCollator).
+  a micro-batch is a tidpo_core.batching.batch.TrainingBatch (built by features.TrainingCollator).
 - anchors: anchors re-sampled from the policy during training.
 - checkpoints: checkpoints and their COMPLETE marker, the final model.
 - signals: stopping early (non-finite loss, SIGTERM/SIGINT).
@@ -36,9 +36,9 @@ Modules, one concern each:
 - state: a run prepared for its first step (accelerate's prepare, the reference, resuming).
 - loop: train(), the optimizer-step loop.
 - grpo: loss_type grpo, the GRPO baseline, trained by TRL's GRPOTrainer into the same run folder and summary
-  (the computation is stated in tidpo_core.grpo).
+  (the computation is stated in tidpo_core.method.grpo).
 
-tidpo_core.train is the command line (``python -m tidpo_core.train``) and re-exports these names.
+tidpo_core.training is the command line (``python -m tidpo_core.training``) and re-exports these names.
 """
 
 from tidpo_core.training.anchors import sample_anchor_features
@@ -51,7 +51,6 @@ from tidpo_core.training.checkpoints import (
     without_tied_copies,
 )
 from tidpo_core.training.config import DEFAULT_LORA_TARGETS, STEP_METRICS, TrainConfig
-from tidpo_core.training.data import FEATURE_CHUNK_PAIRS, load_training_features
 from tidpo_core.training.forward import (
     ReferenceFn,
     WeightsFn,
@@ -60,6 +59,7 @@ from tidpo_core.training.forward import (
     frozen_reference,
     online_weights,
 )
+from tidpo_core.training.loading import FEATURE_CHUNK_PAIRS, load_training_features
 from tidpo_core.training.loop import train
 from tidpo_core.training.reporting import Reporter, TrainSummary
 from tidpo_core.training.setup import lr_schedule

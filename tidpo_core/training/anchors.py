@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from tidpo_core import store
-from tidpo_core.batch import TrainingBatch
-from tidpo_core.features import EncodingSettings, TrainingCollator, encode_response, side_features
-from tidpo_core.generation import SamplingSettings, sample_responses
-from tidpo_core.importance import compute_token_importance
+from tidpo_core.batching.batch import TrainingBatch
+from tidpo_core.batching.features import EncodingSettings, TrainingCollator, encode_response, side_features
+from tidpo_core.method.importance import compute_token_importance
+from tidpo_core.models.generation import SamplingSettings, sample_responses
 from tidpo_core.training.config import TrainConfig
 from tidpo_core.training.setup import _load_reference
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import yaml
 
-from tidpo_core.grpo import GRPO_REWARDS, GrpoReward
-from tidpo_core.importance import Normalization
-from tidpo_core.losses import LossConfig
-from tidpo_core.packing import BATCH_LAYOUTS, BatchLayout
+from tidpo_core.batching.packing import BATCH_LAYOUTS, BatchLayout
+from tidpo_core.method.grpo import GRPO_REWARDS, GrpoReward
+from tidpo_core.method.importance import Normalization
+from tidpo_core.method.losses import LossConfig
 
 # The metrics every optimizer step reports, under TRL's DPOTrainer names (plus triplet for TI-DPO).
 STEP_METRICS = (
@@ -39,7 +39,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 OPTIMIZER_RECIPES: dict[str, dict[str, Any]] = {
     # The embedded ~1M-parameter model learns from scratch-initialised SFT weights: a large step suits it.
     "scratch": {"learning_rate": 5e-4, "optimizer": "adamw", "warmup_steps": 10},
-    # METHOD.md, the reference code's recipe for pretrained 7-8B models.
+    # docs/method.md, the reference code's recipe for pretrained 7-8B models.
     "paper": {"learning_rate": 5e-6, "optimizer": "rmsprop", "warmup_steps": 150},
 }
 
@@ -62,7 +62,7 @@ class TrainConfig:
     anchors_fingerprint: str | None = None
     # loss (names follow the paper: beta, alpha, gamma, lambda)
     loss_type: Literal["dpo", "ipo", "simpo", "tidpo", "grpo"] = "tidpo"
-    """The preference losses (METHOD.md), or `grpo`: the GRPO baseline, trained by TRL's GRPOTrainer on the
+    """The preference losses (docs/method.md), or `grpo`: the GRPO baseline, trained by TRL's GRPOTrainer on the
     train prompts with the reward named by grpo_reward (the grpo_* settings below; the pair losses' settings,
     token weights and anchors do not apply)."""
     beta: float = 0.1
@@ -76,24 +76,24 @@ class TrainConfig:
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
     anchor_refresh_every: int = 0
-    """Re-sample every train pair's anchor from the current policy every N optimizer steps (METHOD.md's
+    """Re-sample every train pair's anchor from the current policy every N optimizer steps (docs/method.md's
     option; each refresh samples all train prompts and weighs the new anchors with the reference).
     1 is the authors' algorithm: each micro-batch's anchors are sampled from the current policy right
     before its forward (its prompts only). 0: the anchor_responses asset's reference samples throughout."""
     reference_kl: Literal["forward", "cached"] = "forward"
     """Where SeqKL (alpha > 0) gets the reference distribution. `forward`: a frozen reference runs every
-    step over chosen and rejected, the full vocabulary exactly as METHOD.md writes it. `cached`: the
+    step over chosen and rejected, the full vocabulary exactly as docs/method.md writes it. `cached`: the
     reference's top-k next-token distribution stored by the token_weights asset (reference_kl_top_k > 0),
     so a step runs the policy only and no second model is held; the KL is then the coarsened
     (top-k + rest) KL, a lower bound equal to the exact one when k covers the vocabulary."""
     batch_layout: BatchLayout = "shared_prompt"
     """`shared_prompt`: one row per pair, the prompt read once and each response attending to it
-    (tidpo_core.packing; needs sdpa or eager attention). `padded`: one padded row per side, the layout
+    (tidpo_core.batching.packing; needs sdpa or eager attention). `padded`: one padded row per side, the layout
     of TRL's DPOTrainer. Both give the same loss up to rounding."""
     weights_mode: Literal["precomputed", "online"] = "precomputed"
     """`precomputed`: the token_weights table (attribution by the reference, once). `online`: attribution
     recomputed with the current policy every step, as the paper does (one extra forward+backward)."""
-    # GRPO (loss_type grpo; METHOD.md "GRPO baseline"; defaults are TRL's GRPOConfig's unless said)
+    # GRPO (loss_type grpo; docs/method.md section 8, the baselines; defaults are TRL's GRPOConfig's unless said)
     grpo_num_generations: int = 8
     """G: completions sampled per prompt, the group whose rewards give each one's advantage. A micro-batch
     holds per_device_batch_size prompts, so per_device_batch_size x G completions."""
@@ -113,7 +113,7 @@ class TrainConfig:
     grpo_reward: GrpoReward = "phrases"
     """`phrases`: the rule reward of the built-in data, +1 when a completion contains its prompt's safe
     phrase, -1 for the risky one, 0 otherwise. `model`: the reward model in grpo_reward_model
-    (tidpo_core.reward.load_reward_function)."""
+    (tidpo_core.models.reward.load_reward_function)."""
     grpo_reward_model: str | None = None
     """With grpo_reward: model, the reward model's folder. Left empty in the pipeline (tidpo_policy,
     method_comparison): the newest reward model the reward_model asset trained on this reference."""
@@ -199,7 +199,7 @@ class TrainConfig:
 
     def loss_config(self) -> LossConfig:
         if self.is_grpo:
-            raise ValueError("loss_type grpo has no preference loss: it trains through tidpo_core.training.grpo")
+            raise ValueError("loss_type grpo has no preference loss: it trains through tidpo_core.training.grpo_loop")
         return LossConfig(
             loss_type=self.loss_type,
             beta=self.beta,

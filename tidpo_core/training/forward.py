@@ -1,5 +1,5 @@
 """One micro-batch's forward and loss: the policy (and where needed the reference) over the batch in
-either layout (tidpo_core.packing), then tidpo_core.losses."""
+either layout (tidpo_core.batching.packing), then tidpo_core.method.losses."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from tidpo_core.batch import TrainingBatch
-from tidpo_core.features import stack_sides
-from tidpo_core.importance import Normalization, gradient_attribution, hybrid_weights
-from tidpo_core.losses import LossConfig, SideTensors, compute_dtype, compute_loss, pair_sequence_kl
-from tidpo_core.packing import BatchLayout, attention_implementation, lay_out
+from tidpo_core.batching.batch import TrainingBatch
+from tidpo_core.batching.features import stack_sides
+from tidpo_core.batching.packing import BatchLayout, attention_implementation, lay_out
+from tidpo_core.method.importance import Normalization, gradient_attribution, hybrid_weights
+from tidpo_core.method.losses import LossConfig, SideTensors, compute_dtype, compute_loss, pair_sequence_kl
 
 ReferenceFn = Callable[..., torch.Tensor]
 """Logits of the frozen reference for a model's keyword inputs (input_ids, attention_mask, ...)."""
@@ -59,7 +59,7 @@ def adapter_disabled_reference(policy: torch.nn.Module, peft_model: Any) -> Refe
 
 
 def online_weights(model: torch.nn.Module, lambda_: float, normalization: Normalization) -> WeightsFn:
-    """`weights: online` (METHOD.md section 1): hybrid weights from the current policy's attribution.
+    """`weights: online` (docs/method.md section 1): hybrid weights from the current policy's attribution.
 
     Gradients are taken with respect to the input embeddings only, so the parameters' .grad (the training
     gradient being accumulated) is untouched. `model` is the unwrapped policy.
@@ -93,7 +93,7 @@ class _ForwardResult:
 
 
 def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _ForwardResult:
-    """The policy (and where needed the reference) over one batch in either layout (tidpo_core.packing)."""
+    """The policy (and where needed the reference) over one batch in either layout (tidpo_core.batching.packing)."""
     pairs = layout.first_sides(2)
     pair_mask = stacked["response_mask"][: 2 * layout.batch_size]
     reference_logps = stacked.get("reference_logps")
@@ -152,7 +152,7 @@ def compute_batch_loss(
     keyword inputs, or a module used as a frozen reference. Without it SeqKL comes from the batch's cached
     reference top-k. The log-ratios use the batch's precomputed reference log-probs (DuckDB) where it has
     them, and the reference's otherwise.
-    `batch_layout` picks one row per pair with the prompt read once (`shared_prompt`, tidpo_core.packing)
+    `batch_layout` picks one row per pair with the prompt read once (`shared_prompt`, tidpo_core.batching.packing)
     or one padded row per side (`padded`); the two give the same loss up to rounding. `attention` is the
     policy's attention implementation (read from the model when not given).
     """

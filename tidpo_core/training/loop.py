@@ -17,15 +17,15 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from tidpo_core.batch import TrainingBatch
-from tidpo_core.faults import Faults
-from tidpo_core.layout import RunDir
-from tidpo_core.threads import threads_for
+from tidpo_core.batching.batch import TrainingBatch
+from tidpo_core.runtime.faults import Faults
+from tidpo_core.runtime.layout import RunDir
+from tidpo_core.runtime.threads import threads_for
 from tidpo_core.training.anchors import _AnchorRefresh
 from tidpo_core.training.checkpoints import _save_final
 from tidpo_core.training.config import TrainConfig
-from tidpo_core.training.data import load_training_features
 from tidpo_core.training.forward import compute_batch_loss
+from tidpo_core.training.loading import load_training_features
 from tidpo_core.training.reporting import Reporter, TrainSummary, _peak_rss_mb
 from tidpo_core.training.setup import (
     _check_sharding_support,
@@ -42,9 +42,9 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainSummary:
     """Run (or resume) one training run; see tidpo_core.training. loss_type grpo runs TRL's GRPOTrainer
-    (tidpo_core.training.grpo) and leaves the same run folder and summary."""
+    (tidpo_core.training.grpo_loop) and leaves the same run folder and summary."""
     if config.is_grpo:
-        from tidpo_core.training.grpo import train_grpo  # imports TRL: only for grpo
+        from tidpo_core.training.grpo_loop import train_grpo  # imports TRL: only for grpo
 
         return train_grpo(config, on_step)
     cpu = _use_cpu(config)
@@ -90,7 +90,7 @@ def _run(
     started = time.perf_counter()
     models = load_models(config, loss_config)
     timings["model_load_s"] = time.perf_counter() - started
-    # The thread policy for this model (tidpo_core.threads); restored on return, for in-process runs.
+    # The thread policy for this model (tidpo_core.runtime.threads); restored on return, for in-process runs.
     with threads_for(models.policy) as thread_policy:
         reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
         return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings, thread_policy.intra_op)

@@ -31,7 +31,7 @@ class TrainSummary:
     total_parameters: int = 0
     peak_rss_mb: float = 0.0
     torch_threads: int = 0
-    """Intra-op threads the run's policy gave it (tidpo_core.threads): the most it used; fewer while other
+    """Intra-op threads the run's policy gave it (tidpo_core.runtime.threads): the most it used; fewer while other
     processes kept the CPUs busy."""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -52,7 +52,7 @@ class Reporter:
             self._pipes_cm = open_dagster_pipes()
             self._pipes = self._pipes_cm.__enter__()
         if config.mlflow_tracking_uri and config.mlflow_run_id:
-            from tidpo_core.tracking import AsyncMetricLogger
+            from tidpo_core.runtime.tracking import AsyncMetricLogger
 
             self._mlflow = AsyncMetricLogger(config.mlflow_tracking_uri, config.mlflow_run_id)
 

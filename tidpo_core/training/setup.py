@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from tidpo_core.losses import LossConfig
-from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.method.losses import LossConfig
+from tidpo_core.models.modeling import load_model_and_tokenizer
 from tidpo_core.training.config import TrainConfig
 from tidpo_core.training.reporting import Reporter
 

@@ -15,10 +15,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
-from tidpo_core.features import TrainingCollator
-from tidpo_core.layout import RunDir
-from tidpo_core.losses import LossConfig
-from tidpo_core.packing import attention_implementation, shared_prompt_obstacle
+from tidpo_core.batching.features import TrainingCollator
+from tidpo_core.batching.packing import attention_implementation, shared_prompt_obstacle
+from tidpo_core.method.losses import LossConfig
+from tidpo_core.runtime.layout import RunDir
 from tidpo_core.training.anchors import _AnchorRefresh
 from tidpo_core.training.checkpoints import (
     COMPLETE_MARKER,

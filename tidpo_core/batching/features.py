@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from tidpo_core.batch import SideBatch, TrainingBatch, column_name
-from tidpo_core.data import PreferencePair
-from tidpo_core.importance import Normalization, TokenImportance, hybrid_weights
-from tidpo_core.store import REFERENCE_TOPK_SIDES, StoredWeights
-from tidpo_core.tokenization import (
+from tidpo_core.batching.batch import SideBatch, TrainingBatch, column_name
+from tidpo_core.batching.tokenization import (
     EncodedSequence,
     PreferenceCollator,
     encode_prompt_response,
     response_token_ids,
     scatter_response_values,
 )
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.method.importance import Normalization, TokenImportance, hybrid_weights
+from tidpo_core.store import REFERENCE_TOPK_SIDES, StoredWeights
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tidpo_core.layout import RunDir
-from tidpo_core.threads import thread_environment
+from tidpo_core.runtime.layout import RunDir
+from tidpo_core.runtime.threads import thread_environment
 
 Launcher = Literal["in_process", "python", "accelerate"]
-ENGINE_MODULE = "tidpo_core.train"
+ENGINE_MODULE = "tidpo_core.training"
 
 ProcessRunner = Callable[[list[str], dict[str, str]], dict[str, Any]]
 """Runs a command with an environment and returns what the process reported (metadata); raises

@@ -17,8 +17,8 @@ import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
-from tidpo_core.errors import UserInputError
-from tidpo_core.generation import SamplingSettings, prompt_ids
+from tidpo_core.models.generation import SamplingSettings, prompt_ids
+from tidpo_core.runtime.errors import UserInputError
 
 INSTALL_HINT = "pip install 'tidpo[vllm]'"
 

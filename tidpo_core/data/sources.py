@@ -7,8 +7,14 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tidpo_core.data import DataFileError, LoadResult, QuarantinedRow, QuarantineReason, load_preferences
-from tidpo_core.synthetic import SpanPosition, generate_synthetic_pairs
+from tidpo_core.data.pairs import (
+    DataFileError,
+    LoadResult,
+    QuarantinedRow,
+    QuarantineReason,
+    load_preferences,
+)
+from tidpo_core.data.synthetic import SpanPosition, generate_synthetic_pairs
 
 SYNTHETIC = "synthetic"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")

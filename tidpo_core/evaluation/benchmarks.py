@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tidpo_core.chat import has_chat_template
-from tidpo_core.quiet import LM_EVAL_CUSTOM_DATASET_NOISE, without_log_messages
+from tidpo_core.batching.chat import has_chat_template
+from tidpo_core.runtime.quiet import LM_EVAL_CUSTOM_DATASET_NOISE, without_log_messages
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ BENCHMARK_DATA: dict[str, str] = {
     "humaneval": "humaneval",
 }
 BENCHMARKS: tuple[str, ...] = tuple(BENCHMARK_DATA)
-# A data file given as "builtin" is the small sample shipped in tidpo_core/benchmark_data (see its README).
+# A data file given as "builtin" is the small sample shipped in tidpo_core/evaluation/benchmark_data (see its README).
 BUILTIN = "builtin"
 BUILTIN_DATA: dict[str, str] = {"truthfulqa": "truthfulqa_sample.csv", "ifeval": "ifeval_sample.jsonl"}
 

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from tidpo_core.data import PreferencePair, make_pair_id
+from tidpo_core.data.pairs import PreferencePair, make_pair_id
 
 __all__ = [
     "SPAN_POSITIONS",

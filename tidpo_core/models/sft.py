@@ -9,11 +9,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tidpo_core.data import PreferencePair
-from tidpo_core.features import EncodingSettings, encode_response
-from tidpo_core.losses import token_logps
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import pad_right
+from tidpo_core.batching.features import EncodingSettings, encode_response
+from tidpo_core.batching.tokenization import pad_right
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.method.losses import token_logps
+from tidpo_core.runtime.threads import threads_for
 
 
 def sft_texts(pairs: Sequence[PreferencePair], on: Literal["chosen", "both"]) -> list[tuple[str, str]]:

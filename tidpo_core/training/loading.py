@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from tidpo_core import store
-from tidpo_core.features import EncodingSettings, build_features
+from tidpo_core.batching.features import EncodingSettings, build_features
 from tidpo_core.training.config import TrainConfig
 
 # Pairs whose stored token weights are read and turned into features at a time: the rows of one chunk

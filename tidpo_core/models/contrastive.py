@@ -1,4 +1,4 @@
-"""The two contrastive models of the `contrastive` importance estimator (METHOD.md 1b; TIS-DPO, arXiv
+"""The two contrastive models of the `contrastive` importance estimator (docs/method.md section 1, other estimators; TIS-DPO, arXiv
 2410.04350, its SFT construction): the reference's base fine-tuned on the chosen answers only (pi_+) and on the
 rejected answers only (pi_-), with the same SFT recipe. Tokens where the two disagree are the ones the
 preference is about; importance.estimate_importance scores I_t = |log pi_+(y_t) - log pi_-(y_t)|.
@@ -20,14 +20,14 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tidpo_core.data import PreferencePair
-from tidpo_core.modeling import (
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
     load_model_and_tokenizer,
     save_model_and_tokenizer,
 )
-from tidpo_core.sft import supervised_finetune
+from tidpo_core.models.sft import supervised_finetune
 
 SIDES = {"positive": "chosen", "negative": "rejected"}
 BUILD_MARKER = "tidpo_build.json"

@@ -1,5 +1,5 @@
 """A Bradley-Terry reward model trained on the stored preference pairs: the reward of the GRPO baseline
-(METHOD.md, "GRPO baseline").
+(docs/method.md section 8, the baselines).
 
 The model is the reference's backbone with a one-output sequence-classification head
 (`AutoModelForSequenceClassification`, `num_labels=1`): the reward of a (prompt, completion) is the head's
@@ -44,11 +44,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tidpo_core.data import PreferencePair
-from tidpo_core.modeling import resolve_device, save_model_and_tokenizer
-from tidpo_core.quiet import quiet_trainer_output
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import encode_prompt_response, pad_right
+from tidpo_core.batching.tokenization import encode_prompt_response, pad_right
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.models.modeling import resolve_device, save_model_and_tokenizer
+from tidpo_core.runtime.quiet import quiet_trainer_output
+from tidpo_core.runtime.threads import threads_for
 from tidpo_core.training.setup import accelerate_state_left_as_found
 
 __all__ = [

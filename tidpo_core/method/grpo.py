@@ -1,9 +1,9 @@
 """GRPO (Shao et al. 2024, DeepSeekMath) as TRL's GRPOTrainer computes it: group advantages, the clipped
-importance-ratio objective with the optional k3 KL to the reference, and the rewards (METHOD.md, "GRPO
-baseline").
+importance-ratio objective with the optional k3 KL to the reference, and the rewards (docs/method.md section 8,
+the baselines).
 
 Plain functions over tensors and strings (no model, no TRL): the training itself runs in TRL's
-GRPOTrainer (tidpo_core.training.grpo), and these functions state what it computes; tests/test_grpo.py
+GRPOTrainer (tidpo_core.training.grpo_loop), and these functions state what it computes; tests/test_grpo.py
 checks them against hand computations, an independent loop and TRL's own loss on the same tensors.
 
 For each prompt the policy samples a group of G completions; each gets a reward r_i and the advantage
@@ -21,7 +21,7 @@ token mean (TRL's loss_type "grpo", the paper's 1/G sum_i 1/|o_i| sum_t).
 
 A reward is any callable `(prompts, completions) -> rewards`, one float per (prompt, completion): the
 rule reward of the built-in data (`phrase_reward`) or a trained reward model
-(`tidpo_core.reward.load_reward_function(model_dir)`, loaded by `reward_function`).
+(`tidpo_core.models.reward.load_reward_function(model_dir)`, loaded by `reward_function`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from tidpo_core.data import PreferencePair
-from tidpo_core.synthetic import contains_phrase, critical_phrases
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.data.synthetic import contains_phrase, critical_phrases
 
 RewardFunction = Callable[[list[str], list[str]], list[float]]
 """`(prompts, completions) -> rewards`: one reward per (prompt, completion), the lists of equal length."""
@@ -221,8 +221,8 @@ def phrase_reward(pairs: Iterable[PreferencePair]) -> PhraseReward:
 
 
 def load_reward_model(model_dir: str) -> RewardFunction:
-    """The reward model in `model_dir` as a reward function (tidpo_core.reward, imported only when asked for)."""
-    from tidpo_core.reward import load_reward_function
+    """The reward model in `model_dir` as a reward function (tidpo_core.models.reward, imported only when asked for)."""
+    from tidpo_core.models.reward import load_reward_function
 
     return load_reward_function(model_dir)
 

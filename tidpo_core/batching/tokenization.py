@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tidpo_core.batch import column_name
-from tidpo_core.chat import closing_token_id, has_chat_template, prompt_messages
+from tidpo_core.batching.batch import column_name
+from tidpo_core.batching.chat import closing_token_id, has_chat_template, prompt_messages
 
 __all__ = [
     "EncodedSequence",

@@ -21,27 +21,27 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tidpo_core.chat import closing_token_id, readable_prompt, stop_token_ids
-from tidpo_core.data import PreferencePair
-from tidpo_core.features import (
+from tidpo_core.batching.chat import closing_token_id, readable_prompt, stop_token_ids
+from tidpo_core.batching.features import (
     EncodingSettings,
     TrainingCollator,
     build_features,
     encode_response,
     stack_sides,
 )
-from tidpo_core.generation import SamplingSettings, sample_batches
-from tidpo_core.importance import (
+from tidpo_core.batching.tokenization import EncodedSequence, tokens_overlapping
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.data.synthetic import contains_phrase, critical_phrases
+from tidpo_core.method.importance import (
     ESTIMATORS,
     Normalization,
     TokenImportance,
     compute_token_importance,
     without_eos,
 )
-from tidpo_core.losses import token_logps
-from tidpo_core.synthetic import contains_phrase, critical_phrases
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import EncodedSequence, tokens_overlapping
+from tidpo_core.method.losses import token_logps
+from tidpo_core.models.generation import SamplingSettings, sample_batches
+from tidpo_core.runtime.threads import threads_for
 
 
 @dataclass(frozen=True)
@@ -786,7 +786,7 @@ def evaluate_model(
     Preference metrics (accuracy, margin, win rates), KL(model || reference) with its standard error,
     generation diversity, and on pairs with critical spans (the synthetic corpus) importance
     precision@k and the critical-phrase rate. Pass `model=reference` for the reference's own row.
-    Runs under the thread policy for the two models (tidpo_core.threads).
+    Runs under the thread policy for the two models (tidpo_core.runtime.threads).
     """
     with threads_for(model, reference):
         return _evaluate_model(model, reference, tokenizer, pairs, settings, reference_scores, progress)
@@ -899,14 +899,14 @@ def importance_heatmap_sections(
     batch_size: int = 16,
     compare_with: str | None = None,
 ) -> list[Any]:
-    """Heatmap sections (tidpo_core.plots.HeatmapSection) of the pairs' chosen, rejected and anchor responses.
+    """Heatmap sections (tidpo_core.evaluation.plots.HeatmapSection) of the pairs' chosen, rejected and anchor responses.
 
     Each token is shaded by its hybrid weight under `model` (the TI-DPO weight, mean 1 per response);
     tokens of the critical span, where the pair's meta has one, are outlined. With `compare_with` (an
     importance variant, e.g. `surprisal_no_eos`) each chosen and rejected row is followed by the same
     response under that estimator's hybrid weights, so the paper's weights and the other sit side by side.
     """
-    from tidpo_core.plots import HeatmapRow, HeatmapSection, token_display_text
+    from tidpo_core.evaluation.plots import HeatmapRow, HeatmapSection, token_display_text
 
     items: list[tuple[PreferencePair, str, str, EncodedSequence]] = []
     for pair in pairs:

@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from tidpo_core.errors import UserInputError
-from tidpo_core.layout import REGISTRY_LOCK_FILE, TRACKING_STORE_FILE, DataDir
-from tidpo_core.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.layout import REGISTRY_LOCK_FILE, TRACKING_STORE_FILE, DataDir
+from tidpo_core.runtime.quiet import MLFLOW_LOCAL_FOLDER_NOISE, without_log_messages
 
 EXPERIMENT = "tidpo"
 REGISTERED_MODEL = "tidpo-policy"
@@ -208,7 +208,7 @@ def log_transformers_model(
     mlflow 3.17's memory-saving path (`transformers_model=<folder>`) breaks on transformers 5
     (`pipelines.check_task` returns class names), so the components are loaded and logged instead.
     """
-    from tidpo_core.modeling import load_model_and_tokenizer
+    from tidpo_core.models.modeling import load_model_and_tokenizer
 
     if registered_model_name:
         # A run killed after registering but before it was marked finished is resumed in the same
@@ -247,7 +247,7 @@ def register_model_folder(
 
     The policy is logged as an MLflow transformers model (a generation pipeline); a reward model has no
     pipeline of its own, so its folder is registered as it is: `download_model_version` fetches it back for
-    `tidpo_core.reward.load_reward_function`.
+    `tidpo_core.models.reward.load_reward_function`.
     """
     store = client(tracking_uri)
     for version in store.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
@@ -272,7 +272,7 @@ def download_model_version(
     tracking_uri: str, dst: str | Path, version: str | int | None = None, name: str = REWARD_MODEL, artifact_path: str = REWARD_ARTIFACT_PATH
 ) -> Path:
     """A registered folder (register_model_folder) fetched to `dst`; the latest version when none is named.
-    Returns the folder, e.g. for `tidpo_core.reward.load_reward_function`."""
+    Returns the folder, e.g. for `tidpo_core.models.reward.load_reward_function`."""
     version = version if version is not None else latest_version(tracking_uri, name)
     if version is None:
         raise LookupError(f"registered model {name!r} has no version in {tracking_uri}")

@@ -1,4 +1,4 @@
-"""Preference losses: DPO, IPO, SimPO and TI-DPO (arXiv 2505.19653), as specified in METHOD.md.
+"""Preference losses: DPO, IPO, SimPO and TI-DPO (arXiv 2505.19653), as specified in docs/method.md.
 
 Conventions (shared with the rest of tidpo_core): batches are right-padded and every per-token
 tensor is position-aligned with ``input_ids``: entry ``t`` is about token ``input_ids[:, t]``
@@ -43,7 +43,7 @@ _EPS = 1e-12
 class LossConfig:
     """Which loss to optimise and its hyperparameters (defaults: the paper's Table B12).
 
-    ``alpha`` is TDPO's sequential-KL weight (METHOD.md section 2, inside beta as in TDPO2; 0 gives pure
+    ``alpha`` is TDPO's sequential-KL weight (docs/method.md section 2, inside beta as in TDPO2; 0 gives pure
     token-weighted DPO), ``gamma`` the triplet weight (0 is the "no triplet" ablation) and
     ``uniform_weights`` ignores the token weights (all 1 on the response). ``triplet_space`` picks the
     triplet distance: ``sequence`` (the paper's Eq. 13, default), ``weighted_mean`` (squared difference
@@ -159,7 +159,7 @@ def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
     """Per-position ``KL(pi_ref || pi_theta)`` over the vocabulary ``[B,T]``, aligned like token_logps.
 
     The per-row form for plain padded tensors; the training engine maps kl_from_logits through its batch
-    layout (tidpo_core.packing) instead (pair_sequence_kl), and tests hold the two equal."""
+    layout (tidpo_core.batching.packing) instead (pair_sequence_kl), and tests hold the two equal."""
     if reference_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
         raise ValueError(
             "expected reference and policy logits of the same shape [B,T,V], got "
@@ -182,7 +182,7 @@ def reference_topk(reference_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, policy_logits: Tensor) -> Tensor:
-    """Per-position KL(pi_ref || pi_theta) from the reference's cached top-k ``[B,T]`` (METHOD.md's
+    """Per-position KL(pi_ref || pi_theta) from the reference's cached top-k ``[B,T]`` (docs/method.md's
     SeqKL with the reference distribution stored instead of recomputed: `reference_kl: cached`).
 
     Both distributions are coarsened to the k cached tokens plus one bucket for all other tokens, and
@@ -232,7 +232,7 @@ def sequence_kl(token_kl: Tensor, response_mask: Tensor) -> Tensor:
 
 class TokenMap(Protocol):
     """Where a model's per-position outputs put each scored token: the batch layouts of
-    tidpo_core.packing (a view of chosen and rejected), written here as what the KL below needs."""
+    tidpo_core.batching.packing (a view of chosen and rejected), written here as what the KL below needs."""
 
     def prefix(self, per_position: Tensor) -> Tensor: ...
 
@@ -358,7 +358,7 @@ def dpo_loss(chosen: SideTensors, rejected: SideTensors, beta: float) -> Tensor:
 
 
 def ipo_loss(chosen: SideTensors, rejected: SideTensors, beta: float) -> Tensor:
-    """(sum rho(y_w) - sum rho(y_l) - 1/(2 beta))^2 ``[B]`` (summed, not length-averaged, per METHOD.md)."""
+    """(sum rho(y_w) - sum rho(y_l) - 1/(2 beta))^2 ``[B]`` (summed, not length-averaged, per docs/method.md)."""
     return (logratio_sum(chosen) - logratio_sum(rejected) - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -380,7 +380,7 @@ def kl_delta(chosen: SideTensors, rejected: SideTensors, alpha: float) -> Tensor
 def weighted_dpo_loss(
     chosen: SideTensors, rejected: SideTensors, beta: float, alpha: float, uniform: bool
 ) -> Tensor:
-    """METHOD.md section 2: -log sigmoid(beta * [sum w rho(y_w) - sum w rho(y_l) - delta]) ``[B]``.
+    """docs/method.md section 2: -log sigmoid(beta * [sum w rho(y_w) - sum w rho(y_l) - delta]) ``[B]``.
 
     The KL difference sits inside beta, as in TDPO2 and the authors' trainer; the form with delta outside
     beta (tidpo before 2026-12) equals this one with alpha / beta in place of alpha (alpha 5 at beta 0.1).
@@ -456,7 +456,7 @@ def triplet_loss(
     space: TripletSpace,
     uniform: bool,
 ) -> Tensor:
-    """METHOD.md section 3: max(0, d(y_a, y_w) - d(y_a, y_l) + margin) ``[B]``.
+    """docs/method.md section 3: max(0, d(y_a, y_w) - d(y_a, y_l) + margin) ``[B]``.
 
     ``uniform`` matters only to ``weighted_mean``: Eq. 13's sequence distance is unweighted.
     """

@@ -7,7 +7,7 @@ prompts into its data set, tidpo's reward into its reward function; and TRL's re
 every tidpo run leaves (RunDir): `final/` (a plain Hugging Face model folder), `summary.json` (a
 TrainSummary: steps, losses, the per-step history under TRL's metric names) and `failure.txt`.
 
-What the settings mean in TRL's terms (tidpo_core.grpo states the computation):
+What the settings mean in TRL's terms (tidpo_core.method.grpo states the computation):
 
 - a micro-batch holds per_device_batch_size prompts x grpo_num_generations completions (TRL's
   per_device_train_batch_size counts completions); an optimizer step sees per_device_batch_size x
@@ -43,15 +43,15 @@ import torch
 from accelerate.utils import set_seed
 
 from tidpo_core import store
-from tidpo_core.chat import has_chat_template
-from tidpo_core.data import PreferencePair
-from tidpo_core.faults import Faults
-from tidpo_core.grpo import RewardFunction, reward_function
-from tidpo_core.layout import RunDir
-from tidpo_core.modeling import load_model_and_tokenizer
-from tidpo_core.quiet import quiet_trainer_output
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import encode_prompt
+from tidpo_core.batching.chat import has_chat_template
+from tidpo_core.batching.tokenization import encode_prompt
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.method.grpo import RewardFunction, reward_function
+from tidpo_core.models.modeling import load_model_and_tokenizer
+from tidpo_core.runtime.faults import Faults
+from tidpo_core.runtime.layout import RunDir
+from tidpo_core.runtime.quiet import quiet_trainer_output
+from tidpo_core.runtime.threads import threads_for
 from tidpo_core.training.config import TrainConfig
 from tidpo_core.training.reporting import Reporter, TrainSummary, _peak_rss_mb
 from tidpo_core.training.setup import _mixed_precision, _model_dtype, _use_cpu

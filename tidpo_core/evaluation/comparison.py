@@ -1,17 +1,17 @@
 """The paper's method comparison in miniature: DPO, SimPO, TI-DPO and its three ablations, and on request
 the GRPO baseline, trained from one reference model on one data set over several seeds, each evaluated
-with every metric of `tidpo_core.evaluation` (and, on request, the benchmarks), aggregated to mean and
+with every metric of `tidpo_core.evaluation.evaluate` (and, on request, the benchmarks), aggregated to mean and
 spread per method.
 
 Every trained run also reports `train_seconds` (its wall-clock training time) and, when a reward is
 available, `reward_model_score`: the mean reward of its sampled answers to the eval prompts (the same
 samples the KL and diversity metrics use), under the reward model of grpo_reward: model, or else the
-rule reward of the built-in data (tidpo_core.grpo.PhraseReward over the eval pairs). GRPO's policy is
+rule reward of the built-in data (tidpo_core.method.grpo.PhraseReward over the eval pairs). GRPO's policy is
 scored like every other: its implicit reward is the DPO one, beta times its summed log-ratio to the
 reference, so reward accuracy and margin mean for it what they mean for DPO.
 
 Plain functions over paths and fingerprints: `run_method_comparison` trains in-process through
-`tidpo_core.train.train`, so a notebook, a test or the Dagster asset drive it alike.
+`tidpo_core.training.train`, so a notebook, a test or the Dagster asset drive it alike.
 """
 
 from __future__ import annotations
@@ -32,17 +32,22 @@ import numpy as np
 import yaml
 
 from tidpo_core import store
-from tidpo_core.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics, run_benchmarks
-from tidpo_core.data import PreferencePair
-from tidpo_core.evaluation import EvalSettings, evaluate_model, score_pairs
-from tidpo_core.fingerprint import digest
-from tidpo_core.grpo import RewardFunction, phrase_reward, reward_function
-from tidpo_core.launch import LaunchSettings, run_training
-from tidpo_core.layout import RunDir
-from tidpo_core.modeling import load_model_and_tokenizer
+from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.evaluation.benchmarks import (
+    BenchmarkOptions,
+    BenchmarkResult,
+    benchmark_metrics,
+    run_benchmarks,
+)
+from tidpo_core.evaluation.evaluate import EvalSettings, evaluate_model, score_pairs
+from tidpo_core.method.grpo import RewardFunction, phrase_reward, reward_function
+from tidpo_core.models.modeling import load_model_and_tokenizer
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.launch import LaunchSettings, run_training
+from tidpo_core.runtime.layout import RunDir
 from tidpo_core.training import TrainConfig
 
-# Method name -> TrainConfig fields that make it. The three ablations are the paper's (METHOD.md):
+# Method name -> TrainConfig fields that make it. The three ablations are the paper's (docs/method.md):
 # lambda 0 drops the gradient attribution, lambda 1 the Gaussian prior, gamma 0 the triplet term.
 METHODS: dict[str, dict[str, Any]] = {
     "dpo": {"loss_type": "dpo"},
@@ -51,11 +56,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "tidpo_no_attribution": {"loss_type": "tidpo", "weight_lambda": 0.0},
     "tidpo_no_prior": {"loss_type": "tidpo", "weight_lambda": 1.0},
     "tidpo_no_triplet": {"loss_type": "tidpo", "gamma": 0.0},
-    # TI-DPO with another importance estimator (METHOD.md 1b) than the token weights' own: trained on a second
+    # TI-DPO with another importance estimator (docs/method.md section 1, other estimators) than the token weights' own: trained on a second
     # weight table (ComparisonInputs.weights_by_method), which the method_comparison step weighs.
     "tidpo_surprisal": {"loss_type": "tidpo"},
     "tidpo_contrastive": {"loss_type": "tidpo"},
-    # GRPO (METHOD.md "GRPO baseline"): sampled completions and a reward (grpo_reward) instead of the pairs.
+    # GRPO (docs/method.md section 8, the baselines): sampled completions and a reward (grpo_reward) instead of the pairs.
     "grpo": {"loss_type": "grpo"},
 }
 # The methods that train on their own estimator's weights, and that estimator.
@@ -254,7 +259,7 @@ def run_method_comparison(
     comparison stopped halfway resumes at the first run it had not finished, even with keep_models False
     (each policy folder deleted once evaluated). `record` is stored with each run as it is evaluated
     (ComparisonRun.info: a caller's commit, say). Training and evaluation run under the thread policy
-    (tidpo_core.threads). `launch_settings` says how each run is trained: in this process by default (the
+    (tidpo_core.runtime.threads). `launch_settings` says how each run is trained: in this process by default (the
     runs are short and share the loaded reference's pages), or through `accelerate launch` for multi-GPU runs.
     """
     plan = _ComparisonPlan.make(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, record)

@@ -26,10 +26,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tidpo_core.chat import stop_token_ids
-from tidpo_core.fingerprint import digest
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import encode_prompt
+from tidpo_core.batching.chat import stop_token_ids
+from tidpo_core.batching.tokenization import encode_prompt
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.threads import threads_for
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def sample_batches(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     try:
-        with threads_for(model):  # the thread policy (tidpo_core.threads), held across the yields
+        with threads_for(model):  # the thread policy (tidpo_core.runtime.threads), held across the yields
             batches = range(0, len(prompts), settings.batch_size)
             for start in tqdm(batches, disable=not progress, desc="sample", unit="batch"):
                 chunk = list(prompts[start : start + settings.batch_size])

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tidpo_core.losses import compute_dtype
+from tidpo_core.method.losses import compute_dtype
 
 BatchLayout = Literal["shared_prompt", "padded"]
 BATCH_LAYOUTS: tuple[str, ...] = ("shared_prompt", "padded")

@@ -12,7 +12,7 @@ through the training launcher, each finished shard a Parquet file; the step load
 - After every process exited 0, the step checks that each planned shard file is there and readable with
   its planned row count, loads them all in one transaction (tidpo_core.store) and removes the folder.
 
-As a process: ``python -m tidpo_core.precompute --plan <folder> --attempt <id>``, under `accelerate launch`
+As a process: ``python -m tidpo_core.runtime.precompute --plan <folder> --attempt <id>``, under `accelerate launch`
 or alone; the rank and world size come from the environment torchrun sets (RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE), defaulting to one process. Rank 0 reports progress to Dagster through Pipes when
 Dagster launched it, and prints nothing otherwise.
@@ -36,13 +36,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tidpo_core.errors import UserInputError
-from tidpo_core.faults import Faults
-from tidpo_core.fingerprint import digest
-from tidpo_core.launch import Launcher, LaunchSettings, ProcessFailed, ProcessRunner, run_module
-from tidpo_core.layout import ShardDir
+from tidpo_core.runtime.errors import UserInputError
+from tidpo_core.runtime.faults import Faults
+from tidpo_core.runtime.fingerprint import digest
+from tidpo_core.runtime.launch import Launcher, LaunchSettings, ProcessFailed, ProcessRunner, run_module
+from tidpo_core.runtime.layout import ShardDir
 
-PRECOMPUTE_MODULE = "tidpo_core.precompute"
+PRECOMPUTE_MODULE = "tidpo_core.runtime.precompute"
 # The module of each kind of precompute; it defines `shard_worker(task) -> ShardWorker`.
 WORKER_MODULES = {"anchors": "tidpo_core.steps.anchors", "weights": "tidpo_core.steps.weights"}
 # Parquet key-value metadata of a shard file: which launch wrote it, with how many processes.

@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from tidpo_core.errors import UserInputError
+from tidpo_core.runtime.errors import UserInputError
 
 __all__ = [
     "DataFileError",

@@ -1,4 +1,4 @@
-"""Token importance for TI-DPO (METHOD.md section 1): an importance estimate mixed with a Gaussian prior.
+"""Token importance for TI-DPO (docs/method.md section 1): an importance estimate mixed with a Gaussian prior.
 
 The paper's estimator (`attribution`, the default) is I_i = || d max_v z_{last, v} / d e_i ||_1: how much
 each token's embedding moves the model's most confident next-token logit at the end of the sequence. The
@@ -6,7 +6,7 @@ Gaussian prior P(t) over response positions counters attribution's U-shaped bias
 tokens. The hybrid weight w = lambda * I~ + (1 - lambda) * P is rescaled to mean 1 over the response, so
 uniform weights are DPO.
 
-Other estimators (METHOD.md section 1b), each giving a raw I >= 0 per response token that the same hybrid
+Other estimators (docs/method.md section 1, other estimators), each giving a raw I >= 0 per response token that the same hybrid
 combines with the prior:
 - `surprisal`: I_t = -log pi(y_t | x, y_<t) under the scoring model, free from the forward pass that
   gives the reference log-probs (no backward).
@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tidpo_core.losses import reference_topk, token_logps
-from tidpo_core.threads import threads_for
-from tidpo_core.tokenization import EncodedSequence, pad_right
+from tidpo_core.batching.tokenization import EncodedSequence, pad_right
+from tidpo_core.method.losses import reference_topk, token_logps
+from tidpo_core.runtime.threads import threads_for
 
 __all__ = [
     "ESTIMATORS",

@@ -1,5 +1,5 @@
-"""The training engine's command line: ``python -m tidpo_core.train --config run.yaml`` (also under
-``accelerate launch``; tidpo_core.launch builds those commands). The engine is tidpo_core.training.
+"""The training engine's command line: ``python -m tidpo_core.training --config run.yaml`` (also under
+``accelerate launch``; tidpo_core.runtime.launch builds those commands). The engine is tidpo_core.training.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""From text to tensors: chat templates, tokenization, features, collation and the shared-prompt packing."""

@@ -1,0 +1,1 @@
+"""Preference data: formats, sources, quarantine reasons and the built-in synthetic corpus."""

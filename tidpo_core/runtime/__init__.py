@@ -1,0 +1,1 @@
+"""The machinery around the method: data-dir layout, launch, sharded precompute, threads, tracking, fingerprints, errors."""
