@@ -4,11 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tidpo_core.runtime.offline import apply_offline_defaults
+
+apply_offline_defaults()
 # One torch thread for every model the tests train (tidpo_core.runtime.threads): results that depend on float
 # summation order (a reward model judged on 7 eval pairs) are the same on every machine, and the tests'
 # subprocesses do not oversubscribe CI's 2 cores. The thread-policy tests set or clear it themselves.

@@ -13,8 +13,7 @@ from tidpo_core import store
 from tidpo_core.cli import main as core_main
 from tidpo_core.runtime import tracking
 from tidpo_core.runtime.errors import UserInputError
-from tidpo_pipeline.assets import user_errors_as_failures
-from tidpo_pipeline.run import failure_lines
+from tidpo_pipeline.failures import failure_lines, user_errors_as_failures
 from tidpo_pipeline.run import main as run_main
 
 NAME = "tidpo-policy"

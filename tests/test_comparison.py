@@ -23,8 +23,11 @@ from tidpo_core.evaluation.comparison import (
     win_rate,
 )
 from tidpo_core.runtime import tracking
-from tidpo_pipeline.assets import anchor_responses, preference_pairs, reference_model, token_weights
-from tidpo_pipeline.comparison_assets import method_comparison
+from tidpo_pipeline.assets.anchors import anchor_responses
+from tidpo_pipeline.assets.compare import method_comparison
+from tidpo_pipeline.assets.pairs import preference_pairs
+from tidpo_pipeline.assets.reference import reference_model
+from tidpo_pipeline.assets.weights import token_weights
 from tidpo_pipeline.definitions import defs
 from tidpo_pipeline.resources import build_resources
 

@@ -14,11 +14,14 @@ from tidpo_core.steps.anchors import AnchorBackend
 from tidpo_core.steps.policy import SET_BY_THE_RUN
 from tidpo_core.steps.weights import WeighingSettings
 from tidpo_core.training import TrainConfig
-from tidpo_pipeline.assets import AnchorConfig, PolicyConfig, ReferenceModelConfig, TokenWeightsConfig
-from tidpo_pipeline.comparison_assets import MethodComparisonConfig
+from tidpo_pipeline.assets.anchors import AnchorConfig
+from tidpo_pipeline.assets.compare import MethodComparisonConfig
+from tidpo_pipeline.assets.evaluate import EvaluationConfig
+from tidpo_pipeline.assets.policy import PolicyConfig
+from tidpo_pipeline.assets.reference import ReferenceModelConfig
+from tidpo_pipeline.assets.reward import RewardModelConfig
+from tidpo_pipeline.assets.weights import TokenWeightsConfig
 from tidpo_pipeline.config_from_core import DocumentedConfig, attribute_docs, config_class, core_fields
-from tidpo_pipeline.evaluation_assets import EvaluationConfig
-from tidpo_pipeline.reward_assets import RewardModelConfig
 
 
 def _default(f: dataclasses.Field):

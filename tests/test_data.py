@@ -6,31 +6,25 @@ import csv
 import gzip
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Set before `datasets` is imported anywhere, or it pings the hub on every load.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from tidpo_core.data.pairs import (  # noqa: E402
+from tidpo_core.data.files import load_preferences
+from tidpo_core.data.formats import chat_template_renderer, split_hh_dialogue
+from tidpo_core.data.pairs import (
     DataFileError,
     DataRowError,
     LoadResult,
     PreferencePair,
     QuarantineReason,
     assign_split,
-    chat_template_renderer,
-    load_preferences,
     make_pair_id,
-    split_hh_dialogue,
-    validate_rows,
 )
 from tidpo_core.data.synthetic import generate_synthetic_pairs  # noqa: E402
+from tidpo_core.data.validation import validate_rows
 
 HH_DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 

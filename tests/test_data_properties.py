@@ -24,20 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from tidpo_core import store  # noqa: E402
-from tidpo_core.data.pairs import (  # noqa: E402
-    HH_ASSISTANT,
-    RAW_MAX_CHARS,
-    DataFileError,
-    LoadResult,
-    QuarantineReason,
-    load_preferences,
-    make_pair_id,
-    validate_rows,
-)
+from tidpo_core import store
+from tidpo_core.data.files import load_preferences
+from tidpo_core.data.formats import HH_ASSISTANT
+from tidpo_core.data.pairs import DataFileError, LoadResult, QuarantineReason, make_pair_id
+from tidpo_core.data.validation import RAW_MAX_CHARS, validate_rows
 
 MB_TEXT = "x" * 1_000_000
 REASONS = {str(r) for r in QuarantineReason}

@@ -10,7 +10,7 @@ MATERIALIZE_PAIRS = textwrap.dedent(
     """
     import sys
     import dagster as dg
-    from tidpo_pipeline.assets import preference_pairs
+    from tidpo_pipeline.assets.pairs import preference_pairs
     from tidpo_pipeline.resources import TidpoDuckDB, TidpoStorage
 
     data_dir = sys.argv[1]

@@ -396,8 +396,11 @@ def test_a_grpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(grpo
 
 
 def test_the_comparison_with_grpo_among_its_methods(tmp_path):
-    from tidpo_pipeline.assets import anchor_responses, preference_pairs, reference_model, token_weights
-    from tidpo_pipeline.comparison_assets import method_comparison
+    from tidpo_pipeline.assets.anchors import anchor_responses
+    from tidpo_pipeline.assets.compare import method_comparison
+    from tidpo_pipeline.assets.pairs import preference_pairs
+    from tidpo_pipeline.assets.reference import reference_model
+    from tidpo_pipeline.assets.weights import token_weights
     from tidpo_pipeline.resources import build_resources
 
     run_config = small_run_config(pairs=24)

@@ -111,7 +111,7 @@ def test_policy_config_hands_its_training_fields_to_the_engine_with_the_engine_s
     import dataclasses
 
     from tidpo_core.training import TrainConfig
-    from tidpo_pipeline.assets import PolicyConfig, training_fields
+    from tidpo_pipeline.assets.policy import PolicyConfig, training_fields
 
     engine = {f.name: f for f in dataclasses.fields(TrainConfig)}
     fields = training_fields(PolicyConfig())
@@ -425,7 +425,7 @@ def test_cached_reference_kl_without_a_stored_cache_fails_before_training(first_
 def test_contrastive_estimator_through_the_assets(first_run):
     """token_weights with estimator: contrastive fails by name until contrastive_models has trained the pair;
     then it weighs with it, under a fingerprint of its own, and a second contrastive_models run reuses the pair."""
-    from tidpo_pipeline.assets import contrastive_models
+    from tidpo_pipeline.assets.contrastive import contrastive_models
 
     data_dir, instance, _ = first_run
     weights_config = {**small_run_config()["ops"]["token_weights"]["config"], "estimator": "contrastive"}

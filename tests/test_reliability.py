@@ -21,8 +21,8 @@ import yaml
 from pipeline_config import small_run_config
 
 from tidpo_core import store
-from tidpo_core.data.pairs import DataFileError, load_preferences
-from tidpo_core.data.sources import is_data_file
+from tidpo_core.data.files import is_data_file, load_preferences
+from tidpo_core.data.pairs import DataFileError
 from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,
@@ -33,11 +33,10 @@ from tidpo_core.models.modeling import (
 from tidpo_core.runtime import tracking
 from tidpo_core.runtime.faults import Faults
 from tidpo_core.runtime.launch import bind_to_parent
+from tidpo_core.runtime.lock import DataDirBusyError, DataDirLock
 from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.definitions import ASSETS
 from tidpo_pipeline.resources import (
-    DataDirBusyError,
-    DataDirLock,
     MlflowTracking,
     QualityPolicy,
     TidpoDuckDB,
@@ -90,7 +89,7 @@ def _counts(data_dir: Path) -> dict[str, int]:
 def _hold_lock(data_dir: Path) -> subprocess.Popen:
     """Another process holding the data dir's lock until its stdin closes (or it is killed)."""
     code = (
-        "import sys; from tidpo_pipeline.resources import DataDirLock; "
+        "import sys; from tidpo_core.runtime.lock import DataDirLock; "
         "lock = DataDirLock(sys.argv[1], {'run_id': 'other-run', 'job': 'tidpo_training'}).acquire(); "
         "print('held', flush=True); sys.stdin.read(); lock.release()"
     )
@@ -128,7 +127,7 @@ def test_lock_is_exclusive_across_processes_names_the_holder_and_dies_with_it(tm
 
 STEPS_SCRIPT = """
 import multiprocessing, sys, time
-from tidpo_pipeline.resources import DataDirLock
+from tidpo_core.runtime.lock import DataDirLock
 
 def step(data_dir, name):
     with DataDirLock(data_dir, {"run_id": "run-a"}):

@@ -31,6 +31,7 @@ from tidpo_core.models.modeling import (
     train_tokenizer,
 )
 from tidpo_core.runtime.fingerprint import text_digest
+from tidpo_core.runtime.offline import offline_child_environment
 from tidpo_core.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +103,9 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: 
 
 
 def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = offline_child_environment(os.environ)
     env.update(
         {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "TOKENIZERS_PARALLELISM": "false",
             # One thread per process: the tiny model gains nothing from more, and on a busy 2-core machine
             # OpenMP threads spinning against each other make a step 10-50x slower.
             "OMP_NUM_THREADS": "1",

@@ -7,7 +7,10 @@ import dagster as dg
 
 from tidpo_core import store
 from tidpo_core.evaluation.evaluate import training_health
-from tidpo_pipeline.assets import anchor_responses, preference_pairs, tidpo_policy, token_weights
+from tidpo_pipeline.assets.anchors import anchor_responses
+from tidpo_pipeline.assets.pairs import preference_pairs
+from tidpo_pipeline.assets.policy import tidpo_policy
+from tidpo_pipeline.assets.weights import token_weights
 from tidpo_pipeline.resources import QualityPolicy, TidpoDuckDB
 
 

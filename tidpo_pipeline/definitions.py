@@ -6,20 +6,18 @@ import json
 import dagster as dg
 
 from tidpo_core.data.sources import inbox_files
-from tidpo_pipeline.assets import (
-    anchor_responses,
-    contrastive_models,
-    preference_pairs,
-    reference_model,
-    tidpo_policy,
-    token_weights,
-)
+from tidpo_pipeline.assets.anchors import anchor_responses
+from tidpo_pipeline.assets.compare import COMPARISON_ASSETS, method_comparison_job
+from tidpo_pipeline.assets.contrastive import contrastive_models
+from tidpo_pipeline.assets.evaluate import evaluation
+from tidpo_pipeline.assets.pairs import preference_pairs
+from tidpo_pipeline.assets.policy import tidpo_policy
+from tidpo_pipeline.assets.reference import reference_model
+from tidpo_pipeline.assets.reward import reward_model
+from tidpo_pipeline.assets.weights import token_weights
 from tidpo_pipeline.checks import ALL_CHECKS
-from tidpo_pipeline.comparison_assets import COMPARISON_ASSETS, method_comparison_job
 from tidpo_pipeline.console import tidpo_console
-from tidpo_pipeline.evaluation_assets import evaluation
 from tidpo_pipeline.resources import TidpoStorage, build_resources
-from tidpo_pipeline.reward_assets import reward_model
 
 ASSETS = [preference_pairs, reference_model, reward_model, anchor_responses, token_weights, tidpo_policy, evaluation]
 

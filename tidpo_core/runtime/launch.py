@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tidpo_core.runtime.layout import RunDir
+from tidpo_core.runtime.offline import offline_child_environment
 from tidpo_core.runtime.threads import thread_environment
 
 Launcher = Literal["in_process", "python", "accelerate"]
@@ -146,7 +147,7 @@ def training_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The child's environment: no hub access, no MLflow telemetry, and the thread policy's variables
     (OpenMP reads them when torch loads; the child sizes torch's threads for its model once loaded)."""
     env = thread_environment(None, os.environ if base is None else base)
-    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return offline_child_environment(env)
 
 
 def process_command(config: Any, settings: LaunchSettings) -> list[str]:

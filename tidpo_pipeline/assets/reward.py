@@ -11,8 +11,8 @@ from tidpo_core.runtime import tracking
 from tidpo_core.steps import RunTracking, settings_of
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_core.steps.reward import RewardModelSettings, beats_chance, train_reward
-from tidpo_pipeline.assets import user_errors_as_failures
 from tidpo_pipeline.config_from_core import DocumentedConfig, config_class, core_fields
+from tidpo_pipeline.failures import user_errors_as_failures
 from tidpo_pipeline.metadata import GROUP, mlflow_tags
 from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, TidpoDuckDB, TidpoStorage
