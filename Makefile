@@ -38,8 +38,11 @@ TEST_WORKERS ?= $(shell nproc)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --timeout 600 --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
+# Every Python folder: the library, the pipeline, the tests, the benchmarks, the stress checks and the UI checks.
+LINTED := tidpo_core tidpo_pipeline tests bench stress e2e
 lint: $(STAMP)
-	$(BIN)/ruff check tidpo_core tidpo_pipeline tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml

@@ -106,43 +106,14 @@ def train_reward(
     if reused:
         log(f"reward model at {out_dir} is up to date; reusing it")
     else:
-        with open_db() as con:
-            train_pairs = store.read_pairs(con, split="train")
-        result = train_reward_model(
-            reference.path,
-            train_pairs,
-            out_dir,
-            settings.training(),
-            revision=reference.revision,
-            trust_remote_code=reference.trust_remote_code,
-            build_key=fingerprint,
-            progress=progress,
-        )
-        log(f"reward model trained on {result.train_pairs} pairs in {result.steps} steps ({result.seconds:.1f} s)")
+        _train_model(open_db, reference, settings, out_dir, fingerprint, progress, log)
         previous = None  # a new folder: whatever was recorded under this key described another one
     info = build_info(out_dir)
     held_out = _held_out(previous, out_dir, eval_pairs, settings)
     training_metrics = final_metrics(info.get("history", []))
 
     def record(run_id: str | None, version: str | None) -> None:
-        with open_db() as con:
-            store.record_reward_model(
-                con,
-                store.RewardModelRecord(
-                    fingerprint=fingerprint,
-                    reference_fingerprint=reference.fingerprint,
-                    pairs_digest=pairs_digest,
-                    path=str(out_dir),
-                    accuracy=held_out.accuracy,
-                    margin=held_out.margin,
-                    loss=held_out.loss,
-                    eval_pairs=held_out.pairs,
-                    train_pairs=int(info["train_pairs"]),
-                    settings=dataclasses.asdict(settings),
-                    mlflow_run_id=run_id,
-                    registered_version=version,
-                ),
-            )
+        _record(open_db, fingerprint, reference, pairs_digest, out_dir, held_out, info, settings, run_id, version)
 
     run_id, version = (previous.mlflow_run_id, previous.registered_version) if previous is not None else (None, None)
     if tracking_to is None:
@@ -167,6 +138,57 @@ def train_reward(
         reused=reused,
         metrics={**held_out.as_metrics(), **training_metrics},
     )
+
+
+def _train_model(
+    open_db: OpenDb, reference: ReferenceHandle, settings: RewardModelSettings, out_dir: Any, fingerprint: str, progress: bool, log: Callable[[str], None]
+) -> None:
+    with open_db() as con:
+        train_pairs = store.read_pairs(con, split="train")
+    result = train_reward_model(
+        reference.path,
+        train_pairs,
+        out_dir,
+        settings.training(),
+        revision=reference.revision,
+        trust_remote_code=reference.trust_remote_code,
+        build_key=fingerprint,
+        progress=progress,
+    )
+    log(f"reward model trained on {result.train_pairs} pairs in {result.steps} steps ({result.seconds:.1f} s)")
+
+
+def _record(
+    open_db: OpenDb,
+    fingerprint: str,
+    reference: ReferenceHandle,
+    pairs_digest: str,
+    out_dir: Any,
+    held_out: RewardHeldOut,
+    info: dict[str, Any],
+    settings: RewardModelSettings,
+    run_id: str | None,
+    version: str | None,
+) -> None:
+    """The reward model's row in DuckDB (reward_models), with its MLflow run and registered version if any."""
+    with open_db() as con:
+        store.record_reward_model(
+            con,
+            store.RewardModelRecord(
+                fingerprint=fingerprint,
+                reference_fingerprint=reference.fingerprint,
+                pairs_digest=pairs_digest,
+                path=str(out_dir),
+                accuracy=held_out.accuracy,
+                margin=held_out.margin,
+                loss=held_out.loss,
+                eval_pairs=held_out.pairs,
+                train_pairs=int(info["train_pairs"]),
+                settings=dataclasses.asdict(settings),
+                mlflow_run_id=run_id,
+                registered_version=version,
+            ),
+        )
 
 
 def _held_out(previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs: list, settings: RewardModelSettings) -> RewardHeldOut:

@@ -240,12 +240,52 @@ def train_grpo(config: TrainConfig, on_step: Any = None) -> TrainSummary:
 def _train(
     config: TrainConfig, args: Any, reporter: Reporter, stop: StopSignals, on_step: Any, timings: dict[str, float]
 ) -> TrainSummary:
-    from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOTrainer
 
     run_dir = RunDir(Path(config.output_dir))
     set_seed(config.seed)
+    started = [time.perf_counter()]
+    callback = _make_callback(config, reporter, stop, on_step, started)
+    trainer, policy, tokenizer, prompts = _grpo_trainer(config, args, callback, timings)
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process and not config.resume:
+        shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    last = get_last_checkpoint(str(run_dir.checkpoints)) if config.resume and run_dir.checkpoints.is_dir() else None
+    _log_start(config, trainer, reporter, len(prompts), last)
+    start_step = int(Path(last).name.split("-")[-1]) if last else 0
+    started[0] = time.perf_counter()
+    with warnings.catch_warnings(), threads_for(policy) as thread_policy:
+        reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
+        # TRL 1.16 reads transformers' deprecated gradient_checkpointing names around every generation.
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=last)
+        threads_used = torch.get_num_threads()
+    timings["loop_s"] = seconds = time.perf_counter() - started[0]
+    if callback.stopped_at is not None:
+        saved = run_dir.checkpoints / f"checkpoint-{callback.stopped_at}"
+        name = signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+        raise TrainingInterrupted(
+            f"stopped by {name} after optimizer step {callback.stopped_at} of {trainer.state.max_steps}; the state is saved in "
+            f"{saved} and a re-run resumes from it"
+        )
+    tic = time.perf_counter()
+    _save_final(trainer, tokenizer, config, run_dir.final_model)
+    timings["save_s"] = time.perf_counter() - tic
+    summary = _summary(trainer, run_dir, last, start_step, seconds, threads_used, timings)
+    if accelerator.is_main_process:
+        tmp = run_dir.summary.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(summary), indent=1))
+        tmp.replace(run_dir.summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _grpo_trainer(config: TrainConfig, args: Any, callback: Any, timings: dict[str, float]) -> tuple[Any, Any, Any, list[str]]:
+    """TRL's GRPOTrainer on the train prompts with the configured reward: (trainer, policy, tokenizer, prompts)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
     tic = time.perf_counter()
     pairs = train_prompts(config)
     reward = reward_function(config.grpo_reward, config.grpo_reward_model, pairs)
@@ -262,18 +302,6 @@ def _train(
     dataset = Dataset.from_list(
         [{"prompt": prompt_text(tokenizer, p, config.max_prompt_tokens), SOURCE_PROMPT: p} for p in prompts]
     )
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        if args.distributed_state.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            raise ValueError("loss_type grpo with lora runs on one process or DDP, not under FSDP or DeepSpeed")
-        peft_config = LoraConfig(
-            task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout, target_modules=list(config.lora_target_modules),
-        )
-    started = [time.perf_counter()]
-    callback = _make_callback(config, reporter, stop, on_step, started)
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=[trl_reward(reward, config.grpo_reward)],
@@ -281,53 +309,57 @@ def _train(
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[callback],
-        peft_config=peft_config,
+        peft_config=_lora_config(config, args),
     )
     callback.trainer = trainer
     # Progress: a bar with the reward (progress: true) or a line every tenth of the run (the callback), not
     # transformers' dict of every metric at every step.
     quiet_trainer_output(trainer, ("reward", "loss"))
+    return trainer, policy, tokenizer, prompts
+
+
+def _lora_config(config: TrainConfig, args: Any) -> Any:
+    """peft's LoRA settings when the run trains adapters (None: full fine-tuning)."""
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    if args.distributed_state.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ValueError("loss_type grpo with lora runs on one process or DDP, not under FSDP or DeepSpeed")
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, target_modules=list(config.lora_target_modules),
+    )
+
+
+def _parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def _log_start(config: TrainConfig, trainer: Any, reporter: Reporter, prompts: int, last: str | None) -> None:
     accelerator = trainer.accelerator
-    if accelerator.is_main_process and not config.resume:
-        shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    last = get_last_checkpoint(str(run_dir.checkpoints)) if config.resume and run_dir.checkpoints.is_dir() else None
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    trainable, total = _parameter_counts(trainer.model)
     reporter.log(
-        f"training grpo{' + LoRA' if config.lora else ''} with TRL's GRPOTrainer on {len(prompts)} prompts "
+        f"training grpo{' + LoRA' if config.lora else ''} with TRL's GRPOTrainer on {prompts} prompts "
         f"({config.grpo_num_generations} completions each, reward {config.grpo_reward}): "
         f"{accelerator.num_processes} process(es) [{accelerator.distributed_type.value}], device {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}, {trainable:,} of {total:,} parameters trainable"
         + (f", resuming from {last}" if last else "")
     )
-    start_step = int(Path(last).name.split("-")[-1]) if last else 0
-    started[0] = time.perf_counter()
-    with warnings.catch_warnings(), threads_for(policy) as thread_policy:
-        reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
-        # TRL 1.16 reads transformers' deprecated gradient_checkpointing names around every generation.
-        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        trainer.train(resume_from_checkpoint=last)
-        threads_used = torch.get_num_threads()
-    timings["loop_s"] = seconds = time.perf_counter() - started[0]
-    state = trainer.state
-    if callback.stopped_at is not None:
-        saved = run_dir.checkpoints / f"checkpoint-{callback.stopped_at}"
-        name = signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
-        raise TrainingInterrupted(
-            f"stopped by {name} after optimizer step {callback.stopped_at} of {state.max_steps}; the state is saved in "
-            f"{saved} and a re-run resumes from it"
-        )
-    tic = time.perf_counter()
-    final_path = run_dir.final_model
-    _save_final(trainer, tokenizer, config, final_path)
-    timings["save_s"] = time.perf_counter() - tic
+
+
+def _summary(
+    trainer: Any, run_dir: RunDir, last: str | None, start_step: int, seconds: float, threads_used: int, timings: dict[str, float]
+) -> TrainSummary:
+    state, accelerator = trainer.state, trainer.accelerator
     history = _history(state.log_history)
     tokens = history[-1].get("num_tokens", 0.0) if history else 0.0
-    summary = TrainSummary(
+    trainable, total = _parameter_counts(trainer.model)
+    return TrainSummary(
         steps=int(state.global_step),
         epochs_completed=int(math.ceil(state.epoch or 0.0)),
-        final_model_path=str(final_path),
+        final_model_path=str(run_dir.final_model),
         first_loss=history[0].get("loss", float("nan")) if history else float("nan"),
         last_loss=history[-1].get("loss", float("nan")) if history else float("nan"),
         resumed_from=last,
@@ -344,12 +376,6 @@ def _train(
         torch_threads=threads_used,
         timings={k: round(v, 4) for k, v in timings.items()},
     )
-    if accelerator.is_main_process:
-        tmp = run_dir.summary.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(summary), indent=1))
-        tmp.replace(run_dir.summary)
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def _save_final(trainer: Any, tokenizer: Any, config: TrainConfig, final_path: Path) -> None:
