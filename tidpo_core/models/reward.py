@@ -8,9 +8,8 @@ output at the sequence's last token. Training minimises the Bradley-Terry loss
 TRL loads the backbone and adds the head (seeded, its known load-report noise silenced), sets
 `pad_token_id` in the model config (the head reads the last non-pad token), computes the loss and logs its
 metric names (`loss`, `accuracy`, `margin`, `min_reward`, `mean_reward`, `max_reward`, `grad_norm`,
-`learning_rate`). It runs offline on the embedded tiny model on a CPU, no slower than a plain PyTorch loop
-(2026-12-02, 16 pairs a step on one thread of the shared machine: TRL 0.45 s, a bare forward/backward/AdamW
-loop 0.70 s two minutes earlier at the same load), so tidpo has no loop of its own for it.
+`learning_rate`). It runs offline on the embedded tiny model on a CPU no slower than a plain PyTorch loop
+(docs/evaluation.md), so tidpo has no loop of its own for it.
 
 Sequences are encoded the way the rest of tidpo encodes them (`tokenization.encode_prompt_response`:
 [bos] + prompt + completion + [eos], prompt and completion tokenized separately, a long prompt keeps its
@@ -27,7 +26,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -46,6 +45,7 @@ from transformers import (
 
 from tidpo_core.batching.tokenization import encode_prompt_response, pad_right
 from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.method.grpo import RewardFunction
 from tidpo_core.models.modeling import resolve_device, save_model_and_tokenizer
 from tidpo_core.runtime.quiet import quiet_trainer_output
 from tidpo_core.runtime.threads import threads_for
@@ -53,7 +53,6 @@ from tidpo_core.training.setup import accelerate_state_left_as_found
 
 __all__ = [
     "BUILD_MARKER",
-    "RewardFunction",
     "RewardHeldOut",
     "RewardTraining",
     "RewardTrainingResult",
@@ -73,19 +72,14 @@ __all__ = [
 BUILD_MARKER = "tidpo_reward.json"
 """Written last into a finished model folder: the build key, the encoding, the training curve."""
 
-RewardFunction = Callable[[list[str], list[str]], list[float]]
-"""(prompts, completions) -> one scalar reward per completion."""
-
-
 SCRATCH_LEARNING_RATE = 1e-3
 PRETRAINED_LEARNING_RATE = 1e-5
 
 
 @dataclass(frozen=True)
 class RewardTraining:
-    """How the reward model is trained. The defaults fit the embedded default: on the built-in data they
-    train on 512 of the 1,818 train pairs in 32 steps, 14-21 s on one CPU thread of the shared 2-core
-    machine, to a held-out accuracy of 1.000 on the 182 eval pairs (2026-12-02)."""
+    """How the reward model is trained. The defaults fit the embedded default (a sample of 512 train pairs, a
+    few dozen steps on a CPU); a pretrained backbone gets a small learning rate (`settled`)."""
 
     epochs: float = 1.0
     """Passes over the train pairs used (TRL's num_train_epochs)."""

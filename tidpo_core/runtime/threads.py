@@ -1,31 +1,21 @@
-"""How many threads each tidpo process gives torch: decided, and re-decided while other processes run.
+"""How many threads each tidpo process gives torch, decided at start and re-decided while other processes run.
 
-torch's default is one intra-op thread per core it can see, and OpenMP's idle threads spin for a few
-milliseconds while they wait for the next op. Alone, that is the fastest setting. Beside another busy process
-it is the slowest: the two processes' threads outnumber the cores, an op waits for the thread the kernel
-descheduled, and the spinning threads take the core the other process needs. bench/bench_contention.py
-measured, on 2 cores beside an identical process, the weights pass 7-8x and sampling 4-6x slower under those
-defaults. No static setting wins both: a short OpenMP spin (GOMP_SPINCOUNT=1000, this policy until
-December 2026) held the slowdown to 1.4-2.1x but cost up to 55 % alone, because waking a sleeping thread is
-slow on a VM. So every process tidpo starts runs under this policy:
+Alone, torch's defaults (one intra-op thread per visible core, OpenMP threads spinning between ops) are the
+fastest setting; beside another busy process they are the slowest, because the two processes' threads outnumber
+the cores and the spinning ones take the core the other needs. No static setting wins both, so every process
+tidpo starts runs under this policy:
 
-- a ceiling: the CPUs it may use, the fewer of its affinity mask and its cgroup CPU quota (a container limited
-  to 2 CPUs on a 64-core host sees 64 cores but gets 2), divided equally among the processes of its launch
-  (LOCAL_WORLD_SIZE); one thread for a toy model (under SMALL_MODEL_PARAMETERS, the tests' models), whose ops
+- a ceiling: the CPUs it may use (the fewer of its affinity mask and its cgroup CPU quota), shared equally among
+  the processes of its launch (LOCAL_WORLD_SIZE); one thread for a model below SMALL_MODEL_PARAMETERS, whose ops
   are too small to split;
-- below the ceiling, as many threads as the CPUs other processes leave free (ThreadGovernor): every
-  LOOK_EVERY_S, between two forward passes of the model, it compares the busy time of this process's CPUs
-  (/proc/stat, or the cgroup's usage under a quota) with this
-  process's own CPU time, and gives torch one thread fewer for each CPU the others keep busy. Alone it keeps
-  the ceiling, so it runs exactly as torch's defaults do; beside a twin both drop to one thread each and
-  share the cores without oversubscribing them;
-- one inter-op thread (tidpo runs one model call at a time);
-- OpenMP's wait left at its default (spin about 3 ms, then sleep): a process that gave its threads away has an
-  idle pool, which sleeps after that spin, and one that runs alone needs the spin.
+- below the ceiling, as many threads as other processes leave free (ThreadGovernor): between two forward passes
+  it compares the busy time of this process's CPUs with its own CPU time and gives torch one thread fewer for
+  each CPU the others keep busy, so alone it runs exactly as torch's defaults do;
+- one inter-op thread (tidpo runs one model call at a time); OpenMP's wait policy left at its default.
 
-``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads` in Dagster) fixes the intra-op count and
-turns the adaptation off. ``thread_environment`` gives a child process its thread count (the launcher adds
-it); a value the user set (OMP_NUM_THREADS, OMP_WAIT_POLICY, ...) is kept.
+``TIDPO_NUM_THREADS=N`` (or the `compute` resource's `num_threads`) fixes the intra-op count and turns the
+adaptation off. ``thread_environment`` gives a child process its thread count; a value the user set
+(OMP_NUM_THREADS, OMP_WAIT_POLICY, ...) is kept. The measurements behind these choices: docs/threads.md.
 """
 
 from __future__ import annotations
@@ -176,7 +166,7 @@ def threads_beside_others(ceiling: int, cpus: int, others_busy_cpus: float) -> i
 # already inside user). Busy means run by this machine's processes: user, nice, system, irq, softirq. Steal
 # (time the VM's host gave another guest) is left out: it comes and goes with the host's other tenants, and
 # counted as busy, a light steal of 10-20 % sent a process running alone to one thread for a sixth of its
-# forward passes (bench_contention, 2026-12-03), where the defaults it must match keep both.
+# forward passes (docs/threads.md), where the defaults it must match keep both.
 _BUSY_COLUMNS = (0, 1, 2, 5, 6)
 
 
