@@ -79,7 +79,7 @@ def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, 
 
 def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -> dict[str, Any]:
     """Precision@k of each variant's hybrid weights (and raw estimate) on `pairs`, overall and by third."""
-    from tidpo_core.evaluation.evaluate import critical_token_precision
+    from tidpo_core.evaluation.critical_tokens import critical_token_precision
     from tidpo_core.runtime.threads import threads_for
 
     with threads_for(model):

@@ -96,7 +96,7 @@ def tiny_model_config(tiny: bool):
 
 
 def _phrase_rate(samples: list[str], pairs: list[Any]) -> dict[str, Any] | str:
-    rate = common.optional("tidpo_core.evaluation.evaluate", "critical_phrase_rate")
+    rate = common.optional("tidpo_core.evaluation.critical_tokens", "critical_phrase_rate")
     usable = [(s, p) for s, p in zip(samples, pairs, strict=True) if p.meta.get("chosen_phrase") and p.meta.get("rejected_phrase")]
     if rate is None:
         return "pending"
@@ -110,7 +110,7 @@ class Evaluator:
 
     def __init__(self, prepared: common.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1):
         from tidpo_core.batching.features import EncodingSettings
-        from tidpo_core.evaluation.evaluate import preference_metrics, score_pairs
+        from tidpo_core.evaluation.preference import preference_metrics, score_pairs
         from tidpo_core.models.generation import SamplingSettings
         from tidpo_core.models.modeling import load_model_and_tokenizer
 
@@ -142,7 +142,8 @@ class Evaluator:
             # KL(pi || ref) on pure samples of the policy (temperature 1, no top-k/top-p: unbiased).
             from dataclasses import replace
 
-            from tidpo_core.evaluation.evaluate import KL_SAMPLING, kl_to_reference
+            from tidpo_core.evaluation.kl import kl_to_reference
+            from tidpo_core.evaluation.sampled_responses import KL_SAMPLING
 
             kl_sampling = replace(KL_SAMPLING, max_new_tokens=self.sampling.max_new_tokens, seed=1234,
                                   max_prompt_tokens=self.prepared.max_prompt_tokens)

@@ -9,20 +9,12 @@ from pathlib import Path
 import pytest
 
 from tidpo_core.data.synthetic import generate_synthetic_pairs
-from tidpo_core.evaluation.benchmarks import (
-    BenchmarkOptions,
-    IFEvalScorer,
-    benchmark_metrics,
-    data_file,
-    expand_benchmarks,
-    humaneval_program,
-    ifeval_dependencies,
-    load_humaneval,
-    load_ifeval,
-    load_truthfulqa,
-    run_benchmarks,
-    run_python_sandboxed,
-)
+from tidpo_core.evaluation.benchmark_files import data_file, load_humaneval, load_ifeval, load_truthfulqa
+from tidpo_core.evaluation.benchmark_runner import run_benchmarks
+from tidpo_core.evaluation.benchmark_tasks import humaneval_program
+from tidpo_core.evaluation.benchmarks import BenchmarkOptions, benchmark_metrics, expand_benchmarks
+from tidpo_core.evaluation.ifeval import IFEvalScorer, ifeval_dependencies
+from tidpo_core.evaluation.sandbox import run_python_sandboxed
 from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,

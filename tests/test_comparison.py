@@ -17,11 +17,11 @@ from tidpo_core.evaluation.comparison import (
     ComparisonResult,
     ComparisonRun,
     aggregate,
-    comparison_markdown,
     method_train_config,
     run_method_comparison,
-    win_rate,
 )
+from tidpo_core.evaluation.comparison_judge import win_rate
+from tidpo_core.evaluation.comparison_report import comparison_markdown
 from tidpo_core.runtime import tracking
 from tidpo_pipeline.assets.anchors import anchor_responses
 from tidpo_pipeline.assets.compare import method_comparison

@@ -10,28 +10,24 @@ import torch
 from tidpo_core.batching.features import EncodingSettings
 from tidpo_core.data.pairs import PreferencePair
 from tidpo_core.data.synthetic import generate_synthetic_pairs
-from tidpo_core.evaluation import evaluate as evaluation
-from tidpo_core.evaluation.evaluate import (
-    EvalSettings,
-    PairScores,
+from tidpo_core.evaluation import importance_variants
+from tidpo_core.evaluation.critical_tokens import (
     critical_phrase_rate,
     critical_token_precision,
-    distinct_n,
-    evaluate_model,
-    gate_decision,
     importance_precision_at_k,
-    kl_from_logps,
-    kl_to_reference,
-    not_worse_than_champion,
-    parse_importance_variant,
     precision_table,
-    preference_metrics,
-    promotion_decision,
-    sample_with_tokens,
     span_responses,
     span_third,
-    training_health,
 )
+from tidpo_core.evaluation.diversity import distinct_n
+from tidpo_core.evaluation.evaluate import evaluate_model
+from tidpo_core.evaluation.gate import gate_decision, not_worse_than_champion, promotion_decision
+from tidpo_core.evaluation.importance_variants import parse_importance_variant
+from tidpo_core.evaluation.kl import kl_from_logps, kl_to_reference
+from tidpo_core.evaluation.preference import PairScores, preference_metrics
+from tidpo_core.evaluation.sampled_responses import sample_with_tokens
+from tidpo_core.evaluation.settings import ModelEvalSettings
+from tidpo_core.evaluation.training_health import training_health
 from tidpo_core.models.generation import SamplingSettings, sample_responses
 from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
@@ -209,14 +205,14 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
     assert more["precision_at_k_hybrid"] == metrics["precision_at_k_hybrid"]
     # Each estimator runs once; its _no_eos variant is derived, not recomputed.
     calls: list[str] = []
-    real = evaluation.compute_token_importance
+    real = importance_variants.compute_token_importance
 
     def counting(*args, **kwargs):
         calls.append(kwargs["estimator"])
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "compute_token_importance", counting)
+        patch.setattr(importance_variants, "compute_token_importance", counting)
         again = critical_token_precision(model, tokenizer, pairs, ENCODING, variants=("surprisal", "attribution_no_eos", "surprisal_no_eos"))
     assert sorted(calls) == ["attribution", "surprisal"]
     assert again["precision_at_k_hybrid_attribution_no_eos"] == more["precision_at_k_hybrid_attribution_no_eos"]
@@ -247,7 +243,7 @@ def test_span_third_and_precision_table_by_hand():
 
 def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs):
     model, other, tokenizer = tiny
-    settings = EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=4, sampling=FAST_SAMPLING)
+    settings = ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=4, sampling=FAST_SAMPLING)
     torch.manual_seed(0)
     reference_eval = evaluate_model(model, model, tokenizer, pairs, settings)
     policy_eval = evaluate_model(other, model, tokenizer, pairs, settings)
@@ -277,10 +273,10 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
     assert "precision_at_k_hybrid" not in no_spans.metrics
     assert "critical_tokens" in no_spans.skipped and "critical_phrases" in no_spans.skipped
     assert "non-synthetic" in no_spans.skipped["critical_tokens"]
-    capped = evaluate_model(other, model, tokenizer, pairs, EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=0, critical_pairs=1))
+    capped = evaluate_model(other, model, tokenizer, pairs, ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=0, critical_pairs=1))
     assert capped.metrics["critical_responses"] == 2 and "sampling" in capped.skipped
     assert policy_eval.metrics["critical_responses"] == 2 * len(pairs)
-    biased = evaluate_model(other, model, tokenizer, pairs, EvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)))
+    biased = evaluate_model(other, model, tokenizer, pairs, ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)))
     assert "kl_exactness" in biased.skipped
 
 

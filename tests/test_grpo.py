@@ -450,7 +450,7 @@ def test_the_comparison_with_grpo_among_its_methods(tmp_path):
 
 
 def test_training_health_of_a_grpo_run_reads_its_mean_reward():
-    from tidpo_core.evaluation.evaluate import training_health
+    from tidpo_core.evaluation.training_health import training_health
 
     # TRL's GRPOTrainer history: no margin; a step that re-uses its completions logs a NaN reward.
     rising = [{"loss": 0.0, "reward": r} for r in (0.0, float("nan"), 0.1, 0.2, 0.4, float("nan"), 0.5, 0.6)]

@@ -6,7 +6,7 @@ import pytest
 
 from tidpo_core.batching.features import EncodingSettings, encode_response
 from tidpo_core.data.synthetic import generate_synthetic_pairs
-from tidpo_core.evaluation.evaluate import importance_heatmap_sections
+from tidpo_core.evaluation.heatmaps import importance_heatmap_sections
 from tidpo_core.evaluation.plots import (
     HeatmapRow,
     HeatmapSection,
@@ -92,7 +92,7 @@ def test_empty_sections_still_draw(tmp_path):
 
 
 def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
-    from tidpo_core.evaluation.evaluate import best_importance_variant
+    from tidpo_core.evaluation.heatmaps import best_importance_variant
     from tidpo_core.method.importance import compute_token_importance
 
     pairs, tokenizer, model = setup

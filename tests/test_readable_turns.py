@@ -1,6 +1,6 @@
 """Multi-turn HH prompts are shown as their turns in the heatmap titles and the Dagster previews."""
 
-from tidpo_core.evaluation.evaluate import _prompt_title
+from tidpo_core.evaluation.heatmaps import _prompt_title
 from tidpo_core.evaluation.plots import HeatmapRow, HeatmapSection, token_heatmap_html
 from tidpo_pipeline.metadata import anchors_preview, pairs_preview, prompt_cell
 

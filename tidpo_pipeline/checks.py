@@ -6,7 +6,7 @@ import dataclasses
 import dagster as dg
 
 from tidpo_core import store
-from tidpo_core.evaluation.evaluate import training_health
+from tidpo_core.evaluation.training_health import training_health
 from tidpo_pipeline.assets.anchors import anchor_responses
 from tidpo_pipeline.assets.pairs import preference_pairs
 from tidpo_pipeline.assets.policy import tidpo_policy

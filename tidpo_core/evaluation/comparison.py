@@ -11,36 +11,38 @@ scored like every other: its implicit reward is the DPO one, beta times its summ
 reference, so reward accuracy and margin mean for it what they mean for DPO.
 
 Plain functions over paths and fingerprints: `run_method_comparison` trains in-process through
-`tidpo_core.training.train`, so a notebook, a test or the Dagster asset drive it alike.
+`tidpo_core.training.train`, so a notebook, a test or the Dagster asset drive it alike. The reward that judges the sampled answers
+is in comparison_judge.py; the table, CSV, DuckDB rows and training curves in comparison_report.py.
 """
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import yaml
 
 from tidpo_core import store
 from tidpo_core.data.pairs import PreferencePair
-from tidpo_core.evaluation.benchmarks import (
-    BenchmarkOptions,
-    BenchmarkResult,
-    benchmark_metrics,
-    run_benchmarks,
+from tidpo_core.evaluation.benchmark_runner import run_benchmarks
+from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics
+from tidpo_core.evaluation.comparison_judge import (
+    grpo_reward_setting,
+    judge_rewards,
+    scoring_reward,
+    win_rate,
 )
-from tidpo_core.evaluation.evaluate import EvalSettings, evaluate_model, score_pairs
-from tidpo_core.method.grpo import RewardFunction, phrase_reward, reward_function
+from tidpo_core.evaluation.evaluate import evaluate_model
+from tidpo_core.evaluation.preference import score_pairs
+from tidpo_core.evaluation.settings import ModelEvalSettings
+from tidpo_core.method.grpo import RewardFunction, phrase_reward
 from tidpo_core.models.modeling import load_model_and_tokenizer
 from tidpo_core.runtime.fingerprint import digest
 from tidpo_core.runtime.launch import LaunchSettings, run_training
@@ -70,55 +72,6 @@ ESTIMATOR_METHODS: dict[str, str] = {"tidpo_surprisal": "surprisal", "tidpo_cont
 # estimator methods too, because each weighs every response again (contrastive also needs its two models).
 DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "grpo" and m not in ESTIMATOR_METHODS)
 REFERENCE = "reference"
-
-# The rows of the summary table, in order; every other metric is kept in the CSV and DuckDB.
-TABLE_METRICS: tuple[str, ...] = (
-    "reward_accuracy",
-    "reward_margin",
-    "likelihood_win_rate",
-    "normalized_likelihood_win_rate",
-    "kl_to_reference",
-    "kl_to_reference_stderr",
-    "distinct_1",
-    "distinct_2",
-    "mean_length",
-    "precision_at_k_attribution",
-    "precision_at_k_prior",
-    "precision_at_k_hybrid",
-    "precision_at_k_hybrid_start",
-    "precision_at_k_hybrid_middle",
-    "precision_at_k_hybrid_end",
-    "precision_at_k_hybrid_attribution_no_eos",
-    "precision_at_k_hybrid_surprisal",
-    "precision_at_k_hybrid_surprisal_no_eos",
-    "precision_at_k_uniform",
-    "critical_phrase_chosen_rate",
-    "critical_phrase_rejected_rate",
-    "critical_phrase_neither_rate",
-    "reward_model_score",
-    "judged_win_rate",
-    "judged_win_rate_stderr",
-    "truthfulqa_mc1",
-    "truthfulqa_mc2",
-    "train_seconds",
-)
-# What the bar chart shows.
-PLOT_METRICS: tuple[str, ...] = (
-    "reward_accuracy",
-    "reward_margin",
-    "likelihood_win_rate",
-    "kl_to_reference",
-    "distinct_2",
-    "precision_at_k_attribution",
-    "critical_phrase_chosen_rate",
-    "critical_phrase_neither_rate",
-    "reward_model_score",
-    "judged_win_rate",
-    "train_seconds",
-)
-# Training curves: the pair losses' (TRL's DPOTrainer names) and GRPO's mean reward (TRL's GRPOTrainer's).
-CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins", "reward")
-
 
 
 @dataclass(frozen=True)
@@ -218,24 +171,6 @@ def _train_or_reuse(config: TrainConfig, launch_settings: LaunchSettings) -> tup
     return summary, False, seconds
 
 
-def grpo_reward_setting(overrides: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(grpo_reward, grpo_reward_model) as the comparison's runs get them: the overrides, else TrainConfig's defaults."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    return str(overrides.get("grpo_reward", defaults["grpo_reward"])), overrides.get("grpo_reward_model", defaults["grpo_reward_model"])
-
-
-def scoring_reward(overrides: Mapping[str, Any], eval_pairs: Sequence[PreferencePair]) -> tuple[RewardFunction | None, str]:
-    """The reward behind reward_model_score, and what it is: the reward model of grpo_reward: model, else
-    the rule reward of the eval pairs' phrases (the built-in data), else none."""
-    kind, path = grpo_reward_setting(overrides)
-    if kind == "model":
-        return reward_function(kind, path, eval_pairs), f"reward model {path}"
-    try:
-        return phrase_reward(eval_pairs), "rule reward of the built-in data (eval pairs' safe/risky phrases)"
-    except ValueError:
-        return None, ""
-
-
 def run_method_comparison(
     inputs: ComparisonInputs,
     output_dir: str | Path,
@@ -243,7 +178,7 @@ def run_method_comparison(
     methods: Sequence[str] = DEFAULT_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
     train_overrides: Mapping[str, Any] | None = None,
-    eval_settings: EvalSettings = EvalSettings(),
+    eval_settings: ModelEvalSettings = ModelEvalSettings(),
     benchmarks: Sequence[str] = (),
     benchmark_options: BenchmarkOptions | None = None,
     keep_models: bool = True,
@@ -274,7 +209,7 @@ class _ComparisonPlan:
     output_dir: Path
     runs: list[tuple[str, int]]
     overrides: dict[str, Any]
-    settings: EvalSettings
+    settings: ModelEvalSettings
     benchmarks: tuple[str, ...]
     benchmark_options: BenchmarkOptions
     eval_pairs: list[PreferencePair]
@@ -380,7 +315,7 @@ def _evaluate_reference(plan: _ComparisonPlan, reference: _Reference) -> Compari
     tic = time.perf_counter()
     evaluation = evaluate_model(model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores)
     run = ComparisonRun(REFERENCE, 0, evaluation.metrics, plan.inputs.reference_model_path)
-    rewards = _judge(plan.scorer, evaluation.samples)
+    rewards = judge_rewards(plan.scorer, evaluation.samples)
     if rewards is not None:
         run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
         run.info["judge_rewards"] = rewards
@@ -408,7 +343,7 @@ def _evaluate_run(
     del policy
     gc.collect()
     run = ComparisonRun(method, seed, evaluation.metrics, model_path, train_seconds=train_seconds, reused=reused, history=summary.get("history", []))
-    rewards = _judge(plan.scorer, evaluation.samples)
+    rewards = judge_rewards(plan.scorer, evaluation.samples)
     if rewards is not None:
         run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
         if baseline is not None and len(baseline) == len(rewards) and rewards:
@@ -450,29 +385,6 @@ def _cached_run(folder: Path, eval_key: str, config_text: str) -> ComparisonRun 
     return replace(ComparisonRun(**stored["run"]), reused=True)
 
 
-def _judge(scorer: RewardFunction | None, samples: Any) -> list[float] | None:
-    """The reward of each sampled answer (None without a reward or samples)."""
-    if scorer is None or samples is None or not samples.texts:
-        return None
-    values = [float(v) for v in scorer(list(samples.prompts), list(samples.texts))]
-    if len(values) != len(samples.texts):
-        raise ValueError(f"the reward returned {len(values)} values for {len(samples.texts)} completions")
-    return values
-
-
-def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
-    """(win rate, its standard error): the share of prompts whose answer out-scores the baseline's answer to
-    the same prompt, a tie counting half; the standard error is that of the mean of the per-prompt outcomes."""
-    if len(rewards) != len(baseline) or not rewards:
-        raise ValueError(f"one baseline reward per reward: {len(rewards)} rewards, {len(baseline)} baseline rewards")
-    outcomes = np.array([1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline, strict=True)])
-    stderr = float(outcomes.std(ddof=1) / math.sqrt(len(outcomes))) if len(outcomes) > 1 else float("nan")
-    return float(outcomes.mean()), stderr
-
-
-# --- aggregation and reports -------------------------------------------------------------------------------
-
-
 def aggregate(runs: Sequence[ComparisonRun]) -> list[dict[str, Any]]:
     """One row per method (in first-seen order): seeds, and per metric its mean and sample std over seeds.
 
@@ -496,107 +408,3 @@ def aggregate(runs: Sequence[ComparisonRun]) -> list[dict[str, Any]]:
             row[f"{metric}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
         rows.append(row)
     return rows
-
-
-def table_metrics(table: Sequence[Mapping[str, Any]], preferred: Sequence[str] = TABLE_METRICS) -> list[str]:
-    """The preferred metrics present in the table, then any benchmark scores, in a stable order."""
-    present = {k[: -len("_mean")] for row in table for k in row if k.endswith("_mean")}
-    extra = sorted(m for m in present if m.startswith(("truthfulqa", "ifeval_", "humaneval")))
-    return [m for m in preferred if m in present] + extra
-
-
-def _cell(mean: Any, std: Any) -> str:
-    mean, std = float(mean), float(std)
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-def comparison_markdown(table: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
-    """Metrics as rows, methods as columns, each cell mean ± sample std over seeds."""
-    if not table:
-        return "_no runs_"
-    metrics = list(metrics) if metrics is not None else table_metrics(table)
-    methods = [str(r["method"]) for r in table]
-    header = "| metric | " + " | ".join(f"{m} (n={r['seeds']})" for m, r in zip(methods, table, strict=True)) + " |"
-    lines = [header, "|" + "---|" * (len(methods) + 1)]
-    for metric in metrics:
-        cells = [_cell(r.get(f"{metric}_mean", float("nan")), r.get(f"{metric}_std", float("nan"))) for r in table]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_comparison_csv(result: ComparisonResult, path: str | Path) -> Path:
-    """One row per method: seeds, then <metric>_mean and <metric>_std for every metric."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for row in result.table for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in result.table:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
-
-
-def write_runs_csv(result: ComparisonResult, path: str | Path) -> Path:
-    """The per-seed values behind the table: method, seed, metric, value."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "seed", "metric", "value"])
-        for run in result.runs:
-            for metric, value in run.metrics.items():
-                writer.writerow([run.method, run.seed, metric, value])
-    return path
-
-
-def write_comparison_table(
-    con: duckdb.DuckDBPyConnection, comparison_id: str, result: ComparisonResult, mlflow_run_id: str | None = None
-) -> int:
-    """Replace this comparison's rows in DuckDB (aggregated and per seed, see store.replace_comparison);
-    returns the aggregated row count."""
-    now = store.now()
-    by_method: dict[str, list[ComparisonRun]] = {}
-    for run in result.runs:
-        by_method.setdefault(run.method, []).append(run)
-    aggregated = []
-    for row in result.table:
-        method = str(row["method"])
-        for key in row:
-            if not key.endswith("_mean"):
-                continue
-            metric = key[: -len("_mean")]
-            values = {str(r.seed): r.metrics.get(metric) for r in by_method.get(method, [])}
-            aggregated.append(
-                (comparison_id, mlflow_run_id, method, metric, float(row[key]), float(row[f"{metric}_std"]), int(row["seeds"]), json.dumps(values), now)
-            )
-    per_seed = [
-        (comparison_id, run.method, int(run.seed), metric, float(value), now)
-        for run in result.runs
-        for metric, value in run.metrics.items()
-    ]
-    store.replace_comparison(con, comparison_id, aggregated, per_seed)
-    return len(aggregated)
-
-
-def training_curves(result: ComparisonResult, metrics: Sequence[str] = CURVE_METRICS) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Per method, each curve metric averaged over seeds at every step all seeds reached."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    by_method: dict[str, list[ComparisonRun]] = {}
-    for run in result.runs:
-        if run.history:
-            by_method.setdefault(run.method, []).append(run)
-    for method, group in by_method.items():
-        series[method] = {}
-        for metric in metrics:
-            per_step: dict[int, list[float]] = {}
-            for run in group:
-                for entry in run.history:
-                    if metric in entry and math.isfinite(float(entry[metric])):
-                        per_step.setdefault(int(entry["step"]), []).append(float(entry[metric]))
-            series[method][metric] = [
-                (step, float(np.mean(values))) for step, values in sorted(per_step.items()) if len(values) == len(group)
-            ]
-    return series

@@ -1,4 +1,5 @@
-"""How evaluation metrics are shown: the few a person reads first, and a group for every other one.
+"""How evaluation metrics are shown: the few a person reads first, those drawn as training curves, and a
+group for every other one.
 
 Pure and light (no torch): `tidpo champion` and the Dagster metadata both use it.
 """
@@ -16,6 +17,8 @@ KEY_METRICS: tuple[tuple[str, str], ...] = (
     ("precision_at_k_hybrid", "importance precision@k"),
     ("truthfulqa_mc1", "TruthfulQA MC1 (built-in)"),
 )
+# Training curves: the pair losses' (TRL's DPOTrainer names) and GRPO's mean reward (TRL's GRPOTrainer's).
+CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins", "reward")
 # First matching prefix wins; anything else is "other".
 METRIC_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("preference", ("reward_", "likelihood_win_rate", "normalized_likelihood_win_rate", "logps_", "eval_pairs")),

@@ -16,11 +16,13 @@ from tidpo_core.evaluation.benchmarks import BenchmarkOptions
 from tidpo_core.evaluation.comparison import (
     DEFAULT_METHODS,
     ESTIMATOR_METHODS,
-    PLOT_METRICS,
     ComparisonInputs,
     ComparisonResult,
-    comparison_markdown,
     run_method_comparison,
+)
+from tidpo_core.evaluation.comparison_report import (
+    PLOT_METRICS,
+    comparison_markdown,
     training_curves,
     write_comparison_csv,
     write_comparison_table,

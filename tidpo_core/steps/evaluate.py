@@ -13,24 +13,16 @@ from typing import Any
 from tidpo_core import store
 from tidpo_core.batching.features import EncodingSettings
 from tidpo_core.data.pairs import PreferencePair
-from tidpo_core.evaluation.benchmarks import (
-    BenchmarkOptions,
-    BenchmarkResult,
-    benchmark_metrics,
-    run_benchmarks,
-)
-from tidpo_core.evaluation.evaluate import (
-    EvalSettings,
-    ModelEvaluation,
-    PromotionDecision,
-    best_importance_variant,
-    evaluate_model,
-    has_critical_spans,
-    importance_heatmap_sections,
-    promotion_decision,
-    score_pairs,
-)
+from tidpo_core.evaluation.benchmark_runner import run_benchmarks
+from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics
+from tidpo_core.evaluation.critical_tokens import has_critical_spans
+from tidpo_core.evaluation.evaluate import ModelEvaluation, evaluate_model
+from tidpo_core.evaluation.gate import PromotionDecision, promotion_decision
+from tidpo_core.evaluation.heatmaps import best_importance_variant, importance_heatmap_sections
+from tidpo_core.evaluation.metrics import CURVE_METRICS
 from tidpo_core.evaluation.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
+from tidpo_core.evaluation.preference import score_pairs
+from tidpo_core.evaluation.settings import ModelEvalSettings
 from tidpo_core.models.generation import SamplingSettings, sample_responses
 from tidpo_core.models.modeling import load_model_and_tokenizer
 from tidpo_core.runtime import tracking
@@ -40,7 +32,6 @@ from tidpo_core.runtime.threads import threads_for
 from tidpo_core.steps import OpenDb, log_to, publish_pictures
 from tidpo_core.steps.reference import ReferenceHandle
 
-CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward")  # the last: a GRPO policy's mean reward
 HEATMAP_PNG = "token_importance_heatmap.png"
 HEATMAP_HTML = "token_importance_heatmap.html"
 CURVES_PNG = "training_curves.png"
@@ -195,14 +186,14 @@ def eval_settings_for(
     sampling: SamplingSettings,
     critical_k: int | None = None,
     importance: dict[str, Any] | None = None,
-) -> EvalSettings:
+) -> ModelEvalSettings:
     """The evaluation's settings for a policy trained at `beta` on `encoding`: sampling batches of at most 32
-    prompts, prompts cut as in training, and the hybrid weight of the token weights (`importance`; EvalSettings'
+    prompts, prompts cut as in training, and the hybrid weight of the token weights (`importance`; ModelEvalSettings'
     own defaults without one)."""
     extra = {}
     if importance is not None:
         extra = {"weight_lambda": float(importance.get("lambda", 0.7)), "weight_normalization": importance.get("normalization", "max")}
-    return EvalSettings(
+    return ModelEvalSettings(
         beta=beta,
         batch_size=batch_size,
         encoding=encoding,
@@ -250,7 +241,7 @@ def _pictures(
     reference_model: Any,
     tokenizer: Any,
     pairs: Sequence[PreferencePair],
-    eval_settings: EvalSettings,
+    eval_settings: ModelEvalSettings,
     settings: EvaluationSettings,
     policy: TrainedPolicy,
     tracking_uri: str,
