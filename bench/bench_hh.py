@@ -38,7 +38,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def load_split(train: int, eval_limit: int | None) -> tuple[list[Any], set[str], dict[str, Any]]:
-    from tidpo_core.data.pairs import load_preferences
+    from tidpo_core.data.files import load_preferences
 
     result = load_preferences(data_path())
     ordered = sorted(result.pairs, key=lambda p: p.pair_id)

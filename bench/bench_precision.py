@@ -26,9 +26,9 @@ import torch
 
 from bench import common
 from tidpo_core.batching.tokenization import EncodedSequence, PreferenceCollator, encode_prompt_response
-from tidpo_core.data.pairs import split_hh_dialogue
+from tidpo_core.data.formats import split_hh_dialogue
 from tidpo_core.method.importance import compute_token_importance
-from tidpo_core.method.losses import token_logps
+from tidpo_core.method.logps import token_logps
 from tidpo_core.models.modeling import load_model_and_tokenizer, resolve_model_source
 from tidpo_core.training.setup import cpu_has_native_bf16
 

@@ -105,7 +105,7 @@ class Split:
 
 def split_pairs(path: Path, sizes: GridSizes) -> Split:
     """train, eval and judge pairs: consecutive, disjoint slices of the file's pairs sorted by pair_id."""
-    from tidpo_core.data.pairs import load_preferences
+    from tidpo_core.data.files import load_preferences
 
     loaded = load_preferences(path)
     ordered = sorted(loaded.pairs, key=lambda p: p.pair_id)

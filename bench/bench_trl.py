@@ -440,7 +440,7 @@ def _pretrained_sizes(quick: bool) -> dict[str, Any]:
 
 def _prepare_pretrained(model: str, sizes: dict[str, Any], work: Path) -> common.Prepared:
     """The first HH-RLHF pairs by pair_id (bench_real's first train pairs) on `model`, weights with the top-k cache."""
-    from tidpo_core.data.pairs import load_preferences
+    from tidpo_core.data.files import load_preferences
 
     pairs = sorted(load_preferences(common.SHARED_DATA / HH_FILE).pairs, key=lambda p: p.pair_id)[: sizes["pairs"]]
     return common.prepare_uncached(

@@ -56,7 +56,7 @@ def _batches(encoded, batch_size: int, pad_id: int):
 
 
 def _forward_backward(model, batches) -> float:
-    from tidpo_core.method.losses import token_logps
+    from tidpo_core.method.logps import token_logps
 
     model.train()
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def _forward_backward(model, batches) -> float:
 def _forward_only(model, batches) -> float:
     import torch
 
-    from tidpo_core.method.losses import token_logps
+    from tidpo_core.method.logps import token_logps
 
     model.eval()
     start = time.perf_counter()

@@ -578,7 +578,8 @@ def junk_files(directory: Path) -> list[Path]:
 
 
 def scenario_bad_input(work: Path, report: dict[str, Any], files: int = 300, property_examples: int = 300) -> None:
-    from tidpo_core.data.pairs import DataFileError, load_preferences
+    from tidpo_core.data.files import load_preferences
+    from tidpo_core.data.pairs import DataFileError
 
     print(f"\n== bad input: {files} generated files, junk files, property tests ({property_examples} examples each)")
     rng = random.Random(1234)
@@ -1110,8 +1111,8 @@ def scenario_safe_defaults(report: dict[str, Any], data_dir: Path | None) -> Non
     print("\n== safe defaults")
     import inspect
 
-    from tidpo_core.data.pairs import DataFileError, load_preferences
-    from tidpo_core.data.sources import is_data_file
+    from tidpo_core.data.files import is_data_file, load_preferences
+    from tidpo_core.data.pairs import DataFileError
     from tidpo_core.evaluation import benchmarks
     from tidpo_core.models import modeling
     from tidpo_pipeline import assets, evaluation_assets

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tidpo_core.data.pairs import load_preferences
+from tidpo_core.data.files import load_preferences
 from tidpo_core.models.modeling import (
     TinyModelConfig,
     build_tiny_model,

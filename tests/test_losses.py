@@ -10,23 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tidpo_core.method.kl import sequence_kl, token_kl
+from tidpo_core.method.logps import token_logps
 from tidpo_core.method.losses import (
     ABLATIONS,
     LossConfig,
-    SideTensors,
     ablation_config,
     compute_loss,
     dpo_loss,
     ipo_loss,
-    sequence_distance,
-    sequence_kl,
     simpo_loss,
-    token_kl,
-    token_logps,
-    triplet_loss,
     weighted_dpo_loss,
-    weighted_logratio_sum,
 )
+from tidpo_core.method.sides import SideTensors, weighted_logratio_sum
+from tidpo_core.method.triplet import sequence_distance, triplet_loss
 
 
 def softplus_neg(u: float) -> float:
@@ -677,7 +674,7 @@ def test_side_tensors_shape_validation() -> None:
 
 
 def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
-    from tidpo_core.method.losses import reference_topk, token_kl_topk
+    from tidpo_core.method.kl import reference_topk, token_kl_topk
 
     ref = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.7), math.log(0.2), math.log(0.1)]]], dtype=torch.float64)
     pol = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.5), math.log(0.3), math.log(0.2)]]], dtype=torch.float64)
@@ -693,7 +690,7 @@ def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
 
 
 def test_token_kl_topk_over_the_whole_vocabulary_is_token_kl_values_and_gradients() -> None:
-    from tidpo_core.method.losses import reference_topk, token_kl, token_kl_topk
+    from tidpo_core.method.kl import reference_topk, token_kl, token_kl_topk
 
     torch.manual_seed(0)
     ref = torch.randn(3, 7, 11)
@@ -708,7 +705,7 @@ def test_token_kl_topk_over_the_whole_vocabulary_is_token_kl_values_and_gradient
 
 
 def test_token_kl_topk_is_a_lower_bound_that_grows_with_k() -> None:
-    from tidpo_core.method.losses import reference_topk, token_kl, token_kl_topk
+    from tidpo_core.method.kl import reference_topk, token_kl, token_kl_topk
 
     torch.manual_seed(1)
     ref, pol = torch.randn(4, 9, 16, dtype=torch.float64) * 2, torch.randn(4, 9, 16, dtype=torch.float64) * 2
@@ -723,7 +720,7 @@ def test_token_kl_topk_is_a_lower_bound_that_grows_with_k() -> None:
 
 
 def test_token_kl_topk_rejects_mismatched_shapes() -> None:
-    from tidpo_core.method.losses import token_kl_topk
+    from tidpo_core.method.kl import token_kl_topk
 
     with pytest.raises(ValueError, match="top-k"):
         token_kl_topk(torch.zeros(2, 5, 3, dtype=torch.long), torch.zeros(2, 5, 3), torch.zeros(2, 4, 10))

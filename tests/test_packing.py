@@ -72,14 +72,8 @@ def test_layout_of_two_pairs_by_hand():
 def test_padded_layout_equals_the_per_row_loss_functions():
     """The padded layout's maps give what losses.token_logps / token_kl / token_kl_topk give on the same
     rows, restricted to scored tokens; its first-sides view is the first rows."""
-    from tidpo_core.method.losses import (
-        coarsened_kl,
-        kl_from_logits,
-        reference_topk,
-        token_kl,
-        token_kl_topk,
-        token_logps,
-    )
+    from tidpo_core.method.kl import coarsened_kl, kl_from_logits, reference_topk, token_kl, token_kl_topk
+    from tidpo_core.method.logps import token_logps
 
     g = torch.Generator().manual_seed(7)
     stacked = _stacked([([1, 2, 3, 4], 2), ([5, 6, 7], 1), ([1, 2, 8], 2), ([5, 9, 9, 9, 9], 1)])
@@ -243,7 +237,7 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
     token's log-prob and every side's pooled hidden state equal those of its own padded row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tidpo_core.method.losses import token_logps
+    from tidpo_core.method.logps import token_logps
     from tidpo_core.training.forward import _pooled_hidden
 
     torch.manual_seed(seed)

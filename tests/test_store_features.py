@@ -18,7 +18,7 @@ from tidpo_core.batching.tokenization import tokens_overlapping
 from tidpo_core.data.pairs import LoadResult, PreferencePair, QuarantinedRow, QuarantineReason, make_pair_id
 from tidpo_core.data.synthetic import generate_synthetic_pairs
 from tidpo_core.method.importance import compute_token_importance, hybrid_weights
-from tidpo_core.method.losses import token_logps
+from tidpo_core.method.logps import token_logps
 from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 from tidpo_core.runtime.fingerprint import text_digest
 
@@ -250,7 +250,7 @@ def test_a_token_weights_table_from_before_the_cache_gains_its_columns(tmp_path)
 
 
 def test_reference_topk_from_the_attribution_pass_equals_a_plain_forward(tiny):
-    from tidpo_core.method.losses import reference_topk
+    from tidpo_core.method.kl import reference_topk
 
     pairs, tokenizer, model = tiny
     encoded = [encode_response(tokenizer, p.prompt, p.chosen, SETTINGS) for p in pairs[:4]]

@@ -6,8 +6,9 @@ import statistics
 
 import pytest
 
-from tidpo_core.data.pairs import PreferencePair, make_pair_id, validate_rows
+from tidpo_core.data.pairs import PreferencePair, make_pair_id
 from tidpo_core.data.synthetic import generate_synthetic_pairs
+from tidpo_core.data.validation import validate_rows
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tidpo_core.method.losses import compute_dtype
+from tidpo_core.method.logps import compute_dtype
 
 BatchLayout = Literal["shared_prompt", "padded"]
 BATCH_LAYOUTS: tuple[str, ...] = ("shared_prompt", "padded")
@@ -87,7 +87,7 @@ class _TokenMaps:
         return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
-        """Per-token log-probabilities ``[S*B, T]`` aligned like losses.token_logps (0 off-response).
+        """Per-token log-probabilities ``[S*B, T]`` aligned like logps.token_logps (0 off-response).
 
         `log_normalizer`: the logits' logsumexp over the vocabulary, when the caller has it.
         """
@@ -268,10 +268,8 @@ def pack_shared_prompt(
     batch = total // num_sides
     ids = stacked["input_ids"].cpu()
     response = stacked["response_mask"].cpu() != 0
-    lengths = stacked["attention_mask"].cpu().sum(1)
     response_lengths = response.sum(1)
-    prompt_lengths = lengths - response_lengths
-    width = ids.shape[1]
+    prompt_lengths = stacked["attention_mask"].cpu().sum(1) - response_lengths
 
     per_row = prompt_lengths.view(num_sides, batch)
     if not (per_row == per_row[0]).all():
@@ -282,60 +280,20 @@ def pack_shared_prompt(
     length = int(row_lengths.max())
     first_kept = max(int(prompts.min()) - 1, 0)
 
-    input_ids = torch.full((batch, length), pad_token_id, dtype=ids.dtype)
-    position_ids = torch.zeros((batch, length), dtype=torch.long)
-    # Segment of each column: -1 prompt, s for side s's response, -2 padding.
-    segment = torch.full((batch, length), -2, dtype=torch.long)
-    predictor = torch.zeros((total, width), dtype=torch.long)
-    columns = torch.zeros((total, width), dtype=torch.long)
+    packed = _PackedColumns.empty(batch, length, total, ids.shape[1], ids.dtype, pad_token_id)
     for row in range(batch):
-        prompt = int(prompts[row])
-        for side in range(1, num_sides):
-            if not torch.equal(ids[side * batch + row, :prompt], ids[row, :prompt]):
-                raise PromptMismatchError(f"pair {row}: side {side} has other prompt tokens than side 0")
-        input_ids[row, :prompt] = ids[row, :prompt]
-        position_ids[row, :prompt] = torch.arange(prompt)
-        segment[row, :prompt] = -1
-        start = prompt
-        for side in range(num_sides):
-            stacked_row = side * batch + row
-            n = int(side_lengths[side, row])
-            if n == 0:
-                continue
-            input_ids[row, start : start + n] = ids[stacked_row, prompt : prompt + n]
-            position_ids[row, start : start + n] = torch.arange(prompt, prompt + n)
-            segment[row, start : start + n] = side
-            columns[stacked_row, prompt : prompt + n] = torch.arange(start, start + n)
-            # Token j of the response is predicted by the prompt's last column (j = 0) or by the column of
-            # token j - 1; kept indices count from first_kept.
-            predicting = torch.arange(start - 1, start + n - 1)
-            predicting[0] = prompt - 1
-            predictor[stacked_row, prompt : prompt + n] = (predicting - first_kept).clamp_min(0)
-            start += n
+        packed.fill_row(ids, row, int(prompts[row]), side_lengths[:, row].tolist(), first_kept)
 
-    scored = response & (torch.arange(width) > 0).unsqueeze(0)
-    # The [B, 1, L, L] mask is built where the model runs: only the [B, L] segments cross to the device.
     device = stacked["input_ids"].device
-    segment = segment.to(device)
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    allowed = allowed & (query != -2) & (key != -2) & ((key == -1) | (key == query))
-    # Padding columns attend to themselves: a row with no allowed key would turn into NaN.
-    allowed = (allowed | torch.eye(length, dtype=torch.bool, device=device)).unsqueeze(1)
-    if attention == "eager":
-        mask: Tensor = torch.zeros(allowed.shape, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
-    else:
-        mask = allowed
     return SharedPromptBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=mask,
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=_segment_attention_mask(packed.segment.to(device), attention),
         first_kept=first_kept,
         rows=torch.arange(total) % batch,
-        predictor=predictor,
-        columns=columns,
-        scored=scored,
+        predictor=packed.predictor,
+        columns=packed.columns,
+        scored=response & (torch.arange(ids.shape[1]) > 0).unsqueeze(0),
         tokens=int(row_lengths.sum()),
         batch_size=batch,
         end=length,
@@ -344,3 +302,72 @@ def pack_shared_prompt(
     ).to(device)
 
 
+# Segment of each packed column: PROMPT_SEGMENT, s for side s's response, or PADDING_SEGMENT.
+PROMPT_SEGMENT = -1
+PADDING_SEGMENT = -2
+
+
+@dataclass(frozen=True)
+class _PackedColumns:
+    """The packed rows being built: per packed column ``[B, L]`` and per stacked token ``[S*B, T]``."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    segment: Tensor
+    predictor: Tensor
+    columns: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, length: int, total: int, width: int, dtype: torch.dtype, pad_token_id: int) -> _PackedColumns:
+        return cls(
+            input_ids=torch.full((batch, length), pad_token_id, dtype=dtype),
+            position_ids=torch.zeros((batch, length), dtype=torch.long),
+            segment=torch.full((batch, length), PADDING_SEGMENT, dtype=torch.long),
+            predictor=torch.zeros((total, width), dtype=torch.long),
+            columns=torch.zeros((total, width), dtype=torch.long),
+        )
+
+    def fill_row(self, ids: Tensor, row: int, prompt: int, side_lengths: list[int], first_kept: int) -> None:
+        """Packed row `row`: the prompt of stacked row `row` (side 0), then each side's response in turn."""
+        batch = self.input_ids.shape[0]
+        for side in range(1, len(side_lengths)):
+            if not torch.equal(ids[side * batch + row, :prompt], ids[row, :prompt]):
+                raise PromptMismatchError(f"pair {row}: side {side} has other prompt tokens than side 0")
+        self.input_ids[row, :prompt] = ids[row, :prompt]
+        self.position_ids[row, :prompt] = torch.arange(prompt)
+        self.segment[row, :prompt] = PROMPT_SEGMENT
+        start = prompt
+        for side, n in enumerate(side_lengths):
+            if n == 0:
+                continue
+            stacked_row = side * batch + row
+            self.input_ids[row, start : start + n] = ids[stacked_row, prompt : prompt + n]
+            self.position_ids[row, start : start + n] = torch.arange(prompt, prompt + n)
+            self.segment[row, start : start + n] = side
+            self.columns[stacked_row, prompt : prompt + n] = torch.arange(start, start + n)
+            # Token j of the response is predicted by the prompt's last column (j = 0) or by the column of
+            # token j - 1; kept indices count from first_kept.
+            predicting = torch.arange(start - 1, start + n - 1)
+            predicting[0] = prompt - 1
+            self.predictor[stacked_row, prompt : prompt + n] = (predicting - first_kept).clamp_min(0)
+            start += n
+
+
+def _segment_attention_mask(segment: Tensor, attention: str) -> Tensor:
+    """The ``[B, 1, L, L]`` mask of packed rows from their column segments ``[B, L]``: a token sees the prompt
+    and the earlier tokens of its own segment; bool for sdpa, additive for eager.
+
+    Built where the model runs (`segment`'s device): only the [B, L] segments cross to the device.
+    """
+    device, length = segment.device, segment.shape[1]
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = allowed & (query != PADDING_SEGMENT) & (key != PADDING_SEGMENT)
+    allowed = allowed & ((key == PROMPT_SEGMENT) | (key == query))
+    # Padding columns attend to themselves: a row with no allowed key would turn into NaN.
+    allowed = (allowed | torch.eye(length, dtype=torch.bool, device=device)).unsqueeze(1)
+    if attention == "eager":
+        mask = torch.zeros(allowed.shape, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+        return mask
+    return allowed

@@ -7,17 +7,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tidpo_core.data.pairs import (
-    DataFileError,
-    LoadResult,
-    QuarantinedRow,
-    QuarantineReason,
-    load_preferences,
-)
+from tidpo_core.data.files import is_data_file, load_preferences
+from tidpo_core.data.pairs import DataFileError, LoadResult, QuarantinedRow, QuarantineReason
 from tidpo_core.data.synthetic import SpanPosition, generate_synthetic_pairs
 
 SYNTHETIC = "synthetic"
-DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
 
 
 def load_source(
@@ -34,10 +28,6 @@ def load_source(
         pairs = generate_synthetic_pairs(synthetic_pairs, seed=synthetic_seed, span_position=synthetic_span_position)
         return LoadResult(pairs=pairs, quarantined=[], rows_read=len(pairs))
     return load_preferences(source, split=split, max_chars=max_chars)
-
-
-def is_data_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.endswith(DATA_SUFFIXES)
 
 
 def inbox_files(inbox: Path) -> list[Path]:

@@ -220,7 +220,7 @@ def phrase_reward(pairs: Iterable[PreferencePair]) -> PhraseReward:
     return PhraseReward(pairs)
 
 
-def load_reward_model(model_dir: str) -> RewardFunction:
+def reward_model_function(model_dir: str) -> RewardFunction:
     """The reward model in `model_dir` as a reward function (tidpo_core.models.reward, imported only when asked for)."""
     from tidpo_core.models.reward import load_reward_function
 
@@ -235,7 +235,7 @@ def reward_function(kind: str, model_dir: str | None, pairs: Sequence[Preference
     if kind == "model":
         if not model_dir:
             raise ValueError("grpo_reward: model needs grpo_reward_model, the reward model's folder")
-        return load_reward_model(model_dir)
+        return reward_model_function(model_dir)
     raise ValueError(f"unknown grpo_reward {kind!r}; expected one of {GRPO_REWARDS}")
 
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tidpo_core.batching.tokenization import EncodedSequence, pad_right
-from tidpo_core.method.losses import reference_topk, token_logps
+from tidpo_core.method.kl import reference_topk
+from tidpo_core.method.logps import token_logps
 from tidpo_core.runtime.threads import threads_for
 
 __all__ = [
@@ -113,9 +114,9 @@ def attribution_and_logps(
 ) -> tuple[Tensor, Tensor | None]:
     """Gradient attribution and, from the same forward pass, the model's per-token log-probs.
 
-    The log-probs (position-aligned like `losses.token_logps`) are the reference log-probs that training
+    The log-probs (position-aligned like `logps.token_logps`) are the reference log-probs that training
     would otherwise recompute every step; taking them here makes them free. With `topk` > 0 the same
-    logits also give the k most likely tokens per position (`losses.reference_topk`), put into
+    logits also give the k most likely tokens per position (`kl.reference_topk`), put into
     `topk_out` as "ids" and "logp": the cache that lets SeqKL run without the reference.
     """
     if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
@@ -337,22 +338,9 @@ def compute_token_importance(
     are the contrastive models. `reference_topk` > 0 also keeps the model's top-k next-token distribution
     per response token. `exclude_eos` (with `eos_token_id`) gives the end-of-sequence token I = 0.
     """
-    _check_lambda(lambda_)
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; expected one of {_NORMALIZATIONS}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if exclude_eos and eos_token_id is None:
-        raise ValueError("exclude_eos needs the tokenizer's eos_token_id")
-    if device is None:
-        device = _model_device(model)
-    elif _model_device(model) != torch.device(device):
-        model.to(device)
-    for other in contrastive_models or ():
-        if _model_device(other) != torch.device(device):
-            other.to(device)
+    _check_importance_settings(lambda_, normalization, estimator, batch_size, exclude_eos, eos_token_id)
+    device = _place_models(model, contrastive_models, device)
+    weighing = _Weighing(lambda_, normalization, temperature, eos_token_id if exclude_eos else None)
 
     # Similar lengths per batch waste less compute on padding; results are put back in input order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
@@ -362,12 +350,7 @@ def compute_token_importance(
     ) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = [sequences[i] for i in chunk]
-            # Right padding with any valid id: causal attention keeps pads from touching real tokens, and
-            # the response mask zeroes their importance.
-            input_ids = pad_right([s.input_ids for s in batch], 0, torch.long).to(device)
-            attention_mask = pad_right([[1] * len(s.input_ids) for s in batch], 0, torch.long).to(device)
-            response_mask = pad_right([s.response_mask for s in batch], 0, torch.long).to(device)
+            input_ids, attention_mask, response_mask = _padded_batch([sequences[i] for i in chunk], device)
             topk: dict[str, Tensor] = {}
             importance, logps = estimate_importance(
                 model,
@@ -383,17 +366,83 @@ def compute_token_importance(
             topk = {name: value.cpu() for name, value in topk.items()}
             for row, index in enumerate(chunk):
                 mask = response_mask[row].cpu() != 0
-                raw = importance[row][mask].clone()
-                if exclude_eos:
-                    raw[_eos_positions(input_ids[row][mask], eos_token_id)] = 0.0
-                weight = hybrid_weights(raw, lambda_, normalization, temperature)
-                results[index] = TokenImportance(
-                    attribution=raw.numpy().astype(np.float32),
-                    prior=gaussian_prior(raw.numel()).numpy(),
-                    weight=weight.numpy().astype(np.float32),
-                    reference_logp=logps[row][mask].numpy().astype(np.float32),
-                    reference_topk_ids=topk["ids"][row][mask].numpy().astype(np.int32) if topk else None,
-                    reference_topk_logp=topk["logp"][row][mask].numpy().astype(np.float32) if topk else None,
+                results[index] = weighing.response(
+                    importance[row][mask],
+                    input_ids[row][mask],
+                    logps[row][mask],
+                    {name: value[row][mask] for name, value in topk.items()},
                 )
             bar.update(len(chunk))
     return [r for r in results if r is not None]
+
+
+def _check_importance_settings(
+    lambda_: float,
+    normalization: str,
+    estimator: str,
+    batch_size: int,
+    exclude_eos: bool,
+    eos_token_id: int | None,
+) -> None:
+    """Refuse bad settings before any model runs."""
+    _check_lambda(lambda_)
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {_NORMALIZATIONS}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if exclude_eos and eos_token_id is None:
+        raise ValueError("exclude_eos needs the tokenizer's eos_token_id")
+
+
+def _place_models(
+    model: nn.Module, contrastive_models: tuple[nn.Module, nn.Module] | None, device: torch.device | None
+) -> torch.device:
+    """The device to score on (the model's unless given), with every model moved there."""
+    if device is None:
+        return _model_device(model)
+    if _model_device(model) != torch.device(device):
+        model.to(device)
+    for other in contrastive_models or ():
+        if _model_device(other) != torch.device(device):
+            other.to(device)
+    return device
+
+
+def _padded_batch(batch: Sequence[EncodedSequence], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask and response_mask ``[B, T]`` of `batch`, right-padded, on `device`.
+
+    Any valid id pads: causal attention keeps pads from touching real tokens, and the response mask zeroes
+    their importance.
+    """
+    input_ids = pad_right([s.input_ids for s in batch], 0, torch.long).to(device)
+    attention_mask = pad_right([[1] * len(s.input_ids) for s in batch], 0, torch.long).to(device)
+    response_mask = pad_right([s.response_mask for s in batch], 0, torch.long).to(device)
+    return input_ids, attention_mask, response_mask
+
+
+@dataclass(frozen=True)
+class _Weighing:
+    """How one response's raw importance becomes its TokenImportance (the hybrid's settings)."""
+
+    lambda_: float
+    normalization: Normalization
+    temperature: float
+    excluded_eos: int | None
+    """The end-of-sequence id whose importance is set to 0, or None to keep it."""
+
+    def response(self, importance: Tensor, token_ids: Tensor, logps: Tensor, topk: dict[str, Tensor]) -> TokenImportance:
+        """One response's values (its response tokens only) as a TokenImportance; `topk` is empty without a cache."""
+        raw = importance.clone()
+        if self.excluded_eos is not None:
+            raw[_eos_positions(token_ids, self.excluded_eos)] = 0.0
+        weight = hybrid_weights(raw, self.lambda_, self.normalization, self.temperature)
+        return TokenImportance(
+            attribution=raw.numpy().astype(np.float32),
+            prior=gaussian_prior(raw.numel()).numpy(),
+            weight=weight.numpy().astype(np.float32),
+            reference_logp=logps.numpy().astype(np.float32),
+            reference_topk_ids=topk["ids"].numpy().astype(np.int32) if topk else None,
+            reference_topk_logp=topk["logp"].numpy().astype(np.float32) if topk else None,
+        )

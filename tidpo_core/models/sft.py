@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tidpo_core.batching.features import EncodingSettings, encode_response
 from tidpo_core.batching.tokenization import pad_right
 from tidpo_core.data.pairs import PreferencePair
-from tidpo_core.method.losses import token_logps
+from tidpo_core.method.logps import token_logps
 from tidpo_core.runtime.threads import threads_for
 
 

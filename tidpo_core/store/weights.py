@@ -32,72 +32,84 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
     attribution, prior, weight, reference_logp; optionally reference_topk_ids and reference_topk_logp,
     [tokens, k] arrays (the reference's top-k next-token distribution; NULL where absent).
     """
-    topk_ids: list[np.ndarray] = []
-    topk_logp: list[np.ndarray] = []
-    topk_lengths: list[np.ndarray] = []
-    columns: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "pair_id",
-            "side",
-            "text_digest",
-            "position",
-            "token_id",
-            "attribution",
-            "prior",
-            "weight",
-            "reference_logp",
-        )
-    }
-    keys: list[tuple[str, str]] = []
+    tokens = _TokenRows()
     for row in rows:
+        tokens.add_response(row)
+    if not tokens.keys:
+        return 0
+    _replace_weights(con, fingerprint, tokens.keys, tokens.table(fingerprint))
+    return len(tokens.keys)
+
+
+# The per-token float columns, stored as float32.
+_VALUE_COLUMNS = ("attribution", "prior", "weight", "reference_logp")
+
+
+class _TokenRows:
+    """Responses (write_token_weights' rows) flattened into one row per token, as token_weights holds them."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str]] = []
+        self.columns: dict[str, list[Any]] = {
+            k: [] for k in ("pair_id", "side", "text_digest", "position", "token_id", *_VALUE_COLUMNS)
+        }
+        self.topk_ids: list[np.ndarray] = []
+        self.topk_logp: list[np.ndarray] = []
+        # Per token: the cache's k, or -1 for a response stored without one.
+        self.topk_lengths: list[np.ndarray] = []
+
+    def add_response(self, row: dict[str, Any]) -> None:
         n = len(row["token_ids"])
-        keys.append((row["pair_id"], row["side"]))
-        columns["pair_id"].extend([row["pair_id"]] * n)
-        columns["side"].extend([row["side"]] * n)
-        columns["text_digest"].extend([row["text_digest"]] * n)
-        columns["position"].extend(range(n))
-        for name, key in (
-            ("token_id", "token_ids"),
-            ("attribution", "attribution"),
-            ("prior", "prior"),
-            ("weight", "weight"),
-            ("reference_logp", "reference_logp"),
-        ):
+        self.keys.append((row["pair_id"], row["side"]))
+        self.columns["pair_id"].extend([row["pair_id"]] * n)
+        self.columns["side"].extend([row["side"]] * n)
+        self.columns["text_digest"].extend([row["text_digest"]] * n)
+        self.columns["position"].extend(range(n))
+        for name, key in (("token_id", "token_ids"), *((name, name) for name in _VALUE_COLUMNS)):
             values = list(map(float, row[key])) if name != "token_id" else list(map(int, row[key]))
             if len(values) != n:
                 raise ValueError(f"{key} has {len(values)} values for {n} tokens ({row['pair_id']}/{row['side']})")
-            columns[name].extend(values)
+            self.columns[name].extend(values)
+        self._add_topk(row, n)
+
+    def _add_topk(self, row: dict[str, Any], n: int) -> None:
         ids, logp = row.get("reference_topk_ids"), row.get("reference_topk_logp")
         if ids is None:
-            topk_lengths.append(np.full(n, -1, dtype=np.int64))
-        else:
-            ids, logp = np.asarray(ids, dtype=np.int32), np.asarray(logp, dtype=np.float32)
-            if ids.ndim != 2 or ids.shape[0] != n or logp.shape != ids.shape:
-                raise ValueError(
-                    f"reference top-k of {row['pair_id']}/{row['side']} must be two [{n}, k] arrays, "
-                    f"got {ids.shape} and {logp.shape}"
-                )
-            topk_ids.append(ids.reshape(-1))
-            topk_logp.append(logp.reshape(-1))
-            topk_lengths.append(np.full(n, ids.shape[1], dtype=np.int64))
-    if not keys:
-        return 0
-    # One list per token row, built from flat values and offsets (NULL for rows without a cache).
-    lengths = np.concatenate(topk_lengths)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))]).astype(np.int32))
-    null = pa.array(lengths < 0)
-    flat_ids = pa.array(np.concatenate(topk_ids) if topk_ids else np.zeros(0, np.int32))
-    flat_logp = pa.array(np.concatenate(topk_logp) if topk_logp else np.zeros(0, np.float32))
-    table = pa.table(
-        {
-            "fingerprint": [fingerprint] * len(columns["pair_id"]),
-            **{k: v for k, v in columns.items() if k not in ("attribution", "prior", "weight", "reference_logp")},
-            **{k: pa.array(columns[k], pa.float32()) for k in ("attribution", "prior", "weight", "reference_logp")},
-            "reference_topk_ids": pa.ListArray.from_arrays(offsets, flat_ids, mask=null),
-            "reference_topk_logp": pa.ListArray.from_arrays(offsets, flat_logp, mask=null),
-        }
-    )
+            self.topk_lengths.append(np.full(n, -1, dtype=np.int64))
+            return
+        ids, logp = np.asarray(ids, dtype=np.int32), np.asarray(logp, dtype=np.float32)
+        if ids.ndim != 2 or ids.shape[0] != n or logp.shape != ids.shape:
+            raise ValueError(
+                f"reference top-k of {row['pair_id']}/{row['side']} must be two [{n}, k] arrays, "
+                f"got {ids.shape} and {logp.shape}"
+            )
+        self.topk_ids.append(ids.reshape(-1))
+        self.topk_logp.append(logp.reshape(-1))
+        self.topk_lengths.append(np.full(n, ids.shape[1], dtype=np.int64))
+
+    def table(self, fingerprint: str) -> pa.Table:
+        """The token rows in token_weights' column order, fingerprint first."""
+        # One list per token row, built from flat values and offsets (NULL for rows without a cache).
+        lengths = np.concatenate(self.topk_lengths)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))]).astype(np.int32))
+        null = pa.array(lengths < 0)
+        flat_ids = pa.array(np.concatenate(self.topk_ids) if self.topk_ids else np.zeros(0, np.int32))
+        flat_logp = pa.array(np.concatenate(self.topk_logp) if self.topk_logp else np.zeros(0, np.float32))
+        return pa.table(
+            {
+                "fingerprint": [fingerprint] * len(self.columns["pair_id"]),
+                **{k: v for k, v in self.columns.items() if k not in _VALUE_COLUMNS},
+                **{k: pa.array(self.columns[k], pa.float32()) for k in _VALUE_COLUMNS},
+                "reference_topk_ids": pa.ListArray.from_arrays(offsets, flat_ids, mask=null),
+                "reference_topk_logp": pa.ListArray.from_arrays(offsets, flat_logp, mask=null),
+            }
+        )
+
+
+def _replace_weights(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, keys: list[tuple[str, str]], table: pa.Table
+) -> None:
+    """Delete the stored weights of the (pair, side)s in `keys` and insert `table`, in one transaction."""
     key_table = pa.table({"pair_id": [k[0] for k in keys], "side": [k[1] for k in keys]})
     with connection.transaction(con):
         con.register("_weight_keys", key_table)
@@ -113,7 +125,6 @@ def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: 
             "attribution, prior, weight, reference_logp, reference_topk_ids, reference_topk_logp FROM _weight_staging"
         )
         con.unregister("_weight_staging")
-    return len(keys)
 
 
 # One row per response, the per-token values as lists: how a precompute shard holds weights.
@@ -143,13 +154,13 @@ def weight_shard_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     columns: dict[str, list[Any]] = {name: [] for name in WEIGHT_SHARD_SCHEMA.names}
     for row in rows:
         n = len(row["token_ids"])
-        for name in ("attribution", "prior", "weight", "reference_logp"):
+        for name in _VALUE_COLUMNS:
             if len(row[name]) != n:
                 raise ValueError(f"{name} has {len(row[name])} values for {n} tokens ({row['pair_id']}/{row['side']})")
         for name in ("pair_id", "side", "text_digest"):
             columns[name].append(row[name])
         columns["token_ids"].append(np.asarray(row["token_ids"], dtype=np.int32).tolist())
-        for name in ("attribution", "prior", "weight", "reference_logp"):
+        for name in _VALUE_COLUMNS:
             columns[name].append(np.asarray(row[name], dtype=np.float32).tolist())
         columns["reference_topk_ids"].append(_token_lists(row.get("reference_topk_ids"), np.int32))
         columns["reference_topk_logp"].append(_token_lists(row.get("reference_topk_logp"), np.float32))
@@ -309,7 +320,6 @@ def _attach_reference_topk(
         raise ValueError(f"token weights {fingerprint!r}: {len(ids)} cached tokens for {bounds[-1]} weighted tokens")
     for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
         weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids[a:b], reference_topk_logp=logp[a:b])
-
 
 
 @dataclass(frozen=True)

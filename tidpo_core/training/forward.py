@@ -14,7 +14,10 @@ from tidpo_core.batching.batch import TrainingBatch
 from tidpo_core.batching.features import stack_sides
 from tidpo_core.batching.packing import BatchLayout, attention_implementation, lay_out
 from tidpo_core.method.importance import Normalization, gradient_attribution, hybrid_weights
-from tidpo_core.method.losses import LossConfig, SideTensors, compute_dtype, compute_loss, pair_sequence_kl
+from tidpo_core.method.kl import pair_sequence_kl
+from tidpo_core.method.logps import compute_dtype
+from tidpo_core.method.losses import LossConfig, compute_loss
+from tidpo_core.method.sides import SideTensors
 
 ReferenceFn = Callable[..., torch.Tensor]
 """Logits of the frozen reference for a model's keyword inputs (input_ids, attention_mask, ...)."""
