@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.rounds import median_paired_ratio, round_order
+
 NAME = "contention"
 SLOWDOWN_TARGET = 2.5
 IDLE_COST_TARGET = 1.05
@@ -143,7 +145,7 @@ def _interleaved(work: Any, rounds: int) -> dict[str, list[float]]:
     work(warm_up=True)
     times: dict[str, list[float]] = {p: [] for p in POLICIES}
     for index in range(rounds):
-        for policy in POLICIES if index % 2 == 0 else POLICIES[::-1]:
+        for policy in round_order(POLICIES, index):
             if policy == "default":
                 os.environ["TIDPO_NUM_THREADS"] = str(os.cpu_count() or 1)
             else:
@@ -230,8 +232,8 @@ def _run_setting(count: int, stage: str, setting: str, sizes: dict[str, Any]) ->
 
 
 def _paired(numerators: list[float], denominators: list[float]) -> float:
-    """The median over rounds of one round's ratio: drift between rounds cancels within a round's pair."""
-    return round(statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)), 3)
+    """The median over rounds of one round's ratio, to the thousandth."""
+    return round(median_paired_ratio(numerators, denominators), 3)
 
 
 def _summary(timings: dict[str, list[float]]) -> dict[str, float]:
@@ -243,96 +245,109 @@ def _summary(timings: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
+def _time_stage(stage: str, sizes: dict[str, Any], order: random.Random) -> dict[str, Any]:
+    """Every setting of one stage over `rounds`, alone and beside a twin; per setting the seconds of each
+    round, the thread count alone, and each worker's mean thread count over its forward passes."""
+    settings = (*POLICIES, ONE_THREAD_EACH)
+    seconds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in settings}
+    threads_used: dict[str, int] = {}
+    # The governor's choice, alone and beside the twin.
+    mean_threads: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in settings}
+    # A run that follows a two-process run can start slow on a VM (the host's share settles): within a round
+    # the runs alone come first, in a shuffled order, then the runs beside a twin, shuffled too.
+    for _ in range(sizes["rounds"]):
+        for setting in order.sample(settings, len(settings)):
+            alone = _run_setting(1, stage, setting, sizes)[0]
+            seconds[setting]["alone"].append(alone["seconds"])
+            threads_used[setting] = alone["threads"]
+            mean_threads[setting]["alone"].append(alone["mean_threads"])
+        for setting in order.sample(settings, len(settings)):
+            pair = _run_setting(2, stage, setting, sizes)
+            seconds[setting]["two"].append(max(r["seconds"] for r in pair))
+            mean_threads[setting]["two"].extend(r["mean_threads"] for r in pair)
+    return {
+        setting: {**_summary(seconds[setting]), "threads": threads_used[setting], "mean_threads": mean_threads[setting], "rounds": seconds[setting]}
+        for setting in settings
+    }
+
+
+def _stage_figures(stage: str, sizes: dict[str, Any], order: random.Random) -> dict[str, Any]:
+    """One stage's slowdowns beside a twin, fair sharing, the idle cost, and the targets' verdicts."""
+    figures = _time_stage(stage, sizes, order)
+    seconds = {setting: figures[setting]["rounds"] for setting in (*POLICIES, ONE_THREAD_EACH)}
+    # Fair sharing on this machine: two processes on one thread each, against torch's defaults alone. The
+    # best any split of the CPUs can do; the policy's slowdown is judged beside it.
+    figures["fair_share_slowdown"] = _paired(seconds[ONE_THREAD_EACH]["two"], seconds["default"]["alone"])
+    figures["tidpo_over_fair_share"] = _paired(seconds["tidpo"]["two"], seconds[ONE_THREAD_EACH]["two"])
+    # The cost alone twice: between the separate processes above (minutes apart, so the VM's drift is in
+    # it), and within one process that alternates the two (seconds apart): the target's figure.
+    interleaved = _run_interleaved(stage, sizes)
+    figures["tidpo_idle_cost_separate_processes"] = _paired(seconds["tidpo"]["alone"], seconds["default"]["alone"])
+    figures["tidpo_idle_cost"] = _paired(interleaved["tidpo"], interleaved["default"])
+    figures["interleaved"] = {p: [round(t, 3) for t in interleaved[p]] for p in POLICIES}
+    figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
+    figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
+    return figures
+
+
+def _wait_settings(stage: str, sizes: dict[str, Any], order: random.Random) -> dict[str, Any]:
+    """OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: why the policy leaves
+    OpenMP's own wait alone. Each round also times torch's defaults alone, the pair for every idle cost."""
+    default_alone: list[float] = []
+    timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
+    for _ in range(sizes["wait_rounds"]):  # fewer than the guard's rounds: this table chose a setting
+        for setting in order.sample(["default", *WAIT_CANDIDATES], len(WAIT_CANDIDATES) + 1):
+            if setting == "default":
+                default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
+            else:
+                timings[setting]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=setting)[0]["seconds"])
+        for wait in order.sample(list(WAIT_CANDIDATES), len(WAIT_CANDIDATES)):
+            timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
+    return {wait: {**_summary(t), "idle_cost": _paired(t["alone"], default_alone)} for wait, t in timings.items()}
+
+
+def _threads_by_size(sizes: dict[str, Any]) -> dict[str, Any]:
+    """One thread against all CPUs, alone, per model size: where the policy's size threshold comes from.
+    One round: this part sets a threshold, not a guard."""
+    cpus = os.cpu_count() or 1
+    threshold: dict[str, Any] = {}
+    for shape in SHAPES:
+        for stage in STAGES:
+            results = {count: _run_together(1, stage, "default", sizes, shape, threads=count)[0] for count in dict.fromkeys((1, cpus))}
+            one, every = results[1]["seconds"], results[cpus]["seconds"]
+            threshold[f"{shape}/{stage}"] = {
+                "parameters": results[cpus]["parameters"],
+                "one_thread_s": round(one, 3),
+                "all_threads_s": round(every, 3),
+                "threads": cpus,
+                "one_thread_over_all": round(one / every, 2),
+            }
+    return threshold
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from bench import common
 
     started = time.perf_counter()
     sizes = _sizes(quick)
-    # A run that follows a two-process run can start slow on a VM (the host's share settles): within a round
-    # the runs alone come first, in a shuffled order, then the runs beside a twin, shuffled too.
     order = random.Random(0)
     stages: dict[str, Any] = {}
     for stage in STAGES:
-        settings = (*POLICIES, ONE_THREAD_EACH)
-        rounds: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in settings}
-        threads_used: dict[str, int] = {}
-        # Each worker's thread count, averaged over its forward passes: the governor's choice, alone and beside the twin.
-        mean_threads: dict[str, dict[str, list[float]]] = {p: {"alone": [], "two": []} for p in settings}
-        for _ in range(sizes["rounds"]):
-            for setting in order.sample(settings, len(settings)):
-                alone = _run_setting(1, stage, setting, sizes)[0]
-                rounds[setting]["alone"].append(alone["seconds"])
-                threads_used[setting] = alone["threads"]
-                mean_threads[setting]["alone"].append(alone["mean_threads"])
-            for setting in order.sample(settings, len(settings)):
-                pair = _run_setting(2, stage, setting, sizes)
-                rounds[setting]["two"].append(max(r["seconds"] for r in pair))
-                mean_threads[setting]["two"].extend(r["mean_threads"] for r in pair)
-        figures: dict[str, Any] = {}
-        for setting in settings:
-            figures[setting] = {
-                **_summary(rounds[setting]), "threads": threads_used[setting], "mean_threads": mean_threads[setting], "rounds": rounds[setting],
-            }
-        # Fair sharing on this machine: two processes on one thread each, against torch's defaults alone. The
-        # best any split of the CPUs can do; the policy's slowdown is judged beside it.
-        figures["fair_share_slowdown"] = _paired(rounds[ONE_THREAD_EACH]["two"], rounds["default"]["alone"])
-        figures["tidpo_over_fair_share"] = _paired(rounds["tidpo"]["two"], rounds[ONE_THREAD_EACH]["two"])
-        # The cost alone twice: between the separate processes above (minutes apart, so the VM's drift is in
-        # it), and within one process that alternates the two (seconds apart): the target's figure.
-        interleaved = _run_interleaved(stage, sizes)
-        figures["tidpo_idle_cost_separate_processes"] = _paired(rounds["tidpo"]["alone"], rounds["default"]["alone"])
-        figures["tidpo_idle_cost"] = _paired(interleaved["tidpo"], interleaved["default"])
-        figures["interleaved"] = {p: [round(t, 3) for t in interleaved[p]] for p in POLICIES}
-        figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
-        figures["idle_cost_target_met"] = figures["tidpo_idle_cost"] <= IDLE_COST_TARGET
-        stages[stage] = figures
+        stages[stage] = figures = _stage_figures(stage, sizes, order)
         common.log(
             NAME,
             f"{stage}: slowdown default {figures['default']['slowdown']}x, tidpo {figures['tidpo']['slowdown']}x, fair share "
             f"{figures['fair_share_slowdown']}x; idle cost "
             f"{figures['tidpo_idle_cost']}x (separate processes {figures['tidpo_idle_cost_separate_processes']}x)",
         )
-    # OpenMP's wait setting, alone and beside a twin, with the policy's thread counts: why the policy leaves
-    # OpenMP's own wait alone. Each round also times torch's defaults alone, the pair for every idle cost.
     waits: dict[str, Any] = {}
     for stage in STAGES:
-        default_alone: list[float] = []
-        timings: dict[str, dict[str, list[float]]] = {w: {"alone": [], "two": []} for w in WAIT_CANDIDATES}
-        for _ in range(sizes["wait_rounds"]):  # fewer than the guard's rounds: this table chose a setting
-            for setting in order.sample(["default", *WAIT_CANDIDATES], len(WAIT_CANDIDATES) + 1):
-                if setting == "default":
-                    default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
-                else:
-                    timings[setting]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=setting)[0]["seconds"])
-            for wait in order.sample(list(WAIT_CANDIDATES), len(WAIT_CANDIDATES)):
-                timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
-        waits[stage] = {
-            wait: {**_summary(t), "idle_cost": _paired(t["alone"], default_alone)}
-            for wait, t in timings.items()
-        }
+        waits[stage] = _wait_settings(stage, sizes, order)
         common.log(NAME, f"{stage} wait settings: " + ", ".join(f"{w} {v['slowdown']}x busy / {v['idle_cost']}x idle" for w, v in waits[stage].items()))
-    # One thread against all CPUs, alone, per model size: where the policy's size threshold comes from.
-    cpus = os.cpu_count() or 1
-    threshold: dict[str, Any] = {}
-    for shape in SHAPES:
-        for stage in STAGES:
-            timings: dict[int, list[float]] = {1: [], cpus: []}
-            for _ in range(1):  # one round: this part sets a threshold, not a guard
-                for count in timings:
-                    result = _run_together(1, stage, "default", sizes, shape, threads=count)[0]
-                    timings[count].append(result["seconds"])
-            one, every = min(timings[1]), min(timings[cpus])
-            threshold[f"{shape}/{stage}"] = {
-                "parameters": result["parameters"],
-                "one_thread_s": round(one, 3),
-                "all_threads_s": round(every, 3),
-                "threads": cpus,
-                "one_thread_over_all": round(one / every, 2),
-            }
     figures = {
         "stages": stages,
         "wait_settings": waits,
-        "threads_by_size": threshold,
+        "threads_by_size": _threads_by_size(sizes),
         "targets": {"slowdown_with_two_processes": SLOWDOWN_TARGET, "idle_cost": IDLE_COST_TARGET},
         # What `tidpo` ran under (the launcher's child environment; the stages then size threads per model).
         "policy_environment": {k: v for k, v in _environment("tidpo").items() if k in THREAD_VARIABLES},

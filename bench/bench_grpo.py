@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bench_hh, bench_quality, common
+from bench import bench_hh, bench_quality, common, preparation
 
 NAME = "grpo"
 METHODS = ("dpo", "tidpo", "grpo")
@@ -100,7 +100,7 @@ def _table(result: Any) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _compare(prepared: common.Prepared, sizes: dict[str, Any], work: Path, overrides: dict[str, Any], critical_pairs: int) -> dict[str, Any]:
+def _compare(prepared: preparation.Prepared, sizes: dict[str, Any], work: Path, overrides: dict[str, Any], critical_pairs: int) -> dict[str, Any]:
     from tidpo_core.batching.features import EncodingSettings
     from tidpo_core.evaluation.comparison import ComparisonInputs, run_method_comparison
     from tidpo_core.models.generation import SamplingSettings
@@ -135,7 +135,7 @@ def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     model_config = bench_quality.tiny_model_config(sizes["tiny"])
-    prepared = common.prepare(
+    prepared = preparation.prepare(
         work / "data",
         generate_synthetic_pairs(sizes["builtin_pairs"], seed=0),
         eval_fraction=0.1 if not sizes["tiny"] else 0.25,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bench_quality, common
+from bench import bench_quality, common, preparation
 
 # No critical spans or phrases here; the estimators other than the paper's wait for a longer sitting (the contrastive
 # pair needs two more SFT runs on this data).
@@ -60,10 +60,10 @@ def load_split(train: int, eval_limit: int | None) -> tuple[list[Any], set[str],
 MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS = 128, 64
 
 
-def prepare_split(data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]) -> common.Prepared:
+def prepare_split(data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]) -> preparation.Prepared:
     """The reference (tokenizer + tiny Llama + SFT on the train split), anchors and token weights for HH-RLHF."""
     model_config = bench_quality.tiny_model_config(sizes["tiny"])
-    return common.prepare(
+    return preparation.prepare(
         data_dir,
         pairs,
         eval_ids=eval_ids,

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, preparation
 
 NAME = "importance"
 SPAN_POSITIONS = ("middle", "uniform")
@@ -34,7 +34,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
     return {"pairs": 2000, "eval_fraction": 0.1, "sft_steps": 300, "tiny": False}
 
 
-def contrastive_pair_paths(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0) -> tuple[str, str]:
+def contrastive_pair_paths(prepared: preparation.Prepared, sizes: dict[str, Any], seed: int = 0) -> tuple[str, str]:
     """TIS-DPO's SFT contrastive models, trained by the pipeline's own step (as the contrastive_models asset)."""
     import dataclasses
 
@@ -62,19 +62,19 @@ def contrastive_pair_paths(prepared: common.Prepared, sizes: dict[str, Any], see
     return built.paths
 
 
-def contrastive_pair(prepared: common.Prepared, sizes: dict[str, Any], seed: int = 0):
+def contrastive_pair(prepared: preparation.Prepared, sizes: dict[str, Any], seed: int = 0):
     from tidpo_core.models.contrastive import load_contrastive_pair
 
     return load_contrastive_pair(contrastive_pair_paths(prepared, sizes, seed))
 
 
-def score(prepared: common.Prepared, contrastive: tuple[Any, Any]) -> dict[str, Any]:
+def score(prepared: preparation.Prepared, contrastive: tuple[Any, Any]) -> dict[str, Any]:
     from tidpo_core.batching.features import EncodingSettings
     from tidpo_core.models.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
     settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-    return score_model(model, tokenizer, common.eval_pairs(prepared), settings, VARIANTS, contrastive)
+    return score_model(model, tokenizer, preparation.eval_pairs(prepared), settings, VARIANTS, contrastive)
 
 
 def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         for position in SPAN_POSITIONS:
             t0 = time.time()
             pairs = generate_synthetic_pairs(sizes["pairs"], seed=0, span_position=position)
-            prepared = common.prepare(
+            prepared = preparation.prepare(
                 work / position,
                 pairs,
                 eval_fraction=sizes["eval_fraction"],

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, preparation, training_runs
 
 NAME = "quality"
 HEADLINE = "reward_accuracy"
@@ -108,7 +108,7 @@ def _phrase_rate(samples: list[str], pairs: list[Any]) -> dict[str, Any] | str:
 class Evaluator:
     """Held-out metrics of a policy against the shared reference (reference scores computed once)."""
 
-    def __init__(self, prepared: common.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1):
+    def __init__(self, prepared: preparation.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1):
         from tidpo_core.batching.features import EncodingSettings
         from tidpo_core.evaluation.preference import preference_metrics, score_pairs
         from tidpo_core.models.generation import SamplingSettings
@@ -117,7 +117,7 @@ class Evaluator:
         self.prepared = prepared
         self.beta = beta
         self.phrases = phrases
-        self.pairs = common.eval_pairs(prepared)
+        self.pairs = preparation.eval_pairs(prepared)
         self.settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
         self.sampling = SamplingSettings(
             max_new_tokens=sample_new_tokens, seed=1234, batch_size=32, max_prompt_tokens=prepared.max_prompt_tokens
@@ -159,7 +159,7 @@ class Evaluator:
 
 
 def train_and_evaluate(
-    prepared: common.Prepared, evaluator: Evaluator, name: str, overrides: dict[str, Any], seed: int, work: Path, max_steps: int
+    prepared: preparation.Prepared, evaluator: Evaluator, name: str, overrides: dict[str, Any], seed: int, work: Path, max_steps: int
 ) -> dict[str, Any]:
     out = work / f"{name.split()[0]}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
@@ -167,8 +167,8 @@ def train_and_evaluate(
     extra = {k: v for k, v in overrides.items() if k not in ("loss_type", "weights")}
     if "weights" in overrides:
         extra["weights_fingerprint"] = prepared.extra_weights[overrides["weights"]]
-    config = common.train_config(prepared, loss_type, out, seed=seed, max_steps=max_steps, **extra)
-    run = common.run_training(config)
+    config = training_runs.train_config(prepared, loss_type, out, seed=seed, max_steps=max_steps, **extra)
+    run = training_runs.run_training(config)
     result = {
         "method": name,
         "seed": seed,
@@ -267,7 +267,7 @@ def investigate(position: str, table: dict[str, Any], reference: dict[str, Any])
     return notes
 
 
-def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods: dict[str, Any]) -> dict[str, float]:
+def _estimator_weights(prepared: preparation.Prepared, sizes: dict[str, Any], methods: dict[str, Any]) -> dict[str, float]:
     """The other estimators' weight tables beside the stored attribution one; seconds each took."""
     from bench.bench_importance import contrastive_pair_paths
 
@@ -277,7 +277,7 @@ def _estimator_weights(prepared: common.Prepared, sizes: dict[str, Any], methods
         kwargs = dict(ESTIMATOR_WEIGHTS[estimator])
         if estimator == "contrastive":
             kwargs["contrastive_positive_path"], kwargs["contrastive_negative_path"] = contrastive_pair_paths(prepared, sizes)
-        prepared.extra_weights[estimator] = common.add_weights(prepared, **kwargs)
+        prepared.extra_weights[estimator] = preparation.add_weights(prepared, **kwargs)
         seconds[estimator] = time.perf_counter() - started
     return seconds
 
@@ -300,19 +300,13 @@ def reusable_runs(previous: dict[str, Any] | None, sizes: dict[str, Any], positi
     return found
 
 
-def run_position(
-    position: str, sizes: dict[str, Any], work: Path, progress: Any = None, previous: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
-    authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run. Runs
-    found in `previous` (an earlier results document with the same sizes) are taken from it, not retrained."""
+def _prepare_position(position: str, sizes: dict[str, Any], work: Path) -> preparation.Prepared:
+    """The built-in pairs with the safe phrase at `position`, prepared with the top-k reference cache."""
     from tidpo_core.data.synthetic import generate_synthetic_pairs
 
-    plan = sizes["plan"][position]
-    methods = {name: METHODS[name] for name in plan["methods"]}
     model_config = tiny_model_config(sizes["tiny"])
     common.log(NAME, f"[{position}] preparing {sizes['pairs']} synthetic pairs")
-    prepared = common.prepare(
+    return preparation.prepare(
         work / position,
         generate_synthetic_pairs(sizes["pairs"], seed=0, span_position=position),
         eval_fraction=sizes["eval_fraction"],
@@ -320,8 +314,57 @@ def run_position(
         vocab_size=model_config.vocab_size,
         sft_steps=sizes["sft_steps"],
         anchor_new_tokens=sizes["anchor_new_tokens"],
-        reference_kl_top_k=common.REFERENCE_KL_TOP_K,
+        reference_kl_top_k=preparation.REFERENCE_KL_TOP_K,
     )
+
+
+def _authors_per_step(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """tidpo's default epoch over the authors' per-step algorithm's, on the seeds both ran; None before both ran.
+
+    Same seeds and the same sitting on both sides (a reused run was timed in another one), so the ratio
+    compares like with like."""
+    default_by_seed = {r["seed"]: r for r in runs if r["method"] == "tidpo"}
+    authors = [
+        r for r in runs
+        if r["method"] == "tidpo_authors_per_step"
+        and r["seed"] in default_by_seed
+        and default_by_seed[r["seed"]].get("reused_from") == r.get("reused_from")
+    ]
+    if not authors:
+        return None
+    default = [default_by_seed[a["seed"]] for a in authors]
+    default_s, authors_s = (sum(r["train_s"] for r in rs) / len(rs) for rs in (default, authors))
+    return {
+        "seeds": sorted({a["seed"] for a in authors}),
+        "epoch_s": {"tidpo_default": default_s, "authors_per_step": authors_s},
+        "default_over_authors": default_s / authors_s,
+        "target_default_at_most_0.5x_authors": default_s / authors_s <= 0.5,
+    }
+
+
+def _reuse_with_same_reference(
+    previous: dict[str, Any] | None, sizes: dict[str, Any], position: str, reference: dict[str, float]
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """reusable_runs, or none at all when the shared reference came out differently (another torch,
+    another thread count) from the earlier file's."""
+    reuse = reusable_runs(previous, sizes, position)
+    earlier_reference = (previous or {}).get("span_position", {}).get(position, {}).get("reference", {})
+    if reuse and any(not math.isclose(earlier_reference.get(k, math.nan), reference[k], rel_tol=1e-6) for k in METRICS):
+        common.log(NAME, f"[{position}] the reference differs from the reused file's; retraining every run")
+        reuse = {}
+    common.log(NAME, f"[{position}] reusing {len(reuse)} runs of an earlier results file")
+    return reuse
+
+
+def run_position(
+    position: str, sizes: dict[str, Any], work: Path, progress: Any = None, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
+    authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run. Runs
+    found in `previous` (an earlier results document with the same sizes) are taken from it, not retrained."""
+    plan = sizes["plan"][position]
+    methods = {name: METHODS[name] for name in plan["methods"]}
+    prepared = _prepare_position(position, sizes, work)
     estimator_s = _estimator_weights(prepared, sizes, methods)
     evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
     common.log(NAME, f"[{position}] reference: {evaluator.reference}")
@@ -333,25 +376,9 @@ def run_position(
         names = [m for m in [*METHODS, "tidpo_authors_per_step"] if any(r["method"] == m for r in runs)]
         table = aggregate(runs, names)
         out.update({"methods": table, "runs": runs, "ablations": ablations, "notes": investigate(position, table, evaluator.reference)})
-        # Same seeds and the same sitting on both sides (a reused run was timed in another one), so the ratio
-        # compares like with like.
-        default_by_seed = {r["seed"]: r for r in runs if r["method"] == "tidpo"}
-        authors = [
-            r for r in runs
-            if r["method"] == "tidpo_authors_per_step"
-            and r["seed"] in default_by_seed
-            and default_by_seed[r["seed"]].get("reused_from") == r.get("reused_from")
-        ]
-        default = [default_by_seed[a["seed"]] for a in authors]
-        if authors and default:
-            # Same seeds on both sides, so the ratio compares like with like.
-            default_s, authors_s = (sum(r["train_s"] for r in rs) / len(rs) for rs in (default, authors))
-            out["authors_per_step"] = {
-                "seeds": sorted({a["seed"] for a in authors}),
-                "epoch_s": {"tidpo_default": default_s, "authors_per_step": authors_s},
-                "default_over_authors": default_s / authors_s,
-                "target_default_at_most_0.5x_authors": default_s / authors_s <= 0.5,
-            }
+        authors = _authors_per_step(runs)
+        if authors is not None:
+            out["authors_per_step"] = authors
         return out
 
     def record(result: dict[str, Any]) -> None:
@@ -361,15 +388,7 @@ def run_position(
         if progress is not None:
             progress(summarize())
 
-    reuse = reusable_runs(previous, sizes, position)
-    earlier_reference = (previous or {}).get("span_position", {}).get(position, {}).get("reference", {})
-    if reuse and any(
-        not math.isclose(earlier_reference.get(k, math.nan), evaluator.reference[k], rel_tol=1e-6) for k in METRICS
-    ):
-        # The shared reference came out differently (another torch, another thread count): nothing is reused.
-        common.log(NAME, f"[{position}] the reference differs from the reused file's; retraining every run")
-        reuse = {}
-    common.log(NAME, f"[{position}] reusing {len(reuse)} runs of an earlier results file")
+    reuse = _reuse_with_same_reference(previous, sizes, position, evaluator.reference)
 
     def trained(name: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         if (name, seed) in reuse:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, resources
 from tidpo_core.runtime.layout import DATABASE_FILE
 
 NAME = "scaling"
@@ -77,12 +77,12 @@ def child(pairs: int, out: Path, assets: list[str]) -> dict[str, Any]:
     from tidpo_pipeline.definitions import ASSETS
     from tidpo_pipeline.resources import build_resources
 
-    rss_after_imports = common.peak_rss_mb()
+    rss_after_imports = resources.peak_rss_mb()
     selection = dg.AssetSelection.assets(*assets)
     selection = selection | dg.AssetSelection.checks_for_assets(*assets)
-    with tempfile.TemporaryDirectory(prefix="tidpo-bench-scaling-") as data_dir, common.ChildRssSampler() as children:
+    with tempfile.TemporaryDirectory(prefix="tidpo-bench-scaling-") as data_dir, resources.ChildRssSampler() as children:
         instance = dg.DagsterInstance.ephemeral()
-        cpu_start = common.cpu_seconds()
+        cpu_start = resources.cpu_seconds()
         start = time.perf_counter()
         result = dg.materialize(
             [*ASSETS, *ALL_CHECKS],
@@ -93,7 +93,7 @@ def child(pairs: int, out: Path, assets: list[str]) -> dict[str, Any]:
             raise_on_error=False,
         )
         total = time.perf_counter() - start
-        cpu = common.cpu_seconds() - cpu_start
+        cpu = resources.cpu_seconds() - cpu_start
         starts: dict[str, float] = {}
         steps: dict[str, float] = {}
         for entry in instance.all_logs(result.run_id):
@@ -115,7 +115,7 @@ def child(pairs: int, out: Path, assets: list[str]) -> dict[str, Any]:
         "cpu_seconds": cpu,
         "asset_seconds": {k: round(v, 3) for k, v in steps.items()},
         "checks": checks,
-        "peak_rss_mb": common.peak_rss_mb(),
+        "peak_rss_mb": resources.peak_rss_mb(),
         "rss_after_imports_mb": rss_after_imports,
         "training_process_peak_rss_mb": children.peak_mb,
         "data_dir_mb": data_bytes / 1024**2,
@@ -161,22 +161,9 @@ def grows_linearly(exponent: float, exponent_two_largest: float, marginal: list[
     return exponent <= slack and exponent_two_largest <= slack and marginal[-1] <= slack * marginal[0]
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()
-    sizes = _sizes(quick)
-    measurements = []
-    groups = [sizes["pairs"]] if sizes["one_process"] else [[n] for n in sizes["pairs"]]
-    for group in groups:
-        measurements += _measure(group, sizes["timeout_s"], sizes["assets"])
-    for result in measurements:
-        pairs = result["pairs"]
-        common.log(
-            NAME,
-            f"{pairs:>6} pairs: {result['seconds']:7.1f}s pipeline ({result['cpu_seconds']:.0f} CPU s, "
-            f"{result['process_wall_s']:.1f}s process), "
-            f"peak RSS {result['peak_rss_mb']:.0f} MiB, training process {result['training_process_peak_rss_mb']:.0f} MiB, "
-            f"{'ok' if result['success'] else 'FAILED'}",
-        )
+def _exponents(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fitted exponents b of cost ~ pairs^b (the whole run, the two largest sizes, per asset) and the marginal
+    CPU seconds per added pair between consecutive sizes."""
     xs = [m["pairs"] for m in measurements]
     exponents: dict[str, Any] = {
         "pipeline_seconds": common.loglog_slope(xs, [m["seconds"] for m in measurements]),
@@ -192,6 +179,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         values = [m["asset_seconds"].get(asset) for m in measurements]
         if all(v for v in values):
             exponents["per_asset"][asset] = common.loglog_slope(xs, values)
+    return exponents
+
+
+def _memory(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peak RSS per size, of the pipeline process and of the training process, and how it grows."""
+    xs = [m["pairs"] for m in measurements]
+
     def growth(key: str) -> float | None:
         first, last = measurements[0][key], measurements[-1][key]
         return last / first if first > 0 else None
@@ -200,7 +194,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         values = [m[key] for m in measurements]
         return common.loglog_slope(xs, values) if all(v > 0 for v in values) else None
 
-    memory = {
+    return {
         "peak_rss_mb": [m["peak_rss_mb"] for m in measurements],
         "training_process_peak_rss_mb": [m["training_process_peak_rss_mb"] for m in measurements],
         "rss_after_imports_mb": [m["rss_after_imports_mb"] for m in measurements],
@@ -209,49 +203,79 @@ def run(quick: bool = False) -> dict[str, Any]:
         "peak_rss_growth_largest_over_smallest": growth("peak_rss_mb"),
         "training_rss_growth_largest_over_smallest": growth("training_process_peak_rss_mb"),
     }
-    time_exp = exponents["pipeline_seconds"]
+
+
+def _targets(exponents: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "time_exponent": exponents["pipeline_seconds"],
+        "cpu_time_exponent": exponents["pipeline_cpu_seconds"],
+        "cpu_time_exponent_two_largest": exponents["pipeline_cpu_seconds_two_largest"],
+        # Linear: no exponent above 1.15, and the cost of an added pair between the two largest sizes at
+        # most 1.15x that between the two smallest. Judged on CPU time, which other load on a shared
+        # machine barely moves; a rule asking a two-largest exponent >= 0.85 would read a smaller per-pair
+        # cost under the same fixed costs as a failure.
+        "time_linear": grows_linearly(
+            exponents["pipeline_cpu_seconds"],
+            exponents["pipeline_cpu_seconds_two_largest"],
+            exponents["marginal_cpu_seconds_per_pair"],
+        ),
+        "memory_flat_growth": memory["peak_rss_growth_largest_over_smallest"],
+        "memory_flat": all(
+            g is None or g <= 1.25
+            for g in (memory["peak_rss_growth_largest_over_smallest"], memory["training_rss_growth_largest_over_smallest"])
+        ),
+    }
+
+
+def _setup(sizes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "sft_steps": "pairs // 20",
+        "anchor_new_tokens": 16,
+        "training": "1 epoch, batch 8, tidpo loss (defaults)",
+        "assets": sizes["assets"],
+        "memory_note": "peak RSS is VmHWM of the pipeline process; the training process (a Dagster Pipes "
+        "subprocess) is sampled from /proc every 0.2 s",
+        "threads": common.THREADS,
+        "graph": list(ASSET_ORDER) + ["all asset checks"],
+    }
+
+
+def _log_measurement(result: dict[str, Any]) -> None:
+    common.log(
+        NAME,
+        f"{result['pairs']:>6} pairs: {result['seconds']:7.1f}s pipeline ({result['cpu_seconds']:.0f} CPU s, "
+        f"{result['process_wall_s']:.1f}s process), "
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB, training process {result['training_process_peak_rss_mb']:.0f} MiB, "
+        f"{'ok' if result['success'] else 'FAILED'}",
+    )
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = _sizes(quick)
+    measurements = []
+    groups = [sizes["pairs"]] if sizes["one_process"] else [[n] for n in sizes["pairs"]]
+    for group in groups:
+        measurements += _measure(group, sizes["timeout_s"], sizes["assets"])
+    for result in measurements:
+        _log_measurement(result)
+    exponents, memory = _exponents(measurements), _memory(measurements)
     figures = {
-        "setup": {
-            "model": MODEL,
-            "sft_steps": "pairs // 20",
-            "anchor_new_tokens": 16,
-            "training": "1 epoch, batch 8, tidpo loss (defaults)",
-            "assets": sizes["assets"],
-            "memory_note": "peak RSS is VmHWM of the pipeline process; the training process (a Dagster Pipes "
-            "subprocess) is sampled from /proc every 0.2 s",
-            "threads": common.THREADS,
-            "graph": list(ASSET_ORDER) + ["all asset checks"],
-        },
+        "setup": _setup(sizes),
         "measurements": measurements,
         "exponents": exponents,
         "memory": memory,
-        "targets": {
-            "time_exponent": time_exp,
-            "cpu_time_exponent": exponents["pipeline_cpu_seconds"],
-            "cpu_time_exponent_two_largest": exponents["pipeline_cpu_seconds_two_largest"],
-            # Linear: no exponent above 1.15, and the cost of an added pair between the two largest sizes at
-            # most 1.15x that between the two smallest. Judged on CPU time, which other load on a shared
-            # machine barely moves. (Until 2026-11-27 the rule asked a two-largest exponent >= 0.85, which
-            # reads a smaller per-pair cost under the same fixed costs as a failure.)
-            "time_linear": grows_linearly(
-                exponents["pipeline_cpu_seconds"],
-                exponents["pipeline_cpu_seconds_two_largest"],
-                exponents["marginal_cpu_seconds_per_pair"],
-            ),
-            "memory_flat_growth": memory["peak_rss_growth_largest_over_smallest"],
-            "memory_flat": all(
-                g is None or g <= 1.25
-                for g in (memory["peak_rss_growth_largest_over_smallest"], memory["training_rss_growth_largest_over_smallest"])
-            ),
-        },
+        "targets": _targets(exponents, memory),
         "sizes": sizes,
     }
     common.log(
         NAME,
-        f"time ~ pairs^{time_exp:.2f} (two largest: {exponents['pipeline_seconds_two_largest']:.2f}; CPU time "
+        f"time ~ pairs^{exponents['pipeline_seconds']:.2f} (two largest: {exponents['pipeline_seconds_two_largest']:.2f}; CPU time "
         f"^{exponents['pipeline_cpu_seconds']:.2f}, two largest ^{exponents['pipeline_cpu_seconds_two_largest']:.2f}); peak RSS "
         f"x{memory['peak_rss_growth_largest_over_smallest']:.2f}, training RSS "
-        f"x{memory['training_rss_growth_largest_over_smallest'] or float('nan'):.2f} from {xs[0]} to {xs[-1]} pairs",
+        f"x{memory['training_rss_growth_largest_over_smallest'] or float('nan'):.2f} "
+        f"from {measurements[0]['pairs']} to {measurements[-1]['pairs']} pairs",
     )
     return common.write_results(NAME, figures, quick, started)
 
