@@ -512,8 +512,10 @@ def _config_classes():
     import tidpo_pipeline
 
     classes = []
-    for path in Path(tidpo_pipeline.__file__).parent.glob("*.py"):
-        module = __import__(f"tidpo_pipeline.{path.stem}", fromlist=["_"])
+    root = Path(tidpo_pipeline.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(("tidpo_pipeline", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        module = __import__(name, fromlist=["_"])
         classes += [c for _, c in inspect.getmembers(module, inspect.isclass) if issubclass(c, dg.Config) and c.__module__ == module.__name__]
     return classes
 
