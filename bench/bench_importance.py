@@ -24,7 +24,7 @@ from bench import common, preparation
 
 NAME = "importance"
 SPAN_POSITIONS = ("middle", "uniform")
-VARIANTS = ("attribution", "attribution_no_eos", "surprisal", "surprisal_no_eos", "contrastive", "contrastive_no_eos")
+ESTIMATORS = ("attribution", "attribution_no_eos", "surprisal", "surprisal_no_eos", "contrastive", "contrastive_no_eos")
 TARGET = 0.6
 
 
@@ -74,16 +74,16 @@ def score(prepared: preparation.Prepared, contrastive: tuple[Any, Any]) -> dict[
 
     model, tokenizer = load_model_and_tokenizer(prepared.reference_path)
     settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-    return score_model(model, tokenizer, preparation.eval_pairs(prepared), settings, VARIANTS, contrastive)
+    return score_model(model, tokenizer, preparation.eval_pairs(prepared), settings, ESTIMATORS, contrastive)
 
 
-def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -> dict[str, Any]:
-    """Precision@k of each variant's hybrid weights (and raw estimate) on `pairs`, overall and by third."""
+def score_model(model, tokenizer, pairs, settings, estimators, contrastive=None) -> dict[str, Any]:
+    """Precision@k of each estimator's hybrid weights (and raw estimate) on `pairs`, overall and by third."""
     from tidpo_core.evaluation.critical_tokens import critical_token_precision
     from tidpo_core.runtime.threads import threads_for
 
     with threads_for(model):
-        metrics = critical_token_precision(model, tokenizer, pairs, settings, variants=variants, contrastive_models=contrastive)
+        metrics = critical_token_precision(model, tokenizer, pairs, settings, estimators=estimators, contrastive_models=contrastive)
     rows: dict[str, Any] = {}
 
     def row(hybrid_key: str, raw_key: str | None) -> dict[str, Any]:
@@ -95,8 +95,8 @@ def score_model(model, tokenizer, pairs, settings, variants, contrastive=None) -
         }
         return out
 
-    for variant in variants:
-        rows[variant] = row("hybrid" if variant == "attribution" else f"hybrid_{variant}", variant)
+    for estimator in estimators:
+        rows[estimator] = row("hybrid" if estimator == "attribution" else f"hybrid_{estimator}", estimator)
     rows["prior"] = row("prior", None)
     rows["uniform_weights"] = row("uniform", None)
     rows["responses"] = {
@@ -151,7 +151,7 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
             scored = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "eval"]
             trained = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "train"]
             contrastive, figures["contrastive"][position] = pretrained_contrastive_pair(model, tokenizer, trained, work / position, steps, batch)
-            figures["span_position"][position] = score_model(model, tokenizer, scored, settings, VARIANTS, contrastive)
+            figures["span_position"][position] = score_model(model, tokenizer, scored, settings, ESTIMATORS, contrastive)
             common.log(NAME, f"{model_name_or_path} {position}: " + ", ".join(
                 f"{name} {row['precision_at_k']:.3f}" for name, row in figures["span_position"][position].items()
                 if isinstance(row, dict) and "precision_at_k" in row
@@ -195,7 +195,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 if isinstance(row, dict) and "precision_at_k" in row
             ))
         uniform = figures["span_position"]["uniform"]
-        best = max(VARIANTS, key=lambda v: uniform[v]["precision_at_k"])
+        best = max(ESTIMATORS, key=lambda v: uniform[v]["precision_at_k"])
         figures["best_estimator_uniform"] = best
         figures["target"] = {
             "best hybrid precision@k on span_position uniform >= 0.6": uniform[best]["precision_at_k"] >= TARGET

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, preparation, rounds, training_runs
+from tidpo_core.runtime.offline import offline_child_environment
 
 NAME = "training"
 TARGET_WEIGHTS_ONLY_RATIO = 1.05
@@ -104,15 +105,11 @@ def _sizes(quick: bool, pairs: int | None) -> dict[str, Any]:
 
 
 def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = offline_child_environment(os.environ)
     env.update(
         {
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": os.pathsep.join([str(common.ROOT), env.get("PYTHONPATH", "")]),
         }
     )

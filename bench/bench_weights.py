@@ -12,9 +12,9 @@ Rounds alternate the measurements; each figure is its best round. Target: precom
 Data-parallel precompute (tidpo_core.runtime.precompute): the token_weights and anchor_responses steps, end to
 end (plan, launch, model load, compute, load into DuckDB), with `accelerate launch` of 1 and of 2 CPU
 processes on the same data, as responses per second. Both launches pay accelerate's start-up; the
-single process runs under the thread policy (one thread per CPU), each of the two takes half the CPUs.
+single process runs under the thread plan (one thread per CPU), each of the two takes half the CPUs.
 `two_process_speedup` (weights) and `anchors_two_process_speedup`: target >= 1.7x. The full run also
-times one process on one thread, to show what the thread policy already gives a single process.
+times one process on one thread, to show what the thread plan already gives a single process.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _timed_precompute(kind: str, database: Path, reference, workdir: Path, proce
     if one_thread:
         os.environ[NUM_THREADS_ENV] = "1"
     else:
-        os.environ.pop(NUM_THREADS_ENV, None)  # the thread policy decides (and shares the CPUs between ranks)
+        os.environ.pop(NUM_THREADS_ENV, None)  # the thread plan decides (and shares the CPUs between ranks)
     try:
         start = time.perf_counter()
         if kind == "weights":

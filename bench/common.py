@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 
-# Before torch/transformers/datasets are imported anywhere: offline, quiet, deterministic thread use.
+from tidpo_core.runtime.offline import apply_offline_defaults
+
+# Before torch/transformers/datasets are imported anywhere: tidpo's offline defaults, then quiet output and
+# deterministic thread use for the measurements.
+apply_offline_defaults()
 for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DAGSTER_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
     "TQDM_DISABLE": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",

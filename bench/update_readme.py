@@ -147,6 +147,8 @@ def rows_training(doc: dict[str, Any]) -> list[Row]:
     targets = doc.get("targets", {})
     if "tidpo_weights_only_vs_dpo_max" in targets:
         verdict = "weights-only <= 1.05x dpo: " + _mark(targets.get("tidpo_weights_only_met"))
+        if "tidpo_cached_kl_met" in targets:
+            verdict += "; cached KL <= 1.20x dpo: " + _mark(targets.get("tidpo_cached_kl_met"))
     else:  # results written before the 2026-12 guards
         verdict = "tidpo <= 1.10x dpo (withdrawn): " + _mark(targets.get("tidpo_alpha05_met"))
     rows = [("training engine (bench_training)", "step time ratios", ", ".join(parts) or "n/a", verdict)]
@@ -287,18 +289,18 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
 
 def rows_importance(doc: dict[str, Any]) -> list[Row]:
     """One row per span position: each estimator's hybrid precision@k (start / middle / end thirds beside)."""
-    from bench.bench_importance import TARGET, VARIANTS
+    from bench.bench_importance import ESTIMATORS, TARGET
 
     rows: list[Row] = []
     for position, table in doc["span_position"].items():
-        names = [*VARIANTS, "prior", "uniform_weights"]
+        names = [*ESTIMATORS, "prior", "uniform_weights"]
 
         def cell(name: str, table: dict[str, Any] = table) -> str:
             row = table[name]
             thirds = "/".join("-" if row["by_third"].get(t) is None else f"{row['by_third'][t]:.2f}" for t in ("start", "middle", "end"))
             return f"{name} {row['precision_at_k']:.3f} ({thirds})"
 
-        best = max(VARIANTS, key=lambda v: table[v]["precision_at_k"])
+        best = max(ESTIMATORS, key=lambda v: table[v]["precision_at_k"])
         rows.append(
             (
                 "importance precision@k, built-in data" if not rows else "",
@@ -358,7 +360,7 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
         rows.append(
             (
                 f"busy machine: {stage}",
-                "time beside an identical 2nd process / alone: torch's defaults vs the thread policy (vs two fixed one-thread processes / defaults alone); policy alone / defaults alone (one process alternating both)",
+                "time beside an identical 2nd process / alone: torch's defaults vs the thread plan (vs two fixed one-thread processes / defaults alone); policy alone / defaults alone (one process alternating both)",
                 f"{_r(default['slowdown'])} vs {_r(policy['slowdown'])}{fair_share}; idle {_r(figures['tidpo_idle_cost'])}",
                 f"<= {doc['targets']['slowdown_with_two_processes']}x: {_mark(figures['slowdown_target_met'])}; "
                 f"idle <= {doc['targets']['idle_cost']}x: {_mark(figures['idle_cost_target_met'])}",
@@ -414,7 +416,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         f"commit {', '.join(commits)}; {dates[0] if dates else '?'}"
         f"{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}. "
         "The machine was shared with other work, so absolute times are noisy: compare within a row "
-        "(methods are interleaved in rounds and each keeps its best round). Full figures and notes: `bench/results/*.json`."
+        "(configurations run in interleaved rounds; a ratio is the median over rounds of the per-round ratio, a time the best round). Full figures and notes: `bench/results/*.json`."
     )
     return "\n".join(lines)
 

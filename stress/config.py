@@ -3,9 +3,10 @@ its parent, the offline environment, and the small whole-graph config the runs m
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from tidpo_core.runtime.offline import apply_offline_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "stress" / "results.json"
@@ -13,14 +14,7 @@ MARK = "TIDPO-MARK"
 RESULT = "TIDPO-RESULT"
 BUSY = "is in use by another tidpo run"
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DAGSTER_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_offline_defaults()
 
 TINY_MODEL = {
     "vocab_size": 400,

@@ -105,7 +105,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _resources(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline's resources on the data dir, with the overrides the options ask for."""
-    from tidpo_pipeline.resources import MlflowTracking, QualityPolicy, TidpoDuckDB, build_resources
+    from tidpo_pipeline.resources import MlflowTracking, QualityRules, TidpoDuckDB, build_resources
 
     resources = build_resources(args.data_dir)
     if args.lock_wait:
@@ -113,7 +113,7 @@ def _resources(args: argparse.Namespace) -> dict[str, Any]:
             database=str(Path(args.data_dir).resolve() / DATABASE_FILE), lock_timeout_s=args.lock_wait
         )
     if args.gate_margin is not None:
-        resources["quality"] = QualityPolicy(gate_margin=args.gate_margin)
+        resources["quality"] = QualityRules(gate_margin=args.gate_margin)
     if args.nan_at_step is not None:
         resources["pipes_subprocess_client"] = _nan_pipes_client(args.nan_at_step)
     if args.tracking_uri:

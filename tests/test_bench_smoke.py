@@ -142,10 +142,10 @@ def test_importance(results_dir):
     doc = _written(results_dir, "importance")
     for position in ("middle", "uniform"):
         rows = doc["span_position"][position]
-        for name in (*bench_importance.VARIANTS, "prior", "uniform_weights"):
+        for name in (*bench_importance.ESTIMATORS, "prior", "uniform_weights"):
             assert 0.0 <= rows[name]["precision_at_k"] <= 1.0, (position, name)
         assert rows["responses"]["all"] == sum(rows["responses"][t] for t in ("start", "middle", "end"))
-    assert doc["best_estimator_uniform"] in bench_importance.VARIANTS
+    assert doc["best_estimator_uniform"] in bench_importance.ESTIMATORS
 
 
 def test_importance_with_a_pretrained_reference(results_dir):
@@ -156,7 +156,7 @@ def test_importance_with_a_pretrained_reference(results_dir):
     for position in ("middle", "uniform"):
         rows = doc["span_position"][position]
         assert rows["responses"]["all"] > 0
-        for name in (*bench_importance.VARIANTS, "prior", "uniform_weights"):
+        for name in (*bench_importance.ESTIMATORS, "prior", "uniform_weights"):
             assert 0.0 <= rows[name]["precision_at_k"] <= 1.0, (position, name)
         # The contrastive pair was fine-tuned from the model at the pretrained rate.
         assert doc["contrastive"][position]["recipe"]["sft_learning_rate"] == 2e-5

@@ -158,10 +158,10 @@ def test_a_name_declared_twice_is_refused():
         config_class("Twice", "doc", Own, core_fields(_Example))
 
 
-def test_the_quality_policy_resource_declares_the_gate_once():
-    from tidpo_core.steps.evaluate import GatePolicy
-    from tidpo_pipeline.resources import QualityPolicy
+def test_the_quality_rules_resource_declares_the_gate_once():
+    from tidpo_core.steps.evaluate import GateRule
+    from tidpo_pipeline.resources import QualityRules
 
-    for f in dataclasses.fields(GatePolicy):
-        assert QualityPolicy.model_fields[f.name].get_default() == f.default, f.name
-    assert QualityPolicy(gate_margin=0.5).gate_margin == 0.5 and QualityPolicy().max_quarantine_share == 0.2
+    for f in dataclasses.fields(GateRule):
+        assert QualityRules.model_fields[f.name].get_default() == f.default, f.name
+    assert QualityRules(gate_margin=0.5).gate_margin == 0.5 and QualityRules().max_quarantine_share == 0.2

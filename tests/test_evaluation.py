@@ -10,7 +10,7 @@ import torch
 from tidpo_core.batching.features import EncodingSettings
 from tidpo_core.data.pairs import PreferencePair
 from tidpo_core.data.synthetic import generate_synthetic_pairs
-from tidpo_core.evaluation import importance_variants
+from tidpo_core.evaluation import importance_estimators
 from tidpo_core.evaluation.critical_tokens import (
     critical_phrase_rate,
     critical_token_precision,
@@ -22,7 +22,7 @@ from tidpo_core.evaluation.critical_tokens import (
 from tidpo_core.evaluation.diversity import distinct_n
 from tidpo_core.evaluation.evaluate import evaluate_model
 from tidpo_core.evaluation.gate import gate_decision, not_worse_than_champion, promotion_decision
-from tidpo_core.evaluation.importance_variants import parse_importance_variant
+from tidpo_core.evaluation.importance_estimators import parse_importance_estimator
 from tidpo_core.evaluation.kl import kl_from_logps, kl_to_reference
 from tidpo_core.evaluation.preference import PairScores, preference_metrics
 from tidpo_core.evaluation.sampled_responses import sample_with_tokens
@@ -199,21 +199,21 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
     without_spans = [PreferencePair(p.pair_id, p.prompt, p.chosen, p.rejected, "file", {}) for p in pairs]
     assert critical_token_precision(model, tokenizer, without_spans, ENCODING) == {}
     # Further estimators add their raw and hybrid rows, and every row comes per third of the response.
-    more = critical_token_precision(model, tokenizer, pairs, ENCODING, variants=("surprisal", "attribution_no_eos"))
+    more = critical_token_precision(model, tokenizer, pairs, ENCODING, estimators=("surprisal", "attribution_no_eos"))
     for method in ("surprisal", "hybrid_surprisal", "attribution_no_eos", "hybrid_attribution_no_eos"):
         assert 0.0 <= more[f"precision_at_k_{method}"] <= 1.0
     assert more["precision_at_k_hybrid"] == metrics["precision_at_k_hybrid"]
-    # Each estimator runs once; its _no_eos variant is derived, not recomputed.
+    # Each estimator runs once; its _no_eos estimator is derived, not recomputed.
     calls: list[str] = []
-    real = importance_variants.compute_token_importance
+    real = importance_estimators.compute_token_importance
 
     def counting(*args, **kwargs):
         calls.append(kwargs["estimator"])
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(importance_variants, "compute_token_importance", counting)
-        again = critical_token_precision(model, tokenizer, pairs, ENCODING, variants=("surprisal", "attribution_no_eos", "surprisal_no_eos"))
+        patch.setattr(importance_estimators, "compute_token_importance", counting)
+        again = critical_token_precision(model, tokenizer, pairs, ENCODING, estimators=("surprisal", "attribution_no_eos", "surprisal_no_eos"))
     assert sorted(calls) == ["attribution", "surprisal"]
     assert again["precision_at_k_hybrid_attribution_no_eos"] == more["precision_at_k_hybrid_attribution_no_eos"]
     assert sum(more.get(f"critical_responses_{third}", 0) for third in ("start", "middle", "end")) == len(responses)
@@ -235,10 +235,10 @@ def test_span_third_and_precision_table_by_hand():
     assert table["precision_at_k_half_end"] == pytest.approx(2 / 3)
     assert table["precision_at_k_half"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert "precision_at_k_half_middle" not in table and table["critical_responses_middle"] == 0.0
-    assert parse_importance_variant("surprisal_no_eos") == ("surprisal", True)
-    assert parse_importance_variant("contrastive") == ("contrastive", False)
-    with pytest.raises(ValueError, match="unknown importance variant"):
-        parse_importance_variant("saliency")
+    assert parse_importance_estimator("surprisal_no_eos") == ("surprisal", True)
+    assert parse_importance_estimator("contrastive") == ("contrastive", False)
+    with pytest.raises(ValueError, match="unknown importance estimator"):
+        parse_importance_estimator("saliency")
 
 
 def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs):
@@ -280,7 +280,7 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
     assert "kl_exactness" in biased.skipped
 
 
-def test_small_models_are_evaluated_under_the_thread_policy(tiny, monkeypatch):
+def test_small_models_are_evaluated_under_the_thread_plan(tiny, monkeypatch):
     from tidpo_core.runtime.threads import threads_for
 
     monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)

@@ -70,7 +70,7 @@ def test_layout_of_two_pairs_by_hand():
 
 
 def test_padded_layout_equals_the_per_row_loss_functions():
-    """The padded layout's maps give what losses.token_logps / token_kl / token_kl_topk give on the same
+    """The padded layout's maps give what logps.token_logps / kl.token_kl / kl.token_kl_topk give on the same
     rows, restricted to scored tokens; its first-sides view is the first rows."""
     from tidpo_core.method.kl import coarsened_kl, kl_from_logits, reference_topk, token_kl, token_kl_topk
     from tidpo_core.method.logps import token_logps

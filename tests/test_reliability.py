@@ -38,7 +38,7 @@ from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.definitions import ASSETS
 from tidpo_pipeline.resources import (
     MlflowTracking,
-    QualityPolicy,
+    QualityRules,
     TidpoDuckDB,
     build_resources,
 )
@@ -364,7 +364,7 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     data_dir, instance = trained
     before_versions, before_champion = _versions(data_dir), _champion(data_dir)
     result = _materialize(
-        data_dir, _registry_config(seed=1), instance=instance, quality=QualityPolicy(gate_margin=10.0)
+        data_dir, _registry_config(seed=1), instance=instance, quality=QualityRules(gate_margin=10.0)
     )
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["evaluation_gate"] is False

@@ -1,4 +1,4 @@
-"""The thread policy's arithmetic: CPUs from the affinity mask and the cgroup quota, one thread for a small
+"""The thread plan's arithmetic: CPUs from the affinity mask and the cgroup quota, one thread for a small
 model, TIDPO_NUM_THREADS over both, and the governor that gives threads away while other processes run."""
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def test_the_processes_of_one_launch_share_the_cpus(monkeypatch):
     monkeypatch.setattr(threads, "available_cpus", lambda: 8)
     monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert threads.policy_for(10**9).intra_op == 2
+    assert threads.plan_for(10**9).intra_op == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert threads.policy_for(10**9).intra_op == 8
+    assert threads.plan_for(10**9).intra_op == 8
 
 
 def test_tidpo_num_threads_wins_over_size_and_cpus():

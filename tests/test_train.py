@@ -517,7 +517,7 @@ def test_init_model_path_starts_the_policy_elsewhere_and_keeps_the_reference(tin
 
 
 @pytest.mark.parametrize("requested", [None, 2])
-def test_a_launched_training_process_runs_under_the_thread_policy(tiny, tmp_path, monkeypatch, requested):
+def test_a_launched_training_process_runs_under_the_thread_plan(tiny, tmp_path, monkeypatch, requested):
     """The child trains the tiny model on one thread (a small model), or on TIDPO_NUM_THREADS when set."""
     from tidpo_core.runtime.launch import LaunchSettings, run_training
 

@@ -11,7 +11,7 @@ from tidpo_pipeline.assets.anchors import anchor_responses
 from tidpo_pipeline.assets.pairs import preference_pairs
 from tidpo_pipeline.assets.policy import tidpo_policy
 from tidpo_pipeline.assets.weights import token_weights
-from tidpo_pipeline.resources import QualityPolicy, TidpoDuckDB
+from tidpo_pipeline.resources import QualityRules, TidpoDuckDB
 
 
 @dg.asset_check(asset=preference_pairs, blocking=True, description="No empty text and no chosen == rejected among stored pairs.")
@@ -22,7 +22,7 @@ def pairs_are_valid(duckdb: TidpoDuckDB) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=preference_pairs, description="The share of quarantined rows stays below the configured limit.")
-def quarantine_share_below_limit(duckdb: TidpoDuckDB, quality: QualityPolicy) -> dg.AssetCheckResult:
+def quarantine_share_below_limit(duckdb: TidpoDuckDB, quality: QualityRules) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         accepted = store.pair_count(con)
         reasons = store.quarantine_reasons(con)
@@ -46,7 +46,7 @@ def anchors_cover_train_pairs(anchor_responses: dict, duckdb: TidpoDuckDB) -> dg
     additional_ins={"anchor_responses": dg.AssetIn("anchor_responses")},
     blocking=True,
     description="Weights are finite, mean 1 per response, and cover every train response.")
-def token_weights_are_valid(token_weights: dict, anchor_responses: dict, duckdb: TidpoDuckDB, quality: QualityPolicy) -> dg.AssetCheckResult:
+def token_weights_are_valid(token_weights: dict, anchor_responses: dict, duckdb: TidpoDuckDB, quality: QualityRules) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         validity = store.weights_validity(con, token_weights["fingerprint"], anchor_responses["fingerprint"])
     passed = (

@@ -1,4 +1,4 @@
-"""Dagster resources: where state lives (data dir, DuckDB, MLflow) and the quality policy."""
+"""Dagster resources: where state lives (data dir, DuckDB, MLflow) and the quality rules."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tidpo_core import store
 from tidpo_core.runtime import threads, tracking
 from tidpo_core.runtime.layout import DataDir
 from tidpo_core.runtime.lock import DataDirLock
-from tidpo_core.steps.evaluate import GatePolicy
+from tidpo_core.steps.evaluate import GateRule
 from tidpo_pipeline.config_from_core import config_class, core_fields
 
 DEFAULT_DATA_DIR = ".tidpo"
@@ -118,12 +118,12 @@ class TidpoDuckDB(DuckDBResource):
 
 
 class ComputeThreads(dg.ConfigurableResource):
-    """The thread policy of the steps that run a model (tidpo_core.runtime.threads): automatic by default (one
+    """The thread plan of the steps that run a model (tidpo_core.runtime.threads): automatic by default (one
     thread for a small model, one per usable CPU for a large one); `num_threads` fixes the count, for the
     step's process and the training processes it starts (as TIDPO_NUM_THREADS does)."""
 
     num_threads: int = Field(
-        default=0, ge=0, description="torch intra-op threads per process; 0: decided per model by the thread policy"
+        default=0, ge=0, description="torch intra-op threads per process; 0: decided per model by the thread plan"
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -160,9 +160,9 @@ class QualityThresholds(dg.ConfigurableResource):
     weight_mean_tolerance: float = 1e-3
 
 
-# The gate's fields are tidpo_core's GatePolicy, declared once.
-QualityPolicy = config_class(
-    "QualityPolicy", QualityThresholds.__doc__ or "", QualityThresholds, core_fields(GatePolicy)
+# The gate's fields are tidpo_core's GateRule, declared once.
+QualityRules = config_class(
+    "QualityRules", QualityThresholds.__doc__ or "", QualityThresholds, core_fields(GateRule)
 )
 
 
@@ -173,7 +173,7 @@ def build_resources(data_dir: str | None = None) -> dict[str, object]:
         "storage": storage,
         "duckdb": TidpoDuckDB(database=str(DataDir.at(data_dir).database)),
         "mlflow_tracking": MlflowTracking(data_dir=data_dir),
-        "quality": QualityPolicy(),
+        "quality": QualityRules(),
         "compute": ComputeThreads(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         # Named explicitly: Dagster's implicit default (fs_io_manager) warns that it is superseded by this.

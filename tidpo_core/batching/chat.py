@@ -1,7 +1,7 @@
 """Conversations: a stored prompt read back as chat turns, and its rendering for a model with a chat template.
 
 tidpo stores every prompt as one string in the Anthropic HH transcript form ("\\n\\nHuman: ...\\n\\nAssistant:"):
-HH rows arrive that way, and TRL's conversational rows are written that way by `tidpo_core.data.pairs`. A
+HH rows arrive that way, and TRL's conversational rows are written that way by `tidpo_core.data.formats`. A
 plain `prompt` string (no turn labels) is one user turn. `prompt_messages` reads either back as
 `[{"role", "content"}]` messages, so the turns survive to whichever model encodes them:
 
@@ -30,7 +30,7 @@ __all__ = [
 
 PROMPT_FORMAT = "chat-template-1"
 """Version of how a chat model's prompts and responses are encoded (part of a chat reference's fingerprint)."""
-# The labels `tidpo_core.data.pairs` writes for each role, and HH's own two.
+# The labels `tidpo_core.data.formats` writes for each role, and HH's own two.
 ROLE_OF_LABEL = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")
 _PROBE_CONTENT = "tidpo-probe-7f3a"

@@ -22,6 +22,7 @@ from tidpo_core.evaluation.benchmarks import (
     expand_benchmarks,
 )
 from tidpo_core.evaluation.ifeval import ifeval_dependencies
+from tidpo_core.runtime.offline import apply_offline_defaults
 from tidpo_core.runtime.quiet import LM_EVAL_CUSTOM_DATASET_NOISE, without_log_messages
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ def run_benchmarks(
         results.append(BenchmarkResult(task, "unavailable" if reason else "ok", reason=reason or ""))
     if not runnable:
         return results
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    apply_offline_defaults()
     from lm_eval.models.huggingface import HFLM
 
     # HFLM fixes accelerate's process-wide state; a training run later in this process must find none.

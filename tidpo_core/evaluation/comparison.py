@@ -193,7 +193,7 @@ def run_method_comparison(
     unchanged is reused, evaluated or not: its metrics are kept beside it (`comparison_eval.json`), so a
     comparison stopped halfway resumes at the first run it had not finished, even with keep_models False
     (each policy folder deleted once evaluated). `record` is stored with each run as it is evaluated
-    (ComparisonRun.info: a caller's commit, say). Training and evaluation run under the thread policy
+    (ComparisonRun.info: a caller's commit, say). Training and evaluation run under the thread plan
     (tidpo_core.runtime.threads). `launch_settings` says how each run is trained: in this process by default (the
     runs are short and share the loaded reference's pages), or through `accelerate launch` for multi-GPU runs.
     """

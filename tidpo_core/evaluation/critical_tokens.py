@@ -1,5 +1,5 @@
 """Critical-token metrics on data with known critical spans (the built-in synthetic corpus, whose pair
-meta carries them): importance precision@k of each importance variant, the Gaussian prior and uniform
+meta carries them): importance precision@k of each importance estimator, the Gaussian prior and uniform
 weights, overall and per third of the response, and the critical-phrase rate of sampled answers."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tidpo_core.batching.features import EncodingSettings, encode_response
 from tidpo_core.batching.tokenization import EncodedSequence, tokens_overlapping
 from tidpo_core.data.pairs import PreferencePair
 from tidpo_core.data.synthetic import contains_phrase, critical_phrases
-from tidpo_core.evaluation.importance_variants import importance_by_variant, parse_importance_variant
+from tidpo_core.evaluation.importance_estimators import importance_by_estimator, parse_importance_estimator
 from tidpo_core.method.importance import Normalization
 
 
@@ -163,16 +163,16 @@ def critical_token_precision(
     normalization: Normalization = "max",
     k: int | None = None,
     batch_size: int = 16,
-    variants: Sequence[str] = ("attribution",),
+    estimators: Sequence[str] = ("attribution",),
     contrastive_models: tuple[PreTrainedModel, PreTrainedModel] | None = None,
 ) -> dict[str, float]:
     """Mean importance precision@k over the chosen and rejected responses of pairs with critical spans.
 
     attribution: the model's gradient attribution I; prior: the Gaussian prior; hybrid: their mix with
     `weight_lambda` (what TI-DPO trains with); uniform: all weights equal, whose expected precision is
-    the span's share of the response, |span| / T (chance level). Each further variant of `variants`
+    the span's share of the response, |span| / T (chance level). Each further estimator of `estimators`
     (`surprisal`, `contrastive`, `*_no_eos`; see importance.py) adds its raw estimate
-    (`precision_at_k_<variant>`) and its hybrid weights (`precision_at_k_hybrid_<variant>`). Every figure
+    (`precision_at_k_<estimator>`) and its hybrid weights (`precision_at_k_hybrid_<estimator>`). Every figure
     also comes per third of the response the span sits in. Empty dict when no pair has a span.
     """
     responses = span_responses(tokenizer, pairs, settings)
@@ -180,11 +180,11 @@ def critical_token_precision(
         return {}
     encoded = [r.encoded for r in responses]
     usable = [
-        variant
-        for variant in dict.fromkeys(("attribution", *variants))
-        if parse_importance_variant(variant)[0] != "contrastive" or contrastive_models is not None
+        estimator
+        for estimator in dict.fromkeys(("attribution", *estimators))
+        if parse_importance_estimator(estimator)[0] != "contrastive" or contrastive_models is not None
     ]
-    computed = importance_by_variant(
+    computed = importance_by_estimator(
         model,
         tokenizer,
         encoded,
@@ -195,10 +195,10 @@ def critical_token_precision(
         contrastive_models=contrastive_models,
     )
     by_method: dict[str, list[np.ndarray]] = {}
-    for variant, estimates in computed.items():
-        # The paper's hybrid keeps its plain name ("hybrid"); every other variant's is "hybrid_<variant>".
-        by_method[variant] = [i.attribution for i in estimates]
-        by_method["hybrid" if variant == "attribution" else f"hybrid_{variant}"] = [i.weight for i in estimates]
+    for estimator, estimates in computed.items():
+        # The paper's hybrid keeps its plain name ("hybrid"); every other estimator's is "hybrid_<estimator>".
+        by_method[estimator] = [i.attribution for i in estimates]
+        by_method["hybrid" if estimator == "attribution" else f"hybrid_{estimator}"] = [i.weight for i in estimates]
     by_method["prior"] = [i.prior for i in computed["attribution"]]
     by_method["uniform"] = [np.ones_like(i.weight) for i in computed["attribution"]]
     metrics = precision_table(by_method, [r.span_tokens for r in responses], k)

@@ -60,7 +60,7 @@ def evaluate_model(
     Preference metrics (accuracy, margin, win rates), KL(model || reference) with its standard error,
     generation diversity, and on pairs with critical spans (the synthetic corpus) importance
     precision@k and the critical-phrase rate. Pass `model=reference` for the reference's own row.
-    Runs under the thread policy for the two models (tidpo_core.runtime.threads).
+    Runs under the thread plan for the two models (tidpo_core.runtime.threads).
     """
     with threads_for(model, reference):
         return _evaluate_model(model, reference, tokenizer, pairs, settings, reference_scores, progress)
@@ -143,7 +143,7 @@ def _add_critical_token_metrics(
         normalization=settings.weight_normalization,
         k=settings.critical_k,
         batch_size=settings.batch_size,
-        variants=settings.importance_variants,
+        estimators=settings.importance_estimators,
     )
     if critical:
         metrics.update(critical)

@@ -14,7 +14,7 @@ from tidpo_core.batching.features import EncodingSettings, encode_response
 from tidpo_core.batching.tokenization import EncodedSequence, tokens_overlapping
 from tidpo_core.data.pairs import PreferencePair
 from tidpo_core.evaluation.critical_tokens import has_critical_spans
-from tidpo_core.evaluation.importance_variants import DEFAULT_IMPORTANCE_VARIANTS, importance_by_variant
+from tidpo_core.evaluation.importance_estimators import DEFAULT_IMPORTANCE_ESTIMATORS, importance_by_estimator
 from tidpo_core.method.importance import Normalization
 from tidpo_core.runtime.threads import threads_for
 
@@ -30,8 +30,8 @@ def _prompt_title(prompt: str, width: int = 110, turns: int = 4) -> str:
     return "\n".join(lines)
 
 
-def best_importance_variant(metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_VARIANTS) -> str | None:
-    """The variant (other than the paper's attribution) whose hybrid weights scored the highest precision@k."""
+def best_importance_estimator(metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_ESTIMATORS) -> str | None:
+    """The estimator (other than the paper's attribution) whose hybrid weights scored the highest precision@k."""
     scored = {v: metrics[f"precision_at_k_hybrid_{v}"] for v in candidates if f"precision_at_k_hybrid_{v}" in metrics}
     scored = {v: value for v, value in scored.items() if v != "attribution" and math.isfinite(value)}
     return max(scored, key=lambda v: scored[v]) if scored else None
@@ -53,7 +53,7 @@ def importance_heatmap_sections(
 
     Each token is shaded by its hybrid weight under `model` (the TI-DPO weight, mean 1 per response);
     tokens of the critical span, where the pair's meta has one, are outlined. With `compare_with` (an
-    importance variant, e.g. `surprisal_no_eos`) each chosen and rejected row is followed by the same
+    importance estimator, e.g. `surprisal_no_eos`) each chosen and rejected row is followed by the same
     response under that estimator's hybrid weights, so the paper's weights and the other sit side by side.
     """
     from tidpo_core.evaluation.plots import HeatmapRow, HeatmapSection, token_display_text
@@ -67,13 +67,13 @@ def importance_heatmap_sections(
             items.append((pair, side, text, encode_response(tokenizer, pair.prompt, text, settings)))
     if not items:
         return []
-    variants = ["attribution"] + ([compare_with] if compare_with and compare_with != "attribution" else [])
+    estimators = ["attribution"] + ([compare_with] if compare_with and compare_with != "attribution" else [])
     with threads_for(model):
-        weights_by_variant = importance_by_variant(
+        weights_by_estimator = importance_by_estimator(
             model,
             tokenizer,
             [e for *_, e in items],
-            variants,
+            estimators,
             weight_lambda=weight_lambda,
             normalization=normalization,
             batch_size=batch_size,
@@ -85,12 +85,12 @@ def importance_heatmap_sections(
             start, end = pair.meta[f"{side}_span"]
             span = tokens_overlapping(encoded.response_offsets, (int(start), int(end)))
         section = sections.setdefault(pair.pair_id, HeatmapSection(_prompt_title(pair.prompt), []))
-        for variant in variants if side != "anchor" else variants[:1]:
+        for estimator in estimators if side != "anchor" else estimators[:1]:
             section.rows.append(
                 HeatmapRow(
-                    label=side if variant == "attribution" else f"{side}: {variant}",
+                    label=side if estimator == "attribution" else f"{side}: {estimator}",
                     tokens=token_display_text(text, encoded.response_offsets),
-                    weights=[float(w) for w in weights_by_variant[variant][index].weight],
+                    weights=[float(w) for w in weights_by_estimator[estimator][index].weight],
                     span=frozenset(span),
                 )
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tidpo_core.batching.features import EncodingSettings
-from tidpo_core.evaluation.importance_variants import DEFAULT_IMPORTANCE_VARIANTS
+from tidpo_core.evaluation.importance_estimators import DEFAULT_IMPORTANCE_ESTIMATORS
 from tidpo_core.evaluation.sampled_responses import KL_SAMPLING
 from tidpo_core.method.importance import Normalization
 from tidpo_core.models.generation import SamplingSettings
@@ -27,5 +27,5 @@ class ModelEvalSettings:
     Attribution costs a forward and backward pass per response, the most expensive metric here."""
     weight_lambda: float = 0.7
     weight_normalization: Normalization = "max"
-    importance_variants: tuple[str, ...] = DEFAULT_IMPORTANCE_VARIANTS
+    importance_estimators: tuple[str, ...] = DEFAULT_IMPORTANCE_ESTIMATORS
     """Importance estimators scored by precision@k beside the paper's attribution (critical_token_precision)."""

@@ -119,7 +119,7 @@ def sample_batches(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     try:
-        with threads_for(model):  # the thread policy (tidpo_core.runtime.threads), held across the yields
+        with threads_for(model):  # the thread plan (tidpo_core.runtime.threads), held across the yields
             batches = range(0, len(prompts), settings.batch_size)
             for start in tqdm(batches, disable=not progress, desc="sample", unit="batch"):
                 chunk = list(prompts[start : start + settings.batch_size])

@@ -115,7 +115,7 @@ def run_module(
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Launch `module` with `arguments` as the settings say (bound to this process, offline, under the
-    thread policy) and wait for it; returns what `run_process` (default: a plain subprocess) reports."""
+    thread plan) and wait for it; returns what `run_process` (default: a plain subprocess) reports."""
     command = bind_to_parent(module_command(module, arguments, settings))
     return (run_process or run_subprocess)(command, {**training_env(), **(env or {})})
 
@@ -144,7 +144,7 @@ def bind_to_parent(command: Sequence[str]) -> list[str]:
 
 
 def training_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: no hub access, no MLflow telemetry, and the thread policy's variables
+    """The child's environment: no hub access, no MLflow telemetry, and the thread plan's variables
     (OpenMP reads them when torch loads; the child sizes torch's threads for its model once loaded)."""
     env = thread_environment(None, os.environ if base is None else base)
     return offline_child_environment(env)

@@ -3,7 +3,7 @@
 Alone, torch's defaults (one intra-op thread per visible core, OpenMP threads spinning between ops) are the
 fastest setting; beside another busy process they are the slowest, because the two processes' threads outnumber
 the cores and the spinning ones take the core the other needs. No static setting wins both, so every process
-tidpo starts runs under this policy:
+tidpo starts runs under this plan:
 
 - a ceiling: the CPUs it may use (the fewer of its affinity mask and its cgroup CPU quota), shared equally among
   the processes of its launch (LOCAL_WORLD_SIZE); one thread for a model below SMALL_MODEL_PARAMETERS, whose ops
@@ -43,7 +43,7 @@ IDLE_NEIGHBOUR_CPUS = 0.25
 
 
 @dataclass(frozen=True)
-class ThreadPolicy:
+class ThreadPlan:
     intra_op: int
     """torch.set_num_threads: threads inside one op (matmul, attention); the most the governor gives."""
     inter_op: int
@@ -54,7 +54,7 @@ class ThreadPolicy:
     """Whether the count drops below intra_op while other processes keep the CPUs busy (ThreadGovernor)."""
 
     def environment(self) -> dict[str, str]:
-        """The variables a child process needs to start under this policy (OpenMP reads them at load)."""
+        """The variables a child process needs to start under this plan (OpenMP reads them at load)."""
         return {"OMP_NUM_THREADS": str(self.intra_op), "MKL_NUM_THREADS": str(self.intra_op)}
 
 
@@ -121,8 +121,8 @@ def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
     return count
 
 
-def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None) -> ThreadPolicy:
-    """The policy for a process with `cpus` usable CPUs running a model of `model_parameters` (None: not
+def decide_threads(cpus: int, model_parameters: int | None, requested: int | None = None) -> ThreadPlan:
+    """The plan for a process with `cpus` usable CPUs running a model of `model_parameters` (None: not
     known yet, treated as large). `requested` (TIDPO_NUM_THREADS) wins when given, and is kept however busy
     the machine is.
 
@@ -131,17 +131,17 @@ def decide_threads(cpus: int, model_parameters: int | None, requested: int | Non
     timed in one process (separate processes had said anything from 0.86x to 1.12x); beside another
     process, the governor now gives the thread away anyway."""
     if requested is not None:
-        return ThreadPolicy(requested, 1, f"{NUM_THREADS_ENV}={requested}")
+        return ThreadPlan(requested, 1, f"{NUM_THREADS_ENV}={requested}")
     if model_parameters is not None and model_parameters < SMALL_MODEL_PARAMETERS:
-        return ThreadPolicy(1, 1, f"small model ({model_parameters:,} parameters): one thread")
+        return ThreadPlan(1, 1, f"small model ({model_parameters:,} parameters): one thread")
     size = "model size unknown" if model_parameters is None else f"{model_parameters:,} parameters"
     adapts = cpus > 1
     fewer = ", fewer while other processes keep CPUs busy" if adapts else ""
-    return ThreadPolicy(cpus, 1, f"{size}: one thread per available CPU ({cpus}){fewer}", adapts=adapts)
+    return ThreadPlan(cpus, 1, f"{size}: one thread per available CPU ({cpus}){fewer}", adapts=adapts)
 
 
-def policy_for(model_parameters: int | None = None) -> ThreadPolicy:
-    """The policy for this process now: its share of the CPUs (with the other processes of its launch), the
+def plan_for(model_parameters: int | None = None) -> ThreadPlan:
+    """The plan for this process now: its share of the CPUs (with the other processes of its launch), the
     model's size and TIDPO_NUM_THREADS."""
     return decide_threads(cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads())
 
@@ -212,7 +212,7 @@ def machine_busy_reader() -> Callable[[], float] | None:
 
 @dataclass
 class ThreadGovernor:
-    """Gives torch as many intra-op threads as the CPUs other processes leave free, up to the policy's count.
+    """Gives torch as many intra-op threads as the CPUs other processes leave free, up to the plan's count.
 
     `look` is called between two model calls (threads_for hooks it to the model's forward), in the thread that
     runs the model: OpenMP's thread count belongs to the calling thread. It costs one clock read until a look
@@ -257,31 +257,31 @@ def _set_torch_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def apply_policy(policy: ThreadPolicy) -> None:
+def apply_plan(plan: ThreadPlan) -> None:
     """Set torch's thread counts for this process. The inter-op pool can be sized only before torch first
     uses it; later calls keep the size it has."""
     import torch
 
-    torch.set_num_threads(policy.intra_op)
+    torch.set_num_threads(plan.intra_op)
     with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(policy.inter_op)
+        torch.set_num_interop_threads(plan.inter_op)
 
 
 @contextlib.contextmanager
-def threads_for(*models: object) -> Iterator[ThreadPolicy]:
-    """Run the block under the policy for `models` (on CPU): its thread count, lowered while
+def threads_for(*models: object) -> Iterator[ThreadPlan]:
+    """Run the block under the plan for `models` (on CPU): its thread count, lowered while
     other processes keep the CPUs busy (a ThreadGovernor looking before each forward pass of the first
     model); then restore torch's previous thread count."""
     import torch
 
     previous = torch.get_num_threads()
     on_cpu = all(next(iter(m.parameters())).device.type == "cpu" for m in models)  # type: ignore[attr-defined]
-    policy = policy_for(parameter_count(*models)) if on_cpu else policy_for(None)
-    torch.set_num_threads(policy.intra_op)
+    plan = plan_for(parameter_count(*models)) if on_cpu else plan_for(None)
+    torch.set_num_threads(plan.intra_op)
     hook, governor = None, None
-    reader = machine_busy_reader() if on_cpu and policy.adapts and models else None
+    reader = machine_busy_reader() if on_cpu and plan.adapts and models else None
     if reader is not None:
-        governor = ThreadGovernor(policy.intra_op, available_cpus(), reader)
+        governor = ThreadGovernor(plan.intra_op, available_cpus(), reader)
 
         def look_before_forward(*_: object) -> None:  # a pre-hook's return value would replace the inputs
             if _innermost() is governor:  # a nested block (sampling inside an evaluation) governs itself
@@ -291,7 +291,7 @@ def threads_for(*models: object) -> Iterator[ThreadPolicy]:
     stack = _governors()
     stack.append(governor)
     try:
-        yield policy
+        yield plan
     finally:
         stack.pop()
         if hook is not None:
@@ -315,9 +315,9 @@ def _innermost() -> ThreadGovernor | None:
 
 
 def thread_environment(model_parameters: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`base` (default: this process's environment) plus the policy's variables, for a child process; a
-    value the user set (OMP_NUM_THREADS, ...) is kept. The child applies the policy for its own model again
+    """`base` (default: this process's environment) plus the plan's variables, for a child process; a
+    value the user set (OMP_NUM_THREADS, ...) is kept. The child applies the plan for its own model again
     once it knows it (threads_for)."""
     env = dict(os.environ if base is None else base)
-    policy = decide_threads(available_cpus(), model_parameters, requested_threads(env))
-    return {**policy.environment(), **env}
+    plan = decide_threads(available_cpus(), model_parameters, requested_threads(env))
+    return {**plan.environment(), **env}

@@ -18,7 +18,7 @@ from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkResult, 
 from tidpo_core.evaluation.critical_tokens import has_critical_spans
 from tidpo_core.evaluation.evaluate import ModelEvaluation, evaluate_model
 from tidpo_core.evaluation.gate import PromotionDecision, promotion_decision
-from tidpo_core.evaluation.heatmaps import best_importance_variant, importance_heatmap_sections
+from tidpo_core.evaluation.heatmaps import best_importance_estimator, importance_heatmap_sections
 from tidpo_core.evaluation.metrics import CURVE_METRICS
 from tidpo_core.evaluation.plots import save_token_heatmap_png, save_training_curves_png, token_heatmap_html
 from tidpo_core.evaluation.preference import score_pairs
@@ -59,8 +59,8 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
-class GatePolicy:
-    """What a challenger must do to take the champion alias (the QualityPolicy resource's gate fields)."""
+class GateRule:
+    """What a challenger must do to take the champion alias (the QualityRules resource's gate fields)."""
 
     gate_metric: str = "likelihood_win_rate"
     """Held-out metric the trained policy must beat the reference on to become champion."""
@@ -114,7 +114,7 @@ def evaluate_policy(
     importance: dict[str, Any],
     policy: TrainedPolicy,
     settings: EvaluationSettings,
-    gate_policy: GatePolicy,
+    gate_rule: GateRule,
     benchmarks: Sequence[str] = (),
     benchmark_options: BenchmarkOptions | None = None,
     log: Callable[[str], None] | None = None,
@@ -164,7 +164,7 @@ def evaluate_policy(
         metrics[model].update(benchmark_metrics(bench_results[model]))
     gate = promotion_decision(
         metrics["policy"], metrics["reference"], metrics.get("champion"),
-        gate_policy.gate_metric, gate_policy.gate_margin, gate_policy.gate_tiebreak, gate_policy.champion_margin, champion_version,
+        gate_rule.gate_metric, gate_rule.gate_margin, gate_rule.gate_tiebreak, gate_rule.champion_margin, champion_version,
     )
     shared = _record(open_db, tracking_uri, registered_model, policy.mlflow_run_id, metrics, pairs, gate, champion_version)
     out_dir = layout.evaluation(policy.mlflow_run_id)
@@ -253,7 +253,7 @@ def _pictures(
     out_dir.mkdir(parents=True)
     pictures: dict[str, Path] = {}
     heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[: max(settings.heatmap_pairs, 0)]
-    best_variant = best_importance_variant(metrics["reference"])
+    best_estimator = best_importance_estimator(metrics["reference"])
     if heatmap_pairs:
         with threads_for(reference_model):
             anchors = sample_responses(reference_model, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=settings.sample_seed))
@@ -266,14 +266,14 @@ def _pictures(
             weight_lambda=eval_settings.weight_lambda,
             normalization=eval_settings.weight_normalization,
             batch_size=settings.batch_size,
-            compare_with=best_variant,
+            compare_with=best_estimator,
         )
         caption = (
             f"Hybrid token weight (lambda {eval_settings.weight_lambda}) under the reference model: darker = more important; "
             "outlined = the critical span; anchor = a response sampled from the reference."
         )
-        if best_variant:
-            caption += f" Rows named side: {best_variant} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
+        if best_estimator:
+            caption += f" Rows named side: {best_estimator} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
         (out_dir / HEATMAP_HTML).write_text(f"<html><body>{token_heatmap_html(sections, caption)}</body></html>", encoding="utf-8")
         save_token_heatmap_png(sections, out_dir / HEATMAP_PNG, caption=caption)
         pictures["token_heatmap"] = out_dir / HEATMAP_PNG

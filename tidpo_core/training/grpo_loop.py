@@ -255,8 +255,8 @@ def _train(
     _log_start(config, trainer, reporter, len(prompts), last)
     start_step = int(Path(last).name.split("-")[-1]) if last else 0
     started[0] = time.perf_counter()
-    with warnings.catch_warnings(), threads_for(policy) as thread_policy:
-        reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
+    with warnings.catch_warnings(), threads_for(policy) as thread_plan:
+        reporter.log(f"torch threads: {thread_plan.intra_op} ({thread_plan.reason})")
         # TRL 1.16 reads transformers' deprecated gradient_checkpointing names around every generation.
         warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
         trainer.train(resume_from_checkpoint=last)

@@ -90,10 +90,10 @@ def _run(
     started = time.perf_counter()
     models = load_models(config, loss_config)
     timings["model_load_s"] = time.perf_counter() - started
-    # The thread policy for this model (tidpo_core.runtime.threads); restored on return, for in-process runs.
-    with threads_for(models.policy) as thread_policy:
-        reporter.log(f"torch threads: {thread_policy.intra_op} ({thread_policy.reason})")
-        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings, thread_policy.intra_op)
+    # The thread plan for this model (tidpo_core.runtime.threads); restored on return, for in-process runs.
+    with threads_for(models.policy) as thread_plan:
+        reporter.log(f"torch threads: {thread_plan.intra_op} ({thread_plan.reason})")
+        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings, thread_plan.intra_op)
 
 
 def _train_loaded(

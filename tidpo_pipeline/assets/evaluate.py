@@ -10,13 +10,13 @@ from tidpo_core.evaluation.benchmarks import BenchmarkResult
 from tidpo_core.evaluation.evaluate import ModelEvaluation
 from tidpo_core.evaluation.metrics import KEY_METRICS, STDERR_SUFFIX, comparison_rows, grouped_comparison_rows
 from tidpo_core.steps import handle_of, settings_of
-from tidpo_core.steps.evaluate import EvaluationSettings, GatePolicy, TrainedPolicy, evaluate_policy
+from tidpo_core.steps.evaluate import EvaluationSettings, GateRule, TrainedPolicy, evaluate_policy
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
 from tidpo_pipeline.metadata import GROUP, markdown_table, picture_metadata, prompt_cell
 from tidpo_pipeline.placement import MODEL_OP_TAGS
-from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityPolicy, TidpoDuckDB, TidpoStorage
+from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityRules, TidpoDuckDB, TidpoStorage
 
 EvaluationConfig = config_class(
     "EvaluationConfig", "How the policy is evaluated beside its reference.", BenchmarkConfig, core_fields(EvaluationSettings)
@@ -75,7 +75,7 @@ def evaluation(
     duckdb: TidpoDuckDB,
     compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
-    quality: QualityPolicy,
+    quality: QualityRules,
 ):
     policy = handle_of(tidpo_policy, TrainedPolicy)
     report = evaluate_policy(
@@ -87,7 +87,7 @@ def evaluation(
         token_weights.get("importance", {}),
         policy,
         settings_of(config, EvaluationSettings),
-        settings_of(quality, GatePolicy),
+        settings_of(quality, GateRule),
         config.benchmarks,
         config.benchmark_options(),
         log=context.log.info,
