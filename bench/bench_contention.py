@@ -54,7 +54,13 @@ POLICIES = ("default", "tidpo")
 # A fixed single thread per process: what fair sharing of the CPUs gives on this machine, beside the policies.
 ONE_THREAD_EACH = "one_thread_each"
 # The policy's environment variables; `default` runs without any of them.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TIDPO_NUM_THREADS")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "TIDPO_NUM_THREADS",
+)
 # How OpenMP's idle threads wait, with the policy's thread counts (its governor included): libgomp (torch's
 # OpenMP on Linux) spins GOMP_SPINCOUNT times (about 100,000 per ms) before it sleeps; without either variable
 # it spins 300,000 times (about 3 ms), and OMP_WAIT_POLICY=PASSIVE alone means no spin. `openmp_default` is
@@ -66,14 +72,35 @@ WAIT_CANDIDATES: dict[str, dict[str, str]] = {
 }
 SHAPES = {
     "embedded": {},
-    "larger": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8},
+    "larger": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+    },
 }
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"pairs": 16, "train_steps": 3, "sample_prompts": 8, "new_tokens": 8, "rounds": 1, "wait_rounds": 1, "interleaved_rounds": 2}
-    return {"pairs": 192, "train_steps": 40, "sample_prompts": 64, "new_tokens": 48, "rounds": 4, "wait_rounds": 2, "interleaved_rounds": 8}
+        return {
+            "pairs": 16,
+            "train_steps": 3,
+            "sample_prompts": 8,
+            "new_tokens": 8,
+            "rounds": 1,
+            "wait_rounds": 1,
+            "interleaved_rounds": 2,
+        }
+    return {
+        "pairs": 192,
+        "train_steps": 40,
+        "sample_prompts": 64,
+        "new_tokens": 48,
+        "rounds": 4,
+        "wait_rounds": 2,
+        "interleaved_rounds": 8,
+    }
 
 
 # --- the worker ------------------------------------------------------------------------------------------
@@ -95,7 +122,9 @@ def _worker(args: argparse.Namespace) -> None:
     model = build_tiny_model(tokenizer, TinyModelConfig(**SHAPES[args.shape]), seed=0)
     encoding = EncodingSettings()
     if args.stage == "weights":
-        encoded = [encode_response(tokenizer, p.prompt, r, encoding) for p in pairs for r in (p.chosen, p.rejected)]
+        encoded = [
+            encode_response(tokenizer, p.prompt, r, encoding) for p in pairs for r in (p.chosen, p.rejected)
+        ]
 
         def work(warm_up: bool = False) -> None:
             compute_token_importance(model, encoded[:16] if warm_up else encoded, batch_size=16)
@@ -134,7 +163,16 @@ def _worker(args: argparse.Namespace) -> None:
         work()
         seconds = time.perf_counter() - started
     mean_threads = round(sum(counts) / len(counts), 2) if counts else float(used)
-    print(json.dumps({"seconds": seconds, "threads": used, "mean_threads": mean_threads, "parameters": threads.parameter_count(model)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "threads": used,
+                "mean_threads": mean_threads,
+                "parameters": threads.parameter_count(model),
+            }
+        )
+    )
 
 
 def _interleaved(work: Any, rounds: int) -> dict[str, list[float]]:
@@ -178,9 +216,24 @@ def _environment(policy: str, threads: int = 0, wait: str = "") -> dict[str, str
 
 def _worker_command(stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded") -> list[str]:
     return [
-        sys.executable, "-m", "bench.bench_contention", "--worker", "--stage", stage, "--policy", policy, "--shape", shape,
-        "--pairs", str(sizes["pairs"]), "--train-steps", str(sizes["train_steps"]),
-        "--sample-prompts", str(sizes["sample_prompts"]), "--new-tokens", str(sizes["new_tokens"]),
+        sys.executable,
+        "-m",
+        "bench.bench_contention",
+        "--worker",
+        "--stage",
+        stage,
+        "--policy",
+        policy,
+        "--shape",
+        shape,
+        "--pairs",
+        str(sizes["pairs"]),
+        "--train-steps",
+        str(sizes["train_steps"]),
+        "--sample-prompts",
+        str(sizes["sample_prompts"]),
+        "--new-tokens",
+        str(sizes["new_tokens"]),
     ]
 
 
@@ -191,12 +244,26 @@ def _root() -> Path:
 def _run_interleaved(stage: str, sizes: dict[str, Any]) -> dict[str, list[float]]:
     """One worker timing the stage alone under both policies in turn (_interleaved)."""
     command = [*_worker_command(stage, "tidpo", sizes), "--interleave", str(sizes["interleaved_rounds"])]
-    done = subprocess.run(command, cwd=_root(), env=_environment("tidpo"), stdout=subprocess.PIPE, text=True, timeout=1800, check=True)
+    done = subprocess.run(
+        command,
+        cwd=_root(),
+        env=_environment("tidpo"),
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _run_together(
-    count: int, stage: str, policy: str, sizes: dict[str, Any], shape: str = "embedded", threads: int = 0, wait: str = ""
+    count: int,
+    stage: str,
+    policy: str,
+    sizes: dict[str, Any],
+    shape: str = "embedded",
+    threads: int = 0,
+    wait: str = "",
 ) -> list[dict[str, Any]]:
     """`count` workers of one stage at once, released together; their timings."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +273,9 @@ def _run_together(
             ready = Path(tmp) / f"ready{i}"
             command = [*_worker_command(stage, policy, sizes, shape), "--ready", str(ready), "--go", str(go)]
             env = _environment(policy, threads, wait)
-            workers.append((ready, subprocess.Popen(command, cwd=_root(), env=env, stdout=subprocess.PIPE, text=True)))
+            workers.append(
+                (ready, subprocess.Popen(command, cwd=_root(), env=env, stdout=subprocess.PIPE, text=True))
+            )
         deadline = time.monotonic() + 900
         while not all(ready.exists() for ready, _ in workers):
             if any(w.poll() not in (None, 0) for _, w in workers) or time.monotonic() > deadline:
@@ -266,7 +335,12 @@ def _time_stage(stage: str, sizes: dict[str, Any], order: random.Random) -> dict
             seconds[setting]["two"].append(max(r["seconds"] for r in pair))
             mean_threads[setting]["two"].extend(r["mean_threads"] for r in pair)
     return {
-        setting: {**_summary(seconds[setting]), "threads": threads_used[setting], "mean_threads": mean_threads[setting], "rounds": seconds[setting]}
+        setting: {
+            **_summary(seconds[setting]),
+            "threads": threads_used[setting],
+            "mean_threads": mean_threads[setting],
+            "rounds": seconds[setting],
+        }
         for setting in settings
     }
 
@@ -282,7 +356,9 @@ def _stage_figures(stage: str, sizes: dict[str, Any], order: random.Random) -> d
     # The cost alone twice: between the separate processes above (minutes apart, so the VM's drift is in
     # it), and within one process that alternates the two (seconds apart): the target's figure.
     interleaved = _run_interleaved(stage, sizes)
-    figures["tidpo_idle_cost_separate_processes"] = _paired(seconds["tidpo"]["alone"], seconds["default"]["alone"])
+    figures["tidpo_idle_cost_separate_processes"] = _paired(
+        seconds["tidpo"]["alone"], seconds["default"]["alone"]
+    )
     figures["tidpo_idle_cost"] = _paired(interleaved["tidpo"], interleaved["default"])
     figures["interleaved"] = {p: [round(t, 3) for t in interleaved[p]] for p in POLICIES}
     figures["slowdown_target_met"] = figures["tidpo"]["slowdown"] <= SLOWDOWN_TARGET
@@ -300,10 +376,16 @@ def _wait_settings(stage: str, sizes: dict[str, Any], order: random.Random) -> d
             if setting == "default":
                 default_alone.append(_run_together(1, stage, "default", sizes)[0]["seconds"])
             else:
-                timings[setting]["alone"].append(_run_together(1, stage, "tidpo", sizes, wait=setting)[0]["seconds"])
+                timings[setting]["alone"].append(
+                    _run_together(1, stage, "tidpo", sizes, wait=setting)[0]["seconds"]
+                )
         for wait in order.sample(list(WAIT_CANDIDATES), len(WAIT_CANDIDATES)):
-            timings[wait]["two"].append(max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait)))
-    return {wait: {**_summary(t), "idle_cost": _paired(t["alone"], default_alone)} for wait, t in timings.items()}
+            timings[wait]["two"].append(
+                max(r["seconds"] for r in _run_together(2, stage, "tidpo", sizes, wait=wait))
+            )
+    return {
+        wait: {**_summary(t), "idle_cost": _paired(t["alone"], default_alone)} for wait, t in timings.items()
+    }
 
 
 def _threads_by_size(sizes: dict[str, Any]) -> dict[str, Any]:
@@ -313,7 +395,10 @@ def _threads_by_size(sizes: dict[str, Any]) -> dict[str, Any]:
     threshold: dict[str, Any] = {}
     for shape in SHAPES:
         for stage in STAGES:
-            results = {count: _run_together(1, stage, "default", sizes, shape, threads=count)[0] for count in dict.fromkeys((1, cpus))}
+            results = {
+                count: _run_together(1, stage, "default", sizes, shape, threads=count)[0]
+                for count in dict.fromkeys((1, cpus))
+            }
             one, every = results[1]["seconds"], results[cpus]["seconds"]
             threshold[f"{shape}/{stage}"] = {
                 "parameters": results[cpus]["parameters"],
@@ -343,7 +428,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     waits: dict[str, Any] = {}
     for stage in STAGES:
         waits[stage] = _wait_settings(stage, sizes, order)
-        common.log(NAME, f"{stage} wait settings: " + ", ".join(f"{w} {v['slowdown']}x busy / {v['idle_cost']}x idle" for w, v in waits[stage].items()))
+        common.log(
+            NAME,
+            f"{stage} wait settings: "
+            + ", ".join(
+                f"{w} {v['slowdown']}x busy / {v['idle_cost']}x idle" for w, v in waits[stage].items()
+            ),
+        )
     figures = {
         "stages": stages,
         "wait_settings": waits,
@@ -369,7 +460,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--sample-prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--interleave", type=int, default=0, help="time both policies alone in turn, this many rounds")
+    parser.add_argument(
+        "--interleave", type=int, default=0, help="time both policies alone in turn, this many rounds"
+    )
     args = parser.parse_args()
     if args.worker:
         _worker(args)

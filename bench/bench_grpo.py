@@ -47,14 +47,34 @@ VERDICT_METRICS: dict[str, tuple[str, bool]] = {
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
-            "builtin_pairs": 40, "hh_train": 24, "hh_eval": 6, "seeds": [0], "sft_steps": 4, "anchor_new_tokens": 8, "tiny": True,
-            "max_steps": 2, "grpo": {"grpo_num_generations": 2, "grpo_max_completion_length": 4},
-            "sample_prompts": 4, "max_new_tokens": 4, "critical_pairs": 4, "reward_max_train_pairs": 24,
+            "builtin_pairs": 40,
+            "hh_train": 24,
+            "hh_eval": 6,
+            "seeds": [0],
+            "sft_steps": 4,
+            "anchor_new_tokens": 8,
+            "tiny": True,
+            "max_steps": 2,
+            "grpo": {"grpo_num_generations": 2, "grpo_max_completion_length": 4},
+            "sample_prompts": 4,
+            "max_new_tokens": 4,
+            "critical_pairs": 4,
+            "reward_max_train_pairs": 24,
         }
     return {
-        "builtin_pairs": 2000, "hh_train": bench_hh.TRAIN_PAIRS, "hh_eval": None, "seeds": [0, 1, 2], "sft_steps": 200,
-        "anchor_new_tokens": 64, "tiny": False, "max_steps": 100, "grpo": {},
-        "sample_prompts": 32, "max_new_tokens": 64, "critical_pairs": 32, "reward_max_train_pairs": None,
+        "builtin_pairs": 2000,
+        "hh_train": bench_hh.TRAIN_PAIRS,
+        "hh_eval": None,
+        "seeds": [0, 1, 2],
+        "sft_steps": 200,
+        "anchor_new_tokens": 64,
+        "tiny": False,
+        "max_steps": 100,
+        "grpo": {},
+        "sample_prompts": 32,
+        "max_new_tokens": 64,
+        "critical_pairs": 32,
+        "reward_max_train_pairs": None,
     }
 
 
@@ -63,7 +83,11 @@ def verdicts(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     (the seeds' standard deviations), else "within spread"."""
     out: dict[str, Any] = {}
     for metric, (label, higher) in VERDICT_METRICS.items():
-        scored = [(m, row[metric]) for m, row in table.items() if m != "reference" and isinstance(row.get(metric), dict)]
+        scored = [
+            (m, row[metric])
+            for m, row in table.items()
+            if m != "reference" and isinstance(row.get(metric), dict)
+        ]
         scored = [(m, v) for m, v in scored if v.get("mean") is not None and math.isfinite(v["mean"])]
         if len(scored) < 2:
             continue
@@ -77,8 +101,10 @@ def verdicts(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "best": best,
             "runner_up": second,
             "tied": tied,
-            "best_mean": b["mean"], "best_std": b["std"],
-            "runner_up_mean": s["mean"], "runner_up_std": s["std"],
+            "best_mean": b["mean"],
+            "best_std": b["std"],
+            "runner_up_mean": s["mean"],
+            "runner_up_std": s["std"],
             "separated": gap > b["std"] + s["std"],
             "sentence": f"{label}: {best} {b['mean']:.3f} ± {b['std']:.3f} vs {second} {s['mean']:.3f} ± {s['std']:.3f}"
             + ("" if gap > b["std"] + s["std"] else " (within the spread)"),
@@ -95,12 +121,22 @@ def _table(result: Any) -> dict[str, dict[str, Any]]:
             if key.endswith("_mean"):
                 name = key[: -len("_mean")]
                 std = row.get(f"{name}_std")
-                metrics[name] = {"mean": value, "std": 0.0 if std is None or not math.isfinite(std) else std, "n": row.get("seeds", 1)}
+                metrics[name] = {
+                    "mean": value,
+                    "std": 0.0 if std is None or not math.isfinite(std) else std,
+                    "n": row.get("seeds", 1),
+                }
         table[str(row["method"])] = metrics
     return table
 
 
-def _compare(prepared: preparation.Prepared, sizes: dict[str, Any], work: Path, overrides: dict[str, Any], critical_pairs: int) -> dict[str, Any]:
+def _compare(
+    prepared: preparation.Prepared,
+    sizes: dict[str, Any],
+    work: Path,
+    overrides: dict[str, Any],
+    critical_pairs: int,
+) -> dict[str, Any]:
     from tidpo_core.batching.features import EncodingSettings
     from tidpo_core.evaluation.comparison import ComparisonInputs, run_method_comparison
     from tidpo_core.models.generation import SamplingSettings
@@ -115,20 +151,44 @@ def _compare(prepared: preparation.Prepared, sizes: dict[str, Any], work: Path, 
         max_response_tokens=prepared.max_response_tokens,
     )
     encoding = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
-    sampling = SamplingSettings(max_new_tokens=sizes["max_new_tokens"], top_k=0, top_p=1.0, temperature=1.0, seed=0)
+    sampling = SamplingSettings(
+        max_new_tokens=sizes["max_new_tokens"], top_k=0, top_p=1.0, temperature=1.0, seed=0
+    )
     result = run_method_comparison(
         inputs,
         work / "comparison",
         methods=METHODS,
         seeds=sizes["seeds"],
         train_overrides={"max_steps": sizes["max_steps"], **sizes["grpo"], **overrides},
-        eval_settings=eval_settings_for(0.1, encoding, batch_size=32, sample_prompts=sizes["sample_prompts"], critical_pairs=critical_pairs, sampling=sampling),
+        eval_settings=eval_settings_for(
+            0.1,
+            encoding,
+            batch_size=32,
+            sample_prompts=sizes["sample_prompts"],
+            critical_pairs=critical_pairs,
+            sampling=sampling,
+        ),
         keep_models=False,
         log=lambda message: common.log(NAME, message),
     )
     table = _table(result)
-    runs = [{"method": r.method, "seed": r.seed, "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds, **r.metrics} for r in result.runs]
-    return {"reward": result.reward, "methods": table, "runs": runs, "verdicts": verdicts(table), "seconds": result.seconds}
+    runs = [
+        {
+            "method": r.method,
+            "seed": r.seed,
+            "train_seconds": r.train_seconds,
+            "eval_seconds": r.eval_seconds,
+            **r.metrics,
+        }
+        for r in result.runs
+    ]
+    return {
+        "reward": result.reward,
+        "methods": table,
+        "runs": runs,
+        "verdicts": verdicts(table),
+        "seconds": result.seconds,
+    }
 
 
 def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -146,8 +206,13 @@ def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     )
     common.log(NAME, f"built-in: {prepared.n_train} train / {prepared.n_eval} eval pairs, reference ready")
     out = _compare(prepared, sizes, work, {"grpo_reward": "phrases"}, sizes["critical_pairs"])
-    return {"data": f"built-in synthetic, {sizes['builtin_pairs']} pairs, hash split", "train_pairs": prepared.n_train,
-            "eval_pairs": prepared.n_eval, "prepare_s": prepared.timings, **out}
+    return {
+        "data": f"built-in synthetic, {sizes['builtin_pairs']} pairs, hash split",
+        "train_pairs": prepared.n_train,
+        "eval_pairs": prepared.n_eval,
+        "prepare_s": prepared.timings,
+        **out,
+    }
 
 
 def run_hh(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -160,22 +225,35 @@ def run_hh(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
 
     pairs, eval_ids, data_info = bench_hh.load_split(sizes["hh_train"], sizes["hh_eval"])
     # bench_hh's preparation, anchors at most 32 tokens as there.
-    prepared = bench_hh.prepare_split(work / "data", pairs, eval_ids, {**sizes, "anchor_new_tokens": min(sizes["anchor_new_tokens"], 32)})
+    prepared = bench_hh.prepare_split(
+        work / "data", pairs, eval_ids, {**sizes, "anchor_new_tokens": min(sizes["anchor_new_tokens"], 32)}
+    )
     train = [p for p in pairs if p.pair_id not in eval_ids]
     evaluation = [p for p in pairs if p.pair_id in eval_ids]
     training = RewardTraining(
-        max_prompt_tokens=bench_hh.MAX_PROMPT_TOKENS, max_response_tokens=bench_hh.MAX_RESPONSE_TOKENS, max_train_pairs=sizes["reward_max_train_pairs"]
+        max_prompt_tokens=bench_hh.MAX_PROMPT_TOKENS,
+        max_response_tokens=bench_hh.MAX_RESPONSE_TOKENS,
+        max_train_pairs=sizes["reward_max_train_pairs"],
     )
     reward_dir = work / "reward_model"
     reward = train_reward_model(prepared.reference_path, train, reward_dir, training)
     held_out = held_out_accuracy(load_reward_function(reward_dir), evaluation)
-    common.log(NAME, f"HH-RLHF reward model: {reward.train_pairs} pairs in {reward.seconds:.0f} s, held-out accuracy {held_out.accuracy:.3f}")
+    common.log(
+        NAME,
+        f"HH-RLHF reward model: {reward.train_pairs} pairs in {reward.seconds:.0f} s, held-out accuracy {held_out.accuracy:.3f}",
+    )
     out = _compare(prepared, sizes, work, {"grpo_reward": "model", "grpo_reward_model": str(reward_dir)}, 0)
     return {
         "data": f"{bench_hh.DATA_FILE}: sorted by pair_id, first {sizes['hh_train']:,} train, the rest eval",
         "data_info": data_info,
-        "reward_model": {"train_pairs": reward.train_pairs, "steps": reward.steps, "train_seconds": reward.seconds,
-                         "held_out_accuracy": held_out.accuracy, "held_out_margin": held_out.margin, "eval_pairs": held_out.pairs},
+        "reward_model": {
+            "train_pairs": reward.train_pairs,
+            "steps": reward.steps,
+            "train_seconds": reward.seconds,
+            "held_out_accuracy": held_out.accuracy,
+            "held_out_margin": held_out.margin,
+            "eval_pairs": held_out.pairs,
+        },
         "prepare_s": prepared.timings,
         **out,
     }
@@ -211,7 +289,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         earlier = json.loads(Path(reuse_path).read_text())
         for name, doc in earlier.get("datasets", {}).items():
             if "skipped" not in doc:
-                datasets[name] = {**doc, "reused_from": {"commit": earlier.get("commit"), "created_at": earlier.get("created_at")}}
+                datasets[name] = {
+                    **doc,
+                    "reused_from": {"commit": earlier.get("commit"), "created_at": earlier.get("created_at")},
+                }
     wanted = [d for d in os.environ.get("TIDPO_GRPO_DATASETS", "builtin,hh").split(",") if d]
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-grpo-"))
     try:
@@ -221,7 +302,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         if "hh" in wanted and bench_hh.data_path().exists():
             datasets["hh"] = run_hh(sizes, work / "hh")
         elif "hh" in wanted:
-            datasets["hh"] = {"skipped": f"{bench_hh.data_path()} not found (HH-RLHF lives in the project's shared data folder)"}
+            datasets["hh"] = {
+                "skipped": f"{bench_hh.data_path()} not found (HH-RLHF lives in the project's shared data folder)"
+            }
         for name, doc in datasets.items():
             for verdict in doc.get("verdicts", {}).values():
                 common.log(NAME, f"[{name}] {verdict['sentence']}")

@@ -33,8 +33,24 @@ def data_path() -> Path:
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"train": 24, "eval": 6, "seeds": [0], "sft_steps": 4, "anchor_new_tokens": 8, "tiny": True, "max_steps": 3}
-    return {"train": TRAIN_PAIRS, "eval": None, "seeds": [0, 1], "sft_steps": 200, "anchor_new_tokens": 32, "tiny": False, "max_steps": -1}
+        return {
+            "train": 24,
+            "eval": 6,
+            "seeds": [0],
+            "sft_steps": 4,
+            "anchor_new_tokens": 8,
+            "tiny": True,
+            "max_steps": 3,
+        }
+    return {
+        "train": TRAIN_PAIRS,
+        "eval": None,
+        "seeds": [0, 1],
+        "sft_steps": 200,
+        "anchor_new_tokens": 32,
+        "tiny": False,
+        "max_steps": -1,
+    }
 
 
 def load_split(train: int, eval_limit: int | None) -> tuple[list[Any], set[str], dict[str, Any]]:
@@ -60,7 +76,9 @@ def load_split(train: int, eval_limit: int | None) -> tuple[list[Any], set[str],
 MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS = 128, 64
 
 
-def prepare_split(data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]) -> preparation.Prepared:
+def prepare_split(
+    data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]
+) -> preparation.Prepared:
     """The reference (tokenizer + tiny Llama + SFT on the train split), anchors and token weights for HH-RLHF."""
     model_config = bench_quality.tiny_model_config(sizes["tiny"])
     return preparation.prepare(
@@ -86,7 +104,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-hh-"))
     try:
         pairs, eval_ids, data_info = load_split(sizes["train"], sizes["eval"])
-        common.log(NAME, f"HH-RLHF harmless-base: {data_info['train']} train / {data_info['eval']} eval pairs")
+        common.log(
+            NAME, f"HH-RLHF harmless-base: {data_info['train']} train / {data_info['eval']} eval pairs"
+        )
         prepared = prepare_split(work / "data", pairs, eval_ids, sizes)
         estimator_s = bench_quality._estimator_weights(prepared, sizes, HH_METHODS)
         evaluator = bench_quality.Evaluator(prepared, sample_new_tokens=0, phrases=False)
@@ -94,9 +114,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         runs = []
         for seed in sizes["seeds"]:
             for method, overrides in HH_METHODS.items():
-                result = bench_quality.train_and_evaluate(prepared, evaluator, method, overrides, seed, work, sizes["max_steps"])
+                result = bench_quality.train_and_evaluate(
+                    prepared, evaluator, method, overrides, seed, work, sizes["max_steps"]
+                )
                 runs.append(result)
-                common.log(NAME, f"seed {seed} {method:<6} {bench_quality.HEADLINE} {result[bench_quality.HEADLINE]:.3f}")
+                common.log(
+                    NAME,
+                    f"seed {seed} {method:<6} {bench_quality.HEADLINE} {result[bench_quality.HEADLINE]:.3f}",
+                )
         table = bench_quality.aggregate(runs, list(HH_METHODS))
         notes = bench_quality.investigate("hh-rlhf", table, evaluator.reference)
         for note in notes:

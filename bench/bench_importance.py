@@ -24,7 +24,14 @@ from bench import common, preparation
 
 NAME = "importance"
 SPAN_POSITIONS = ("middle", "uniform")
-ESTIMATORS = ("attribution", "attribution_no_eos", "surprisal", "surprisal_no_eos", "contrastive", "contrastive_no_eos")
+ESTIMATORS = (
+    "attribution",
+    "attribution_no_eos",
+    "surprisal",
+    "surprisal_no_eos",
+    "contrastive",
+    "contrastive_no_eos",
+)
 TARGET = 0.6
 
 
@@ -34,7 +41,9 @@ def _sizes(quick: bool) -> dict[str, Any]:
     return {"pairs": 2000, "eval_fraction": 0.1, "sft_steps": 300, "tiny": False}
 
 
-def contrastive_pair_paths(prepared: preparation.Prepared, sizes: dict[str, Any], seed: int = 0) -> tuple[str, str]:
+def contrastive_pair_paths(
+    prepared: preparation.Prepared, sizes: dict[str, Any], seed: int = 0
+) -> tuple[str, str]:
     """TIS-DPO's SFT contrastive models, trained by the pipeline's own step (as the contrastive_models asset)."""
     import dataclasses
 
@@ -83,7 +92,9 @@ def score_model(model, tokenizer, pairs, settings, estimators, contrastive=None)
     from tidpo_core.runtime.threads import threads_for
 
     with threads_for(model):
-        metrics = critical_token_precision(model, tokenizer, pairs, settings, estimators=estimators, contrastive_models=contrastive)
+        metrics = critical_token_precision(
+            model, tokenizer, pairs, settings, estimators=estimators, contrastive_models=contrastive
+        )
     rows: dict[str, Any] = {}
 
     def row(hybrid_key: str, raw_key: str | None) -> dict[str, Any]:
@@ -124,7 +135,10 @@ def pretrained_contrastive_pair(model, tokenizer, train_pairs, out_dir: Path, st
 
     recipe = ContrastiveSFT(sft_steps=steps, sft_batch_size=batch_size).settled(pretrained=True)
     losses = train_contrastive_pair(model, tokenizer, train_pairs, out_dir, recipe=recipe)
-    return load_contrastive_pair(contrastive_paths(out_dir)), {"recipe": recipe.__dict__, "final_sft_loss": {k: v[-1] for k, v in losses.items()}}
+    return load_contrastive_pair(contrastive_paths(out_dir)), {
+        "recipe": recipe.__dict__,
+        "final_sft_loss": {k: v[-1] for k, v in losses.items()},
+    }
 
 
 def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, Any]:
@@ -143,23 +157,41 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
     source = resolve_model_source(model_name_or_path, Path(tempfile.gettempdir()) / "tidpo-bench-imports")
     model, tokenizer = load_model_and_tokenizer(source)
     settings = EncodingSettings(192, 128)
-    figures: dict[str, Any] = {"model": model_name_or_path, "pairs": pairs_count, "eval_fraction": eval_fraction, "span_position": {}, "contrastive": {}}
+    figures: dict[str, Any] = {
+        "model": model_name_or_path,
+        "pairs": pairs_count,
+        "eval_fraction": eval_fraction,
+        "span_position": {},
+        "contrastive": {},
+    }
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-importance-pretrained-"))
     try:
         for position in SPAN_POSITIONS:
             pairs = generate_synthetic_pairs(pairs_count, seed=0, span_position=position)
             scored = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "eval"]
             trained = [p for p in pairs if assign_split(p.pair_id, eval_fraction) == "train"]
-            contrastive, figures["contrastive"][position] = pretrained_contrastive_pair(model, tokenizer, trained, work / position, steps, batch)
-            figures["span_position"][position] = score_model(model, tokenizer, scored, settings, ESTIMATORS, contrastive)
-            common.log(NAME, f"{model_name_or_path} {position}: " + ", ".join(
-                f"{name} {row['precision_at_k']:.3f}" for name, row in figures["span_position"][position].items()
-                if isinstance(row, dict) and "precision_at_k" in row
-            ))
+            contrastive, figures["contrastive"][position] = pretrained_contrastive_pair(
+                model, tokenizer, trained, work / position, steps, batch
+            )
+            figures["span_position"][position] = score_model(
+                model, tokenizer, scored, settings, ESTIMATORS, contrastive
+            )
+            common.log(
+                NAME,
+                f"{model_name_or_path} {position}: "
+                + ", ".join(
+                    f"{name} {row['precision_at_k']:.3f}"
+                    for name, row in figures["span_position"][position].items()
+                    if isinstance(row, dict) and "precision_at_k" in row
+                ),
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures["target"] = {
-        "contrastive hybrid precision@k at uniform >= 0.8": figures["span_position"]["uniform"]["contrastive"]["precision_at_k"] >= 0.8
+        "contrastive hybrid precision@k at uniform >= 0.8": figures["span_position"]["uniform"][
+            "contrastive"
+        ]["precision_at_k"]
+        >= 0.8
     }
     name = f"{NAME}-{Path(model_name_or_path).name.lower()}"
     return common.write_results(name, figures, quick, started)
@@ -186,19 +218,28 @@ def run(quick: bool = False) -> dict[str, Any]:
                 sft_steps=sizes["sft_steps"],
                 anchors=False,
             )
-            common.log(NAME, f"{position}: reference ready in {time.time() - t0:.0f} s; training the contrastive pair")
+            common.log(
+                NAME,
+                f"{position}: reference ready in {time.time() - t0:.0f} s; training the contrastive pair",
+            )
             contrastive = contrastive_pair(prepared, sizes)
             figures["span_position"][position] = score(prepared, contrastive)
             figures["seconds_by_position"][position] = time.time() - t0
-            common.log(NAME, f"{position}: " + ", ".join(
-                f"{name} {row['precision_at_k']:.3f}" for name, row in figures["span_position"][position].items()
-                if isinstance(row, dict) and "precision_at_k" in row
-            ))
+            common.log(
+                NAME,
+                f"{position}: "
+                + ", ".join(
+                    f"{name} {row['precision_at_k']:.3f}"
+                    for name, row in figures["span_position"][position].items()
+                    if isinstance(row, dict) and "precision_at_k" in row
+                ),
+            )
         uniform = figures["span_position"]["uniform"]
         best = max(ESTIMATORS, key=lambda v: uniform[v]["precision_at_k"])
         figures["best_estimator_uniform"] = best
         figures["target"] = {
-            "best hybrid precision@k on span_position uniform >= 0.6": uniform[best]["precision_at_k"] >= TARGET
+            "best hybrid precision@k on span_position uniform >= 0.6": uniform[best]["precision_at_k"]
+            >= TARGET
         }
         figures["notes"] = [
             "precision@k: k = the span's token count; ties at the k-th place count their expected share (uniform "
@@ -218,7 +259,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="importance precision@k per estimator")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (what the smoke test runs)")
-    parser.add_argument("--model", default="", help="score a pretrained reference (e.g. smollm2-135m-instruct) instead")
+    parser.add_argument(
+        "--model", default="", help="score a pretrained reference (e.g. smollm2-135m-instruct) instead"
+    )
     args = parser.parse_args()
     if args.model:
         run_pretrained(args.model, quick=args.quick)

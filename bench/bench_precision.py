@@ -70,7 +70,9 @@ def side_logps(model, batch, side: str, autocast: bool) -> torch.Tensor:
 
 
 def model_in(precision: str, source: str):
-    model, _ = load_model_and_tokenizer(source, dtype=torch.bfloat16 if precision == "bf16_weights" else torch.float32)
+    model, _ = load_model_and_tokenizer(
+        source, dtype=torch.bfloat16 if precision == "bf16_weights" else torch.float32
+    )
     return model.train()
 
 
@@ -94,12 +96,17 @@ def reference_logps(model, batches) -> list[dict[str, torch.Tensor]]:
 def curve(precision: str, source: str, batches, references, learning_rate: float) -> list[float]:
     model = model_in(precision, source)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate)
-    return [dpo_step(model, optimizer, b, r, precision == "bf16_autocast") for b, r in zip(batches, references, strict=True)]
+    return [
+        dpo_step(model, optimizer, b, r, precision == "bf16_autocast")
+        for b, r in zip(batches, references, strict=True)
+    ]
 
 
 def timings(source: str, batch, reference, sequences, rounds: int) -> dict[str, dict[str, list[float]]]:
     models = {p: model_in(p, source) for p in PRECISIONS}
-    optimizers = {p: torch.optim.RMSprop(m.parameters(), lr=0.0) for p, m in models.items()}  # lr 0: weights stay put
+    optimizers = {
+        p: torch.optim.RMSprop(m.parameters(), lr=0.0) for p, m in models.items()
+    }  # lr 0: weights stay put
     out: dict[str, dict[str, list[float]]] = {p: {"step_s": [], "attribution_s": []} for p in PRECISIONS}
     for _ in range(rounds):
         for p in PRECISIONS:  # interleaved: every round times each precision once, back to back
@@ -120,7 +127,9 @@ def attribution_agreement(source: str, sequences) -> dict[str, float]:
     for p in PRECISIONS:
         model = model_in(p, source).eval()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p == "bf16_autocast"):
-            raw[p] = np.concatenate([t.attribution for t in compute_token_importance(model, sequences, batch_size=len(sequences))])
+            raw[p] = np.concatenate(
+                [t.attribution for t in compute_token_importance(model, sequences, batch_size=len(sequences))]
+            )
     return {p: float(np.corrcoef(raw["float32"], raw[p])[0, 1]) for p in PRECISIONS[1:]}
 
 
@@ -139,18 +148,32 @@ def main() -> None:
     rows = features(tokenizer, hh_pairs(BATCH * steps))
     collate = PreferenceCollator(tokenizer.pad_token_id)
     batches = [collate(rows[i : i + BATCH]) for i in range(0, len(rows), BATCH)]
-    shuffled = [collate([rows[j] for j in order]) for order in np.random.default_rng(1).permutation(len(rows)).reshape(-1, BATCH).tolist()]
+    shuffled = [
+        collate([rows[j] for j in order])
+        for order in np.random.default_rng(1).permutation(len(rows)).reshape(-1, BATCH).tolist()
+    ]
     reference = model_in("float32", source).eval()
     refs, refs_shuffled = reference_logps(reference, batches), reference_logps(reference, shuffled)
     del reference
-    sequences = [EncodedSequence(r["chosen_input_ids"], r["chosen_response_mask"], [(0, 0)] * sum(r["chosen_response_mask"])) for r in rows[:8]]
+    sequences = [
+        EncodedSequence(
+            r["chosen_input_ids"], r["chosen_response_mask"], [(0, 0)] * sum(r["chosen_response_mask"])
+        )
+        for r in rows[:8]
+    ]
     common.log(NAME, f"timing {rounds} interleaved rounds")
     timed = timings(source, batches[0], refs[0], sequences, rounds)
     common.log(NAME, f"loss curves over {steps} steps")
     curves = {p: curve(p, source, batches, refs, args.learning_rate) for p in PRECISIONS}
     other_order = curve("float32", source, shuffled, refs_shuffled, args.learning_rate)
     seed_noise = statistics.fmean(abs(a - b) for a, b in zip(curves["float32"], other_order, strict=True))
-    figures: dict = {"model": "SmolLM2-135M-Instruct", "pairs": len(rows), "batch": BATCH, "steps": steps, "learning_rate": args.learning_rate}
+    figures: dict = {
+        "model": "SmolLM2-135M-Instruct",
+        "pairs": len(rows),
+        "batch": BATCH,
+        "steps": steps,
+        "learning_rate": args.learning_rate,
+    }
     figures["cpu_bf16"] = cpu_has_native_bf16()
     figures["precisions"] = {}
     for p in PRECISIONS:
@@ -158,8 +181,13 @@ def main() -> None:
         figures["precisions"][p] = {
             "step_s": statistics.median(timed[p]["step_s"]),
             "attribution_s": statistics.median(timed[p]["attribution_s"]),
-            "step_ratio_vs_float32": statistics.median(a / b for a, b in zip(timed[p]["step_s"], timed["float32"]["step_s"], strict=True)),
-            "attribution_ratio_vs_float32": statistics.median(a / b for a, b in zip(timed[p]["attribution_s"], timed["float32"]["attribution_s"], strict=True)),
+            "step_ratio_vs_float32": statistics.median(
+                a / b for a, b in zip(timed[p]["step_s"], timed["float32"]["step_s"], strict=True)
+            ),
+            "attribution_ratio_vs_float32": statistics.median(
+                a / b
+                for a, b in zip(timed[p]["attribution_s"], timed["float32"]["attribution_s"], strict=True)
+            ),
             "loss_curve": curves[p],
             "mean_abs_loss_deviation_from_float32": deviation,
             "within_seed_noise": deviation <= seed_noise,

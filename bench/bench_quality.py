@@ -61,9 +61,18 @@ ABLATIONS = {
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
-            "pairs": 24, "eval_fraction": 0.25, "seeds": [0], "sft_steps": 4, "anchor_new_tokens": 8,
-            "sample_new_tokens": 4, "tiny": True, "ablations": False, "max_steps": 3,
-            "plan": {"middle": {"methods": list(METHODS), "seed_methods": list(METHODS), "authors_seeds": [0]}},
+            "pairs": 24,
+            "eval_fraction": 0.25,
+            "seeds": [0],
+            "sft_steps": 4,
+            "anchor_new_tokens": 8,
+            "sample_new_tokens": 4,
+            "tiny": True,
+            "ablations": False,
+            "max_steps": 3,
+            "plan": {
+                "middle": {"methods": list(METHODS), "seed_methods": list(METHODS), "authors_seeds": [0]}
+            },
         }
     # What fits one sitting of the 2-core machine (about 70 minutes): every method on seed 0 of the middle
     # data, the headline methods (DPO, the paper's TI-DPO, TI-DPO with the best estimator) on 3 seeds of both
@@ -72,7 +81,11 @@ def _sizes(quick: bool) -> dict[str, Any]:
     headline = ["dpo", "tidpo", "tidpo_contrastive"]
     if os.environ.get("TIDPO_QUALITY_FULL"):
         plan = {
-            p: {"methods": list(METHODS), "seed_methods": list(METHODS), "authors_seeds": [0, 1, 2] if p == "middle" else []}
+            p: {
+                "methods": list(METHODS),
+                "seed_methods": list(METHODS),
+                "authors_seeds": [0, 1, 2] if p == "middle" else [],
+            }
             for p in SPAN_POSITIONS
         }
     else:
@@ -81,8 +94,15 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "uniform": {"methods": headline, "seed_methods": headline, "authors_seeds": []},
         }
     return {
-        "pairs": 2000, "eval_fraction": 0.1, "seeds": [0, 1, 2], "sft_steps": 300, "anchor_new_tokens": 64,
-        "sample_new_tokens": 80, "tiny": False, "ablations": bool(os.environ.get("TIDPO_QUALITY_FULL")), "max_steps": -1,
+        "pairs": 2000,
+        "eval_fraction": 0.1,
+        "seeds": [0, 1, 2],
+        "sft_steps": 300,
+        "anchor_new_tokens": 64,
+        "sample_new_tokens": 80,
+        "tiny": False,
+        "ablations": bool(os.environ.get("TIDPO_QUALITY_FULL")),
+        "max_steps": -1,
         "plan": plan,
     }
 
@@ -91,24 +111,40 @@ def tiny_model_config(tiny: bool):
     from tidpo_core.models.modeling import TinyModelConfig
 
     if tiny:
-        return TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+        return TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
     return TinyModelConfig()
 
 
 def _phrase_rate(samples: list[str], pairs: list[Any]) -> dict[str, Any] | str:
     rate = common.optional("tidpo_core.evaluation.critical_tokens", "critical_phrase_rate")
-    usable = [(s, p) for s, p in zip(samples, pairs, strict=True) if p.meta.get("chosen_phrase") and p.meta.get("rejected_phrase")]
+    usable = [
+        (s, p)
+        for s, p in zip(samples, pairs, strict=True)
+        if p.meta.get("chosen_phrase") and p.meta.get("rejected_phrase")
+    ]
     if rate is None:
         return "pending"
     if not usable:
         return "n/a (no critical phrases in this data)"
-    return rate([s for s, _ in usable], [p.meta["chosen_phrase"] for _, p in usable], [p.meta["rejected_phrase"] for _, p in usable])
+    return rate(
+        [s for s, _ in usable],
+        [p.meta["chosen_phrase"] for _, p in usable],
+        [p.meta["rejected_phrase"] for _, p in usable],
+    )
 
 
 class Evaluator:
     """Held-out metrics of a policy against the shared reference (reference scores computed once)."""
 
-    def __init__(self, prepared: preparation.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1):
+    def __init__(
+        self, prepared: preparation.Prepared, sample_new_tokens: int, phrases: bool, beta: float = 0.1
+    ):
         from tidpo_core.batching.features import EncodingSettings
         from tidpo_core.evaluation.preference import preference_metrics, score_pairs
         from tidpo_core.models.generation import SamplingSettings
@@ -120,7 +156,10 @@ class Evaluator:
         self.pairs = preparation.eval_pairs(prepared)
         self.settings = EncodingSettings(prepared.max_prompt_tokens, prepared.max_response_tokens)
         self.sampling = SamplingSettings(
-            max_new_tokens=sample_new_tokens, seed=1234, batch_size=32, max_prompt_tokens=prepared.max_prompt_tokens
+            max_new_tokens=sample_new_tokens,
+            seed=1234,
+            batch_size=32,
+            max_prompt_tokens=prepared.max_prompt_tokens,
         )
         reference, self.tokenizer = load_model_and_tokenizer(prepared.reference_path)
         self.reference_model = reference
@@ -131,7 +170,11 @@ class Evaluator:
     def evaluate_model(self, model, is_reference: bool = False) -> dict[str, Any]:
         from tidpo_core.models.generation import sample_responses
 
-        scores = self.reference_scores if is_reference else self._score(model, self.tokenizer, self.pairs, self.settings, 32)
+        scores = (
+            self.reference_scores
+            if is_reference
+            else self._score(model, self.tokenizer, self.pairs, self.settings, 32)
+        )
         metrics = self._metrics(scores, self.reference_scores, self.beta)
         out: dict[str, Any] = {k: metrics[k] for k in METRICS}
         out["eval_pairs"] = len(self.pairs)
@@ -145,9 +188,15 @@ class Evaluator:
             from tidpo_core.evaluation.kl import kl_to_reference
             from tidpo_core.evaluation.sampled_responses import KL_SAMPLING
 
-            kl_sampling = replace(KL_SAMPLING, max_new_tokens=self.sampling.max_new_tokens, seed=1234,
-                                  max_prompt_tokens=self.prepared.max_prompt_tokens)
-            estimate, _ = kl_to_reference(model, self.reference_model, self.tokenizer, [p.prompt for p in self.pairs], kl_sampling)
+            kl_sampling = replace(
+                KL_SAMPLING,
+                max_new_tokens=self.sampling.max_new_tokens,
+                seed=1234,
+                max_prompt_tokens=self.prepared.max_prompt_tokens,
+            )
+            estimate, _ = kl_to_reference(
+                model, self.reference_model, self.tokenizer, [p.prompt for p in self.pairs], kl_sampling
+            )
             out["kl"], out["kl_stderr"] = estimate.kl, estimate.stderr
         return out
 
@@ -159,7 +208,13 @@ class Evaluator:
 
 
 def train_and_evaluate(
-    prepared: preparation.Prepared, evaluator: Evaluator, name: str, overrides: dict[str, Any], seed: int, work: Path, max_steps: int
+    prepared: preparation.Prepared,
+    evaluator: Evaluator,
+    name: str,
+    overrides: dict[str, Any],
+    seed: int,
+    work: Path,
+    max_steps: int,
 ) -> dict[str, Any]:
     out = work / f"{name.split()[0]}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
@@ -176,7 +231,9 @@ def train_and_evaluate(
         "steps": run.summary.steps,
         "first_loss": run.summary.first_loss,
         "last_loss": run.summary.last_loss,
-        "train_reward_accuracy_last": run.summary.history[-1].get("rewards/accuracies") if run.summary.history else None,
+        "train_reward_accuracy_last": run.summary.history[-1].get("rewards/accuracies")
+        if run.summary.history
+        else None,
         **evaluator.evaluate_path(run.summary.final_model_path),
     }
     shutil.rmtree(out, ignore_errors=True)
@@ -230,7 +287,11 @@ def verdict(table: dict[str, Any], method: str) -> dict[str, Any]:
     key = "critical_phrase_chosen_of_all"
     mine, dpo = table.get(method, {}), table.get("dpo", {})
     if min(mine.get(key, {}).get("n", 0), dpo.get(key, {}).get("n", 0)) < MIN_SEEDS_FOR_A_VERDICT:
-        return {"method": method, "met": None, "why": f"fewer than {MIN_SEEDS_FOR_A_VERDICT} seeds: no spread to judge by"}
+        return {
+            "method": method,
+            "met": None,
+            "why": f"fewer than {MIN_SEEDS_FOR_A_VERDICT} seeds: no spread to judge by",
+        }
     phrase = beats(mine.get(key), dpo.get(key))
     kl_ok = None
     if "kl" in mine and "kl" in dpo:
@@ -256,7 +317,13 @@ def investigate(position: str, table: dict[str, Any], reference: dict[str, Any])
             continue
         parts = [f"{HEADLINE} {row[HEADLINE]['mean']:.3f} (DPO {d[HEADLINE]['mean']:.3f})"]
         if key in row and key in d:
-            relation = "above" if beats(row[key], d[key]) else "below" if beats(d[key], row[key]) else "within the spread of"
+            relation = (
+                "above"
+                if beats(row[key], d[key])
+                else "below"
+                if beats(d[key], row[key])
+                else "within the spread of"
+            )
             parts.append(
                 f"safe phrase {row[key]['mean']:.3f} ± {row[key]['std']:.3f}, {relation} DPO's {d[key]['mean']:.3f} ± {d[key]['std']:.3f}"
                 + (f" (reference {ref_phrase:.3f})" if ref_phrase is not None else "")
@@ -267,7 +334,9 @@ def investigate(position: str, table: dict[str, Any], reference: dict[str, Any])
     return notes
 
 
-def _estimator_weights(prepared: preparation.Prepared, sizes: dict[str, Any], methods: dict[str, Any]) -> dict[str, float]:
+def _estimator_weights(
+    prepared: preparation.Prepared, sizes: dict[str, Any], methods: dict[str, Any]
+) -> dict[str, float]:
     """The other estimators' weight tables beside the stored attribution one; seconds each took."""
     from bench.bench_importance import contrastive_pair_paths
 
@@ -276,17 +345,30 @@ def _estimator_weights(prepared: preparation.Prepared, sizes: dict[str, Any], me
         started = time.perf_counter()
         kwargs = dict(ESTIMATOR_WEIGHTS[estimator])
         if estimator == "contrastive":
-            kwargs["contrastive_positive_path"], kwargs["contrastive_negative_path"] = contrastive_pair_paths(prepared, sizes)
+            kwargs["contrastive_positive_path"], kwargs["contrastive_negative_path"] = contrastive_pair_paths(
+                prepared, sizes
+            )
         prepared.extra_weights[estimator] = preparation.add_weights(prepared, **kwargs)
         seconds[estimator] = time.perf_counter() - started
     return seconds
 
 
 # Sizes that must match for a run of an earlier results file to stand in for a new one (the plan may grow).
-REUSE_KEYS = ("pairs", "eval_fraction", "seeds", "sft_steps", "anchor_new_tokens", "sample_new_tokens", "tiny", "max_steps")
+REUSE_KEYS = (
+    "pairs",
+    "eval_fraction",
+    "seeds",
+    "sft_steps",
+    "anchor_new_tokens",
+    "sample_new_tokens",
+    "tiny",
+    "max_steps",
+)
 
 
-def reusable_runs(previous: dict[str, Any] | None, sizes: dict[str, Any], position: str) -> dict[tuple[str, int], dict[str, Any]]:
+def reusable_runs(
+    previous: dict[str, Any] | None, sizes: dict[str, Any], position: str
+) -> dict[tuple[str, int], dict[str, Any]]:
     """(method, seed) -> run of an earlier quality.json made with the same sizes (TIDPO_QUALITY_REUSE), so a
     longer plan only trains what is missing. Each reused run says where it came from (`reused_from`)."""
     if not previous or any(previous.get("sizes", {}).get(k) != sizes[k] for k in REUSE_KEYS):
@@ -294,9 +376,15 @@ def reusable_runs(previous: dict[str, Any] | None, sizes: dict[str, Any], positi
     section = previous.get("span_position", {}).get(position, {})
     found: dict[tuple[str, int], dict[str, Any]] = {}
     for run in section.get("runs", []):
-        found[(run["method"], run["seed"])] = {**run, "reused_from": run.get("reused_from", previous.get("commit"))}
+        found[(run["method"], run["seed"])] = {
+            **run,
+            "reused_from": run.get("reused_from", previous.get("commit")),
+        }
     for name, run in section.get("ablations", {}).items():
-        found[(name, sizes["seeds"][0])] = {**run, "reused_from": run.get("reused_from", previous.get("commit"))}
+        found[(name, sizes["seeds"][0])] = {
+            **run,
+            "reused_from": run.get("reused_from", previous.get("commit")),
+        }
     return found
 
 
@@ -325,7 +413,8 @@ def _authors_per_step(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     compares like with like."""
     default_by_seed = {r["seed"]: r for r in runs if r["method"] == "tidpo"}
     authors = [
-        r for r in runs
+        r
+        for r in runs
         if r["method"] == "tidpo_authors_per_step"
         and r["seed"] in default_by_seed
         and default_by_seed[r["seed"]].get("reused_from") == r.get("reused_from")
@@ -349,7 +438,9 @@ def _reuse_with_same_reference(
     another thread count) from the earlier file's."""
     reuse = reusable_runs(previous, sizes, position)
     earlier_reference = (previous or {}).get("span_position", {}).get(position, {}).get("reference", {})
-    if reuse and any(not math.isclose(earlier_reference.get(k, math.nan), reference[k], rel_tol=1e-6) for k in METRICS):
+    if reuse and any(
+        not math.isclose(earlier_reference.get(k, math.nan), reference[k], rel_tol=1e-6) for k in METRICS
+    ):
         common.log(NAME, f"[{position}] the reference differs from the reused file's; retraining every run")
         reuse = {}
     common.log(NAME, f"[{position}] reusing {len(reuse)} runs of an earlier results file")
@@ -357,7 +448,11 @@ def _reuse_with_same_reference(
 
 
 def run_position(
-    position: str, sizes: dict[str, Any], work: Path, progress: Any = None, previous: dict[str, Any] | None = None
+    position: str,
+    sizes: dict[str, Any],
+    work: Path,
+    progress: Any = None,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One span position's runs: `plan.methods` on the first seed, `plan.seed_methods` on every seed, the
     authors' algorithm on `plan.authors_seeds`. `progress(result_so_far)` is called after every run. Runs
@@ -368,14 +463,25 @@ def run_position(
     estimator_s = _estimator_weights(prepared, sizes, methods)
     evaluator = Evaluator(prepared, sizes["sample_new_tokens"], phrases=True)
     common.log(NAME, f"[{position}] reference: {evaluator.reference}")
-    out: dict[str, Any] = {"prepare_s": {**prepared.timings, "estimator_weights": estimator_s}, "reference": evaluator.reference, "plan": plan}
+    out: dict[str, Any] = {
+        "prepare_s": {**prepared.timings, "estimator_weights": estimator_s},
+        "reference": evaluator.reference,
+        "plan": plan,
+    }
     runs: list[dict[str, Any]] = []
     ablations: dict[str, Any] = {}
 
     def summarize() -> dict[str, Any]:
         names = [m for m in [*METHODS, "tidpo_authors_per_step"] if any(r["method"] == m for r in runs)]
         table = aggregate(runs, names)
-        out.update({"methods": table, "runs": runs, "ablations": ablations, "notes": investigate(position, table, evaluator.reference)})
+        out.update(
+            {
+                "methods": table,
+                "runs": runs,
+                "ablations": ablations,
+                "notes": investigate(position, table, evaluator.reference),
+            }
+        )
         authors = _authors_per_step(runs)
         if authors is not None:
             out["authors_per_step"] = authors
@@ -383,8 +489,11 @@ def run_position(
 
     def record(result: dict[str, Any]) -> None:
         runs.append(result)
-        common.log(NAME, f"[{position}] seed {result['seed']} {result['method']:<22} {HEADLINE} {result[HEADLINE]:.3f}  "
-                         f"KL {result.get('kl', float('nan')):.2f}  safe {phrase_value(result, 'chosen_of_all')}  train {result['train_s']:.0f} s")
+        common.log(
+            NAME,
+            f"[{position}] seed {result['seed']} {result['method']:<22} {HEADLINE} {result[HEADLINE]:.3f}  "
+            f"KL {result.get('kl', float('nan')):.2f}  safe {phrase_value(result, 'chosen_of_all')}  train {result['train_s']:.0f} s",
+        )
         if progress is not None:
             progress(summarize())
 
@@ -450,6 +559,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     try:
         for position in sizes["plan"]:
+
             def progress(partial: dict[str, Any], position: str = position) -> None:
                 by_position[position] = partial
                 common.write_results(NAME, figures(complete=False), quick, started)

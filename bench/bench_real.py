@@ -114,8 +114,14 @@ def split_pairs(path: Path, sizes: GridSizes) -> Split:
         raise ValueError(f"{path} has {len(ordered)} valid pairs; the grid needs {needed}")
     train, rest = ordered[: sizes.train], ordered[sizes.train :]
     held_out, judge = rest[: sizes.eval], rest[sizes.eval : sizes.eval + sizes.judge]
-    info = {"rows_read": loaded.rows_read, "accepted": loaded.accepted, "quarantined": len(loaded.quarantined)}
-    return Split(train, held_out, judge, {**info, "train": len(train), "eval": len(held_out), "judge": len(judge)})
+    info = {
+        "rows_read": loaded.rows_read,
+        "accepted": loaded.accepted,
+        "quarantined": len(loaded.quarantined),
+    }
+    return Split(
+        train, held_out, judge, {**info, "train": len(train), "eval": len(held_out), "judge": len(judge)}
+    )
 
 
 def truthfulqa_sample(source: Path, questions: int, out: Path) -> Path:
@@ -152,21 +158,53 @@ def prepare(work: Path, model: str, split: Split, sizes: GridSizes) -> dict[str,
     say = lambda message: common.log(NAME, message)  # noqa: E731
     pairs = split.train + split.eval
     with common.timed(timings, "pairs"):
-        ingested = store_pairs(open_db, LoadResult(pairs, [], len(pairs)), 0.0, {p.pair_id for p in split.eval})
+        ingested = store_pairs(
+            open_db, LoadResult(pairs, [], len(pairs)), 0.0, {p.pair_id for p in split.eval}
+        )
     with common.timed(timings, "reference_model"):
-        reference = build_reference(open_db, ReferenceRecipe(model_name_or_path=model), TinyModelConfig(), layout, ingested.digest, log=say).handle
+        reference = build_reference(
+            open_db,
+            ReferenceRecipe(model_name_or_path=model),
+            TinyModelConfig(),
+            layout,
+            ingested.digest,
+            log=say,
+        ).handle
     with common.timed(timings, "anchor_responses"):
-        sampling = SamplingSettings(max_new_tokens=sizes.anchor_new_tokens, max_prompt_tokens=sizes.max_prompt_tokens, batch_size=16)
+        sampling = SamplingSettings(
+            max_new_tokens=sizes.anchor_new_tokens, max_prompt_tokens=sizes.max_prompt_tokens, batch_size=16
+        )
         anchors = sample_anchors(open_db, reference, sampling, progress=True, log=say).fingerprint
     if "tidpo_contrastive" in sizes.methods:
         with common.timed(timings, "contrastive_models"):
-            recipe = ContrastiveSFT(sft_steps=sizes.contrastive_sft_steps, sft_batch_size=sizes.sft_batch_size)
-            train_contrastive_models(open_db, reference, recipe, layout, ingested.digest, progress=True, log=say)
+            recipe = ContrastiveSFT(
+                sft_steps=sizes.contrastive_sft_steps, sft_batch_size=sizes.sft_batch_size
+            )
+            train_contrastive_models(
+                open_db, reference, recipe, layout, ingested.digest, progress=True, log=say
+            )
     with common.timed(timings, "token_weights"):
-        weighing = WeighingSettings(batch_size=8, max_prompt_tokens=sizes.max_prompt_tokens, max_response_tokens=sizes.max_response_tokens)
+        weighing = WeighingSettings(
+            batch_size=8,
+            max_prompt_tokens=sizes.max_prompt_tokens,
+            max_response_tokens=sizes.max_response_tokens,
+        )
         report = weigh_tokens(open_db, reference, anchors, weighing, progress=True, log=say)
-    weights = {"fingerprint": report.fingerprint, "encoding": weighing.encoding.__dict__, "importance": report.importance, "reference_kl_top_k": 0}
-    return {"layout": layout, "open_db": open_db, "digest": ingested.digest, "reference": reference, "anchors": anchors, "weights": weights, "timings": timings}
+    weights = {
+        "fingerprint": report.fingerprint,
+        "encoding": weighing.encoding.__dict__,
+        "importance": report.importance,
+        "reference_kl_top_k": 0,
+    }
+    return {
+        "layout": layout,
+        "open_db": open_db,
+        "digest": ingested.digest,
+        "reference": reference,
+        "anchors": anchors,
+        "weights": weights,
+        "timings": timings,
+    }
 
 
 def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> dict[str, Any]:
@@ -187,7 +225,13 @@ def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> d
         max_prompt_tokens=sizes.max_prompt_tokens,
         max_response_tokens=sizes.max_response_tokens,
     ).settled(pretrained=True)
-    key = digest({"reference": reference.fingerprint, "pairs": sorted(p.pair_id for p in split.judge), "training": asdict(training)})
+    key = digest(
+        {
+            "reference": reference.fingerprint,
+            "pairs": sorted(p.pair_id for p in split.judge),
+            "training": asdict(training),
+        }
+    )
     out = work / "judge"
     tic = time.perf_counter()
     if not is_built(out, key):
@@ -195,7 +239,13 @@ def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> d
         train_reward_model(reference.path, split.judge, out, training, build_key=key, progress=True)
     held_out = held_out_accuracy(load_reward_function(out, batch_size=sizes.eval_batch_size), split.eval)
     common.log(NAME, f"judge: held-out accuracy {held_out.accuracy:.3f} on {held_out.pairs} pairs")
-    return {"path": str(out), "train_pairs": len(split.judge), "held_out": held_out.as_metrics(), "training": asdict(training), "seconds": time.perf_counter() - tic}
+    return {
+        "path": str(out),
+        "train_pairs": len(split.judge),
+        "held_out": held_out.as_metrics(),
+        "training": asdict(training),
+        "seconds": time.perf_counter() - tic,
+    }
 
 
 def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
@@ -209,9 +259,15 @@ def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
     common.log(NAME, f"HH-RLHF harmless-base: {split.info}")
     stages = prepare(work, model, split, sizes)
     judge = train_judge(work, stages["reference"], split, sizes)
-    questions = truthfulqa_sample(common.SHARED_DATA / TRUTHFULQA_FILE, sizes.truthfulqa_questions, work / "truthfulqa_sample.csv")
+    questions = truthfulqa_sample(
+        common.SHARED_DATA / TRUTHFULQA_FILE, sizes.truthfulqa_questions, work / "truthfulqa_sample.csv"
+    )
     layout = stages["layout"]
-    tracking_to = RunTracking(layout.tracking_uri, tracking.ensure_experiment(layout.tracking_uri, layout.artifacts.as_uri()), {"tidpo.bench": NAME})
+    tracking_to = RunTracking(
+        layout.tracking_uri,
+        tracking.ensure_experiment(layout.tracking_uri, layout.artifacts.as_uri()),
+        {"tidpo.bench": NAME},
+    )
     settings = ComparisonSettings(
         methods=list(sizes.methods),
         seeds=list(sizes.seeds),
@@ -239,7 +295,9 @@ def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
         settings,
         engine_options,
         benchmarks=["truthfulqa"],
-        benchmark_options=BenchmarkOptions(data_files={"truthfulqa": str(questions)}, batch_size=sizes.eval_batch_size),
+        benchmark_options=BenchmarkOptions(
+            data_files={"truthfulqa": str(questions)}, batch_size=sizes.eval_batch_size
+        ),
         record={"commit": common.git_commit()},
         log=lambda message: common.log(NAME, message),
     )
@@ -274,7 +332,14 @@ def method_rows(result: Any) -> dict[str, Any]:
             cell.update(common.mean_std(cell["seeds"]))
     commits = sorted({str(run.info.get("commit", "unknown")) for run in result.runs})
     runs = [
-        {"method": r.method, "seed": r.seed, "commit": r.info.get("commit"), "reused": r.reused, "train_s": r.train_seconds, "eval_s": r.eval_seconds}
+        {
+            "method": r.method,
+            "seed": r.seed,
+            "commit": r.info.get("commit"),
+            "reused": r.reused,
+            "train_s": r.train_seconds,
+            "eval_s": r.eval_seconds,
+        }
         for r in result.runs
     ]
     return {"methods": methods, "commits": commits, "one_commit": len(commits) == 1, "runs": runs}
@@ -310,7 +375,9 @@ def merge_results(section: dict[str, Any], quick: bool, started: float) -> dict[
     return common.write_results(NAME, figures, quick, started)
 
 
-def run(quick: bool = False, work: Path | None = None, model: str = MODEL, part: str = "all") -> dict[str, Any]:
+def run(
+    quick: bool = False, work: Path | None = None, model: str = MODEL, part: str = "all"
+) -> dict[str, Any]:
     common.setup_threads()
     started = time.perf_counter()
     if not (common.SHARED_DATA / DATA_FILE).exists():
@@ -358,7 +425,10 @@ def trl_section(model: str, quick: bool) -> dict[str, Any]:
 
     doc = bench_trl.run_pretrained(model, quick=quick)
     section: dict[str, Any] = {
-        method: {"epoch_ratio_vs_trl": row["epoch_ratio_vs_trl"], "epoch_ratio_vs_trl_rounds": row["epoch_ratio_vs_trl_rounds"]}
+        method: {
+            "epoch_ratio_vs_trl": row["epoch_ratio_vs_trl"],
+            "epoch_ratio_vs_trl_rounds": row["epoch_ratio_vs_trl_rounds"],
+        }
         for method, row in doc["methods"].items()
         if method != "trl_dpo"
     }
@@ -370,11 +440,25 @@ def trl_section(model: str, quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="the paper's comparison on a pretrained chat model (resumable)")
+    parser = argparse.ArgumentParser(
+        description="the paper's comparison on a pretrained chat model (resumable)"
+    )
     parser.add_argument("--quick", action="store_true", help="the smoke test's sizes")
-    parser.add_argument("--work", type=Path, default=None, help="the data dir that keeps every stage (default .tidpo/bench-real)")
-    parser.add_argument("--model", default=MODEL, help="reference model: hub id, HF folder, GGUF file or shipped name")
-    parser.add_argument("--part", default="all", choices=PARTS, help="the grid, the estimators' precision@k, TRL's timing, or all three")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="the data dir that keeps every stage (default .tidpo/bench-real)",
+    )
+    parser.add_argument(
+        "--model", default=MODEL, help="reference model: hub id, HF folder, GGUF file or shipped name"
+    )
+    parser.add_argument(
+        "--part",
+        default="all",
+        choices=PARTS,
+        help="the grid, the estimators' precision@k, TRL's timing, or all three",
+    )
     args = parser.parse_args()
     run(quick=args.quick, work=args.work, model=args.model, part=args.part)
 

@@ -30,7 +30,14 @@ from bench import common, resources
 from tidpo_core.runtime.layout import DATABASE_FILE
 
 NAME = "scaling"
-ASSET_ORDER = ("preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation")
+ASSET_ORDER = (
+    "preference_pairs",
+    "reference_model",
+    "anchor_responses",
+    "token_weights",
+    "tidpo_policy",
+    "evaluation",
+)
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -55,12 +62,19 @@ def run_config(pairs: int, assets: Sequence[str] = ASSET_ORDER) -> dict[str, Any
     config = {
         "loggers": {"console": {"config": {"log_level": "WARNING"}}},
         "ops": {
-            "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.1, "include_inbox": False}},
+            "preference_pairs": {
+                "config": {"synthetic_pairs": pairs, "eval_fraction": 0.1, "include_inbox": False}
+            },
             "reference_model": {"config": {**MODEL, "sft_steps": max(4, pairs // 20)}},
             "anchor_responses": {"config": {"max_new_tokens": 16, "batch_size": 32}},
             "token_weights": {"config": {"batch_size": 16}},
             "tidpo_policy": {
-                "config": {"num_epochs": 1, "per_device_batch_size": 8, "checkpoint_every": 200, "warmup_steps": 10}
+                "config": {
+                    "num_epochs": 1,
+                    "per_device_batch_size": 8,
+                    "checkpoint_every": 200,
+                    "warmup_steps": 10,
+                }
             },
             "evaluation": {"config": {"batch_size": 32}},
         },
@@ -80,7 +94,10 @@ def child(pairs: int, out: Path, assets: list[str]) -> dict[str, Any]:
     rss_after_imports = resources.peak_rss_mb()
     selection = dg.AssetSelection.assets(*assets)
     selection = selection | dg.AssetSelection.checks_for_assets(*assets)
-    with tempfile.TemporaryDirectory(prefix="tidpo-bench-scaling-") as data_dir, resources.ChildRssSampler() as children:
+    with (
+        tempfile.TemporaryDirectory(prefix="tidpo-bench-scaling-") as data_dir,
+        resources.ChildRssSampler() as children,
+    ):
         instance = dg.DagsterInstance.ephemeral()
         cpu_start = resources.cpu_seconds()
         start = time.perf_counter()
@@ -131,11 +148,21 @@ def _measure(pairs: list[int], timeout: int, assets: list[str]) -> list[dict[str
         start = time.perf_counter()
         proc = subprocess.run(
             [
-                sys.executable, "-m", "bench.bench_scaling",
-                "--child", ",".join(map(str, pairs)), "--out", str(out), "--assets", ",".join(assets),
+                sys.executable,
+                "-m",
+                "bench.bench_scaling",
+                "--child",
+                ",".join(map(str, pairs)),
+                "--out",
+                str(out),
+                "--assets",
+                ",".join(assets),
             ],
             cwd=common.ROOT,
-            env={**os.environ, "PYTHONPATH": str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+            env={
+                **os.environ,
+                "PYTHONPATH": str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            },
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -143,7 +170,9 @@ def _measure(pairs: list[int], timeout: int, assets: list[str]) -> list[dict[str
         )
         wall = time.perf_counter() - start
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"scaling child for {pairs} pairs failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"scaling child for {pairs} pairs failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         results = json.loads(out.read_text())
     for result in results:
         result["process_wall_s"] = wall / len(results)
@@ -155,7 +184,9 @@ def marginal_costs(pairs: list[int], seconds: list[float]) -> list[float]:
     return [(seconds[i + 1] - seconds[i]) / (pairs[i + 1] - pairs[i]) for i in range(len(pairs) - 1)]
 
 
-def grows_linearly(exponent: float, exponent_two_largest: float, marginal: list[float], slack: float = 1.15) -> bool:
+def grows_linearly(
+    exponent: float, exponent_two_largest: float, marginal: list[float], slack: float = 1.15
+) -> bool:
     """No log-log exponent above `slack`, and an added pair at the largest sizes costing at most `slack`
     times one at the smallest (fixed + per-pair x n passes whatever its fixed part; n^1.3 does not)."""
     return exponent <= slack and exponent_two_largest <= slack and marginal[-1] <= slack * marginal[0]
@@ -168,10 +199,14 @@ def _exponents(measurements: list[dict[str, Any]]) -> dict[str, Any]:
     exponents: dict[str, Any] = {
         "pipeline_seconds": common.loglog_slope(xs, [m["seconds"] for m in measurements]),
         "process_wall_seconds": common.loglog_slope(xs, [m["process_wall_s"] for m in measurements]),
-        "pipeline_seconds_two_largest": common.loglog_slope(xs[-2:], [m["seconds"] for m in measurements[-2:]]),
+        "pipeline_seconds_two_largest": common.loglog_slope(
+            xs[-2:], [m["seconds"] for m in measurements[-2:]]
+        ),
         # CPU time (pipeline process + training subprocess) is far less sensitive to other load on the machine.
         "pipeline_cpu_seconds": common.loglog_slope(xs, [m["cpu_seconds"] for m in measurements]),
-        "pipeline_cpu_seconds_two_largest": common.loglog_slope(xs[-2:], [m["cpu_seconds"] for m in measurements[-2:]]),
+        "pipeline_cpu_seconds_two_largest": common.loglog_slope(
+            xs[-2:], [m["cpu_seconds"] for m in measurements[-2:]]
+        ),
         "per_asset": {},
     }
     exponents["marginal_cpu_seconds_per_pair"] = marginal_costs(xs, [m["cpu_seconds"] for m in measurements])
@@ -222,7 +257,10 @@ def _targets(exponents: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any
         "memory_flat_growth": memory["peak_rss_growth_largest_over_smallest"],
         "memory_flat": all(
             g is None or g <= 1.25
-            for g in (memory["peak_rss_growth_largest_over_smallest"], memory["training_rss_growth_largest_over_smallest"])
+            for g in (
+                memory["peak_rss_growth_largest_over_smallest"],
+                memory["training_rss_growth_largest_over_smallest"],
+            )
         ),
     }
 

@@ -87,12 +87,18 @@ def _sizes(quick: bool, pairs: int | None) -> dict[str, Any]:
             "anchor_new_tokens": 8,
             "max_response_tokens": 64,
             "model": TinyModelConfig(
-                vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+                vocab_size=400,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
             ),
             "vocab_size": 400,
         }
     return {
-        "pairs": pairs or 1024,  # 128 steps: a one-off start-up read (~0.15 s) is not taken for a per-step cost
+        "pairs": pairs
+        or 1024,  # 128 steps: a one-off start-up read (~0.15 s) is not taken for a per-step cost
         "rounds": 3,  # the median of three paired ratios: one disturbed round cannot move it past the others
         "batch": 8,
         "warmup_steps_skipped": 2,
@@ -205,7 +211,9 @@ def _run(
     }
     for name, value in ratios.items():
         if value is not None:
-            common.log(NAME, f"{name}: {value:.3f}x (rounds: {', '.join(f'{r:.3f}' for r in ratio_rounds[name])})")
+            common.log(
+                NAME, f"{name}: {value:.3f}x (rounds: {', '.join(f'{r:.3f}' for r in ratio_rounds[name])})"
+            )
     return common.write_results(NAME, figures, quick, started, path=None if out is None else Path(out))
 
 
@@ -226,7 +234,9 @@ def _prepare(data_dir: Path, sizes: dict[str, Any]) -> preparation.Prepared:
     )
 
 
-def _write_configs(prepared: preparation.Prepared, sizes: dict[str, Any], configs: tuple[str, ...], work: Path) -> dict[str, Path]:
+def _write_configs(
+    prepared: preparation.Prepared, sizes: dict[str, Any], configs: tuple[str, ...], work: Path
+) -> dict[str, Path]:
     """One training config file per configuration, all on `prepared`'s data."""
     paths = {}
     for name in configs:
@@ -243,7 +253,9 @@ def _write_configs(prepared: preparation.Prepared, sizes: dict[str, Any], config
     return paths
 
 
-def _time_rounds(paths: dict[str, Path], env: dict[str, str], sizes: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+def _time_rounds(
+    paths: dict[str, Path], env: dict[str, str], sizes: dict[str, Any]
+) -> dict[str, list[dict[str, float]]]:
     """Every configuration once per round, the order alternating between rounds; each round's figures."""
 
     def report(round_index: int, name: str, figures: dict[str, float]) -> None:
@@ -254,7 +266,10 @@ def _time_rounds(paths: dict[str, Path], env: dict[str, str], sizes: dict[str, A
             f"duckdb {100 * figures['duckdb_share']:.2f}%",
         )
 
-    tasks = {name: (lambda path=path: _figures(_train_once(path, env), sizes["warmup_steps_skipped"])) for name, path in paths.items()}
+    tasks = {
+        name: (lambda path=path: _figures(_train_once(path, env), sizes["warmup_steps_skipped"]))
+        for name, path in paths.items()
+    }
     return rounds.interleaved_rounds(tasks, sizes["rounds"], report)
 
 
@@ -314,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=None, help="training pairs (default 1024; quick 24)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (what the smoke test runs)")
-    parser.add_argument("--threads", type=int, default=common.THREADS, help="intra-op threads per training process")
+    parser.add_argument(
+        "--threads", type=int, default=common.THREADS, help="intra-op threads per training process"
+    )
     parser.add_argument("--out", default=None, help="result file (default bench/results/training.json)")
     args = parser.parse_args(argv)
     run(pairs=args.pairs, quick=args.quick, out=args.out, threads=args.threads)

@@ -44,11 +44,25 @@ TARGET_CACHED_KL_OVER_TRL = 1.0
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         # A small corpus trains a small vocabulary, hence long token sequences: no truncation at 320.
-        return {"pairs": 24, "batch_size": 4, "sft_steps": 4, "anchor_new_tokens": 8, "rounds": 1, "tiny": True,
-                "max_response_tokens": 320}
+        return {
+            "pairs": 24,
+            "batch_size": 4,
+            "sft_steps": 4,
+            "anchor_new_tokens": 8,
+            "rounds": 1,
+            "tiny": True,
+            "max_response_tokens": 320,
+        }
     # Three rounds: the median of three paired ratios is not moved by one disturbed round.
-    return {"pairs": 1000, "batch_size": 8, "sft_steps": 100, "anchor_new_tokens": 64, "rounds": 3, "tiny": False,
-            "max_response_tokens": 128}
+    return {
+        "pairs": 1000,
+        "batch_size": 8,
+        "sft_steps": 100,
+        "anchor_new_tokens": 64,
+        "rounds": 3,
+        "tiny": False,
+        "max_response_tokens": 128,
+    }
 
 
 Results = dict[str, list[dict[str, Any]]]
@@ -58,7 +72,10 @@ def ratios_vs_trl(results: Results, metric: str, label: str) -> dict[str, dict[s
     """Per method: `<label>_ratio_vs_trl_rounds`, its `metric` over TRL's in each round, and
     `<label>_ratio_vs_trl`, the median of those."""
     paired = paired_ratios({method: [r[metric] for r in rs] for method, rs in results.items()}, BASELINE)
-    return {m: {f"{label}_ratio_vs_trl": p["median"], f"{label}_ratio_vs_trl_rounds": p["rounds"]} for m, p in paired.items()}
+    return {
+        m: {f"{label}_ratio_vs_trl": p["median"], f"{label}_ratio_vs_trl_rounds": p["rounds"]}
+        for m, p in paired.items()
+    }
 
 
 def _time_rounds(methods: dict[str, Callable[[], dict[str, Any]]], count: int, prefix: str = "") -> Results:
@@ -91,11 +108,20 @@ def _prepare(sizes: dict[str, Any], work: Path) -> preparation.Prepared:
     from tidpo_core.models.modeling import TinyModelConfig
 
     model_config = (
-        TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+        TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
         if sizes["tiny"]
         else TinyModelConfig()
     )
-    common.log(NAME, f"preparing {sizes['pairs']} synthetic pairs (tokenizer, tiny Llama + SFT, anchors, token weights)")
+    common.log(
+        NAME,
+        f"preparing {sizes['pairs']} synthetic pairs (tokenizer, tiny Llama + SFT, anchors, token weights)",
+    )
     return preparation.prepare(
         work / "data",
         generate_synthetic_pairs(sizes["pairs"], seed=0),
@@ -109,7 +135,9 @@ def _prepare(sizes: dict[str, Any], work: Path) -> preparation.Prepared:
     )
 
 
-def _methods(prepared: preparation.Prepared, rows, features, batch: int, work: Path) -> dict[str, Callable[[], dict[str, Any]]]:
+def _methods(
+    prepared: preparation.Prepared, rows, features, batch: int, work: Path
+) -> dict[str, Callable[[], dict[str, Any]]]:
     return {
         "trl_dpo": lambda: time_trl(prepared, rows, features, batch, work),
         "tidpo_dpo": lambda: time_tidpo(prepared, "dpo", batch, work),
@@ -126,8 +154,10 @@ def _methods(prepared: preparation.Prepared, rows, features, batch: int, work: P
 
 def _summary(results: Results, tokens: dict[str, int], pairs: int) -> dict[str, dict[str, Any]]:
     """Per method: its best round, and its epoch, step and CPU-time ratios to TRL paired by round."""
-    epoch, step, cpu = (ratios_vs_trl(results, metric, label) for metric, label in (
-        ("epoch_s", "epoch"), ("step_median_s", "step"), ("epoch_cpu_s", "epoch_cpu")))
+    epoch, step, cpu = (
+        ratios_vs_trl(results, metric, label)
+        for metric, label in (("epoch_s", "epoch"), ("step_median_s", "step"), ("epoch_cpu_s", "epoch_cpu"))
+    )
     summary: dict[str, dict[str, Any]] = {}
     for method, rs in results.items():
         best = min(rs, key=lambda x: x["epoch_s"])
@@ -174,7 +204,9 @@ def _target(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _setup(prepared: preparation.Prepared, pairs: int, batch: int, rounds: int, tokens: dict[str, int]) -> dict[str, Any]:
+def _setup(
+    prepared: preparation.Prepared, pairs: int, batch: int, rounds: int, tokens: dict[str, int]
+) -> dict[str, Any]:
     return {
         "pairs": pairs,
         "batch_size": batch,
@@ -205,7 +237,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         rows, features = trl_rows(prepared, tokenizer)
         batch = sizes["batch_size"]
         results = _time_rounds(_methods(prepared, rows, features, batch, work), sizes["rounds"])
-        check = first_batch_loss_check(prepared, Path(results["tidpo_dpo"][0]["final_model_path"]), rows, features, batch, work)
+        check = first_batch_loss_check(
+            prepared, Path(results["tidpo_dpo"][0]["final_model_path"]), rows, features, batch, work
+        )
         _log_loss_check(check)
         tokens = token_counts(features, prepared)
         summary = _summary(results, tokens, len(features))
@@ -242,15 +276,31 @@ REFERENCE_KL_TOP_K_PRETRAINED = 64
 
 def _pretrained_sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"pairs": 8, "batch_size": 2, "rounds": 1, "max_prompt_tokens": 64, "max_response_tokens": 16, "anchor_new_tokens": 8}
-    return {"pairs": 64, "batch_size": 4, "rounds": 3, "max_prompt_tokens": 160, "max_response_tokens": 64, "anchor_new_tokens": 32}
+        return {
+            "pairs": 8,
+            "batch_size": 2,
+            "rounds": 1,
+            "max_prompt_tokens": 64,
+            "max_response_tokens": 16,
+            "anchor_new_tokens": 8,
+        }
+    return {
+        "pairs": 64,
+        "batch_size": 4,
+        "rounds": 3,
+        "max_prompt_tokens": 160,
+        "max_response_tokens": 64,
+        "anchor_new_tokens": 32,
+    }
 
 
 def _prepare_pretrained(model: str, sizes: dict[str, Any], work: Path) -> preparation.Prepared:
     """The first HH-RLHF pairs by pair_id (bench_real's first train pairs) on `model`, weights with the top-k cache."""
     from tidpo_core.data.files import load_preferences
 
-    pairs = sorted(load_preferences(common.SHARED_DATA / HH_FILE).pairs, key=lambda p: p.pair_id)[: sizes["pairs"]]
+    pairs = sorted(load_preferences(common.SHARED_DATA / HH_FILE).pairs, key=lambda p: p.pair_id)[
+        : sizes["pairs"]
+    ]
     return preparation.prepare_uncached(
         work / "data",
         pairs,
@@ -292,24 +342,46 @@ def run_pretrained(model: str, quick: bool = False) -> dict[str, Any]:
             "trl_dpo": lambda: time_trl(prepared, rows, features, batch, work, learning_rate=lr),
             "tidpo_dpo": lambda: time_tidpo(prepared, "dpo", batch, work, learning_rate=lr),
             "tidpo_tidpo": lambda: time_tidpo(prepared, "tidpo", batch, work, learning_rate=lr),
-            "tidpo_tidpo_cached_kl": lambda: time_tidpo(prepared, "tidpo", batch, work, learning_rate=lr, reference_kl="cached"),
+            "tidpo_tidpo_cached_kl": lambda: time_tidpo(
+                prepared, "tidpo", batch, work, learning_rate=lr, reference_kl="cached"
+            ),
         }
         results = _time_rounds(methods, sizes["rounds"], prefix=f"{model} ")
-        check = first_batch_loss_check(prepared, Path(results["tidpo_dpo"][0]["final_model_path"]), rows, features, batch, work, learning_rate=lr)
+        check = first_batch_loss_check(
+            prepared,
+            Path(results["tidpo_dpo"][0]["final_model_path"]),
+            rows,
+            features,
+            batch,
+            work,
+            learning_rate=lr,
+        )
         summary = _pretrained_summary(results)
         summary[BASELINE]["token_ids"] = results[BASELINE][0]["token_ids"]
         figures = {
-            "setup": {"model": model, "data": HH_FILE, **sizes, "precision": "fp32 (TRL bf16=False, tidpo mixed_precision no)",
-                      "optimizer": f"AdamW lr {lr}, cosine, warmup {WARMUP_STEPS}, clip 1.0", "model_parameters": prepared.parameters,
-                      "timing": "epoch_s: wall time of one epoch's training loop; ratios: median over rounds of the per-round ratio"},
+            "setup": {
+                "model": model,
+                "data": HH_FILE,
+                **sizes,
+                "precision": "fp32 (TRL bf16=False, tidpo mixed_precision no)",
+                "optimizer": f"AdamW lr {lr}, cosine, warmup {WARMUP_STEPS}, clip 1.0",
+                "model_parameters": prepared.parameters,
+                "timing": "epoch_s: wall time of one epoch's training loop; ratios: median over rounds of the per-round ratio",
+            },
             "prepare_s": prepared.timings,
             "methods": summary,
             "first_batch_loss_check": check,
             "first_batch_loss_abs_diff": check["abs_diff_stored"],
-            "target": {f"{m} <= {t}x TRL": summary[m]["epoch_ratio_vs_trl"] <= t for m, t in TARGET_PRETRAINED.items()},
+            "target": {
+                f"{m} <= {t}x TRL": summary[m]["epoch_ratio_vs_trl"] <= t
+                for m, t in TARGET_PRETRAINED.items()
+            },
         }
         for method, values in summary.items():
-            common.log(NAME, f"{model} {method:<22} x{values['epoch_ratio_vs_trl']:.2f} of TRL (rounds {values['epoch_ratio_vs_trl_rounds']})")
+            common.log(
+                NAME,
+                f"{model} {method:<22} x{values['epoch_ratio_vs_trl']:.2f} of TRL (rounds {values['epoch_ratio_vs_trl_rounds']})",
+            )
         return common.write_results(f"{NAME}-{Path(model).name.lower()}", figures, quick, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)

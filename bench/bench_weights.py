@@ -32,8 +32,24 @@ SPEEDUP_TARGET = 1.7
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"pairs": 16, "batch_size": 8, "rounds": 1, "tiny": True, "sharded_pairs": 16, "anchor_pairs": 8, "sharded_rounds": 1}
-    return {"pairs": 600, "batch_size": 16, "rounds": 3, "tiny": False, "sharded_pairs": 3000, "anchor_pairs": 1000, "sharded_rounds": 2}
+        return {
+            "pairs": 16,
+            "batch_size": 8,
+            "rounds": 1,
+            "tiny": True,
+            "sharded_pairs": 16,
+            "anchor_pairs": 8,
+            "sharded_rounds": 1,
+        }
+    return {
+        "pairs": 600,
+        "batch_size": 16,
+        "rounds": 3,
+        "tiny": False,
+        "sharded_pairs": 3000,
+        "anchor_pairs": 1000,
+        "sharded_rounds": 2,
+    }
 
 
 def _batches(encoded, batch_size: int, pad_id: int):
@@ -118,7 +134,15 @@ def _sharded_data(folder: Path, pairs, tokenizer, model) -> tuple[Path, Any]:
     return layout.database, ReferenceHandle(str(path), model_fingerprint(path))
 
 
-def _timed_precompute(kind: str, database: Path, reference, workdir: Path, processes: int, batch_size: int, one_thread: bool = False) -> tuple[float, int]:
+def _timed_precompute(
+    kind: str,
+    database: Path,
+    reference,
+    workdir: Path,
+    processes: int,
+    batch_size: int,
+    one_thread: bool = False,
+) -> tuple[float, int]:
     """Seconds and items of one precompute step on a fresh copy of `database`, through `accelerate launch`."""
     import os
     import shutil
@@ -145,10 +169,20 @@ def _timed_precompute(kind: str, database: Path, reference, workdir: Path, proce
     try:
         start = time.perf_counter()
         if kind == "weights":
-            items = weigh_tokens(open_db, reference, None, WeighingSettings(batch_size=batch_size), precompute=settings, layout=layout, progress=False).computed
+            items = weigh_tokens(
+                open_db,
+                reference,
+                None,
+                WeighingSettings(batch_size=batch_size),
+                precompute=settings,
+                layout=layout,
+                progress=False,
+            ).computed
         else:
             sampling = SamplingSettings(batch_size=batch_size)
-            items = sample_anchors(open_db, reference, sampling, precompute=settings, layout=layout, progress=False).generated
+            items = sample_anchors(
+                open_db, reference, sampling, precompute=settings, layout=layout, progress=False
+            ).generated
         seconds = time.perf_counter() - start
     finally:
         if previous is None:
@@ -179,8 +213,12 @@ def data_parallel(sizes: dict[str, Any], tokenizer, model, pairs) -> dict[str, A
         for r in range(sizes["sharded_rounds"]):
             for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
                 kind, processes, one_thread = runs[name]
-                source = database if kind == "weights" else _anchor_source(database, root, sizes["anchor_pairs"])
-                took, items[name] = _timed_precompute(kind, source, reference, root / "work", processes, sizes["batch_size"], one_thread)
+                source = (
+                    database if kind == "weights" else _anchor_source(database, root, sizes["anchor_pairs"])
+                )
+                took, items[name] = _timed_precompute(
+                    kind, source, reference, root / "work", processes, sizes["batch_size"], one_thread
+                )
                 seconds[name].append(took)
                 common.log(NAME, f"round {r + 1} {name:<27} {took:6.2f}s  {items[name] / took:7.1f} items/s")
     per_s = {name: items[name] / min(values) for name, values in seconds.items()}
@@ -192,12 +230,21 @@ def data_parallel(sizes: dict[str, Any], tokenizer, model, pairs) -> dict[str, A
         "items_per_s": per_s,
         "two_process_speedup": weights_speedup,
         "anchors_two_process_speedup": anchors_speedup,
-        "target": {"min": SPEEDUP_TARGET, "weights_met": weights_speedup >= SPEEDUP_TARGET, "anchors_met": anchors_speedup >= SPEEDUP_TARGET},
+        "target": {
+            "min": SPEEDUP_TARGET,
+            "weights_met": weights_speedup >= SPEEDUP_TARGET,
+            "anchors_met": anchors_speedup >= SPEEDUP_TARGET,
+        },
         "measured": "the step end to end through accelerate launch: plan, process start-up, model load, compute, DuckDB load",
     }
     if "weights_1_process_1_thread" in per_s:
-        figures["two_process_speedup_over_one_thread"] = per_s["weights_2_processes"] / per_s["weights_1_process_1_thread"]
-    common.log(NAME, f"data parallel: weights x{weights_speedup:.2f}, anchors x{anchors_speedup:.2f} with 2 processes (target >= {SPEEDUP_TARGET})")
+        figures["two_process_speedup_over_one_thread"] = (
+            per_s["weights_2_processes"] / per_s["weights_1_process_1_thread"]
+        )
+    common.log(
+        NAME,
+        f"data parallel: weights x{weights_speedup:.2f}, anchors x{anchors_speedup:.2f} with 2 processes (target >= {SPEEDUP_TARGET})",
+    )
     return figures
 
 
@@ -212,7 +259,10 @@ def _anchor_source(database: Path, root: Path, pairs: int) -> Path:
         shutil.copyfile(database, cut)
         con = store.connect(cut)
         try:
-            con.execute("DELETE FROM preference_pairs WHERE pair_id NOT IN (SELECT pair_id FROM preference_pairs ORDER BY pair_id LIMIT ?)", [pairs])
+            con.execute(
+                "DELETE FROM preference_pairs WHERE pair_id NOT IN (SELECT pair_id FROM preference_pairs ORDER BY pair_id LIMIT ?)",
+                [pairs],
+            )
         finally:
             con.close()
     return cut
@@ -232,10 +282,22 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     pairs = generate_synthetic_pairs(sizes["pairs"], seed=1)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=2048)
-    config = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2) if sizes["tiny"] else TinyModelConfig()
+    config = (
+        TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+        if sizes["tiny"]
+        else TinyModelConfig()
+    )
     model = build_tiny_model(tokenizer, config, seed=0)
     settings = EncodingSettings()
-    encoded = [encode_response(tokenizer, p.prompt, text, settings) for p in pairs for text in (p.chosen, p.rejected)]
+    encoded = [
+        encode_response(tokenizer, p.prompt, text, settings) for p in pairs for text in (p.chosen, p.rejected)
+    ]
     batches = _batches(encoded, sizes["batch_size"], tokenizer.pad_token_id)
     tokens = sum(len(e.input_ids) for e in encoded)
     padded = sum(int(b[0].numel()) for b in batches)
@@ -244,7 +306,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     _forward_backward(model, batches[:2])
     _importance(model, encoded[: sizes["batch_size"] * 2], sizes["batch_size"])
 
-    measured: dict[str, list[float]] = {"forward_backward": [], "importance": [], "attribution_core": [], "forward_only": []}
+    measured: dict[str, list[float]] = {
+        "forward_backward": [],
+        "importance": [],
+        "attribution_core": [],
+        "forward_only": [],
+    }
     for r in range(sizes["rounds"]):
         order = list(measured) if r % 2 == 0 else list(reversed(measured))
         for key in order:

@@ -58,13 +58,19 @@ def _accelerate(config_file: str) -> list[str]:
     return accelerate_prefix(LaunchSettings("accelerate", 1, str(ROOT / config_file)))
 
 
-def _train(data: TinyData, work: Path, name: str, launcher: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
+def _train(
+    data: TinyData, work: Path, name: str, launcher: list[str] | None = None, **overrides: Any
+) -> dict[str, Any]:
     run_dir = work / name
     config = data.config(run_dir, **{"checkpoint_every": 2, "mixed_precision": "auto", **overrides})
     config_path = config.to_yaml(work / f"{name}.yaml")
     started = time.perf_counter()
     done = run_engine(config_path, launcher=launcher, timeout=400)
-    result: dict[str, Any] = {"rc": done.returncode, "seconds": round(time.perf_counter() - started, 1), "dir": run_dir}
+    result: dict[str, Any] = {
+        "rc": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "dir": run_dir,
+    }
     if RunDir(run_dir).summary.exists():
         result["summary"] = read_summary(run_dir)
     if done.returncode != 0:
@@ -124,11 +130,19 @@ def check_single_gpu(data: TinyData, work: Path, noise: dict[str, float]) -> dic
     summary = out.pop("summary")
     out.pop("full")
     tolerance = max(4 * noise["max_abs_diff"], RESUME_FLOOR)
-    out.update(mixed_precision=summary["mixed_precision"], run_to_run_max_abs_diff=noise["max_abs_diff"], tolerance=tolerance)
+    out.update(
+        mixed_precision=summary["mixed_precision"],
+        run_to_run_max_abs_diff=noise["max_abs_diff"],
+        tolerance=tolerance,
+    )
     if out["resume_max_abs_diff"] > tolerance:
-        raise AssertionError(f"resumed weights differ by {out['resume_max_abs_diff']:.3g} > {tolerance:.3g}: {out}")
+        raise AssertionError(
+            f"resumed weights differ by {out['resume_max_abs_diff']:.3g} > {tolerance:.3g}: {out}"
+        )
     if summary["mixed_precision"] != "bf16":
-        raise AssertionError(f"mixed_precision auto chose {summary['mixed_precision']!r} on the GPU, not bf16: {out}")
+        raise AssertionError(
+            f"mixed_precision auto chose {summary['mixed_precision']!r} on the GPU, not bf16: {out}"
+        )
     return out
 
 
@@ -139,7 +153,9 @@ def check_fp32_gpu_vs_cpu(data: TinyData, work: Path, noise: dict[str, float]) -
         losses[device] = _ok_run(run, f"fp32 on {device}")["first_loss"]
     relative = abs(losses["gpu"] - losses["cpu"]) / max(abs(losses["cpu"]), 1e-12)
     if relative > CPU_GPU_LOSS_RTOL:
-        raise AssertionError(f"first-step loss GPU {losses['gpu']!r} vs CPU {losses['cpu']!r}: relative {relative:.3g}")
+        raise AssertionError(
+            f"first-step loss GPU {losses['gpu']!r} vs CPU {losses['cpu']!r}: relative {relative:.3g}"
+        )
     return {"loss_gpu": losses["gpu"], "loss_cpu": losses["cpu"], "relative_diff": relative}
 
 
@@ -157,19 +173,28 @@ def _sharded(name: str, config_file: str, expected_type: str):
         reference = load_weights(data.reference_path)
         final = load_weights(full["dir"] / "final")
         if final.keys() != reference.keys() or any(final[k].shape != reference[k].shape for k in final):
-            shapes = {k: (tuple(final[k].shape), tuple(reference[k].shape)) for k in final.keys() & reference.keys()
-                      if final[k].shape != reference[k].shape}
+            shapes = {
+                k: (tuple(final[k].shape), tuple(reference[k].shape))
+                for k in final.keys() & reference.keys()
+                if final[k].shape != reference[k].shape
+            }
             raise AssertionError(
                 f"the final model's parameters are not the reference's: only in final {sorted(final.keys() - reference.keys())}, "
                 f"only in reference {sorted(reference.keys() - final.keys())}, shapes (final, reference) {shapes}"
             )
         moved = max((final[k].float() - reference[k].float()).abs().max().item() for k in final)
-        out.update(distributed_type=summary["distributed_type"], mixed_precision=summary["mixed_precision"],
-                   tolerance=tolerance, final_vs_reference_max_abs_diff=moved)
+        out.update(
+            distributed_type=summary["distributed_type"],
+            mixed_precision=summary["mixed_precision"],
+            tolerance=tolerance,
+            final_vs_reference_max_abs_diff=moved,
+        )
         if moved == 0.0:
             raise AssertionError("the final model equals the reference: nothing was trained")
         if out["resume_max_abs_diff"] > tolerance:
-            raise AssertionError(f"resumed weights differ by {out['resume_max_abs_diff']:.3g} > {tolerance:.3g}")
+            raise AssertionError(
+                f"resumed weights differ by {out['resume_max_abs_diff']:.3g} > {tolerance:.3g}"
+            )
         return out
 
     return check
@@ -183,8 +208,13 @@ def check_lora(data: TinyData, work: Path, noise: dict[str, float]) -> dict[str,
     merged = load_weights(run["dir"] / "final")
     if any("lora" in k for k in merged) or merged.keys() != load_weights(data.reference_path).keys():
         raise AssertionError("the merged model is not a plain model with the reference's parameters")
-    return {"trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
-            "mixed_precision": summary["mixed_precision"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"]}
+    return {
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": summary["total_parameters"],
+        "mixed_precision": summary["mixed_precision"],
+        "first_loss": summary["first_loss"],
+        "last_loss": summary["last_loss"],
+    }
 
 
 def _sharded_lora(name: str, config_file: str, expected_type: str):
@@ -197,15 +227,23 @@ def _sharded_lora(name: str, config_file: str, expected_type: str):
         if summary["distributed_type"] != expected_type:
             raise AssertionError(f"ran as {summary['distributed_type']}, not {expected_type}")
         if not 0 < summary["trainable_parameters"] < summary["total_parameters"]:
-            raise AssertionError(f"trainable {summary['trainable_parameters']} of {summary['total_parameters']}")
+            raise AssertionError(
+                f"trainable {summary['trainable_parameters']} of {summary['total_parameters']}"
+            )
         merged, reference = load_weights(run["dir"] / "final"), load_weights(data.reference_path)
         if merged.keys() != reference.keys() or any(merged[k].shape != reference[k].shape for k in merged):
-            raise AssertionError(f"merged model is not the base layout: {sorted(merged.keys() ^ reference.keys())[:6]}")
+            raise AssertionError(
+                f"merged model is not the base layout: {sorted(merged.keys() ^ reference.keys())[:6]}"
+            )
         moved = max((merged[k].float() - reference[k].float()).abs().max().item() for k in merged)
         if moved == 0.0:
             raise AssertionError("the merged model equals the base: the adapter was lost")
-        return {"distributed_type": summary["distributed_type"], "trainable_parameters": summary["trainable_parameters"],
-                "total_parameters": summary["total_parameters"], "merged_vs_base_max_abs_diff": moved}
+        return {
+            "distributed_type": summary["distributed_type"],
+            "trainable_parameters": summary["trainable_parameters"],
+            "total_parameters": summary["total_parameters"],
+            "merged_vs_base_max_abs_diff": moved,
+        }
 
     return check
 
@@ -225,7 +263,9 @@ CHECKS = {
     "deepspeed_zero3": _sharded("deepspeed_zero3", "configs/accelerate/deepspeed_zero3.yaml", "DEEPSPEED"),
     "lora_bf16": check_lora,
     "fsdp_lora": _sharded_lora("fsdp_lora", "configs/accelerate/fsdp.yaml", "FSDP"),
-    "deepspeed_zero3_lora": _sharded_lora("deepspeed_zero3_lora", "configs/accelerate/deepspeed_zero3.yaml", "DEEPSPEED"),
+    "deepspeed_zero3_lora": _sharded_lora(
+        "deepspeed_zero3_lora", "configs/accelerate/deepspeed_zero3.yaml", "DEEPSPEED"
+    ),
 }
 
 
@@ -253,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows[name] = {"status": "passed", **check(data, work, noise)}
             except Exception as exc:
-                rows[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[-4000:],
-                              "traceback": traceback.format_exc()[-2000:]}
+                rows[name] = {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}"[-4000:],
+                    "traceback": traceback.format_exc()[-2000:],
+                }
         rows[name]["wall_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{name}: {rows[name]['status']} ({rows[name]['wall_seconds']} s)", flush=True)
         common.write_results(NAME, {"rows": rows}, quick=False, started=started_all)

@@ -102,7 +102,12 @@ def prepare(data_dir: Path, pairs: Sequence[Any], **settings: Any) -> Prepared:
         shutil.copytree(cached, data_dir)
         values = json.loads(stamp.read_text())
         values["timings"] = {**values.get("timings", {}), "cached": True}
-        return Prepared(data_dir=data_dir, duckdb_path=DataDir.at(data_dir).database, reference_path=DataDir.at(data_dir).reference_model, **values)
+        return Prepared(
+            data_dir=data_dir,
+            duckdb_path=DataDir.at(data_dir).database,
+            reference_path=DataDir.at(data_dir).reference_model,
+            **values,
+        )
     prepared = prepare_uncached(data_dir, pairs, **settings)
     shutil.rmtree(cached, ignore_errors=True)
     shutil.copytree(data_dir, cached)
@@ -127,7 +132,9 @@ def prepare_uncached(data_dir: Path, pairs: Sequence[Any], **settings: Any) -> P
     open_db = database_at(layout.database)
     timings: dict[str, float] = {}
     with timed(timings, "pairs"):
-        ingested = store_pairs(open_db, LoadResult(list(pairs), [], len(pairs)), recipe.eval_fraction, recipe.eval_ids)
+        ingested = store_pairs(
+            open_db, LoadResult(list(pairs), [], len(pairs)), recipe.eval_fraction, recipe.eval_ids
+        )
     with timed(timings, "reference_model"):
         reference = _build_reference(open_db, layout, ingested.digest, recipe)
     anchors_fingerprint = None
@@ -148,7 +155,10 @@ def prepare_uncached(data_dir: Path, pairs: Sequence[Any], **settings: Any) -> P
         n_eval=ingested.stored.eval,
         parameters=int(reference.parameters or 0),
         timings=timings,
-        tokens={"weighted_responses": weights.summary.responses, "weighted_response_tokens": weights.summary.token_rows},
+        tokens={
+            "weighted_responses": weights.summary.responses,
+            "weighted_response_tokens": weights.summary.token_rows,
+        },
     )
 
 
@@ -214,8 +224,14 @@ def add_weights(prepared: Prepared, **settings: Any) -> str:
     from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 
     reference = ReferenceHandle(str(prepared.reference_path), model_fingerprint(prepared.reference_path))
-    weighing = WeighingSettings(max_prompt_tokens=prepared.max_prompt_tokens, max_response_tokens=prepared.max_response_tokens, **settings)
-    return weigh_tokens(database_at(prepared.duckdb_path), reference, prepared.anchors_fingerprint, weighing, progress=False).fingerprint
+    weighing = WeighingSettings(
+        max_prompt_tokens=prepared.max_prompt_tokens,
+        max_response_tokens=prepared.max_response_tokens,
+        **settings,
+    )
+    return weigh_tokens(
+        database_at(prepared.duckdb_path), reference, prepared.anchors_fingerprint, weighing, progress=False
+    ).fingerprint
 
 
 def eval_pairs(prepared: Prepared) -> list[Any]:

@@ -54,6 +54,9 @@ def median_paired_ratio(numerators: Sequence[float], denominators: Sequence[floa
 def paired_ratios(times: Mapping[str, Sequence[float]], baseline: str) -> dict[str, dict[str, Any]]:
     """Per configuration: `rounds`, its time over `baseline`'s in each round, and `median`, their median."""
     return {
-        name: {"rounds": per_round_ratios(values, times[baseline]), "median": median_paired_ratio(values, times[baseline])}
+        name: {
+            "rounds": per_round_ratios(values, times[baseline]),
+            "median": median_paired_ratio(values, times[baseline]),
+        }
         for name, values in times.items()
     }

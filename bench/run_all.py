@@ -76,20 +76,31 @@ def run(quick: bool = False, only: set[str] | None = None, in_process: bool = Fa
         begin = time.perf_counter()
         ok, detail = (_run_in_process if in_process else _run_subprocess)(module, quick)
         status[name] = {"ok": ok, "detail": detail, "seconds": round(time.perf_counter() - begin, 1)}
-        common.log("run_all", f"{name}: {'done' if ok else 'FAILED'} in {status[name]['seconds']:.0f}s ({detail})")
+        common.log(
+            "run_all", f"{name}: {'done' if ok else 'FAILED'} in {status[name]['seconds']:.0f}s ({detail})"
+        )
     if not quick:
         update_readme.update()
     total = time.perf_counter() - started
     common.log("run_all", f"all benchmarks finished in {total / 60:.1f} min")
     for name, entry in status.items():
-        common.log("run_all", f"  {name:<9} {'ok' if entry['ok'] else 'skipped' if entry['ok'] is None else 'FAILED'}  {entry.get('seconds', '')}")
+        common.log(
+            "run_all",
+            f"  {name:<9} {'ok' if entry['ok'] else 'skipped' if entry['ok'] is None else 'FAILED'}  {entry.get('seconds', '')}",
+        )
     return {"status": status, "seconds": total}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run every tidpo benchmark and refresh the table in docs/benchmarks.md.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run); docs/benchmarks.md is left alone")
-    parser.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(n for n, _ in BENCHMARKS))
+    parser = argparse.ArgumentParser(
+        description="Run every tidpo benchmark and refresh the table in docs/benchmarks.md."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (smoke run); docs/benchmarks.md is left alone"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated subset of: " + ", ".join(n for n, _ in BENCHMARKS)
+    )
     parser.add_argument("--in-process", action="store_true", help="run the benchmarks in this process")
     args = parser.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()} or None

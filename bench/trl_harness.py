@@ -59,7 +59,9 @@ def _decoded_row(tokenizer, feature: dict[str, Any]) -> dict[str, str]:
     return row
 
 
-def _trl_args(output_dir: Path, batch_size: int, seed: int = 0, learning_rate: float = LEARNING_RATE, **extra: Any):
+def _trl_args(
+    output_dir: Path, batch_size: int, seed: int = 0, learning_rate: float = LEARNING_RATE, **extra: Any
+):
     from trl import DPOConfig
 
     return DPOConfig(
@@ -119,15 +121,16 @@ def _trl_clock():
 def _check_ids(trainer, features: list[dict[str, Any]]) -> dict[str, int]:
     mismatched = 0
     for feature, example in zip(features, trainer.train_dataset, strict=True):
-        if (
-            example["prompt_ids"] + example["chosen_ids"] != list(feature["chosen_input_ids"])
-            or example["prompt_ids"] + example["rejected_ids"] != list(feature["rejected_input_ids"])
-        ):
+        if example["prompt_ids"] + example["chosen_ids"] != list(feature["chosen_input_ids"]) or example[
+            "prompt_ids"
+        ] + example["rejected_ids"] != list(feature["rejected_input_ids"]):
             mismatched += 1
     return {"pairs": len(features), "mismatched_pairs": mismatched}
 
 
-def time_trl(prepared: Prepared, rows, features, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE) -> dict[str, Any]:
+def time_trl(
+    prepared: Prepared, rows, features, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE
+) -> dict[str, Any]:
     import datasets
     from trl import DPOTrainer
 
@@ -165,7 +168,12 @@ def time_trl(prepared: Prepared, rows, features, batch_size: int, work: Path, le
 
 
 def time_tidpo(
-    prepared: Prepared, loss_type: str, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE, **overrides: Any
+    prepared: Prepared,
+    loss_type: str,
+    batch_size: int,
+    work: Path,
+    learning_rate: float = LEARNING_RATE,
+    **overrides: Any,
 ) -> dict[str, Any]:
     out = work / f"tidpo-{loss_type}-{'-'.join(f'{k}{v}' for k, v in sorted(overrides.items()))}"
     shutil.rmtree(out, ignore_errors=True)
@@ -199,7 +207,13 @@ def time_tidpo(
 
 
 def first_batch_loss_check(
-    prepared: Prepared, policy_path: Path, rows, features, batch_size: int, work: Path, learning_rate: float = LEARNING_RATE
+    prepared: Prepared,
+    policy_path: Path,
+    rows,
+    features,
+    batch_size: int,
+    work: Path,
+    learning_rate: float = LEARNING_RATE,
 ) -> dict[str, Any]:
     """tidpo's `dpo` loss vs TRL's sigmoid DPO loss: same policy weights, same reference, same token ids."""
     import datasets
@@ -226,14 +240,18 @@ def first_batch_loss_check(
         # ... and recomputed live from the reference model ...
         live, _, _ = compute_batch_loss(policy, reference, live_batch, config, sides, tokenizer.pad_token_id)
         # ... and in TRL's layout, one padded row per side (the default reads each prompt once).
-        padded, _, _ = compute_batch_loss(policy, None, batch, config, sides, tokenizer.pad_token_id, batch_layout="padded")
+        padded, _, _ = compute_batch_loss(
+            policy, None, batch, config, sides, tokenizer.pad_token_id, batch_layout="padded"
+        )
 
     trl_policy, _ = load_model_and_tokenizer(policy_path)
     trl_reference, _ = load_model_and_tokenizer(prepared.reference_path)
     trainer = DPOTrainer(
         model=trl_policy,
         ref_model=trl_reference,
-        args=_trl_args(work / "trl-check", batch_size, learning_rate=learning_rate, precompute_ref_batch_size=batch_size),
+        args=_trl_args(
+            work / "trl-check", batch_size, learning_rate=learning_rate, precompute_ref_batch_size=batch_size
+        ),
         train_dataset=datasets.Dataset.from_list(batch_rows),
         processing_class=tokenizer,
     )
@@ -242,7 +260,12 @@ def first_batch_loss_check(
     trainer.model.train()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, inputs)
-    trl_value, stored_value, live_value, padded_value = float(trl_loss), float(stored), float(live), float(padded)
+    trl_value, stored_value, live_value, padded_value = (
+        float(trl_loss),
+        float(stored),
+        float(live),
+        float(padded),
+    )
     return {
         "batch_pairs": len(batch_rows),
         "token_ids": ids,
@@ -257,7 +280,6 @@ def first_batch_loss_check(
         "tolerance": 1e-5,
         "passed": max(abs(trl_value - v) for v in (stored_value, live_value, padded_value)) <= 1e-5,
     }
-
 
 
 def token_counts(features: list[dict[str, Any]], prepared: Prepared) -> dict[str, int]:

@@ -90,7 +90,9 @@ def rows_trl(doc: dict[str, Any]) -> list[Row]:
                 "",
                 f"epoch: tidpo `tidpo` {what}",
                 f"{_s(m[key]['epoch_s_best'])} ({_r(m[key]['epoch_ratio_vs_trl'])})",
-                f"<= 1.0x TRL: {_mark(doc['target']['cached_kl_met'])}" if key == "tidpo_tidpo_cached_kl" and "cached_kl_met" in doc["target"] else "",
+                f"<= 1.0x TRL: {_mark(doc['target']['cached_kl_met'])}"
+                if key == "tidpo_tidpo_cached_kl" and "cached_kl_met" in doc["target"]
+                else "",
             )
             for key, what in TRL_VARIANTS
             if key in m
@@ -98,7 +100,9 @@ def rows_trl(doc: dict[str, Any]) -> list[Row]:
         (
             "",
             "step (median): TRL / `dpo` / `tidpo`",
-            " / ".join(f"{m[k]['step_median_s_best'] * 1000:.0f} ms" for k in ("trl_dpo", "tidpo_dpo", "tidpo_tidpo")),
+            " / ".join(
+                f"{m[k]['step_median_s_best'] * 1000:.0f} ms" for k in ("trl_dpo", "tidpo_dpo", "tidpo_tidpo")
+            ),
             "",
         ),
         (
@@ -164,7 +168,14 @@ def rows_training(doc: dict[str, Any]) -> list[Row]:
             )
         )
     if runs and all("peak_rss_mb" in r for r in runs.values()):
-        rows.append(("", "peak RSS of the training process: " + " / ".join(runs), " / ".join(f"{r['peak_rss_mb']:,.0f}" for r in runs.values()) + " MiB", ""))
+        rows.append(
+            (
+                "",
+                "peak RSS of the training process: " + " / ".join(runs),
+                " / ".join(f"{r['peak_rss_mb']:,.0f}" for r in runs.values()) + " MiB",
+                "",
+            )
+        )
     return rows
 
 
@@ -201,7 +212,9 @@ def rows_scaling(doc: dict[str, Any]) -> list[Row]:
     ]
 
 
-def _method_rows(doc: dict[str, Any], label: str, names: tuple[str, ...] = ("dpo", "simpo", "tidpo")) -> list[Row]:
+def _method_rows(
+    doc: dict[str, Any], label: str, names: tuple[str, ...] = ("dpo", "simpo", "tidpo")
+) -> list[Row]:
     table = doc["methods"]
     methods = [m for m in names if m in table]
     ref = doc.get("reference", {})
@@ -221,7 +234,10 @@ def _method_rows(doc: dict[str, Any], label: str, names: tuple[str, ...] = ("dpo
         ),
     ]
     if all("critical_phrase_chosen_of_all" in table[m] for m in methods):
-        for label, key in (("with the safe phrase (of all)", "chosen_of_all"), ("with neither phrase", "neither_rate")):
+        for label, key in (
+            ("with the safe phrase (of all)", "chosen_of_all"),
+            ("with neither phrase", "neither_rate"),
+        ):
             ref_value = phrase_value(ref, key)
             rows.append(
                 (
@@ -248,7 +264,14 @@ def _method_rows(doc: dict[str, Any], label: str, names: tuple[str, ...] = ("dpo
 
 
 QUALITY_METHODS = (
-    "dpo", "simpo", "tidpo", "tidpo_surprisal", "tidpo_contrastive", "tidpo_no_attribution", "tidpo_no_prior", "tidpo_no_triplet",
+    "dpo",
+    "simpo",
+    "tidpo",
+    "tidpo_surprisal",
+    "tidpo_contrastive",
+    "tidpo_no_attribution",
+    "tidpo_no_prior",
+    "tidpo_no_triplet",
 )
 
 
@@ -261,14 +284,23 @@ def rows_quality(doc: dict[str, Any]) -> list[Row]:
         for name, target in (doc.get("targets") or {}).items():
             if name.startswith(f"{position}/"):
                 if target.get("met") is not None:
-                    rows.append(("", f"{target['method']} beats DPO on the safe phrase at a KL no larger than DPO's", "", _mark(target["met"])))
+                    rows.append(
+                        (
+                            "",
+                            f"{target['method']} beats DPO on the safe phrase at a KL no larger than DPO's",
+                            "",
+                            _mark(target["met"]),
+                        )
+                    )
     authors = doc.get("authors_per_step")
     if isinstance(authors, dict):
         epoch = authors["epoch_s"]
         rows.append(
             (
                 "",
-                "middle, seed " + "/".join(str(x) for x in authors.get("seeds", [0])) + ": epoch of tidpo's default (precomputed weights and anchors) / "
+                "middle, seed "
+                + "/".join(str(x) for x in authors.get("seeds", [0]))
+                + ": epoch of tidpo's default (precomputed weights and anchors) / "
                 "the authors' per-step algorithm (online weights, anchor every step), timed in the same sitting",
                 f"{_s(epoch['tidpo_default'])} / {_s(epoch['authors_per_step'])} ({authors['default_over_authors']:.2f}x)",
                 f"<= 0.5x: {_mark(authors['target_default_at_most_0.5x_authors'])}",
@@ -297,7 +329,10 @@ def rows_importance(doc: dict[str, Any]) -> list[Row]:
 
         def cell(name: str, table: dict[str, Any] = table) -> str:
             row = table[name]
-            thirds = "/".join("-" if row["by_third"].get(t) is None else f"{row['by_third'][t]:.2f}" for t in ("start", "middle", "end"))
+            thirds = "/".join(
+                "-" if row["by_third"].get(t) is None else f"{row['by_third'][t]:.2f}"
+                for t in ("start", "middle", "end")
+            )
             return f"{name} {row['precision_at_k']:.3f} ({thirds})"
 
         best = max(ESTIMATORS, key=lambda v: table[v]["precision_at_k"])
@@ -306,7 +341,9 @@ def rows_importance(doc: dict[str, Any]) -> list[Row]:
                 "importance precision@k, built-in data" if not rows else "",
                 f"span_position {position}: hybrid weights of each estimator (start/middle/end thirds); uniform_weights is chance",
                 "; ".join(cell(n) for n in names),
-                f"best ({best}) >= {TARGET}: {_mark(table[best]['precision_at_k'] >= TARGET)}" if position == "uniform" else "",
+                f"best ({best}) >= {TARGET}: {_mark(table[best]['precision_at_k'] >= TARGET)}"
+                if position == "uniform"
+                else "",
             )
         )
     return rows
@@ -317,7 +354,10 @@ def rows_hh(doc: dict[str, Any]) -> list[Row]:
         return [("HH-RLHF harmless-base", "", doc["skipped"], "")]
     info = doc["setup"]["data_info"]
     seeds = len(doc["setup"]["seeds"])
-    return _method_rows(doc, f"HH-RLHF harmless-base ({info['train']:,} train / {info['eval']} eval, {seeds} seed{'s' if seeds > 1 else ''})")
+    return _method_rows(
+        doc,
+        f"HH-RLHF harmless-base ({info['train']:,} train / {info['eval']} eval, {seeds} seed{'s' if seeds > 1 else ''})",
+    )
 
 
 def rows_grpo(doc: dict[str, Any]) -> list[Row]:
@@ -335,12 +375,21 @@ def rows_grpo(doc: dict[str, Any]) -> list[Row]:
         title = f"GRPO baseline, {label} ({data['train_pairs'] if 'train_pairs' in data else data['data_info']['train']:,} train, {seeds} seeds)"
         if "reward_model" in data:
             rm = data["reward_model"]
-            rows.append((title, "reward model (GRPO's reward and the score): held-out pair accuracy", f"{rm['held_out_accuracy']:.3f} on {rm['eval_pairs']} pairs", ""))
+            rows.append(
+                (
+                    title,
+                    "reward model (GRPO's reward and the score): held-out pair accuracy",
+                    f"{rm['held_out_accuracy']:.3f} on {rm['eval_pairs']} pairs",
+                    "",
+                )
+            )
             title = ""
         methods = [m for m in data["methods"] if m != "reference"]
         # Judged again from the table, so a results file written before a verdict rule changed renders by today's rules.
         for metric, verdict in bench_grpo.verdicts(data["methods"]).items():
-            values = " / ".join(_ms(data["methods"][m].get(metric), 1 if metric == "train_seconds" else 3) for m in methods)
+            values = " / ".join(
+                _ms(data["methods"][m].get(metric), 1 if metric == "train_seconds" else 3) for m in methods
+            )
             if len(verdict.get("tied", [])) > 1:
                 winner = "tie: " + " = ".join(verdict["tied"])
             elif verdict["separated"]:
@@ -356,7 +405,11 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
     rows = []
     for stage, figures in doc["stages"].items():
         default, policy = figures["default"], figures["tidpo"]
-        fair_share = f" (one thread each: {_r(figures['fair_share_slowdown'])})" if "fair_share_slowdown" in figures else ""
+        fair_share = (
+            f" (one thread each: {_r(figures['fair_share_slowdown'])})"
+            if "fair_share_slowdown" in figures
+            else ""
+        )
         rows.append(
             (
                 f"busy machine: {stage}",
@@ -371,7 +424,9 @@ def rows_contention(doc: dict[str, Any]) -> list[Row]:
             (
                 f"busy machine: {stage}, OpenMP wait",
                 "per wait setting (the policy's threads): beside a 2nd process / alone; alone / torch's defaults alone",
-                "; ".join(f"{name} {_r(c['slowdown'])} / {_r(c['idle_cost'])}" for name, c in candidates.items()),
+                "; ".join(
+                    f"{name} {_r(c['slowdown'])} / {_r(c['idle_cost'])}" for name, c in candidates.items()
+                ),
                 "",
             )
         )

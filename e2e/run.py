@@ -16,7 +16,15 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = ["preference_pairs", "reference_model", "reward_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation"]
+ASSETS = [
+    "preference_pairs",
+    "reference_model",
+    "reward_model",
+    "anchor_responses",
+    "token_weights",
+    "tidpo_policy",
+    "evaluation",
+]
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -102,7 +110,9 @@ def check_metadata(base: str) -> list[str]:
             _open(page, f"{base}/assets/{asset}", "Metadata")
             for entry, texts in entries.items():
                 screenshot = REPO / "e2e" / f"{asset}-{entry}.png".replace("_", "-")
-                row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(f"^{re.escape(entry)}$")))
+                row = page.locator("tr").filter(
+                    has=page.locator("td", has_text=re.compile(f"^{re.escape(entry)}$"))
+                )
                 try:
                     row.first.wait_for(timeout=30_000)
                     collapsed = row.get_by_text("[Show Markdown]")
@@ -117,10 +127,14 @@ def check_metadata(base: str) -> list[str]:
                     shown = shown_in.inner_text()
                     page.keyboard.press("Escape")
                 except Exception as exc:  # no materialization yet, or the UI changed
-                    missing.append(f"{asset}/{entry}: cannot open ({type(exc).__name__}); run `make run` first")
+                    missing.append(
+                        f"{asset}/{entry}: cannot open ({type(exc).__name__}); run `make run` first"
+                    )
                     continue
                 absent = [text for text in texts if text not in shown]
-                print(f"{asset} / {entry}: {screenshot} ({screenshot.stat().st_size} bytes), shows {texts if not absent else shown[:300]!r}")
+                print(
+                    f"{asset} / {entry}: {screenshot} ({screenshot.stat().st_size} bytes), shows {texts if not absent else shown[:300]!r}"
+                )
                 missing += [f"{asset}/{entry}: {text!r}" for text in absent]
         browser.close()
     return missing
@@ -131,13 +145,17 @@ def wait_for_assets(base: str, seconds: float) -> None:
     query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        request = urllib.request.Request(f"{base}/graphql", data=query, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{base}/graphql", data=query, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             nodes = (json.loads(response.read()).get("data") or {}).get("assetNodes") or []
         if nodes:
             return
         time.sleep(2)
-    raise TimeoutError(f"no assets listed by {base}/graphql within {seconds} s: is the code location failing to load?")
+    raise TimeoutError(
+        f"no assets listed by {base}/graphql within {seconds} s: is the code location failing to load?"
+    )
 
 
 def main() -> int:

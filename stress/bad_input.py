@@ -100,12 +100,16 @@ def _bad_input_pipeline(work: Path, fuzz_dir: Path, junk: Path) -> dict[str, Any
 
     result = materialize()
     meta = result.asset_materializations_for_node("preference_pairs")[0].metadata
-    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_share_below_limit")
+    check = next(
+        c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_share_below_limit"
+    )
     before = db_contents(data_dir)
     shutil.copy(junk, inbox / junk.name)
     failed = materialize()
     message = "".join(
-        e.event_specific_data.error.to_string() for e in failed.all_events if getattr(e.event_specific_data, "error", None)
+        e.event_specific_data.error.to_string()
+        for e in failed.all_events
+        if getattr(e.event_specific_data, "error", None)
     )
     return {
         "inbox_run_success": result.success,
@@ -129,7 +133,9 @@ def _property_tests(examples: int) -> subprocess.CompletedProcess[str]:
 
 
 def scenario_bad_input(work: Path, files: int = 300, property_examples: int = 300) -> Verdict:
-    print(f"\n== bad input: {files} generated files, junk files, property tests ({property_examples} examples each)")
+    print(
+        f"\n== bad input: {files} generated files, junk files, property tests ({property_examples} examples each)"
+    )
     fuzz_dir = work / "fuzz"
     loaded = _load_fuzz_files(fuzz_dir, files)
     junk = junk_files(work / "junk")
@@ -153,16 +159,31 @@ def scenario_bad_input(work: Path, files: int = 300, property_examples: int = 30
 def _verdict(bad: dict[str, Any]) -> Verdict:
     """Passed: no loader crash, the property tests passed, every junk file refused naming itself, and junk in
     the inbox fails the asset without touching the stored rows."""
-    passed = not bad["crashes"] and bad["property_tests_passed"] and bad["junk_files_refused_naming_the_file"] == bad["junk_files_tried"]
-    passed = passed and bad["junk_in_inbox_fails_asset_naming_file"] and bad["junk_in_inbox_stored_rows_unchanged"]
+    passed = (
+        not bad["crashes"]
+        and bad["property_tests_passed"]
+        and bad["junk_files_refused_naming_the_file"] == bad["junk_files_tried"]
+    )
+    passed = (
+        passed and bad["junk_in_inbox_fails_asset_naming_file"] and bad["junk_in_inbox_stored_rows_unchanged"]
+    )
     rows = [
         ("input files tried (generated + junk)", f"{bad['files_tried']} + {bad['junk_files_tried']}"),
-        ("property-test examples", f"{bad['property_examples_per_test']} per test, passed: {bad['property_tests_passed']}"),
+        (
+            "property-test examples",
+            f"{bad['property_examples_per_test']} per test, passed: {bad['property_tests_passed']}",
+        ),
         ("rows read", bad["rows_read"]),
         ("rows accepted", bad["rows_accepted"]),
         ("rows quarantined", bad["rows_quarantined"]),
         ("loader crashes on a row", len(bad["crashes"])),
-        ("junk files refused, naming the file", f"{bad['junk_files_refused_naming_the_file']} / {bad['junk_files_tried']}"),
-        ("quarantine share (asset metadata / check)", f"{bad['inbox_quarantine_share_metadata']} / {bad['inbox_quarantine_share_check']}"),
+        (
+            "junk files refused, naming the file",
+            f"{bad['junk_files_refused_naming_the_file']} / {bad['junk_files_tried']}",
+        ),
+        (
+            "quarantine share (asset metadata / check)",
+            f"{bad['inbox_quarantine_share_metadata']} / {bad['inbox_quarantine_share_check']}",
+        ),
     ]
     return Verdict("bad_input", bool(passed), bad, rows, rows_lost=bad["rows_lost"])

@@ -32,7 +32,9 @@ def _whole_job_pair(work: Path, config: dict[str, Any], baseline: Baseline | Non
         "failed_fast_with_busy_message": sum(_is_busy(r) for r in results),
         "other_failures": [r["errors"][-1][-400:] for r in results if not r["success"] and not _is_busy(r)],
         "busy_failure_seconds": fail_seconds,
-        "busy_message": next((e.splitlines()[0][-400:] for r in results for e in r["errors"] if BUSY in e), ""),
+        "busy_message": next(
+            (e.splitlines()[0][-400:] for r in results for e in r["errors"] if BUSY in e), ""
+        ),
         **stores_readable(data_dir),
     }
     if baseline is not None:
@@ -46,7 +48,10 @@ def _three_at_once(work: Path, config: dict[str, Any]) -> dict[str, Any]:
     rounds = []
     many_dir = work / "concurrent_many"
     for r in range(2):
-        group = [spawn(many_dir, config, work / "logs", f"many_{r}_{i}", select="preference_pairs") for i in range(3)]
+        group = [
+            spawn(many_dir, config, work / "logs", f"many_{r}_{i}", select="preference_pairs")
+            for i in range(3)
+        ]
         outs = [w.finish() for w in group]
         rounds.append(
             {
@@ -64,7 +69,10 @@ def _serialized(work: Path, config: dict[str, Any]) -> dict[str, Any]:
     print("== concurrency: two runs with lock_timeout_s set (they serialize)")
     serial_dir = work / "serialized"
     selection = "preference_pairs,reference_model"
-    waiting = [spawn(serial_dir, config, work / "logs", f"serial_{i}", select=selection, lock_wait=600) for i in range(2)]
+    waiting = [
+        spawn(serial_dir, config, work / "logs", f"serial_{i}", select=selection, lock_wait=600)
+        for i in range(2)
+    ]
     serial_results = [w.finish() for w in waiting]
     serialized = {"succeeded": sum(r["success"] for r in serial_results), **stores_readable(serial_dir)}
     print(f"   {serialized}")
@@ -77,7 +85,12 @@ def _reader_holding_file(work: Path, config: dict[str, Any]) -> dict[str, Any]:
     reader_dir = work / "reader"
     run_worker(reader_dir, config, logs, "reader_setup", select="preference_pairs")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('open', flush=True); time.sleep(12)", str(reader_dir / DATABASE_FILE)],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('open', flush=True); time.sleep(12)",
+            str(reader_dir / DATABASE_FILE),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -96,10 +109,22 @@ def _cli_multiprocess_pair(work: Path, config: dict[str, Any]) -> dict[str, Any]
     dagster, env = dagster_cli(work / "cli_concurrent_home", cli_dir)
     cli_config = work / "cli_concurrent.json"
     cli_config.write_text(json.dumps({"ops": {"preference_pairs": config["ops"]["preference_pairs"]}}))
-    command = [dagster, "asset", "materialize", "-m", "tidpo_pipeline.definitions", "--select", "preference_pairs", "-c", str(cli_config)]
+    command = [
+        dagster,
+        "asset",
+        "materialize",
+        "-m",
+        "tidpo_pipeline.definitions",
+        "--select",
+        "preference_pairs",
+        "-c",
+        str(cli_config),
+    ]
     # Dagster creates its sqlite tables on first use, and two first uses at once race on them (a
     # Dagster matter, not tidpo's): set the instance up once, as a first `make run` would.
-    subprocess.run([dagster, "instance", "migrate"], env={**os.environ, **env}, cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(
+        [dagster, "instance", "migrate"], env={**os.environ, **env}, cwd=ROOT, capture_output=True, check=True
+    )
     procs = [Worker(command, work / "logs" / f"cli_concurrent_{i}.log", env=env) for i in range(2)]
     codes = []
     for p in procs:
@@ -107,7 +132,12 @@ def _cli_multiprocess_pair(work: Path, config: dict[str, Any]) -> dict[str, Any]
         p.close_log()
         codes.append(p.popen.returncode)
     busy = sum(BUSY in p.log_path.read_text() for p in procs)
-    cli = {"exit_codes": codes, "succeeded": codes.count(0), "busy_messages": busy, **stores_readable(cli_dir)}
+    cli = {
+        "exit_codes": codes,
+        "succeeded": codes.count(0),
+        "busy_messages": busy,
+        **stores_readable(cli_dir),
+    }
     print(f"   {cli}")
     return cli
 
@@ -131,7 +161,13 @@ def _verdict(conc: dict[str, Any]) -> Verdict:
     otherwise, lock_timeout_s serializes, a reader holding the file only delays a run, and after every
     part DuckDB and MLflow open with no integrity problem and no version of an unfinished run."""
     pair, cli = conc["whole_job_pair"], conc["cli_multiprocess_pair"]
-    parts = (pair, conc["three_at_once"], conc["serialized_with_lock_timeout"], conc["reader_holding_file"], cli)
+    parts = (
+        pair,
+        conc["three_at_once"],
+        conc["serialized_with_lock_timeout"],
+        conc["reader_holding_file"],
+        cli,
+    )
     passed = pair["succeeded"] >= 1 and not pair["other_failures"]
     passed &= pair["succeeded"] + pair["failed_fast_with_busy_message"] == 2
     passed &= all(r["other_failures"] == 0 for r in conc["three_at_once"]["rounds"])
@@ -144,8 +180,13 @@ def _verdict(conc: dict[str, Any]) -> Verdict:
     readable = all(v.get("duckdb_readable") is True and v.get("mlflow_readable") is True for v in parts)
     rows = [
         ("concurrent runs tried", conc["runs_tried"]),
-        ("concurrent job pair: succeeded / failed fast (busy)", f"{pair['succeeded']} / {pair['failed_fast_with_busy_message']} in {pair['busy_failure_seconds']} s"),
+        (
+            "concurrent job pair: succeeded / failed fast (busy)",
+            f"{pair['succeeded']} / {pair['failed_fast_with_busy_message']} in {pair['busy_failure_seconds']} s",
+        ),
         ("stores readable after concurrency", readable),
     ]
     comparison = pair.get("comparison_to_uninterrupted")
-    return Verdict("concurrency", bool(passed), conc, rows, rows_lost=comparison["rows_lost"] if comparison else 0)
+    return Verdict(
+        "concurrency", bool(passed), conc, rows, rows_lost=comparison["rows_lost"] if comparison else 0
+    )

@@ -40,7 +40,13 @@ def stress_config(pairs: int = 160, steps: int = 24, **policy: Any) -> dict[str,
             "preference_pairs": {"config": {"synthetic_pairs": pairs, "eval_fraction": 0.2}},
             "reference_model": {"config": TINY_MODEL},
             "anchor_responses": {"config": {"max_new_tokens": 12, "batch_size": ANCHOR_BATCH}},
-            "token_weights": {"config": {"max_response_tokens": 64, "batch_size": 16, "batches_per_shard": WEIGHT_CHUNK // 16}},
+            "token_weights": {
+                "config": {
+                    "max_response_tokens": 64,
+                    "batch_size": 16,
+                    "batches_per_shard": WEIGHT_CHUNK // 16,
+                }
+            },
             "tidpo_policy": {
                 "config": {
                     "max_steps": steps,

@@ -37,7 +37,14 @@ class CrashOutcome:
 
 
 def _kill_at_mark(
-    data_dir: Path, logs: Path, name: str, needle: str, config: dict, delay: float = 0.0, occurrence: int = 1, **opts: Any
+    data_dir: Path,
+    logs: Path,
+    name: str,
+    needle: str,
+    config: dict,
+    delay: float = 0.0,
+    occurrence: int = 1,
+    **opts: Any,
 ) -> CrashOutcome:
     worker = spawn(data_dir, config, logs, name, marks=True, **opts)
     line = worker.wait_line(needle, timeout=600, occurrence=occurrence)
@@ -47,12 +54,19 @@ def _kill_at_mark(
     if delay:
         time.sleep(delay)
     worker.kill()
-    return CrashOutcome(name, True, {"mark": line.removeprefix(MARK).strip(), "at_s": round(worker.elapsed, 1)})
+    return CrashOutcome(
+        name, True, {"mark": line.removeprefix(MARK).strip(), "at_s": round(worker.elapsed, 1)}
+    )
 
 
-def _kill_when(data_dir: Path, logs: Path, name: str, predicate: Callable[[], bool], config: dict, **opts: Any) -> CrashOutcome:
+def _kill_when(
+    data_dir: Path, logs: Path, name: str, predicate: Callable[[], bool], config: dict, **opts: Any
+) -> CrashOutcome:
     worker = spawn(data_dir, config, logs, name, marks=True, **opts)
-    if not wait_for(lambda: predicate() or worker.popen.poll() is not None, timeout=600, every=0.05) or worker.popen.poll() is not None:
+    if (
+        not wait_for(lambda: predicate() or worker.popen.poll() is not None, timeout=600, every=0.05)
+        or worker.popen.poll() is not None
+    ):
         return CrashOutcome(name, False, {"error": "condition never met", "result": worker.finish()})
     worker.kill()
     return CrashOutcome(name, True, {"at_s": round(worker.elapsed, 1)})
@@ -71,12 +85,20 @@ def run_baseline(work: Path) -> Baseline:
     if not base["success"]:
         raise SystemExit(f"baseline run failed: {base['errors'][-1:]}")
     seconds = time.monotonic() - started
-    baseline = Baseline(baseline_dir, db_contents(baseline_dir), final_model(baseline_dir), seconds, table_counts(baseline_dir))
+    baseline = Baseline(
+        baseline_dir,
+        db_contents(baseline_dir),
+        final_model(baseline_dir),
+        seconds,
+        table_counts(baseline_dir),
+    )
     print(f"   baseline: {baseline.counts} in {baseline.seconds:.0f} s")
     return baseline
 
 
-def _after_kill(data_dir: Path, outcome: CrashOutcome, expect: Callable[[dict[str, int]], bool]) -> CrashOutcome:
+def _after_kill(
+    data_dir: Path, outcome: CrashOutcome, expect: Callable[[dict[str, int]], bool]
+) -> CrashOutcome:
     """Record what the kill left: row counts, integrity problems, trainers still alive, expected or not."""
     wait_for(lambda: not trainer_pids(data_dir), timeout=5)  # a trainer must die with its step at once
     outcome.detail["counts_after"] = table_counts(data_dir)
@@ -87,7 +109,9 @@ def _after_kill(data_dir: Path, outcome: CrashOutcome, expect: Callable[[dict[st
     return outcome
 
 
-def _kill_points(data_dir: Path, logs: Path, config: dict[str, Any], baseline: Baseline) -> list[CrashOutcome]:
+def _kill_points(
+    data_dir: Path, logs: Path, config: dict[str, Any], baseline: Baseline
+) -> list[CrashOutcome]:
     """The five kills, each on the data dir the previous one left, each followed by a check of its state."""
     print("== crashes: SIGKILL of the run's step process at chosen points, then re-runs")
     counts = baseline.counts
@@ -101,20 +125,48 @@ def _kill_points(data_dir: Path, logs: Path, config: dict[str, Any], baseline: B
 
     outcomes = []
     # 1. inside the anchors' load transaction (all shards at once): no anchor row; the shard files stay
-    killed = _kill_at_mark(data_dir, logs, "kill_in_anchor_load", "in-transaction anchors", config, pause_in="anchors", pause_in_s=1.0)
-    outcomes.append(_after_kill(data_dir, killed, lambda c: c["anchors"] == 0 and c["pairs"] == len(baseline.contents["pairs"])))
+    killed = _kill_at_mark(
+        data_dir,
+        logs,
+        "kill_in_anchor_load",
+        "in-transaction anchors",
+        config,
+        pause_in="anchors",
+        pause_in_s=1.0,
+    )
+    outcomes.append(
+        _after_kill(
+            data_dir, killed, lambda c: c["anchors"] == 0 and c["pairs"] == len(baseline.contents["pairs"])
+        )
+    )
     # 2. inside the token weights' load transaction, likewise
-    killed = _kill_at_mark(data_dir, logs, "kill_in_weight_load", "in-transaction weights", config, pause_in="weights", pause_in_s=1.0)
-    outcomes.append(_after_kill(data_dir, killed, lambda c: c["anchors"] == train_pairs and c["weight_responses"] == 0))
+    killed = _kill_at_mark(
+        data_dir,
+        logs,
+        "kill_in_weight_load",
+        "in-transaction weights",
+        config,
+        pause_in="weights",
+        pause_in_s=1.0,
+    )
+    outcomes.append(
+        _after_kill(data_dir, killed, lambda c: c["anchors"] == train_pairs and c["weight_responses"] == 0)
+    )
     # 3. during training, once a checkpoint is complete: the trainer must die with its step
-    outcomes.append(_after_kill(data_dir, _kill_when(data_dir, logs, "kill_during_training", training, config), weights_done))
+    outcomes.append(
+        _after_kill(
+            data_dir, _kill_when(data_dir, logs, "kill_during_training", training, config), weights_done
+        )
+    )
     outcomes[-1].detail["registered_versions_after"] = len(registry(data_dir)["versions"])
     # 4. during model registration (after training finished): the re-run must not register twice
     killed = _kill_at_mark(data_dir, logs, "kill_during_registration", "registering", config, delay=1.5)
     outcomes.append(_after_kill(data_dir, killed, weights_done))
     # 5. right after registration, before the MLflow run is marked finished: the re-run resumes the
     #    same MLflow run and must reuse its version, not register a second one
-    killed = _kill_at_mark(data_dir, logs, "kill_after_registration", "registered", config, pause_after_register=30)
+    killed = _kill_at_mark(
+        data_dir, logs, "kill_after_registration", "registered", config, pause_after_register=30
+    )
     outcomes.append(_after_kill(data_dir, killed, weights_done))
     outcomes[-1].detail["registered_versions_after"] = len(registry(data_dir)["versions"])
     return outcomes
@@ -130,7 +182,9 @@ def scenario_crashes(work: Path, baseline: Baseline, cli: bool = True) -> Verdic
     comparison = compare_to_baseline(data_dir, baseline)
     reg = registry(data_dir)
     recovered = final["success"] and comparison["rows_lost"] == 0 and comparison["rows_extra"] == 0
-    print(f"   recovered: success={final['success']} {comparison} registry={len(reg['versions'])} versions, champion {reg['champion']}")
+    print(
+        f"   recovered: success={final['success']} {comparison} registry={len(reg['versions'])} versions, champion {reg['champion']}"
+    )
 
     cli_result: dict[str, Any] = {"skipped": True}
     if cli:
@@ -160,7 +214,9 @@ def scenario_crashes(work: Path, baseline: Baseline, cli: bool = True) -> Verdic
 
 def _kill_training_step(first: Worker, data_dir: Path) -> int | None:
     """SIGKILL the CLI run's training step process once a checkpoint exists; its pid, or None if not found."""
-    if wait_for(lambda: bool(_checkpoints(data_dir)) or first.popen.poll() is not None, timeout=600, every=0.05):
+    if wait_for(
+        lambda: bool(_checkpoints(data_dir)) or first.popen.poll() is not None, timeout=600, every=0.05
+    ):
         trainers = trainer_pids(data_dir)
         with contextlib.suppress(OSError, IndexError):
             # The training step's process (a child of the CLI's run process) is the trainer's parent.
@@ -179,7 +235,17 @@ def _cli_crash(work: Path, config: dict[str, Any], baseline: Baseline) -> dict[s
     dagster, env = dagster_cli(work / "cli_home", data_dir)
     config_path = work / "cli_config.json"
     config_path.write_text(json.dumps(config))
-    command = [dagster, "job", "execute", "-m", "tidpo_pipeline.definitions", "-j", "tidpo_training", "-c", str(config_path)]
+    command = [
+        dagster,
+        "job",
+        "execute",
+        "-m",
+        "tidpo_pipeline.definitions",
+        "-j",
+        "tidpo_training",
+        "-c",
+        str(config_path),
+    ]
     first = Worker(command, work / "logs" / "cli_killed.log", env=env)
     killed_pid = _kill_training_step(first, data_dir)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -191,8 +257,20 @@ def _cli_crash(work: Path, config: dict[str, Any], baseline: Baseline) -> dict[s
     # The re-run materializes the interrupted asset and what follows it; the upstream assets' outputs
     # come from the first run through the instance's IO manager, as in a re-execution from the UI.
     rerun_config = work / "cli_rerun_config.json"
-    rerun_config.write_text(json.dumps({"ops": {k: config["ops"][k] for k in ("tidpo_policy", "evaluation")}}))
-    rerun = [dagster, "asset", "materialize", "-m", "tidpo_pipeline.definitions", "--select", "tidpo_policy*", "-c", str(rerun_config)]
+    rerun_config.write_text(
+        json.dumps({"ops": {k: config["ops"][k] for k in ("tidpo_policy", "evaluation")}})
+    )
+    rerun = [
+        dagster,
+        "asset",
+        "materialize",
+        "-m",
+        "tidpo_pipeline.definitions",
+        "--select",
+        "tidpo_policy*",
+        "-c",
+        str(rerun_config),
+    ]
     second = Worker(rerun, work / "logs" / "cli_recovered.log", env=env)
     second.popen.wait(timeout=900)
     second.close_log()
@@ -218,14 +296,18 @@ def _verdict(crash: dict[str, Any]) -> Verdict:
     points = crash["kill_points"]
     passed = crash["recovered_equals_uninterrupted"] and crash["no_mlflow_run_registered_twice"]
     passed = passed and all(
-        k["killed"] and k["state_as_expected"] and not k["integrity_problems"] and not k["trainers_left"] for k in points
+        k["killed"] and k["state_as_expected"] and not k["integrity_problems"] and not k["trainers_left"]
+        for k in points
     )
     clean = sum(1 for k in points if k["killed"] and k["state_as_expected"] and not k["integrity_problems"])
     rows = [
         ("crashes injected (SIGKILL)", crash["injected"]),
         ("crash states clean (whole chunks, no partial rows)", f"{clean} / {len(points)}"),
         ("recovered run equals uninterrupted run", crash["recovered_equals_uninterrupted"]),
-        ("recovered via dagster CLI (multiprocess)", crash["cli"].get("recovered_equals_uninterrupted", "skipped")),
+        (
+            "recovered via dagster CLI (multiprocess)",
+            crash["cli"].get("recovered_equals_uninterrupted", "skipped"),
+        ),
         ("MLflow runs that registered a model twice", crash["versions_sharing_an_mlflow_run"]),
         ("trainer processes left after a kill", sum(k.get("trainers_left", 0) for k in points)),
     ]

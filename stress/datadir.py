@@ -49,7 +49,9 @@ def registry(data_dir: Path) -> dict[str, Any]:
     versions = []
     with contextlib.suppress(Exception):
         for v in tracking.model_versions(uri):
-            versions.append({"version": int(v.version), "run_id": v.run_id, "status": v.status, "tags": dict(v.tags)})
+            versions.append(
+                {"version": int(v.version), "run_id": v.run_id, "status": v.status, "tags": dict(v.tags)}
+            )
     info = tracking.champion(uri)
     runs = [(r.info.run_id, r.info.run_name, r.info.status) for r in tracking.experiment_runs(uri)]
     return {
@@ -63,7 +65,9 @@ def final_model(data_dir: Path) -> dict[str, Any]:
     """The weights of the newest trained policy folder (models/policy/<run>/final)."""
     from safetensors.torch import load_file
 
-    finals = sorted((data_dir / "models" / "policy").glob("*/final/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    finals = sorted(
+        (data_dir / "models" / "policy").glob("*/final/model.safetensors"), key=lambda p: p.stat().st_mtime
+    )
     return load_file(finals[-1]) if finals else {}
 
 
@@ -89,7 +93,9 @@ def metrics_diff(a: list[tuple], b: list[tuple]) -> float:
     left, right = {(m, k): v for m, k, v in a}, {(m, k): v for m, k, v in b}
     if set(left) != set(right):
         return float("inf")
-    return max((abs(left[k] - right[k]) for k in left if left[k] == left[k] and right[k] == right[k]), default=0.0)
+    return max(
+        (abs(left[k] - right[k]) for k in left if left[k] == left[k] and right[k] == right[k]), default=0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,9 @@ def stores_readable(data_dir: Path) -> dict[str, Any]:
         out["mlflow_readable"] = True
         run_status = {r[0]: r[2] for r in reg["runs"]}
         out["versions"] = len(reg["versions"])
-        out["versions_with_unfinished_run"] = sum(1 for v in reg["versions"] if run_status.get(v["run_id"]) != "FINISHED")
+        out["versions_with_unfinished_run"] = sum(
+            1 for v in reg["versions"] if run_status.get(v["run_id"]) != "FINISHED"
+        )
         out["champion"] = reg["champion"]
     except Exception as exc:  # noqa: BLE001
         out["mlflow_readable"] = f"{type(exc).__name__}: {exc}"

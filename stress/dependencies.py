@@ -20,7 +20,14 @@ def scenario_dependencies(work: Path) -> Verdict:
     out: dict[str, Any] = {}
     data_dir = work / "deps"
     # Each worker has its own ephemeral Dagster instance, so upstream assets are selected too.
-    down = run_worker(data_dir, config, logs, "mlflow_down", select="preference_pairs,reference_model", tracking_uri="http://127.0.0.1:9")
+    down = run_worker(
+        data_dir,
+        config,
+        logs,
+        "mlflow_down",
+        select="preference_pairs,reference_model",
+        tracking_uri="http://127.0.0.1:9",
+    )
     out["mlflow_unreachable"] = {
         "failed": not down["success"],
         "seconds": round(down.get("seconds", 0), 1),
@@ -29,7 +36,9 @@ def scenario_dependencies(work: Path) -> Verdict:
     }
     missing_config = json.loads(json.dumps(config))
     missing_config["ops"]["reference_model"]["config"] = {"model_name_or_path": "/nonexistent/model-dir"}
-    missing = run_worker(data_dir, missing_config, logs, "missing_model", select="preference_pairs,reference_model")
+    missing = run_worker(
+        data_dir, missing_config, logs, "missing_model", select="preference_pairs,reference_model"
+    )
     out["missing_model_path"] = {
         "failed": not missing["success"],
         "seconds": round(missing.get("seconds", 0), 1),

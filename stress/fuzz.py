@@ -43,13 +43,16 @@ def _row(rng: random.Random) -> Any:
         if rng.random() < 0.08 and "chosen" in row:
             row["rejected"] = row["chosen"]
         for _ in range(rng.randint(0, 2)):
-            row[rng.choice(["id", "score", "meta", "lang", "extra"])] = rng.choice([1, "x", [1, 2], {"a": 1}, None])
+            row[rng.choice(["id", "score", "meta", "lang", "extra"])] = rng.choice(
+                [1, "x", [1, 2], {"a": 1}, None]
+            )
         return row
     if kind < 0.75:  # conversational
         shared = [{"role": "user", "content": _text(rng)}]
         row = {
             "chosen": shared + [{"role": "assistant", "content": _text(rng)}],
-            "rejected": shared + [{"role": rng.choice(["assistant", "user"]), "content": rng.choice([_text(rng), 5])}],
+            "rejected": shared
+            + [{"role": rng.choice(["assistant", "user"]), "content": rng.choice([_text(rng), 5])}],
         }
         if rng.random() < 0.3:
             row["prompt"] = rng.choice([_text(rng), shared])
@@ -92,7 +95,10 @@ def fuzz_file(rng: random.Random, directory: Path, index: int) -> tuple[Path, in
         records = []
         for row in rows:
             if isinstance(row, dict):
-                record = [row.get(k) if isinstance(row.get(k), str) else json.dumps(row.get(k)) for k in ("prompt", "chosen", "rejected")]
+                record = [
+                    row.get(k) if isinstance(row.get(k), str) else json.dumps(row.get(k))
+                    for k in ("prompt", "chosen", "rejected")
+                ]
             else:
                 record = [json.dumps(row)]
             records.append(record)

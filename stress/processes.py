@@ -93,16 +93,31 @@ class Worker:
             if line.startswith(RESULT):
                 return json.loads(line[len(RESULT) :])
         tail = self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
-        return {"success": False, "errors": [f"exit {self.popen.returncode} without a result: {tail}"], "checks": {}}
+        return {
+            "success": False,
+            "errors": [f"exit {self.popen.returncode} without a result: {tail}"],
+            "checks": {},
+        }
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
 
-def spawn(data_dir: Path, config: dict[str, Any], logs: Path, name: str, select: str = "all", **options: Any) -> Worker:
+def spawn(
+    data_dir: Path, config: dict[str, Any], logs: Path, name: str, select: str = "all", **options: Any
+) -> Worker:
     """`python -m stress.run worker` on `data_dir`; each option becomes its --flag (True: the bare flag)."""
-    command = [sys.executable, "-m", "stress.run", "worker", "--data-dir", str(data_dir), "--config", json.dumps(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "stress.run",
+        "worker",
+        "--data-dir",
+        str(data_dir),
+        "--config",
+        json.dumps(config),
+    ]
     command += ["--select", select]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -114,7 +129,9 @@ def spawn(data_dir: Path, config: dict[str, Any], logs: Path, name: str, select:
     return Worker(command, logs / f"{name}.log")
 
 
-def run_worker(data_dir: Path, config: dict[str, Any], logs: Path, name: str, **options: Any) -> dict[str, Any]:
+def run_worker(
+    data_dir: Path, config: dict[str, Any], logs: Path, name: str, **options: Any
+) -> dict[str, Any]:
     return spawn(data_dir, config, logs, name, **options).finish()
 
 

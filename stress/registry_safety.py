@@ -38,7 +38,9 @@ def scenario_registry(data_dir: Path) -> Verdict:
     after_nan = registry(data_dir)
     nan_out = {
         "run_success": nan["success"],
-        "error_mentions_non_finite": any("non-finite" in e.lower() or "nan" in e.lower() for e in nan["errors"]),
+        "error_mentions_non_finite": any(
+            "non-finite" in e.lower() or "nan" in e.lower() for e in nan["errors"]
+        ),
         "new_versions": len(after_nan["versions"]) - len(after_gate["versions"]),
         "champion_unchanged": after_nan["champion"] == after_gate["champion"],
         "failed_mlflow_runs": sum(1 for r in after_nan["runs"] if r[2] == "FAILED"),
@@ -86,10 +88,18 @@ def _verdict(reg: dict[str, Any]) -> Verdict:
     ]
     if "weaker_challenger" in reg:
         weak, strong = reg["weaker_challenger"], reg["stronger_challenger"]
-        passed = passed and weak["beats_reference"] and not weak["took_the_alias"] and weak["champion_after"] == weak["champion_before"]
+        passed = (
+            passed
+            and weak["beats_reference"]
+            and not weak["took_the_alias"]
+            and weak["champion_after"] == weak["champion_before"]
+        )
         passed = passed and strong["took_the_alias"]
         rows += [
-            ("weaker challenger (beats its reference): took the alias", f"{weak['took_the_alias']} (beats reference: {weak['beats_reference']})"),
+            (
+                "weaker challenger (beats its reference): took the alias",
+                f"{weak['took_the_alias']} (beats reference: {weak['beats_reference']})",
+            ),
             ("stronger challenger: took the alias", strong["took_the_alias"]),
         ]
     return Verdict("registry", bool(passed), reg, rows)

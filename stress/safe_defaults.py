@@ -36,8 +36,16 @@ def _pickles_refused() -> bool:
 def _model_files(data_dir: Path) -> dict[str, Any]:
     """How many model weight files in a trained data dir are safetensors, and which are pickled."""
     models = [p for p in (data_dir / "models").rglob("*") if p.is_file() and "checkpoints" not in p.parts]
-    artifacts = [p for p in (data_dir / "mlartifacts").rglob("*") if p.is_file()] if (data_dir / "mlartifacts").exists() else []
-    pickled = [str(p.relative_to(data_dir)) for p in models + artifacts if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}]
+    artifacts = (
+        [p for p in (data_dir / "mlartifacts").rglob("*") if p.is_file()]
+        if (data_dir / "mlartifacts").exists()
+        else []
+    )
+    pickled = [
+        str(p.relative_to(data_dir))
+        for p in models + artifacts
+        if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+    ]
     return {
         "model_weight_files_safetensors": sum(p.suffix == ".safetensors" for p in models + artifacts),
         "pickled_files_in_model_folders": pickled,
@@ -57,7 +65,8 @@ def scenario_safe_defaults(data_dir: Path | None) -> Verdict:
     out: dict[str, Any] = {
         "webserver_binds_localhost": "-h 127.0.0.1" in ui and "0.0.0.0" not in makefile,
         "trust_remote_code_default_off": ReferenceModelConfig().trust_remote_code is False
-        and inspect.signature(modeling.load_model_and_tokenizer).parameters["trust_remote_code"].default is False,
+        and inspect.signature(modeling.load_model_and_tokenizer).parameters["trust_remote_code"].default
+        is False,
         "code_execution_default_off": benchmarks.BenchmarkOptions().allow_code_execution is False
         and EvaluationConfig().allow_code_execution is False,
     }
@@ -65,5 +74,7 @@ def scenario_safe_defaults(data_dir: Path | None) -> Verdict:
     if data_dir is not None:
         out.update(_model_files(data_dir))
     print(f"   {out}")
-    passed = all(v for k, v in out.items() if k not in _FIGURES) and not out.get("pickled_files_in_model_folders")
+    passed = all(v for k, v in out.items() if k not in _FIGURES) and not out.get(
+        "pickled_files_in_model_folders"
+    )
     return Verdict("safe_defaults", passed, out)

@@ -14,7 +14,19 @@ from stress.verdict import Verdict
 def scenario_slow_tests() -> Verdict:
     started = time.monotonic()
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "--timeout", "900", "tests"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "slow",
+            "--timeout",
+            "900",
+            "tests",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -19,7 +19,9 @@ def _mark(text: str) -> None:
     print(f"{MARK} {text}", flush=True)
 
 
-def _install_marks(pause_after_chunk: float, pause_in: set[str], pause_in_s: float, pause_after_register: float = 0.0) -> None:
+def _install_marks(
+    pause_after_chunk: float, pause_in: set[str], pause_in_s: float, pause_after_register: float = 0.0
+) -> None:
     """Print a line when a chunk commits (and when a chosen writer is inside its transaction), so the
     parent can kill at a known point; optionally hold there for a while."""
     from tidpo_core import store
@@ -164,7 +166,12 @@ def worker_main(argv: list[str]) -> int:
     print(
         f"{RESULT} "
         + json.dumps(
-            {"success": result.success, "errors": _errors(result), "checks": checks, "seconds": time.perf_counter() - started}
+            {
+                "success": result.success,
+                "errors": _errors(result),
+                "checks": checks,
+                "seconds": time.perf_counter() - started,
+            }
         ),
         flush=True,
     )

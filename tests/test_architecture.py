@@ -41,17 +41,24 @@ def imported_modules(path: Path, package: str | None = None) -> set[str]:
 
 
 def imports_from(path: Path, *prefixes: str, package: str | None = None) -> list[str]:
-    return sorted(m for m in imported_modules(path, package) if any(m == p or m.startswith(p + ".") for p in prefixes))
+    return sorted(
+        m for m in imported_modules(path, package) if any(m == p or m.startswith(p + ".") for p in prefixes)
+    )
 
 
 def test_the_library_never_imports_dagster_or_the_pipeline():
-    offenders = {str(p.relative_to(REPO)): imports_from(p, "dagster", "dagster_duckdb", "tidpo_pipeline") for p in python_files("tidpo_core")}
+    offenders = {
+        str(p.relative_to(REPO)): imports_from(p, "dagster", "dagster_duckdb", "tidpo_pipeline")
+        for p in python_files("tidpo_core")
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
 def test_the_method_never_imports_the_stages_or_the_store():
     offenders = {
-        str(p.relative_to(REPO)): imports_from(p, "tidpo_core.steps", "tidpo_core.store", "tidpo_core.training")
+        str(p.relative_to(REPO)): imports_from(
+            p, "tidpo_core.steps", "tidpo_core.store", "tidpo_core.training"
+        )
         for p in python_files("tidpo_core/method")
     }
     assert not {k: v for k, v in offenders.items() if v}
@@ -60,8 +67,12 @@ def test_the_method_never_imports_the_stages_or_the_store():
 def test_the_layering_check_sees_lazy_and_relative_imports(tmp_path):
     """The checks above would pass vacuously if the scanner missed imports inside functions."""
     module = tmp_path / "probe.py"
-    module.write_text("def f():\n    import dagster\n    from tidpo_core.steps import database_at\n    from ..store import pairs\n")
-    assert imports_from(module, "dagster", "tidpo_core.steps", "tidpo_core.store", package="tidpo_core.method") == [
+    module.write_text(
+        "def f():\n    import dagster\n    from tidpo_core.steps import database_at\n    from ..store import pairs\n"
+    )
+    assert imports_from(
+        module, "dagster", "tidpo_core.steps", "tidpo_core.store", package="tidpo_core.method"
+    ) == [
         "dagster",
         "tidpo_core.steps",
         "tidpo_core.steps.database_at",
@@ -90,12 +101,24 @@ def test_the_librarys_root_keeps_only_a_few_modules_beside_its_packages():
     modules = sorted(p.name for p in CORE.glob("*.py") if p.name != "__init__.py")
     assert len(modules) <= MAX_ROOT_MODULES, modules
     packages = sorted(p.name for p in CORE.iterdir() if (p / "__init__.py").exists())
-    assert {"method", "data", "batching", "models", "evaluation", "runtime", "training", "store", "steps"} <= set(packages)
+    assert {
+        "method",
+        "data",
+        "batching",
+        "models",
+        "evaluation",
+        "runtime",
+        "training",
+        "store",
+        "steps",
+    } <= set(packages)
 
 
 def test_the_method_specification_lives_in_the_repository():
     assert (REPO / "docs" / "method.md").exists()
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
     outside = [

@@ -32,7 +32,13 @@ def tiny_chat_model(tmp_path, shared_data) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     tokenizer.chat_template = CHATML
-    model = build_tiny_model(tokenizer, TinyModelConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), seed=0)
+    model = build_tiny_model(
+        tokenizer,
+        TinyModelConfig(
+            vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
+        seed=0,
+    )
     return Path(save_model_and_tokenizer(model, tokenizer, tmp_path / "tiny-chat"))
 
 
@@ -45,12 +51,23 @@ def test_the_grid_runs_through_the_comparison_step_and_resumes(tmp_path, monkeyp
     assert set(first["methods"]) == {"reference", *bench_real.METHODS}
     for method in bench_real.METHODS:
         row = first["methods"][method]
-        for metric in ("reward_accuracy", "judged_win_rate", "kl_to_reference", "distinct_2", "truthfulqa_mc1", "truthfulqa_mc2", "train_seconds"):
+        for metric in (
+            "reward_accuracy",
+            "judged_win_rate",
+            "kl_to_reference",
+            "distinct_2",
+            "truthfulqa_mc1",
+            "truthfulqa_mc2",
+            "train_seconds",
+        ):
             cell = row[metric]
             assert len(cell["seeds"]) == 1 and math.isfinite(cell["mean"]), (method, metric)
         assert 0.0 <= row["judged_win_rate"]["mean"] <= 1.0 and 0.0 <= row["truthfulqa_mc1"]["mean"] <= 1.0
     assert first["one_commit"] and len(first["commits"]) == 1
-    assert 0.0 <= first["judge"]["held_out"]["eval_accuracy"] <= 1.0 and first["judge"]["train_pairs"] == bench_real.QUICK.judge
+    assert (
+        0.0 <= first["judge"]["held_out"]["eval_accuracy"] <= 1.0
+        and first["judge"]["train_pairs"] == bench_real.QUICK.judge
+    )
     assert first["judge"]["training"]["learning_rate"] == 1e-5  # a pretrained backbone's rate
     assert not any(r["reused"] for r in first["runs"])
 
@@ -76,6 +93,8 @@ def test_the_trl_and_importance_parts_fill_their_sections(tmp_path, monkeypatch,
     for position in ("uniform", "middle"):
         rows = doc["importance"][position]
         for name in ("attribution", "contrastive", "contrastive_no_eos", "surprisal"):
-            assert 0.0 <= rows[name]["precision_at_k"] <= 1.0 and 0.0 <= rows[name]["raw_precision_at_k"] <= 1.0
+            assert (
+                0.0 <= rows[name]["precision_at_k"] <= 1.0 and 0.0 <= rows[name]["raw_precision_at_k"] <= 1.0
+            )
     assert "trl" in doc  # the other part's section is kept
     assert doc["importance"]["commit"] == doc["trl"]["commit"] == doc["commit"]  # each part says where it ran

@@ -54,7 +54,9 @@ def test_trl_throughput_and_loss_agreement(results_dir):
     from bench.update_readme import rows_trl
 
     targets = [row[3] for row in rows_trl(doc)]
-    assert targets[0].startswith("`dpo` <= 0.75x TRL: ") and any(t.startswith("<= 1.0x TRL: ") for t in targets)
+    assert targets[0].startswith("`dpo` <= 0.75x TRL: ") and any(
+        t.startswith("<= 1.0x TRL: ") for t in targets
+    )
 
 
 @pytest.mark.slow  # behind `make stress`, to keep `make test` inside CI's budget
@@ -66,8 +68,16 @@ def test_weight_precompute_cost(results_dir):
     assert doc["tokens_per_s"]["importance"] > 0 and doc["tokens_per_s"]["forward_backward"] > 0
     parallel = doc["data_parallel"]
     # Every pair weighed (chosen and rejected) and sampled, with 1 and with 2 processes.
-    assert parallel["items"]["weights_1_process"] == parallel["items"]["weights_2_processes"] == 2 * doc["sizes"]["sharded_pairs"]
-    assert parallel["items"]["anchors_1_process"] == parallel["items"]["anchors_2_processes"] == doc["sizes"]["anchor_pairs"]
+    assert (
+        parallel["items"]["weights_1_process"]
+        == parallel["items"]["weights_2_processes"]
+        == 2 * doc["sizes"]["sharded_pairs"]
+    )
+    assert (
+        parallel["items"]["anchors_1_process"]
+        == parallel["items"]["anchors_2_processes"]
+        == doc["sizes"]["anchor_pairs"]
+    )
     assert parallel["two_process_speedup"] > 0 and parallel["anchors_two_process_speedup"] > 0
     from bench.update_readme import rows_weights
 
@@ -100,7 +110,9 @@ def test_scaling_linearity_rule_by_hand():
     assert two_largest < 0.85  # what the former rule (two-largest exponent >= 0.85) failed
     assert grows_linearly(exponent, two_largest, marginal_costs(pairs, affine))
     power = [0.001 * n**1.3 for n in pairs]
-    assert not grows_linearly(loglog_slope(pairs, power), loglog_slope(pairs[1:], power[1:]), marginal_costs(pairs, power))
+    assert not grows_linearly(
+        loglog_slope(pairs, power), loglog_slope(pairs[1:], power[1:]), marginal_costs(pairs, power)
+    )
     # A growing per-pair cost fails even when the exponents stay under 1.15.
     assert not grows_linearly(1.0, 1.1, [0.02, 0.03])
 
@@ -113,7 +125,9 @@ def test_quality_reuses_only_runs_made_with_the_same_sizes():
     previous = {
         "commit": "abc",
         "sizes": sizes | {"plan": {"other": {}}},
-        "span_position": {"middle": {"runs": [run], "ablations": {"tidpo_no_kl (alpha=0)": {"reward_accuracy": 0.5}}}},
+        "span_position": {
+            "middle": {"runs": [run], "ablations": {"tidpo_no_kl (alpha=0)": {"reward_accuracy": 0.5}}}
+        },
     }
     found = reusable_runs(previous, sizes, "middle")
     assert found[("dpo", 1)] == run | {"reused_from": "abc"}
@@ -198,8 +212,14 @@ def test_grpo_verdicts_by_hand():
     table = {
         "reference": {"reward_accuracy": {"mean": 0.9, "std": 0.0}},
         "dpo": {"reward_accuracy": {"mean": 0.70, "std": 0.02}, "train_seconds": {"mean": 40.0, "std": 2.0}},
-        "grpo": {"reward_accuracy": {"mean": 0.60, "std": 0.05}, "train_seconds": {"mean": 350.0, "std": 10.0}},
-        "tidpo": {"reward_accuracy": {"mean": 0.72, "std": 0.03}, "train_seconds": {"mean": 60.0, "std": 3.0}},
+        "grpo": {
+            "reward_accuracy": {"mean": 0.60, "std": 0.05},
+            "train_seconds": {"mean": 350.0, "std": 10.0},
+        },
+        "tidpo": {
+            "reward_accuracy": {"mean": 0.72, "std": 0.03},
+            "train_seconds": {"mean": 60.0, "std": 3.0},
+        },
     }
     out = bench_grpo.verdicts(table)
     # The reference is not a method; 0.72 - 0.70 = 0.02 < 0.03 + 0.02: within the spread.
@@ -285,24 +305,39 @@ def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders
     assert policy[0]["threads"] == decide_threads(available_cpus(), policy[0]["parameters"]).intra_op
     doc = {
         "stages": {
-            "weights": {"default": {"slowdown": 13.5}, "tidpo": {"slowdown": 1.5}, "tidpo_idle_cost": 1.02, "slowdown_target_met": True, "idle_cost_target_met": True},
+            "weights": {
+                "default": {"slowdown": 13.5},
+                "tidpo": {"slowdown": 1.5},
+                "tidpo_idle_cost": 1.02,
+                "slowdown_target_met": True,
+                "idle_cost_target_met": True,
+            },
             "train": {
-                "default": {"slowdown": 3.6}, "tidpo": {"slowdown": 2.6}, "fair_share_slowdown": 2.55, "tidpo_idle_cost": 1.0,
-                "slowdown_target_met": False, "idle_cost_target_met": True,
+                "default": {"slowdown": 3.6},
+                "tidpo": {"slowdown": 2.6},
+                "fair_share_slowdown": 2.55,
+                "tidpo_idle_cost": 1.0,
+                "slowdown_target_met": False,
+                "idle_cost_target_met": True,
             },
         },
         "targets": {"slowdown_with_two_processes": 2.5, "idle_cost": 1.05},
     }
     weights, train = update_readme.rows_contention(doc)
     assert weights[2] == "13.50x vs 1.50x; idle 1.02x" and weights[3] == "<= 2.5x: met; idle <= 1.05x: met"
-    assert train[2] == "3.60x vs 2.60x (one thread each: 2.55x); idle 1.00x" and train[3] == "<= 2.5x: not met; idle <= 1.05x: met"
+    assert (
+        train[2] == "3.60x vs 2.60x (one thread each: 2.55x); idle 1.00x"
+        and train[3] == "<= 2.5x: not met; idle <= 1.05x: met"
+    )
 
 
 def test_the_fair_share_setting_runs_each_worker_on_one_fixed_thread(monkeypatch):
     from bench import bench_contention
 
     calls = []
-    monkeypatch.setattr(bench_contention, "_run_together", lambda *args, **kwargs: calls.append((args, kwargs)) or [])
+    monkeypatch.setattr(
+        bench_contention, "_run_together", lambda *args, **kwargs: calls.append((args, kwargs)) or []
+    )
     bench_contention._run_setting(2, "train", bench_contention.ONE_THREAD_EACH, {})
     bench_contention._run_setting(1, "train", "tidpo", {})
     assert calls == [((2, "train", "default", {}), {"threads": 1}), ((1, "train", "tidpo", {}), {})]

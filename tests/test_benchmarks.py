@@ -37,8 +37,17 @@ def data() -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     pairs = generate_synthetic_pairs(20)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
-    config = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-    return save_model_and_tokenizer(build_tiny_model(tokenizer, config), tokenizer, tmp_path_factory.mktemp("tiny"))
+    config = TinyModelConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return save_model_and_tokenizer(
+        build_tiny_model(tokenizer, config), tokenizer, tmp_path_factory.mktemp("tiny")
+    )
 
 
 def test_loaders_read_the_local_files(data):
@@ -49,7 +58,9 @@ def test_loaders_read_the_local_files(data):
     assert first["mc1_targets"]["choices"][0] in first["mc2_targets"]["choices"]
     assert len(first["mc2_targets"]["choices"]) == len(first["mc2_targets"]["labels"])
     ifeval = load_ifeval(data / "ifeval_input_data.jsonl")
-    assert len(ifeval) == 540 and all(len(json.loads(r["kwargs_json"])) == len(r["instruction_id_list"]) for r in ifeval)
+    assert len(ifeval) == 540 and all(
+        len(json.loads(r["kwargs_json"])) == len(r["instruction_id_list"]) for r in ifeval
+    )
     humaneval = load_humaneval(data / "HumanEval.jsonl.gz")
     assert len(humaneval) == 164 and humaneval[0]["entry_point"]
 
@@ -69,7 +80,9 @@ def test_sandbox_passes_canonical_solutions_and_contains_bad_code(data):
 
 def test_ifeval_checks_that_need_missing_nltk_data_are_reported(data):
     assert ifeval_dependencies() is None  # the eval extra (lm_eval[ifeval]) is part of make test's install
-    rows = [r for r in load_ifeval(data / "ifeval_input_data.jsonl") if SENTENCE_CHECK in r["instruction_id_list"]][:2]
+    rows = [
+        r for r in load_ifeval(data / "ifeval_input_data.jsonl") if SENTENCE_CHECK in r["instruction_id_list"]
+    ][:2]
     scorer = IFEvalScorer()
     response = "First sentence here. Second one here. And a third."
     outputs = [scorer.score(r, response) for r in rows]
@@ -83,7 +96,9 @@ def test_ifeval_checks_that_need_missing_nltk_data_are_reported(data):
     if punkt_present:
         assert SENTENCE_CHECK not in scorer.unavailable
     else:
-        assert "punkt" in scorer.unavailable[SENTENCE_CHECK] and "offline" in scorer.unavailable[SENTENCE_CHECK]
+        assert (
+            "punkt" in scorer.unavailable[SENTENCE_CHECK] and "offline" in scorer.unavailable[SENTENCE_CHECK]
+        )
         assert all(o["prompt_level_strict_acc"] is None for o in outputs)
         assert scorer.prompts_excluded == len(rows)
 
@@ -95,13 +110,19 @@ def test_benchmarks_run_on_a_tiny_model_and_score_in_range(data, tiny_model_dir,
         for row in load_truthfulqa(data / "TruthfulQA.csv")[:2]:
             handle.write(json.dumps(row) + "\n")
     options = BenchmarkOptions(
-        data_files={"truthfulqa": str(mc), "ifeval": str(data / "ifeval_input_data.jsonl"), "humaneval": str(data / "HumanEval.jsonl.gz")},
+        data_files={
+            "truthfulqa": str(mc),
+            "ifeval": str(data / "ifeval_input_data.jsonl"),
+            "humaneval": str(data / "HumanEval.jsonl.gz"),
+        },
         limit=2,
         max_gen_toks=8,
         allow_code_execution=True,
         code_timeout_s=5,
     )
-    results = {r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa", "ifeval", "humaneval"], options)}
+    results = {
+        r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa", "ifeval", "humaneval"], options)
+    }
     assert list(results) == ["truthfulqa_mc1", "truthfulqa_mc2", "ifeval", "humaneval"]
     for result in results.values():
         if result.task == "ifeval" and ifeval_dependencies():
@@ -119,12 +140,22 @@ def test_benchmarks_run_on_a_tiny_model_and_score_in_range(data, tiny_model_dir,
 
 
 def test_tasks_that_cannot_run_are_reported_with_the_reason(data, tiny_model_dir, tmp_path):
-    assert expand_benchmarks(["TruthfulQA", "ifeval", "truthfulqa_mc1"]) == ["truthfulqa_mc1", "truthfulqa_mc2", "ifeval"]
+    assert expand_benchmarks(["TruthfulQA", "ifeval", "truthfulqa_mc1"]) == [
+        "truthfulqa_mc1",
+        "truthfulqa_mc2",
+        "ifeval",
+    ]
     options = BenchmarkOptions(
-        data_files={"truthfulqa": str(tmp_path / "missing.csv"), "humaneval": str(data / "HumanEval.jsonl.gz")},
+        data_files={
+            "truthfulqa": str(tmp_path / "missing.csv"),
+            "humaneval": str(data / "HumanEval.jsonl.gz"),
+        },
         allow_code_execution=False,
     )
-    results = {r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa_mc1", "ifeval", "humaneval", "mmlu"], options)}
+    results = {
+        r.task: r
+        for r in run_benchmarks(tiny_model_dir, ["truthfulqa_mc1", "ifeval", "humaneval", "mmlu"], options)
+    }
     assert all(r.status == "unavailable" for r in results.values())
     assert "not found" in results["truthfulqa_mc1"].reason
     assert "no data file configured" in results["ifeval"].reason
@@ -142,9 +173,17 @@ def test_builtin_samples_run_offline_with_every_ifeval_check_available(tiny_mode
     sample = load_ifeval(data_file("ifeval", "builtin"))
     full = {row["key"]: row for row in load_ifeval(data / "ifeval_input_data.jsonl")}
     assert len(sample) == 16 and all(full[row["key"]] == row for row in sample)  # verbatim copies
-    options = BenchmarkOptions(data_files={"truthfulqa": "builtin", "ifeval": "builtin", "humaneval": "builtin"}, limit=3, max_gen_toks=8)
-    results = {r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa", "ifeval", "humaneval"], options)}
+    options = BenchmarkOptions(
+        data_files={"truthfulqa": "builtin", "ifeval": "builtin", "humaneval": "builtin"},
+        limit=3,
+        max_gen_toks=8,
+    )
+    results = {
+        r.task: r for r in run_benchmarks(tiny_model_dir, ["truthfulqa", "ifeval", "humaneval"], options)
+    }
     for task in ("truthfulqa_mc1", "truthfulqa_mc2", "ifeval"):
         assert results[task].status == "ok" and results[task].documents == 3, (task, results[task].reason)
     assert results["ifeval"].metrics["ifeval_unchecked_instructions"] == 0
-    assert results["humaneval"].status == "unavailable" and "no built-in sample" in results["humaneval"].reason
+    assert (
+        results["humaneval"].status == "unavailable" and "no built-in sample" in results["humaneval"].reason
+    )

@@ -56,7 +56,9 @@ def test_an_hh_transcript_becomes_its_turns_without_the_empty_assistant_slot() -
 def test_a_plain_prompt_is_one_user_turn() -> None:
     assert prompt_messages("  What is 2+2?\n") == [{"role": "user", "content": "What is 2+2?"}]
     # Turn labels inside a plain prompt's text do not make it a transcript: it must start with a turn.
-    assert prompt_messages("Summarise:\n\nHuman: hi") == [{"role": "user", "content": "Summarise:\n\nHuman: hi"}]
+    assert prompt_messages("Summarise:\n\nHuman: hi") == [
+        {"role": "user", "content": "Summarise:\n\nHuman: hi"}
+    ]
 
 
 def test_readable_prompt_shows_one_turn_a_line() -> None:
@@ -64,9 +66,13 @@ def test_readable_prompt_shows_one_turn_a_line() -> None:
     assert readable_prompt(HH_PROMPT, width=8).splitlines()[-1] == "user: How do …"
 
 
-def test_chat_prompt_is_rendered_with_the_template_and_the_response_closes_with_end_of_turn(chat_tokenizer) -> None:
+def test_chat_prompt_is_rendered_with_the_template_and_the_response_closes_with_end_of_turn(
+    chat_tokenizer,
+) -> None:
     response = " Simmer it for nine minutes."
-    encoded = encode_prompt_response(chat_tokenizer, HH_PROMPT, response, max_prompt_tokens=512, max_response_tokens=64)
+    encoded = encode_prompt_response(
+        chat_tokenizer, HH_PROMPT, response, max_prompt_tokens=512, max_response_tokens=64
+    )
     expected_prompt = (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
         "<|im_start|>user\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\n"
@@ -99,11 +105,15 @@ def test_end_of_turn_is_the_templates_closing_token_else_eos(chat_tokenizer, pla
 
 def test_a_pad_equal_to_eos_keeps_the_closing_token_in_the_mask(chat_tokenizer) -> None:
     short = encode_prompt_response(chat_tokenizer, HH_PROMPT, " Hi.", max_prompt_tokens=512)
-    long = encode_prompt_response(chat_tokenizer, HH_PROMPT, " Simmer it for nine minutes.", max_prompt_tokens=512)
+    long = encode_prompt_response(
+        chat_tokenizer, HH_PROMPT, " Simmer it for nine minutes.", max_prompt_tokens=512
+    )
     rows = [{"chosen_input_ids": e.input_ids, "chosen_response_mask": e.response_mask} for e in (short, long)]
     batch = PreferenceCollator(chat_tokenizer.pad_token_id, sides=("chosen",))(rows)
     last = len(short.input_ids) - 1
-    assert batch["chosen_input_ids"][0, last] == chat_tokenizer.pad_token_id  # the closing token is the pad id
+    assert (
+        batch["chosen_input_ids"][0, last] == chat_tokenizer.pad_token_id
+    )  # the closing token is the pad id
     assert batch["chosen_response_mask"][0, last] == 1 and batch["chosen_attention_mask"][0, last] == 1
     assert batch["chosen_response_mask"][0, last + 1 :].sum() == 0
     assert batch["chosen_weights"][0, last] == 1.0
@@ -117,7 +127,9 @@ def test_a_long_conversation_loses_its_oldest_turns_first(chat_tokenizer) -> Non
     ids = encode_prompt(chat_tokenizer, prompt, budget)
     text = chat_tokenizer.decode(ids)
     assert len(ids) <= budget
-    assert text.startswith("<|im_start|>user\n") and text.endswith("How do I boil an egg?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>user\n") and text.endswith(
+        "How do I boil an egg?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert "Question 0" not in text and "Question 7" in text
     # One turn longer than the budget keeps the turn's end and the template around it.
     one = encode_prompt(chat_tokenizer, "\n\nHuman: " + "eggs " * 200 + "\n\nAssistant:", 40)
@@ -133,9 +145,13 @@ def _old_encoding(tokenizer, prompt: str, response: str, max_prompt: int, max_re
 
 
 @pytest.mark.parametrize(("max_prompt", "max_response"), [(192, 128), (5, 4)])
-def test_a_tokenizer_without_a_template_keeps_the_transcript_encoding(plain_tokenizer, max_prompt, max_response) -> None:
+def test_a_tokenizer_without_a_template_keeps_the_transcript_encoding(
+    plain_tokenizer, max_prompt, max_response
+) -> None:
     response = " Simmer it for nine minutes."
-    encoded = encode_prompt_response(plain_tokenizer, HH_PROMPT, response, max_prompt_tokens=max_prompt, max_response_tokens=max_response)
+    encoded = encode_prompt_response(
+        plain_tokenizer, HH_PROMPT, response, max_prompt_tokens=max_prompt, max_response_tokens=max_response
+    )
     ids, mask = _old_encoding(plain_tokenizer, HH_PROMPT, response, max_prompt, max_response)
     assert encoded.input_ids == ids and encoded.response_mask == mask
     assert encode_prompt(plain_tokenizer, HH_PROMPT, max_prompt) == ids[: encoded.prompt_length]
@@ -146,13 +162,20 @@ def test_sampling_reads_the_encoded_prompt_and_stops_at_end_of_turn(chat_tokeniz
     from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model
 
     assert prompt_ids(chat_tokenizer, HH_PROMPT, 64) == encode_prompt(chat_tokenizer, HH_PROMPT, 64)
-    model = build_tiny_model(chat_tokenizer, TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = build_tiny_model(
+        chat_tokenizer,
+        TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+    )
     im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
     boost = torch.zeros(len(chat_tokenizer))
     boost[im_end] = 100.0
-    model.lm_head.register_forward_hook(lambda _m, _i, logits: logits + boost)  # it always ends its turn at once
+    model.lm_head.register_forward_hook(
+        lambda _m, _i, logits: logits + boost
+    )  # it always ends its turn at once
     settings = SamplingSettings(max_new_tokens=6, batch_size=2)
-    (_, encoded, rows), = list(sample_batches(model, chat_tokenizer, [HH_PROMPT, "Hi?"], settings, seeds=[1, 2]))
+    ((_, encoded, rows),) = list(
+        sample_batches(model, chat_tokenizer, [HH_PROMPT, "Hi?"], settings, seeds=[1, 2])
+    )
     # Stopped at <|im_end|>: the rest of each row is padding (here the same id), not sampled tokens.
     assert rows == [[im_end]] * 2 or all(row == [im_end] * len(row) for row in rows)
     assert encoded[1] == encode_prompt(chat_tokenizer, "Hi?", 192)
@@ -161,7 +184,12 @@ def test_sampling_reads_the_encoded_prompt_and_stops_at_end_of_turn(chat_tokeniz
 def test_optimizer_recipe_fills_only_what_is_left_empty() -> None:
     paths = {"duckdb_path": "db", "reference_model_path": "ref", "output_dir": "out"}
     scratch = TrainConfig(**paths)
-    assert (scratch.optimizer_recipe, scratch.learning_rate, scratch.optimizer, scratch.warmup_steps) == ("scratch", 5e-4, "adamw", 10)
+    assert (scratch.optimizer_recipe, scratch.learning_rate, scratch.optimizer, scratch.warmup_steps) == (
+        "scratch",
+        5e-4,
+        "adamw",
+        10,
+    )
     paper = TrainConfig(**paths, optimizer_recipe="paper", warmup_steps=4)
     assert (paper.learning_rate, paper.optimizer, paper.warmup_steps) == (5e-6, "rmsprop", 4)
     assert OPTIMIZER_RECIPES["paper"] == {"learning_rate": 5e-6, "optimizer": "rmsprop", "warmup_steps": 150}

@@ -39,7 +39,9 @@ def test_a_rollback_to_a_missing_version_says_which_exist(tmp_path, capsys) -> N
 
     assert core_main(["rollback", "7", "--reason", "x", "--data-dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert captured.err.strip() == "tidpo rollback: version 7 of 'tidpo-policy' does not exist; versions: 1, 2"
+    assert (
+        captured.err.strip() == "tidpo rollback: version 7 of 'tidpo-policy' does not exist; versions: 1, 2"
+    )
     assert "Traceback" not in captured.err + captured.out
     assert tracking.champion_version(uri) == "2"  # the alias did not move
     database = tmp_path / store.DATABASE_FILE
@@ -57,7 +59,10 @@ def test_a_rollback_to_a_missing_version_says_which_exist(tmp_path, capsys) -> N
 def test_a_rollback_without_any_version_says_so(tmp_path, capsys) -> None:
     registry_with_versions(tmp_path, 0, NAME)
     assert core_main(["rollback", "1", "--reason", "x", "--data-dir", str(tmp_path)]) == 1
-    assert "version 1 of 'tidpo-policy' does not exist; 'tidpo-policy' has no versions yet" in capsys.readouterr().err
+    assert (
+        "version 1 of 'tidpo-policy' does not exist; 'tidpo-policy' has no versions yet"
+        in capsys.readouterr().err
+    )
 
 
 OFFLINE = (
@@ -128,6 +133,10 @@ def fine() -> int:
 
 
 def test_a_successful_run_has_nothing_to_report() -> None:
-    result = dg.Definitions(assets=[fine]).resolve_implicit_global_asset_job_def().execute_in_process(raise_on_error=False)
+    result = (
+        dg.Definitions(assets=[fine])
+        .resolve_implicit_global_asset_job_def()
+        .execute_in_process(raise_on_error=False)
+    )
     assert result.success
     assert failure_lines(result) == []

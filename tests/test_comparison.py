@@ -61,7 +61,9 @@ def test_each_method_is_one_switch():
     assert configs["tidpo_no_triplet"].gamma == 0.0 and configs["tidpo_no_triplet"].weight_lambda == 0.7
     assert configs["grpo"].loss_type == "grpo" and configs["grpo"].is_grpo
     assert all(c.seed == 3 and c.max_steps == 5 and c.checkpoint_every == 0 for c in configs.values())
-    assert "grpo" not in DEFAULT_METHODS and set(DEFAULT_METHODS) | {"grpo"} | set(ESTIMATOR_METHODS) == set(METHODS)
+    assert "grpo" not in DEFAULT_METHODS and set(DEFAULT_METHODS) | {"grpo"} | set(ESTIMATOR_METHODS) == set(
+        METHODS
+    )
     assert all(configs[m].weights_fingerprint == "w" for m in METHODS)
     with pytest.raises(ValueError):
         method_train_config("ppo", 0, inputs, "out", {})
@@ -97,7 +99,9 @@ def test_method_comparison_job_is_separate_from_training():
 def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     run_config = small_run_config(pairs=24)
     del run_config["ops"]["tidpo_policy"], run_config["ops"]["evaluation"]  # not in this selection
-    run_config["ops"]["reference_model"]["config"]["sft_steps"] = 4  # the reference's quality does not matter here
+    run_config["ops"]["reference_model"]["config"]["sft_steps"] = (
+        4  # the reference's quality does not matter here
+    )
     methods = [*DEFAULT_METHODS, "tidpo_surprisal"]  # the estimator method's weights are weighed by the step
     run_config["ops"]["compare_methods"] = {  # the op of asset method_comparison
         "config": {
@@ -124,7 +128,13 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
     table = meta["table"].value
     for method in ("reference", *methods):
         assert f"{method} (n=1)" in table
-    for metric in ("reward_accuracy", "kl_to_reference", "distinct_2", "precision_at_k_hybrid", "critical_phrase_chosen_rate"):
+    for metric in (
+        "reward_accuracy",
+        "kl_to_reference",
+        "distinct_2",
+        "precision_at_k_hybrid",
+        "critical_phrase_chosen_rate",
+    ):
         assert f"| {metric} |" in table
     report = meta["report_dir"].value
     with open(f"{report}/method_comparison.csv") as handle:
@@ -135,9 +145,13 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
 
     con = store.connect(tmp_path / "data" / store.DATABASE_FILE, read_only=True)
     try:
-        stored_methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()}
+        stored_methods = {
+            r[0] for r in con.execute("SELECT DISTINCT method FROM method_comparison").fetchall()
+        }
         weight_tables = con.execute("SELECT count(DISTINCT fingerprint) FROM token_weights").fetchone()[0]
-        per_seed = con.execute("SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'").fetchone()[0]
+        per_seed = con.execute(
+            "SELECT count(*) FROM method_comparison_runs WHERE metric = 'reward_accuracy'"
+        ).fetchone()[0]
     finally:
         con.close()
     assert stored_methods == {"reference", *methods} and per_seed == len(methods) + 1

@@ -48,7 +48,12 @@ def test_every_engine_option_is_a_policy_setting_with_the_engine_s_default():
 
 def test_options_once_missing_from_dagster_are_settable_now():
     config = PolicyConfig(simpo_beta=3.0, simpo_gamma=0.2, weight_decay=0.01, model_dtype="bfloat16")
-    assert (config.simpo_beta, config.simpo_gamma, config.weight_decay, config.model_dtype) == (3.0, 0.2, 0.01, "bfloat16")
+    assert (config.simpo_beta, config.simpo_gamma, config.weight_decay, config.model_dtype) == (
+        3.0,
+        0.2,
+        0.01,
+        "bfloat16",
+    )
 
 
 def test_the_fields_the_asset_sets_are_engine_fields():
@@ -77,29 +82,56 @@ def test_comparison_shares_every_engine_option_but_keeps_its_short_run_defaults(
     config = MethodComparisonConfig()
     # The learning rate is left empty: the optimizer recipe fills it (5e-4 on the embedded model, the paper's
     # 5e-6 on a pretrained one; tests/test_chat.py checks both).
-    assert (config.max_steps, config.warmup_steps, config.learning_rate, config.optimizer_recipe) == (100, 4, None, "auto")
+    assert (config.max_steps, config.warmup_steps, config.learning_rate, config.optimizer_recipe) == (
+        100,
+        4,
+        None,
+        "auto",
+    )
 
 
 def test_sampling_and_model_shape_come_from_their_dataclasses():
     sharding = {f.name for f in dataclasses.fields(PrecomputeSettings)}
     backend = {f.name for f in dataclasses.fields(AnchorBackend)}
-    assert set(AnchorConfig.model_fields) == {f.name for f in dataclasses.fields(SamplingSettings)} | backend | sharding
+    assert (
+        set(AnchorConfig.model_fields)
+        == {f.name for f in dataclasses.fields(SamplingSettings)} | backend | sharding
+    )
     assert AnchorConfig().generation_backend == "transformers"
     assert AnchorConfig().batch_size == 32 and AnchorConfig().top_p == SamplingSettings().top_p
-    assert set(TokenWeightsConfig.model_fields) == {f.name for f in dataclasses.fields(WeighingSettings)} | sharding
-    assert AnchorConfig().launcher == TokenWeightsConfig().launcher == "in_process"  # make run stays in one process
+    assert (
+        set(TokenWeightsConfig.model_fields)
+        == {f.name for f in dataclasses.fields(WeighingSettings)} | sharding
+    )
+    assert (
+        AnchorConfig().launcher == TokenWeightsConfig().launcher == "in_process"
+    )  # make run stays in one process
     assert {f.name for f in dataclasses.fields(TinyModelConfig)} <= set(ReferenceModelConfig.model_fields)
 
 
 def test_benchmark_settings_come_from_one_dataclass_and_build_the_core_options():
     names = {f.name for f in dataclasses.fields(BenchmarkSelection)}
     assert names <= set(EvaluationConfig.model_fields) and names <= set(MethodComparisonConfig.model_fields)
-    config = EvaluationConfig(benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64)
+    config = EvaluationConfig(
+        benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64
+    )
     options = config.benchmark_options()
-    assert options == BenchmarkSelection(benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64).options()
-    assert (options.limit, options.data_files["ifeval"], options.max_gen_toks) == (3, "/data/ifeval.jsonl", 64)
+    assert (
+        options
+        == BenchmarkSelection(
+            benchmark_limit=3, ifeval_path="/data/ifeval.jsonl", benchmark_max_gen_tokens=64
+        ).options()
+    )
+    assert (options.limit, options.data_files["ifeval"], options.max_gen_toks) == (
+        3,
+        "/data/ifeval.jsonl",
+        64,
+    )
     # The comparison runs many models: no benchmark unless asked.
-    assert EvaluationConfig().benchmarks == ["truthfulqa", "ifeval"] and MethodComparisonConfig().benchmarks == []
+    assert (
+        EvaluationConfig().benchmarks == ["truthfulqa", "ifeval"]
+        and MethodComparisonConfig().benchmarks == []
+    )
 
 
 def test_the_reward_model_config_is_its_settings_dataclass_with_the_recipe_s_docs():

@@ -12,7 +12,9 @@ from tidpo_pipeline.run import run_config_for
 
 @dg.asset
 def bad_file() -> None:
-    raise dg.Failure(description="/data/pairs.jsonl: no valid rows, 2 quarantined", metadata={"path": "/data/pairs.jsonl"})
+    raise dg.Failure(
+        description="/data/pairs.jsonl: no valid rows, 2 quarantined", metadata={"path": "/data/pairs.jsonl"}
+    )
 
 
 @dg.asset
@@ -21,7 +23,9 @@ def buggy() -> None:
 
 
 def _console_output(asset: dg.AssetsDefinition, capfd) -> str:
-    job = dg.Definitions(assets=[asset], loggers={"console": tidpo_console}).resolve_implicit_global_asset_job_def()
+    job = dg.Definitions(
+        assets=[asset], loggers={"console": tidpo_console}
+    ).resolve_implicit_global_asset_job_def()
     # As `tidpo run` (tidpo_pipeline.run) configures it.
     result = job.execute_in_process(run_config=run_config_for("", ""), raise_on_error=False)
     assert not result.success
@@ -43,7 +47,10 @@ def test_a_bug_keeps_its_stack_trace(capfd):
 
 def test_only_a_failure_s_trace_is_cut():
     failure = 'Execution of step "x" failed.\n\ndagster._core.definitions.events.Failure: bad file\n\nStack Trace:\n  File "a.py", line 1\n'
-    assert without_failure_trace(failure) == 'Execution of step "x" failed.\n\ndagster._core.definitions.events.Failure: bad file\n'
+    assert (
+        without_failure_trace(failure)
+        == 'Execution of step "x" failed.\n\ndagster._core.definitions.events.Failure: bad file\n'
+    )
     bug = 'Execution of step "x" failed.\n\nKeyError: 3\n\nStack Trace:\n  File "a.py", line 1\n'
     assert without_failure_trace(bug) == bug
     assert without_failure_trace("STEP_SUCCESS") == "STEP_SUCCESS"

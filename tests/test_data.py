@@ -494,7 +494,9 @@ def test_keep_at_most_is_a_seeded_subset_in_order_and_accounts_for_the_rest() ->
     assert kept.accepted == 4 and kept.skipped == {"beyond_max_pairs": 6}
     assert kept.accepted + len(kept.quarantined) + kept.skipped_rows == kept.rows_read == 11
     assert kept.pair_lines == sorted(kept.pair_lines)  # original order
-    assert [p.prompt for p in kept.pairs] == [p.prompt for p in keep_at_most(result, 4, seed=3).pairs]  # deterministic
+    assert [p.prompt for p in kept.pairs] == [
+        p.prompt for p in keep_at_most(result, 4, seed=3).pairs
+    ]  # deterministic
     assert [p.prompt for p in kept.pairs] != [p.prompt for p in keep_at_most(result, 4, seed=4).pairs]
     assert keep_at_most(result, None) is result and keep_at_most(result, 50) is result
     with pytest.raises(ValueError, match="max_pairs"):

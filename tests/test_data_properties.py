@@ -36,7 +36,11 @@ REASONS = {str(r) for r in QuarantineReason}
 PROPERTY_SETTINGS = settings(
     max_examples=int(os.environ.get("TIDPO_PROPERTY_EXAMPLES", "60")),
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 
 # --- strategies ---------------------------------------------------------------------------------------
@@ -59,7 +63,9 @@ wrong_values = st.one_of(
 )
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 roles = st.sampled_from(["user", "assistant", "system", "human", "tool", ""])
@@ -104,7 +110,9 @@ def explicit_rows(draw: st.DrawFn, max_chars: int) -> Line:
             fields[key] = draw(wrong_values)
     if draw(st.booleans()) and isinstance(fields.get("prompt"), str):
         fields["rejected"] = fields["chosen"] = draw(texts)  # chosen == rejected
-    extra = draw(st.dictionaries(st.text(max_size=6).filter(lambda k: k not in fields), json_values, max_size=3))
+    extra = draw(
+        st.dictionaries(st.text(max_size=6).filter(lambda k: k not in fields), json_values, max_size=3)
+    )
     row = {**extra, **fields}
     ensure_ascii = draw(st.booleans())
     data = _dump(row, ensure_ascii)
@@ -141,7 +149,9 @@ def hh_rows(draw: st.DrawFn) -> Line:
 
 @st.composite
 def other_json(draw: st.DrawFn) -> Line:
-    value = draw(st.one_of(st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=3), st.none()))
+    value = draw(
+        st.one_of(st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=3), st.none())
+    )
     return Line(json.dumps(value).encode(), False)
 
 
@@ -154,7 +164,11 @@ def corrupted(draw: st.DrawFn, line: Line) -> Line:
         cut = draw(st.integers(0, len(data) - 1))
         return Line(data[:cut], False) if data[:cut].strip() else Line(b"{", False)
     at = draw(st.integers(1, len(data) - 1))
-    junk = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80"])) if how == "bad_utf8" else b"\x00"
+    junk = (
+        draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80"]))
+        if how == "bad_utf8"
+        else b"\x00"
+    )
     return Line(data[:at] + junk + data[at:], False)
 
 
@@ -284,8 +298,11 @@ def test_jsonl_every_row_is_accepted_or_quarantined(tmp_path_factory, data, max_
 @PROPERTY_SETTINGS
 @given(data=st.data(), max_chars=st.sampled_from([20_000, 2_000_000]))
 def test_json_array_file_rows_are_its_elements(tmp_path_factory, data, max_chars):
-    rows = [json.loads(line.data.decode("utf-8", "surrogatepass")) for line in data.draw(jsonl_files(max_chars))
-            if line.data.strip() and _valid_json_line(line.data)]
+    rows = [
+        json.loads(line.data.decode("utf-8", "surrogatepass"))
+        for line in data.draw(jsonl_files(max_chars))
+        if line.data.strip() and _valid_json_line(line.data)
+    ]
     path = tmp_path_factory.mktemp("array") / "rows.json"
     path.write_text(json.dumps(rows, indent=data.draw(st.sampled_from([None, 1]))))
     result = load_preferences(path, max_chars=max_chars)
@@ -294,7 +311,16 @@ def test_json_array_file_rows_are_its_elements(tmp_path_factory, data, max_chars
 
 cells = st.one_of(
     texts.filter(lambda t: len(t) < 100_000),
-    st.sampled_from(['"quoted, with comma"', "multi\nline", "\udcff\udcfe bad utf-8", "[{\"role\": broken", "[1, 2]", "null"]),
+    st.sampled_from(
+        [
+            '"quoted, with comma"',
+            "multi\nline",
+            "\udcff\udcfe bad utf-8",
+            '[{"role": broken',
+            "[1, 2]",
+            "null",
+        ]
+    ),
     st.just(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])),
 )
 
@@ -330,7 +356,18 @@ def test_csv_every_row_is_accepted_or_quarantined(tmp_path_factory, records, ext
 
 
 @PROPERTY_SETTINGS
-@given(rows=st.lists(st.one_of(json_values, st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "x"]), st.one_of(texts, wrong_values, messages))), max_size=20))
+@given(
+    rows=st.lists(
+        st.one_of(
+            json_values,
+            st.dictionaries(
+                st.sampled_from(["prompt", "chosen", "rejected", "x"]),
+                st.one_of(texts, wrong_values, messages),
+            ),
+        ),
+        max_size=20,
+    )
+)
 def test_validate_rows_never_raises_on_any_python_row(rows):
     # What datasets/parquet hand over after decoding: any JSON-like value, any mix of keys and types.
     result = validate_rows(enumerate(rows), source="fuzz", max_chars=20_000)
@@ -367,7 +404,10 @@ def test_a_text_row_with_a_nul_byte_is_quarantined_not_the_whole_csv(tmp_path):
 
 def test_a_file_of_megabyte_texts_loads_without_crashing(tmp_path):
     path = tmp_path / "big.jsonl"
-    rows = [{"prompt": "p", "chosen": MB_TEXT, "rejected": "short"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "p", "chosen": MB_TEXT, "rejected": "short"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     small = load_preferences(path)
     assert small.accepted == 1 and small.quarantined[0].reason == QuarantineReason.TOO_LONG
@@ -378,7 +418,10 @@ def test_a_file_of_megabyte_texts_loads_without_crashing(tmp_path):
 
 def messy_file(path: Path) -> tuple[int, int]:
     """A fixed messy JSONL file for pipeline-level tests; returns (rows, expected quarantined)."""
-    good = [{"prompt": f"Question {i}?", "chosen": f" good answer {i}", "rejected": f" bad answer {i}"} for i in range(30)]
+    good = [
+        {"prompt": f"Question {i}?", "chosen": f" good answer {i}", "rejected": f" bad answer {i}"}
+        for i in range(30)
+    ]
     lines = [json.dumps(r).encode() for r in good]
     bad = [
         b'{"prompt": "p", "chosen": "same", "rejected": "same"}',
@@ -417,8 +460,14 @@ def test_the_quarantine_check_reports_the_share_of_a_messy_file(tmp_path):
     )
     assert result.success
     meta = result.asset_materializations_for_node("preference_pairs")[0].metadata
-    assert (meta["rows_read"].value, meta["accepted"].value, meta["quarantined"].value) == (rows, rows - bad, bad)
-    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_share_below_limit")
+    assert (meta["rows_read"].value, meta["accepted"].value, meta["quarantined"].value) == (
+        rows,
+        rows - bad,
+        bad,
+    )
+    check = next(
+        c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_share_below_limit"
+    )
     assert check.metadata["quarantine_share"].value == pytest.approx(bad / rows)
     assert meta["quarantine_share"].value == pytest.approx(bad / rows)
     assert check.passed is (bad / rows <= 0.2)

@@ -43,7 +43,14 @@ def pairs():
 @pytest.fixture(scope="module")
 def tiny(pairs):
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
-    config = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    config = TinyModelConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     return build_tiny_model(tokenizer, config, seed=0), build_tiny_model(tokenizer, config, seed=1), tokenizer
 
 
@@ -52,7 +59,9 @@ def tiny(pairs):
 
 def _scores(chosen, rejected, tokens=10):
     n = len(chosen)
-    return PairScores(np.asarray(chosen, float), np.asarray(rejected, float), np.full(n, tokens), np.full(n, tokens))
+    return PairScores(
+        np.asarray(chosen, float), np.asarray(rejected, float), np.full(n, tokens), np.full(n, tokens)
+    )
 
 
 def test_a_policy_that_always_prefers_chosen_has_accuracy_one():
@@ -70,14 +79,23 @@ def test_a_policy_that_always_prefers_chosen_has_accuracy_one():
     # A tie is not an improvement: a policy equal to its reference never becomes champion.
     assert not gate_decision(against_itself, against_itself, "reward_accuracy", 0.0).passed
     assert not gate_decision(against_itself, against_itself, "reward_accuracy", 0.0, tiebreak=None).passed
-    assert gate_decision({**against_itself, "reward_accuracy": 0.51}, against_itself, "reward_accuracy", 0.0).passed
-    assert not gate_decision({**against_itself, "reward_accuracy": float("nan")}, against_itself, "reward_accuracy", -1.0).passed
+    assert gate_decision(
+        {**against_itself, "reward_accuracy": 0.51}, against_itself, "reward_accuracy", 0.0
+    ).passed
+    assert not gate_decision(
+        {**against_itself, "reward_accuracy": float("nan")}, against_itself, "reward_accuracy", -1.0
+    ).passed
     # On an exact tie the tie-break metric decides, strictly.
     tied_but_better = {**against_itself, "reward_margin": 0.2}
     assert gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0).passed
-    assert "tie-break reward_margin" in gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0).description
+    assert (
+        "tie-break reward_margin"
+        in gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0).description
+    )
     assert not gate_decision(tied_but_better, against_itself, "reward_accuracy", 0.0, tiebreak=None).passed
-    assert not gate_decision({**against_itself, "reward_margin": -0.2}, against_itself, "reward_accuracy", 0.0).passed
+    assert not gate_decision(
+        {**against_itself, "reward_margin": -0.2}, against_itself, "reward_accuracy", 0.0
+    ).passed
     with pytest.raises(KeyError, match="nope"):
         gate_decision(metrics, against_itself, "reward_accuracy", 0.0, tiebreak="nope")
 
@@ -199,7 +217,9 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
     without_spans = [PreferencePair(p.pair_id, p.prompt, p.chosen, p.rejected, "file", {}) for p in pairs]
     assert critical_token_precision(model, tokenizer, without_spans, ENCODING) == {}
     # Further estimators add their raw and hybrid rows, and every row comes per third of the response.
-    more = critical_token_precision(model, tokenizer, pairs, ENCODING, estimators=("surprisal", "attribution_no_eos"))
+    more = critical_token_precision(
+        model, tokenizer, pairs, ENCODING, estimators=("surprisal", "attribution_no_eos")
+    )
     for method in ("surprisal", "hybrid_surprisal", "attribution_no_eos", "hybrid_attribution_no_eos"):
         assert 0.0 <= more[f"precision_at_k_{method}"] <= 1.0
     assert more["precision_at_k_hybrid"] == metrics["precision_at_k_hybrid"]
@@ -213,14 +233,26 @@ def test_critical_token_precision_on_synthetic_pairs(tiny, pairs):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(importance_estimators, "compute_token_importance", counting)
-        again = critical_token_precision(model, tokenizer, pairs, ENCODING, estimators=("surprisal", "attribution_no_eos", "surprisal_no_eos"))
+        again = critical_token_precision(
+            model,
+            tokenizer,
+            pairs,
+            ENCODING,
+            estimators=("surprisal", "attribution_no_eos", "surprisal_no_eos"),
+        )
     assert sorted(calls) == ["attribution", "surprisal"]
-    assert again["precision_at_k_hybrid_attribution_no_eos"] == more["precision_at_k_hybrid_attribution_no_eos"]
-    assert sum(more.get(f"critical_responses_{third}", 0) for third in ("start", "middle", "end")) == len(responses)
+    assert (
+        again["precision_at_k_hybrid_attribution_no_eos"] == more["precision_at_k_hybrid_attribution_no_eos"]
+    )
+    assert sum(more.get(f"critical_responses_{third}", 0) for third in ("start", "middle", "end")) == len(
+        responses
+    )
 
 
 def test_span_third_and_precision_table_by_hand():
-    assert span_third([0, 1], 9) == "start" and span_third([4], 9) == "middle" and span_third([7, 8], 9) == "end"
+    assert (
+        span_third([0, 1], 9) == "start" and span_third([4], 9) == "middle" and span_third([7, 8], 9) == "end"
+    )
     assert span_third([2, 3], 9) == "middle"  # centre 3 / 9 = 1/3 exactly: the middle third begins there
     with pytest.raises(ValueError):
         span_third([], 4)
@@ -273,10 +305,24 @@ def test_evaluate_model_reports_every_metric_and_skips_without_spans(tiny, pairs
     assert "precision_at_k_hybrid" not in no_spans.metrics
     assert "critical_tokens" in no_spans.skipped and "critical_phrases" in no_spans.skipped
     assert "non-synthetic" in no_spans.skipped["critical_tokens"]
-    capped = evaluate_model(other, model, tokenizer, pairs, ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=0, critical_pairs=1))
+    capped = evaluate_model(
+        other,
+        model,
+        tokenizer,
+        pairs,
+        ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=0, critical_pairs=1),
+    )
     assert capped.metrics["critical_responses"] == 2 and "sampling" in capped.skipped
     assert policy_eval.metrics["critical_responses"] == 2 * len(pairs)
-    biased = evaluate_model(other, model, tokenizer, pairs, ModelEvalSettings(batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)))
+    biased = evaluate_model(
+        other,
+        model,
+        tokenizer,
+        pairs,
+        ModelEvalSettings(
+            batch_size=8, encoding=ENCODING, sample_prompts=2, sampling=SamplingSettings(max_new_tokens=4)
+        ),
+    )
     assert "kl_exactness" in biased.skipped
 
 
@@ -329,26 +375,38 @@ def test_promotion_with_no_champion_is_the_reference_gate() -> None:
     decision = promotion_decision(_m(0.6, 0.2), _m(0.4), None, "likelihood_win_rate")
     assert decision.passed and decision.versus_champion is None and decision.compared_with == "reference"
     assert decision.description.endswith("; no champion yet")
-    assert not promotion_decision(_m(0.4), _m(0.4), None, "likelihood_win_rate").passed  # a tie with 0 tie-break
+    assert not promotion_decision(
+        _m(0.4), _m(0.4), None, "likelihood_win_rate"
+    ).passed  # a tie with 0 tie-break
 
 
 def test_promotion_needs_the_reference_and_the_champion() -> None:
     reference, champion = _m(0.40, 0.0), _m(0.70, 0.30)
-    better_than_both = promotion_decision(_m(0.75, 0.2), reference, champion, "likelihood_win_rate", champion_version="3")
+    better_than_both = promotion_decision(
+        _m(0.75, 0.2), reference, champion, "likelihood_win_rate", champion_version="3"
+    )
     assert better_than_both.passed and better_than_both.compared_with == "reference, champion v3"
     # Beats the reference, trails the champion: refused (the scheduled-retraining regression).
-    weaker = promotion_decision(_m(0.60, 0.5), reference, champion, "likelihood_win_rate", champion_version="3")
+    weaker = promotion_decision(
+        _m(0.60, 0.5), reference, champion, "likelihood_win_rate", champion_version="3"
+    )
     assert not weaker.passed and weaker.versus_reference.passed and not weaker.versus_champion.passed
     assert "worse than the champion" in weaker.description
     # ... unless it trails by less than the configured margin.
-    assert promotion_decision(_m(0.65), reference, champion, "likelihood_win_rate", champion_margin=0.1, champion_version="3").passed
+    assert promotion_decision(
+        _m(0.65), reference, champion, "likelihood_win_rate", champion_margin=0.1, champion_version="3"
+    ).passed
     # Better than the champion but not than its reference: refused too.
-    assert not promotion_decision(_m(0.80), _m(0.90), champion, "likelihood_win_rate", champion_version="3").passed
+    assert not promotion_decision(
+        _m(0.80), _m(0.90), champion, "likelihood_win_rate", champion_version="3"
+    ).passed
 
 
 def test_ties_with_the_champion_go_to_the_tie_break() -> None:
     champion = _m(0.70, 0.30)
-    assert not_worse_than_champion(_m(0.70, 0.30), champion, "likelihood_win_rate").passed  # equal on both: kept
+    assert not_worse_than_champion(
+        _m(0.70, 0.30), champion, "likelihood_win_rate"
+    ).passed  # equal on both: kept
     assert not_worse_than_champion(_m(0.70, 0.31), champion, "likelihood_win_rate").passed
     tie_lost = not_worse_than_champion(_m(0.70, 0.29), champion, "likelihood_win_rate")
     assert not tie_lost.passed and "tie-break reward_margin 0.2900 vs champion 0.3000" in tie_lost.description

@@ -25,7 +25,14 @@ SETTINGS = SamplingSettings(max_new_tokens=12, batch_size=8, max_prompt_tokens=6
 def model_and_tokenizer():
     pairs = generate_synthetic_pairs(40, seed=5)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
-    config = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    config = TinyModelConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     return build_tiny_model(tokenizer, config, seed=0), tokenizer, [p.prompt for p in pairs]
 
 
@@ -109,7 +116,10 @@ def test_a_row_generator_gives_independent_draws_step_after_step():
     """One row's successive steps (one generator) also follow the distribution: no draw is repeated."""
     probabilities = torch.tensor([0.5, 0.3, 0.2])
     noise = RowGumbelNoise([42])
-    draws = [int((probabilities.log() + noise(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 3))).argmax()) for _ in range(6000)]
+    draws = [
+        int((probabilities.log() + noise(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 3))).argmax())
+        for _ in range(6000)
+    ]
     counts = torch.bincount(torch.tensor(draws), minlength=3).float()
     chi_square = float(((counts - 6000 * probabilities) ** 2 / (6000 * probabilities)).sum())
     assert chi_square < 13.8  # chi-square(2), 99.9th percentile

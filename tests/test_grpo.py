@@ -55,7 +55,16 @@ def test_group_advantages_match_a_hand_computation():
     # Group 1: mean 0, unbiased std sqrt((1 + 0 + 1 + 0) / 3).
     std1 = math.sqrt(2 / 3)
     # Group 2: mean 1.5, deviations (1.5, -0.5, -0.5, -0.5), unbiased std sqrt(3 / 3) = 1.
-    expected = [1 / (std1 + 1e-4), 0.0, -1 / (std1 + 1e-4), 0.0, 1.5 / 1.0001, -0.5 / 1.0001, -0.5 / 1.0001, -0.5 / 1.0001]
+    expected = [
+        1 / (std1 + 1e-4),
+        0.0,
+        -1 / (std1 + 1e-4),
+        0.0,
+        1.5 / 1.0001,
+        -0.5 / 1.0001,
+        -0.5 / 1.0001,
+        -0.5 / 1.0001,
+    ]
     assert advantages.tolist() == pytest.approx(expected, rel=1e-6)
 
 
@@ -106,7 +115,9 @@ def test_clipped_objective_matches_a_hand_computation():
     completion_2 = 0.8 + 0.1 * kl[2]
     assert out.loss.item() == pytest.approx((completion_1 + completion_2) / 2, abs=1e-6)
     assert float(out.kl) == pytest.approx(sum(kl) / 3, abs=1e-6)  # = 0.5 / 3
-    assert float(out.clip_ratio_high) == pytest.approx(1 / 3) and float(out.clip_ratio_low) == pytest.approx(1 / 3)
+    assert float(out.clip_ratio_high) == pytest.approx(1 / 3) and float(out.clip_ratio_low) == pytest.approx(
+        1 / 3
+    )
     assert float(out.clip_ratio_region) == pytest.approx(2 / 3)
     out.loss.backward()
     # The clipped tokens pass no ratio gradient; only the KL's, (1 - e^q) beta / length / completions.
@@ -144,7 +155,9 @@ def test_clipped_objective_matches_a_loop():
     adv = torch.randn(5, generator=g, dtype=torch.float64)
     for epsilon, beta in ((0.2, 0.0), (0.1, 0.04), (0.3, 1.0)):
         out = grpo_loss(logps, old, adv, mask, epsilon, beta=beta, ref_logps=ref)
-        assert float(out.loss) == pytest.approx(_loop_loss(logps, old, adv, mask, epsilon, beta, ref), abs=1e-12)
+        assert float(out.loss) == pytest.approx(
+            _loop_loss(logps, old, adv, mask, epsilon, beta, ref), abs=1e-12
+        )
     assert float(k3_kl(logps, logps).abs().max()) == 0.0
 
 
@@ -153,20 +166,36 @@ def _trl_compute_loss(logps, old, ref, mask, adv, beta, epsilon):
     from trl import GRPOTrainer
 
     B, T = logps.shape
-    accelerator = types.SimpleNamespace(reduce=lambda t, reduction="sum": t, gather=lambda t: t, gather_for_metrics=lambda t: t)
+    accelerator = types.SimpleNamespace(
+        reduce=lambda t, reduction="sum": t, gather=lambda t: t, gather_for_metrics=lambda t: t
+    )
     fake = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros(B, T), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type="grpo",
-        epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False, vllm_importance_sampling_correction=False,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, aux_loss_enabled=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, accelerator=accelerator,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        loss_type="grpo",
+        epsilon_low=epsilon,
+        epsilon_high=epsilon,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=accelerator,
     )
     inputs = {
-        "prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
-        "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
     }
     loss = GRPOTrainer._compute_loss(fake, None, inputs)
     return loss, {k: v[0] for k, v in fake._metrics["train"].items()}
@@ -196,7 +225,14 @@ def test_clipped_objective_is_trl_s_loss():
 
 
 def _pair(prompt: str, safe: str, risky: str, n: int) -> PreferencePair:
-    return PreferencePair(f"p{n}", prompt, f"Do {safe}.", f"Do {risky}.", "synthetic", {"chosen_phrase": safe, "rejected_phrase": risky})
+    return PreferencePair(
+        f"p{n}",
+        prompt,
+        f"Do {safe}.",
+        f"Do {risky}.",
+        "synthetic",
+        {"chosen_phrase": safe, "rejected_phrase": risky},
+    )
 
 
 def test_rule_reward_on_a_few_strings():
@@ -243,12 +279,19 @@ def test_the_model_reward_comes_from_tidpo_core_reward(monkeypatch):
 def test_grpo_settings_are_checked():
     base = {"duckdb_path": "db", "reference_model_path": "ref", "output_dir": "out", "loss_type": "grpo"}
     assert TrainConfig(**base).grpo_num_generations == 8 and TrainConfig(**base).grpo_beta == 0.0
-    for bad in ({"grpo_num_generations": 1}, {"grpo_temperature": 0.0}, {"grpo_epsilon": -0.1}, {"grpo_reward": "model"}):
+    for bad in (
+        {"grpo_num_generations": 1},
+        {"grpo_temperature": 0.0},
+        {"grpo_epsilon": -0.1},
+        {"grpo_reward": "model"},
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**base, **bad)
     with pytest.raises(ValueError, match="no preference loss"):
         TrainConfig(**base).loss_config()
-    TrainConfig(**{**base, "loss_type": "dpo"}, grpo_num_generations=1)  # grpo settings are not checked for dpo
+    TrainConfig(
+        **{**base, "loss_type": "dpo"}, grpo_num_generations=1
+    )  # grpo settings are not checked for dpo
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -257,14 +300,20 @@ def test_grpo_settings_are_checked():
 # no sentence before it), so that short completions can reach it, and a reference SFT-ed on both answers: it
 # names the safe and the risky phrase about equally often, and GRPO has something to choose between.
 GRPO_PROMPT_PAIRS = 64
-REFERENCE_SHAPE = TinyModelConfig(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+REFERENCE_SHAPE = TinyModelConfig(
+    vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+)
 SAMPLING = {"max_new_tokens": 24, "temperature": 0.7}
 
 
 @pytest.fixture(scope="module")
 def grpo_data(tmp_path_factory) -> tuple[Path, Path, list[PreferencePair]]:
     root = tmp_path_factory.mktemp("grpo")
-    pairs = [p for p in generate_synthetic_pairs(400, seed=0, span_position="uniform") if p.meta["chosen_span"][0] < 45]
+    pairs = [
+        p
+        for p in generate_synthetic_pairs(400, seed=0, span_position="uniform")
+        if p.meta["chosen_span"][0] < 45
+    ]
     pairs = pairs[:GRPO_PROMPT_PAIRS]
     database = root / store.DATABASE_FILE
     con = store.connect(database)
@@ -273,9 +322,19 @@ def grpo_data(tmp_path_factory) -> tuple[Path, Path, list[PreferencePair]]:
     finally:
         con.close()
     with torch_threads(1):
-        tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=REFERENCE_SHAPE.vocab_size)
+        tokenizer = train_tokenizer(
+            [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)],
+            vocab_size=REFERENCE_SHAPE.vocab_size,
+        )
         model = build_tiny_model(tokenizer, REFERENCE_SHAPE, seed=0)
-        supervised_finetune(model, tokenizer, sft_texts(pairs, "both"), steps=300, batch_size=16, settings=EncodingSettings(64, 32))
+        supervised_finetune(
+            model,
+            tokenizer,
+            sft_texts(pairs, "both"),
+            steps=300,
+            batch_size=16,
+            settings=EncodingSettings(64, 32),
+        )
     reference = save_model_and_tokenizer(model, tokenizer, root / "reference")
     return database, reference, pairs
 
@@ -316,7 +375,9 @@ def _rule_reward_of_samples(model_path: Path | str, reward: PhraseReward) -> flo
     """Mean rule reward of 8 samples per prompt, drawn as the run samples (no top-k/top-p, T 0.7, 24 tokens)."""
     model, tokenizer = load_model_and_tokenizer(model_path)
     prompts = reward.prompts * 8
-    settings = SamplingSettings(top_k=0, top_p=1.0, seed=123, batch_size=512, max_prompt_tokens=64, **SAMPLING)
+    settings = SamplingSettings(
+        top_k=0, top_p=1.0, seed=123, batch_size=512, max_prompt_tokens=64, **SAMPLING
+    )
     with torch_threads(1):
         return mean_reward(reward, prompts, sample_responses(model, tokenizer, prompts, settings))
 
@@ -332,12 +393,23 @@ def test_a_short_grpo_run_raises_the_rule_reward(grpo_data, tmp_path, fresh_acce
     assert after > before + 0.1, (before, after)
 
     run = RunDir(tmp_path / "run")
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in run.final_model.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in run.final_model.iterdir()
+    }
     on_disk = json.loads(run.summary.read_text())
     assert on_disk["steps"] == summary.steps == 30 and len(summary.history) == 30
     assert on_disk["final_model_path"] == str(run.final_model)
     step = summary.history[0]
-    for name in ("loss", "reward", "reward_std", "rewards/phrases/mean", "completions/mean_length", "clip_ratio/region_mean", "grad_norm", "learning_rate"):
+    for name in (
+        "loss",
+        "reward",
+        "reward_std",
+        "rewards/phrases/mean",
+        "completions/mean_length",
+        "clip_ratio/region_mean",
+        "grad_norm",
+        "learning_rate",
+    ):
         assert name in step, name
     assert [h["step"] for h in summary.history] == list(range(1, 31))
 
@@ -354,21 +426,39 @@ def test_grpo_with_a_reward_model_and_the_kl_term(grpo_data, tmp_path, monkeypat
     module.load_reward_function = lambda model_dir: stub  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tidpo_core.models.reward", module)
     config = _grpo_config(
-        database, reference, tmp_path / "run", grpo_reward="model", grpo_reward_model="rm", grpo_beta=0.04,
-        per_device_batch_size=2, grpo_num_generations=2, grpo_max_completion_length=8, max_steps=2,
+        database,
+        reference,
+        tmp_path / "run",
+        grpo_reward="model",
+        grpo_reward_model="rm",
+        grpo_beta=0.04,
+        per_device_batch_size=2,
+        grpo_num_generations=2,
+        grpo_max_completion_length=8,
+        max_steps=2,
     )
     with torch_threads(1):
         summary = train(config)
     stored = {p.prompt for p in pairs}
     assert len(seen) == 2 and all(len(p) == len(c) == 4 for p, c in seen)
-    assert all(p in stored for prompts, _ in seen for p in prompts)  # the stored prompts, not the tokenized text
+    assert all(
+        p in stored for prompts, _ in seen for p in prompts
+    )  # the stored prompts, not the tokenized text
     assert all(math.isfinite(h["kl"]) and "rewards/model/mean" in h for h in summary.history)
 
 
-def test_a_grpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(grpo_data, tmp_path, fresh_accelerate):
+def test_a_grpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(
+    grpo_data, tmp_path, fresh_accelerate
+):
     database, reference, _ = grpo_data
     config = _grpo_config(
-        database, reference, tmp_path / "run", per_device_batch_size=4, grpo_num_generations=4, max_steps=4, resume=True
+        database,
+        reference,
+        tmp_path / "run",
+        per_device_batch_size=4,
+        grpo_num_generations=4,
+        max_steps=4,
+        resume=True,
     )
 
     def preempt(step: int, metrics: dict[str, float]) -> None:
@@ -379,12 +469,17 @@ def test_a_grpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(grpo
         with pytest.raises(TrainingInterrupted, match="SIGTERM after optimizer step 2 of 4"):
             train(config, on_step=preempt)
         run = RunDir(tmp_path / "run")
-        assert (run.checkpoints / "checkpoint-2").is_dir() and "TrainingInterrupted" in run.failure.read_text()
+        assert (
+            run.checkpoints / "checkpoint-2"
+        ).is_dir() and "TrainingInterrupted" in run.failure.read_text()
         reset_accelerate()
         resumed = train(config)
         reset_accelerate()
         whole = train(dataclasses.replace(config, output_dir=str(tmp_path / "whole"), resume=False))
-    assert resumed.resumed_from == str(run.checkpoints / "checkpoint-2") and (resumed.steps, resumed.steps_this_run) == (4, 2)
+    assert resumed.resumed_from == str(run.checkpoints / "checkpoint-2") and (
+        resumed.steps,
+        resumed.steps_this_run,
+    ) == (4, 2)
     assert not run.failure.exists()
     assert [h["reward"] for h in resumed.history] == [h["reward"] for h in whole.history]
     assert any(h["reward"] != 0 for h in whole.history)  # the policy did move
@@ -443,10 +538,18 @@ def test_the_comparison_with_grpo_among_its_methods(tmp_path):
     assert Path(meta["report_dir"].value, "method_comparison.png").stat().st_size > 0
     con = store.connect(tmp_path / "data" / store.DATABASE_FILE, read_only=True)
     try:
-        grpo_metrics = {r[0] for r in con.execute("SELECT metric FROM method_comparison_runs WHERE method = 'grpo'").fetchall()}
+        grpo_metrics = {
+            r[0]
+            for r in con.execute("SELECT metric FROM method_comparison_runs WHERE method = 'grpo'").fetchall()
+        }
     finally:
         con.close()
-    assert {"reward_accuracy", "reward_model_score", "train_seconds", "critical_phrase_chosen_rate"} <= grpo_metrics
+    assert {
+        "reward_accuracy",
+        "reward_model_score",
+        "train_seconds",
+        "critical_phrase_chosen_rate",
+    } <= grpo_metrics
 
 
 def test_training_health_of_a_grpo_run_reads_its_mean_reward():
@@ -456,7 +559,12 @@ def test_training_health_of_a_grpo_run_reads_its_mean_reward():
     rising = [{"loss": 0.0, "reward": r} for r in (0.0, float("nan"), 0.1, 0.2, 0.4, float("nan"), 0.5, 0.6)]
     health = training_health(rising)
     assert health.passed and health.signal == "reward" and health.all_finite
-    assert health.mean_margin_first_window == pytest.approx(0.05) and health.mean_margin_last_window == pytest.approx(0.55)
+    assert health.mean_margin_first_window == pytest.approx(
+        0.05
+    ) and health.mean_margin_last_window == pytest.approx(0.55)
     assert not training_health([{"loss": 0.0, "reward": r} for r in (0.5, 0.4, 0.2, 0.1)]).passed
     assert not training_health([{"loss": float("nan"), "reward": r} for r in (0.1, 0.2, 0.3, 0.4)]).passed
-    assert training_health([{"loss": 0.7, "rewards/margins": m} for m in (0.0, 0.1, 0.2, 0.3)]).signal == "rewards/margins"
+    assert (
+        training_health([{"loss": 0.7, "rewards/margins": m} for m in (0.0, 0.1, 0.2, 0.3)]).signal
+        == "rewards/margins"
+    )

@@ -312,7 +312,9 @@ def test_surprisal_is_minus_the_log_prob_of_the_same_forward(model64, encoded) -
         ids = torch.tensor([seq.input_ids])
         with torch.no_grad():
             logp = torch.log_softmax(model64(input_ids=ids).logits[0].double(), dim=-1)
-        expected = [-float(logp[t - 1, seq.input_ids[t]]) for t in range(seq.prompt_length, len(seq.input_ids))]
+        expected = [
+            -float(logp[t - 1, seq.input_ids[t]]) for t in range(seq.prompt_length, len(seq.input_ids))
+        ]
         np.testing.assert_allclose(result.attribution, expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.reference_logp, -np.asarray(expected), rtol=1e-5, atol=1e-6)
         assert float(result.weight.astype(np.float64).mean()) == pytest.approx(1.0, abs=1e-6)
@@ -325,7 +327,9 @@ def test_surprisal_is_minus_the_log_prob_of_the_same_forward(model64, encoded) -
 def test_contrastive_is_the_absolute_log_ratio_of_the_two_models(tokenizer, model64, encoded) -> None:
     positive = _float64_norms(build_tiny_model(tokenizer, MICRO, seed=2).double().eval())
     negative = _float64_norms(build_tiny_model(tokenizer, MICRO, seed=3).double().eval())
-    results = compute_token_importance(model64, encoded, estimator="contrastive", contrastive_models=(positive, negative))
+    results = compute_token_importance(
+        model64, encoded, estimator="contrastive", contrastive_models=(positive, negative)
+    )
     for seq, result in zip(encoded, results, strict=True):
         ids = torch.tensor([seq.input_ids])
         with torch.no_grad():
@@ -337,7 +341,9 @@ def test_contrastive_is_the_absolute_log_ratio_of_the_two_models(tokenizer, mode
         ]
         np.testing.assert_allclose(result.attribution, expected, rtol=1e-5, atol=1e-6)  # float32 log-probs
     # One model against itself: no token is singled out, the hybrid falls back to the prior's shape.
-    same = compute_token_importance(model64, encoded[:1], estimator="contrastive", contrastive_models=(positive, positive))
+    same = compute_token_importance(
+        model64, encoded[:1], estimator="contrastive", contrastive_models=(positive, positive)
+    )
     assert np.all(same[0].attribution == 0)
     prior = gaussian_prior(encoded[0].response_length).numpy()
     np.testing.assert_allclose(same[0].weight, prior / prior.mean(), rtol=1e-5)
@@ -367,9 +373,17 @@ def test_exclude_eos_gives_the_eos_token_the_prior_term_only(tokenizer, model64,
 def test_without_eos_equals_the_model_pass_with_exclude_eos(tokenizer, model64, encoded) -> None:
     eos = tokenizer.eos_token_id
     for estimator in ("attribution", "surprisal"):
-        kept = compute_token_importance(model64, encoded, estimator=estimator, lambda_=0.6, normalization="sum")
+        kept = compute_token_importance(
+            model64, encoded, estimator=estimator, lambda_=0.6, normalization="sum"
+        )
         direct = compute_token_importance(
-            model64, encoded, estimator=estimator, lambda_=0.6, normalization="sum", exclude_eos=True, eos_token_id=eos
+            model64,
+            encoded,
+            estimator=estimator,
+            lambda_=0.6,
+            normalization="sum",
+            exclude_eos=True,
+            eos_token_id=eos,
         )
         for seq, estimate, expected in zip(encoded, kept, direct, strict=True):
             response_ids = [t for t, on in zip(seq.input_ids, seq.response_mask, strict=True) if on]

@@ -84,7 +84,9 @@ def test_printed_key_metrics_show_the_kl_with_its_stderr() -> None:
 
 
 def test_old_runs_without_a_stderr_print_as_before() -> None:
-    lines = key_metric_lines({"eval/policy/kl_to_reference": 12.345, "eval/reference/kl_to_reference": 0.0}, indent="")
+    lines = key_metric_lines(
+        {"eval/policy/kl_to_reference": 12.345, "eval/reference/kl_to_reference": 0.0}, indent=""
+    )
     assert lines[1] == "KL to the reference (nats)" + "  " + "  12.345" + "  " + "    0.000"
     assert "±" not in "".join(lines)
 
@@ -93,5 +95,10 @@ def test_dagster_comparison_rows_show_the_stderr_beside_the_value() -> None:
     policy = {"kl_to_reference": 0.0123, "kl_to_reference_stderr": 0.0311, "reward_accuracy": 0.75}
     reference = {"kl_to_reference": 0.0, "kl_to_reference_stderr": 0.0, "reward_accuracy": 0.5}
     rows = comparison_rows(policy, reference, ["kl_to_reference", "reward_accuracy"])
-    assert rows[0] == {"metric": "kl_to_reference", "policy": "0.012 ± 0.031", "reference": "0.000 ± 0.000", "policy - reference": "0.012"}
+    assert rows[0] == {
+        "metric": "kl_to_reference",
+        "policy": "0.012 ± 0.031",
+        "reference": "0.000 ± 0.000",
+        "policy - reference": "0.012",
+    }
     assert rows[1]["policy"] == "0.750"

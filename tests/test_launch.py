@@ -49,7 +49,9 @@ def test_accelerate_on_cpu_one_process_uses_the_cpu_launcher_without_mixed_preci
 
 def test_accelerate_with_several_processes_uses_torchrun_even_without_a_gpu():
     # `--cpu` would make accelerate start ONE process whatever num_processes says.
-    flags = _flags(training_command("run.yaml", LaunchSettings("accelerate", num_processes=2), gpu_available=False))
+    flags = _flags(
+        training_command("run.yaml", LaunchSettings("accelerate", num_processes=2), gpu_available=False)
+    )
     assert flags["--num_processes"] == "2" and "--multi_gpu" in flags and "--cpu" not in flags
 
 
@@ -59,14 +61,23 @@ def test_accelerate_on_a_gpu_leaves_mixed_precision_to_the_engine():
 
 
 def test_a_config_file_keeps_its_process_count_unless_one_is_given():
-    from_file = _flags(training_command("run.yaml", LaunchSettings("accelerate", None, "fsdp.yaml"), gpu_available=True))
+    from_file = _flags(
+        training_command("run.yaml", LaunchSettings("accelerate", None, "fsdp.yaml"), gpu_available=True)
+    )
     assert from_file["--config_file"] == "fsdp.yaml" and "--num_processes" not in from_file
-    overridden = _flags(training_command("run.yaml", LaunchSettings("accelerate", 1, "fsdp.yaml"), gpu_available=True))
+    overridden = _flags(
+        training_command("run.yaml", LaunchSettings("accelerate", 1, "fsdp.yaml"), gpu_available=True)
+    )
     assert overridden["--num_processes"] == "1"
 
 
 def test_two_commands_get_different_rendezvous_ports():
-    ports = {_flags(training_command("r.yaml", LaunchSettings("accelerate"), gpu_available=False))["--main_process_port"] for _ in range(5)}
+    ports = {
+        _flags(training_command("r.yaml", LaunchSettings("accelerate"), gpu_available=False))[
+            "--main_process_port"
+        ]
+        for _ in range(5)
+    }
     assert len(ports) > 1
 
 
@@ -76,7 +87,9 @@ def test_in_process_starts_no_process():
 
 
 def test_bound_command_still_runs_the_command():
-    done = subprocess.run(bind_to_parent([sys.executable, "-c", "print('bound')"]), capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        bind_to_parent([sys.executable, "-c", "print('bound')"]), capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == "bound"
 
 
@@ -86,7 +99,11 @@ def test_child_environment_is_offline():
 
 
 def test_a_failed_child_raises_with_the_reason_the_engine_recorded(tmp_path: Path):
-    config = TrainConfig(duckdb_path=str(tmp_path / "none.duckdb"), reference_model_path=str(tmp_path / "no_model"), output_dir=str(tmp_path / "run"))
+    config = TrainConfig(
+        duckdb_path=str(tmp_path / "none.duckdb"),
+        reference_model_path=str(tmp_path / "no_model"),
+        output_dir=str(tmp_path / "run"),
+    )
     with pytest.raises(TrainingFailed) as failed:
         run_training(config, LaunchSettings("python"))
     assert failed.value.returncode != 0
@@ -104,7 +121,12 @@ def test_any_module_launches_with_the_engine_s_flags():
     assert {k: v for k, v in _flags(command).items() if k != "--main_process_port"} == {
         k: v for k, v in _flags(engine).items() if k != "--main_process_port"
     }
-    assert module_command("json.tool", ["--help"], LaunchSettings("python")) == [sys.executable, "-m", "json.tool", "--help"]
+    assert module_command("json.tool", ["--help"], LaunchSettings("python")) == [
+        sys.executable,
+        "-m",
+        "json.tool",
+        "--help",
+    ]
     with pytest.raises(ValueError, match="starts no process"):
         module_command("json.tool", [], LaunchSettings("in_process"))
 
@@ -116,7 +138,9 @@ def test_run_module_waits_for_the_child_and_reports_its_failure(tmp_path: Path):
         seen.append(env)
         return {"ran": " ".join(command[-2:])}
 
-    assert run_module("json.tool", ["--help"], LaunchSettings("python"), runner, env={"EXTRA": "1"}) == {"ran": "json.tool --help"}
+    assert run_module("json.tool", ["--help"], LaunchSettings("python"), runner, env={"EXTRA": "1"}) == {
+        "ran": "json.tool --help"
+    }
     assert seen[0]["EXTRA"] == "1" and seen[0]["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(ProcessFailed):
         run_module("json.tool", [str(tmp_path / "missing.json")], LaunchSettings("python"))

@@ -126,22 +126,32 @@ def test_weighted_dpo_alpha_positive_by_hand() -> None:
     assert got.item() == pytest.approx(expected, abs=1e-12)
     # The form used before 2026-12 (delta outside beta) is this one with alpha / beta: alpha 5 at beta 0.1.
     old_form = softplus_neg(0.1 * WRHO_W_SUM - 0.1 * WRHO_L_SUM - delta)
-    assert weighted_dpo_loss(chosen, rejected, beta=0.1, alpha=5.0, uniform=False).item() == pytest.approx(old_form, abs=1e-12)
+    assert weighted_dpo_loss(chosen, rejected, beta=0.1, alpha=5.0, uniform=False).item() == pytest.approx(
+        old_form, abs=1e-12
+    )
 
 
 def test_triplet_sequence_by_hand() -> None:
     """Eq. 13 on the hand pair: rho(a) = [0.2, 0.4], rho(w) = [0.5, -0.2], rho(l) = [-1.0, -0.5], unweighted."""
     d_aw = (0.2 - 0.5) ** 2 + (0.4 + 0.2) ** 2  # 0.45
     d_al = (0.2 + 1.0) ** 2 + (0.4 + 0.5) ** 2  # 2.25
-    assert triplet_loss(hand_anchor(), hand_chosen(), hand_rejected(), 0.01, "sequence", uniform=False).item() == 0.0
+    assert (
+        triplet_loss(hand_anchor(), hand_chosen(), hand_rejected(), 0.01, "sequence", uniform=False).item()
+        == 0.0
+    )
     swapped = triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "sequence", uniform=False)
     assert swapped.item() == pytest.approx(d_al - d_aw + 0.01, abs=1e-12)  # 1.81
     # The weights do not enter Eq. 13.
-    assert triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "sequence", uniform=True).item() == swapped.item()
+    assert (
+        triplet_loss(hand_anchor(), hand_rejected(), hand_chosen(), 0.01, "sequence", uniform=True).item()
+        == swapped.item()
+    )
 
 
 def _side(policy: list[float], reference: list[float], mask: list[float]) -> SideTensors:
-    return SideTensors(policy_logps=t(policy), reference_logps=t(reference), response_mask=t(mask), weights=t(mask))
+    return SideTensors(
+        policy_logps=t(policy), reference_logps=t(reference), response_mask=t(mask), weights=t(mask)
+    )
 
 
 def test_triplet_sequence_unequal_lengths_by_hand() -> None:
@@ -163,7 +173,9 @@ def test_triplet_sequence_unequal_lengths_by_hand() -> None:
     # Gradient by hand of d(a, l) - d(a, w) (the swapped hinge is active): d/d rho_t(a) is 2 (rho_t(w) - rho_t(l))
     # where both are paired (t < 2) and 2 (rho_t(a) - rho_t(l)) where only the 4-token side reaches (t = 2).
     policy = anchor.policy_logps.clone().requires_grad_(True)
-    triplet_loss(replace(anchor, policy_logps=policy), rejected, chosen, 0.5, "sequence", uniform=False).backward()
+    triplet_loss(
+        replace(anchor, policy_logps=policy), rejected, chosen, 0.5, "sequence", uniform=False
+    ).backward()
     expected = [0.0, 2 * (0.4 + 0.5), 2 * (0.0 - 0.2), 2 * (0.3 - 0.1), 0.0, 0.0]
     torch.testing.assert_close(policy.grad, t(expected), atol=1e-12, rtol=0)
 
@@ -300,7 +312,10 @@ def ref_response_logratios(side: dict[str, np.ndarray], b: int) -> list[float]:
 def ref_eq13(first: dict[str, np.ndarray], second: dict[str, np.ndarray], b: int) -> float:
     """Paper Eq. 13 written from docs/method.md alone: the two log-ratio sequences from their response starts,
     zipped (zip stops at the shorter one), squared differences summed, no weights."""
-    return sum((x - y) ** 2 for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b), strict=False))
+    return sum(
+        (x - y) ** 2
+        for x, y in zip(ref_response_logratios(first, b), ref_response_logratios(second, b), strict=False)
+    )
 
 
 def ref_losses(cfg: LossConfig, sides: dict[str, SideTensors]) -> list[float]:
@@ -676,8 +691,12 @@ def test_side_tensors_shape_validation() -> None:
 def test_token_kl_topk_by_hand_one_cached_token_of_three() -> None:
     from tidpo_core.method.kl import reference_topk, token_kl_topk
 
-    ref = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.7), math.log(0.2), math.log(0.1)]]], dtype=torch.float64)
-    pol = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.5), math.log(0.3), math.log(0.2)]]], dtype=torch.float64)
+    ref = torch.tensor(
+        [[[0.0, 0.0, 0.0], [math.log(0.7), math.log(0.2), math.log(0.1)]]], dtype=torch.float64
+    )
+    pol = torch.tensor(
+        [[[0.0, 0.0, 0.0], [math.log(0.5), math.log(0.3), math.log(0.2)]]], dtype=torch.float64
+    )
     # Position 1 is predicted by the logits at position 0: shift the distributions one step right.
     ref_logits, pol_logits = ref.roll(-1, dims=1), pol.roll(-1, dims=1)
     ids, logp = reference_topk(ref_logits, 1)

@@ -27,14 +27,21 @@ def test_comparison_rows_round_and_subtract_by_hand() -> None:
         {"metric": "b", "policy": "n/a", "reference": "n/a", "policy - reference": "n/a"},
         {"metric": "c", "policy": "n/a", "reference": "1.000", "policy - reference": "n/a"},
     ]
-    grouped = grouped_comparison_rows({"truthfulqa_mc1": 0.3, "reward_accuracy": 0.9, "zzz": 1.0}, {"reward_accuracy": 0.5})
+    grouped = grouped_comparison_rows(
+        {"truthfulqa_mc1": 0.3, "reward_accuracy": 0.9, "zzz": 1.0}, {"reward_accuracy": 0.5}
+    )
     assert list(grouped) == ["preference", "benchmarks", "other"]
     assert grouped["preference"][0]["policy - reference"] == "0.400"
 
 
 def test_key_metric_lines_are_aligned_and_skip_what_was_not_measured() -> None:
     lines = key_metric_lines(
-        {"eval/policy/reward_accuracy": 1.0, "eval/reference/reward_accuracy": 0.5, "eval/policy/kl_to_reference": 12.345}, indent=""
+        {
+            "eval/policy/reward_accuracy": 1.0,
+            "eval/reference/reward_accuracy": 0.5,
+            "eval/policy/kl_to_reference": 12.345,
+        },
+        indent="",
     )
     # Label column as wide as the longest label (26), then two spaces, then right-aligned 8 and 9 wide.
     assert lines == [
@@ -47,7 +54,10 @@ def test_key_metric_lines_are_aligned_and_skip_what_was_not_measured() -> None:
 
 def test_where_they_differ_shows_the_differing_span_with_context() -> None:
     shared = "I can help with that. Please make sure you "
-    chosen, rejected = shared + "consult a doctor first." + " Thanks!", shared + "just take a double dose." + " Thanks!"
+    chosen, rejected = (
+        shared + "consult a doctor first." + " Thanks!",
+        shared + "just take a double dose." + " Thanks!",
+    )
     first, second = where_they_differ(chosen, rejected, context=10)
     assert first == "… sure you consult a doctor first. Thanks!"
     assert second == "… sure you just take a double dose. Thanks!"

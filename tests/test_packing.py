@@ -32,9 +32,14 @@ def test_layout_of_two_pairs_by_hand():
     # pair 0: prompt [1, 2], chosen [3, 4], rejected [5], anchor [6, 7, 8]
     # pair 1: prompt [1, 9, 9], chosen [10], rejected [11, 12], anchor [13]
     stacked = _stacked(
-        [([1, 2, 3, 4], 2), ([1, 9, 9, 10], 3),  # chosen
-         ([1, 2, 5], 2), ([1, 9, 9, 11, 12], 3),  # rejected
-         ([1, 2, 6, 7, 8], 2), ([1, 9, 9, 13], 3)]  # anchor
+        [
+            ([1, 2, 3, 4], 2),
+            ([1, 9, 9, 10], 3),  # chosen
+            ([1, 2, 5], 2),
+            ([1, 9, 9, 11, 12], 3),  # rejected
+            ([1, 2, 6, 7, 8], 2),
+            ([1, 9, 9, 13], 3),
+        ]  # anchor
     )
     packed = pack_shared_prompt(stacked, 3, PAD)
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 9, 9, 10, 11, 12, 13, PAD]]
@@ -53,7 +58,16 @@ def test_layout_of_two_pairs_by_hand():
         [1, 1, 0, 0, 0, 1, 1, 0],
         [1, 1, 0, 0, 0, 1, 1, 1],
     ]
-    assert packed.attention_mask[1, 0, 7].int().tolist() == [0, 0, 0, 0, 0, 0, 0, 1]  # padding sees itself only
+    assert packed.attention_mask[1, 0, 7].int().tolist() == [
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+    ]  # padding sees itself only
     # Kept index (column - 1) of the column predicting each stacked token; off-response tokens are not scored.
     assert packed.predictor[0].tolist() == [0, 0, 0, 1, 0]  # chosen 3 <- column 1, chosen 4 <- column 2
     assert packed.predictor[2].tolist() == [0, 0, 0, 0, 0]  # rejected 5 <- column 1 (the prompt's end)
@@ -87,7 +101,9 @@ def test_padded_layout_equals_the_per_row_loss_functions():
     torch.testing.assert_close(
         layout.token_logps(policy, stacked["input_ids"]), token_logps(policy, stacked["input_ids"]) * scored
     )
-    torch.testing.assert_close(layout.per_token(kl_from_logits(reference, policy)), token_kl(reference, policy) * scored)
+    torch.testing.assert_close(
+        layout.per_token(kl_from_logits(reference, policy)), token_kl(reference, policy) * scored
+    )
     ids, logp = reference_topk(reference, 4)
     lse = torch.logsumexp(policy, dim=-1)
     policy_top = layout.gather_vocabulary(policy, ids) - layout.per_token(lse).unsqueeze(-1)
@@ -139,7 +155,9 @@ def _moved_policy(path):
 
 def _loss_and_grads(model, reference, batch, config, sides, pad, layout, attention=None):
     model.zero_grad(set_to_none=True)
-    loss, stats, tokens = compute_batch_loss(model, reference, batch, config, sides, pad, batch_layout=layout, attention=attention)
+    loss, stats, tokens = compute_batch_loss(
+        model, reference, batch, config, sides, pad, batch_layout=layout, attention=attention
+    )
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), stats, tokens, grads
@@ -172,7 +190,9 @@ def test_every_loss_equals_the_padded_layout_in_value_and_gradient(tiny_cached, 
     features = load_training_features(config, tokenizer)[:5]
     batch = TrainingCollator(tokenizer.pad_token_id, sides)(features)
     padded = _loss_and_grads(policy, reference, batch, loss_config, sides, tokenizer.pad_token_id, "padded")
-    shared = _loss_and_grads(policy, reference, batch, loss_config, sides, tokenizer.pad_token_id, "shared_prompt")
+    shared = _loss_and_grads(
+        policy, reference, batch, loss_config, sides, tokenizer.pad_token_id, "shared_prompt"
+    )
     _assert_same(padded, shared)
     if loss_config.needs_kl:
         assert float(padded[1]["seq_kl/rejected"]) > 1e-3  # the KL term is live
@@ -187,12 +207,18 @@ def test_eager_attention_gets_an_additive_mask_and_the_same_loss(tiny_cached, tm
     reference = load_model_and_tokenizer(tiny_cached.reference_path)[0]
     sides = ("chosen", "rejected", "anchor")
     batch = TrainingCollator(tokenizer.pad_token_id, sides)(load_training_features(config, tokenizer)[:4])
-    sdpa = _loss_and_grads(policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt")
+    sdpa = _loss_and_grads(
+        policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt"
+    )
     for model in (policy, reference):
         model.config._attn_implementation = "eager"
-    eager = _loss_and_grads(policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt")
+    eager = _loss_and_grads(
+        policy, reference, batch, config.loss_config(), sides, tokenizer.pad_token_id, "shared_prompt"
+    )
     _assert_same(sdpa, eager)
-    packed = pack_shared_prompt(stack_sides(batch, sides, tokenizer.pad_token_id), 3, tokenizer.pad_token_id, "eager")
+    packed = pack_shared_prompt(
+        stack_sides(batch, sides, tokenizer.pad_token_id), 3, tokenizer.pad_token_id, "eager"
+    )
     assert packed.attention_mask.dtype == torch.float32 and packed.attention_mask.max() == 0
 
 
@@ -207,10 +233,22 @@ def test_reference_log_probs_missing_from_the_batch_come_from_the_reference(tiny
     live_batch = batch.without_reference_logps()
     for layout in ("padded", "shared_prompt"):
         with torch.no_grad():
-            stored, stored_stats, _ = compute_batch_loss(policy, None, batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout)
-            live, live_stats, _ = compute_batch_loss(policy, reference, live_batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout)
+            stored, stored_stats, _ = compute_batch_loss(
+                policy, None, batch, config.loss_config(), sides, tokenizer.pad_token_id, batch_layout=layout
+            )
+            live, live_stats, _ = compute_batch_loss(
+                policy,
+                reference,
+                live_batch,
+                config.loss_config(),
+                sides,
+                tokenizer.pad_token_id,
+                batch_layout=layout,
+            )
         assert float(live) == pytest.approx(float(stored), abs=1e-5)
-        assert float(live_stats["rewards/chosen"]) == pytest.approx(float(stored_stats["rewards/chosen"]), abs=1e-5)
+        assert float(live_stats["rewards/chosen"]) == pytest.approx(
+            float(stored_stats["rewards/chosen"]), abs=1e-5
+        )
     with pytest.raises(ValueError, match="reference_logps"):
         compute_batch_loss(policy, None, live_batch, config.loss_config(), sides, tokenizer.pad_token_id)
 
@@ -242,19 +280,34 @@ def test_random_batches_give_the_padded_log_probs_and_hidden_states(seed):
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=2, pad_token_id=PAD, attn_implementation="sdpa")
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=PAD,
+            attn_implementation="sdpa",
+        )
     ).eval()
     batch, num_sides = 4, 3
     prompts = [torch.randint(1, 50, (int(n),)).tolist() for n in torch.randint(1, 7, (batch,))]
     prompts[1] = []  # no bos, no prompt: the first response token has no predictor in either layout
-    rows = [(prompts[i] + torch.randint(1, 50, (int(torch.randint(1, 6, ())),)).tolist(), len(prompts[i]))
-            for _ in range(num_sides) for i in range(batch)]
+    rows = [
+        (prompts[i] + torch.randint(1, 50, (int(torch.randint(1, 6, ())),)).tolist(), len(prompts[i]))
+        for _ in range(num_sides)
+        for i in range(batch)
+    ]
     stacked = _stacked(rows)
     packed = pack_shared_prompt(stacked, num_sides, PAD)
     with torch.no_grad():
         out = model(**packed.model_inputs(), output_hidden_states=True)
-        padded_out = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"], output_hidden_states=True)
+        padded_out = model(
+            input_ids=stacked["input_ids"],
+            attention_mask=stacked["attention_mask"],
+            output_hidden_states=True,
+        )
     expected = token_logps(padded_out.logits, stacked["input_ids"]) * packed.scored
     assert torch.allclose(packed.token_logps(out.logits, stacked["input_ids"]), expected, atol=1e-5)
     assert not packed.scored[1, 0] and packed.scored[1, 1 : len(rows[1][0])].all()
@@ -271,12 +324,23 @@ def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached,
     from tidpo_core.batching.packing import shared_prompt_obstacle
 
     assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa"), 321) is None
-    assert "flash_attention_2" in shared_prompt_obstacle(SimpleNamespace(_attn_implementation="flash_attention_2"), 321)
+    assert "flash_attention_2" in shared_prompt_obstacle(
+        SimpleNamespace(_attn_implementation="flash_attention_2"), 321
+    )
     # Mistral-style: a window shorter than a sequence would be applied by the model, not by the 4-D mask.
-    assert "sliding window of 256" in shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=256), 321)
-    assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=4096), 321) is None
+    assert "sliding window of 256" in shared_prompt_obstacle(
+        SimpleNamespace(_attn_implementation="sdpa", sliding_window=256), 321
+    )
+    assert (
+        shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=4096), 321) is None
+    )
     # Qwen2-style: a window configured but switched off.
-    assert shared_prompt_obstacle(SimpleNamespace(_attn_implementation="sdpa", sliding_window=256, use_sliding_window=False), 321) is None
+    assert (
+        shared_prompt_obstacle(
+            SimpleNamespace(_attn_implementation="sdpa", sliding_window=256, use_sliding_window=False), 321
+        )
+        is None
+    )
     # The engine refuses before training, naming the fix.
     reference, _ = load_model_and_tokenizer(tiny_cached.reference_path)
     reference.config.sliding_window = 8
@@ -287,13 +351,16 @@ def test_models_the_4d_mask_cannot_serve_exactly_are_named_at_start(tiny_cached,
         if (tiny_cached.reference_path / name).exists():
             shutil.copy(tiny_cached.reference_path / name, tmp_path / "windowed" / name)
     with single_thread(), pytest.raises(ValueError, match="sliding window of 8.*set batch_layout: padded"):
-        train(tiny_cached.config(tmp_path / "run", reference_model_path=str(tmp_path / "windowed"), max_steps=1))
+        train(
+            tiny_cached.config(tmp_path / "run", reference_model_path=str(tmp_path / "windowed"), max_steps=1)
+        )
     reset_accelerate()
 
 
 def _independent_tidpo_loss(policy, reference, rows, weights, config):
     """TI-DPO (docs/method.md sections 2-4) for pairs given as unpadded rows, written from docs/method.md alone: each
     sequence runs alone through both models, log-softmax over the whole vocabulary, plain loops."""
+
     def per_token(ids, prompt_length):
         ids_t = torch.tensor([ids])
         policy_logp = torch.log_softmax(policy(input_ids=ids_t).logits[0].double(), dim=-1)
@@ -312,9 +379,13 @@ def _independent_tidpo_loss(policy, reference, rows, weights, config):
         weighted_l = sum(w * r for w, r in zip(pair_weights[1], rho_l, strict=True))
         kl_term = config.alpha * (sum(kl_l) - sum(kl_w).detach())
         dpo_term = -torch.nn.functional.logsigmoid(config.beta * (weighted_w - weighted_l - kl_term))
-        distance_w = sum((a - b) ** 2 for a, b in zip(rho_a, rho_w, strict=False))  # zip: the positions both have
+        distance_w = sum(
+            (a - b) ** 2 for a, b in zip(rho_a, rho_w, strict=False)
+        )  # zip: the positions both have
         distance_l = sum((a - b) ** 2 for a, b in zip(rho_a, rho_l, strict=False))
-        losses.append(dpo_term + config.gamma * torch.clamp(distance_w - distance_l + config.triplet_margin, min=0.0))
+        losses.append(
+            dpo_term + config.gamma * torch.clamp(distance_w - distance_l + config.triplet_margin, min=0.0)
+        )
     return torch.stack(losses).mean()
 
 
@@ -328,10 +399,22 @@ def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementat
 
     def model(seed):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(
-            LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=2, pad_token_id=PAD, attn_implementation="sdpa")
-        ).double().eval()
+        return (
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=40,
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                    pad_token_id=PAD,
+                    attn_implementation="sdpa",
+                )
+            )
+            .double()
+            .eval()
+        )
 
     policy, reference = model(0), model(1)
     prompts = [[1, 5, 6], [1, 7]]

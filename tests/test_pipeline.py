@@ -86,7 +86,13 @@ def _counts(data_dir):
     try:
         return {
             table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("preference_pairs", "quarantine", "anchor_responses", "token_weights", "evaluation_metrics")
+            for table in (
+                "preference_pairs",
+                "quarantine",
+                "anchor_responses",
+                "token_weights",
+                "evaluation_metrics",
+            )
         }
     finally:
         con.close()
@@ -117,9 +123,18 @@ def test_policy_config_hands_its_training_fields_to_the_engine_with_the_engine_s
     fields = training_fields(PolicyConfig())
     assert set(fields) <= set(engine), set(fields) - set(engine)
     for name, value in fields.items():
-        default = engine[name].default_factory() if engine[name].default_factory is not dataclasses.MISSING else engine[name].default
+        default = (
+            engine[name].default_factory()
+            if engine[name].default_factory is not dataclasses.MISSING
+            else engine[name].default
+        )
         assert value == default, name
-    config = TrainConfig(duckdb_path="x", reference_model_path="r", output_dir="o", **training_fields(PolicyConfig(lora=True, alpha=0.0, seed=7)))
+    config = TrainConfig(
+        duckdb_path="x",
+        reference_model_path="r",
+        output_dir="o",
+        **training_fields(PolicyConfig(lora=True, alpha=0.0, seed=7)),
+    )
     assert (config.lora, config.alpha, config.seed) == (True, 0.0, 7)
 
 
@@ -139,26 +154,47 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
     # The reward model's check judges 7 eval pairs here, where one pair moves accuracy by 0.14: its verdict
     # is the check's own arithmetic on what the asset measured (its quality is tested on 230 pairs in
     # test_reward.py).
-    reward_check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "reward_model_beats_chance")
-    accuracy, threshold = reward_check.metadata["held_out_accuracy"].value, reward_check.metadata["threshold"].value
+    reward_check = next(
+        c for c in result.get_asset_check_evaluations() if c.check_name == "reward_model_beats_chance"
+    )
+    accuracy, threshold = (
+        reward_check.metadata["held_out_accuracy"].value,
+        reward_check.metadata["threshold"].value,
+    )
     assert 0.0 <= accuracy <= 1.0 and reward_check.passed == (accuracy > threshold)
     assert all(passed for name, passed in checks.items() if name != "reward_model_beats_chance"), checks
     from tidpo_pipeline.run import gate_verdict
 
     assert gate_verdict(result).startswith("gate passed: version 1 is the new champion (")
     # Known third-party noise is silenced at its source, narrowly (tidpo_core.runtime.quiet, the explicit io_manager).
-    for known in ("Custom kwargs can be passed", "model card could not be retrieved", "license information",
-                  "PipesMessageReader.expected_writer_count", "SupersessionWarning"):
+    for known in (
+        "Custom kwargs can be passed",
+        "model card could not be retrieved",
+        "license information",
+        "PipesMessageReader.expected_writer_count",
+        "SupersessionWarning",
+    ):
         assert not [m for m in FIRST_RUN_NOISE if known in m], known
     # The evaluation's metadata: a short summary, the key metrics rounded, the rest grouped (not ~140 floats).
     evaluation = result.asset_materializations_for_node("evaluation")[0].metadata
-    assert evaluation["summary"].value == "**Gate passed** (compared with reference): version 1 is the champion."
+    assert (
+        evaluation["summary"].value == "**Gate passed** (compared with reference): version 1 is the champion."
+    )
     assert evaluation["key_metrics"].value.startswith("| metric | policy | reference | policy - reference |")
-    assert {"metrics: preference", "metrics: importance", "metrics: generation", "metrics: benchmarks"} <= set(evaluation)
+    assert {
+        "metrics: preference",
+        "metrics: importance",
+        "metrics: generation",
+        "metrics: benchmarks",
+    } <= set(evaluation)
     # The key metrics as numbers (at most 6), and the sampled KL's standard error beside the KL.
     assert sum(isinstance(v, dg.FloatMetadataValue) for v in evaluation.values()) <= 7
     assert "policy/kl_to_reference_stderr" in evaluation
-    assert "±" in next(line for line in evaluation["key_metrics"].value.splitlines() if line.startswith("| kl_to_reference |"))
+    assert "±" in next(
+        line
+        for line in evaluation["key_metrics"].value.splitlines()
+        if line.startswith("| kl_to_reference |")
+    )
     pairs_preview = result.asset_materializations_for_node("preference_pairs")[0].metadata["preview"].value
     assert "chosen (where it differs)" in pairs_preview and "user: " in pairs_preview
     counts = _counts(data_dir)
@@ -172,7 +208,11 @@ def test_whole_graph_materializes_and_every_check_passes(first_run):
         ).fetchall()
     finally:
         con.close()
-    assert {(m, k) for m, k, _ in scored} == {(m, k) for m in ("reference", "policy") for k in ("truthfulqa_mc1", "truthfulqa_mc2", "ifeval_prompt_strict")}
+    assert {(m, k) for m, k, _ in scored} == {
+        (m, k)
+        for m in ("reference", "policy")
+        for k in ("truthfulqa_mc1", "truthfulqa_mc2", "ifeval_prompt_strict")
+    }
     assert all(0.0 <= v <= 1.0 for *_, v in scored)
 
 
@@ -210,7 +250,9 @@ def test_rematerialization_is_idempotent_and_reuses_work(first_run):
     assert meta["token_weights"]["computed"].value == 0
     assert meta["token_weights"]["reused"].value > 0
     reward = again.asset_materializations_for_node("reward_model")[0].metadata
-    assert reward["reused"].value is True and reward["registered_version"].value == "1"  # same run, same version
+    assert (
+        reward["reused"].value is True and reward["registered_version"].value == "1"
+    )  # same run, same version
 
 
 def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
@@ -218,7 +260,9 @@ def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
     good = _materialize(data_dir, _pairs_only(), selection=["preference_pairs"])
     assert good.success
     con = store.connect(data_dir / store.DATABASE_FILE)
-    con.execute("UPDATE preference_pairs SET rejected = chosen WHERE pair_id = (SELECT min(pair_id) FROM preference_pairs)")
+    con.execute(
+        "UPDATE preference_pairs SET rejected = chosen WHERE pair_id = (SELECT min(pair_id) FROM preference_pairs)"
+    )
     con.close()
     result = dg.materialize(
         [*ASSETS, *ALL_CHECKS],
@@ -233,7 +277,9 @@ def test_broken_pairs_make_the_pairs_check_fail(first_run, tmp_path):
 def test_quarantine_share_check_fails_on_a_mostly_bad_file(tmp_path):
     data_dir = tmp_path / "bad"
     bad = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 5 + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 5 + [
+        {"prompt": "q", "chosen": "a", "rejected": "b"}
+    ]
     bad.write_text("\n".join(json.dumps(r) for r in rows))
     config = {"ops": {"preference_pairs": {"config": {"source": str(bad)}}}}
     result = _materialize(data_dir, config, selection=dg.AssetSelection.assets("preference_pairs"))
@@ -247,7 +293,11 @@ def test_a_file_that_is_not_data_fails_clearly_and_changes_nothing(tmp_path):
     before = _counts(data_dir)
     junk = tmp_path / "junk.jsonl.gz"
     junk.write_bytes(b"\x1f\x8b\x08\x00garbage-not-gzip")
-    result = _materialize(data_dir, {"ops": {"preference_pairs": {"config": {"source": str(junk)}}}}, selection=["preference_pairs"])
+    result = _materialize(
+        data_dir,
+        {"ops": {"preference_pairs": {"config": {"source": str(junk)}}}},
+        selection=["preference_pairs"],
+    )
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert "junk.jsonl.gz" in failure.message or "junk.jsonl.gz" in str(failure.cause)
@@ -258,7 +308,10 @@ def _stored_digests(data_dir) -> tuple[str, str]:
     con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         return (
-            store.table_digest(con, "SELECT pair_id, prompt, chosen, rejected, source, split, meta_json FROM preference_pairs"),
+            store.table_digest(
+                con,
+                "SELECT pair_id, prompt, chosen, rejected, source, split, meta_json FROM preference_pairs",
+            ),
             store.table_digest(con, "SELECT source, line_1based, reason, detail FROM quarantine"),
         )
     finally:
@@ -284,7 +337,11 @@ def test_a_source_without_a_valid_row_fails_and_keeps_the_stored_pairs(tmp_path,
     assert int(before[0].split("-")[0]) > 0
     source = tmp_path / name
     source.write_text(content)
-    result = _materialize(data_dir, {"ops": {"preference_pairs": {"config": {"source": str(source)}}}}, selection=["preference_pairs"])
+    result = _materialize(
+        data_dir,
+        {"ops": {"preference_pairs": {"config": {"source": str(source)}}}},
+        selection=["preference_pairs"],
+    )
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert says in failure.message and "the stored pairs are unchanged" in failure.message
@@ -301,7 +358,11 @@ def test_every_line_of_a_source_is_accounted_for(tmp_path):
         json.dumps({"prompt": "p3", "chosen": "c", "rejected": "d"}),
     ]
     source.write_text("\n".join(lines) + "\n")
-    result = _materialize(tmp_path / "data", {"ops": {"preference_pairs": {"config": {"source": str(source)}}}}, selection=["preference_pairs"])
+    result = _materialize(
+        tmp_path / "data",
+        {"ops": {"preference_pairs": {"config": {"source": str(source)}}}},
+        selection=["preference_pairs"],
+    )
     assert result.success
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     values = {k: getattr(v, "value", v) for k, v in metadata.items()}
@@ -319,9 +380,15 @@ def test_cli_prints_the_champion(first_run, capsys):
     out = capsys.readouterr().out
     assert "models:/tidpo-policy@champion" in out and f"version {expected.version}" in out
     # The key metrics, policy beside reference, rounded; the tracking URI is absolute (usable from anywhere).
-    policy, reference = expected.metrics["eval/policy/reward_accuracy"], expected.metrics["eval/reference/reward_accuracy"]
+    policy, reference = (
+        expected.metrics["eval/policy/reward_accuracy"],
+        expected.metrics["eval/reference/reward_accuracy"],
+    )
     assert re.search(rf"held-out reward accuracy +{policy:.3f} +{reference:.3f}\n", out)
-    kl, stderr = expected.metrics["eval/policy/kl_to_reference"], expected.metrics["eval/policy/kl_to_reference_stderr"]
+    kl, stderr = (
+        expected.metrics["eval/policy/kl_to_reference"],
+        expected.metrics["eval/policy/kl_to_reference_stderr"],
+    )
     assert re.search(rf"KL to the reference \(nats\) +{kl:.3f} ± {stderr:.3f} ", out)
     assert f"tracking   sqlite:///{data_dir.resolve()}/{tracking.STORE_FILE}" in out
     assert main(["champion", "--data-dir", str(data_dir), "--json"]) == 0
@@ -329,8 +396,13 @@ def test_cli_prints_the_champion(first_run, capsys):
     assert info["version"] == expected.version and info["metrics"]["eval/gate_passed"] == 1.0
     # The gate's comparison side by side; a champion's column exactly when it was judged against one.
     judged_against_a_champion = "champion" in info["tags"]["compared_with"]
-    assert set(info["evaluation"]) == {"policy", "reference"} | ({"champion"} if judged_against_a_champion else set())
-    assert info["evaluation"]["policy"]["reward_accuracy"] == policy and info["evaluation"]["reference"]["reward_accuracy"] == reference
+    assert set(info["evaluation"]) == {"policy", "reference"} | (
+        {"champion"} if judged_against_a_champion else set()
+    )
+    assert (
+        info["evaluation"]["policy"]["reward_accuracy"] == policy
+        and info["evaluation"]["reference"]["reward_accuracy"] == reference
+    )
 
 
 def test_cli_generate_prints_only_the_champion_s_completion(first_run, capsys):
@@ -340,7 +412,9 @@ def test_cli_generate_prints_only_the_champion_s_completion(first_run, capsys):
 
     data_dir, _, result = first_run
     prompt = "\n\nHuman: How should I treat a burn?\n\nAssistant:"
-    assert main(["generate", prompt, "--data-dir", str(data_dir), "--max-new-tokens", "12", "--seed", "5"]) == 0
+    assert (
+        main(["generate", prompt, "--data-dir", str(data_dir), "--max-new-tokens", "12", "--seed", "5"]) == 0
+    )
     out = capsys.readouterr().out.strip()
     # The same sampling on the champion's own training output, loaded without MLflow.
     champion_path = result.asset_materializations_for_node("tidpo_policy")[0].metadata["model_path"].value
@@ -447,14 +521,17 @@ def test_contrastive_estimator_through_the_assets(first_run):
 
     pair_config = {"config": {"sft_steps": 8, "sft_batch_size": 8}}
     result = materialize(
-        ["contrastive_models", "token_weights"], {"contrastive_models": pair_config, "token_weights": {"config": weights_config}}
+        ["contrastive_models", "token_weights"],
+        {"contrastive_models": pair_config, "token_weights": {"config": weights_config}},
     )
     assert result.success
     pair = result.asset_materializations_for_node("contrastive_models")[0].metadata
     assert pair["reused"].value is False
     weights = result.asset_materializations_for_node("token_weights")[0].metadata
     assert weights["estimator"].value == "contrastive" and weights["computed"].value > 0
-    default_fingerprint = first_run[2].asset_materializations_for_node("token_weights")[0].metadata["fingerprint"].value
+    default_fingerprint = (
+        first_run[2].asset_materializations_for_node("token_weights")[0].metadata["fingerprint"].value
+    )
     assert weights["fingerprint"].value != default_fingerprint
     con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
@@ -473,16 +550,24 @@ def test_run_takes_a_dagster_run_config_file(tmp_path):
     from tidpo_pipeline.run import run_config_for
 
     config = tmp_path / "my.yaml"
-    config.write_text("ops:\n  preference_pairs:\n    config:\n      source: /data/mine.jsonl\n      max_chars: 5000\n")
+    config.write_text(
+        "ops:\n  preference_pairs:\n    config:\n      source: /data/mine.jsonl\n      max_chars: 5000\n"
+    )
     run_config = run_config_for(str(config), str(tmp_path / "docs"))
-    assert run_config["ops"]["preference_pairs"]["config"] == {"source": "/data/mine.jsonl", "max_chars": 5000}
+    assert run_config["ops"]["preference_pairs"]["config"] == {
+        "source": "/data/mine.jsonl",
+        "max_chars": 5000,
+    }
     assert run_config["ops"]["evaluation"]["config"]["docs_dir"] == str(tmp_path / "docs")
     assert run_config["loggers"]["console"]["config"]["log_level"] == "INFO"
     # The config is what `dagster job execute -c` takes: Dagster validates it against the job.
     from tidpo_pipeline.definitions import defs, tidpo_training
 
     job = defs.resolve_job_def(tidpo_training.name)
-    assert dg.validate_run_config(job, run_config)["ops"]["preference_pairs"]["config"]["source"] == "/data/mine.jsonl"
+    assert (
+        dg.validate_run_config(job, run_config)["ops"]["preference_pairs"]["config"]["source"]
+        == "/data/mine.jsonl"
+    )
     listed = tmp_path / "list.yaml"
     listed.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="mapping"):

@@ -19,7 +19,16 @@ container_config:
 pod_spec_config:
   node_selector: {pool: h100}
 """
-MODEL_ASSETS = {"reference_model", "anchor_responses", "contrastive_models", "token_weights", "reward_model", "tidpo_policy", "evaluation", "method_comparison"}
+MODEL_ASSETS = {
+    "reference_model",
+    "anchor_responses",
+    "contrastive_models",
+    "token_weights",
+    "reward_model",
+    "tidpo_policy",
+    "evaluation",
+    "method_comparison",
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,13 +40,21 @@ def test_the_file_becomes_the_dagster_k8s_config_tag(tmp_path):
     path = tmp_path / "gpu.yaml"
     path.write_text(GPU_POD)
     assert model_op_tags({GPU_K8S_CONFIG_ENV: str(path)}) == {
-        K8S_CONFIG_TAG: {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}, "pod_spec_config": {"node_selector": {"pool": "h100"}}}
+        K8S_CONFIG_TAG: {
+            "container_config": {"resources": {"limits": {"nvidia.com/gpu": "8"}}},
+            "pod_spec_config": {"node_selector": {"pool": "h100"}},
+        }
     }
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [(None, "No such file"), ("- a list\n", "expected a mapping"), ("container: {}\n", "unknown keys \\['container'\\]"), ("a: [\n", "not YAML")],
+    [
+        (None, "No such file"),
+        ("- a list\n", "expected a mapping"),
+        ("container: {}\n", "unknown keys \\['container'\\]"),
+        ("a: [\n", "not YAML"),
+    ],
 )
 def test_a_bad_file_is_refused_by_name(tmp_path, text, message):
     path = tmp_path / "gpu.yaml"
@@ -59,7 +76,9 @@ def test_the_model_assets_and_only_they_carry_the_tag(tmp_path):
         " for key in graph.get_all_asset_keys()}))"
     )
     env = {**os.environ, GPU_K8S_CONFIG_ENV: str(path), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     tagged = json.loads(out.strip().splitlines()[-1])
     assert {name for name, has in tagged.items() if has} == MODEL_ASSETS
     assert tagged["preference_pairs"] is False

@@ -27,7 +27,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def setup():
     pairs = generate_synthetic_pairs(6, seed=3)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
-    model = build_tiny_model(tokenizer, TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    model = build_tiny_model(
+        tokenizer,
+        TinyModelConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+    )
     return pairs, tokenizer, model
 
 
@@ -48,7 +58,9 @@ def test_heatmap_files_match_the_tokenization(setup, tmp_path):
         if pair.pair_id in anchors:
             texts.append(("anchor", anchors[pair.pair_id]))
         for side, text in texts:
-            expected_rows.append((side, encode_response(tokenizer, pair.prompt, text, ENCODING).response_length))
+            expected_rows.append(
+                (side, encode_response(tokenizer, pair.prompt, text, ENCODING).response_length)
+            )
     assert len(blocks) == len(expected_rows)
     for block, (side, length) in zip(blocks, expected_rows, strict=True):
         assert block.startswith(f"<strong>{side}</strong>")
@@ -69,7 +81,10 @@ def test_token_display_text_cuts_by_offsets():
 
 def test_curves_and_comparison_charts(tmp_path):
     series = {
-        "tidpo": {"loss": [(1, 0.7), (2, 0.6), (3, 0.5)], "rewards/accuracies": [(1, 0.5), (2, 0.75), (3, 1.0)]},
+        "tidpo": {
+            "loss": [(1, 0.7), (2, 0.6), (3, 0.5)],
+            "rewards/accuracies": [(1, 0.5), (2, 0.75), (3, 1.0)],
+        },
         "dpo": {"loss": [(1, 0.7), (2, 0.65)], "rewards/margins": []},
     }
     curves = save_training_curves_png(series, tmp_path / "curves.png")
@@ -96,13 +111,26 @@ def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
     from tidpo_core.method.importance import compute_token_importance
 
     pairs, tokenizer, model = setup
-    sections = importance_heatmap_sections(model, tokenizer, pairs[:1], ENCODING, compare_with="surprisal_no_eos")
+    sections = importance_heatmap_sections(
+        model, tokenizer, pairs[:1], ENCODING, compare_with="surprisal_no_eos"
+    )
     rows = sections[0].rows
-    assert [r.label for r in rows] == ["chosen", "chosen: surprisal_no_eos", "rejected", "rejected: surprisal_no_eos"]
+    assert [r.label for r in rows] == [
+        "chosen",
+        "chosen: surprisal_no_eos",
+        "rejected",
+        "rejected: surprisal_no_eos",
+    ]
     assert rows[0].tokens == rows[1].tokens and rows[0].span == rows[1].span and rows[0].span
     encoded = encode_response(tokenizer, pairs[0].prompt, pairs[0].chosen, ENCODING)
-    expected = compute_token_importance(model, [encoded], estimator="surprisal", exclude_eos=True, eos_token_id=tokenizer.eos_token_id)
+    expected = compute_token_importance(
+        model, [encoded], estimator="surprisal", exclude_eos=True, eos_token_id=tokenizer.eos_token_id
+    )
     assert rows[1].weights == pytest.approx([float(w) for w in expected[0].weight])
-    metrics = {"precision_at_k_hybrid_attribution": 0.9, "precision_at_k_hybrid_surprisal": 0.3, "precision_at_k_hybrid_surprisal_no_eos": 0.4}
+    metrics = {
+        "precision_at_k_hybrid_attribution": 0.9,
+        "precision_at_k_hybrid_surprisal": 0.3,
+        "precision_at_k_hybrid_surprisal_no_eos": 0.4,
+    }
     assert best_importance_variant(metrics) == "surprisal_no_eos"
     assert best_importance_variant({"precision_at_k_hybrid": 0.5}) is None

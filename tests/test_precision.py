@@ -25,7 +25,10 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
 
 def test_checkpoint_parameters_reads_shapes_from_safetensors(tmp_path) -> None:
     tokenizer = train_tokenizer(["a b c d e f"] * 4, vocab_size=280)
-    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = build_tiny_model(
+        tokenizer,
+        TinyModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+    )
     save_model_and_tokenizer(model, tokenizer, tmp_path / "m")
     # Tied embeddings are stored once, as the model counts them.
     assert setup.checkpoint_parameters(tmp_path / "m") == sum(p.numel() for p in model.parameters())
@@ -37,10 +40,14 @@ def test_checkpoint_parameters_reads_shapes_from_safetensors(tmp_path) -> None:
     ("native", "parameters", "expected"),
     [(True, 134_515_008, "bf16"), (True, 1_100_000, "no"), (False, 134_515_008, "no"), (True, None, "no")],
 )
-def test_auto_picks_bf16_autocast_for_a_large_model_on_a_bf16_cpu(monkeypatch, native, parameters, expected) -> None:
+def test_auto_picks_bf16_autocast_for_a_large_model_on_a_bf16_cpu(
+    monkeypatch, native, parameters, expected
+) -> None:
     monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(setup, "checkpoint_parameters", lambda path: parameters)
     config = TrainConfig(duckdb_path="db", reference_model_path="ref", output_dir="out")
     assert setup._mixed_precision(config, cpu=True) == expected
-    explicit = TrainConfig(duckdb_path="db", reference_model_path="ref", output_dir="out", mixed_precision="no")
+    explicit = TrainConfig(
+        duckdb_path="db", reference_model_path="ref", output_dir="out", mixed_precision="no"
+    )
     assert setup._mixed_precision(explicit, cpu=True) == "no"

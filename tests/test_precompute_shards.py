@@ -38,7 +38,14 @@ PAIRS = 24
 SAMPLING = SamplingSettings(max_new_tokens=8, batch_size=4, max_prompt_tokens=64)
 WEIGHING = WeighingSettings(batch_size=8, max_prompt_tokens=64, max_response_tokens=64)
 ONE_BATCH_PER_SHARD = {"batches_per_shard": 1}
-TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+TINY = TinyModelConfig(
+    vocab_size=400,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
 
 
 def in_process() -> PrecomputeSettings:
@@ -59,7 +66,9 @@ def base(tmp_path_factory) -> tuple[Path, ReferenceHandle]:
         store.replace_pairs(con, LoadResult(list(pairs), [], len(pairs)), eval_fraction=0.0)
     finally:
         con.close()
-    tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=TINY.vocab_size)
+    tokenizer = train_tokenizer(
+        [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=TINY.vocab_size
+    )
     path = save_model_and_tokenizer(build_tiny_model(tokenizer, TINY, seed=0), tokenizer, root / "reference")
     return root, ReferenceHandle(str(path), model_fingerprint(path))
 
@@ -74,7 +83,9 @@ def fresh_data_dir(base: tuple[Path, ReferenceHandle], target: Path) -> DataDir:
 def anchor_rows(layout: DataDir) -> list[tuple]:
     con = store.connect(layout.database, read_only=True)
     try:
-        return con.execute("SELECT pair_id, fingerprint, anchor, generation_json FROM anchor_responses ORDER BY ALL").fetchall()
+        return con.execute(
+            "SELECT pair_id, fingerprint, anchor, generation_json FROM anchor_responses ORDER BY ALL"
+        ).fetchall()
     finally:
         con.close()
 
@@ -82,7 +93,9 @@ def anchor_rows(layout: DataDir) -> list[tuple]:
 def weight_rows(layout: DataDir) -> list[tuple]:
     con = store.connect(layout.database, read_only=True)
     try:
-        return con.execute("SELECT * FROM token_weights ORDER BY fingerprint, pair_id, side, position").fetchall()
+        return con.execute(
+            "SELECT * FROM token_weights ORDER BY fingerprint, pair_id, side, position"
+        ).fetchall()
     finally:
         con.close()
 
@@ -90,7 +103,9 @@ def weight_rows(layout: DataDir) -> list[tuple]:
 def precompute_both(layout: DataDir, reference: ReferenceHandle, settings: PrecomputeSettings):
     open_db = database_at(layout.database)
     anchors = sample_anchors(open_db, reference, SAMPLING, precompute=settings, layout=layout, progress=False)
-    weights = weigh_tokens(open_db, reference, anchors.fingerprint, WEIGHING, precompute=settings, layout=layout, progress=False)
+    weights = weigh_tokens(
+        open_db, reference, anchors.fingerprint, WEIGHING, precompute=settings, layout=layout, progress=False
+    )
     return anchors, weights
 
 
@@ -145,7 +160,11 @@ def test_shard_checks_name_the_missing_truncated_or_short_file(tmp_path):
     folder, plan, items = _toy_plan(tmp_path)
     precompute.prepare_folder(folder, plan, items)
     for index in range(plan.shards):
-        precompute._write_atomically(folder.shard(index), precompute._parquet_bytes(items.slice(2 * index, plan.rows(index))), folder.temporary(index, "t"))
+        precompute._write_atomically(
+            folder.shard(index),
+            precompute._parquet_bytes(items.slice(2 * index, plan.rows(index))),
+            folder.temporary(index, "t"),
+        )
     assert precompute.check_shards(folder, plan) == [folder.shard(i) for i in range(3)]
     folder.shard(2).write_bytes(precompute._parquet_bytes(items.slice(0, 2)))  # 2 rows where 1 is planned
     with pytest.raises(UserInputError, match=r"shard-00002\.parquet holds 2 rows, the plan 1"):
@@ -167,14 +186,22 @@ def test_two_processes_store_exactly_the_rows_of_one_process(base, one_process, 
     layout = fresh_data_dir(base, tmp_path / "two")
     anchors, weights = precompute_both(layout, base[1], two_processes())
 
-    assert anchors.fingerprint == single_anchors.fingerprint and weights.fingerprint == single_weights.fingerprint
+    assert (
+        anchors.fingerprint == single_anchors.fingerprint
+        and weights.fingerprint == single_weights.fingerprint
+    )
     assert anchors.generated == single_anchors.generated == PAIRS
     assert anchor_rows(layout) == anchor_rows(single)
     assert weight_rows(layout) == weight_rows(single)
     assert len(weight_rows(single)) > 0 and weights.computed == 3 * PAIRS
     for report, shards in ((anchors, 6), (weights, 9)):
         assert report.shards is not None
-        assert (report.shards.processes, report.shards.planned, report.shards.computed, report.shards.reused) == (2, shards, shards, 0)
+        assert (
+            report.shards.processes,
+            report.shards.planned,
+            report.shards.computed,
+            report.shards.reused,
+        ) == (2, shards, shards, 0)
     for report in (single_anchors, single_weights):
         assert report.shards.processes == 1
     assert not (layout.root / "precompute").exists()  # loaded, then removed
@@ -196,8 +223,13 @@ def test_a_rank_killed_mid_shard_leaves_finished_shards_for_the_re_run(base, one
     layout = fresh_data_dir(base, tmp_path / "killed")
     open_db = database_at(layout.database)
     reference = base[1]
-    with planted(kill_after_shards=1, kill_rank=1), pytest.raises(PrecomputeFailed, match="re-run to compute the rest"):
-        sample_anchors(open_db, reference, SAMPLING, precompute=two_processes(), layout=layout, progress=False)
+    with (
+        planted(kill_after_shards=1, kill_rank=1),
+        pytest.raises(PrecomputeFailed, match="re-run to compute the rest"),
+    ):
+        sample_anchors(
+            open_db, reference, SAMPLING, precompute=two_processes(), layout=layout, progress=False
+        )
     assert anchor_rows(layout) == []  # nothing loaded
     (folder,) = (layout.root / "precompute" / "anchors").iterdir()
     shards = ShardDir(folder)
@@ -207,7 +239,9 @@ def test_a_rank_killed_mid_shard_leaves_finished_shards_for_the_re_run(base, one
     # The half-written file of the killed rank is there (rank 0, stopped by torchrun, may have left one too).
     assert any(".shard-00003.parquet." in p.name for p in shards.temporaries())
 
-    report = sample_anchors(open_db, reference, SAMPLING, precompute=in_process(), layout=layout, progress=False)
+    report = sample_anchors(
+        open_db, reference, SAMPLING, precompute=in_process(), layout=layout, progress=False
+    )
     assert report.shards is not None
     # Shards written by the killed launch were loaded as they were (their files name that launch), not sampled again.
     assert report.shards.reused == len(finished) and report.shards.computed == 6 - len(finished)
@@ -215,32 +249,72 @@ def test_a_rank_killed_mid_shard_leaves_finished_shards_for_the_re_run(base, one
     assert not (layout.root / "precompute").exists()
 
 
-def test_a_corrupt_or_missing_weight_shard_fails_naming_it_and_loads_nothing(base, one_process, tmp_path, monkeypatch):
+def test_a_corrupt_or_missing_weight_shard_fails_naming_it_and_loads_nothing(
+    base, one_process, tmp_path, monkeypatch
+):
     single, single_anchors, _ = one_process
     layout = fresh_data_dir(base, tmp_path / "corrupt")
     open_db = database_at(layout.database)
     reference = base[1]
-    anchors = sample_anchors(open_db, reference, SAMPLING, precompute=in_process(), layout=layout, progress=False)
+    anchors = sample_anchors(
+        open_db, reference, SAMPLING, precompute=in_process(), layout=layout, progress=False
+    )
     one_child = PrecomputeSettings(launcher="python", **ONE_BATCH_PER_SHARD)
     with planted(kill_after_shards=3), pytest.raises(PrecomputeFailed):
-        weigh_tokens(open_db, reference, anchors.fingerprint, WEIGHING, precompute=one_child, layout=layout, progress=False)
+        weigh_tokens(
+            open_db,
+            reference,
+            anchors.fingerprint,
+            WEIGHING,
+            precompute=one_child,
+            layout=layout,
+            progress=False,
+        )
     (folder,) = (layout.root / "precompute" / "weights").iterdir()
     truncated = ShardDir(folder).shard(1)
     truncated.write_bytes(truncated.read_bytes()[:100])
     with pytest.raises(UserInputError, match=rf"shard file {re.escape(str(truncated))} is unreadable"):
-        weigh_tokens(open_db, reference, anchors.fingerprint, WEIGHING, precompute=in_process(), layout=layout, progress=False)
+        weigh_tokens(
+            open_db,
+            reference,
+            anchors.fingerprint,
+            WEIGHING,
+            precompute=in_process(),
+            layout=layout,
+            progress=False,
+        )
     assert weight_rows(layout) == []
 
     # A rank that exits 0 without writing one of its shards (a bug): the check names the file.
     truncated.unlink()
     skip_first = precompute.shards_for_rank
-    monkeypatch.setattr(precompute, "shards_for_rank", lambda shards, rank, world: [i for i in skip_first(shards, rank, world) if i != 1])
+    monkeypatch.setattr(
+        precompute,
+        "shards_for_rank",
+        lambda shards, rank, world: [i for i in skip_first(shards, rank, world) if i != 1],
+    )
     with pytest.raises(UserInputError, match=rf"shard file {re.escape(str(truncated))} is missing"):
-        weigh_tokens(open_db, reference, anchors.fingerprint, WEIGHING, precompute=in_process(), layout=layout, progress=False)
+        weigh_tokens(
+            open_db,
+            reference,
+            anchors.fingerprint,
+            WEIGHING,
+            precompute=in_process(),
+            layout=layout,
+            progress=False,
+        )
     assert weight_rows(layout) == []
 
     monkeypatch.undo()
-    report = weigh_tokens(open_db, reference, anchors.fingerprint, WEIGHING, precompute=in_process(), layout=layout, progress=False)
+    report = weigh_tokens(
+        open_db,
+        reference,
+        anchors.fingerprint,
+        WEIGHING,
+        precompute=in_process(),
+        layout=layout,
+        progress=False,
+    )
     assert report.shards is not None and report.shards.reused == 8 and report.shards.computed == 1
     assert anchors.fingerprint == single_anchors.fingerprint
     assert weight_rows(layout) == weight_rows(single)
@@ -260,11 +334,18 @@ def test_the_assets_launch_their_ranks_through_pipes_and_record_the_shards(tmp_p
     selection = ["preference_pairs", "reference_model", "anchor_responses", "token_weights"]
     config = small_run_config(pairs=24)
     ops = {name: config["ops"][name] for name in selection}
-    ops["anchor_responses"]["config"].update({"launcher": "accelerate", "num_processes": 2, "batch_size": 4, "batches_per_shard": 1})
+    ops["anchor_responses"]["config"].update(
+        {"launcher": "accelerate", "num_processes": 2, "batch_size": 4, "batches_per_shard": 1}
+    )
     ops["token_weights"]["config"].update({"launcher": "python"})
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        ASSETS, resources=build_resources(str(tmp_path)), run_config={"ops": ops}, selection=selection, instance=instance, raise_on_error=False
+        ASSETS,
+        resources=build_resources(str(tmp_path)),
+        run_config={"ops": ops},
+        selection=selection,
+        instance=instance,
+        raise_on_error=False,
     )
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     anchors = result.asset_materializations_for_node("anchor_responses")[0].metadata
@@ -272,8 +353,14 @@ def test_the_assets_launch_their_ranks_through_pipes_and_record_the_shards(tmp_p
     train = result.output_for_node("preference_pairs")["train"]
     assert anchors["processes"].value == 2 and anchors["launcher"].value == "accelerate"
     assert anchors["shards_planned"].value == anchors["shards_computed"].value == -(-train // 4)
-    assert anchors["shards_reused"].value == 0 and anchors["rows_loaded"].value == anchors["dagster/row_count"].value == train
-    assert weights["processes"].value == 1 and weights["shards_planned"].value == weights["shards_computed"].value == 1
+    assert (
+        anchors["shards_reused"].value == 0
+        and anchors["rows_loaded"].value == anchors["dagster/row_count"].value == train
+    )
+    assert (
+        weights["processes"].value == 1
+        and weights["shards_planned"].value == weights["shards_computed"].value == 1
+    )
     assert weights["rows_loaded"].value == weights["responses"].value == 3 * train
     # Rank 0 reported its progress to Dagster through Pipes.
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]

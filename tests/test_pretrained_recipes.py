@@ -11,7 +11,11 @@ def test_the_reward_models_rate_follows_the_backbone_unless_given():
     assert RewardTraining().settled(pretrained=True).learning_rate == 1e-5
     assert RewardTraining(learning_rate=3e-4).settled(pretrained=True).learning_rate == 3e-4
     settled = RewardModelSettings(min_accuracy_margin=0.2).settled(pretrained=True)
-    assert isinstance(settled, RewardModelSettings) and settled.min_accuracy_margin == 0.2 and settled.learning_rate == 1e-5
+    assert (
+        isinstance(settled, RewardModelSettings)
+        and settled.min_accuracy_margin == 0.2
+        and settled.learning_rate == 1e-5
+    )
 
 
 def test_the_contrastive_models_rate_follows_the_base_unless_given():

@@ -16,19 +16,35 @@ def test_heatmap_title_of_a_two_turn_prompt_shows_its_turns() -> None:
 
 def test_heatmap_title_cuts_long_turns_and_keeps_the_last_turns() -> None:
     assert _prompt_title("\n\nHuman: " + "x" * 300 + "\n\nAssistant:", width=20) == "user: " + "x" * 19 + "…"
-    long = "".join(f"\n\nHuman: question {i}\n\nAssistant: answer {i}" for i in range(3)) + "\n\nHuman: last?\n\nAssistant:"
+    long = (
+        "".join(f"\n\nHuman: question {i}\n\nAssistant: answer {i}" for i in range(3))
+        + "\n\nHuman: last?\n\nAssistant:"
+    )
     title = _prompt_title(long, turns=3)
-    assert title.split("\n") == ["… 4 earlier turns", "user: question 2", "assistant: answer 2", "user: last?"]
+    assert title.split("\n") == [
+        "… 4 earlier turns",
+        "user: question 2",
+        "assistant: answer 2",
+        "user: last?",
+    ]
 
 
 def test_heatmap_html_draws_each_turn_on_its_own_line() -> None:
-    section = HeatmapSection(_prompt_title(TWO_TURNS), [HeatmapRow("chosen", ["Five", " minutes"], [1.0, 0.5])])
+    section = HeatmapSection(
+        _prompt_title(TWO_TURNS), [HeatmapRow("chosen", ["Five", " minutes"], [1.0, 0.5])]
+    )
     html = token_heatmap_html([section])
-    assert "<h4>user: How do I boil an egg?<br>assistant: Put it in boiling water.<br>user: For how long?</h4>" in html
+    assert (
+        "<h4>user: How do I boil an egg?<br>assistant: Put it in boiling water.<br>user: For how long?</h4>"
+        in html
+    )
 
 
 def test_pairs_preview_shows_the_turns_in_one_cell() -> None:
-    assert prompt_cell(TWO_TURNS) == "user: How do I boil an egg? / assistant: Put it in boiling water. / user: For how long?"
+    assert (
+        prompt_cell(TWO_TURNS)
+        == "user: How do I boil an egg? / assistant: Put it in boiling water. / user: For how long?"
+    )
     # too long: the end is kept, where the turn the answers reply to is
     assert prompt_cell(TWO_TURNS, 25) == "…r. / user: For how long?"
     table = pairs_preview([("p1", "train", TWO_TURNS, "About seven minutes.", "Forever.")])

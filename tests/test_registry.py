@@ -58,18 +58,26 @@ def test_rollback_history_and_the_verdict_tags_round_trip(registry, capsys) -> N
     tracking.tag_gate_verdict(uri, 3, False, "reference, champion v2", "failed: worse than the champion")
     con = store.connect(data_dir / store.DATABASE_FILE)
     store.record_champion_event(con, store.ChampionEvent(NAME, "2", "promoted", None, "reference", "passed"))
-    store.record_champion_event(con, store.ChampionEvent(NAME, "3", "refused", "2", "reference, champion v2", "failed: worse"))
+    store.record_champion_event(
+        con, store.ChampionEvent(NAME, "3", "refused", "2", "reference, champion v2", "failed: worse")
+    )
     con.close()
     assert main(["rollback", "1", "--reason", "v2 answers in French", "--data-dir", str(data_dir)]) == 0
     assert "version 1 (was 2)" in capsys.readouterr().out
     info = tracking.champion(uri)
     assert info.version == "1" and info.tags["rollback_reason"] == "v2 answers in French"
     assert tracking.client(uri).get_model_version(NAME, "3").tags == {
-        "gate": "failed", "compared_with": "reference, champion v2", "gate_verdict": "failed: worse than the champion"
+        "gate": "failed",
+        "compared_with": "reference, champion v2",
+        "gate_verdict": "failed: worse than the champion",
     }
     assert main(["champion", "--history", "--data-dir", str(data_dir)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[2:4] for line in lines] == [["v2", "promoted"], ["v3", "refused"], ["v1", "rollback"]]
+    assert [line.split()[2:4] for line in lines] == [
+        ["v2", "promoted"],
+        ["v3", "refused"],
+        ["v1", "rollback"],
+    ]
     assert lines[-1].endswith("(champion before: v2)  v2 answers in French")
     with pytest.raises(Exception, match="9"):  # an unknown version fails before the alias moves
         tracking.rollback_champion(uri, 9, "typo", data_dir)

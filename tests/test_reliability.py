@@ -80,7 +80,13 @@ def _counts(data_dir: Path) -> dict[str, int]:
     try:
         return {
             t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("preference_pairs", "quarantine", "anchor_responses", "token_weights", "evaluation_metrics")
+            for t in (
+                "preference_pairs",
+                "quarantine",
+                "anchor_responses",
+                "token_weights",
+                "evaluation_metrics",
+            )
         }
     finally:
         con.close()
@@ -94,7 +100,11 @@ def _hold_lock(data_dir: Path) -> subprocess.Popen:
         "print('held', flush=True); sys.stdin.read(); lock.release()"
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(data_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", code, str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -152,7 +162,11 @@ def test_steps_of_one_run_share_the_lock_and_the_run_holds_it_between_steps(tmp_
     script = tmp_path / "run_a.py"
     script.write_text(STEPS_SCRIPT)
     run = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "data")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, str(script), str(tmp_path / "data")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         lines = [run.stdout.readline().strip() for _ in range(3)]
@@ -204,7 +218,9 @@ def test_a_reader_holding_the_duckdb_file_delays_a_run_instead_of_failing_it(tmp
         "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); "
         "print('open', flush=True); time.sleep(2)"
     )
-    reader = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / store.DATABASE_FILE)], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / store.DATABASE_FILE)], stdout=subprocess.PIPE, text=True
+    )
     assert reader.stdout.readline().strip() == "open"
     result = _materialize(tmp_path, _pairs_config(60), selection=["preference_pairs"])
     reader.wait()
@@ -243,7 +259,10 @@ def test_the_trainer_dies_with_the_step_that_launched_it(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     child = int(parent.stdout.readline())
     deadline = time.monotonic() + 10
-    while not Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"/bin/sleep") and time.monotonic() < deadline:
+    while (
+        not Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"/bin/sleep")
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"/bin/sleep")  # the wrapper exec'd it
     parent.kill()
@@ -275,7 +294,12 @@ def test_an_unreachable_tracking_server_fails_without_retries(monkeypatch):
 
     class Probe:
         def search_experiments(self, **_):
-            seen.update({k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")})
+            seen.update(
+                {
+                    k: os.environ.get(k)
+                    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+                }
+            )
             raise ConnectionError("refused")
 
     monkeypatch.setattr(tracking, "client", lambda uri: Probe())
@@ -290,9 +314,14 @@ def test_an_unreachable_tracking_server_fails_without_retries(monkeypatch):
 
 
 def test_reference_model_fails_before_any_work_when_tracking_is_down(tmp_path):
-    config = {**_pairs_config(), "ops": {**_pairs_config()["ops"], "reference_model": {"config": {"sft_steps": 5}}}}
+    config = {
+        **_pairs_config(),
+        "ops": {**_pairs_config()["ops"], "reference_model": {"config": {"sft_steps": 5}}},
+    }
     down = MlflowTracking(data_dir=str(tmp_path), tracking_uri=UNREACHABLE)
-    result = _materialize(tmp_path, config, selection=["preference_pairs", "reference_model"], mlflow_tracking=down)
+    result = _materialize(
+        tmp_path, config, selection=["preference_pairs", "reference_model"], mlflow_tracking=down
+    )
     assert not result.success
     assert "not reachable" in _errors(result)
     assert not (tmp_path / "models").exists()  # "before any work": no tokenizer, no SFT, nothing saved
@@ -306,7 +335,9 @@ def test_a_missing_model_fails_before_any_work(tmp_path, name):
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data
     # A user error: a dagster.Failure with the message and the path, and no chained traceback.
-    assert failure.error.cls_name == "Failure" and model in failure.error.message and failure.error.cause is None
+    assert (
+        failure.error.cls_name == "Failure" and model in failure.error.message and failure.error.cause is None
+    )
     assert failure.user_failure_data.metadata["model"].value == model
     uri = tracking.sqlite_tracking_uri(tmp_path)
     experiment = tracking.client(uri).get_experiment_by_name(tracking.EXPERIMENT)
@@ -337,7 +368,9 @@ def trained(tmp_path_factory):
 
 def _versions(data_dir: Path) -> list:
     client = tracking.client(tracking.sqlite_tracking_uri(data_dir))
-    return sorted(client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'"), key=lambda v: int(v.version))
+    return sorted(
+        client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'"), key=lambda v: int(v.version)
+    )
 
 
 def evaluation_pair_count(result) -> int:
@@ -376,7 +409,9 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     assert evaluation["champion"].value is False
     from tidpo_pipeline.run import gate_verdict
 
-    assert gate_verdict(result).startswith(f"gate failed: champion unchanged, version {versions[-1].version} tagged gate=failed (")
+    assert gate_verdict(result).startswith(
+        f"gate failed: champion unchanged, version {versions[-1].version} tagged gate=failed ("
+    )
     # The challenger was judged against the reference and the current champion, on the same pairs.
     assert evaluation["compared_with"].value == f"reference, champion v{before_champion}"
     assert "key_metrics_vs_champion" in evaluation
@@ -387,7 +422,9 @@ def test_a_model_failing_the_gate_is_registered_but_never_champion(trained):
     con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
     try:
         history = store.champion_history(con, "tidpo-policy")
-        champion_rows = con.execute("SELECT count(*) FROM evaluation_metrics WHERE model = 'champion'").fetchone()[0]
+        champion_rows = con.execute(
+            "SELECT count(*) FROM evaluation_metrics WHERE model = 'champion'"
+        ).fetchone()[0]
     finally:
         con.close()
     assert [(e.version, e.event) for e in history][-1] == (str(versions[-1].version), "refused")
@@ -405,7 +442,9 @@ def test_a_retraining_can_start_from_the_champion_and_still_compares_with_the_re
     assert train_yaml["init_model_path"] == str(run_dir / f"init_champion_v{champion}")
     assert train_yaml["reference_model_path"] != train_yaml["init_model_path"]
     starting, _ = load_model_and_tokenizer(train_yaml["init_model_path"])
-    registered, _ = tracking.load_registered_model(tracking.sqlite_tracking_uri(data_dir), f"models:/tidpo-policy/{champion}")
+    registered, _ = tracking.load_registered_model(
+        tracking.sqlite_tracking_uri(data_dir), f"models:/tidpo-policy/{champion}"
+    )
     for a, b in zip(starting.state_dict().values(), registered.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -414,7 +453,10 @@ def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):
     data_dir, instance = trained
     before_versions, before_champion = _versions(data_dir), _champion(data_dir)
     result = _materialize(
-        data_dir, _registry_config(seed=2), instance=instance, pipes_subprocess_client=NanInjectingPipesClient(2)
+        data_dir,
+        _registry_config(seed=2),
+        instance=instance,
+        pipes_subprocess_client=NanInjectingPipesClient(2),
     )
     assert not result.success
     failures = result.get_step_failure_events()
@@ -427,7 +469,10 @@ def test_a_nan_run_registers_nothing_and_keeps_the_champion(trained):
     assert _champion(data_dir) == before_champion
     client = tracking.client(tracking.sqlite_tracking_uri(data_dir))
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id], "attributes.run_name LIKE 'tidpo_policy%'")]
+    statuses = [
+        r.info.status
+        for r in client.search_runs([experiment.experiment_id], "attributes.run_name LIKE 'tidpo_policy%'")
+    ]
     assert "FAILED" in statuses
 
 
@@ -451,7 +496,9 @@ def test_models_are_stored_as_safetensors_only(trained):
     assert not [p for p in model_files if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}]
 
 
-def test_a_run_killed_inside_the_anchor_load_resumes_from_its_shards_to_the_uninterrupted_result(trained, tmp_path):
+def test_a_run_killed_inside_the_anchor_load_resumes_from_its_shards_to_the_uninterrupted_result(
+    trained, tmp_path
+):
     """SIGKILL of the run's process (in-process executor: the step process) while the anchors' shards are
     being loaded (one DuckDB transaction for all of them): no anchor row is stored, the finished shard
     files stay, and the re-run loads them without sampling again, ending with exactly the anchors of an
@@ -463,9 +510,26 @@ def test_a_run_killed_inside_the_anchor_load_resumes_from_its_shards_to_the_unin
     # Same pairs and config, so the same reference model: reuse it rather than train it again.
     shutil.copytree(uninterrupted_dir / "models" / "reference", crash_dir / "models" / "reference")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "stress.run", "worker", "--data-dir", str(crash_dir), "--config", json.dumps(config),
-         "--select", selection, "--pause-in", "anchors", "--pause-in-s", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "stress.run",
+            "worker",
+            "--data-dir",
+            str(crash_dir),
+            "--config",
+            json.dumps(config),
+            "--select",
+            selection,
+            "--pause-in",
+            "anchors",
+            "--pause-in-s",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     reached = False
     for line in worker.stdout:
@@ -491,7 +555,9 @@ def test_a_run_killed_inside_the_anchor_load_resumes_from_its_shards_to_the_unin
     def anchors(data_dir: Path) -> dict:
         con = store.connect(data_dir / store.DATABASE_FILE, read_only=True)
         try:
-            return dict(con.execute("SELECT fingerprint || '/' || pair_id, anchor FROM anchor_responses").fetchall())
+            return dict(
+                con.execute("SELECT fingerprint || '/' || pair_id, anchor FROM anchor_responses").fetchall()
+            )
         finally:
             con.close()
 
@@ -514,9 +580,15 @@ def _config_classes():
     classes = []
     root = Path(tidpo_pipeline.__file__).parent
     for path in sorted(root.rglob("*.py")):
-        name = ".".join(("tidpo_pipeline", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        name = ".".join(("tidpo_pipeline", *path.relative_to(root).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
         module = __import__(name, fromlist=["_"])
-        classes += [c for _, c in inspect.getmembers(module, inspect.isclass) if issubclass(c, dg.Config) and c.__module__ == module.__name__]
+        classes += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, dg.Config) and c.__module__ == module.__name__
+        ]
     return classes
 
 
@@ -536,7 +608,17 @@ def test_remote_code_and_code_execution_are_off_by_default():
 
 def test_models_load_from_safetensors_only(tmp_path):
     tokenizer = train_tokenizer(["hello world", "good answer", "bad answer"] * 5, vocab_size=300)
-    model = build_tiny_model(tokenizer, TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = build_tiny_model(
+        tokenizer,
+        TinyModelConfig(
+            vocab_size=300,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+    )
     model.config.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # pickled weights only
@@ -556,7 +638,11 @@ def test_no_pickle_is_ever_read_from_a_data_file(tmp_path):
         with pytest.raises(DataFileError, match="unsupported file type"):
             load_preferences(path)
     core = REPO / "tidpo_core"
-    readers = [*sorted((core / "data").glob("*.py")), *sorted((core / "store").glob("*.py")), *sorted((core / "steps").glob("*.py"))]
+    readers = [
+        *sorted((core / "data").glob("*.py")),
+        *sorted((core / "store").glob("*.py")),
+        *sorted((core / "steps").glob("*.py")),
+    ]
     assert len(readers) > 8
     for module in readers:
         source = module.read_text()

@@ -44,8 +44,17 @@ from tidpo_core.steps.reward import (
 
 # A backbone small enough for seconds on one CPU thread, big enough to generalise to held-out pairs
 # (hidden 32 overfits 230 pairs: about 0.85 held out); no SFT: the head and backbone learn from scratch.
-BACKBONE = TinyModelConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-SETTINGS = RewardModelSettings(epochs=3, learning_rate=3e-3, batch_size=8, max_train_pairs=None, logging_steps=10)
+BACKBONE = TinyModelConfig(
+    vocab_size=400,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
+SETTINGS = RewardModelSettings(
+    epochs=3, learning_rate=3e-3, batch_size=8, max_train_pairs=None, logging_steps=10
+)
 PAIRS = 300  # 230 train / 70 eval at eval_fraction 0.25
 
 
@@ -61,7 +70,9 @@ def test_bradley_terry_loss_matches_hand_computed_values():
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(by_hand, abs=1e-6)
     # Only the difference counts, and a pair ranked right by a wide margin costs almost nothing.
     assert bradley_terry_loss(chosen + 5, rejected + 5).item() == pytest.approx(by_hand, abs=1e-6)
-    assert bradley_terry_loss(torch.tensor([20.0]), torch.tensor([0.0])).item() == pytest.approx(0.0, abs=1e-8)
+    assert bradley_terry_loss(torch.tensor([20.0]), torch.tensor([0.0])).item() == pytest.approx(
+        0.0, abs=1e-8
+    )
     # Its gradient pushes the chosen reward up by (1 - sigmoid(d)) / n.
     chosen.requires_grad_(True)
     bradley_terry_loss(chosen, rejected).backward()
@@ -84,13 +95,17 @@ def test_beats_chance_needs_more_than_the_margin():
 def test_the_training_sample_is_seeded_capped_and_in_order():
     pairs = generate_synthetic_pairs(20, seed=1)
     sample = training_subset(pairs, 8, seed=0)
-    assert len(sample) == 8 and sample == training_subset(pairs, 8, seed=0) != training_subset(pairs, 8, seed=1)
+    assert len(sample) == 8 and sample == training_subset(pairs, 8, seed=0) != training_subset(
+        pairs, 8, seed=1
+    )
     assert [pairs.index(p) for p in sample] == sorted(pairs.index(p) for p in sample)
     assert training_subset(pairs, None, seed=0) == pairs and training_subset(pairs, 50, seed=0) == pairs
 
 
 def test_the_reward_settings_extend_the_training_recipe():
-    assert SETTINGS.training() == RewardTraining(epochs=3, learning_rate=3e-3, batch_size=8, max_train_pairs=None, logging_steps=10)
+    assert SETTINGS.training() == RewardTraining(
+        epochs=3, learning_rate=3e-3, batch_size=8, max_train_pairs=None, logging_steps=10
+    )
     assert RewardModelSettings().min_accuracy_margin == 0.1
 
 
@@ -98,8 +113,12 @@ def test_the_reward_settings_extend_the_training_recipe():
 
 
 def _reference(root: Path, train_pairs: list) -> ReferenceHandle:
-    tokenizer = train_tokenizer([t for p in train_pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=BACKBONE.vocab_size)
-    path = save_model_and_tokenizer(build_tiny_model(tokenizer, BACKBONE, seed=0), tokenizer, root / "reference")
+    tokenizer = train_tokenizer(
+        [t for p in train_pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=BACKBONE.vocab_size
+    )
+    path = save_model_and_tokenizer(
+        build_tiny_model(tokenizer, BACKBONE, seed=0), tokenizer, root / "reference"
+    )
     return ReferenceHandle(path=str(path), fingerprint=model_fingerprint(path))
 
 
@@ -109,12 +128,18 @@ def trained(tmp_path_factory):
     layout = DataDir.at(root)
     open_db = database_at(layout.database)
     with open_db() as con:
-        store.replace_pairs(con, LoadResult(generate_synthetic_pairs(PAIRS, seed=0), [], PAIRS), eval_fraction=0.25)
+        store.replace_pairs(
+            con, LoadResult(generate_synthetic_pairs(PAIRS, seed=0), [], PAIRS), eval_fraction=0.25
+        )
         train_pairs, digest = store.read_pairs(con, split="train"), store.pairs_digest(con)
     reference = _reference(root, train_pairs)
     uri = layout.tracking_uri
-    run_tracking = RunTracking(uri, tracking.ensure_experiment(uri, layout.artifacts.as_uri()), {"dagster.asset_key": "reward_model"})
-    handle = train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
+    run_tracking = RunTracking(
+        uri, tracking.ensure_experiment(uri, layout.artifacts.as_uri()), {"dagster.asset_key": "reward_model"}
+    )
+    handle = train_reward(
+        open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False
+    )
     return layout, open_db, reference, run_tracking, digest, handle
 
 
@@ -127,10 +152,18 @@ def test_a_trained_reward_model_beats_chance_on_held_out_pairs(trained):
     assert handle.held_out_accuracy > 0.9, handle.metrics
     assert handle.metrics["eval_loss"] < math.log(2) and handle.metrics["eval_margin"] > 0
     # The training metrics carry TRL's names.
-    assert {"loss", "accuracy", "margin", "mean_reward", "grad_norm", "learning_rate", "train_loss"} <= set(handle.metrics)
+    assert {"loss", "accuracy", "margin", "mean_reward", "grad_norm", "learning_rate", "train_loss"} <= set(
+        handle.metrics
+    )
     assert Path(handle.path) == layout.reward_model(handle.fingerprint) and not handle.reused
-    assert record is not None and record.accuracy == handle.held_out_accuracy and record.eval_pairs == eval_pairs
-    assert (record.mlflow_run_id, record.registered_version) == (handle.mlflow_run_id, handle.registered_version) == (handle.mlflow_run_id, "1")
+    assert (
+        record is not None and record.accuracy == handle.held_out_accuracy and record.eval_pairs == eval_pairs
+    )
+    assert (
+        (record.mlflow_run_id, record.registered_version)
+        == (handle.mlflow_run_id, handle.registered_version)
+        == (handle.mlflow_run_id, "1")
+    )
     assert record.settings["min_accuracy_margin"] == 0.1
 
 
@@ -138,9 +171,20 @@ def test_grpo_without_a_folder_gets_the_stored_reward_model_of_its_reference(tra
     """tidpo_policy and method_comparison with grpo_reward: model and no grpo_reward_model train on the reward_model
     asset's newest model for their reference; another reference has none, which is a user error."""
     _, open_db, reference, _, _, handle = trained
-    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "beta": 0.1}) == {"grpo_reward": "model", "beta": 0.1, "grpo_reward_model": handle.path}
-    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "grpo_reward_model": "/mine"})["grpo_reward_model"] == "/mine"
-    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "phrases"}) == {"grpo_reward": "phrases"}
+    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "beta": 0.1}) == {
+        "grpo_reward": "model",
+        "beta": 0.1,
+        "grpo_reward_model": handle.path,
+    }
+    assert (
+        with_stored_reward_model(open_db, reference, {"grpo_reward": "model", "grpo_reward_model": "/mine"})[
+            "grpo_reward_model"
+        ]
+        == "/mine"
+    )
+    assert with_stored_reward_model(open_db, reference, {"grpo_reward": "phrases"}) == {
+        "grpo_reward": "phrases"
+    }
     other = ReferenceHandle(path=str(tmp_path), fingerprint="another-reference")
     with pytest.raises(UserInputError, match="materialize the reward_model asset first"):
         with_stored_reward_model(open_db, other, {"grpo_reward": "model"})
@@ -152,7 +196,10 @@ def test_the_reward_function_scores_chosen_above_rejected(trained):
         pairs = store.read_pairs(con, split="eval")
     reward = load_reward_function(handle.path)
     prompts = [p.prompt for p in pairs]
-    chosen, rejected = reward(prompts, [p.chosen for p in pairs]), reward(prompts, [p.rejected for p in pairs])
+    chosen, rejected = (
+        reward(prompts, [p.chosen for p in pairs]),
+        reward(prompts, [p.rejected for p in pairs]),
+    )
     assert len(chosen) == len(pairs) and all(isinstance(r, float) for r in chosen)
     assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs) > 0.9
     # Batching and padding change nothing: one at a time scores the same.
@@ -169,31 +216,53 @@ def test_mlflow_run_and_the_registry_round_trip(trained, tmp_path):
     uri = layout.tracking_uri
     run = tracking.client(uri).get_run(handle.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["dagster.asset_key"] == "reward_model"
-    assert {"loss", "accuracy", "margin", "eval_accuracy", "eval_margin", "eval_loss"} <= set(run.data.metrics)
+    assert {"loss", "accuracy", "margin", "eval_accuracy", "eval_margin", "eval_loss"} <= set(
+        run.data.metrics
+    )
     assert run.data.metrics["eval_accuracy"] == pytest.approx(handle.held_out_accuracy)
-    assert run.data.params["learning_rate"] == "0.003" and [d.dataset.name for d in run.inputs.dataset_inputs] == ["preference_pairs/train"]
+    assert run.data.params["learning_rate"] == "0.003" and [
+        d.dataset.name for d in run.inputs.dataset_inputs
+    ] == ["preference_pairs/train"]
     assert len(tracking.metric_history(uri, handle.mlflow_run_id, "loss")) >= 2  # the curve, not one point
     # Look the latest version up, fetch it, load it: it scores as the folder it was made from.
     assert tracking.latest_version(uri, tracking.REWARD_MODEL) == handle.registered_version == "1"
     version = tracking.client(uri).get_model_version(tracking.REWARD_MODEL, "1")
-    assert version.run_id == handle.mlflow_run_id and float(version.tags["held_out_accuracy"]) == pytest.approx(handle.held_out_accuracy, abs=1e-4)
+    assert version.run_id == handle.mlflow_run_id and float(
+        version.tags["held_out_accuracy"]
+    ) == pytest.approx(handle.held_out_accuracy, abs=1e-4)
     fetched = tracking.download_model_version(uri, tmp_path / "fetched")
-    prompts, completions = ["\n\nHuman: My father has chest pain.\n\nAssistant:"] * 2, [" Call an ambulance now.", " Wait and see."]
-    assert load_reward_function(fetched)(prompts, completions) == pytest.approx(load_reward_function(handle.path)(prompts, completions), abs=1e-6)
+    prompts, completions = (
+        ["\n\nHuman: My father has chest pain.\n\nAssistant:"] * 2,
+        [" Call an ambulance now.", " Wait and see."],
+    )
+    assert load_reward_function(fetched)(prompts, completions) == pytest.approx(
+        load_reward_function(handle.path)(prompts, completions), abs=1e-6
+    )
     with pytest.raises(LookupError):
         tracking.download_model_version(uri, tmp_path / "none", name="no-such-model")
 
 
 def test_the_same_inputs_reuse_the_model_its_run_and_its_version(trained):
     layout, open_db, reference, run_tracking, digest, handle = trained
-    again = train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
+    again = train_reward(
+        open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False
+    )
     assert again.reused and (again.fingerprint, again.path) == (handle.fingerprint, handle.path)
-    assert (again.mlflow_run_id, again.registered_version, again.held_out_accuracy) == (handle.mlflow_run_id, "1", handle.held_out_accuracy)
-    assert [str(v.version) for v in tracking.model_versions(layout.tracking_uri, tracking.REWARD_MODEL)] == ["1"]
+    assert (again.mlflow_run_id, again.registered_version, again.held_out_accuracy) == (
+        handle.mlflow_run_id,
+        "1",
+        handle.held_out_accuracy,
+    )
+    assert [str(v.version) for v in tracking.model_versions(layout.tracking_uri, tracking.REWARD_MODEL)] == [
+        "1"
+    ]
     with open_db() as con:
         assert con.execute("SELECT count(*) FROM reward_models").fetchone()[0] == 1
     # The check's margin is not part of the model; anything that shapes it is.
-    assert reward_fingerprint(digest, reference, dataclasses.replace(SETTINGS, min_accuracy_margin=0.3)) == handle.fingerprint
+    assert (
+        reward_fingerprint(digest, reference, dataclasses.replace(SETTINGS, min_accuracy_margin=0.3))
+        == handle.fingerprint
+    )
     assert reward_fingerprint(digest, reference, dataclasses.replace(SETTINGS, seed=1)) != handle.fingerprint
     assert reward_fingerprint("other-pairs", reference, SETTINGS) != handle.fingerprint
 
@@ -217,7 +286,10 @@ def test_training_is_deterministic_for_a_seed(trained, tmp_path):
     assert [{k: v for k, v in e.items() if k not in timing} for e in first.history] == [
         {k: v for k, v in e.items() if k not in timing} for e in second.history
     ]
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "a" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "score.weight" in a and a["score.weight"].shape[0] == 1  # one output: the reward
     assert not (tmp_path / "a.staging").exists() and not (tmp_path / "a" / "trainer").exists()
@@ -241,10 +313,14 @@ def test_a_run_interrupted_before_it_finished_is_resumed_and_registers_once(trai
         train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
     assert tracking.run_status(uri, handle.mlflow_run_id) == "FAILED"
     monkeypatch.undo()
-    again = train_reward(open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False)
+    again = train_reward(
+        open_db, reference, SETTINGS, layout, digest, tracking_to=run_tracking, progress=False
+    )
     assert (again.mlflow_run_id, again.registered_version) == (handle.mlflow_run_id, "1")
     assert tracking.run_status(uri, handle.mlflow_run_id) == "FINISHED"
     assert [str(v.version) for v in tracking.model_versions(uri, tracking.REWARD_MODEL)] == ["1"]
-    assert tracking.metric_history(uri, handle.mlflow_run_id, "loss") == curve  # the curve is not logged twice
+    assert (
+        tracking.metric_history(uri, handle.mlflow_run_id, "loss") == curve
+    )  # the curve is not logged twice
     with open_db() as con:
         assert store.reward_model_record(con, handle.fingerprint).registered_version == "1"

@@ -21,11 +21,22 @@ ENCODING = {"max_prompt_tokens": 96, "max_response_tokens": 24}
 def smollm2_run_config(hh_file: str) -> dict:
     return {
         "ops": {
-            "preference_pairs": {"config": {"source": hh_file, "max_pairs": 8, "eval_fraction": 0.25, "include_inbox": False}},
+            "preference_pairs": {
+                "config": {"source": hh_file, "max_pairs": 8, "eval_fraction": 0.25, "include_inbox": False}
+            },
             "reference_model": {"config": {"model_name_or_path": "smollm2-135m-instruct"}},
-            "anchor_responses": {"config": {"max_new_tokens": 12, "max_prompt_tokens": ENCODING["max_prompt_tokens"]}},
+            "anchor_responses": {
+                "config": {"max_new_tokens": 12, "max_prompt_tokens": ENCODING["max_prompt_tokens"]}
+            },
             "token_weights": {"config": {**ENCODING, "batch_size": 4}},
-            "tidpo_policy": {"config": {"max_steps": 2, "per_device_batch_size": 2, "warmup_steps": 1, "checkpoint_every": 0}},
+            "tidpo_policy": {
+                "config": {
+                    "max_steps": 2,
+                    "per_device_batch_size": 2,
+                    "warmup_steps": 1,
+                    "checkpoint_every": 0,
+                }
+            },
             "evaluation": {
                 "config": {
                     "sample_prompts": 2,
@@ -108,7 +119,11 @@ def test_weights_and_training_read_the_templated_ids(smollm2_run) -> None:
         stored = store.read_token_weights(con, weights["fingerprint"])
     features = build_features(tokenizer, pairs, EncodingSettings(**ENCODING), anchors=anchors, stored=stored)
     for pair, feature in zip(pairs, features, strict=True):
-        for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected), ("anchor", anchors[pair.pair_id])):
+        for side, text in (
+            ("chosen", pair.chosen),
+            ("rejected", pair.rejected),
+            ("anchor", anchors[pair.pair_id]),
+        ):
             encoded = encode_prompt_response(tokenizer, pair.prompt, text, **ENCODING)
             # The weights stage stored exactly the response ids training reads, ending in <|im_end|>.
             assert list(stored[(pair.pair_id, side)].token_ids) == response_token_ids(encoded)
@@ -116,7 +131,10 @@ def test_weights_and_training_read_the_templated_ids(smollm2_run) -> None:
             ids = [int(t) for t in feature[f"{side}_input_ids"]]
             assert ids == encoded.input_ids
             prompt_text = tokenizer.decode(ids[: encoded.prompt_length])
-            assert prompt_text == render_prompt(tokenizer, pair.prompt) or len(tokenizer(render_prompt(tokenizer, pair.prompt))["input_ids"]) > 96
+            assert (
+                prompt_text == render_prompt(tokenizer, pair.prompt)
+                or len(tokenizer(render_prompt(tokenizer, pair.prompt))["input_ids"]) > 96
+            )
             assert prompt_text.endswith("<|im_start|>assistant\n") and "Human:" not in prompt_text
 
 
@@ -136,8 +154,12 @@ def test_the_registered_model_answers_a_plain_question_in_its_chat_template(smol
 
     data_dir, result = smollm2_run
     version = _metadata(result, "evaluation")["mlflow_model_version"]
-    model, tokenizer = load_registered_model(sqlite_tracking_uri(str(data_dir)), f"models:/{REGISTERED_MODEL}/{version}")
+    model, tokenizer = load_registered_model(
+        sqlite_tracking_uri(str(data_dir)), f"models:/{REGISTERED_MODEL}/{version}"
+    )
     assert tokenizer.chat_template  # the registry keeps the template
     settings = SamplingSettings(max_new_tokens=12, batch_size=1, seed=0)
-    answer = sample_responses(model, tokenizer, ["How do I keep my bike from being stolen?"], settings)[0].strip()
+    answer = sample_responses(model, tokenizer, ["How do I keep my bike from being stolen?"], settings)[
+        0
+    ].strip()
     assert answer and not any(marker.strip() in answer for marker in TEMPLATE_MARKERS)

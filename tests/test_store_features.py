@@ -34,7 +34,13 @@ def _pair(i: int) -> PreferencePair:
 def tiny():
     pairs = generate_synthetic_pairs(24, seed=3)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=400)
-    config = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    config = TinyModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     return pairs, tokenizer, build_tiny_model(tokenizer, config, seed=0)
 
 
@@ -45,7 +51,9 @@ def test_replace_pairs_is_idempotent_and_keeps_quarantine(tmp_path):
     for _ in range(3):
         summary = store.replace_pairs(con, result, eval_fraction=0.3)
     assert con.execute("SELECT count(*) FROM preference_pairs").fetchone()[0] == 10
-    assert con.execute("SELECT reason, detail FROM quarantine").fetchall() == [("empty_text", "chosen is empty")]
+    assert con.execute("SELECT reason, detail FROM quarantine").fetchall() == [
+        ("empty_text", "chosen is empty")
+    ]
     assert summary.train + summary.eval == 10
     assert [p.pair_id for p in store.read_pairs(con)] == sorted(p.pair_id for p in result.pairs)
 
@@ -53,12 +61,19 @@ def test_replace_pairs_is_idempotent_and_keeps_quarantine(tmp_path):
 def test_a_store_numbering_quarantine_from_zero_is_renumbered_from_one(tmp_path):
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE quarantine (source VARCHAR, row_number BIGINT, reason VARCHAR, detail VARCHAR, raw VARCHAR, loaded_at TIMESTAMP)")
-    con.execute("INSERT INTO quarantine VALUES ('a.jsonl', 0, 'malformed_row', 'x', '{', NULL), ('a.jsonl', 4, 'duplicate_pair', 'y', '{}', NULL)")
+    con.execute(
+        "CREATE TABLE quarantine (source VARCHAR, row_number BIGINT, reason VARCHAR, detail VARCHAR, raw VARCHAR, loaded_at TIMESTAMP)"
+    )
+    con.execute(
+        "INSERT INTO quarantine VALUES ('a.jsonl', 0, 'malformed_row', 'x', '{', NULL), ('a.jsonl', 4, 'duplicate_pair', 'y', '{}', NULL)"
+    )
     con.close()
     for _ in range(2):  # the migration runs once, however often the store is opened
         con = store.connect(path)
-        assert con.execute("SELECT line_1based FROM quarantine ORDER BY line_1based").fetchall() == [(1,), (5,)]
+        assert con.execute("SELECT line_1based FROM quarantine ORDER BY line_1based").fetchall() == [
+            (1,),
+            (5,),
+        ]
         con.close()
 
 
@@ -85,7 +100,14 @@ def test_token_weights_round_trip_and_replacement(tmp_path):
         "reference_logp": [-1.0, -2.0, -3.0],
     }
     store.write_token_weights(con, "fp", [row])
-    store.write_token_weights(con, "fp", [{**row, "text_digest": "d2", "token_ids": [9, 8]} | {k: row[k][:2] for k in ("attribution", "prior", "weight", "reference_logp")}])
+    store.write_token_weights(
+        con,
+        "fp",
+        [
+            {**row, "text_digest": "d2", "token_ids": [9, 8]}
+            | {k: row[k][:2] for k in ("attribution", "prior", "weight", "reference_logp")}
+        ],
+    )
     assert con.execute("SELECT count(*) FROM token_weights").fetchone()[0] == 2
     stored = store.read_token_weights(con, "fp")[("p1", "chosen")]
     assert stored.token_ids.tolist() == [9, 8]
@@ -132,7 +154,9 @@ def test_synthetic_critical_span_aligns_with_response_tokens(tiny):
 def _stored_for(pairs, tokenizer, model, anchors=None):
     stored = {}
     for pair in pairs:
-        texts = {"chosen": pair.chosen, "rejected": pair.rejected} | ({"anchor": anchors[pair.pair_id]} if anchors else {})
+        texts = {"chosen": pair.chosen, "rejected": pair.rejected} | (
+            {"anchor": anchors[pair.pair_id]} if anchors else {}
+        )
         for side, text in texts.items():
             enc = encode_response(tokenizer, pair.prompt, text, SETTINGS)
             imp = compute_token_importance(model, [enc])[0]
@@ -154,7 +178,9 @@ def test_build_features_recombines_weights_with_the_requested_lambda(tiny):
         for feature, pair in zip(features, pairs[:3], strict=True):
             expected = hybrid_weights(torch.tensor(stored[(pair.pair_id, "chosen")].attribution), lambda_)
             np.testing.assert_allclose(feature["chosen_weights"], expected.numpy(), rtol=1e-6)
-            np.testing.assert_array_equal(feature["chosen_reference_logps"], np.float32(stored[(pair.pair_id, "chosen")].reference_logp))
+            np.testing.assert_array_equal(
+                feature["chosen_reference_logps"], np.float32(stored[(pair.pair_id, "chosen")].reference_logp)
+            )
     uniform = build_features(tokenizer, pairs[:1], SETTINGS, stored=stored, uniform_weights=True)[0]
     assert set(uniform["rejected_weights"]) == {1.0}
 
@@ -163,7 +189,18 @@ def test_build_features_refuses_weights_of_other_tokens(tiny):
     pairs, tokenizer, model = tiny
     stored = _stored_for(pairs[:1], tokenizer, model)
     key = (pairs[0].pair_id, "chosen")
-    stored[key] = store.StoredWeights(stored[key].token_ids[:-1], *(v[:-1] for v in (stored[key].attribution, stored[key].prior, stored[key].weight, stored[key].reference_logp)))
+    stored[key] = store.StoredWeights(
+        stored[key].token_ids[:-1],
+        *(
+            v[:-1]
+            for v in (
+                stored[key].attribution,
+                stored[key].prior,
+                stored[key].weight,
+                stored[key].reference_logp,
+            )
+        ),
+    )
     with pytest.raises(WeightMismatchError, match="tokenizer or truncation changed"):
         build_features(tokenizer, pairs[:1], SETTINGS, stored=stored)
     with pytest.raises(KeyError, match="no anchor response"):
@@ -190,9 +227,18 @@ def test_collator_and_stacking_keep_reference_logps_aligned(tiny):
 def test_token_weights_read_by_id_range_equal_the_full_read(tmp_path):
     con = store.connect(tmp_path / "t.duckdb")
     rows = [
-        {"pair_id": pid, "side": side, "text_digest": "d", "token_ids": [1, 2, 3], "attribution": [0.1, 0.2, 0.3],
-         "prior": [0.5, 1.0, 0.5], "weight": [0.8, 1.2, 1.0], "reference_logp": [-1.0, -2.0, -3.0]}
-        for pid in ("a", "b", "c", "d") for side in ("chosen", "rejected")
+        {
+            "pair_id": pid,
+            "side": side,
+            "text_digest": "d",
+            "token_ids": [1, 2, 3],
+            "attribution": [0.1, 0.2, 0.3],
+            "prior": [0.5, 1.0, 0.5],
+            "weight": [0.8, 1.2, 1.0],
+            "reference_logp": [-1.0, -2.0, -3.0],
+        }
+        for pid in ("a", "b", "c", "d")
+        for side in ("chosen", "rejected")
     ]
     store.write_token_weights(con, "fp", rows)
     full = store.read_token_weights(con, "fp")
@@ -201,13 +247,21 @@ def test_token_weights_read_by_id_range_equal_the_full_read(tmp_path):
     for key, value in ranged.items():
         for name in ("token_ids", "attribution", "prior", "weight", "reference_logp"):
             np.testing.assert_array_equal(getattr(value, name), getattr(full[key], name))
-    assert set(store.read_token_weights(con, "fp", ["a", "d"])) == {(p, s) for p in ("a", "d") for s in ("chosen", "rejected")}
+    assert set(store.read_token_weights(con, "fp", ["a", "d"])) == {
+        (p, s) for p in ("a", "d") for s in ("chosen", "rejected")
+    }
 
 
 def _weights_row(pair_id: str, side: str, n: int, topk: int = 0) -> dict:
     row = {
-        "pair_id": pair_id, "side": side, "text_digest": f"{pair_id}{side}", "token_ids": list(range(3, 3 + n)),
-        "attribution": [0.1] * n, "prior": [1.0] * n, "weight": [1.0] * n, "reference_logp": [-1.5] * n,
+        "pair_id": pair_id,
+        "side": side,
+        "text_digest": f"{pair_id}{side}",
+        "token_ids": list(range(3, 3 + n)),
+        "attribution": [0.1] * n,
+        "prior": [1.0] * n,
+        "weight": [1.0] * n,
+        "reference_logp": [-1.5] * n,
     }
     if topk:
         row["reference_topk_ids"] = np.arange(n * topk, dtype=np.int32).reshape(n, topk)
@@ -217,19 +271,27 @@ def _weights_row(pair_id: str, side: str, n: int, topk: int = 0) -> dict:
 
 def test_reference_topk_cache_round_trip_and_absence_is_named(tmp_path):
     con = store.connect(tmp_path / "t.duckdb")
-    store.write_token_weights(con, "cached", [_weights_row("p1", "chosen", 3, topk=2), _weights_row("p1", "rejected", 2, topk=2)])
+    store.write_token_weights(
+        con, "cached", [_weights_row("p1", "chosen", 3, topk=2), _weights_row("p1", "rejected", 2, topk=2)]
+    )
     store.write_token_weights(con, "plain", [_weights_row("p1", "chosen", 3)])
     stored = store.read_token_weights(con, "cached", with_reference_topk=True)
     chosen = stored[("p1", "chosen")]
     assert chosen.reference_topk_ids.tolist() == [[0, 1], [2, 3], [4, 5]]
     np.testing.assert_allclose(chosen.reference_topk_logp, -np.arange(6, dtype=np.float32).reshape(3, 2) / 10)
     assert stored[("p1", "rejected")].reference_topk_ids.shape == (2, 2)
-    assert store.read_token_weights(con, "cached")[("p1", "chosen")].reference_topk_ids is None  # not asked for
-    with pytest.raises(ValueError, match="no reference top-k cache: materialize token_weights with reference_kl_top_k"):
+    assert (
+        store.read_token_weights(con, "cached")[("p1", "chosen")].reference_topk_ids is None
+    )  # not asked for
+    with pytest.raises(
+        ValueError, match="no reference top-k cache: materialize token_weights with reference_kl_top_k"
+    ):
         store.read_token_weights(con, "plain", with_reference_topk=True)
     with pytest.raises(ValueError, match=r"must be two \[3, k\] arrays"):
         bad = _weights_row("p2", "chosen", 3, topk=2)
-        store.write_token_weights(con, "cached", [{**bad, "reference_topk_logp": bad["reference_topk_logp"][:2]}])
+        store.write_token_weights(
+            con, "cached", [{**bad, "reference_topk_logp": bad["reference_topk_logp"][:2]}]
+        )
 
 
 def test_a_token_weights_table_from_before_the_cache_gains_its_columns(tmp_path):
@@ -246,7 +308,9 @@ def test_a_token_weights_table_from_before_the_cache_gains_its_columns(tmp_path)
     con = store.connect(path)
     assert store.read_token_weights(con, "old")[("p1", "chosen")].token_ids.tolist() == [7]
     store.write_token_weights(con, "new", [_weights_row("p1", "chosen", 2, topk=3)])
-    assert store.read_token_weights(con, "new", with_reference_topk=True)[("p1", "chosen")].reference_topk_ids.shape == (2, 3)
+    assert store.read_token_weights(con, "new", with_reference_topk=True)[
+        ("p1", "chosen")
+    ].reference_topk_ids.shape == (2, 3)
 
 
 def test_reference_topk_from_the_attribution_pass_equals_a_plain_forward(tiny):
@@ -254,7 +318,9 @@ def test_reference_topk_from_the_attribution_pass_equals_a_plain_forward(tiny):
 
     pairs, tokenizer, model = tiny
     encoded = [encode_response(tokenizer, p.prompt, p.chosen, SETTINGS) for p in pairs[:4]]
-    for enc, imp in zip(encoded, compute_token_importance(model, encoded, batch_size=2, reference_topk=5), strict=True):
+    for enc, imp in zip(
+        encoded, compute_token_importance(model, encoded, batch_size=2, reference_topk=5), strict=True
+    ):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([enc.input_ids])).logits
         ids, logp = reference_topk(logits, 5)

@@ -96,6 +96,8 @@ def test_uniform_span_position_reaches_every_third_and_keeps_the_corpus_rules() 
     assert min(thirds) >= 0.2 * len(uniform), thirds
     middle = generate_synthetic_pairs(600, seed=0)
     assert sum(sum(p.meta["chosen_span"]) / 2 / len(p.chosen) < 1 / 3 for p in middle) < 0.01 * len(middle)
-    assert [p.pair_id for p in generate_synthetic_pairs(600, seed=0, span_position="uniform")] == [p.pair_id for p in uniform]
+    assert [p.pair_id for p in generate_synthetic_pairs(600, seed=0, span_position="uniform")] == [
+        p.pair_id for p in uniform
+    ]
     with pytest.raises(ValueError, match="span_position"):
         generate_synthetic_pairs(3, span_position="end")

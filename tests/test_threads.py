@@ -68,7 +68,11 @@ def test_a_small_model_gets_one_thread_a_large_one_every_cpu():
 
 
 def test_the_processes_of_one_launch_share_the_cpus(monkeypatch):
-    assert (threads.cpu_share(16, 2), threads.cpu_share(2, 2), threads.cpu_share(1, 4)) == (8, 1, 1)  # never zero
+    assert (threads.cpu_share(16, 2), threads.cpu_share(2, 2), threads.cpu_share(1, 4)) == (
+        8,
+        1,
+        1,
+    )  # never zero
     assert threads.local_processes({"LOCAL_WORLD_SIZE": "2"}) == 2
     assert threads.local_processes({}) == threads.local_processes({"LOCAL_WORLD_SIZE": "x"}) == 1
     monkeypatch.setattr(threads, "available_cpus", lambda: 8)
@@ -102,8 +106,14 @@ def test_a_child_gets_the_policy_s_environment_but_keeps_what_the_user_set(monke
     # OpenMP's own wait (spin about 3 ms, then sleep) is the policy's: no wait variable is set.
     assert "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env
     assert "TIDPO_NUM_THREADS" not in env  # the child decides for its own model
-    kept = thread_environment(None, base={"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0", "TIDPO_NUM_THREADS": "3"})
-    assert kept["OMP_WAIT_POLICY"] == "ACTIVE" and kept["GOMP_SPINCOUNT"] == "0" and kept["OMP_NUM_THREADS"] == "3"
+    kept = thread_environment(
+        None, base={"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0", "TIDPO_NUM_THREADS": "3"}
+    )
+    assert (
+        kept["OMP_WAIT_POLICY"] == "ACTIVE"
+        and kept["GOMP_SPINCOUNT"] == "0"
+        and kept["OMP_NUM_THREADS"] == "3"
+    )
 
 
 def test_the_compute_resource_sets_the_thread_count_for_the_step_and_its_children(monkeypatch):
@@ -182,7 +192,12 @@ class FakeMachine:
 
     def governor(self, ceiling: int = 2, cpus: int = 2) -> threads.ThreadGovernor:
         return threads.ThreadGovernor(
-            ceiling, cpus, read_busy=lambda: self.busy, read_own=lambda: self.own, clock=lambda: self.now, set_threads=self.set_to.append
+            ceiling,
+            cpus,
+            read_busy=lambda: self.busy,
+            read_own=lambda: self.own,
+            clock=lambda: self.now,
+            set_threads=self.set_to.append,
         )
 
 

@@ -98,7 +98,9 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tiny, tmp_path
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert [h["loss"] for h in summary["history"]] == [h["loss"] for h in uninterrupted.history]
-    assert [h["learning_rate"] for h in summary["history"]] == [h["learning_rate"] for h in uninterrupted.history]
+    assert [h["learning_rate"] for h in summary["history"]] == [
+        h["learning_rate"] for h in uninterrupted.history
+    ]
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes_exactly(tiny, tmp_path):
@@ -182,7 +184,9 @@ def test_nan_through_pipes_fails_the_asset_and_closes_the_session(tiny, tmp_path
 
 
 def _lora_config(tiny, output_dir, **overrides):
-    return tiny.config(output_dir, lora=True, lora_r=4, lora_alpha=8, max_steps=3, learning_rate=1e-2, **overrides)
+    return tiny.config(
+        output_dir, lora=True, lora_r=4, lora_alpha=8, max_steps=3, learning_rate=1e-2, **overrides
+    )
 
 
 def test_lora_trains_only_the_adapter_and_its_reference_is_the_base(tiny, tmp_path):
@@ -193,7 +197,7 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_base(tiny, tmp_pa
     summary = train(_lora_config(tiny, tmp_path / "adapter", merge_lora=False, checkpoint_every=2))
     assert 0 < summary.trainable_parameters < summary.total_parameters / 4
     # The checkpoint holds the full wrapped model: every base weight is untouched, the adapter has moved.
-    (_, ckpt), = complete_checkpoints(tmp_path / "adapter" / "checkpoints")
+    ((_, ckpt),) = complete_checkpoints(tmp_path / "adapter" / "checkpoints")
     state = load_weights(ckpt)
     base_keys = [k for k in state if "lora_" not in k]
     assert base_keys and any("lora_B" in k for k in state)
@@ -203,7 +207,9 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_base(tiny, tmp_pa
     assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
 
     # The final folder is the adapter; with it disabled the model is exactly the base (the KL reference).
-    model = PeftModel.from_pretrained(load_model_and_tokenizer(tiny.reference_path)[0], tmp_path / "adapter" / "final")
+    model = PeftModel.from_pretrained(
+        load_model_and_tokenizer(tiny.reference_path)[0], tmp_path / "adapter" / "final"
+    )
     features = load_training_features(_lora_config(tiny, tmp_path), tokenizer)[:4]
     batch = TrainingCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(features)
     stacked = stack_sides(batch, ("chosen", "rejected"), tokenizer.pad_token_id)
@@ -250,7 +256,9 @@ def test_online_weights_equal_the_stored_weights_while_the_policy_is_the_referen
     config = tiny.config(tmp_path)
     sides = ("chosen", "rejected", "anchor")
     features = load_training_features(config, tokenizer)[:6]
-    stacked = stack_sides(TrainingCollator(tokenizer.pad_token_id, sides)(features), sides, tokenizer.pad_token_id)
+    stacked = stack_sides(
+        TrainingCollator(tokenizer.pad_token_id, sides)(features), sides, tokenizer.pad_token_id
+    )
     online = online_weights(model, config.weight_lambda, config.weight_normalization)(stacked)
     assert online.shape == stacked["weights"].shape
     assert torch.allclose(online, stacked["weights"], atol=1e-4)
@@ -286,7 +294,11 @@ def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_wi
     import tidpo_core.training.setup as engine
 
     calls = []
-    monkeypatch.setattr(engine, "load_model_and_tokenizer", lambda path, **kwargs: calls.append((path, kwargs)) or (None, None))
+    monkeypatch.setattr(
+        engine,
+        "load_model_and_tokenizer",
+        lambda path, **kwargs: calls.append((path, kwargs)) or (None, None),
+    )
     config = TrainConfig(
         duckdb_path=str(tmp_path / "x.duckdb"),
         reference_model_path="org/model",
@@ -295,7 +307,12 @@ def test_the_engine_loads_the_reference_at_the_revision_the_weights_were_made_wi
         trust_remote_code=True,
     )
     engine._load_reference(config)
-    assert calls == [("org/model", {"dtype": engine._model_dtype(config), "revision": "0123abc", "trust_remote_code": True})]
+    assert calls == [
+        (
+            "org/model",
+            {"dtype": engine._model_dtype(config), "revision": "0123abc", "trust_remote_code": True},
+        )
+    ]
     # The YAML handed to the training process carries both.
     assert TrainConfig.from_yaml(config.to_yaml(tmp_path / "run.yaml")) == config
 
@@ -306,7 +323,9 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
     common = {"max_steps": 3, "anchor_refresh_every": 2, "checkpoint_every": 1, "keep_checkpoints": 3}
     uninterrupted = train(tiny.config(tmp_path / "a", **common))
     assert uninterrupted.steps == 3 and all(np.isfinite(h["loss"]) for h in uninterrupted.history)
-    marker = json.loads((complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text())
+    marker = json.loads(
+        (complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text()
+    )
     resampled = marker["anchors"]
     con = store.connect(tiny.duckdb_path, read_only=True)
     try:
@@ -314,7 +333,9 @@ def test_anchor_refresh_resamples_from_the_policy_and_a_resumed_run_keeps_those_
     finally:
         con.close()
     assert len(resampled) >= 0.8 * tiny.train_pairs
-    assert sum(resampled[p] != stored[p] for p in resampled) >= 0.5 * len(resampled)  # new samples, not the stored ones
+    assert sum(resampled[p] != stored[p] for p in resampled) >= 0.5 * len(
+        resampled
+    )  # new samples, not the stored ones
 
     with planted(kill_at_step=2):
         result = run_engine(tiny.config(tmp_path / "b", **common).to_yaml(tmp_path / "b.yaml"))
@@ -333,7 +354,9 @@ def test_anchor_refresh_every_step_samples_each_batch_from_the_current_policy(ti
     common = {"max_steps": 3, "anchor_refresh_every": 1, "checkpoint_every": 1, "keep_checkpoints": 3}
     uninterrupted = train(tiny.config(tmp_path / "a", **common))
     assert uninterrupted.steps == 3 and all(np.isfinite(h["loss"]) for h in uninterrupted.history)
-    marker = json.loads((complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text())
+    marker = json.loads(
+        (complete_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / COMPLETE_MARKER).read_text()
+    )
     con = store.connect(tiny.duckdb_path, read_only=True)
     try:
         stored = store.read_anchors(con, tiny.anchors_fingerprint)
@@ -364,14 +387,18 @@ def _sharded_accelerator(kind: str, zero_stage: int | None = None):
     from accelerate.utils import DistributedType
 
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": zero_stage}})
-    return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(
+        distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
 
 
 @pytest.mark.parametrize(
     ("kind", "stage", "refused"),
     [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)],
 )
-def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(tiny, tmp_path, kind, stage, refused):
+def test_online_weights_and_anchor_refresh_are_refused_on_a_sharded_policy(
+    tiny, tmp_path, kind, stage, refused
+):
     from tidpo_core.training.setup import _check_sharding_support
 
     accelerator = _sharded_accelerator(kind, stage)
@@ -394,7 +421,9 @@ def test_a_gathered_state_dict_saves_the_base_models_layout(tiny, tmp_path):
     gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     assert "lm_head.weight" in gathered
     model.save_pretrained(tmp_path / "naive", state_dict=gathered, safe_serialization=True)
-    model.save_pretrained(tmp_path / "fixed", state_dict=without_tied_copies(model, gathered), safe_serialization=True)
+    model.save_pretrained(
+        tmp_path / "fixed", state_dict=without_tied_copies(model, gathered), safe_serialization=True
+    )
     stored = load_weights(tiny.reference_path)
     assert set(load_weights(tmp_path / "naive")) - set(stored) == {"lm_head.weight"}
     fixed = load_weights(tmp_path / "fixed")
@@ -425,9 +454,7 @@ def test_materialized_optimizer_state_is_zero_and_moves_no_weight(weight_decay):
     model(torch.ones(1, 4)).sum().backward()
     trained.step()
     optimizer.load_state_dict(trained.state_dict())
-    assert all(
-        torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable
-    )
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable)
     materialize_optimizer_state(optimizer)  # already has state: untouched
     assert all(torch.equal(optimizer.state[p]["exp_avg"], trained.state[p]["exp_avg"]) for p in trainable)
 
@@ -438,10 +465,14 @@ def tiny_cached(tmp_path_factory):
     from train_fixtures import TINY
 
     with single_thread():
-        return build_tiny_data(tmp_path_factory.mktemp("tiny_cached"), pairs=16, reference_topk=TINY.vocab_size)
+        return build_tiny_data(
+            tmp_path_factory.mktemp("tiny_cached"), pairs=16, reference_topk=TINY.vocab_size
+        )
 
 
-def test_cached_reference_kl_over_the_whole_vocabulary_trains_like_the_reference_forward(tiny_cached, tmp_path, monkeypatch):
+def test_cached_reference_kl_over_the_whole_vocabulary_trains_like_the_reference_forward(
+    tiny_cached, tmp_path, monkeypatch
+):
     """reference_kl: cached runs the policy only (one model loaded) and, with k = vocabulary, computes
     the same SeqKL as the reference forward: same losses and weights up to float rounding."""
     import tidpo_core.training.setup as engine
@@ -487,7 +518,9 @@ def test_peak_rss_is_the_training_process_s_own_not_its_parent_s(tmp_path):
         "out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True)\n"
         "print(out.stdout)\n"
     )
-    done = subprocess.run([sys.executable, str(parent)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(parent)], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     own, inherited = json.loads(done.stdout.strip().splitlines()[-1])
     assert inherited >= 700  # the trap: the parent's size
@@ -525,5 +558,7 @@ def test_a_launched_training_process_runs_under_the_thread_plan(tiny, tmp_path, 
         monkeypatch.delenv("TIDPO_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("TIDPO_NUM_THREADS", str(requested))
-    summary = run_training(tiny.config(tmp_path / "run", loss_type="dpo", max_steps=1), LaunchSettings("python"))
+    summary = run_training(
+        tiny.config(tmp_path / "run", loss_type="dpo", max_steps=1), LaunchSettings("python")
+    )
     assert summary["torch_threads"] == (1 if requested is None else requested)

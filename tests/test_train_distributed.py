@@ -40,7 +40,15 @@ def launch_2(config_file: str | None = None) -> list[str]:
         launch += ["--config_file", str(ROOT / config_file)]
     else:
         launch += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
-    return [*launch, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    return [
+        *launch,
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,9 @@ def ddp_run(tiny, tmp_path_factory):
     """An uninterrupted 2-process run, launched from the sample DDP config."""
     run_dir = tmp_path_factory.mktemp("ddp_uninterrupted") / "ddp"
     ddp = tiny.config(run_dir, per_device_batch_size=2, checkpoint_every=3)
-    result = run_engine(ddp.to_yaml(run_dir.parent / "ddp.yaml"), launcher=launch_2("configs/accelerate/multi_gpu_ddp.yaml"))
+    result = run_engine(
+        ddp.to_yaml(run_dir.parent / "ddp.yaml"), launcher=launch_2("configs/accelerate/multi_gpu_ddp.yaml")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU]" in result.stderr
     return run_dir
@@ -84,8 +94,11 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tiny, dd
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-6), name
     # DDP checkpoints hold one RNG state file per process.
-    (_, path), = complete_checkpoints(ddp_run / "checkpoints")
-    assert {p.name for p in path.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    ((_, path),) = complete_checkpoints(ddp_run / "checkpoints")
+    assert {p.name for p in path.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
 
 
 def test_a_nan_on_one_process_stops_both_with_a_checkpoint(tiny, tmp_path):

@@ -40,14 +40,21 @@ def test_anchors_with_vllm_are_refused_before_anything_is_read_or_launched(monke
     from tidpo_core.steps.anchors import AnchorBackend, sample_anchors
     from tidpo_core.steps.reference import ReferenceHandle
 
-    monkeypatch.setattr(vllm_sampling.importlib.util, "find_spec", lambda name: object() if name == "vllm" else None)
+    monkeypatch.setattr(
+        vllm_sampling.importlib.util, "find_spec", lambda name: object() if name == "vllm" else None
+    )
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
 
     def no_database():
         raise AssertionError("the database was opened")
 
     with pytest.raises(UserInputError, match="needs a CUDA GPU"):
-        sample_anchors(no_database, ReferenceHandle(path="ref", fingerprint="f"), SamplingSettings(), backend=AnchorBackend("vllm"))
+        sample_anchors(
+            no_database,
+            ReferenceHandle(path="ref", fingerprint="f"),
+            SamplingSettings(),
+            backend=AnchorBackend("vllm"),
+        )
 
 
 def test_vllm_anchors_have_their_own_fingerprint_and_transformers_anchors_keep_theirs():
@@ -57,14 +64,24 @@ def test_vllm_anchors_have_their_own_fingerprint_and_transformers_anchors_keep_t
 
     reference, settings = ReferenceHandle(path="ref", fingerprint="f"), SamplingSettings()
     before = digest({"model": "f", "sampling": settings.as_dict(), "seeding": SEEDING})
-    assert anchors_fingerprint(reference, settings) == anchors_fingerprint(reference, settings, AnchorBackend("transformers")) == before
+    assert (
+        anchors_fingerprint(reference, settings)
+        == anchors_fingerprint(reference, settings, AnchorBackend("transformers"))
+        == before
+    )
     assert anchors_fingerprint(reference, settings, AnchorBackend("vllm")) != before
 
 
 def test_sampling_params_match_the_transformers_settings():
     settings = SamplingSettings(max_new_tokens=12, top_k=50, top_p=0.95, temperature=0.8)
     assert vllm_sampling_params(settings, seed=7) == {
-        "n": 1, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_tokens": 12, "seed": 7, "skip_special_tokens": True,
+        "n": 1,
+        "temperature": 0.8,
+        "top_k": 50,
+        "top_p": 0.95,
+        "max_tokens": 12,
+        "seed": 7,
+        "skip_special_tokens": True,
     }
     # transformers' "no top-k" is 0, vLLM's is -1.
     assert vllm_sampling_params(SamplingSettings(top_k=0), seed=0)["top_k"] == -1
@@ -104,8 +121,16 @@ def test_vllm_samples_look_like_transformers_samples(tmp_path):
     save_model_and_tokenizer(model, tokenizer, tmp_path / "model")
     settings = SamplingSettings(max_new_tokens=32, seed=0)
     prompts = [p.prompt for p in pairs]
-    vllm_texts = sample_with_vllm(str(tmp_path / "model"), prompts, list(range(len(prompts))), settings, gpu_memory_utilization=0.3)
-    hf_lengths = [sum(1 for t in row if t != tokenizer.pad_token_id) for _, _, rows in sample_batches(model, tokenizer, prompts, settings) for row in rows]
+    vllm_texts = sample_with_vllm(
+        str(tmp_path / "model"), prompts, list(range(len(prompts))), settings, gpu_memory_utilization=0.3
+    )
+    hf_lengths = [
+        sum(1 for t in row if t != tokenizer.pad_token_id)
+        for _, _, rows in sample_batches(model, tokenizer, prompts, settings)
+        for row in rows
+    ]
     vllm_lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in vllm_texts]
     assert max(vllm_lengths) <= settings.max_new_tokens
-    assert abs(statistics.mean(vllm_lengths) - statistics.mean(hf_lengths)) <= 0.25 * statistics.mean(hf_lengths)
+    assert abs(statistics.mean(vllm_lengths) - statistics.mean(hf_lengths)) <= 0.25 * statistics.mean(
+        hf_lengths
+    )

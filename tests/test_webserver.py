@@ -23,7 +23,9 @@ def _free_port() -> int:
 
 
 def _get(url: str, data: bytes | None = None) -> bytes:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         return response.read()
 
@@ -75,7 +77,9 @@ def test_server_info_answers_on_loopback(webserver):
 
 def test_not_reachable_on_other_interfaces(webserver):
     _, port = webserver
-    addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {
+        "127.0.0.1"
+    }
     for address in addresses:
         with socket.socket() as s:
             s.settimeout(1)
@@ -93,7 +97,14 @@ def test_graphql_lists_the_assets(webserver):
         if keys:
             break
         time.sleep(2)
-    assert {"preference_pairs", "reference_model", "anchor_responses", "token_weights", "tidpo_policy", "evaluation"} <= keys
+    assert {
+        "preference_pairs",
+        "reference_model",
+        "anchor_responses",
+        "token_weights",
+        "tidpo_policy",
+        "evaluation",
+    } <= keys
 
 
 def test_make_ui_binds_loopback():

@@ -37,7 +37,12 @@ from tidpo_core.training import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 ENCODING = EncodingSettings(max_prompt_tokens=64, max_response_tokens=128)
 TINY = TinyModelConfig(
-    vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+    vocab_size=400,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
 )
 
 
@@ -79,10 +84,14 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: 
     try:
         store.replace_pairs(con, LoadResult(list(data), [], len(data)), eval_fraction=0.0)
         train = store.read_pairs(con, split="train")
-        tokenizer = train_tokenizer([t for p in train for t in (p.prompt, p.chosen, p.rejected)], vocab_size=TINY.vocab_size)
+        tokenizer = train_tokenizer(
+            [t for p in train for t in (p.prompt, p.chosen, p.rejected)], vocab_size=TINY.vocab_size
+        )
         model = build_tiny_model(tokenizer, TINY, seed=seed)
         reference_path = save_model_and_tokenizer(model, tokenizer, root / "reference")
-        sampling = SamplingSettings(max_new_tokens=8, batch_size=64, max_prompt_tokens=ENCODING.max_prompt_tokens)
+        sampling = SamplingSettings(
+            max_new_tokens=8, batch_size=64, max_prompt_tokens=ENCODING.max_prompt_tokens
+        )
         generated = sample_responses(model, tokenizer, [p.prompt for p in train], sampling)
         anchors = {p.pair_id: (t if t.strip() else "ok") for p, t in zip(train, generated, strict=True)}
         store.insert_anchors(con, "tiny-anchors", anchors, sampling.as_dict())
@@ -91,7 +100,9 @@ def build_tiny_data(root: Path, pairs: int = 40, seed: int = 0, reference_topk: 
             for pair in train
             for side, text in side_texts(pair, anchors[pair.pair_id]).items()
         ]
-        importances = compute_token_importance(model, [t[3] for t in todo], batch_size=64, reference_topk=reference_topk)
+        importances = compute_token_importance(
+            model, [t[3] for t in todo], batch_size=64, reference_topk=reference_topk
+        )
         rows = [
             token_weights_row(pair_id, side, text_digest(text), enc, imp)
             for (pair_id, side, text, enc), imp in zip(todo, importances, strict=True)
@@ -118,10 +129,14 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_engine(config_path: Path, *, launcher: list[str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_engine(
+    config_path: Path, *, launcher: list[str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """`python -m tidpo_core.training --config F` (or the given launcher prefix) in a fresh process."""
     command = [*(launcher or [sys.executable]), "-m", "tidpo_core.training", "--config", str(config_path)]
-    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def single_thread() -> AbstractContextManager[None]:

@@ -20,13 +20,18 @@ DEFAULT_DATA_DIR = ".tidpo"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidpo", description="tidpo utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="materialize the pipeline: tidpo run [--config my.yaml] (see python -m tidpo_pipeline.run -h)")
+    sub.add_parser(
+        "run",
+        help="materialize the pipeline: tidpo run [--config my.yaml] (see python -m tidpo_pipeline.run -h)",
+    )
     show = sub.add_parser("champion", help="print the champion model's version, run, metrics and path")
     show.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
     show.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
     show.add_argument("--name", default=REGISTERED_MODEL)
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.add_argument("--history", action="store_true", help="every promotion, refusal and rollback, oldest first")
+    show.add_argument(
+        "--history", action="store_true", help="every promotion, refusal and rollback, oldest first"
+    )
     back = sub.add_parser("rollback", help="give an earlier version the champion alias back, recording why")
     back.add_argument("version")
     back.add_argument("--reason", required=True)
@@ -36,21 +41,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = sub.add_parser("generate", help="answer a prompt with the champion; prints only the completion")
     answer.add_argument("prompt")
     answer.add_argument("--data-dir", default=os.environ.get("TIDPO_DATA_DIR", DEFAULT_DATA_DIR))
-    answer.add_argument("--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)")
+    answer.add_argument(
+        "--tracking-uri", default=None, help="overrides --data-dir (default: its sqlite store)"
+    )
     answer.add_argument("--name", default=REGISTERED_MODEL)
     answer.add_argument("--max-new-tokens", type=int, default=64)
     answer.add_argument("--temperature", type=float, default=0.8)
     answer.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "run":  # reached only when this module is called directly, not through `tidpo`
-        print("tidpo run needs the pipeline: python -m tidpo_pipeline.run [--config my.yaml]", file=sys.stderr)
+        print(
+            "tidpo run needs the pipeline: python -m tidpo_pipeline.run [--config my.yaml]", file=sys.stderr
+        )
         return 2
 
     tracking_uri = args.tracking_uri or sqlite_tracking_uri(args.data_dir)
     store_file = (Path(args.data_dir) / STORE_FILE).resolve()
     if not args.tracking_uri and not store_file.exists():
         # Opening a missing sqlite store would create it (and its folder) as a side effect.
-        print(f"no tidpo data at {store_file.parent} (run `make run` first, or pass --data-dir)", file=sys.stderr)
+        print(
+            f"no tidpo data at {store_file.parent} (run `make run` first, or pass --data-dir)",
+            file=sys.stderr,
+        )
         return 1
     if args.command == "rollback":
         return _rollback(args, tracking_uri)
@@ -73,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"tracking   {tracking_uri}\n")
     print("\n".join(key_metric_lines(info.metrics, indent="")))
     print("(every metric: tidpo champion --json)")
-    print(f"\nload it:   mlflow.transformers.load_model({info.model_uri!r})  with MLFLOW_TRACKING_URI={tracking_uri}")
+    print(
+        f"\nload it:   mlflow.transformers.load_model({info.model_uri!r})  with MLFLOW_TRACKING_URI={tracking_uri}"
+    )
     return 0
 
 
@@ -101,7 +115,9 @@ def _history(args: argparse.Namespace) -> int:
         print(f"no promotion, refusal or rollback recorded for {args.name!r}")
         return 0
     for e in events:
-        before = f"(champion before: v{e.previous_champion})" if e.previous_champion else "(no champion before)"
+        before = (
+            f"(champion before: v{e.previous_champion})" if e.previous_champion else "(no champion before)"
+        )
         print(f"{e.recorded_at:%Y-%m-%d %H:%M:%S}  v{e.version:<4} {e.event:<9} {before}  {e.reason}")
     return 0
 
@@ -132,7 +148,9 @@ def _generate(args: argparse.Namespace, tracking_uri: str, model_uri: str) -> in
     from tidpo_core.runtime.tracking import load_registered_model
 
     model, tokenizer = load_registered_model(tracking_uri, model_uri)
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, batch_size=1)
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, batch_size=1
+    )
     print(sample_responses(model, tokenizer, [args.prompt], settings)[0].strip())
     return 0
 

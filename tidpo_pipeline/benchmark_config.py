@@ -12,5 +12,8 @@ class _BenchmarkOptionsFromConfig(DocumentedConfig):
 
 
 BenchmarkConfig = config_class(
-    "BenchmarkConfig", "The lm-eval benchmarks a run scores.", _BenchmarkOptionsFromConfig, core_fields(BenchmarkSelection)
+    "BenchmarkConfig",
+    "The lm-eval benchmarks a run scores.",
+    _BenchmarkOptionsFromConfig,
+    core_fields(BenchmarkSelection),
 )

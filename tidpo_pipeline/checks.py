@@ -1,6 +1,5 @@
 """Asset checks guarding each edge of the graph (the evaluation gate lives with its asset)."""
 
-
 import dataclasses
 
 import dagster as dg
@@ -14,14 +13,20 @@ from tidpo_pipeline.assets.weights import token_weights
 from tidpo_pipeline.resources import QualityRules, TidpoDuckDB
 
 
-@dg.asset_check(asset=preference_pairs, blocking=True, description="No empty text and no chosen == rejected among stored pairs.")
+@dg.asset_check(
+    asset=preference_pairs,
+    blocking=True,
+    description="No empty text and no chosen == rejected among stored pairs.",
+)
 def pairs_are_valid(duckdb: TidpoDuckDB) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         validity = store.pairs_validity(con)
     return dg.AssetCheckResult(passed=validity.valid, metadata=dataclasses.asdict(validity))
 
 
-@dg.asset_check(asset=preference_pairs, description="The share of quarantined rows stays below the configured limit.")
+@dg.asset_check(
+    asset=preference_pairs, description="The share of quarantined rows stays below the configured limit."
+)
 def quarantine_share_below_limit(duckdb: TidpoDuckDB, quality: QualityRules) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         accepted = store.pair_count(con)
@@ -30,7 +35,11 @@ def quarantine_share_below_limit(duckdb: TidpoDuckDB, quality: QualityRules) -> 
     share = quarantined / max(accepted + quarantined, 1)
     return dg.AssetCheckResult(
         passed=share <= quality.max_quarantine_share,
-        metadata={"quarantine_share": share, "limit": quality.max_quarantine_share, "reasons": dg.MetadataValue.json(reasons)},
+        metadata={
+            "quarantine_share": share,
+            "limit": quality.max_quarantine_share,
+            "reasons": dg.MetadataValue.json(reasons),
+        },
     )
 
 
@@ -45,8 +54,11 @@ def anchors_cover_train_pairs(anchor_responses: dict, duckdb: TidpoDuckDB) -> dg
     asset=token_weights,
     additional_ins={"anchor_responses": dg.AssetIn("anchor_responses")},
     blocking=True,
-    description="Weights are finite, mean 1 per response, and cover every train response.")
-def token_weights_are_valid(token_weights: dict, anchor_responses: dict, duckdb: TidpoDuckDB, quality: QualityRules) -> dg.AssetCheckResult:
+    description="Weights are finite, mean 1 per response, and cover every train response.",
+)
+def token_weights_are_valid(
+    token_weights: dict, anchor_responses: dict, duckdb: TidpoDuckDB, quality: QualityRules
+) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         validity = store.weights_validity(con, token_weights["fingerprint"], anchor_responses["fingerprint"])
     passed = (
@@ -63,4 +75,10 @@ def training_is_healthy(tidpo_policy: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=health.passed, metadata=dataclasses.asdict(health))
 
 
-ALL_CHECKS = [pairs_are_valid, quarantine_share_below_limit, anchors_cover_train_pairs, token_weights_are_valid, training_is_healthy]
+ALL_CHECKS = [
+    pairs_are_valid,
+    quarantine_share_below_limit,
+    anchors_cover_train_pairs,
+    token_weights_are_valid,
+    training_is_healthy,
+]

@@ -35,7 +35,9 @@ class _FailureWithoutTrace(logging.Filter):
 
 @dg.logger(
     {
-        "log_level": dg.Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
+        "log_level": dg.Field(
+            str, is_required=False, default_value="INFO", description="The logger's threshold."
+        ),
         "name": dg.Field(str, is_required=False, default_value="dagster", description="The logger's name."),
     },
     description="Dagster's colored console logger; a dagster.Failure (a user error) shows its message, not its frames.",

@@ -1,6 +1,5 @@
 """The one Definitions object of tidpo: assets, checks, the training job, its schedule and sensor."""
 
-
 import json
 
 import dagster as dg
@@ -19,7 +18,15 @@ from tidpo_pipeline.checks import ALL_CHECKS
 from tidpo_pipeline.console import tidpo_console
 from tidpo_pipeline.resources import TidpoStorage, build_resources
 
-ASSETS = [preference_pairs, reference_model, reward_model, anchor_responses, token_weights, tidpo_policy, evaluation]
+ASSETS = [
+    preference_pairs,
+    reference_model,
+    reward_model,
+    anchor_responses,
+    token_weights,
+    tidpo_policy,
+    evaluation,
+]
 
 tidpo_training = dg.define_asset_job(
     "tidpo_training",

@@ -16,7 +16,10 @@ from tidpo_core.runtime.precompute import PrecomputeFailed
 def user_error(message: str, **context: Any) -> dg.Failure:
     """A failure caused by the user's input (a bad file, a missing model, a wrong setting), not by a bug:
     raised `from None`, so the log shows the message and the paths (as metadata), not chained tracebacks."""
-    metadata = {name: dg.MetadataValue.json(value) if isinstance(value, list | dict) else str(value) for name, value in context.items()}
+    metadata = {
+        name: dg.MetadataValue.json(value) if isinstance(value, list | dict) else str(value)
+        for name, value in context.items()
+    }
     return dg.Failure(description=message, metadata=metadata)
 
 
@@ -54,9 +57,15 @@ def failure_lines(result: dg.ExecuteInProcessResult) -> list[str]:
         if hint:
             lines.append(f"         what to do: {hint}")
     if not lines and not result.success:  # failed outside any step (a resource, the executor)
-        failure = next((e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE), None)
+        failure = next(
+            (e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE), None
+        )
         error = failure.job_failure_data.error if failure and failure.job_failure_data else None
-        reason = _error_text(_root(error), with_class=True) if error else (failure.message if failure else "") or "no message"
+        reason = (
+            _error_text(_root(error), with_class=True)
+            if error
+            else (failure.message if failure else "") or "no message"
+        )
         lines.append(f"failed   the run: {reason.splitlines()[0]}")
     skipped = skipped_steps(result)
     if skipped and lines:
@@ -106,7 +115,11 @@ def _error_text(error: Any, with_class: bool) -> str:
 def failure_hint(step: str, reason: str) -> str:
     """What to do about a failure tidpo recognizes; empty otherwise."""
     if "model" in reason.lower() and _MODEL_UNAVAILABLE.search(reason):
-        setting = "`reference_model.model_name_or_path`" if step == "reference_model" else f"the model setting of {step}"
+        setting = (
+            "`reference_model.model_name_or_path`"
+            if step == "reference_model"
+            else f"the model setting of {step}"
+        )
         return (
             f"point {setting} at a local folder or a GGUF file (or the short name `smollm2-135m-instruct`), "
             "or unset HF_HUB_OFFLINE if this machine has a network"
@@ -116,6 +129,8 @@ def failure_hint(step: str, reason: str) -> str:
 
 def skipped_steps(result: dg.ExecuteInProcessResult) -> list[str]:
     """The job's steps that never started (Dagster abandons the steps downstream of a failure)."""
-    started = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START and e.step_key}
+    started = {
+        e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START and e.step_key
+    }
     nodes = [node.name for node in result.job_def.nodes_in_topological_order]
     return [n for n in nodes if not any(key == n or key.startswith(f"{n}.") for key in started)]

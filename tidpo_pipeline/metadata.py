@@ -64,16 +64,32 @@ def pairs_preview(rows: list[tuple[str, str, str, str, str]]) -> str:
     table = []
     for pair_id, split, prompt, chosen, rejected in rows:
         chosen_part, rejected_part = where_they_differ(chosen, rejected)
-        table.append({"pair_id": pair_id, "split": split, "prompt": prompt_cell(prompt, 120), "chosen (where it differs)": chosen_part, "rejected (where it differs)": rejected_part})
+        table.append(
+            {
+                "pair_id": pair_id,
+                "split": split,
+                "prompt": prompt_cell(prompt, 120),
+                "chosen (where it differs)": chosen_part,
+                "rejected (where it differs)": rejected_part,
+            }
+        )
     return markdown_table(table, 120)
 
 
 def quarantine_preview(rows: list[tuple[str, int, str, str]]) -> str:
-    return markdown_table([dict(zip(["source", "line (from 1)", "reason", "detail"], r, strict=True)) for r in rows])
+    return markdown_table(
+        [dict(zip(["source", "line (from 1)", "reason", "detail"], r, strict=True)) for r in rows]
+    )
 
 
 def anchors_preview(rows: list[tuple[str, str, str]]) -> str:
-    return markdown_table([{"pair_id": pair_id, "prompt": prompt_cell(prompt, 80), "anchor": anchor} for pair_id, prompt, anchor in rows], 80)
+    return markdown_table(
+        [
+            {"pair_id": pair_id, "prompt": prompt_cell(prompt, 80), "anchor": anchor}
+            for pair_id, prompt, anchor in rows
+        ],
+        80,
+    )
 
 
 def picture_metadata(pictures: dict[str, Path]) -> dict[str, dg.MetadataValue]:

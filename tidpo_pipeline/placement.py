@@ -19,7 +19,14 @@ GPU_K8S_CONFIG_ENV = "TIDPO_GPU_K8S_CONFIG"
 K8S_CONFIG_TAG = "dagster-k8s/config"
 # The keys dagster-k8s reads from the tag (its USER_DEFINED_K8S_CONFIG_KEY schema).
 K8S_CONFIG_KEYS = frozenset(
-    {"container_config", "pod_spec_config", "pod_template_spec_metadata", "job_spec_config", "job_metadata", "merge_behavior"}
+    {
+        "container_config",
+        "pod_spec_config",
+        "pod_template_spec_metadata",
+        "job_spec_config",
+        "job_metadata",
+        "merge_behavior",
+    }
 )
 
 
@@ -36,10 +43,14 @@ def model_op_tags(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ValueError(f"{GPU_K8S_CONFIG_ENV}={path}: not YAML ({exc})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{GPU_K8S_CONFIG_ENV}={path}: expected a mapping with some of {sorted(K8S_CONFIG_KEYS)}")
+        raise ValueError(
+            f"{GPU_K8S_CONFIG_ENV}={path}: expected a mapping with some of {sorted(K8S_CONFIG_KEYS)}"
+        )
     unknown = set(config) - K8S_CONFIG_KEYS
     if unknown:
-        raise ValueError(f"{GPU_K8S_CONFIG_ENV}={path}: unknown keys {sorted(unknown)}; expected some of {sorted(K8S_CONFIG_KEYS)}")
+        raise ValueError(
+            f"{GPU_K8S_CONFIG_ENV}={path}: unknown keys {sorted(unknown)}; expected some of {sorted(K8S_CONFIG_KEYS)}"
+        )
     return {K8S_CONFIG_TAG: config}
 
 

@@ -57,7 +57,6 @@ class TidpoStorage(dg.ConfigurableResource):
         return path
 
 
-
 class TidpoDuckDB(DuckDBResource):
     """dagster-duckdb's resource, plus the tidpo schema on every connection and the data dir's run lock.
 
@@ -123,7 +122,9 @@ class ComputeThreads(dg.ConfigurableResource):
     step's process and the training processes it starts (as TIDPO_NUM_THREADS does)."""
 
     num_threads: int = Field(
-        default=0, ge=0, description="torch intra-op threads per process; 0: decided per model by the thread plan"
+        default=0,
+        ge=0,
+        description="torch intra-op threads per process; 0: decided per model by the thread plan",
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

@@ -29,7 +29,9 @@ from tidpo_pipeline.resources import MlflowTracking, TidpoStorage
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="", help="a Dagster run config YAML (as `dagster job execute -c` takes)")
+    parser.add_argument(
+        "--config", default="", help="a Dagster run config YAML (as `dagster job execute -c` takes)"
+    )
     parser.add_argument("--docs-dir", default="", help="also write the evaluation PNGs to DIR/img/")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -49,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     storage: TidpoStorage = defs.resources["storage"]  # type: ignore[assignment]
     tracking: MlflowTracking = defs.resources["mlflow_tracking"]  # type: ignore[assignment]
-    print(f"\ntidpo_training {'succeeded' if result.success else 'FAILED'} in {minutes:.1f} min (run {result.run_id})")
+    print(
+        f"\ntidpo_training {'succeeded' if result.success else 'FAILED'} in {minutes:.1f} min (run {result.run_id})"
+    )
     for line in failure_lines(result):
         print(f"  {line}")
-    checks = [(f"{c.asset_key.to_user_string()}:{c.check_name}", c.passed) for c in result.get_asset_check_evaluations()]
+    checks = [
+        (f"{c.asset_key.to_user_string()}:{c.check_name}", c.passed)
+        for c in result.get_asset_check_evaluations()
+    ]
     width = max((len(name) for name, _ in checks), default=0)
     for name, passed in checks:
         print(f"  check  {name:<{width}}  {'passed' if passed else 'FAILED'}")
@@ -80,7 +87,9 @@ def run_config_for(config_path: str, docs_dir: str) -> dict[str, Any]:
     if config_path:
         loaded = yaml.safe_load(Path(config_path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{config_path}: a run config is a mapping with an `ops:` section, got {type(loaded).__name__}")
+            raise ValueError(
+                f"{config_path}: a run config is a mapping with an `ops:` section, got {type(loaded).__name__}"
+            )
         run_config = loaded or {}
     # Step events at INFO: the DEBUG stream of every input load would drown the progress bars.
     loggers = run_config.setdefault("loggers", {})

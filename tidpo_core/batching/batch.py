@@ -38,7 +38,9 @@ class SideBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SideBatch:
         return SideBatch(
             **{
-                f.name: None if (value := getattr(self, f.name)) is None else value.to(device, non_blocking=non_blocking)
+                f.name: None
+                if (value := getattr(self, f.name)) is None
+                else value.to(device, non_blocking=non_blocking)
                 for f in fields(self)
             }
         )
@@ -71,7 +73,9 @@ class TrainingBatch:
 
     def without_reference_logps(self) -> TrainingBatch:
         """This batch with no stored reference log-probs: a reference forward gives them."""
-        return replace(self, sides={name: replace(side, reference_logps=None) for name, side in self.sides.items()})
+        return replace(
+            self, sides={name: replace(side, reference_logps=None) for name, side in self.sides.items()}
+        )
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> TrainingBatch:

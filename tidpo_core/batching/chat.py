@@ -57,7 +57,11 @@ def prompt_messages(prompt: str) -> list[dict[str, str]]:
     for mark, following in zip(marks, [*marks[1:], None], strict=True):
         end = following.start() if following is not None else len(prompt)
         messages.append({"role": ROLE_OF_LABEL[mark.group(1)], "content": prompt[mark.end() : end].strip()})
-    if messages[-1]["role"] == "assistant" and not messages[-1]["content"] and stripped.endswith("Assistant:"):
+    if (
+        messages[-1]["role"] == "assistant"
+        and not messages[-1]["content"]
+        and stripped.endswith("Assistant:")
+    ):
         messages.pop()
     return messages
 

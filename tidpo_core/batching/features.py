@@ -82,7 +82,9 @@ def build_features(
         anchor = None
         if anchors is not None:
             if pair.pair_id not in anchors:
-                raise KeyError(f"no anchor response for pair {pair.pair_id}; materialize anchor_responses first")
+                raise KeyError(
+                    f"no anchor response for pair {pair.pair_id}; materialize anchor_responses first"
+                )
             anchor = anchors[pair.pair_id]
         feature: dict[str, Any] = {"pair_id": pair.pair_id}
         for side, text in side_texts(pair, anchor).items():
@@ -91,9 +93,19 @@ def build_features(
             if stored is not None:
                 weights = stored.get((pair.pair_id, side))
                 if weights is None:
-                    raise KeyError(f"no token weights for pair {pair.pair_id} side {side}; materialize token_weights first")
+                    raise KeyError(
+                        f"no token weights for pair {pair.pair_id} side {side}; materialize token_weights first"
+                    )
             feature.update(
-                side_features(side, encoded, weights, lambda_=lambda_, normalization=normalization, uniform_weights=uniform_weights, label=f"{pair.pair_id}/{side}")
+                side_features(
+                    side,
+                    encoded,
+                    weights,
+                    lambda_=lambda_,
+                    normalization=normalization,
+                    uniform_weights=uniform_weights,
+                    label=f"{pair.pair_id}/{side}",
+                )
             )
         features.append(feature)
     return features
@@ -125,7 +137,9 @@ def side_features(
     out[column_name(side, "reference_logps")] = np.asarray(weights.reference_logp, dtype=np.float32)
     if weights.reference_topk_ids is not None:
         out[column_name(side, "reference_topk_ids")] = np.asarray(weights.reference_topk_ids, dtype=np.int32)
-        out[column_name(side, "reference_topk_logp")] = np.asarray(weights.reference_topk_logp, dtype=np.float32)
+        out[column_name(side, "reference_topk_logp")] = np.asarray(
+            weights.reference_topk_logp, dtype=np.float32
+        )
     if uniform_weights:
         out[column_name(side, "weights")] = np.ones(len(response_ids), dtype=np.float32)
     else:
@@ -179,12 +193,17 @@ class TrainingCollator:
                 key = column_name(side, name)
                 if key in features[0]:
                     batch[key] = scatter_response_values(
-                        [f[key] for f in features], batch[column_name(side, "response_mask")], dtype=dtype, fill=fill
+                        [f[key] for f in features],
+                        batch[column_name(side, "response_mask")],
+                        dtype=dtype,
+                        fill=fill,
                     )
         return TrainingBatch.of(batch)
 
 
-def stack_sides(batch: TrainingBatch | Mapping[str, Any], sides: Sequence[str], pad_token_id: int) -> dict[str, torch.Tensor]:
+def stack_sides(
+    batch: TrainingBatch | Mapping[str, Any], sides: Sequence[str], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Concatenate the sides of a batch along the batch dimension so the model runs once per step.
 
     `batch` is a TrainingBatch or a mapping under its flat names (TrainingBatch.of)."""
@@ -197,7 +216,9 @@ def stack_sides(batch: TrainingBatch | Mapping[str, Any], sides: Sequence[str], 
         for part in of:
             tensor = getattr(part, name)
             # Pad dimension 1 (positions); a [B, T, k] tensor keeps its last dimension.
-            padding = (0, length - tensor.shape[1]) if tensor.dim() == 2 else (0, 0, 0, length - tensor.shape[1])
+            padding = (
+                (0, length - tensor.shape[1]) if tensor.dim() == 2 else (0, 0, 0, length - tensor.shape[1])
+            )
             padded.append(F.pad(tensor, padding, value=value))
         return torch.cat(padded, dim=0)
 

@@ -86,7 +86,9 @@ class _TokenMaps:
         scored = self.scored.view(*self.scored.shape, *([1] * (values.dim() - 2)))
         return torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
-    def token_logps(self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
+    def token_logps(
+        self, logits: Tensor, stacked_input_ids: Tensor, log_normalizer: Tensor | None = None
+    ) -> Tensor:
         """Per-token log-probabilities ``[S*B, T]`` aligned like logps.token_logps (0 off-response).
 
         `log_normalizer`: the logits' logsumexp over the vocabulary, when the caller has it.
@@ -143,7 +145,10 @@ class SharedPromptBatch(_TokenMaps):
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         return SharedPromptBatch(
-            **{name: value.to(device) if isinstance(value, Tensor) else value for name, value in vars(self).items()}
+            **{
+                name: value.to(device) if isinstance(value, Tensor) else value
+                for name, value in vars(self).items()
+            }
         )
 
     def first_sides(self, count: int) -> SharedPromptBatch:
@@ -209,7 +214,10 @@ class PaddedBatch(_TokenMaps):
         """A view of the first `count` sides' rows."""
         rows = slice(0, count * self.batch_size)
         return replace(
-            self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows], scored=self.scored[rows]
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            scored=self.scored[rows],
         )
 
     def prefix(self, per_position: Tensor) -> Tensor:
@@ -229,7 +237,11 @@ class PaddedBatch(_TokenMaps):
 
 
 def lay_out(
-    stacked: dict[str, Tensor], num_sides: int, pad_token_id: int, layout: BatchLayout, attention: str = "sdpa"
+    stacked: dict[str, Tensor],
+    num_sides: int,
+    pad_token_id: int,
+    layout: BatchLayout,
+    attention: str = "sdpa",
 ) -> SharedPromptBatch | PaddedBatch:
     """A stacked batch (features.stack_sides) in `layout`."""
     if layout == "shared_prompt":
@@ -298,7 +310,9 @@ def pack_shared_prompt(
         batch_size=batch,
         end=length,
         # At least one kept column each: logits_to_keep=0 would mean "all" to the model.
-        side_ends=tuple(max(int(end), first_kept + 1) for end in (prompts + side_lengths.cumsum(0)).max(1).values),
+        side_ends=tuple(
+            max(int(end), first_kept + 1) for end in (prompts + side_lengths.cumsum(0)).max(1).values
+        ),
     ).to(device)
 
 
@@ -318,7 +332,9 @@ class _PackedColumns:
     columns: Tensor
 
     @classmethod
-    def empty(cls, batch: int, length: int, total: int, width: int, dtype: torch.dtype, pad_token_id: int) -> _PackedColumns:
+    def empty(
+        cls, batch: int, length: int, total: int, width: int, dtype: torch.dtype, pad_token_id: int
+    ) -> _PackedColumns:
         return cls(
             input_ids=torch.full((batch, length), pad_token_id, dtype=dtype),
             position_ids=torch.zeros((batch, length), dtype=torch.long),

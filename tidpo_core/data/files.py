@@ -79,11 +79,17 @@ def _json_rows(path: Path) -> list[tuple[int, Any]]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line starts no line of its own
-    rows = [(i, _decode_json_line(line) if line.strip() else BLANK_LINE) for i, line in enumerate(lines, start=1)]
+    rows = [
+        (i, _decode_json_line(line) if line.strip() else BLANK_LINE) for i, line in enumerate(lines, start=1)
+    ]
     failures = [raw for _, raw in rows if isinstance(raw, DataRowError)]
     data_lines = sum(1 for _, raw in rows if raw is not BLANK_LINE)
     undecodable = sum(1 for err in failures if err.detail.startswith("invalid UTF-8"))
-    if data_lines and len(failures) == data_lines and (undecodable > JUNK_LINE_SHARE * data_lines or b"\x00" in data):
+    if (
+        data_lines
+        and len(failures) == data_lines
+        and (undecodable > JUNK_LINE_SHARE * data_lines or b"\x00" in data)
+    ):
         raise DataFileError(
             f"{path.name}: not a JSON lines file ({undecodable} of {data_lines} lines are not UTF-8 text "
             "and no line parses as JSON)"
@@ -146,7 +152,9 @@ def _header_is_text(data: bytes) -> bool:
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     data = _read_bytes(path)
     if not _header_is_text(data):
-        raise DataFileError(f"{path.name}: not a CSV text file (its header line holds NUL bytes or bytes that are not UTF-8)")
+        raise DataFileError(
+            f"{path.name}: not a CSV text file (its header line holds NUL bytes or bytes that are not UTF-8)"
+        )
     # surrogateescape keeps a bad byte local to its row; validate_rows then quarantines that row.
     text = data.decode("utf-8-sig", errors="surrogateescape")
     old_limit = csv.field_size_limit()

@@ -69,7 +69,6 @@ class Rejection:
     detail: str
 
 
-
 def _message_text(content: Any) -> str | None:
     if isinstance(content, str):
         return content
@@ -239,4 +238,3 @@ def parse_row(raw: Any, chat_template: ChatTemplate | None) -> tuple[str, str, s
         QuarantineReason.MISSING_FIELD,
         "prompt is missing and chosen/rejected are not HH transcripts",
     )
-

@@ -163,4 +163,3 @@ def make_pair_id(prompt: str, chosen: str, rejected: str) -> str:
 def assign_split(pair_id: str, eval_fraction: float = 0.1) -> Literal["train", "eval"]:
     # Hash-based, so a pair keeps its split when the corpus grows or is reordered.
     return "eval" if int(pair_id[:8], 16) / 16**8 < eval_fraction else "train"
-

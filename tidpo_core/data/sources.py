@@ -25,7 +25,9 @@ def load_source(
 ) -> LoadResult:
     """`synthetic` (the built-in corpus), a local file or folder, or a Hugging Face hub data set id."""
     if source == SYNTHETIC:
-        pairs = generate_synthetic_pairs(synthetic_pairs, seed=synthetic_seed, span_position=synthetic_span_position)
+        pairs = generate_synthetic_pairs(
+            synthetic_pairs, seed=synthetic_seed, span_position=synthetic_span_position
+        )
         return LoadResult(pairs=pairs, quarantined=[], rows_read=len(pairs))
     return load_preferences(source, split=split, max_chars=max_chars)
 
@@ -52,9 +54,13 @@ def refuse_sources_without_pairs(loads: Sequence[tuple[str, LoadResult]]) -> Non
             problems.append(f"{source}: no rows{blank}")
         else:
             reasons = ", ".join(f"{reason} {n}" for reason, n in result.reason_counts().items())
-            problems.append(f"{source}: no valid rows, {len(result.quarantined)} quarantined ({reasons}){blank}")
+            problems.append(
+                f"{source}: no valid rows, {len(result.quarantined)} quarantined ({reasons}){blank}"
+            )
     if problems:
-        raise DataFileError("no preference pair to store; the stored pairs are unchanged. " + "; ".join(problems))
+        raise DataFileError(
+            "no preference pair to store; the stored pairs are unchanged. " + "; ".join(problems)
+        )
 
 
 def merge_loads(results: Sequence[LoadResult]) -> LoadResult:

@@ -355,7 +355,9 @@ def _fill(template: str, slots: dict[str, str]) -> str:
     return template.format_map(slots)
 
 
-def _draw_pair(rng: random.Random, topic: Topic, salt: int, span_position: SpanPosition = "middle") -> PreferencePair:
+def _draw_pair(
+    rng: random.Random, topic: Topic, salt: int, span_position: SpanPosition = "middle"
+) -> PreferencePair:
     slots = {key: rng.choice(values) for key, values in topic.slots.items()}
     question = _fill(rng.choice(topic.questions), slots)
     if salt:
@@ -399,7 +401,9 @@ def _draw_pair(rng: random.Random, topic: Topic, salt: int, span_position: SpanP
     return PreferencePair(make_pair_id(prompt, chosen, rejected), prompt, chosen, rejected, SOURCE, meta)
 
 
-def generate_synthetic_pairs(n: int = 2000, seed: int = 0, span_position: SpanPosition = "middle") -> list[PreferencePair]:
+def generate_synthetic_pairs(
+    n: int = 2000, seed: int = 0, span_position: SpanPosition = "middle"
+) -> list[PreferencePair]:
     """Return ``n`` distinct safe-vs-risky preference pairs, deterministic for a given seed and span position."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")

@@ -102,7 +102,9 @@ def _check_texts(texts: dict[str, str], max_chars: int) -> Rejection | None:
             return Rejection(QuarantineReason.EMPTY_TEXT, f"{name} is empty or whitespace only")
     for name, text in texts.items():
         if len(text) > max_chars:
-            return Rejection(QuarantineReason.TOO_LONG, f"{name} has {len(text)} chars > max_chars={max_chars}")
+            return Rejection(
+                QuarantineReason.TOO_LONG, f"{name} has {len(text)} chars > max_chars={max_chars}"
+            )
     if texts["chosen"].strip() == texts["rejected"].strip():
         return Rejection(QuarantineReason.CHOSEN_EQUALS_REJECTED, "chosen and rejected are the same text")
     return None

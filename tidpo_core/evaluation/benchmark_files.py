@@ -76,8 +76,14 @@ def load_truthfulqa(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "question": record["question"],
-                    "mc1_targets": {"choices": list(record["mc1_targets"]["choices"]), "labels": list(record["mc1_targets"]["labels"])},
-                    "mc2_targets": {"choices": list(record["mc2_targets"]["choices"]), "labels": list(record["mc2_targets"]["labels"])},
+                    "mc1_targets": {
+                        "choices": list(record["mc1_targets"]["choices"]),
+                        "labels": list(record["mc1_targets"]["labels"]),
+                    },
+                    "mc2_targets": {
+                        "choices": list(record["mc2_targets"]["choices"]),
+                        "labels": list(record["mc2_targets"]["labels"]),
+                    },
                 }
             )
     if not rows:

@@ -94,7 +94,9 @@ def run_benchmarks(
     return results
 
 
-def _run_tasks(lm: Any, runnable: Sequence[str], by_task: Mapping[str, BenchmarkResult], options: BenchmarkOptions) -> None:
+def _run_tasks(
+    lm: Any, runnable: Sequence[str], by_task: Mapping[str, BenchmarkResult], options: BenchmarkOptions
+) -> None:
     """Each task through lm-eval on the loaded model, its scores (or why it failed) into its result."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager

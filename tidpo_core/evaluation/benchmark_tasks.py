@@ -105,7 +105,12 @@ def _ifeval_config(path: str, options: BenchmarkOptions, state: dict[str, Any]) 
         "output_type": "generate_until",
         "doc_to_text": lambda doc: doc["prompt"],
         "doc_to_target": 0,
-        "generation_kwargs": {"until": [], "do_sample": False, "temperature": 0.0, "max_gen_toks": options.max_gen_toks},
+        "generation_kwargs": {
+            "until": [],
+            "do_sample": False,
+            "temperature": 0.0,
+            "max_gen_toks": options.max_gen_toks,
+        },
         "process_results": lambda doc, results: scorer.score(doc, results[0]),
         "metric_list": [
             {"metric": "prompt_level_strict_acc", "aggregation": _mean_judged, "higher_is_better": True},
@@ -123,7 +128,9 @@ def _humaneval_config(path: str, options: BenchmarkOptions, state: dict[str, Any
     state["humaneval"] = outcomes
 
     def process(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
-        result = run_python_sandboxed(humaneval_program(doc, results[0]), options.code_timeout_s, options.code_memory_mb)
+        result = run_python_sandboxed(
+            humaneval_program(doc, results[0]), options.code_timeout_s, options.code_memory_mb
+        )
         outcomes[result.status] += 1
         return {"pass_at_1": float(result.passed)}
 
@@ -135,7 +142,11 @@ def _humaneval_config(path: str, options: BenchmarkOptions, state: dict[str, Any
         "output_type": "generate_until",
         "doc_to_text": lambda doc: doc["prompt"],
         "doc_to_target": lambda doc: f"{doc['test']}\ncheck({doc['entry_point']})",
-        "generation_kwargs": {"until": list(HUMANEVAL_STOP), "do_sample": False, "max_gen_toks": options.max_gen_toks},
+        "generation_kwargs": {
+            "until": list(HUMANEVAL_STOP),
+            "do_sample": False,
+            "max_gen_toks": options.max_gen_toks,
+        },
         "process_results": process,
         "metric_list": [{"metric": "pass_at_1", "aggregation": "mean", "higher_is_better": True}],
         "num_fewshot": 0,
@@ -144,8 +155,11 @@ def _humaneval_config(path: str, options: BenchmarkOptions, state: dict[str, Any
     }
 
 
-def task_scores(task: str, raw: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+def task_scores(
+    task: str, raw: Mapping[str, Any], state: Mapping[str, Any]
+) -> tuple[dict[str, float], dict[str, Any]]:
     """(tidpo's metric names -> scores, details) of one task from lm-eval's results and its config's `state`."""
+
     def get(metric: str) -> float:
         value = raw.get(f"{metric},none", float("nan"))
         return float(value) if isinstance(value, int | float) else float("nan")

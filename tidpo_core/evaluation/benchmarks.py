@@ -116,7 +116,11 @@ class BenchmarkSelection:
 
     def options(self) -> BenchmarkOptions:
         return BenchmarkOptions(
-            data_files={"truthfulqa": self.truthfulqa_path, "ifeval": self.ifeval_path, "humaneval": self.humaneval_path},
+            data_files={
+                "truthfulqa": self.truthfulqa_path,
+                "ifeval": self.ifeval_path,
+                "humaneval": self.humaneval_path,
+            },
             limit=self.benchmark_limit,
             allow_code_execution=self.allow_code_execution,
             code_timeout_s=self.code_timeout_s,

@@ -149,17 +149,25 @@ def method_train_config(
     return TrainConfig(**fields)
 
 
-def _train_or_reuse(config: TrainConfig, launch_settings: LaunchSettings) -> tuple[dict[str, Any], bool, float]:
+def _train_or_reuse(
+    config: TrainConfig, launch_settings: LaunchSettings
+) -> tuple[dict[str, Any], bool, float]:
     """Train, unless this exact config already finished in its output folder (then reuse it); returns the
     summary, whether it was reused, and the wall-clock seconds its training took (when reused, those of
     the run that trained it)."""
     out = Path(config.output_dir)
     wanted = yaml.safe_dump(asdict(config), sort_keys=True)
-    summary_file, config_file, timing_file = RunDir(out).summary, out / "comparison_config.yaml", out / "comparison_timing.json"
+    summary_file, config_file, timing_file = (
+        RunDir(out).summary,
+        out / "comparison_config.yaml",
+        out / "comparison_timing.json",
+    )
     if summary_file.exists() and config_file.exists() and config_file.read_text() == wanted:
         summary = json.loads(summary_file.read_text())
         if Path(summary["final_model_path"]).exists():
-            seconds = json.loads(timing_file.read_text())["train_seconds"] if timing_file.exists() else float("nan")
+            seconds = (
+                json.loads(timing_file.read_text())["train_seconds"] if timing_file.exists() else float("nan")
+            )
             return summary, True, float(seconds)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -197,7 +205,17 @@ def run_method_comparison(
     (tidpo_core.runtime.threads). `launch_settings` says how each run is trained: in this process by default (the
     runs are short and share the loaded reference's pages), or through `accelerate launch` for multi-GPU runs.
     """
-    plan = _ComparisonPlan.make(inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, record)
+    plan = _ComparisonPlan.make(
+        inputs,
+        output_dir,
+        methods,
+        seeds,
+        train_overrides,
+        eval_settings,
+        benchmarks,
+        benchmark_options,
+        record,
+    )
     return _run_plan(plan, keep_models, launch_settings, log)
 
 
@@ -219,13 +237,26 @@ class _ComparisonPlan:
     record: dict[str, Any]
 
     @classmethod
-    def make(cls, inputs, output_dir, methods, seeds, train_overrides, eval_settings, benchmarks, benchmark_options, record) -> _ComparisonPlan:  # noqa: ANN001
+    def make(
+        cls,
+        inputs,
+        output_dir,
+        methods,
+        seeds,
+        train_overrides,
+        eval_settings,
+        benchmarks,
+        benchmark_options,
+        record,
+    ) -> _ComparisonPlan:  # noqa: ANN001
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
         unweighed = [m for m in methods if m in ESTIMATOR_METHODS and m not in inputs.weights_by_method]
         if unweighed:
-            raise ValueError(f"{unweighed} train on their estimator's own weights: give them in ComparisonInputs.weights_by_method")
+            raise ValueError(
+                f"{unweighed} train on their estimator's own weights: give them in ComparisonInputs.weights_by_method"
+            )
         if not seeds:
             raise ValueError("at least one seed is needed")
         overrides = dict(train_overrides or {})
@@ -254,10 +285,25 @@ class _ComparisonPlan:
             }
         )
         runs = [(m, s) for m in methods for s in seeds]
-        return cls(inputs, Path(output_dir), runs, overrides, settings, tuple(benchmarks), options, pairs, scorer, reward_name, eval_key, dict(record or {}))
+        return cls(
+            inputs,
+            Path(output_dir),
+            runs,
+            overrides,
+            settings,
+            tuple(benchmarks),
+            options,
+            pairs,
+            scorer,
+            reward_name,
+            eval_key,
+            dict(record or {}),
+        )
 
     def config(self, method: str, seed: int) -> TrainConfig:
-        return method_train_config(method, seed, self.inputs, self.output_dir / method / f"seed_{seed}", self.overrides)
+        return method_train_config(
+            method, seed, self.inputs, self.output_dir / method / f"seed_{seed}", self.overrides
+        )
 
 
 class _Reference:
@@ -272,14 +318,22 @@ class _Reference:
         if self._loaded is None:
             inputs = self.plan.inputs
             model, tokenizer = load_model_and_tokenizer(
-                inputs.reference_model_path, revision=inputs.reference_revision, trust_remote_code=inputs.trust_remote_code
+                inputs.reference_model_path,
+                revision=inputs.reference_revision,
+                trust_remote_code=inputs.trust_remote_code,
             )
             settings = self.plan.settings
-            self._loaded = (model, tokenizer, score_pairs(model, tokenizer, self.plan.eval_pairs, settings.encoding, settings.batch_size))
+            self._loaded = (
+                model,
+                tokenizer,
+                score_pairs(model, tokenizer, self.plan.eval_pairs, settings.encoding, settings.batch_size),
+            )
         return self._loaded
 
 
-def _run_plan(plan: _ComparisonPlan, keep_models: bool, launch_settings: LaunchSettings, log: Callable[[str], None]) -> ComparisonResult:
+def _run_plan(
+    plan: _ComparisonPlan, keep_models: bool, launch_settings: LaunchSettings, log: Callable[[str], None]
+) -> ComparisonResult:
     started = time.perf_counter()
     if plan.scorer is not None:
         log(f"reward_model_score and judged_win_rate: the {plan.reward_name}")
@@ -305,15 +359,23 @@ def _run_plan(plan: _ComparisonPlan, keep_models: bool, launch_settings: LaunchS
             f"[{index}/{len(plan.runs)}] {method} seed {seed}: "
             f"{'reused' if run.reused else f'trained in {run.train_seconds:.0f} s'}, evaluated in {run.eval_seconds:.0f} s, "
             f"reward_accuracy {run.metrics.get('reward_accuracy', float('nan')):.3f}"
-            + (f", judged_win_rate {run.metrics['judged_win_rate']:.3f}" if "judged_win_rate" in run.metrics else "")
+            + (
+                f", judged_win_rate {run.metrics['judged_win_rate']:.3f}"
+                if "judged_win_rate" in run.metrics
+                else ""
+            )
         )
-    return ComparisonResult(runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started, reward=plan.reward_name)
+    return ComparisonResult(
+        runs=runs, table=aggregate(runs), seconds=time.perf_counter() - started, reward=plan.reward_name
+    )
 
 
 def _evaluate_reference(plan: _ComparisonPlan, reference: _Reference) -> ComparisonRun:
     model, tokenizer, scores = reference.loaded()
     tic = time.perf_counter()
-    evaluation = evaluate_model(model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores)
+    evaluation = evaluate_model(
+        model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores
+    )
     run = ComparisonRun(REFERENCE, 0, evaluation.metrics, plan.inputs.reference_model_path)
     rewards = judge_rewards(plan.scorer, evaluation.samples)
     if rewards is not None:
@@ -339,15 +401,27 @@ def _evaluate_run(
     tic = time.perf_counter()
     model_path = str(summary["final_model_path"])
     policy, _ = load_model_and_tokenizer(model_path, trust_remote_code=plan.inputs.trust_remote_code)
-    evaluation = evaluate_model(policy, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores)
+    evaluation = evaluate_model(
+        policy, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores
+    )
     del policy
     gc.collect()
-    run = ComparisonRun(method, seed, evaluation.metrics, model_path, train_seconds=train_seconds, reused=reused, history=summary.get("history", []))
+    run = ComparisonRun(
+        method,
+        seed,
+        evaluation.metrics,
+        model_path,
+        train_seconds=train_seconds,
+        reused=reused,
+        history=summary.get("history", []),
+    )
     rewards = judge_rewards(plan.scorer, evaluation.samples)
     if rewards is not None:
         run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
         if baseline is not None and len(baseline) == len(rewards) and rewards:
-            run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(rewards, baseline)
+            run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(
+                rewards, baseline
+            )
     if plan.benchmarks:
         _add_benchmarks(run, model_path, plan)
     run.eval_seconds = time.perf_counter() - tic
@@ -365,12 +439,16 @@ def _add_benchmarks(run: ComparisonRun, model_path: str, plan: _ComparisonPlan) 
 EVALUATED_FILE = "comparison_eval.json"
 
 
-def _store_run(folder: Path, eval_key: str, config_text: str, run: ComparisonRun, record: Mapping[str, Any]) -> None:
+def _store_run(
+    folder: Path, eval_key: str, config_text: str, run: ComparisonRun, record: Mapping[str, Any]
+) -> None:
     """Keep the evaluated run beside its training config, written whole (a resumed comparison reuses it)."""
     run.info = {**run.info, **record}
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / (EVALUATED_FILE + ".tmp")
-    staging.write_text(json.dumps({"eval_key": eval_key, "config": config_text, "run": asdict(run)}, default=str))
+    staging.write_text(
+        json.dumps({"eval_key": eval_key, "config": config_text, "run": asdict(run)}, default=str)
+    )
     staging.replace(folder / EVALUATED_FILE)
 
 

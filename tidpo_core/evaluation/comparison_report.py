@@ -84,10 +84,16 @@ def comparison_markdown(table: Sequence[Mapping[str, Any]], metrics: Sequence[st
         return "_no runs_"
     metrics = list(metrics) if metrics is not None else table_metrics(table)
     methods = [str(r["method"]) for r in table]
-    header = "| metric | " + " | ".join(f"{m} (n={r['seeds']})" for m, r in zip(methods, table, strict=True)) + " |"
+    header = (
+        "| metric | "
+        + " | ".join(f"{m} (n={r['seeds']})" for m, r in zip(methods, table, strict=True))
+        + " |"
+    )
     lines = [header, "|" + "---|" * (len(methods) + 1)]
     for metric in metrics:
-        cells = [_cell(r.get(f"{metric}_mean", float("nan")), r.get(f"{metric}_std", float("nan"))) for r in table]
+        cells = [
+            _cell(r.get(f"{metric}_mean", float("nan")), r.get(f"{metric}_std", float("nan"))) for r in table
+        ]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -119,7 +125,10 @@ def write_runs_csv(result: ComparisonResult, path: str | Path) -> Path:
 
 
 def write_comparison_table(
-    con: duckdb.DuckDBPyConnection, comparison_id: str, result: ComparisonResult, mlflow_run_id: str | None = None
+    con: duckdb.DuckDBPyConnection,
+    comparison_id: str,
+    result: ComparisonResult,
+    mlflow_run_id: str | None = None,
 ) -> int:
     """Replace this comparison's rows in DuckDB (aggregated and per seed, see store.replace_comparison);
     returns the aggregated row count."""
@@ -136,7 +145,17 @@ def write_comparison_table(
             metric = key[: -len("_mean")]
             values = {str(r.seed): r.metrics.get(metric) for r in by_method.get(method, [])}
             aggregated.append(
-                (comparison_id, mlflow_run_id, method, metric, float(row[key]), float(row[f"{metric}_std"]), int(row["seeds"]), json.dumps(values), now)
+                (
+                    comparison_id,
+                    mlflow_run_id,
+                    method,
+                    metric,
+                    float(row[key]),
+                    float(row[f"{metric}_std"]),
+                    int(row["seeds"]),
+                    json.dumps(values),
+                    now,
+                )
             )
     per_seed = [
         (comparison_id, run.method, int(run.seed), metric, float(value), now)
@@ -147,7 +166,9 @@ def write_comparison_table(
     return len(aggregated)
 
 
-def training_curves(result: ComparisonResult, metrics: Sequence[str] = CURVE_METRICS) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def training_curves(
+    result: ComparisonResult, metrics: Sequence[str] = CURVE_METRICS
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per method, each curve metric averaged over seeds at every step all seeds reached."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     by_method: dict[str, list[ComparisonRun]] = {}
@@ -163,6 +184,8 @@ def training_curves(result: ComparisonResult, metrics: Sequence[str] = CURVE_MET
                     if metric in entry and math.isfinite(float(entry[metric])):
                         per_step.setdefault(int(entry["step"]), []).append(float(entry[metric]))
             series[method][metric] = [
-                (step, float(np.mean(values))) for step, values in sorted(per_step.items()) if len(values) == len(group)
+                (step, float(np.mean(values)))
+                for step, values in sorted(per_step.items())
+                if len(values) == len(group)
             ]
     return series

@@ -88,7 +88,9 @@ def critical_phrase_rate(
 
 def has_critical_spans(pair: PreferencePair) -> bool:
     meta = pair.meta or {}
-    return all(isinstance(meta.get(k), list | tuple) and len(meta[k]) == 2 for k in ("chosen_span", "rejected_span"))
+    return all(
+        isinstance(meta.get(k), list | tuple) and len(meta[k]) == 2 for k in ("chosen_span", "rejected_span")
+    )
 
 
 def has_critical_phrases(pair: PreferencePair) -> bool:
@@ -139,7 +141,9 @@ def precision_table(
 ) -> dict[str, float]:
     """Mean precision@k of each method's per-response weights, overall (`precision_at_k_<method>`) and by
     the third of the response the span sits in (`precision_at_k_<method>_<third>`, absent for an empty third)."""
-    thirds = [span_third(span, len(next(iter(weights_by_method.values()))[i])) for i, span in enumerate(spans)]
+    thirds = [
+        span_third(span, len(next(iter(weights_by_method.values()))[i])) for i, span in enumerate(spans)
+    ]
     metrics: dict[str, float] = {}
     for method, all_weights in weights_by_method.items():
         scores = [importance_precision_at_k(w, span, k) for w, span in zip(all_weights, spans, strict=True)]
@@ -198,7 +202,9 @@ def critical_token_precision(
     for estimator, estimates in computed.items():
         # The paper's hybrid keeps its plain name ("hybrid"); every other estimator's is "hybrid_<estimator>".
         by_method[estimator] = [i.attribution for i in estimates]
-        by_method["hybrid" if estimator == "attribution" else f"hybrid_{estimator}"] = [i.weight for i in estimates]
+        by_method["hybrid" if estimator == "attribution" else f"hybrid_{estimator}"] = [
+            i.weight for i in estimates
+        ]
     by_method["prior"] = [i.prior for i in computed["attribution"]]
     by_method["uniform"] = [np.ones_like(i.weight) for i in computed["attribution"]]
     metrics = precision_table(by_method, [r.span_tokens for r in responses], k)

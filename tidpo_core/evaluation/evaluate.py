@@ -77,13 +77,19 @@ def _evaluate_model(
 ) -> ModelEvaluation:
     skipped: dict[str, str] = {}
     if reference_scores is None:
-        reference_scores = score_pairs(reference, tokenizer, pairs, settings.encoding, settings.batch_size, progress)
-    scores = reference_scores if model is reference else score_pairs(
-        model, tokenizer, pairs, settings.encoding, settings.batch_size, progress
+        reference_scores = score_pairs(
+            reference, tokenizer, pairs, settings.encoding, settings.batch_size, progress
+        )
+    scores = (
+        reference_scores
+        if model is reference
+        else score_pairs(model, tokenizer, pairs, settings.encoding, settings.batch_size, progress)
     )
     metrics = preference_metrics(scores, reference_scores, settings.beta)
     chosen_pairs = sample_prompt_pairs(pairs, settings.sample_prompts)
-    samples = _add_sampled_metrics(metrics, skipped, model, reference, tokenizer, chosen_pairs, settings, progress)
+    samples = _add_sampled_metrics(
+        metrics, skipped, model, reference, tokenizer, chosen_pairs, settings, progress
+    )
     _add_critical_token_metrics(metrics, skipped, model, tokenizer, pairs, settings)
     if samples is not None:
         _add_critical_phrase_metrics(metrics, skipped, chosen_pairs, samples)
@@ -162,7 +168,9 @@ def _add_critical_phrase_metrics(
     samples: SampledResponses,
 ) -> None:
     """Which critical phrase the sampled answers use, on the sampled pairs whose meta names the phrases."""
-    phrase_pairs = [(p, text) for p, text in zip(chosen_pairs, samples.texts, strict=True) if has_critical_phrases(p)]
+    phrase_pairs = [
+        (p, text) for p, text in zip(chosen_pairs, samples.texts, strict=True) if has_critical_phrases(p)
+    ]
     if not phrase_pairs:
         skipped["critical_phrases"] = "no sampled eval pair carries chosen_phrase/rejected_phrase in its meta"
         return

@@ -94,7 +94,9 @@ class PromotionDecision:
 
     @property
     def compared_with(self) -> str:
-        return "reference" if self.champion_version is None else f"reference, champion v{self.champion_version}"
+        return (
+            "reference" if self.champion_version is None else f"reference, champion v{self.champion_version}"
+        )
 
 
 def promotion_decision(
@@ -110,7 +112,11 @@ def promotion_decision(
     versus_reference = gate_decision(challenger, reference, metric, margin, tiebreak)
     if champion is None:
         return PromotionDecision(
-            versus_reference.passed, f"{versus_reference.description}; no champion yet", versus_reference, None, None
+            versus_reference.passed,
+            f"{versus_reference.description}; no champion yet",
+            versus_reference,
+            None,
+            None,
         )
     versus_champion = not_worse_than_champion(challenger, champion, metric, champion_margin, tiebreak)
     passed = versus_reference.passed and versus_champion.passed

@@ -30,9 +30,15 @@ def _prompt_title(prompt: str, width: int = 110, turns: int = 4) -> str:
     return "\n".join(lines)
 
 
-def best_importance_estimator(metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_ESTIMATORS) -> str | None:
+def best_importance_estimator(
+    metrics: dict[str, float], candidates: Sequence[str] = DEFAULT_IMPORTANCE_ESTIMATORS
+) -> str | None:
     """The estimator (other than the paper's attribution) whose hybrid weights scored the highest precision@k."""
-    scored = {v: metrics[f"precision_at_k_hybrid_{v}"] for v in candidates if f"precision_at_k_hybrid_{v}" in metrics}
+    scored = {
+        v: metrics[f"precision_at_k_hybrid_{v}"]
+        for v in candidates
+        if f"precision_at_k_hybrid_{v}" in metrics
+    }
     scored = {v: value for v, value in scored.items() if v != "attribution" and math.isfinite(value)}
     return max(scored, key=lambda v: scored[v]) if scored else None
 

@@ -63,7 +63,11 @@ class IFEvalScorer:
     @staticmethod
     def _loose_variants(response: str) -> list[str]:
         lines = response.split("\n")
-        first, last, both = "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()
+        first, last, both = (
+            "\n".join(lines[1:]).strip(),
+            "\n".join(lines[:-1]).strip(),
+            "\n".join(lines[1:-1]).strip(),
+        )
         variants = [response, response.replace("*", ""), first, last, both]
         return variants + [first.replace("*", ""), last.replace("*", ""), both.replace("*", "")]
 
@@ -84,7 +88,9 @@ class IFEvalScorer:
             checker = self._checker(instruction_id, kwargs or {}, doc["prompt"])
             try:
                 strict_ok = bool(response.strip() and checker.check_following(response))
-                loose_ok = any(r.strip() and checker.check_following(r) for r in self._loose_variants(response))
+                loose_ok = any(
+                    r.strip() and checker.check_following(r) for r in self._loose_variants(response)
+                )
             except LookupError as exc:  # nltk data missing offline
                 self.unavailable[instruction_id] = _lookup_reason(exc)
                 skipped += 1
@@ -107,4 +113,6 @@ def _lookup_reason(exc: LookupError) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     match = re.search(r"Resource\s+(\S+)\s+not found", text)
     resource = match.group(1).strip("'\"") if match else "data"
-    return f"checker needs nltk resource '{resource}', which is not installed and cannot be downloaded offline"
+    return (
+        f"checker needs nltk resource '{resource}', which is not installed and cannot be downloaded offline"
+    )

@@ -26,7 +26,9 @@ def parse_importance_estimator(name: str) -> tuple[str, bool]:
     the eos token is excluded."""
     base, exclude_eos = (name[: -len("_no_eos")], True) if name.endswith("_no_eos") else (name, False)
     if base not in ESTIMATORS:
-        raise ValueError(f"unknown importance estimator {name!r}; expected one of {ESTIMATORS}, optionally + '_no_eos'")
+        raise ValueError(
+            f"unknown importance estimator {name!r}; expected one of {ESTIMATORS}, optionally + '_no_eos'"
+        )
     return base, exclude_eos
 
 

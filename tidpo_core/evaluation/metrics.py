@@ -21,7 +21,10 @@ KEY_METRICS: tuple[tuple[str, str], ...] = (
 CURVE_METRICS: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins", "reward")
 # First matching prefix wins; anything else is "other".
 METRIC_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("preference", ("reward_", "likelihood_win_rate", "normalized_likelihood_win_rate", "logps_", "eval_pairs")),
+    (
+        "preference",
+        ("reward_", "likelihood_win_rate", "normalized_likelihood_win_rate", "logps_", "eval_pairs"),
+    ),
     ("importance", ("precision_at_k_", "critical_responses", "mean_span_tokens")),
     ("generation", ("kl_", "distinct_", "eos_rate", "mean_length", "critical_phrase_")),
     ("benchmarks", ("truthfulqa_", "ifeval_", "humaneval_")),
@@ -57,7 +60,10 @@ def _shown(values: dict[str, float], name: str) -> str:
 
 
 def comparison_rows(
-    policy: dict[str, float], reference: dict[str, float], names: list[str] | None = None, baseline: str = "reference"
+    policy: dict[str, float],
+    reference: dict[str, float],
+    names: list[str] | None = None,
+    baseline: str = "reference",
 ) -> list[dict[str, str]]:
     """Rows of (metric, policy, <baseline>, policy - <baseline>), rounded to 3 decimals, for `names` (all
     by default); `baseline` names what `reference` holds (e.g. "champion"). A value whose model also has
@@ -66,16 +72,27 @@ def comparison_rows(
     for name in names if names is not None else list(dict.fromkeys([*policy, *reference])):
         pol, ref = policy.get(name, math.nan), reference.get(name, math.nan)
         delta = pol - ref if math.isfinite(pol) and math.isfinite(ref) else math.nan
-        rows.append({"metric": name, "policy": _shown(policy, name), baseline: _shown(reference, name), f"policy - {baseline}": _rounded(delta)})
+        rows.append(
+            {
+                "metric": name,
+                "policy": _shown(policy, name),
+                baseline: _shown(reference, name),
+                f"policy - {baseline}": _rounded(delta),
+            }
+        )
     return rows
 
 
-def grouped_comparison_rows(policy: dict[str, float], reference: dict[str, float]) -> dict[str, list[dict[str, str]]]:
+def grouped_comparison_rows(
+    policy: dict[str, float], reference: dict[str, float]
+) -> dict[str, list[dict[str, str]]]:
     """comparison_rows per metric group, groups in METRIC_GROUPS order, "other" last; empty groups left out."""
     names = list(dict.fromkeys([*policy, *reference]))
     order = [group for group, _ in METRIC_GROUPS] + ["other"]
     grouped = {group: [n for n in names if metric_group(n) == group] for group in order}
-    return {group: comparison_rows(policy, reference, members) for group, members in grouped.items() if members}
+    return {
+        group: comparison_rows(policy, reference, members) for group, members in grouped.items() if members
+    }
 
 
 def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]:
@@ -87,8 +104,17 @@ def key_metric_lines(metrics: dict[str, float], indent: str = "  ") -> list[str]
         policy, reference = metrics.get(f"eval/policy/{key}"), metrics.get(f"eval/reference/{key}")
         if policy is None:
             continue
-        policy_se, reference_se = metrics.get(f"eval/policy/{key}{STDERR_SUFFIX}"), metrics.get(f"eval/reference/{key}{STDERR_SUFFIX}")
-        rows.append((label, with_stderr(policy, policy_se), "" if reference is None else with_stderr(reference, reference_se)))
+        policy_se, reference_se = (
+            metrics.get(f"eval/policy/{key}{STDERR_SUFFIX}"),
+            metrics.get(f"eval/reference/{key}{STDERR_SUFFIX}"),
+        )
+        rows.append(
+            (
+                label,
+                with_stderr(policy, policy_se),
+                "" if reference is None else with_stderr(reference, reference_se),
+            )
+        )
     if len(rows) == 1:
         return []
     width = max(len(r[0]) for r in rows)

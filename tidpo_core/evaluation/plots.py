@@ -93,11 +93,15 @@ def token_heatmap_html(sections: Sequence[HeatmapSection], caption: str = "") ->
     if caption:
         parts.append(f"<p><em>{html.escape(caption)}</em></p>")
     for section in sections:
-        title = "<br>".join(html.escape(line) for line in section.title.split("\n"))  # a prompt's turns, one per line
+        title = "<br>".join(
+            html.escape(line) for line in section.title.split("\n")
+        )  # a prompt's turns, one per line
         parts.append(f"<h4>{title}</h4>")
         for row in section.rows:
             parts.append(f'<div class="row"><strong>{html.escape(row.label)}</strong>: ')
-            for i, (token, weight, shade) in enumerate(zip(row.tokens, row.weights, _shades(row.weights), strict=True)):
+            for i, (token, weight, shade) in enumerate(
+                zip(row.tokens, row.weights, _shades(row.weights), strict=True)
+            ):
                 border = "outline: 2px solid #1f4e9c;" if i in row.span else ""
                 text = html.escape(token).replace("\n", "⏎").replace(" ", "&nbsp;")
                 parts.append(
@@ -193,8 +197,14 @@ def save_token_heatmap_png(
                 },
             )
         else:
-            style = {"caption": {"style": "italic"}, "title": {"weight": "bold", "color": "#333333"}, "label": {"weight": "bold"}}[kind]
-            fig.text(fx, fy, text, fontsize=font_size, family="monospace", parse_math=False, va="baseline", **style)
+            style = {
+                "caption": {"style": "italic"},
+                "title": {"weight": "bold", "color": "#333333"},
+                "label": {"weight": "bold"},
+            }[kind]
+            fig.text(
+                fx, fy, text, fontsize=font_size, family="monospace", parse_math=False, va="baseline", **style
+            )
     _fig_to_file(fig, path, dpi)
     return drawn
 
@@ -254,7 +264,13 @@ def save_comparison_png(
         means = [_as_float(r.get(f"{metric}_mean")) for r in table]
         stds = [_as_float(r.get(f"{metric}_std")) for r in table]
         errors = [s if math.isfinite(s) else 0.0 for s in stds]
-        ax.bar(range(len(methods)), [m if math.isfinite(m) else 0.0 for m in means], yerr=errors, color=colours, capsize=3)
+        ax.bar(
+            range(len(methods)),
+            [m if math.isfinite(m) else 0.0 for m in means],
+            yerr=errors,
+            color=colours,
+            capsize=3,
+        )
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
         ax.grid(axis="y", alpha=0.3)

@@ -48,7 +48,9 @@ def score_pairs(
         batch = collate(features[start : start + batch_size])
         stacked = stack_sides(batch, sides, tokenizer.pad_token_id)
         stacked = {k: v.to(device) for k, v in stacked.items()}
-        logits = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]).logits.float()
+        logits = model(
+            input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]
+        ).logits.float()
         per_token = token_logps(logits, stacked["input_ids"]) * stacked["response_mask"]
         n = batch.sides["chosen"].input_ids.shape[0]
         for i, side in enumerate(sides):
@@ -85,7 +87,8 @@ def preference_metrics(policy: PairScores, reference: PairScores, beta: float) -
         "reward_rejected": float(np.mean(reward_rejected)) if len(margin) else float("nan"),
         "likelihood_win_rate": _win_rate(policy.chosen, policy.rejected),
         "normalized_likelihood_win_rate": _win_rate(
-            policy.chosen / np.maximum(policy.chosen_tokens, 1), policy.rejected / np.maximum(policy.rejected_tokens, 1)
+            policy.chosen / np.maximum(policy.chosen_tokens, 1),
+            policy.rejected / np.maximum(policy.rejected_tokens, 1),
         ),
         "logps_chosen": float(np.mean(policy.chosen)) if len(margin) else float("nan"),
         "logps_rejected": float(np.mean(policy.rejected)) if len(margin) else float("nan"),

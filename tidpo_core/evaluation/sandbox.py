@@ -43,7 +43,13 @@ def run_python_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int =
             resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+        }
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", str(script)],
             cwd=workdir,

@@ -33,7 +33,11 @@ def training_health(history: Sequence[dict[str, float]]) -> TrainingHealth:
     (`reward`) instead; a step that re-uses the previous step's completions (grpo_num_iterations > 1)
     samples nothing and logs a NaN reward, which is left out rather than counted as non-finite.
     """
-    grpo = bool(history) and not any("rewards/margins" in h for h in history) and any("reward" in h for h in history)
+    grpo = (
+        bool(history)
+        and not any("rewards/margins" in h for h in history)
+        and any("reward" in h for h in history)
+    )
     signal = "reward" if grpo else "rewards/margins"
     losses = [float(h["loss"]) for h in history]
     margins = [float(h[signal]) for h in history if signal in h]

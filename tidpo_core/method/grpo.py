@@ -61,9 +61,13 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = ADVANTAGE_EP
     reward must be a number.
     """
     if group_size < 2:
-        raise ValueError(f"a group needs at least 2 completions (the std of one is undefined), got {group_size}")
+        raise ValueError(
+            f"a group needs at least 2 completions (the std of one is undefined), got {group_size}"
+        )
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"expected [N] rewards with N a multiple of {group_size}, got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"expected [N] rewards with N a multiple of {group_size}, got shape {tuple(rewards.shape)}"
+        )
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite")
     grouped = rewards.view(-1, group_size)
@@ -134,7 +138,9 @@ def grpo_loss(
     log pi remains.
     """
     if logps.shape != old_logps.shape or logps.shape != mask.shape:
-        raise ValueError(f"logps, old_logps and mask must share one shape, got {logps.shape}, {old_logps.shape}, {mask.shape}")
+        raise ValueError(
+            f"logps, old_logps and mask must share one shape, got {logps.shape}, {old_logps.shape}, {mask.shape}"
+        )
     if beta != 0.0 and ref_logps is None:
         raise ValueError("beta > 0 needs the reference's log-probs (ref_logps)")
     high = epsilon if epsilon_high is None else epsilon_high
@@ -208,11 +214,17 @@ class PhraseReward:
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"one prompt per completion: {len(prompts)} prompts, {len(completions)} completions")
+            raise ValueError(
+                f"one prompt per completion: {len(prompts)} prompts, {len(completions)} completions"
+            )
         unknown = [p for p in prompts if p not in self.safe]
         if unknown:
-            raise ValueError(f"the phrase reward knows no phrases for {len(unknown)} prompt(s), e.g. {unknown[0][:80]!r}")
-        return [phrase_score(c, self.safe[p], self.risky[p]) for p, c in zip(prompts, completions, strict=True)]
+            raise ValueError(
+                f"the phrase reward knows no phrases for {len(unknown)} prompt(s), e.g. {unknown[0][:80]!r}"
+            )
+        return [
+            phrase_score(c, self.safe[p], self.risky[p]) for p, c in zip(prompts, completions, strict=True)
+        ]
 
 
 def phrase_reward(pairs: Iterable[PreferencePair]) -> PhraseReward:

@@ -245,7 +245,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _no_grad_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, topk: int) -> tuple[Tensor, dict[str, Tensor]]:
+def _no_grad_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, topk: int
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token log-probs (and the top-k cache) of one forward without gradients, in eval mode."""
     was_training = model.training
     model.eval()
@@ -345,9 +347,10 @@ def compute_token_importance(
     # Similar lengths per batch waste less compute on padding; results are put back in input order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
     results: list[TokenImportance | None] = [None] * len(sequences)
-    with threads_for(model, *(contrastive_models or ())), tqdm(
-        total=len(sequences), desc=f"token importance ({estimator})", disable=not progress
-    ) as bar:
+    with (
+        threads_for(model, *(contrastive_models or ())),
+        tqdm(total=len(sequences), desc=f"token importance ({estimator})", disable=not progress) as bar,
+    ):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask, response_mask = _padded_batch([sequences[i] for i in chunk], device)
@@ -432,7 +435,9 @@ class _Weighing:
     excluded_eos: int | None
     """The end-of-sequence id whose importance is set to 0, or None to keep it."""
 
-    def response(self, importance: Tensor, token_ids: Tensor, logps: Tensor, topk: dict[str, Tensor]) -> TokenImportance:
+    def response(
+        self, importance: Tensor, token_ids: Tensor, logps: Tensor, topk: dict[str, Tensor]
+    ) -> TokenImportance:
         """One response's values (its response tokens only) as a TokenImportance; `topk` is empty without a cache."""
         raw = importance.clone()
         if self.excluded_eos is not None:

@@ -16,7 +16,9 @@ from torch import Tensor
 from tidpo_core.method.logps import compute_dtype
 
 
-def kl_from_logits(reference_logits: Tensor, policy_logits: Tensor, policy_log_normalizer: Tensor | None = None) -> Tensor:
+def kl_from_logits(
+    reference_logits: Tensor, policy_logits: Tensor, policy_log_normalizer: Tensor | None = None
+) -> Tensor:
     """``KL(pi_ref || pi_theta)`` of the next-token distributions given by two logit tensors ``[..., V]``.
 
     Written as ``sum_v p_ref (z_ref - z_theta) + logsumexp(z_theta) - logsumexp(z_ref)`` so that no policy
@@ -77,11 +79,17 @@ def token_kl_topk(reference_topk_ids: Tensor, reference_topk_logp: Tensor, polic
             f"{tuple(reference_topk_ids.shape)}"
         )
     if reference_topk_logp.shape != reference_topk_ids.shape:
-        raise ValueError(f"top-k ids {tuple(reference_topk_ids.shape)} and log-probs {tuple(reference_topk_logp.shape)} differ")
+        raise ValueError(
+            f"top-k ids {tuple(reference_topk_ids.shape)} and log-probs {tuple(reference_topk_logp.shape)} differ"
+        )
     shifted = policy_logits[:, :-1].to(compute_dtype(policy_logits))
-    policy_top = shifted.gather(-1, reference_topk_ids[:, 1:].long()) - torch.logsumexp(shifted, dim=-1, keepdim=True)
+    policy_top = shifted.gather(-1, reference_topk_ids[:, 1:].long()) - torch.logsumexp(
+        shifted, dim=-1, keepdim=True
+    )
     whole = reference_topk_ids.shape[-1] >= policy_logits.shape[-1]
-    return F.pad(coarsened_kl(reference_topk_logp[:, 1:], policy_top, whole_vocabulary=whole), (1, 0), value=0.0)
+    return F.pad(
+        coarsened_kl(reference_topk_logp[:, 1:], policy_top, whole_vocabulary=whole), (1, 0), value=0.0
+    )
 
 
 def coarsened_kl(reference_topk_logp: Tensor, policy_topk_logp: Tensor, *, whole_vocabulary: bool) -> Tensor:
@@ -103,7 +111,9 @@ def coarsened_kl(reference_topk_logp: Tensor, policy_topk_logp: Tensor, *, whole
     tiny = torch.finfo(dtype).tiny
     ref_rest = (1.0 - ref_p.sum(-1)).clamp_min(0.0)
     pol_rest = (1.0 - pol_top.exp().sum(-1)).clamp_min(tiny)
-    rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log()), torch.zeros_like(ref_rest))
+    rest = torch.where(
+        ref_rest > 0, ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log()), torch.zeros_like(ref_rest)
+    )
     return (head + rest).clamp_min(0.0)
 
 

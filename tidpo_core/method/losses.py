@@ -114,7 +114,6 @@ def ablation_config(base: LossConfig, ablation: str) -> LossConfig:
     return base
 
 
-
 # --------------------------------------------------------------------------- losses (per example)
 
 

@@ -31,7 +31,9 @@ def response_aligned(values: Tensor, response_mask: Tensor) -> tuple[Tensor, Ten
     return aligned, mask.sum(-1)
 
 
-def sequence_distance(first: SideTensors, second: SideTensors, first_name: str = "first", second_name: str = "second") -> Tensor:
+def sequence_distance(
+    first: SideTensors, second: SideTensors, first_name: str = "first", second_name: str = "second"
+) -> Tensor:
     """Paper Eq. 13: d(a, b) = sum_t (rho_t(a) - rho_t(b))^2 over the positions t both responses have,
     counted from the response start, unweighted ``[B]``."""
     rho_a, length_a = response_aligned(logratios(first, first_name), first.response_mask)

@@ -52,14 +52,20 @@ class ContrastiveSFT:
         """This recipe with `sft_learning_rate: None` replaced by the rate for a scratch or a pretrained base."""
         if self.sft_learning_rate is not None:
             return self
-        return replace(self, sft_learning_rate=PRETRAINED_SFT_LEARNING_RATE if pretrained else SCRATCH_SFT_LEARNING_RATE)
+        return replace(
+            self, sft_learning_rate=PRETRAINED_SFT_LEARNING_RATE if pretrained else SCRATCH_SFT_LEARNING_RATE
+        )
 
 
 def load_base(base: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The model the reference started from, from the reference_model handle's `base` entry: {"path": ...}
     for a checkpoint, {"tiny_config": {...}, "seed": n} for the embedded tiny model."""
     if "path" in base:
-        return load_model_and_tokenizer(base["path"], revision=base.get("revision"), trust_remote_code=base.get("trust_remote_code", False))[0]
+        return load_model_and_tokenizer(
+            base["path"],
+            revision=base.get("revision"),
+            trust_remote_code=base.get("trust_remote_code", False),
+        )[0]
     return build_tiny_model(tokenizer, TinyModelConfig(**base["tiny_config"]), seed=int(base["seed"]))
 
 
@@ -104,7 +110,9 @@ def train_contrastive_pair(
             progress=progress,
         )
         save_model_and_tokenizer(model, tokenizer, staging / name)
-    (staging / BUILD_MARKER).write_text(json.dumps({"build_key": build_key, "recipe": asdict(recipe), "sft_losses": losses}))
+    (staging / BUILD_MARKER).write_text(
+        json.dumps({"build_key": build_key, "recipe": asdict(recipe), "sft_losses": losses})
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return losses

@@ -92,8 +92,16 @@ class RowGumbelNoise(LogitsProcessor):
 def _decoding(settings: SamplingSettings, seeds: Sequence[int] | None) -> dict[str, Any]:
     """generate()'s sampling arguments: HF's multinomial sampling, or warpers + row noise under greedy."""
     if seeds is None:
-        return {"do_sample": True, "top_k": settings.top_k, "top_p": settings.top_p, "temperature": settings.temperature}
-    return {"do_sample": False, "logits_processor": LogitsProcessorList([*warpers(settings), RowGumbelNoise(seeds)])}
+        return {
+            "do_sample": True,
+            "top_k": settings.top_k,
+            "top_p": settings.top_p,
+            "temperature": settings.temperature,
+        }
+    return {
+        "do_sample": False,
+        "logits_processor": LogitsProcessorList([*warpers(settings), RowGumbelNoise(seeds)]),
+    }
 
 
 @torch.no_grad()
@@ -126,7 +134,9 @@ def sample_batches(
                 encoded = [prompt_ids(tokenizer, p, settings.max_prompt_tokens) for p in chunk]
                 width = max(len(ids) for ids in encoded)
                 input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-                attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+                attention_mask = torch.tensor(
+                    [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+                )
                 chunk_seeds = None if seeds is None else seeds[start : start + settings.batch_size]
                 if chunk_seeds is None:
                     torch.manual_seed(settings.seed + int(digest(chunk, 8), 16))

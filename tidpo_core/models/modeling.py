@@ -177,7 +177,9 @@ def shipped_model_file(name: str) -> Path:
     for folder in folders:
         if (Path(folder) / filename).is_file():
             return Path(folder) / filename
-    raise FileNotFoundError(f"model {name!r} comes from the {package} wheel, which is not installed: {install}")
+    raise FileNotFoundError(
+        f"model {name!r} comes from the {package} wheel, which is not installed: {install}"
+    )
 
 
 def is_gguf(name_or_path: str | os.PathLike) -> bool:

@@ -147,7 +147,12 @@ class RewardHeldOut:
     pairs: int
 
     def as_metrics(self) -> dict[str, float]:
-        return {"eval_accuracy": self.accuracy, "eval_margin": self.margin, "eval_loss": self.loss, "eval_pairs": float(self.pairs)}
+        return {
+            "eval_accuracy": self.accuracy,
+            "eval_margin": self.margin,
+            "eval_loss": self.loss,
+            "eval_pairs": float(self.pairs),
+        }
 
 
 # --- the pairwise loss and accuracy ----------------------------------------------------------------------------
@@ -157,14 +162,21 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     """Mean over pairs of -log sigmoid(r_chosen - r_rejected): the negative log-likelihood of the observed
     preferences under the Bradley-Terry model (TRL's RewardTrainer loss without its optional margin)."""
     if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(f"chosen and rejected rewards differ in shape: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}")
+        raise ValueError(
+            f"chosen and rejected rewards differ in shape: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}"
+        )
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
 
 
-def pair_accuracy(chosen_rewards: Sequence[float] | np.ndarray, rejected_rewards: Sequence[float] | np.ndarray) -> float:
+def pair_accuracy(
+    chosen_rewards: Sequence[float] | np.ndarray, rejected_rewards: Sequence[float] | np.ndarray
+) -> float:
     """Share of pairs whose chosen answer gets the higher reward; a tie counts half, so a constant reward
     scores 0.5 (chance), as the evaluation's win rates do. nan for no pairs."""
-    chosen, rejected = np.asarray(chosen_rewards, dtype=np.float64), np.asarray(rejected_rewards, dtype=np.float64)
+    chosen, rejected = (
+        np.asarray(chosen_rewards, dtype=np.float64),
+        np.asarray(rejected_rewards, dtype=np.float64),
+    )
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen and rejected rewards differ in shape: {chosen.shape} vs {rejected.shape}")
     if chosen.size == 0:
@@ -191,7 +203,12 @@ def _load_tokenizer(source: str, revision: str | None, trust_remote_code: bool) 
     return tokenizer
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, training: RewardTraining | dict[str, Any]) -> list[int]:
+def _encode(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completion: str,
+    training: RewardTraining | dict[str, Any],
+) -> list[int]:
     lengths = asdict(training) if isinstance(training, RewardTraining) else training
     return encode_prompt_response(
         tokenizer,
@@ -202,7 +219,9 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, tr
     ).input_ids
 
 
-def _trl_config(output_dir: Path, training: RewardTraining, progress: bool, revision: str | None, trust_remote_code: bool) -> Any:
+def _trl_config(
+    output_dir: Path, training: RewardTraining, progress: bool, revision: str | None, trust_remote_code: bool
+) -> Any:
     from trl import RewardConfig
 
     return RewardConfig(
@@ -273,7 +292,10 @@ def train_reward_model(
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = _load_tokenizer(str(model_path), revision, trust_remote_code)
     rows = [
-        {"chosen_ids": _encode(tokenizer, p.prompt, p.chosen, training), "rejected_ids": _encode(tokenizer, p.prompt, p.rejected, training)}
+        {
+            "chosen_ids": _encode(tokenizer, p.prompt, p.chosen, training),
+            "rejected_ids": _encode(tokenizer, p.prompt, p.rejected, training),
+        }
         for p in pairs
     ]
     with accelerate_state_left_as_found():
@@ -291,8 +313,13 @@ def train_reward_model(
         seconds = time.perf_counter() - start
     # Every logged entry: the training metrics of each logging step, and last the run's summary (train_loss,
     # train_runtime, ... and the metrics of the steps after the last logging step), each with its `step`.
-    history = [{k: float(v) for k, v in entry.items() if isinstance(v, int | float)} for entry in trainer.state.log_history]
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token (TRL set it too)
+    history = [
+        {k: float(v) for k, v in entry.items() if isinstance(v, int | float)}
+        for entry in trainer.state.log_history
+    ]
+    model.config.pad_token_id = (
+        tokenizer.pad_token_id
+    )  # the head reads the last non-pad token (TRL set it too)
     shutil.rmtree(staging / "trainer", ignore_errors=True)
     save_model_and_tokenizer(model.eval(), tokenizer, staging)
     info = {
@@ -313,7 +340,9 @@ def train_reward_model(
 # --- scoring -----------------------------------------------------------------------------------------------------
 
 
-def load_reward_model(model_dir: str | Path, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+def load_reward_model(
+    model_dir: str | Path, device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """(model in eval mode, tokenizer, encoding lengths) of a reward model folder written by train_reward_model."""
     model_dir = Path(model_dir)
     info = build_info(model_dir)
@@ -325,7 +354,9 @@ def load_reward_model(model_dir: str | Path, device: str = "auto") -> tuple[PreT
         str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=remote_code
     )
     if model.config.num_labels != 1:
-        raise ValueError(f"{model_dir}: a reward model has one output, this one has {model.config.num_labels}")
+        raise ValueError(
+            f"{model_dir}: a reward model has one output, this one has {model.config.num_labels}"
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(resolve_device(device)).eval(), tokenizer, info["training"]
@@ -348,8 +379,15 @@ def score(
     device = next(model.parameters()).device
     rewards: list[float] = []
     with threads_for(model):
-        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="reward", unit="batch"):
-            ids = [_encode(tokenizer, p, c, encoding) for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)]
+        for start in tqdm(
+            range(0, len(prompts), batch_size), disable=not progress, desc="reward", unit="batch"
+        ):
+            ids = [
+                _encode(tokenizer, p, c, encoding)
+                for p, c in zip(
+                    prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
+                )
+            ]
             input_ids = pad_right(ids, tokenizer.pad_token_id, torch.long).to(device)
             attention_mask = pad_right([[1] * len(row) for row in ids], 0, torch.long).to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -357,7 +395,9 @@ def score(
     return rewards
 
 
-def load_reward_function(model_dir: str | Path, *, batch_size: int = 32, device: str = "auto") -> RewardFunction:
+def load_reward_function(
+    model_dir: str | Path, *, batch_size: int = 32, device: str = "auto"
+) -> RewardFunction:
     """The reward model at `model_dir` as a function (prompts, completions) -> rewards: one float per
     completion, computed in batches of `batch_size` without gradients. Extra keyword arguments are ignored,
     so TRL's GRPOTrainer can call it as a reward function too."""

@@ -47,12 +47,16 @@ def supervised_finetune(
     model.train()
     losses = []
     with threads_for(model):
-        _finetune_steps(model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress)
+        _finetune_steps(
+            model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress
+        )
     model.eval()
     return losses
 
 
-def _finetune_steps(model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress) -> None:
+def _finetune_steps(
+    model, tokenizer, encoded, steps, batch_size, generator, optimizer, scheduler, losses, progress
+) -> None:
     device = next(model.parameters()).device
     for _ in tqdm(range(steps), disable=not progress, desc="sft", unit="step"):
         index = torch.randint(len(encoded), (min(batch_size, len(encoded)),), generator=generator).tolist()

@@ -28,7 +28,9 @@ def check_vllm_usable(cuda_available: bool | None = None, vllm_installed: bool |
     if vllm_installed is None:
         vllm_installed = importlib.util.find_spec("vllm") is not None
     if not vllm_installed:
-        raise UserInputError(f"generation_backend: vllm needs the vllm extra ({INSTALL_HINT}); or set generation_backend: transformers")
+        raise UserInputError(
+            f"generation_backend: vllm needs the vllm extra ({INSTALL_HINT}); or set generation_backend: transformers"
+        )
     if cuda_available is None:
         import torch
 
@@ -44,7 +46,9 @@ def vllm_sampling_params(settings: SamplingSettings, seed: int) -> dict[str, Any
     return {
         "n": 1,
         "temperature": settings.temperature,
-        "top_k": settings.top_k if settings.top_k > 0 else -1,  # vLLM: -1 considers every token (transformers: 0)
+        "top_k": settings.top_k
+        if settings.top_k > 0
+        else -1,  # vLLM: -1 considers every token (transformers: 0)
         "top_p": settings.top_p,
         "max_tokens": settings.max_new_tokens,
         "seed": seed,
@@ -70,7 +74,9 @@ class VllmSampler:
         from vllm import LLM
 
         self.settings = settings
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=revision, trust_remote_code=trust_remote_code
+        )
         self.engine = LLM(
             model=model_path,
             tokenizer=model_path,
@@ -86,10 +92,15 @@ class VllmSampler:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        requests = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p, self.settings.max_prompt_tokens)) for p in prompts]
+        requests = [
+            TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p, self.settings.max_prompt_tokens))
+            for p in prompts
+        ]
         params = [SamplingParams(**vllm_sampling_params(self.settings, seed)) for seed in seeds]
         outputs = self.engine.generate(requests, sampling_params=params, use_tqdm=progress)
-        return [self.tokenizer.decode(list(out.outputs[0].token_ids), skip_special_tokens=True) for out in outputs]
+        return [
+            self.tokenizer.decode(list(out.outputs[0].token_ids), skip_special_tokens=True) for out in outputs
+        ]
 
 
 def sample_with_vllm(
@@ -106,5 +117,11 @@ def sample_with_vllm(
     used once)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sampler = VllmSampler(model_path, settings, revision=revision, trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
+    sampler = VllmSampler(
+        model_path,
+        settings,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        gpu_memory_utilization=gpu_memory_utilization,
+    )
     return sampler(prompts, seeds)

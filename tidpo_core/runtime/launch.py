@@ -49,7 +49,9 @@ class ProcessFailed(RuntimeError):
 class TrainingFailed(RuntimeError):
     """The training process exited non-zero; the message is the reason it recorded."""
 
-    def __init__(self, reason: str, run_dir: Path, returncode: int | None = None, mlflow_run_id: str | None = None):
+    def __init__(
+        self, reason: str, run_dir: Path, returncode: int | None = None, mlflow_run_id: str | None = None
+    ):
         super().__init__(reason)
         self.reason = reason
         self.run_dir = run_dir
@@ -92,7 +94,9 @@ def accelerate_prefix(settings: LaunchSettings, gpu_available: bool | None = Non
     return launch
 
 
-def module_command(module: str, arguments: Sequence[str], settings: LaunchSettings, gpu_available: bool | None = None) -> list[str]:
+def module_command(
+    module: str, arguments: Sequence[str], settings: LaunchSettings, gpu_available: bool | None = None
+) -> list[str]:
     """`python -m module arguments...` under the settings' launcher (one child, or accelerate's processes)."""
     invocation = ["-m", module, *arguments]
     if settings.launcher == "accelerate":
@@ -102,7 +106,9 @@ def module_command(module: str, arguments: Sequence[str], settings: LaunchSettin
     raise ValueError(f"launcher {settings.launcher!r} starts no process")
 
 
-def training_command(config_path: str | Path, settings: LaunchSettings, gpu_available: bool | None = None) -> list[str]:
+def training_command(
+    config_path: str | Path, settings: LaunchSettings, gpu_available: bool | None = None
+) -> list[str]:
     """The engine's command line for a TrainConfig YAML file."""
     return module_command(ENGINE_MODULE, ["--config", str(config_path)], settings, gpu_available)
 
@@ -165,7 +171,9 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(RunDir(Path(run_dir)).summary.read_text())
 
 
-def run_training(config: Any, settings: LaunchSettings = LaunchSettings(launcher="in_process")) -> dict[str, Any]:
+def run_training(
+    config: Any, settings: LaunchSettings = LaunchSettings(launcher="in_process")
+) -> dict[str, Any]:
     """Train `config` (a TrainConfig) and return its summary (what summary.json holds).
 
     A child process's failure raises TrainingFailed with the reason the engine recorded; in process, the

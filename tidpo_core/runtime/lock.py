@@ -173,7 +173,9 @@ class DataDirLock:
         held = self._held.get(str(self.data_dir))
         if held is not None:
             if held[0] != self.run_id:
-                raise DataDirBusyError(self._busy_message({"run_id": held[0], "pid": os.getpid(), "host": socket.gethostname()}))
+                raise DataDirBusyError(
+                    self._busy_message({"run_id": held[0], "pid": os.getpid(), "host": socket.gethostname()})
+                )
             held[2] += 1
             return self
         deadline = time.monotonic() + self.timeout_s

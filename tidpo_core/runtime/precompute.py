@@ -125,13 +125,19 @@ class PrecomputeFailed(RuntimeError):
 
 def shard_size(batch_size: int, batches_per_shard: int) -> int:
     if batch_size < 1 or batches_per_shard < 1:
-        raise UserInputError(f"batch_size and batches_per_shard must be >= 1, got {batch_size} and {batches_per_shard}")
+        raise UserInputError(
+            f"batch_size and batches_per_shard must be >= 1, got {batch_size} and {batches_per_shard}"
+        )
     return batch_size * batches_per_shard
 
 
-def make_plan(kind: str, fingerprint: str, task: Mapping[str, Any], keys: Sequence[Any], size: int) -> ShardPlan:
+def make_plan(
+    kind: str, fingerprint: str, task: Mapping[str, Any], keys: Sequence[Any], size: int
+) -> ShardPlan:
     # The task as it reads back from plan.json (tuples become lists), so a plan compares equal to its file.
-    return ShardPlan(kind, fingerprint, json.loads(json.dumps(dict(task))), len(keys), size, digest(list(keys), 32))
+    return ShardPlan(
+        kind, fingerprint, json.loads(json.dumps(dict(task))), len(keys), size, digest(list(keys), 32)
+    )
 
 
 def shards_for_rank(shards: int, rank: int, world_size: int) -> list[int]:
@@ -184,7 +190,9 @@ def prepare_folder(folder: ShardDir, plan: ShardPlan, items: pa.Table) -> bool:
     folder.root.mkdir(parents=True)
     _write_atomically(folder.items, _parquet_bytes(items), folder.root / ".items.tmp")
     # The plan last: its presence says the folder is complete.
-    _write_atomically(folder.plan, json.dumps(dataclasses.asdict(plan), sort_keys=True).encode(), folder.root / ".plan.tmp")
+    _write_atomically(
+        folder.plan, json.dumps(dataclasses.asdict(plan), sort_keys=True).encode(), folder.root / ".plan.tmp"
+    )
     return False
 
 
@@ -266,7 +274,9 @@ def compute_shards(
     """Compute this rank's shards that have no file yet; returns how many it wrote. The models load only
     when there is work, on `device` (None: the CPU)."""
     plan = ShardPlan.read(folder)
-    todo = [index for index in shards_for_rank(plan.shards, rank, world_size) if not folder.shard(index).exists()]
+    todo = [
+        index for index in shards_for_rank(plan.shards, rank, world_size) if not folder.shard(index).exists()
+    ]
     if not todo:
         return 0
     faults = Faults.from_env() if faults is None else faults
@@ -313,7 +323,9 @@ def run_sharded(
     launcher, and check every shard file. Loading them is the caller's (the store owns the tables)."""
     say = log or (lambda message: None)
     if prepare_folder(folder, plan, items):
-        say(f"{plan.kind}: resuming the plan in {folder.root}: {len(finished_shards(folder, plan))} of {plan.shards} shards finished")
+        say(
+            f"{plan.kind}: resuming the plan in {folder.root}: {len(finished_shards(folder, plan))} of {plan.shards} shards finished"
+        )
     attempt = uuid.uuid4().hex
     if settings.launcher == "in_process":
 
@@ -323,7 +335,12 @@ def run_sharded(
         compute_shards(folder, 0, 1, attempt, progress=progress, on_shard=shard_done)
     else:
         try:
-            run_module(PRECOMPUTE_MODULE, ["--plan", str(folder.root), "--attempt", attempt], settings.launch, run_process)
+            run_module(
+                PRECOMPUTE_MODULE,
+                ["--plan", str(folder.root), "--attempt", attempt],
+                settings.launch,
+                run_process,
+            )
         except ProcessFailed as exc:
             finished = len(finished_shards(folder, plan))
             raise PrecomputeFailed(
@@ -333,7 +350,9 @@ def run_sharded(
     files = check_shards(folder, plan)
     writers = _writers(files)
     computed = [size for written_by, size in writers if written_by == attempt]
-    return ShardOutcome(plan.shards, len(files) - len(computed), len(computed), max(computed, default=0), files, folder)
+    return ShardOutcome(
+        plan.shards, len(files) - len(computed), len(computed), max(computed, default=0), files, folder
+    )
 
 
 def remove_folder(folder: ShardDir) -> None:
@@ -348,9 +367,13 @@ def remove_folder(folder: ShardDir) -> None:
 
 def data_dir_of(con: Any) -> Path:
     """The folder of the DuckDB file `con` has open: the data dir, for callers that give no layout."""
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    row = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
     if row is None or not row[0]:
-        raise ValueError("a sharded precompute needs a DuckDB file (its data dir holds the shards); got an in-memory database")
+        raise ValueError(
+            "a sharded precompute needs a DuckDB file (its data dir holds the shards); got an in-memory database"
+        )
     return Path(row[0]).resolve().parent
 
 
@@ -362,7 +385,12 @@ def rank_from_env(environ: Mapping[str, str]) -> tuple[int, int, int, int]:
     them; one process without."""
     world = int(environ.get("WORLD_SIZE", "1"))
     rank = int(environ.get("RANK", "0"))
-    return rank, world, int(environ.get("LOCAL_RANK", str(rank))), int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return (
+        rank,
+        world,
+        int(environ.get("LOCAL_RANK", str(rank))),
+        int(environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
 
 
 class PipesProgress:
@@ -381,8 +409,18 @@ class PipesProgress:
     def shard_done(self, index: int, rows: int, finished: int) -> None:
         if self._pipes is None:
             return
-        self._pipes.log.info(f"{self.plan.kind}: shard {index} written ({rows} rows); {finished}/{self.plan.shards} shards finished")
-        self._pipes.report_custom_message({"kind": self.plan.kind, "shard": index, "rows": rows, "shards_finished": finished, "shards": self.plan.shards})
+        self._pipes.log.info(
+            f"{self.plan.kind}: shard {index} written ({rows} rows); {finished}/{self.plan.shards} shards finished"
+        )
+        self._pipes.report_custom_message(
+            {
+                "kind": self.plan.kind,
+                "shard": index,
+                "rows": rows,
+                "shards_finished": finished,
+                "shards": self.plan.shards,
+            }
+        )
 
     def close(self, exc: BaseException | None = None) -> None:
         if self._context_manager is None:
@@ -403,9 +441,15 @@ def _no_progress_bars() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Compute this process's shards of a precompute plan (anchors, token weights).")
-    parser.add_argument("--plan", required=True, help="the plan's folder (<data dir>/precompute/<kind>/<fingerprint>)")
-    parser.add_argument("--attempt", default="", help="an id of this launch, recorded in each shard it writes")
+    parser = argparse.ArgumentParser(
+        description="Compute this process's shards of a precompute plan (anchors, token weights)."
+    )
+    parser.add_argument(
+        "--plan", required=True, help="the plan's folder (<data dir>/precompute/<kind>/<fingerprint>)"
+    )
+    parser.add_argument(
+        "--attempt", default="", help="an id of this launch, recorded in each shard it writes"
+    )
     args = parser.parse_args(argv)
     folder = ShardDir(Path(args.plan))
     rank, world_size, local_rank, _ = rank_from_env(os.environ)

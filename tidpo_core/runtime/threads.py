@@ -74,7 +74,9 @@ def cgroup_cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None
 
 
 def _affinity() -> set[int]:
-    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    return (
+        set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    )
 
 
 def available_cpus(affinity: set[int] | frozenset[int] | None = None, quota: float | None = None) -> int:
@@ -115,7 +117,9 @@ def requested_threads(environ: Mapping[str, str] | None = None) -> int | None:
     try:
         count = int(value)
     except ValueError:
-        raise ValueError(f"{NUM_THREADS_ENV}={value!r}: expected a positive whole number of threads") from None
+        raise ValueError(
+            f"{NUM_THREADS_ENV}={value!r}: expected a positive whole number of threads"
+        ) from None
     if count < 1:
         raise ValueError(f"{NUM_THREADS_ENV}={value!r}: expected a positive whole number of threads")
     return count
@@ -143,7 +147,9 @@ def decide_threads(cpus: int, model_parameters: int | None, requested: int | Non
 def plan_for(model_parameters: int | None = None) -> ThreadPlan:
     """The plan for this process now: its share of the CPUs (with the other processes of its launch), the
     model's size and TIDPO_NUM_THREADS."""
-    return decide_threads(cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads())
+    return decide_threads(
+        cpu_share(available_cpus(), local_processes()), model_parameters, requested_threads()
+    )
 
 
 def parameter_count(*models: object) -> int:
@@ -314,7 +320,9 @@ def _innermost() -> ThreadGovernor | None:
     return stack[-1] if stack else None
 
 
-def thread_environment(model_parameters: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def thread_environment(
+    model_parameters: int | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """`base` (default: this process's environment) plus the plan's variables, for a child process; a
     value the user set (OMP_NUM_THREADS, ...) is kept. The child applies the plan for its own model again
     once it knows it (threads_for)."""

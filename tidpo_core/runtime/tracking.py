@@ -110,10 +110,14 @@ def _params(values: dict[str, Any]) -> list[Param]:
 
 def _finite_metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for key, value in values.items() if math.isfinite(float(value))]
+    return [
+        Metric(key, float(value), now, step) for key, value in values.items() if math.isfinite(float(value))
+    ]
 
 
-def start_run(tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+def start_run(
+    tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> str:
     """A new run with its parameters; returns its id."""
     store = client(tracking_uri)
     run_id = store.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -147,7 +151,11 @@ def log_metrics(tracking_uri: str, run_id: str, values: dict[str, float], step: 
 def log_metric_series(tracking_uri: str, run_id: str, key: str, values: list[float]) -> None:
     """One curve, its points at steps 0, 1, ..."""
     now = int(time.time() * 1000)
-    _log_in_batches(tracking_uri, run_id, [Metric(key, float(v), now, step) for step, v in enumerate(values) if math.isfinite(float(v))])
+    _log_in_batches(
+        tracking_uri,
+        run_id,
+        [Metric(key, float(v), now, step) for step, v in enumerate(values) if math.isfinite(float(v))],
+    )
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -182,7 +190,9 @@ class AsyncMetricLogger:
         self._pending: list[Any] = []
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self._pending.append(self._client.log_batch(self._run_id, metrics=_finite_metrics(values, step), synchronous=False))
+        self._pending.append(
+            self._client.log_batch(self._run_id, metrics=_finite_metrics(values, step), synchronous=False)
+        )
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -201,7 +211,10 @@ def experiment_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> list[Any
 
 
 def log_transformers_model(
-    tracking_uri: str, run_id: str, model_path: str | Path, registered_model_name: str | None = REGISTERED_MODEL
+    tracking_uri: str,
+    run_id: str,
+    model_path: str | Path,
+    registered_model_name: str | None = REGISTERED_MODEL,
 ) -> Any:
     """Log a saved HF folder to a run as an MLflow transformers model and register a new version.
 
@@ -222,7 +235,10 @@ def log_transformers_model(
     model, tokenizer = load_model_and_tokenizer(model_path)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), without_log_messages("mlflow.transformers", *MLFLOW_LOCAL_FOLDER_NOISE):
+    with (
+        mlflow.start_run(run_id=run_id),
+        without_log_messages("mlflow.transformers", *MLFLOW_LOCAL_FOLDER_NOISE),
+    ):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
@@ -269,7 +285,11 @@ def latest_version(tracking_uri: str, name: str = REWARD_MODEL) -> str | None:
 
 
 def download_model_version(
-    tracking_uri: str, dst: str | Path, version: str | int | None = None, name: str = REWARD_MODEL, artifact_path: str = REWARD_ARTIFACT_PATH
+    tracking_uri: str,
+    dst: str | Path,
+    version: str | int | None = None,
+    name: str = REWARD_MODEL,
+    artifact_path: str = REWARD_ARTIFACT_PATH,
 ) -> Path:
     """A registered folder (register_model_folder) fetched to `dst`; the latest version when none is named.
     Returns the folder, e.g. for `tidpo_core.models.reward.load_reward_function`."""
@@ -320,7 +340,11 @@ def version_run_id(tracking_uri: str, version: str | int, name: str = REGISTERED
 
 
 def promote_if_champion_is(
-    tracking_uri: str, version: str | int, expected: str | None, lock_dir: str | Path, name: str = REGISTERED_MODEL
+    tracking_uri: str,
+    version: str | int,
+    expected: str | None,
+    lock_dir: str | Path,
+    name: str = REGISTERED_MODEL,
 ) -> tuple[bool, str | None]:
     """Compare and set: `version` takes the alias only if the champion is still `expected` (the one it was
     judged against; None: no champion). Returns (moved, the champion found)."""
@@ -345,7 +369,9 @@ def rollback_champion(
             raise
         versions = registered_versions(tracking_uri, name)
         known = f"versions: {', '.join(versions)}" if versions else f"{name!r} has no versions yet"
-        raise UserInputError(f"version {version} of {name!r} does not exist; {known}", version=str(version)) from None
+        raise UserInputError(
+            f"version {version} of {name!r} does not exist; {known}", version=str(version)
+        ) from None
     with registry_lock(lock_dir):
         previous = champion_version(tracking_uri, name)
         set_champion(tracking_uri, version, name)
@@ -361,11 +387,20 @@ def registered_versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list
 
 
 def tag_gate_verdict(
-    tracking_uri: str, version: str | int, passed: bool, compared_with: str, description: str, name: str = REGISTERED_MODEL
+    tracking_uri: str,
+    version: str | int,
+    passed: bool,
+    compared_with: str,
+    description: str,
+    name: str = REGISTERED_MODEL,
 ) -> None:
     """What the gate decided for a version, on the version itself (visible in the MLflow UI)."""
     store = client(tracking_uri)
-    for key, value in {"gate": "passed" if passed else "failed", "compared_with": compared_with, "gate_verdict": description}.items():
+    for key, value in {
+        "gate": "passed" if passed else "failed",
+        "compared_with": compared_with,
+        "gate_verdict": description,
+    }.items():
         store.set_model_version_tag(name, str(version), key, value[:5000])
 
 

@@ -60,10 +60,14 @@ class AnchorsReport:
     """How the sampling was sharded (None: nothing to sample)."""
 
 
-def anchors_fingerprint(reference: ReferenceHandle, settings: SamplingSettings, backend: AnchorBackend = AnchorBackend()) -> str:
+def anchors_fingerprint(
+    reference: ReferenceHandle, settings: SamplingSettings, backend: AnchorBackend = AnchorBackend()
+) -> str:
     # The backend only when it is not the default, so that transformers anchors keep their fingerprint.
     extra = {} if backend.generation_backend == "transformers" else {"backend": backend.generation_backend}
-    return digest({"model": reference.fingerprint, "sampling": settings.as_dict(), "seeding": SEEDING, **extra})
+    return digest(
+        {"model": reference.fingerprint, "sampling": settings.as_dict(), "seeding": SEEDING, **extra}
+    )
 
 
 def pair_seed(pair_id: str, settings: SamplingSettings) -> int:
@@ -138,20 +142,42 @@ def sample_anchors(
     say(f"{len(missing)} anchors to sample, {len(prompts) - len(missing)} reused")
     outcome, generated = None, 0
     if missing:
-        task = {"reference": reference.loading(), "sampling": settings.as_dict(), "backend": dataclasses.asdict(backend)}
-        plan = make_plan(SHARD_KIND, fingerprint, task, missing, shard_size(settings.batch_size, precompute.batches_per_shard))
+        task = {
+            "reference": reference.loading(),
+            "sampling": settings.as_dict(),
+            "backend": dataclasses.asdict(backend),
+        }
+        plan = make_plan(
+            SHARD_KIND,
+            fingerprint,
+            task,
+            missing,
+            shard_size(settings.batch_size, precompute.batches_per_shard),
+        )
         items = pa.table({"pair_id": missing, "prompt": [prompts[pair_id] for pair_id in missing]})
         outcome = run_sharded(
-            layout.precompute(SHARD_KIND, fingerprint), plan, items, precompute, run_process=run_process, progress=progress, log=say
+            layout.precompute(SHARD_KIND, fingerprint),
+            plan,
+            items,
+            precompute,
+            run_process=run_process,
+            progress=progress,
+            log=say,
         )
         with open_db() as con:
             generated = store.load_anchor_shards(con, fingerprint, outcome.files, settings.as_dict())
         remove_folder(outcome.folder)
-        say(f"{generated} anchors loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)")
+        say(
+            f"{generated} anchors loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)"
+        )
     else:
         # A run killed after its load committed but before the folder went: the shards are in DuckDB.
         remove_folder(layout.precompute(SHARD_KIND, fingerprint))
     with open_db() as con:
         return AnchorsReport(
-            fingerprint, generated, store.anchor_count(con, fingerprint), store.first_anchors(con, fingerprint, 5), outcome
+            fingerprint,
+            generated,
+            store.anchor_count(con, fingerprint),
+            store.first_anchors(con, fingerprint, 5),
+            outcome,
         )

@@ -104,16 +104,31 @@ def compare_methods(
     """Train and evaluate every (method, seed), write the report, log it to MLflow and store the table in DuckDB.
     `record` is kept with each run as it is evaluated (see run_method_comparison)."""
     log = log_to(log)
-    engine_options = with_stored_reward_model(open_db, reference, with_optimizer_recipe(reference, engine_options))
+    engine_options = with_stored_reward_model(
+        open_db, reference, with_optimizer_recipe(reference, engine_options)
+    )
     encoding = EncodingSettings(**weights["encoding"])
     importance = weights.get("importance", {})
-    recorded = {**asdict(settings), **engine_options, "benchmarks": list(benchmarks), "benchmark_options": repr(benchmark_options)}
+    recorded = {
+        **asdict(settings),
+        **engine_options,
+        "benchmarks": list(benchmarks),
+        "benchmark_options": repr(benchmark_options),
+    }
     comparison_id = digest(
-        {"pairs": pairs_digest, "reference": reference.fingerprint, "weights": weights["fingerprint"], "anchors": anchors_fingerprint, "config": recorded}
+        {
+            "pairs": pairs_digest,
+            "reference": reference.fingerprint,
+            "weights": weights["fingerprint"],
+            "anchors": anchors_fingerprint,
+            "config": recorded,
+        }
     )
     output_dir = layout.comparison_run(comparison_id)
     weights_by_method = {
-        method: estimator_weights(open_db, reference, anchors_fingerprint, weights, ESTIMATOR_METHODS[method], layout, log)
+        method: estimator_weights(
+            open_db, reference, anchors_fingerprint, weights, ESTIMATOR_METHODS[method], layout, log
+        )
         for method in settings.methods
         if method in ESTIMATOR_METHODS
     }
@@ -130,7 +145,9 @@ def compare_methods(
         max_response_tokens=encoding.max_response_tokens,
         weights_by_method=weights_by_method,
     )
-    log(f"comparison {comparison_id}: {len(settings.methods)} methods x {len(settings.seeds)} seeds, {settings.max_steps} steps each")
+    log(
+        f"comparison {comparison_id}: {len(settings.methods)} methods x {len(settings.seeds)} seeds, {settings.max_steps} steps each"
+    )
     result = run_method_comparison(
         inputs,
         output_dir,
@@ -144,7 +161,13 @@ def compare_methods(
             batch_size=settings.batch_size,
             sample_prompts=settings.sample_prompts,
             critical_pairs=settings.critical_pairs,
-            sampling=SamplingSettings(max_new_tokens=settings.max_new_tokens, top_k=0, top_p=1.0, temperature=1.0, seed=settings.sample_seed),
+            sampling=SamplingSettings(
+                max_new_tokens=settings.max_new_tokens,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                seed=settings.sample_seed,
+            ),
         ),
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
@@ -158,7 +181,9 @@ def compare_methods(
     with open_db() as con:
         rows = write_comparison_table(con, comparison_id, result, run_id)
     publish_pictures(pictures.values(), settings.docs_dir)
-    return ComparisonReport(comparison_id, result, table_markdown, report_dir, csv_path, pictures, run_id, rows)
+    return ComparisonReport(
+        comparison_id, result, table_markdown, report_dir, csv_path, pictures, run_id, rows
+    )
 
 
 def estimator_weights(
@@ -185,10 +210,14 @@ def estimator_weights(
         reference_kl_top_k=int(weights.get("reference_kl_top_k", 0)),
     )
     log(f"token weights of estimator {estimator}:")
-    return weigh_tokens(open_db, reference, anchors_fingerprint, settings, layout=layout, progress=False, log=log).fingerprint
+    return weigh_tokens(
+        open_db, reference, anchors_fingerprint, settings, layout=layout, progress=False, log=log
+    ).fingerprint
 
 
-def _write_report(result: ComparisonResult, report_dir: Path, log: Callable[[str], None]) -> tuple[str, Path, dict[str, Path]]:
+def _write_report(
+    result: ComparisonResult, report_dir: Path, log: Callable[[str], None]
+) -> tuple[str, Path, dict[str, Path]]:
     """The table (markdown, CSV per method and per run), the benchmarks, the chart and the curves."""
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True)
@@ -197,22 +226,39 @@ def _write_report(result: ComparisonResult, report_dir: Path, log: Callable[[str
     csv_path = write_comparison_csv(result, report_dir / "method_comparison.csv")
     write_runs_csv(result, report_dir / "method_comparison_runs.csv")
     (report_dir / "benchmarks.json").write_text(
-        json.dumps([{"method": r.method, "seed": r.seed, "benchmarks": r.benchmarks} for r in result.runs if r.benchmarks], indent=1)
+        json.dumps(
+            [
+                {"method": r.method, "seed": r.seed, "benchmarks": r.benchmarks}
+                for r in result.runs
+                if r.benchmarks
+            ],
+            indent=1,
+        )
     )
     pictures: dict[str, Path] = {}
     try:
-        save_comparison_png(result.table, PLOT_METRICS, report_dir / COMPARISON_PNG, title="mean ± std over seeds")
+        save_comparison_png(
+            result.table, PLOT_METRICS, report_dir / COMPARISON_PNG, title="mean ± std over seeds"
+        )
         pictures["chart"] = report_dir / COMPARISON_PNG
     except ValueError as exc:
         log(f"no comparison chart: {exc}")
     curves = training_curves(result)
     if any(any(v) for v in curves.values()):
-        save_training_curves_png(curves, report_dir / COMPARISON_CURVES_PNG, title="training, mean over seeds")
+        save_training_curves_png(
+            curves, report_dir / COMPARISON_CURVES_PNG, title="training, mean over seeds"
+        )
         pictures["training_curves"] = report_dir / COMPARISON_CURVES_PNG
     return table_markdown, csv_path, pictures
 
 
-def _log_run(tracking_to: RunTracking, comparison_id: str, recorded: dict[str, Any], result: ComparisonResult, report_dir: Path) -> str:
+def _log_run(
+    tracking_to: RunTracking,
+    comparison_id: str,
+    recorded: dict[str, Any],
+    result: ComparisonResult,
+    report_dir: Path,
+) -> str:
     run_id = tracking.start_run(
         tracking_to.uri,
         tracking_to.experiment_id,
@@ -224,7 +270,9 @@ def _log_run(tracking_to: RunTracking, comparison_id: str, recorded: dict[str, A
         tracking_to.uri,
         run_id,
         {
-            metric_name(str(row["method"]), key[: -len("_mean")], stat): float(row[key if stat == "mean" else key[: -len("_mean")] + "_std"])
+            metric_name(str(row["method"]), key[: -len("_mean")], stat): float(
+                row[key if stat == "mean" else key[: -len("_mean")] + "_std"]
+            )
             for row in result.table
             for key in row
             if key.endswith("_mean")

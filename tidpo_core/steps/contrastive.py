@@ -44,7 +44,9 @@ def train_contrastive_models(
     in DuckDB so that token weighing with estimator contrastive finds them. A learning rate left to None is
     settled by the reference first (a pretrained base gets a small one)."""
     recipe = recipe.settled(reference.is_pretrained)
-    fingerprint = digest({"pairs": pairs_digest, "base": reference.base, "recipe": dataclasses.asdict(recipe)})
+    fingerprint = digest(
+        {"pairs": pairs_digest, "base": reference.base, "recipe": dataclasses.asdict(recipe)}
+    )
     out_dir = layout.contrastive_models(fingerprint)
     positive, negative = (str(p) for p in contrastive_paths(out_dir))
     reused = is_built(out_dir, fingerprint)
@@ -56,7 +58,11 @@ def train_contrastive_models(
             pairs = store.read_pairs(con, split="train")
         _, tokenizer = reference.load()
         base = load_base(reference.base, tokenizer)
-        losses = train_contrastive_pair(base, tokenizer, pairs, out_dir, recipe=recipe, build_key=fingerprint, progress=progress)
+        losses = train_contrastive_pair(
+            base, tokenizer, pairs, out_dir, recipe=recipe, build_key=fingerprint, progress=progress
+        )
     with open_db() as con:
-        store.record_contrastive_models(con, fingerprint, reference.fingerprint, (positive, negative), dataclasses.asdict(recipe))
+        store.record_contrastive_models(
+            con, fingerprint, reference.fingerprint, (positive, negative), dataclasses.asdict(recipe)
+        )
     return ContrastiveBuilt(fingerprint, (positive, negative), reused, losses)

@@ -140,12 +140,24 @@ def evaluate_policy(
     )
     reference_model, tokenizer = reference.load()
     # The policy is the reference's architecture, saved by the engine: it needs the same code trust.
-    policy_model, _ = load_model_and_tokenizer(policy.model_path, trust_remote_code=reference.trust_remote_code)
+    policy_model, _ = load_model_and_tokenizer(
+        policy.model_path, trust_remote_code=reference.trust_remote_code
+    )
     with threads_for(reference_model):
-        reference_scores = score_pairs(reference_model, tokenizer, pairs, eval_settings.encoding, settings.batch_size, progress=True)
+        reference_scores = score_pairs(
+            reference_model, tokenizer, pairs, eval_settings.encoding, settings.batch_size, progress=True
+        )
 
     def evaluate(model: Any) -> ModelEvaluation:
-        return evaluate_model(model, reference_model, tokenizer, pairs, eval_settings, reference_scores=reference_scores, progress=True)
+        return evaluate_model(
+            model,
+            reference_model,
+            tokenizer,
+            pairs,
+            eval_settings,
+            reference_scores=reference_scores,
+            progress=True,
+        )
 
     evaluations = {"reference": evaluate(reference_model), "policy": evaluate(policy_model)}
     # The challenger is also judged against today's champion, on the same held-out pairs (none on a first
@@ -153,7 +165,9 @@ def evaluate_policy(
     champion_version = tracking.champion_version(tracking_uri, registered_model)
     if champion_version is not None and champion_version != str(policy.model_version):
         log(f"evaluating the current champion (version {champion_version}) on the same pairs")
-        evaluations["champion"] = evaluate(tracking.load_registered_model(tracking_uri, f"models:/{registered_model}/{champion_version}")[0])
+        evaluations["champion"] = evaluate(
+            tracking.load_registered_model(tracking_uri, f"models:/{registered_model}/{champion_version}")[0]
+        )
     else:
         champion_version = None
     metrics = {model: dict(e.metrics) for model, e in evaluations.items()}
@@ -163,17 +177,49 @@ def evaluate_policy(
         bench_results[model] = run_benchmarks(path, benchmarks, benchmark_options or BenchmarkOptions())
         metrics[model].update(benchmark_metrics(bench_results[model]))
     gate = promotion_decision(
-        metrics["policy"], metrics["reference"], metrics.get("champion"),
-        gate_rule.gate_metric, gate_rule.gate_margin, gate_rule.gate_tiebreak, gate_rule.champion_margin, champion_version,
+        metrics["policy"],
+        metrics["reference"],
+        metrics.get("champion"),
+        gate_rule.gate_metric,
+        gate_rule.gate_margin,
+        gate_rule.gate_tiebreak,
+        gate_rule.champion_margin,
+        champion_version,
     )
-    shared = _record(open_db, tracking_uri, registered_model, policy.mlflow_run_id, metrics, pairs, gate, champion_version)
+    shared = _record(
+        open_db, tracking_uri, registered_model, policy.mlflow_run_id, metrics, pairs, gate, champion_version
+    )
     out_dir = layout.evaluation(policy.mlflow_run_id)
-    pictures = _pictures(out_dir, reference_model, tokenizer, pairs, eval_settings, settings, policy, tracking_uri, registered_model, metrics)
+    pictures = _pictures(
+        out_dir,
+        reference_model,
+        tokenizer,
+        pairs,
+        eval_settings,
+        settings,
+        policy,
+        tracking_uri,
+        registered_model,
+        metrics,
+    )
     _write_files(out_dir, metrics, bench_results, evaluations)
     tracking.log_artifacts(tracking_uri, policy.mlflow_run_id, out_dir, artifact_path="evaluation")
     publish_pictures(pictures.values(), settings.docs_dir)
-    champion, verdict = _promote(open_db, layout, tracking_uri, registered_model, policy.model_version, gate, champion_version)
-    return EvaluationReport(metrics, evaluations, bench_results, gate, champion, verdict, champion_version, shared, out_dir, pictures)
+    champion, verdict = _promote(
+        open_db, layout, tracking_uri, registered_model, policy.model_version, gate, champion_version
+    )
+    return EvaluationReport(
+        metrics,
+        evaluations,
+        bench_results,
+        gate,
+        champion,
+        verdict,
+        champion_version,
+        shared,
+        out_dir,
+        pictures,
+    )
 
 
 def eval_settings_for(
@@ -192,13 +238,18 @@ def eval_settings_for(
     own defaults without one)."""
     extra = {}
     if importance is not None:
-        extra = {"weight_lambda": float(importance.get("lambda", 0.7)), "weight_normalization": importance.get("normalization", "max")}
+        extra = {
+            "weight_lambda": float(importance.get("lambda", 0.7)),
+            "weight_normalization": importance.get("normalization", "max"),
+        }
     return ModelEvalSettings(
         beta=beta,
         batch_size=batch_size,
         encoding=encoding,
         sample_prompts=sample_prompts,
-        sampling=replace(sampling, batch_size=min(batch_size, 32), max_prompt_tokens=encoding.max_prompt_tokens),
+        sampling=replace(
+            sampling, batch_size=min(batch_size, 32), max_prompt_tokens=encoding.max_prompt_tokens
+        ),
         critical_k=critical_k,
         critical_pairs=critical_pairs,
         **extra,
@@ -223,7 +274,9 @@ def _record(
         # Judged on the same pairs as the champion was? (The split is a hash of each pair, so old eval
         # pairs stay eval pairs; new data can only add some.)
         shared = (
-            store.shared_evaluation_pairs(con, tracking.version_run_id(tracking_uri, champion_version, registered_model), pair_ids)
+            store.shared_evaluation_pairs(
+                con, tracking.version_run_id(tracking_uri, champion_version, registered_model), pair_ids
+            )
             if champion_version is not None
             else None
         )
@@ -252,11 +305,18 @@ def _pictures(
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     pictures: dict[str, Path] = {}
-    heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[: max(settings.heatmap_pairs, 0)]
+    heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[
+        : max(settings.heatmap_pairs, 0)
+    ]
     best_estimator = best_importance_estimator(metrics["reference"])
     if heatmap_pairs:
         with threads_for(reference_model):
-            anchors = sample_responses(reference_model, tokenizer, [p.prompt for p in heatmap_pairs], SamplingSettings(seed=settings.sample_seed))
+            anchors = sample_responses(
+                reference_model,
+                tokenizer,
+                [p.prompt for p in heatmap_pairs],
+                SamplingSettings(seed=settings.sample_seed),
+            )
         sections = importance_heatmap_sections(
             reference_model,
             tokenizer,
@@ -274,11 +334,15 @@ def _pictures(
         )
         if best_estimator:
             caption += f" Rows named side: {best_estimator} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
-        (out_dir / HEATMAP_HTML).write_text(f"<html><body>{token_heatmap_html(sections, caption)}</body></html>", encoding="utf-8")
+        (out_dir / HEATMAP_HTML).write_text(
+            f"<html><body>{token_heatmap_html(sections, caption)}</body></html>", encoding="utf-8"
+        )
         save_token_heatmap_png(sections, out_dir / HEATMAP_PNG, caption=caption)
         pictures["token_heatmap"] = out_dir / HEATMAP_PNG
         pictures["token_heatmap_html"] = out_dir / HEATMAP_HTML
-    series = training_series(tracking_uri, policy.mlflow_run_id, policy.run_dir, [h["loss"] for h in policy.step_history])
+    series = training_series(
+        tracking_uri, policy.mlflow_run_id, policy.run_dir, [h["loss"] for h in policy.step_history]
+    )
     if any(series.values()):
         title = f"training of {registered_model} version {policy.model_version} (MLflow run {policy.mlflow_run_id[:8]})"
         save_training_curves_png({"policy": series}, out_dir / CURVES_PNG, title=title)
@@ -286,7 +350,9 @@ def _pictures(
     return pictures
 
 
-def training_series(tracking_uri: str, run_id: str, run_dir: str | None, losses: list[float]) -> dict[str, list[tuple[int, float]]]:
+def training_series(
+    tracking_uri: str, run_id: str, run_dir: str | None, losses: list[float]
+) -> dict[str, list[tuple[int, float]]]:
     """Curves from the MLflow run's metric history; else the run's summary.json; else the losses."""
     series: dict[str, list[tuple[int, float]]] = {}
     for key in CURVE_METRICS:
@@ -315,7 +381,9 @@ def _write_files(
     evaluations: dict[str, ModelEvaluation],
 ) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-    (out_dir / "benchmarks.json").write_text(json.dumps({m: [r.as_dict() for r in rs] for m, rs in bench_results.items()}, indent=1))
+    (out_dir / "benchmarks.json").write_text(
+        json.dumps({m: [r.as_dict() for r in rs] for m, rs in bench_results.items()}, indent=1)
+    )
     with (out_dir / "samples.jsonl").open("w") as handle:
         for model, e in evaluations.items():
             if e.samples is not None:
@@ -339,13 +407,22 @@ def _promote(
         return champion, verdict
     if gate.passed:
         # Compare and set: another run may have moved the alias while this one was evaluating.
-        champion, found = tracking.promote_if_champion_is(tracking_uri, version, champion_version, layout.root, registered_model)
+        champion, found = tracking.promote_if_champion_is(
+            tracking_uri, version, champion_version, layout.root, registered_model
+        )
         if not champion:
             verdict += f"; refused: the champion changed during this evaluation (v{champion_version} -> v{found}), re-run to compare with it"
     tracking.tag_gate_verdict(tracking_uri, version, champion, gate.compared_with, verdict, registered_model)
     with open_db() as con:
         store.record_champion_event(
             con,
-            store.ChampionEvent(registered_model, str(version), "promoted" if champion else "refused", champion_version, gate.compared_with, verdict),
+            store.ChampionEvent(
+                registered_model,
+                str(version),
+                "promoted" if champion else "refused",
+                champion_version,
+                gate.compared_with,
+                verdict,
+            ),
         )
     return champion, verdict

@@ -77,7 +77,14 @@ def ingest_pairs(
     except DataFileError as exc:
         raise DataFileError(str(exc), sources=sources) from None
     merged = merge_loads(loads)
-    return store_pairs(open_db, keep_at_most(merged, settings.max_pairs, settings.max_pairs_seed), settings.eval_fraction, eval_ids, sources, merged.accepted)
+    return store_pairs(
+        open_db,
+        keep_at_most(merged, settings.max_pairs, settings.max_pairs_seed),
+        settings.eval_fraction,
+        eval_ids,
+        sources,
+        merged.accepted,
+    )
 
 
 def store_pairs(

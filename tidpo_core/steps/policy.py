@@ -116,14 +116,29 @@ def train_policy(
     log: Callable[[str], None] | None = None,
 ) -> PolicyResult:
     log = log_to(log)
-    options = with_stored_reward_model(open_db, inputs.reference, with_optimizer_recipe(inputs.reference, engine_options))
-    if options.get("reference_kl") == "cached" and options.get("loss_type") == "tidpo" and options.get("alpha", 0) > 0 and not inputs.weights.get("reference_kl_top_k"):
+    options = with_stored_reward_model(
+        open_db, inputs.reference, with_optimizer_recipe(inputs.reference, engine_options)
+    )
+    if (
+        options.get("reference_kl") == "cached"
+        and options.get("loss_type") == "tidpo"
+        and options.get("alpha", 0) > 0
+        and not inputs.weights.get("reference_kl_top_k")
+    ):
         raise UserInputError(
             "reference_kl: cached needs the reference top-k stored with the token weights: "
             "materialize token_weights with reference_kl_top_k > 0 (e.g. 64) first"
         )
-    lambda_ = run_settings.weight_lambda if run_settings.weight_lambda is not None else inputs.weights["importance"]["lambda"]
-    start_version = tracking.champion_version(tracking_to.uri, registered_model) if run_settings.init_from == "champion" else None
+    lambda_ = (
+        run_settings.weight_lambda
+        if run_settings.weight_lambda is not None
+        else inputs.weights["importance"]["lambda"]
+    )
+    start_version = (
+        tracking.champion_version(tracking_to.uri, registered_model)
+        if run_settings.init_from == "champion"
+        else None
+    )
     if run_settings.init_from == "champion" and start_version is None:
         log("init_from: champion, but there is no champion yet: starting from the reference")
     settings = {**dataclasses.asdict(run_settings), **options}
@@ -161,7 +176,9 @@ def train_policy(
         progress=True,
     )
     try:
-        reported = run_process(launch.process_command(train_config, run_settings.launch), launch.training_env())
+        reported = run_process(
+            launch.process_command(train_config, run_settings.launch), launch.training_env()
+        )
     except launch.ProcessFailed as exc:
         tracking.finish_run(tracking_to.uri, run_id, failed=True)
         raise launch.TrainingFailed(launch.failure_reason(run_dir), run_dir, mlflow_run_id=run_id) from exc
@@ -173,19 +190,25 @@ def train_policy(
     tracking.log_artifacts(tracking_to.uri, run_id, RunDir(run_dir).summary)
     version = None
     if run_settings.register_model:
-        info = tracking.log_transformers_model(tracking_to.uri, run_id, summary["final_model_path"], registered_model)
+        info = tracking.log_transformers_model(
+            tracking_to.uri, run_id, summary["final_model_path"], registered_model
+        )
         version = getattr(info, "registered_model_version", None)
     tracking.finish_run(tracking_to.uri, run_id)
     return PolicyResult(run_dir, run_id, version, summary, reported)
 
 
-def _champion_weights(tracking_uri: str, registered_model: str, version: str | None, run_dir: Path) -> Path | None:
+def _champion_weights(
+    tracking_uri: str, registered_model: str, version: str | None, run_dir: Path
+) -> Path | None:
     """The champion's weights as a folder in the run (init_from: champion), fetched once."""
     if version is None:
         return None
     path = run_dir / f"init_champion_v{version}"
     if not (path / "config.json").exists():
-        model, tokenizer = tracking.load_registered_model(tracking_uri, f"models:/{registered_model}/{version}")
+        model, tokenizer = tracking.load_registered_model(
+            tracking_uri, f"models:/{registered_model}/{version}"
+        )
         save_model_and_tokenizer(model, tokenizer, path)
     return path
 
@@ -224,5 +247,7 @@ def _mlflow_run(
     run_file.write_text(json.dumps({"run_id": run_id}))
     with open_db() as con:  # lineage: the training table as an MLflow dataset (name, digest, row count)
         frame = store.train_pairs_frame(con)
-    tracking.log_dataset(tracking_to.uri, run_id, frame, "preference_pairs/train", inputs.pairs_digest[-16:], "training")
+    tracking.log_dataset(
+        tracking_to.uri, run_id, frame, "preference_pairs/train", inputs.pairs_digest[-16:], "training"
+    )
     return run_id

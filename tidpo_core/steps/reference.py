@@ -68,7 +68,11 @@ class ReferenceHandle:
 
     def loading(self) -> dict[str, Any]:
         """Arguments of `load_model_and_tokenizer`."""
-        return {"name_or_path": self.path, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        return {
+            "name_or_path": self.path,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+        }
 
     def load(self) -> tuple[Any, Any]:
         return load_model_and_tokenizer(**self.loading())
@@ -115,7 +119,9 @@ def build_reference(
     if recipe.model_name_or_path:
         built = _checked_checkpoint(recipe, layout.imported_models, log_to(log))
     else:
-        built = _embedded_model(open_db, recipe, tiny, layout.reference_model, pairs_digest, encoding, progress, log_to(log))
+        built = _embedded_model(
+            open_db, recipe, tiny, layout.reference_model, pairs_digest, encoding, progress, log_to(log)
+        )
     if tracking_to is None:
         return built
     run_id = tracking.start_run(
@@ -123,14 +129,21 @@ def build_reference(
         tracking_to.experiment_id,
         "reference_model",
         tracking_to.tags,
-        {**dataclasses.asdict(recipe), **dataclasses.asdict(tiny), "fingerprint": built.handle.fingerprint, "path": built.handle.path},
+        {
+            **dataclasses.asdict(recipe),
+            **dataclasses.asdict(tiny),
+            "fingerprint": built.handle.fingerprint,
+            "path": built.handle.path,
+        },
     )
     tracking.log_metric_series(tracking_to.uri, run_id, "sft/loss", built.sft_losses)
     tracking.finish_run(tracking_to.uri, run_id)
     return dataclasses.replace(built, handle=dataclasses.replace(built.handle, mlflow_run_id=run_id))
 
 
-def _checked_checkpoint(recipe: ReferenceRecipe, imports_dir: Path, log: Callable[[str], None]) -> ReferenceBuilt:
+def _checked_checkpoint(
+    recipe: ReferenceRecipe, imports_dir: Path, log: Callable[[str], None]
+) -> ReferenceBuilt:
     # Validate the checkpoint without loading its weights: an 8B model has no business in the
     # orchestrator's memory; the steps that need it load it themselves. A GGUF file (or a shipped model's
     # short name) is the exception: it is converted once into an HF folder that every later step loads.
@@ -138,7 +151,9 @@ def _checked_checkpoint(recipe: ReferenceRecipe, imports_dir: Path, log: Callabl
         if resolves_to_import(recipe.model_name_or_path):
             log(f"reference model: importing {recipe.model_name_or_path} into {imports_dir} (once per file)")
         source = resolve_model_source(recipe.model_name_or_path, imports_dir)
-        model_config = check_model_available(source, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision)
+        model_config = check_model_available(
+            source, trust_remote_code=recipe.trust_remote_code, revision=recipe.revision
+        )
     except OSError as exc:  # a missing folder or file, an unknown hub id, no network, a wheel not installed
         raise UserInputError(f"reference model: {exc}", model=recipe.model_name_or_path) from None
     chat = _has_template(source)
@@ -180,7 +195,9 @@ def _embedded_model(
     progress: bool,
     log: Callable[[str], None],
 ) -> ReferenceBuilt:
-    build_key = digest({"pairs": pairs_digest, "config": {**dataclasses.asdict(recipe), **dataclasses.asdict(tiny)}})
+    build_key = digest(
+        {"pairs": pairs_digest, "config": {**dataclasses.asdict(recipe), **dataclasses.asdict(tiny)}}
+    )
     marker = path / BUILD_MARKER
     reused = marker.exists() and json.loads(marker.read_text()).get("build_key") == build_key
     if reused:

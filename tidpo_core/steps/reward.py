@@ -77,7 +77,13 @@ def beats_chance(accuracy: float, min_accuracy_margin: float) -> bool:
 
 
 def reward_fingerprint(pairs_digest: str, reference: ReferenceHandle, settings: RewardModelSettings) -> str:
-    return digest({"pairs": pairs_digest, "reference": reference.fingerprint, "training": dataclasses.asdict(settings.training())})
+    return digest(
+        {
+            "pairs": pairs_digest,
+            "reference": reference.fingerprint,
+            "training": dataclasses.asdict(settings.training()),
+        }
+    )
 
 
 def train_reward(
@@ -113,19 +119,41 @@ def train_reward(
     training_metrics = final_metrics(info.get("history", []))
 
     def record(run_id: str | None, version: str | None) -> None:
-        _record(open_db, fingerprint, reference, pairs_digest, out_dir, held_out, info, settings, run_id, version)
+        _record(
+            open_db, fingerprint, reference, pairs_digest, out_dir, held_out, info, settings, run_id, version
+        )
 
-    run_id, version = (previous.mlflow_run_id, previous.registered_version) if previous is not None else (None, None)
+    run_id, version = (
+        (previous.mlflow_run_id, previous.registered_version) if previous is not None else (None, None)
+    )
     if tracking_to is None:
         record(run_id, version)
     elif _finished_and_registered(tracking_to.uri, registered_model, run_id, version):
         log(f"reward model already logged in MLflow run {run_id} as {registered_model} version {version}")
         record(run_id, version)
     else:
-        resume = run_id if run_id is not None and tracking.run_status(tracking_to.uri, run_id) not in ("FINISHED", "DELETED") else None
+        resume = (
+            run_id
+            if run_id is not None
+            and tracking.run_status(tracking_to.uri, run_id) not in ("FINISHED", "DELETED")
+            else None
+        )
         if resume is not None:
             log(f"resuming MLflow run {resume}, interrupted before it registered the reward model")
-        run_id, version = _track(tracking_to, registered_model, open_db, record, resume, out_dir, info, held_out, reference, settings, pairs_digest, fingerprint)
+        run_id, version = _track(
+            tracking_to,
+            registered_model,
+            open_db,
+            record,
+            resume,
+            out_dir,
+            info,
+            held_out,
+            reference,
+            settings,
+            pairs_digest,
+            fingerprint,
+        )
     return RewardHandle(
         path=str(out_dir),
         fingerprint=fingerprint,
@@ -141,7 +169,13 @@ def train_reward(
 
 
 def _train_model(
-    open_db: OpenDb, reference: ReferenceHandle, settings: RewardModelSettings, out_dir: Any, fingerprint: str, progress: bool, log: Callable[[str], None]
+    open_db: OpenDb,
+    reference: ReferenceHandle,
+    settings: RewardModelSettings,
+    out_dir: Any,
+    fingerprint: str,
+    progress: bool,
+    log: Callable[[str], None],
 ) -> None:
     with open_db() as con:
         train_pairs = store.read_pairs(con, split="train")
@@ -155,7 +189,9 @@ def _train_model(
         build_key=fingerprint,
         progress=progress,
     )
-    log(f"reward model trained on {result.train_pairs} pairs in {result.steps} steps ({result.seconds:.1f} s)")
+    log(
+        f"reward model trained on {result.train_pairs} pairs in {result.steps} steps ({result.seconds:.1f} s)"
+    )
 
 
 def _record(
@@ -191,7 +227,9 @@ def _record(
         )
 
 
-def _held_out(previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs: list, settings: RewardModelSettings) -> RewardHeldOut:
+def _held_out(
+    previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs: list, settings: RewardModelSettings
+) -> RewardHeldOut:
     """The model's held-out figures: as recorded for this folder, else computed (the eval pairs are part of
     the model's key: the pairs digest covers every pair's split)."""
     if previous is not None and previous.eval_pairs == len(eval_pairs):
@@ -199,7 +237,9 @@ def _held_out(previous: store.RewardModelRecord | None, out_dir: Any, eval_pairs
     return held_out_accuracy(load_reward_function(out_dir, batch_size=settings.eval_batch_size), eval_pairs)
 
 
-def with_stored_reward_model(open_db: OpenDb, reference: ReferenceHandle, options: Mapping[str, Any]) -> dict[str, Any]:
+def with_stored_reward_model(
+    open_db: OpenDb, reference: ReferenceHandle, options: Mapping[str, Any]
+) -> dict[str, Any]:
     """`options` (training settings) with grpo_reward_model filled in when grpo_reward is `model` and no folder
     is given: the newest reward model the reward_model asset trained on this reference."""
     options = dict(options)
@@ -220,7 +260,10 @@ def _finished_and_registered(tracking_uri: str, name: str, run_id: str | None, v
     """Whether the recorded run finished and its version is still in the registry (then nothing is logged again)."""
     if run_id is None or version is None or tracking.run_status(tracking_uri, run_id) != "FINISHED":
         return False
-    return any(str(v.version) == str(version) and v.run_id == run_id for v in tracking.model_versions(tracking_uri, name))
+    return any(
+        str(v.version) == str(version) and v.run_id == run_id
+        for v in tracking.model_versions(tracking_uri, name)
+    )
 
 
 def _track(
@@ -258,10 +301,14 @@ def _track(
     )
     record(run_id, None)
     try:
-        if not tracking.metric_history(uri, run_id, "eval_accuracy"):  # a resumed run may have its curves already
+        if not tracking.metric_history(
+            uri, run_id, "eval_accuracy"
+        ):  # a resumed run may have its curves already
             for entry in info.get("history", []):
                 step = int(entry.get("step", 0))
-                tracking.log_metrics(uri, run_id, {k: v for k, v in entry.items() if k not in ("step", "epoch")}, step=step)
+                tracking.log_metrics(
+                    uri, run_id, {k: v for k, v in entry.items() if k not in ("step", "epoch")}, step=step
+                )
             with open_db() as con:
                 frame = store.train_pairs_frame(con)
             tracking.log_dataset(uri, run_id, frame, "preference_pairs/train", pairs_digest[-16:], "training")
@@ -272,7 +319,11 @@ def _track(
                 run_id,
                 out_dir,
                 registered_model,
-                tags={"held_out_accuracy": f"{held_out.accuracy:.4f}", "eval_pairs": str(held_out.pairs), "fingerprint": fingerprint},
+                tags={
+                    "held_out_accuracy": f"{held_out.accuracy:.4f}",
+                    "eval_pairs": str(held_out.pairs),
+                    "fingerprint": fingerprint,
+                },
             )
         )
     except BaseException:

@@ -80,7 +80,9 @@ class WeightsReport:
     """How the weighing was sharded (None: nothing to weigh)."""
 
 
-def _contrastive_paths(open_db: OpenDb, reference: ReferenceHandle, settings: WeighingSettings) -> tuple[str, str]:
+def _contrastive_paths(
+    open_db: OpenDb, reference: ReferenceHandle, settings: WeighingSettings
+) -> tuple[str, str]:
     paths = (settings.contrastive_positive_path, settings.contrastive_negative_path)
     if not any(paths):
         with open_db() as con:
@@ -98,11 +100,17 @@ def _contrastive_paths(open_db: OpenDb, reference: ReferenceHandle, settings: We
     return paths
 
 
-def weights_identity(open_db: OpenDb, reference: ReferenceHandle, settings: WeighingSettings) -> tuple[str, dict[str, Any], tuple[str, str]]:
+def weights_identity(
+    open_db: OpenDb, reference: ReferenceHandle, settings: WeighingSettings
+) -> tuple[str, dict[str, Any], tuple[str, str]]:
     """(fingerprint, the importance settings it covers, the contrastive model paths if any)."""
     if settings.reference_kl_top_k < 0:
         raise UserInputError(f"reference_kl_top_k must be >= 0, got {settings.reference_kl_top_k}")
-    importance: dict[str, Any] = {"lambda": settings.weight_lambda, "normalization": settings.normalization, "temperature": settings.temperature}
+    importance: dict[str, Any] = {
+        "lambda": settings.weight_lambda,
+        "normalization": settings.normalization,
+        "temperature": settings.temperature,
+    }
     if settings.estimator != "attribution" or settings.exclude_eos:
         # Only off the default, so that weights stored before estimators existed keep their fingerprint.
         importance |= {"estimator": settings.estimator, "exclude_eos": settings.exclude_eos}
@@ -132,10 +140,14 @@ def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
         contrastive = tuple(load_model_and_tokenizer(path)[0] for path in task["contrastive_paths"])
 
     def weigh(items: pa.Table, progress: bool) -> pa.Table:
-        keys = list(zip(*(items.column(name).to_pylist() for name in ("pair_id", "side", "text_digest")), strict=True))
+        keys = list(
+            zip(*(items.column(name).to_pylist() for name in ("pair_id", "side", "text_digest")), strict=True)
+        )
         encoded = [
             encode_response(tokenizer, prompt, text, settings.encoding)
-            for prompt, text in zip(items.column("prompt").to_pylist(), items.column("text").to_pylist(), strict=True)
+            for prompt, text in zip(
+                items.column("prompt").to_pylist(), items.column("text").to_pylist(), strict=True
+            )
         ]
         importances = compute_token_importance(
             model,
@@ -151,7 +163,10 @@ def shard_worker(task: Mapping[str, Any]) -> ShardWorker:
             eos_token_id=closing_token_id(tokenizer),  # a chat model's end-of-turn token
             contrastive_models=contrastive,
         )
-        return store.weight_shard_table(token_weights_row(*key, enc, imp) for key, enc, imp in zip(keys, encoded, importances, strict=True))
+        return store.weight_shard_table(
+            token_weights_row(*key, enc, imp)
+            for key, enc, imp in zip(keys, encoded, importances, strict=True)
+        )
 
     return ShardWorker(weigh, (model, *(contrastive or ())))
 
@@ -192,9 +207,15 @@ def weigh_tokens(
     say(f"{len(todo)} responses to weigh, {len(wanted) - len(todo)} reused")
     outcome = None
     if todo:
-        task = {"reference": reference.loading(), "settings": dataclasses.asdict(settings), "contrastive_paths": list(contrastive_paths)}
+        task = {
+            "reference": reference.loading(),
+            "settings": dataclasses.asdict(settings),
+            "contrastive_paths": list(contrastive_paths),
+        }
         keys = [key for key, _, _ in todo]
-        plan = make_plan(SHARD_KIND, fingerprint, task, keys, shard_size(settings.batch_size, precompute.batches_per_shard))
+        plan = make_plan(
+            SHARD_KIND, fingerprint, task, keys, shard_size(settings.batch_size, precompute.batches_per_shard)
+        )
         items = pa.table(
             {
                 "pair_id": [key[0] for key in keys],
@@ -205,12 +226,20 @@ def weigh_tokens(
             }
         )
         outcome = run_sharded(
-            layout.precompute(SHARD_KIND, fingerprint), plan, items, precompute, run_process=run_process, progress=progress, log=say
+            layout.precompute(SHARD_KIND, fingerprint),
+            plan,
+            items,
+            precompute,
+            run_process=run_process,
+            progress=progress,
+            log=say,
         )
         with open_db() as con:
             loaded = store.load_weight_shards(con, fingerprint, outcome.files)
         remove_folder(outcome.folder)
-        say(f"{loaded} responses' weights loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)")
+        say(
+            f"{loaded} responses' weights loaded from {outcome.planned} shards ({outcome.reused} reused from an interrupted run)"
+        )
     else:
         # A run killed after its load committed but before the folder went: the shards are in DuckDB.
         remove_folder(layout.precompute(SHARD_KIND, fingerprint))

@@ -14,7 +14,9 @@ from tidpo_core.store import connection
 from tidpo_core.store.connection import now
 
 
-def missing_anchor_pair_ids(con: duckdb.DuckDBPyConnection, fingerprint: str, split: str = "train") -> list[str]:
+def missing_anchor_pair_ids(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, split: str = "train"
+) -> list[str]:
     rows = con.execute(
         """
         SELECT p.pair_id FROM preference_pairs p
@@ -49,7 +51,9 @@ def insert_anchors(
 
 def anchor_shard_table(pair_ids: Sequence[str], anchors: Sequence[str]) -> pa.Table:
     """One shard of sampled anchors as load_anchor_shards reads it: (pair_id, anchor)."""
-    return pa.table({"pair_id": pa.array(list(pair_ids), pa.string()), "anchor": pa.array(list(anchors), pa.string())})
+    return pa.table(
+        {"pair_id": pa.array(list(pair_ids), pa.string()), "anchor": pa.array(list(anchors), pa.string())}
+    )
 
 
 def load_anchor_shards(
@@ -76,9 +80,10 @@ def read_anchors(con: duckdb.DuckDBPyConnection, fingerprint: str) -> dict[str, 
     return dict(rows)
 
 
-
 def anchor_count(con: duckdb.DuckDBPyConnection, fingerprint: str) -> int:
-    return con.execute("SELECT count(*) FROM anchor_responses WHERE fingerprint = ?", [fingerprint]).fetchone()[0]
+    return con.execute(
+        "SELECT count(*) FROM anchor_responses WHERE fingerprint = ?", [fingerprint]
+    ).fetchone()[0]
 
 
 def first_anchors(con: duckdb.DuckDBPyConnection, fingerprint: str, limit: int) -> list[tuple[str, str, str]]:

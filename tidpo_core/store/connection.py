@@ -155,7 +155,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 def _number_quarantine_from_one(con: duckdb.DuckDBPyConnection) -> None:
     """Stores made before 2026-12 numbered quarantined rows from 0 (`row_number`); editors count from 1."""
-    columns = {row[0] for row in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'quarantine'").fetchall()}
+    columns = {
+        row[0]
+        for row in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'quarantine'"
+        ).fetchall()
+    }
     if "row_number" in columns:
         with transaction(con):
             con.execute("ALTER TABLE quarantine RENAME COLUMN row_number TO line_1based")
@@ -179,7 +184,8 @@ def now() -> datetime:
 
 def table_digest(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] = ()) -> str:
     """A content digest of a query result, order-independent; used for lineage and change detection."""
-    row = con.execute(f"SELECT count(*), coalesce(bit_xor(hash(t)), 0) FROM ({query}) t", list(params)).fetchone()
+    row = con.execute(
+        f"SELECT count(*), coalesce(bit_xor(hash(t)), 0) FROM ({query}) t", list(params)
+    ).fetchone()
     assert row is not None
     return f"{row[0]}-{int(row[1]) & 0xFFFFFFFFFFFFFFFF:016x}"
-

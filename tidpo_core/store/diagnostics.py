@@ -25,7 +25,9 @@ def integrity_problems(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
     return {
         "duplicate_pairs": count("SELECT count(*) - count(DISTINCT pair_id) FROM preference_pairs"),
-        "duplicate_anchors": count("SELECT count(*) - count(DISTINCT (pair_id, fingerprint)) FROM anchor_responses"),
+        "duplicate_anchors": count(
+            "SELECT count(*) - count(DISTINCT (pair_id, fingerprint)) FROM anchor_responses"
+        ),
         "duplicate_weight_rows": count(
             "SELECT count(*) - count(DISTINCT (fingerprint, pair_id, side, position)) FROM token_weights"
         ),
@@ -45,9 +47,17 @@ def integrity_problems(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 def contents(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """Everything stored, keyed by content (fingerprints are content hashes, so two data dirs compare)."""
-    pairs = {r[0]: tuple(r[1:]) for r in con.execute("SELECT pair_id, prompt, chosen, rejected, split FROM preference_pairs").fetchall()}
+    pairs = {
+        r[0]: tuple(r[1:])
+        for r in con.execute(
+            "SELECT pair_id, prompt, chosen, rejected, split FROM preference_pairs"
+        ).fetchall()
+    }
     quarantine = con.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-    anchors = {(r[0], r[1]): r[2] for r in con.execute("SELECT fingerprint, pair_id, anchor FROM anchor_responses").fetchall()}
+    anchors = {
+        (r[0], r[1]): r[2]
+        for r in con.execute("SELECT fingerprint, pair_id, anchor FROM anchor_responses").fetchall()
+    }
     weights = {
         (r[0], r[1], r[2]): (tuple(r[3]), tuple(r[4]), tuple(r[5]))
         for r in con.execute(
@@ -56,4 +66,10 @@ def contents(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         ).fetchall()
     }
     metrics = con.execute("SELECT model, metric, value FROM evaluation_metrics").fetchall()
-    return {"pairs": pairs, "quarantine": quarantine, "anchors": anchors, "weights": weights, "metrics": metrics}
+    return {
+        "pairs": pairs,
+        "quarantine": quarantine,
+        "anchors": anchors,
+        "weights": weights,
+        "metrics": metrics,
+    }

@@ -95,7 +95,10 @@ def read_pairs(con: duckdb.DuckDBPyConnection, split: str | None = None) -> list
         params.append(split)
     query += " ORDER BY pair_id"
     columns = ["pair_id", "prompt", "chosen", "rejected", "source", "meta_json"]
-    return [PreferencePair.from_row(dict(zip(columns, row, strict=True))) for row in con.execute(query, params).fetchall()]
+    return [
+        PreferencePair.from_row(dict(zip(columns, row, strict=True)))
+        for row in con.execute(query, params).fetchall()
+    ]
 
 
 def read_pairs_at(path: str | Path, split: str | None = None) -> list[PreferencePair]:
@@ -105,7 +108,6 @@ def read_pairs_at(path: str | Path, split: str | None = None) -> list[Preference
         return read_pairs(con, split)
     finally:
         con.close()
-
 
 
 def pairs_digest(con: duckdb.DuckDBPyConnection) -> str:
@@ -123,21 +125,25 @@ def set_eval_split(con: duckdb.DuckDBPyConnection, eval_ids: set[str]) -> None:
     """Exactly these pairs become eval pairs (the others keep their split): for a benchmark that fixes it."""
     with connection.transaction(con):
         con.register("_eval_ids", pa.table({"pair_id": sorted(eval_ids)}))
-        con.execute("UPDATE preference_pairs SET split = 'eval' WHERE pair_id IN (SELECT pair_id FROM _eval_ids)")
+        con.execute(
+            "UPDATE preference_pairs SET split = 'eval' WHERE pair_id IN (SELECT pair_id FROM _eval_ids)"
+        )
         con.unregister("_eval_ids")
 
 
 def first_pairs(con: duckdb.DuckDBPyConnection, limit: int) -> list[tuple[str, str, str, str, str]]:
     """(pair_id, split, prompt, chosen, rejected) of the first pairs by id: a preview."""
     return con.execute(
-        "SELECT pair_id, split, prompt, chosen, rejected FROM preference_pairs ORDER BY pair_id LIMIT ?", [limit]
+        "SELECT pair_id, split, prompt, chosen, rejected FROM preference_pairs ORDER BY pair_id LIMIT ?",
+        [limit],
     ).fetchall()
 
 
 def first_quarantined(con: duckdb.DuckDBPyConnection, limit: int) -> list[tuple[str, int, str, str]]:
     """(source, line_1based, reason, detail) of the first quarantined rows: a preview."""
     return con.execute(
-        "SELECT source, line_1based, reason, detail FROM quarantine ORDER BY source, line_1based LIMIT ?", [limit]
+        "SELECT source, line_1based, reason, detail FROM quarantine ORDER BY source, line_1based LIMIT ?",
+        [limit],
     ).fetchall()
 
 

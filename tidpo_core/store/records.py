@@ -27,11 +27,20 @@ def record_contrastive_models(
         con.execute("DELETE FROM contrastive_models WHERE fingerprint = ?", [fingerprint])
         con.execute(
             "INSERT INTO contrastive_models VALUES (?, ?, ?, ?, ?, ?)",
-            [fingerprint, reference_fingerprint, positive, negative, json.dumps(recipe, sort_keys=True), now()],
+            [
+                fingerprint,
+                reference_fingerprint,
+                positive,
+                negative,
+                json.dumps(recipe, sort_keys=True),
+                now(),
+            ],
         )
 
 
-def latest_contrastive_models(con: duckdb.DuckDBPyConnection, reference_fingerprint: str) -> tuple[str, str] | None:
+def latest_contrastive_models(
+    con: duckdb.DuckDBPyConnection, reference_fingerprint: str
+) -> tuple[str, str] | None:
     """Paths (positive, negative) of the newest contrastive pair trained for this reference, if any."""
     row = con.execute(
         "SELECT positive_path, negative_path FROM contrastive_models WHERE reference_fingerprint = ? "
@@ -56,16 +65,25 @@ def write_metrics(
     return len(rows)
 
 
-def record_evaluation_pairs(con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]) -> None:
+def record_evaluation_pairs(
+    con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]
+) -> None:
     """The held-out pairs a version was judged on, so a later challenger can say how many it shares."""
     with connection.transaction(con):
         con.execute("DELETE FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id])
         con.executemany("INSERT INTO evaluation_pairs VALUES (?, ?)", [(mlflow_run_id, p) for p in pair_ids])
 
 
-def shared_evaluation_pairs(con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]) -> tuple[int, int]:
+def shared_evaluation_pairs(
+    con: duckdb.DuckDBPyConnection, mlflow_run_id: str, pair_ids: Sequence[str]
+) -> tuple[int, int]:
     """(shared, new): how many of `pair_ids` the run `mlflow_run_id` was also judged on, and how many not."""
-    earlier = {row[0] for row in con.execute("SELECT pair_id FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id]).fetchall()}
+    earlier = {
+        row[0]
+        for row in con.execute(
+            "SELECT pair_id FROM evaluation_pairs WHERE mlflow_run_id = ?", [mlflow_run_id]
+        ).fetchall()
+    }
     shared = sum(1 for p in pair_ids if p in earlier)
     return shared, len(pair_ids) - shared
 
@@ -84,7 +102,15 @@ class ChampionEvent:
 def record_champion_event(con: duckdb.DuckDBPyConnection, event: ChampionEvent) -> None:
     con.execute(
         "INSERT INTO champion_history VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [event.registered_model, event.version, event.event, event.previous_champion, event.compared_with, event.reason, event.recorded_at or now()],
+        [
+            event.registered_model,
+            event.version,
+            event.event,
+            event.previous_champion,
+            event.compared_with,
+            event.reason,
+            event.recorded_at or now(),
+        ],
     )
 
 
@@ -95,7 +121,6 @@ def champion_history(con: duckdb.DuckDBPyConnection, registered_model: str) -> l
         [registered_model],
     ).fetchall()
     return [ChampionEvent(*row) for row in rows]
-
 
 
 def replace_comparison(

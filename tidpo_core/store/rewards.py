@@ -72,8 +72,14 @@ def reward_model_record(con: duckdb.DuckDBPyConnection, fingerprint: str) -> Rew
     return None if row is None else _record(row)
 
 
-def latest_reward_model(con: duckdb.DuckDBPyConnection, reference_fingerprint: str | None = None) -> RewardModelRecord | None:
+def latest_reward_model(
+    con: duckdb.DuckDBPyConnection, reference_fingerprint: str | None = None
+) -> RewardModelRecord | None:
     """The newest reward model (trained on this reference, if given)."""
-    where, params = ("WHERE reference_fingerprint = ?", [reference_fingerprint]) if reference_fingerprint else ("", [])
-    row = con.execute(f"SELECT {COLUMNS} FROM reward_models {where} ORDER BY created_at DESC LIMIT 1", params).fetchone()
+    where, params = (
+        ("WHERE reference_fingerprint = ?", [reference_fingerprint]) if reference_fingerprint else ("", [])
+    )
+    row = con.execute(
+        f"SELECT {COLUMNS} FROM reward_models {where} ORDER BY created_at DESC LIMIT 1", params
+    ).fetchone()
     return None if row is None else _record(row)

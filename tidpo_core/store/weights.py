@@ -25,7 +25,9 @@ def existing_weight_keys(con: duckdb.DuckDBPyConnection, fingerprint: str) -> se
     return {(r[0], r[1], r[2]) for r in rows}
 
 
-def write_token_weights(con: duckdb.DuckDBPyConnection, fingerprint: str, rows: Iterable[dict[str, Any]]) -> int:
+def write_token_weights(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, rows: Iterable[dict[str, Any]]
+) -> int:
     """Replace the weights of every (pair, side) present in `rows`, in one transaction.
 
     Each row is one response: pair_id, side, text_digest and equal-length lists token_ids,
@@ -68,7 +70,9 @@ class _TokenRows:
         for name, key in (("token_id", "token_ids"), *((name, name) for name in _VALUE_COLUMNS)):
             values = list(map(float, row[key])) if name != "token_id" else list(map(int, row[key]))
             if len(values) != n:
-                raise ValueError(f"{key} has {len(values)} values for {n} tokens ({row['pair_id']}/{row['side']})")
+                raise ValueError(
+                    f"{key} has {len(values)} values for {n} tokens ({row['pair_id']}/{row['side']})"
+                )
             self.columns[name].extend(values)
         self._add_topk(row, n)
 
@@ -156,7 +160,9 @@ def weight_shard_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
         n = len(row["token_ids"])
         for name in _VALUE_COLUMNS:
             if len(row[name]) != n:
-                raise ValueError(f"{name} has {len(row[name])} values for {n} tokens ({row['pair_id']}/{row['side']})")
+                raise ValueError(
+                    f"{name} has {len(row[name])} values for {n} tokens ({row['pair_id']}/{row['side']})"
+                )
         for name in ("pair_id", "side", "text_digest"):
             columns[name].append(row[name])
         columns["token_ids"].append(np.asarray(row["token_ids"], dtype=np.int32).tolist())
@@ -298,7 +304,9 @@ def _attach_reference_topk(
         "SELECT reference_topk_ids, reference_topk_logp FROM token_weights "
         f"WHERE fingerprint = ? AND side IN {REFERENCE_TOPK_SIDES}"
     )
-    table = _weight_rows(con, query, fingerprint, pair_ids, pair_id_range, " ORDER BY pair_id, side, position")
+    table = _weight_rows(
+        con, query, fingerprint, pair_ids, pair_id_range, " ORDER BY pair_id, side, position"
+    )
     keys = sorted(key for key in weights if key[1] in REFERENCE_TOPK_SIDES)
     ids_column, logp_column = (table.column(i).combine_chunks() for i in (0, 1))
     if ids_column.null_count or logp_column.null_count:
@@ -310,16 +318,25 @@ def _attach_reference_topk(
         return
     lengths = pc.list_value_length(ids_column)
     k = pc.min(lengths).as_py()
-    if k != pc.max(lengths).as_py() or not pc.all(pc.equal(lengths, pc.list_value_length(logp_column))).as_py():
-        raise ValueError(f"token weights {fingerprint!r} mix reference top-k sizes; re-materialize token_weights")
+    if (
+        k != pc.max(lengths).as_py()
+        or not pc.all(pc.equal(lengths, pc.list_value_length(logp_column))).as_py()
+    ):
+        raise ValueError(
+            f"token weights {fingerprint!r} mix reference top-k sizes; re-materialize token_weights"
+        )
     ids = ids_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
     logp = logp_column.values.to_numpy(zero_copy_only=False).reshape(-1, k)
     counts = np.fromiter((len(weights[key].token_ids) for key in keys), dtype=np.int64, count=len(keys))
     bounds = np.concatenate([[0], np.cumsum(counts)])
     if bounds[-1] != len(ids):
-        raise ValueError(f"token weights {fingerprint!r}: {len(ids)} cached tokens for {bounds[-1]} weighted tokens")
+        raise ValueError(
+            f"token weights {fingerprint!r}: {len(ids)} cached tokens for {bounds[-1]} weighted tokens"
+        )
     for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
-        weights[key] = dataclasses.replace(weights[key], reference_topk_ids=ids[a:b], reference_topk_logp=logp[a:b])
+        weights[key] = dataclasses.replace(
+            weights[key], reference_topk_ids=ids[a:b], reference_topk_logp=logp[a:b]
+        )
 
 
 @dataclass(frozen=True)
@@ -345,7 +362,9 @@ class WeightsValidity:
     uncovered_responses: int
 
 
-def weights_validity(con: duckdb.DuckDBPyConnection, fingerprint: str, anchors_fingerprint: str) -> WeightsValidity:
+def weights_validity(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, anchors_fingerprint: str
+) -> WeightsValidity:
     """Non-finite values, the worst per-response mean weight (should be 1), and train responses (chosen,
     rejected, anchor) that have no weights."""
     non_finite = con.execute(

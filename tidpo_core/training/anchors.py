@@ -46,10 +46,17 @@ def sample_anchor_features(
     sides: dict[str, dict[str, np.ndarray]] = {}
     for pair_id, enc, imp in zip(keep, encoded, importances, strict=True):
         response_ids = np.asarray(enc.input_ids)[np.asarray(enc.response_mask, dtype=bool)]
-        weights = store.StoredWeights(response_ids, imp.attribution, imp.prior, imp.weight, imp.reference_logp)
+        weights = store.StoredWeights(
+            response_ids, imp.attribution, imp.prior, imp.weight, imp.reference_logp
+        )
         sides[pair_id] = side_features(
-            "anchor", enc, weights, lambda_=config.weight_lambda, normalization=config.weight_normalization,
-            uniform_weights=config.uniform_token_weights, label=f"{pair_id}/anchor",
+            "anchor",
+            enc,
+            weights,
+            lambda_=config.weight_lambda,
+            normalization=config.weight_normalization,
+            uniform_weights=config.uniform_token_weights,
+            label=f"{pair_id}/anchor",
         )
     return texts, sides
 
@@ -70,7 +77,9 @@ class _AnchorRefresh:
         if config.anchor_refresh_every <= 0:
             return None
         if not loss_config.needs_anchor:
-            raise ValueError("anchor_refresh_every needs a loss with a triplet term (loss_type tidpo, gamma > 0)")
+            raise ValueError(
+                "anchor_refresh_every needs a loss with a triplet term (loss_type tidpo, gamma > 0)"
+            )
         weigher = reference_module if reference_module is not None else _load_reference(config)[0]
         con = store.connect(config.duckdb_path, read_only=True)
         try:
@@ -82,7 +91,9 @@ class _AnchorRefresh:
     def apply(self, policy, features_by_id, *, seed: int = 0, texts: dict[str, str] | None = None) -> int:
         """Sample (or restore) the anchors and put them into the features; returns how many changed."""
         self.weigher.to(next(policy.parameters()).device)
-        new_texts, sides = sample_anchor_features(policy, self.weigher, self.tokenizer, self.prompts, self.config, seed, texts)
+        new_texts, sides = sample_anchor_features(
+            policy, self.weigher, self.tokenizer, self.prompts, self.config, seed, texts
+        )
         for pair_id, side in sides.items():
             if pair_id in features_by_id:
                 features_by_id[pair_id].update(side)
@@ -93,7 +104,9 @@ class _AnchorRefresh:
         """The batch with fresh anchors for its own prompts, sampled from `policy` now (anchor_refresh_every 1)."""
         self.weigher.to(next(policy.parameters()).device)
         prompts = {pair_id: self.prompts[pair_id] for pair_id in batch.pair_ids}
-        new_texts, sides = sample_anchor_features(policy, self.weigher, self.tokenizer, prompts, self.config, seed)
+        new_texts, sides = sample_anchor_features(
+            policy, self.weigher, self.tokenizer, prompts, self.config, seed
+        )
         for pair_id, side in sides.items():
             features_by_id[pair_id].update(side)
         self.texts.update(new_texts)

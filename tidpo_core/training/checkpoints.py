@@ -85,7 +85,9 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         param.grad = None
 
 
-def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def without_tied_copies(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A gathered state dict without the keys the model ties to another (lm_head to the embeddings).
 
     FSDP and ZeRO-3 gather tied parameters as separate tensors, so save_pretrained cannot see that they

@@ -199,7 +199,9 @@ class TrainConfig:
 
     def loss_config(self) -> LossConfig:
         if self.is_grpo:
-            raise ValueError("loss_type grpo has no preference loss: it trains through tidpo_core.training.grpo_loop")
+            raise ValueError(
+                "loss_type grpo has no preference loss: it trains through tidpo_core.training.grpo_loop"
+            )
         return LossConfig(
             loss_type=self.loss_type,
             beta=self.beta,
@@ -217,7 +219,9 @@ class TrainConfig:
             # A TrainConfig built outside the pipeline knows nothing of its reference: today's default.
             self.optimizer_recipe = "scratch"
         if self.optimizer_recipe not in OPTIMIZER_RECIPES:
-            raise ValueError(f"optimizer_recipe must be auto, scratch or paper, got {self.optimizer_recipe!r}")
+            raise ValueError(
+                f"optimizer_recipe must be auto, scratch or paper, got {self.optimizer_recipe!r}"
+            )
         for name, value in OPTIMIZER_RECIPES[self.optimizer_recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -230,21 +234,29 @@ class TrainConfig:
         if self.weights_mode not in ("precomputed", "online"):
             raise ValueError(f"weights_mode must be 'precomputed' or 'online', got {self.weights_mode!r}")
         if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+            raise ValueError(
+                f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
+            )
         if self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
         if self.init_model_path and self.lora:
             # LoRA's reference is its base with the adapter off: starting from other weights would change it.
-            raise ValueError("init_model_path cannot be combined with lora: under LoRA the starting weights are the reference")
+            raise ValueError(
+                "init_model_path cannot be combined with lora: under LoRA the starting weights are the reference"
+            )
         self.lora_target_modules = list(self.lora_target_modules)
         if self.is_grpo:
             self._check_grpo()
 
     def _check_grpo(self) -> None:
         if self.grpo_num_generations < 2:
-            raise ValueError(f"grpo_num_generations must be >= 2 (a group's std needs two rewards), got {self.grpo_num_generations}")
+            raise ValueError(
+                f"grpo_num_generations must be >= 2 (a group's std needs two rewards), got {self.grpo_num_generations}"
+            )
         if self.grpo_max_completion_length < 1:
-            raise ValueError(f"grpo_max_completion_length must be >= 1, got {self.grpo_max_completion_length}")
+            raise ValueError(
+                f"grpo_max_completion_length must be >= 1, got {self.grpo_max_completion_length}"
+            )
         if self.grpo_num_iterations < 1:
             raise ValueError(f"grpo_num_iterations must be >= 1, got {self.grpo_num_iterations}")
         # Written as "not (x > 0)" so that NaN is rejected too.

@@ -36,7 +36,7 @@ def frozen_reference(model: torch.nn.Module, autocast: Callable[[], Any] | None 
     model.requires_grad_(False)
 
     def logits(**inputs: Any) -> torch.Tensor:
-        with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
+        with torch.no_grad(), autocast() if autocast is not None else nullcontext():
             return model(**inputs).logits
 
     return logits
@@ -76,9 +76,9 @@ def online_weights(model: torch.nn.Module, lambda_: float, normalization: Normal
         out = torch.zeros_like(stacked["weights"])
         for row in range(out.shape[0]):
             if mask[row].any():
-                out[row, mask[row]] = hybrid_weights(attribution[row][mask[row]].float().cpu(), lambda_, normalization).to(
-                    out.device, out.dtype
-                )
+                out[row, mask[row]] = hybrid_weights(
+                    attribution[row][mask[row]].float().cpu(), lambda_, normalization
+                ).to(out.device, out.dtype)
         return out
 
     return weights
@@ -129,7 +129,8 @@ def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _F
         reference_logps=reference_logps,
         seq_kl=kl,
         pooled_hidden=_pooled_hidden(
-            layout.hidden_per_token(out.hidden_states[-1].to(compute_dtype(out.hidden_states[-1]))), stacked["response_mask"]
+            layout.hidden_per_token(out.hidden_states[-1].to(compute_dtype(out.hidden_states[-1]))),
+            stacked["response_mask"],
         )
         if want_hidden
         else None,

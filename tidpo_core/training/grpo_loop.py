@@ -105,7 +105,9 @@ def grpo_arguments(config: TrainConfig, output_dir: Path) -> Any:
     cpu = _use_cpu(config)
     precision = _mixed_precision(config, cpu)
     optimizers = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}
-    model_init_kwargs = {"revision": config.reference_revision} if config.reference_revision and config.grpo_beta else None
+    model_init_kwargs = (
+        {"revision": config.reference_revision} if config.reference_revision and config.grpo_beta else None
+    )
     return GRPOConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.per_device_batch_size * config.grpo_num_generations,
@@ -166,7 +168,9 @@ def _history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     return [{**_numeric(h), "step": int(h["step"])} for h in log_history if _is_step_log(h)]
 
 
-def _make_callback(config: TrainConfig, reporter: Reporter, stop: StopSignals, on_step: Any, started: list[float]):
+def _make_callback(
+    config: TrainConfig, reporter: Reporter, stop: StopSignals, on_step: Any, started: list[float]
+):
     from transformers import TrainerCallback
 
     class TidpoCallback(TrainerCallback):
@@ -182,9 +186,13 @@ def _make_callback(config: TrainConfig, reporter: Reporter, stop: StopSignals, o
             step = int(state.global_step)
             values = _numeric(logs)
             if "num_tokens" in values:
-                values["tokens_per_second"] = values["num_tokens"] / max(time.perf_counter() - started[0], 1e-9)
+                values["tokens_per_second"] = values["num_tokens"] / max(
+                    time.perf_counter() - started[0], 1e-9
+                )
             if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm") if k in values):
-                raise NonFiniteLossError(f"non-finite GRPO loss or gradient norm at optimizer step {step}: {logs}")
+                raise NonFiniteLossError(
+                    f"non-finite GRPO loss or gradient norm at optimizer step {step}: {logs}"
+                )
             reporter.metrics(step, values)
             if on_step is not None:
                 on_step(step, values)
@@ -238,7 +246,12 @@ def train_grpo(config: TrainConfig, on_step: Any = None) -> TrainSummary:
 
 
 def _train(
-    config: TrainConfig, args: Any, reporter: Reporter, stop: StopSignals, on_step: Any, timings: dict[str, float]
+    config: TrainConfig,
+    args: Any,
+    reporter: Reporter,
+    stop: StopSignals,
+    on_step: Any,
+    timings: dict[str, float],
 ) -> TrainSummary:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -251,20 +264,28 @@ def _train(
     if accelerator.is_main_process and not config.resume:
         shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
-    last = get_last_checkpoint(str(run_dir.checkpoints)) if config.resume and run_dir.checkpoints.is_dir() else None
+    last = (
+        get_last_checkpoint(str(run_dir.checkpoints))
+        if config.resume and run_dir.checkpoints.is_dir()
+        else None
+    )
     _log_start(config, trainer, reporter, len(prompts), last)
     start_step = int(Path(last).name.split("-")[-1]) if last else 0
     started[0] = time.perf_counter()
     with warnings.catch_warnings(), threads_for(policy) as thread_plan:
         reporter.log(f"torch threads: {thread_plan.intra_op} ({thread_plan.reason})")
         # TRL 1.16 reads transformers' deprecated gradient_checkpointing names around every generation.
-        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning
+        )
         trainer.train(resume_from_checkpoint=last)
         threads_used = torch.get_num_threads()
     timings["loop_s"] = seconds = time.perf_counter() - started[0]
     if callback.stopped_at is not None:
         saved = run_dir.checkpoints / f"checkpoint-{callback.stopped_at}"
-        name = signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+        name = (
+            signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+        )
         raise TrainingInterrupted(
             f"stopped by {name} after optimizer step {callback.stopped_at} of {trainer.state.max_steps}; the state is saved in "
             f"{saved} and a re-run resumes from it"
@@ -281,7 +302,9 @@ def _train(
     return summary
 
 
-def _grpo_trainer(config: TrainConfig, args: Any, callback: Any, timings: dict[str, float]) -> tuple[Any, Any, Any, list[str]]:
+def _grpo_trainer(
+    config: TrainConfig, args: Any, callback: Any, timings: dict[str, float]
+) -> tuple[Any, Any, Any, list[str]]:
     """TRL's GRPOTrainer on the train prompts with the configured reward: (trainer, policy, tokenizer, prompts)."""
     from datasets import Dataset
     from trl import GRPOTrainer
@@ -327,14 +350,19 @@ def _lora_config(config: TrainConfig, args: Any) -> Any:
     if args.distributed_state.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise ValueError("loss_type grpo with lora runs on one process or DDP, not under FSDP or DeepSpeed")
     return LoraConfig(
-        task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, target_modules=list(config.lora_target_modules),
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
     )
 
 
 def _parameter_counts(model: Any) -> tuple[int, int]:
     """(trainable, total) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def _log_start(config: TrainConfig, trainer: Any, reporter: Reporter, prompts: int, last: str | None) -> None:
@@ -350,7 +378,13 @@ def _log_start(config: TrainConfig, trainer: Any, reporter: Reporter, prompts: i
 
 
 def _summary(
-    trainer: Any, run_dir: RunDir, last: str | None, start_step: int, seconds: float, threads_used: int, timings: dict[str, float]
+    trainer: Any,
+    run_dir: RunDir,
+    last: str | None,
+    start_step: int,
+    seconds: float,
+    threads_used: int,
+    timings: dict[str, float],
 ) -> TrainSummary:
     state, accelerator = trainer.state, trainer.accelerator
     history = _history(state.log_history)
@@ -395,7 +429,9 @@ def _save_final(trainer: Any, tokenizer: Any, config: TrainConfig, final_path: P
         trainer.save_model(str(staging))  # gathers a sharded model; writes on the main process
         if accelerator.is_main_process:
             tokenizer.save_pretrained(staging)
-            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of TRL's arguments, not the model's
+            (staging / "training_args.bin").unlink(
+                missing_ok=True
+            )  # a pickle of TRL's arguments, not the model's
     if accelerator.is_main_process:
         shutil.rmtree(final_path, ignore_errors=True)
         staging.rename(final_path)

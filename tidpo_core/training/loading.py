@@ -30,15 +30,21 @@ def load_training_features(
         anchors = None
         if loss_config.needs_anchor:
             if not config.anchors_fingerprint:
-                raise ValueError("loss tidpo with gamma > 0 needs anchors_fingerprint (the anchor_responses asset)")
+                raise ValueError(
+                    "loss tidpo with gamma > 0 needs anchors_fingerprint (the anchor_responses asset)"
+                )
             anchors = store.read_anchors(con, config.anchors_fingerprint)
         read_s += time.perf_counter() - started
         if not pairs:
             raise ValueError(f"no training pairs in {config.duckdb_path}")
         if not config.weights_fingerprint and loss_config.needs_reference and not loss_config.needs_kl:
-            raise ValueError(f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint")
+            raise ValueError(
+                f"loss {config.loss_type} needs precomputed reference log-probs: set weights_fingerprint"
+            )
         if not config.weights_fingerprint and config.cached_reference_kl:
-            raise ValueError("reference_kl: cached reads the reference top-k stored with the token weights: set weights_fingerprint")
+            raise ValueError(
+                "reference_kl: cached reads the reference top-k stored with the token weights: set weights_fingerprint"
+            )
         pairs = sorted(pairs, key=lambda p: p.pair_id)  # chunks are id ranges; the loader shuffles anyway
         for begin in range(0, len(pairs), FEATURE_CHUNK_PAIRS):
             chunk = pairs[begin : begin + FEATURE_CHUNK_PAIRS]
@@ -47,7 +53,10 @@ def load_training_features(
             if config.weights_fingerprint:
                 id_range = (chunk[0].pair_id, chunk[-1].pair_id)
                 stored = store.read_token_weights(
-                    con, config.weights_fingerprint, pair_id_range=id_range, with_reference_topk=config.cached_reference_kl
+                    con,
+                    config.weights_fingerprint,
+                    pair_id_range=id_range,
+                    with_reference_topk=config.cached_reference_kl,
                 )
             read_s += time.perf_counter() - started
             started = time.perf_counter()

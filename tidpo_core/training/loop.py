@@ -93,7 +93,18 @@ def _run(
     # The thread plan for this model (tidpo_core.runtime.threads); restored on return, for in-process runs.
     with threads_for(models.policy) as thread_plan:
         reporter.log(f"torch threads: {thread_plan.intra_op} ({thread_plan.reason})")
-        return _train_loaded(config, loss_config, accelerator, reporter, on_step, stop, faults, models, timings, thread_plan.intra_op)
+        return _train_loaded(
+            config,
+            loss_config,
+            accelerator,
+            reporter,
+            on_step,
+            stop,
+            faults,
+            models,
+            timings,
+            thread_plan.intra_op,
+        )
 
 
 def _train_loaded(
@@ -129,8 +140,11 @@ def _announce(run: RunState, reporter: Reporter, pairs: int) -> None:
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
         f"{run.trainable_count:,} of {run.total_count:,} parameters trainable, "
         f"{config.optimizer} at lr {config.learning_rate:g} with {config.warmup_steps} warm-up steps ({config.optimizer_recipe} recipe)"
-        + (f", SeqKL from {'the cached reference top-k' if config.cached_reference_kl else 'a reference forward'}"
-           if run.loss_config.needs_kl else "")
+        + (
+            f", SeqKL from {'the cached reference top-k' if config.cached_reference_kl else 'a reference forward'}"
+            if run.loss_config.needs_kl
+            else ""
+        )
     )
     if config.warmup_steps >= run.total_steps:
         reporter.log(
@@ -164,7 +178,9 @@ def _train_steps(
         micro_tokens = 0
         for batch in epoch_loader:
             batch = _with_current_anchors(run, batch, len(micro))
-            loss, stats, tokens, grad_norm, learning_rate = _micro_batch(run, batch, epoch, len(micro), faults)
+            loss, stats, tokens, grad_norm, learning_rate = _micro_batch(
+                run, batch, epoch, len(micro), faults
+            )
             micro.append({"loss": loss.detach(), **stats})
             micro_tokens += tokens
             if not accelerator.sync_gradients:
@@ -188,7 +204,10 @@ def _with_current_anchors(run: RunState, batch: TrainingBatch, micro_index: int)
     if refresh is not None and config.anchor_refresh_every == 1:
         # Seeded by the micro-batch's place in the run, so a resumed run samples what it would have.
         return refresh.for_batch(
-            accelerator.unwrap_model(run.policy), batch, run.features_by_id, accelerator.device,
+            accelerator.unwrap_model(run.policy),
+            batch,
+            run.features_by_id,
+            accelerator.device,
             seed=config.seed + 1_000_003 * accelerator.process_index + run.step * run.gas + micro_index,
         )
     if refresh is not None and refresh.texts:
@@ -207,8 +226,15 @@ def _micro_batch(
     config, accelerator, optimizer = run.config, run.accelerator, run.optimizer
     with accelerator.accumulate(run.policy):
         loss, stats, tokens = compute_batch_loss(
-            run.policy, run.reference, batch, run.loss_config, run.sides, run.pad_token_id, run.weights_fn,
-            config.batch_layout, run.attention,
+            run.policy,
+            run.reference,
+            batch,
+            run.loss_config,
+            run.sides,
+            run.pad_token_id,
+            run.weights_fn,
+            config.batch_layout,
+            run.attention,
         )
         if (
             faults.nan_at_step is not None
@@ -297,7 +323,9 @@ def _after_step(run: RunState, reporter: Reporter, stop: StopSignals, faults: Fa
         and step % config.anchor_refresh_every == 0
         and step < total_steps
     ):
-        count = run.refresh.apply(accelerator.unwrap_model(run.policy), run.features_by_id, seed=config.seed + step)
+        count = run.refresh.apply(
+            accelerator.unwrap_model(run.policy), run.features_by_id, seed=config.seed + step
+        )
         reporter.custom({"event": "anchors_refreshed", "step": step, "anchors": count})
         reporter.log(f"re-sampled {count} anchors from the policy after step {step}")
     if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < total_steps:
@@ -311,14 +339,18 @@ def _after_step(run: RunState, reporter: Reporter, stop: StopSignals, faults: Fa
     if step < total_steps and stop.should_stop(accelerator):
         path = run.save_checkpoint()
         reporter.custom({"event": "checkpoint", "step": step, "path": str(path)})
-        name = signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+        name = (
+            signal.Signals(stop.received).name if stop.received is not None else "a signal on another process"
+        )
         raise TrainingInterrupted(
             f"stopped by {name} after optimizer step {step} of {total_steps}; the state is saved in {path} "
             "and a re-run (re-materialize the asset) resumes from it"
         )
 
 
-def _finish(run: RunState, timings: dict[str, float], seconds: float, start_step: int, thread_count: int) -> TrainSummary:
+def _finish(
+    run: RunState, timings: dict[str, float], seconds: float, start_step: int, thread_count: int
+) -> TrainSummary:
     """Save the final model, then the summary (returned, and written as summary.json)."""
     accelerator, step = run.accelerator, run.step
     started = time.perf_counter()

@@ -76,7 +76,12 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    flags = {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[-1].split()
+    }
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
@@ -175,7 +180,9 @@ def _numel(parameter: torch.nn.Parameter) -> int:
 def _zero_stage(accelerator: Accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return int(
+        accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    )
 
 
 def _check_sharding_support(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -185,10 +192,12 @@ def _check_sharding_support(config: TrainConfig, accelerator: Accelerator) -> No
     if not sharded:
         return
     unsupported = [
-        name for name, used in (
+        name
+        for name, used in (
             ("weights_mode: online", config.weights_mode == "online" and config.loss_type == "tidpo"),
             ("anchor_refresh_every > 0", config.anchor_refresh_every > 0),
-        ) if used
+        )
+        if used
     ]
     if unsupported:
         raise ValueError(

@@ -88,7 +88,10 @@ class RunState:
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(
-            self.accelerator, self.checkpoint_root, self.step, self.checkpoint_state(self.step),
+            self.accelerator,
+            self.checkpoint_root,
+            self.step,
+            self.checkpoint_state(self.step),
             self.config.keep_checkpoints,
         )
 
@@ -116,9 +119,13 @@ def prepare(
     model_config = getattr(policy, "config", None)
     attention = attention_implementation(model_config)
     if config.batch_layout == "shared_prompt":
-        obstacle = shared_prompt_obstacle(model_config, config.max_prompt_tokens + config.max_response_tokens + 1)
+        obstacle = shared_prompt_obstacle(
+            model_config, config.max_prompt_tokens + config.max_response_tokens + 1
+        )
         if obstacle:
-            raise ValueError(f"batch_layout: shared_prompt cannot run this model: {obstacle}; set batch_layout: padded")
+            raise ValueError(
+                f"batch_layout: shared_prompt cannot run this model: {obstacle}; set batch_layout: padded"
+            )
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable_count = sum(_numel(p) for p in trainable)
     total_count = sum(_numel(p) for p in policy.parameters())
@@ -139,35 +146,59 @@ def prepare(
     reference, weights_fn = _reference_and_weights(config, loss_config, accelerator, models, policy)
     output_dir = Path(config.output_dir)
     return RunState(
-        config=config, loss_config=loss_config, accelerator=accelerator, policy=policy,
-        tokenizer=models.tokenizer, optimizer=optimizer, scheduler=scheduler, loader=loader,
-        reference=reference, weights_fn=weights_fn, refresh=refresh,
-        features_by_id={f["pair_id"]: f for f in features}, sides=sides, pad_token_id=pad_token_id,
-        attention=attention, output_dir=output_dir, checkpoint_root=RunDir(output_dir).checkpoints, gas=gas,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
+        config=config,
+        loss_config=loss_config,
+        accelerator=accelerator,
+        policy=policy,
+        tokenizer=models.tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        reference=reference,
+        weights_fn=weights_fn,
+        refresh=refresh,
+        features_by_id={f["pair_id"]: f for f in features},
+        sides=sides,
+        pad_token_id=pad_token_id,
+        attention=attention,
+        output_dir=output_dir,
+        checkpoint_root=RunDir(output_dir).checkpoints,
+        gas=gas,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        num_epochs=math.ceil(total_steps / steps_per_epoch),
         layout={
             "num_processes": accelerator.num_processes,
             "per_device_batch_size": config.per_device_batch_size,
             "gradient_accumulation_steps": gas,
             "seed": config.seed,
         },
-        trainable_count=trainable_count, total_count=total_count,
+        trainable_count=trainable_count,
+        total_count=total_count,
     )
 
 
 def _reference_and_weights(
-    config: TrainConfig, loss_config: LossConfig, accelerator: Accelerator, models: Models, policy: torch.nn.Module
+    config: TrainConfig,
+    loss_config: LossConfig,
+    accelerator: Accelerator,
+    models: Models,
+    policy: torch.nn.Module,
 ) -> tuple[ReferenceFn | None, WeightsFn | None]:
     """Where the reference logits come from (a frozen model, the adapter-disabled base, or nowhere: the
     cached top-k), and the online token weights when asked for; `policy` is the prepared policy."""
     reference: ReferenceFn | None = None
     if models.reference_module is not None:
-        reference = frozen_reference(_place_reference(accelerator, models.reference_module), accelerator.autocast)
+        reference = frozen_reference(
+            _place_reference(accelerator, models.reference_module), accelerator.autocast
+        )
     elif loss_config.needs_kl and models.peft_model is not None and not config.cached_reference_kl:
         reference = adapter_disabled_reference(policy, accelerator.unwrap_model(policy))
     weights_fn = None
     if config.weights_mode == "online" and config.loss_type == "tidpo" and not config.uniform_weights:
-        weights_fn = online_weights(accelerator.unwrap_model(policy), config.weight_lambda, config.weight_normalization)
+        weights_fn = online_weights(
+            accelerator.unwrap_model(policy), config.weight_lambda, config.weight_normalization
+        )
     return reference, weights_fn
 
 

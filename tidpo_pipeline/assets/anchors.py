@@ -24,7 +24,12 @@ AnchorConfig = config_class(
 )
 
 
-@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"duckdb", "pytorch"}, description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.")
+@dg.asset(
+    group_name=GROUP,
+    op_tags=MODEL_OP_TAGS,
+    kinds={"duckdb", "pytorch"},
+    description="One response per train prompt sampled from the reference policy: the triplet loss's anchor.",
+)
 def anchor_responses(
     context: dg.AssetExecutionContext,
     config: AnchorConfig,  # type: ignore[valid-type]

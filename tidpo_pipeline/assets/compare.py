@@ -30,6 +30,7 @@ COMPARISON_TRAINING_FIELDS = core_fields(
     defaults={"warmup_steps": 4},
 )
 
+
 class ComparisonBenchmarks(BenchmarkConfig):
     benchmarks: list[str] = Field(default_factory=list)
     """lm-eval benchmarks for every run (see the evaluation asset); none by default: 6 methods x seeds runs."""

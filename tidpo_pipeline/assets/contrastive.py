@@ -12,7 +12,10 @@ from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, TidpoDuckDB, TidpoStorage
 
 ContrastiveModelsConfig = config_class(
-    "ContrastiveModelsConfig", "The SFT recipe of both contrastive models.", DocumentedConfig, core_fields(ContrastiveSFT)
+    "ContrastiveModelsConfig",
+    "The SFT recipe of both contrastive models.",
+    DocumentedConfig,
+    core_fields(ContrastiveSFT),
 )
 
 

@@ -19,7 +19,10 @@ from tidpo_pipeline.placement import MODEL_OP_TAGS
 from tidpo_pipeline.resources import ComputeThreads, MlflowTracking, QualityRules, TidpoDuckDB, TidpoStorage
 
 EvaluationConfig = config_class(
-    "EvaluationConfig", "How the policy is evaluated beside its reference.", BenchmarkConfig, core_fields(EvaluationSettings)
+    "EvaluationConfig",
+    "How the policy is evaluated beside its reference.",
+    BenchmarkConfig,
+    core_fields(EvaluationSettings),
 )
 
 
@@ -36,13 +39,33 @@ def _benchmark_rows(results: dict[str, list[BenchmarkResult]]) -> list[dict[str,
             if r.details.get("unavailable_checks"):
                 unavailable = "; ".join(f"{k}: {v}" for k, v in r.details["unavailable_checks"].items())
                 note = f"checks unavailable: {unavailable}"
-            rows.append({"model": model, "task": r.task, "status": r.status, "documents": str(r.documents), "scores": scores or "-", "reason / note": note or "-"})
+            rows.append(
+                {
+                    "model": model,
+                    "task": r.task,
+                    "status": r.status,
+                    "documents": str(r.documents),
+                    "scores": scores or "-",
+                    "reason / note": note or "-",
+                }
+            )
     return rows
 
 
-def _skipped_rows(evaluations: dict[str, ModelEvaluation], bench_results: dict[str, list[BenchmarkResult]]) -> list[dict[str, str]]:
-    rows = [{"model": m, "metrics": group, "reason": reason} for m, e in evaluations.items() for group, reason in e.skipped.items()]
-    rows += [{"model": m, "metrics": r.task, "reason": f"{r.status}: {r.reason}"} for m, results in bench_results.items() for r in results if r.status != "ok"]
+def _skipped_rows(
+    evaluations: dict[str, ModelEvaluation], bench_results: dict[str, list[BenchmarkResult]]
+) -> list[dict[str, str]]:
+    rows = [
+        {"model": m, "metrics": group, "reason": reason}
+        for m, e in evaluations.items()
+        for group, reason in e.skipped.items()
+    ]
+    rows += [
+        {"model": m, "metrics": r.task, "reason": f"{r.status}: {r.reason}"}
+        for m, results in bench_results.items()
+        for r in results
+        if r.status != "ok"
+    ]
     return rows
 
 
@@ -50,7 +73,10 @@ def _samples_preview(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, 
     rows = []
     for model, e in evaluations.items():
         if e.samples is not None:
-            rows += [{"model": model, "prompt": prompt_cell(p, 160), "sample": t} for p, t in list(zip(e.samples.prompts, e.samples.texts, strict=True))[:3]]
+            rows += [
+                {"model": model, "prompt": prompt_cell(p, 160), "sample": t}
+                for p, t in list(zip(e.samples.prompts, e.samples.texts, strict=True))[:3]
+            ]
     return rows
 
 
@@ -63,7 +89,13 @@ def _samples_preview(evaluations: dict[str, ModelEvaluation]) -> list[dict[str, 
         "reference, diversity, critical-token precision and phrase rate, opt-in benchmarks (TruthfulQA, IFEval, "
         "HumanEval); token-importance heatmaps and training curves; the gate that decides the champion alias."
     ),
-    check_specs=[dg.AssetCheckSpec("evaluation_gate", asset="evaluation", description="trained metric > reference metric + margin, and no worse than the current champion's; only then the model becomes champion")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "evaluation_gate",
+            asset="evaluation",
+            description="trained metric > reference metric + margin, and no worse than the current champion's; only then the model becomes champion",
+        )
+    ],
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -95,23 +127,41 @@ def evaluation(
     metrics, gate, version = report.metrics, report.gate, policy.model_version
     outcome = f"version {version} is the champion" if report.champion else "the champion is unchanged"
     # Short enough for the UI's one-line preview; the numbers follow in the key-metrics tables.
-    summary = f"**Gate {'passed' if gate.passed else 'failed'}** (compared with {gate.compared_with}): {outcome}."
+    summary = (
+        f"**Gate {'passed' if gate.passed else 'failed'}** (compared with {gate.compared_with}): {outcome}."
+    )
     key_names = [name for name, _ in KEY_METRICS if name in metrics["policy"]]
     skipped = _skipped_rows(report.evaluations, report.benchmarks)
     samples = _samples_preview(report.evaluations)
     versus_champion = (
-        {"key_metrics_vs_champion": dg.MetadataValue.md(markdown_table(
-            comparison_rows(metrics["policy"], metrics["champion"], key_names, baseline=f"champion v{report.champion_version}")
-        ))}
+        {
+            "key_metrics_vs_champion": dg.MetadataValue.md(
+                markdown_table(
+                    comparison_rows(
+                        metrics["policy"],
+                        metrics["champion"],
+                        key_names,
+                        baseline=f"champion v{report.champion_version}",
+                    )
+                )
+            )
+        }
         if "champion" in metrics
         else {}
     )
     shared = report.shared_with_champion
     return dg.MaterializeResult(
-        value={"metrics": metrics, "gate_passed": gate.passed, "champion": report.champion, "output_dir": str(report.out_dir)},
+        value={
+            "metrics": metrics,
+            "gate_passed": gate.passed,
+            "champion": report.champion,
+            "output_dir": str(report.out_dir),
+        },
         metadata={
             "summary": dg.MetadataValue.md(summary),
-            "key_metrics": dg.MetadataValue.md(markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))),
+            "key_metrics": dg.MetadataValue.md(
+                markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))
+            ),
             **versus_champion,
             # The key metrics also as numbers, which the UI plots across materializations.
             **{f"policy/{k}": round(metrics["policy"][k], 4) for k in key_names},
@@ -126,13 +176,21 @@ def evaluation(
                 for group, rows in grouped_comparison_rows(metrics["policy"], metrics["reference"]).items()
             },
             "skipped": dg.MetadataValue.md(markdown_table(skipped) if skipped else "_nothing skipped_"),
-            "benchmarks": dg.MetadataValue.md(markdown_table(_benchmark_rows(report.benchmarks)) if report.benchmarks else "_no benchmarks requested (config `benchmarks`)_"),
+            "benchmarks": dg.MetadataValue.md(
+                markdown_table(_benchmark_rows(report.benchmarks))
+                if report.benchmarks
+                else "_no benchmarks requested (config `benchmarks`)_"
+            ),
             "samples": dg.MetadataValue.md(markdown_table(samples, 160) if samples else "_no samples_"),
             **picture_metadata(report.pictures),
             "output_dir": dg.MetadataValue.path(str(report.out_dir)),
             "gate": report.verdict,
             "compared_with": gate.compared_with,
-            **({"eval_pairs_shared_with_champion": shared[0], "eval_pairs_new_since_champion": shared[1]} if shared is not None else {}),
+            **(
+                {"eval_pairs_shared_with_champion": shared[0], "eval_pairs_new_since_champion": shared[1]}
+                if shared is not None
+                else {}
+            ),
             "champion": report.champion,
             "mlflow_run_id": policy.mlflow_run_id,
             "mlflow_model_version": str(version),
@@ -141,7 +199,12 @@ def evaluation(
             dg.AssetCheckResult(
                 check_name="evaluation_gate",
                 passed=gate.passed,
-                metadata={"description": report.verdict, "metric": quality.gate_metric, "margin": quality.gate_margin, "tiebreak": str(quality.gate_tiebreak)},
+                metadata={
+                    "description": report.verdict,
+                    "metric": quality.gate_metric,
+                    "margin": quality.gate_margin,
+                    "tiebreak": str(quality.gate_tiebreak),
+                },
             )
         ],
     )

@@ -19,7 +19,11 @@ def through_pipes(context: dg.AssetExecutionContext, client: dg.PipesSubprocessC
             # Dagster's own Pipes context reads a preview property of every message reader; the warning is
             # about Dagster's internals, not about anything this asset does.
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader.expected_writer_count`", category=dg.PreviewWarning)
+                warnings.filterwarnings(
+                    "ignore",
+                    message=r"Function `PipesMessageReader.expected_writer_count`",
+                    category=dg.PreviewWarning,
+                )
                 return client.run(context=context, command=command, env=env).get_materialize_result().metadata
         except DagsterPipesExecutionError as exc:
             raise ProcessFailed(str(exc)) from exc
@@ -27,7 +31,9 @@ def through_pipes(context: dg.AssetExecutionContext, client: dg.PipesSubprocessC
     return run
 
 
-def precompute_runner(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient, settings: PrecomputeSettings) -> ProcessRunner | None:
+def precompute_runner(
+    context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient, settings: PrecomputeSettings
+) -> ProcessRunner | None:
     """Launched precompute processes run through Dagster Pipes (rank 0 reports progress); in process: none."""
     return None if settings.launcher == "in_process" else through_pipes(context, client)
 
@@ -35,7 +41,13 @@ def precompute_runner(context: dg.AssetExecutionContext, client: dg.PipesSubproc
 def shard_metadata(outcome: ShardOutcome | None, loaded: int) -> dict[str, Any]:
     """What a sharded precompute did: processes, shards planned / reused / computed, rows loaded."""
     if outcome is None:
-        return {"processes": 0, "shards_planned": 0, "shards_reused": 0, "shards_computed": 0, "rows_loaded": 0}
+        return {
+            "processes": 0,
+            "shards_planned": 0,
+            "shards_reused": 0,
+            "shards_computed": 0,
+            "rows_loaded": 0,
+        }
     return {
         "processes": outcome.processes,
         "shards_planned": outcome.planned,

@@ -17,13 +17,23 @@ class PairsAssetSettings(DocumentedConfig):
 
 
 PreferencePairsConfig = config_class(
-    "PreferencePairsConfig", "Where the preference pairs come from and how they are split.", PairsAssetSettings, core_fields(PairSources)
+    "PreferencePairsConfig",
+    "Where the preference pairs come from and how they are split.",
+    PairsAssetSettings,
+    core_fields(PairSources),
 )
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb"}, description="Validated preference pairs with a train/eval split; bad rows go to the quarantine table.")
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb"},
+    description="Validated preference pairs with a train/eval split; bad rows go to the quarantine table.",
+)
 def preference_pairs(
-    context: dg.AssetExecutionContext, config: PreferencePairsConfig, storage: TidpoStorage, duckdb: TidpoDuckDB  # type: ignore[valid-type]
+    context: dg.AssetExecutionContext,
+    config: PreferencePairsConfig,
+    storage: TidpoStorage,
+    duckdb: TidpoDuckDB,  # type: ignore[valid-type]
 ) -> dg.MaterializeResult:
     inbox = [str(p) for p in inbox_files(storage.inbox_dir)] if config.include_inbox else []
     with user_errors_as_failures():

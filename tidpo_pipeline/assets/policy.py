@@ -36,7 +36,12 @@ def training_fields(config: Any) -> dict[str, Any]:
     return {name: getattr(config, name) for name in engine_option_names()}
 
 
-@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"pytorch", "mlflow"}, description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.")
+@dg.asset(
+    group_name=GROUP,
+    op_tags=MODEL_OP_TAGS,
+    kinds={"pytorch", "mlflow"},
+    description="The trained policy: an accelerate-driven TI-DPO run launched through Dagster Pipes, checkpointed and resumable, registered in MLflow.",
+)
 def tidpo_policy(
     context: dg.AssetExecutionContext,
     config: PolicyConfig,  # type: ignore[valid-type]
@@ -51,7 +56,10 @@ def tidpo_policy(
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     inputs = PolicyInputs(
-        preference_pairs["digest"], ReferenceHandle.from_value(reference_model), anchor_responses["fingerprint"], token_weights
+        preference_pairs["digest"],
+        ReferenceHandle.from_value(reference_model),
+        anchor_responses["fingerprint"],
+        token_weights,
     )
     with user_errors_as_failures():
         run_tracking = RunTracking(mlflow_tracking.uri, mlflow_tracking.experiment_id(), mlflow_tags(context))
@@ -70,7 +78,10 @@ def tidpo_policy(
         except TrainingFailed as exc:
             raise dg.Failure(
                 description=f"training failed: {exc.reason}",
-                metadata={"run_dir": dg.MetadataValue.path(str(exc.run_dir)), "mlflow_run_id": str(exc.mlflow_run_id)},
+                metadata={
+                    "run_dir": dg.MetadataValue.path(str(exc.run_dir)),
+                    "mlflow_run_id": str(exc.mlflow_run_id),
+                },
             ) from exc
     summary, version, history = result.summary, result.model_version, result.summary["history"]
     return dg.MaterializeResult(
@@ -82,18 +93,24 @@ def tidpo_policy(
             "beta": config.beta,
             "encoding": token_weights["encoding"],
             # The pair losses' margin, or GRPO's mean reward: what the training_is_healthy check reads.
-            "step_history": [{k: h[k] for k in ("loss", "rewards/margins", "reward") if k in h} for h in history],
+            "step_history": [
+                {k: h[k] for k in ("loss", "rewards/margins", "reward") if k in h} for h in history
+            ],
         },
         metadata={
             **result.reported,
             "model_path": dg.MetadataValue.path(summary["final_model_path"]),
             "mlflow_run_id": result.mlflow_run_id,
             "mlflow_model_version": str(version),
-            "mlflow_model_uri": f"models:/{mlflow_tracking.registered_model}/{version}" if version else "not registered",
+            "mlflow_model_uri": f"models:/{mlflow_tracking.registered_model}/{version}"
+            if version
+            else "not registered",
             "steps": summary["steps"],
             "first_loss": summary["first_loss"],
             "last_loss": summary["last_loss"],
-            "final_reward_accuracy": history[-1].get("rewards/accuracies", float("nan")) if history else float("nan"),
+            "final_reward_accuracy": history[-1].get("rewards/accuracies", float("nan"))
+            if history
+            else float("nan"),
             "seconds": summary["seconds"],
         },
     )

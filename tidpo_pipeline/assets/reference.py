@@ -22,7 +22,12 @@ ReferenceModelConfig = config_class(
 )
 
 
-@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"pytorch", "mlflow"}, description="The starting policy: a configured checkpoint, or the embedded tiny Llama with a locally trained tokenizer and a short SFT.")
+@dg.asset(
+    group_name=GROUP,
+    op_tags=MODEL_OP_TAGS,
+    kinds={"pytorch", "mlflow"},
+    description="The starting policy: a configured checkpoint, or the embedded tiny Llama with a locally trained tokenizer and a short SFT.",
+)
 def reference_model(
     context: dg.AssetExecutionContext,
     config: ReferenceModelConfig,  # type: ignore[valid-type]
@@ -32,7 +37,9 @@ def reference_model(
     compute: ComputeThreads,  # unused in the body: its setup applies the thread setting
     mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
-    run_tracking = RunTracking(mlflow_tracking.uri, mlflow_tracking.experiment_id(), mlflow_tags(context))  # fails early if tracking is down
+    run_tracking = RunTracking(
+        mlflow_tracking.uri, mlflow_tracking.experiment_id(), mlflow_tags(context)
+    )  # fails early if tracking is down
     with user_errors_as_failures():
         built = build_reference(
             duckdb.get_connection,

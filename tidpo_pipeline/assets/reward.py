@@ -72,7 +72,10 @@ def reward_model(
             tracking_to=run_tracking,
             log=context.log.info,
         )
-    accuracy, passed = handle.held_out_accuracy, beats_chance(handle.held_out_accuracy, settings.min_accuracy_margin)
+    accuracy, passed = (
+        handle.held_out_accuracy,
+        beats_chance(handle.held_out_accuracy, settings.min_accuracy_margin),
+    )
     metrics = handle.metrics
     return dg.MaterializeResult(
         value=dataclasses.asdict(handle),
@@ -88,7 +91,9 @@ def reward_model(
             "reused": handle.reused,
             "mlflow_run_id": str(handle.mlflow_run_id),
             "registered_version": str(handle.registered_version),
-            "mlflow_model_uri": f"models:/{tracking.REWARD_MODEL}/{handle.registered_version}" if handle.registered_version else "not registered",
+            "mlflow_model_uri": f"models:/{tracking.REWARD_MODEL}/{handle.registered_version}"
+            if handle.registered_version
+            else "not registered",
         },
         check_results=[
             dg.AssetCheckResult(

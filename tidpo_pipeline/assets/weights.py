@@ -22,7 +22,12 @@ TokenWeightsConfig = config_class(
 )
 
 
-@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, kinds={"duckdb", "pytorch"}, description="Per-token hybrid importance (an importance estimate, by default the paper's gradient attribution, + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.")
+@dg.asset(
+    group_name=GROUP,
+    op_tags=MODEL_OP_TAGS,
+    kinds={"duckdb", "pytorch"},
+    description="Per-token hybrid importance (an importance estimate, by default the paper's gradient attribution, + Gaussian prior) and reference log-probs for chosen, rejected and anchor responses.",
+)
 def token_weights(
     context: dg.AssetExecutionContext,
     config: TokenWeightsConfig,  # type: ignore[valid-type]
