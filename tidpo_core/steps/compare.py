@@ -29,6 +29,7 @@ from tidpo_core.evaluation.comparison_report import (
     write_runs_csv,
 )
 from tidpo_core.evaluation.plots import save_comparison_png, save_training_curves_png
+from tidpo_core.evaluation.settings import ModelEvalSettings
 from tidpo_core.models.generation import SamplingSettings
 from tidpo_core.runtime import tracking
 from tidpo_core.runtime.fingerprint import digest
@@ -107,8 +108,6 @@ def compare_methods(
     engine_options = with_stored_reward_model(
         open_db, reference, with_optimizer_recipe(reference, engine_options)
     )
-    encoding = EncodingSettings(**weights["encoding"])
-    importance = weights.get("importance", {})
     recorded = {
         **asdict(settings),
         **engine_options,
@@ -132,19 +131,7 @@ def compare_methods(
         for method in settings.methods
         if method in ESTIMATOR_METHODS
     }
-    inputs = ComparisonInputs(
-        duckdb_path=str(layout.database),
-        reference_model_path=reference.path,
-        reference_revision=reference.revision,
-        trust_remote_code=reference.trust_remote_code,
-        weights_fingerprint=weights["fingerprint"],
-        anchors_fingerprint=anchors_fingerprint,
-        weight_lambda=float(importance.get("lambda", 0.7)),
-        weight_normalization=importance.get("normalization", "max"),
-        max_prompt_tokens=encoding.max_prompt_tokens,
-        max_response_tokens=encoding.max_response_tokens,
-        weights_by_method=weights_by_method,
-    )
+    inputs = _comparison_inputs(layout, reference, anchors_fingerprint, weights, weights_by_method)
     log(
         f"comparison {comparison_id}: {len(settings.methods)} methods x {len(settings.seeds)} seeds, {settings.max_steps} steps each"
     )
@@ -154,21 +141,7 @@ def compare_methods(
         methods=settings.methods,
         seeds=settings.seeds,
         train_overrides={"max_steps": settings.max_steps, **engine_options},
-        # Sampled from pi itself (temperature 1, no top-k/top-p), so the KL estimate is unbiased.
-        eval_settings=eval_settings_for(
-            float(engine_options.get("beta", 0.1)),
-            encoding,
-            batch_size=settings.batch_size,
-            sample_prompts=settings.sample_prompts,
-            critical_pairs=settings.critical_pairs,
-            sampling=SamplingSettings(
-                max_new_tokens=settings.max_new_tokens,
-                top_k=0,
-                top_p=1.0,
-                temperature=1.0,
-                seed=settings.sample_seed,
-            ),
-        ),
+        eval_settings=_run_evaluation(settings, engine_options, EncodingSettings(**weights["encoding"])),
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
@@ -183,6 +156,52 @@ def compare_methods(
     publish_pictures(pictures.values(), settings.docs_dir)
     return ComparisonReport(
         comparison_id, result, table_markdown, report_dir, csv_path, pictures, run_id, rows
+    )
+
+
+def _comparison_inputs(
+    layout: DataDir,
+    reference: ReferenceHandle,
+    anchors_fingerprint: str,
+    weights: Mapping[str, Any],
+    weights_by_method: Mapping[str, str],
+) -> ComparisonInputs:
+    """What every run of the comparison starts from: the data, the reference, the anchors and weight tables."""
+    encoding = EncodingSettings(**weights["encoding"])
+    importance = weights.get("importance", {})
+    return ComparisonInputs(
+        duckdb_path=str(layout.database),
+        reference_model_path=reference.path,
+        reference_revision=reference.revision,
+        trust_remote_code=reference.trust_remote_code,
+        weights_fingerprint=weights["fingerprint"],
+        anchors_fingerprint=anchors_fingerprint,
+        weight_lambda=float(importance.get("lambda", 0.7)),
+        weight_normalization=importance.get("normalization", "max"),
+        max_prompt_tokens=encoding.max_prompt_tokens,
+        max_response_tokens=encoding.max_response_tokens,
+        weights_by_method=dict(weights_by_method),
+    )
+
+
+def _run_evaluation(
+    settings: ComparisonSettings, engine_options: Mapping[str, Any], encoding: EncodingSettings
+) -> ModelEvalSettings:
+    """How each run is evaluated: sampled from pi itself (temperature 1, no top-k/top-p), so the KL estimate is
+    unbiased, with every run's samples drawn from the same seed."""
+    return eval_settings_for(
+        float(engine_options.get("beta", 0.1)),
+        encoding,
+        batch_size=settings.batch_size,
+        sample_prompts=settings.sample_prompts,
+        critical_pairs=settings.critical_pairs,
+        sampling=SamplingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            seed=settings.sample_seed,
+        ),
     )
 
 

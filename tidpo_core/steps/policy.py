@@ -119,16 +119,7 @@ def train_policy(
     options = with_stored_reward_model(
         open_db, inputs.reference, with_optimizer_recipe(inputs.reference, engine_options)
     )
-    if (
-        options.get("reference_kl") == "cached"
-        and options.get("loss_type") == "tidpo"
-        and options.get("alpha", 0) > 0
-        and not inputs.weights.get("reference_kl_top_k")
-    ):
-        raise UserInputError(
-            "reference_kl: cached needs the reference top-k stored with the token weights: "
-            "materialize token_weights with reference_kl_top_k > 0 (e.g. 64) first"
-        )
+    _refuse_cached_kl_without_top_k(options, inputs.weights)
     lambda_ = (
         run_settings.weight_lambda
         if run_settings.weight_lambda is not None
@@ -175,27 +166,63 @@ def train_policy(
         mlflow_run_id=run_id,
         progress=True,
     )
-    try:
-        reported = run_process(
-            launch.process_command(train_config, run_settings.launch), launch.training_env()
+    reported = _launch(train_config, run_settings, run_process, tracking_to.uri, run_id, run_dir)
+    summary = launch.read_summary(run_dir)
+    version = _finish_tracking(tracking_to.uri, run_id, run_dir, summary, run_settings, registered_model)
+    return PolicyResult(run_dir, run_id, version, summary, reported)
+
+
+def _refuse_cached_kl_without_top_k(options: Mapping[str, Any], weights: Mapping[str, Any]) -> None:
+    if (
+        options.get("reference_kl") == "cached"
+        and options.get("loss_type") == "tidpo"
+        and options.get("alpha", 0) > 0
+        and not weights.get("reference_kl_top_k")
+    ):
+        raise UserInputError(
+            "reference_kl: cached needs the reference top-k stored with the token weights: "
+            "materialize token_weights with reference_kl_top_k > 0 (e.g. 64) first"
         )
+
+
+def _launch(
+    train_config: TrainConfig,
+    run_settings: PolicyRunSettings,
+    run_process: ProcessRunner,
+    tracking_uri: str,
+    run_id: str,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Run the engine; a failed or interrupted run marks its MLflow run failed before the error goes up."""
+    try:
+        return run_process(launch.process_command(train_config, run_settings.launch), launch.training_env())
     except launch.ProcessFailed as exc:
-        tracking.finish_run(tracking_to.uri, run_id, failed=True)
+        tracking.finish_run(tracking_uri, run_id, failed=True)
         raise launch.TrainingFailed(launch.failure_reason(run_dir), run_dir, mlflow_run_id=run_id) from exc
     except BaseException:
-        tracking.finish_run(tracking_to.uri, run_id, failed=True)
+        tracking.finish_run(tracking_uri, run_id, failed=True)
         raise
-    summary = launch.read_summary(run_dir)
-    tracking.log_artifacts(tracking_to.uri, run_id, RunDir(run_dir).train_config)
-    tracking.log_artifacts(tracking_to.uri, run_id, RunDir(run_dir).summary)
+
+
+def _finish_tracking(
+    tracking_uri: str,
+    run_id: str,
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    run_settings: PolicyRunSettings,
+    registered_model: str,
+) -> str | None:
+    """Log the run's config and summary, register the model when asked, close the run; the new version."""
+    tracking.log_artifacts(tracking_uri, run_id, RunDir(run_dir).train_config)
+    tracking.log_artifacts(tracking_uri, run_id, RunDir(run_dir).summary)
     version = None
     if run_settings.register_model:
         info = tracking.log_transformers_model(
-            tracking_to.uri, run_id, summary["final_model_path"], registered_model
+            tracking_uri, run_id, summary["final_model_path"], registered_model
         )
         version = getattr(info, "registered_model_version", None)
-    tracking.finish_run(tracking_to.uri, run_id)
-    return PolicyResult(run_dir, run_id, version, summary, reported)
+    tracking.finish_run(tracking_uri, run_id)
+    return version
 
 
 def _champion_weights(
