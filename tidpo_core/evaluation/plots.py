@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,27 @@ def _fig_to_file(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
     return path
 
 
+_DrawCommand = tuple[str, float, float, str, dict]
+"""(kind, x_px, y_px, text, extra): one piece of a laid-out heatmap, with y growing downwards."""
+
+_TEXT_STYLES = {
+    "caption": {"style": "italic"},
+    "title": {"weight": "bold", "color": "#333333"},
+    "label": {"weight": "bold"},
+}
+
+
+@dataclass(frozen=True)
+class _HeatmapGeometry:
+    """Pixel sizes shared by the heatmap's layout and drawing passes."""
+
+    width_px: float
+    line_px: float
+    font_size: float
+    dpi: int
+    pad_px: float = 2.0
+
+
 def save_token_heatmap_png(
     sections: Sequence[HeatmapSection],
     path: str | Path,
@@ -135,10 +156,23 @@ def save_token_heatmap_png(
     Two passes: token widths are measured on a scratch canvas, lines are laid out, then the figure is
     made exactly as tall as its content.
     """
-    pad_px = 2.0
-    line_px = font_size * 2.0 * dpi / 72
-    width_px = width_in * dpi
+    geometry = _HeatmapGeometry(
+        width_px=width_in * dpi, line_px=font_size * 2.0 * dpi / 72, font_size=font_size, dpi=dpi
+    )
     scratch = plt.figure(figsize=(width_in, 2), dpi=dpi)
+    commands, drawn, height_px = _layout_heatmap(
+        sections, caption, _text_measurer(scratch, font_size), geometry
+    )
+    plt.close(scratch)
+    fig = plt.figure(figsize=(width_in, height_px / dpi), dpi=dpi)
+    for command in commands:
+        _draw_command(fig, command, height_px, geometry)
+    _fig_to_file(fig, path, dpi)
+    return drawn
+
+
+def _text_measurer(scratch: plt.Figure, font_size: float) -> Callable[..., float]:
+    """Width in pixels of a text drawn (then removed) on the scratch figure, in the heatmap's font."""
     renderer = scratch.canvas.get_renderer()
 
     def measure(text: str, **kwargs) -> float:
@@ -147,8 +181,18 @@ def save_token_heatmap_png(
         artist.remove()
         return width
 
-    # Layout: a list of draw commands (kind, x_px, y_px, text, extra) with y growing downwards.
-    commands: list[tuple[str, float, float, str, dict]] = []
+    return measure
+
+
+def _layout_heatmap(
+    sections: Sequence[HeatmapSection],
+    caption: str,
+    measure: Callable[..., float],
+    geometry: _HeatmapGeometry,
+) -> tuple[list[_DrawCommand], dict[str, int], float]:
+    """The draw commands, the tokens laid out per row label, and the height in pixels they need."""
+    line_px = geometry.line_px
+    commands: list[_DrawCommand] = []
     drawn: dict[str, int] = {}
     y = line_px
     if caption:
@@ -160,53 +204,58 @@ def save_token_heatmap_png(
             y += line_px
         y += line_px * 0.1
         for row in section.rows:
-            label = f"{row.label}:"
-            commands.append(("label", 0.0, y, label, {}))
-            indent = measure(label + " ", weight="bold")
-            x = indent
-            for i, (token, shade) in enumerate(zip(row.tokens, _shades(row.weights), strict=True)):
-                text = token.replace("\n", "⏎")
-                width = measure(text) + 2 * pad_px
-                if x + width > width_px and x > indent:
-                    x, y = indent, y + line_px
-                commands.append(("token", x, y, text, {"shade": shade, "span": i in row.span}))
-                x += width + 1.0
+            y = _layout_row(row, y, measure, geometry, commands)
             drawn[row.label] = drawn.get(row.label, 0) + len(row.tokens)
             y += line_px * 1.4
         y += line_px * 0.4
-    plt.close(scratch)
+    return commands, drawn, y + line_px * 0.5
 
-    height_px = y + line_px * 0.5
-    fig = plt.figure(figsize=(width_in, height_px / dpi), dpi=dpi)
-    for kind, x, top, text, extra in commands:
-        fx, fy = x / width_px, 1.0 - top / height_px
-        if kind == "token":
-            fig.text(
-                fx + pad_px / width_px,
-                fy,
-                text,
-                fontsize=font_size,
-                family="monospace",
-                parse_math=False,
-                va="baseline",
-                bbox={
-                    "boxstyle": f"square,pad={pad_px / (font_size * dpi / 72):.2f}",
-                    "facecolor": _colour(extra["shade"]),
-                    "edgecolor": "#1f4e9c" if extra["span"] else "none",
-                    "linewidth": 1.4 if extra["span"] else 0.0,
-                },
-            )
-        else:
-            style = {
-                "caption": {"style": "italic"},
-                "title": {"weight": "bold", "color": "#333333"},
-                "label": {"weight": "bold"},
-            }[kind]
-            fig.text(
-                fx, fy, text, fontsize=font_size, family="monospace", parse_math=False, va="baseline", **style
-            )
-    _fig_to_file(fig, path, dpi)
-    return drawn
+
+def _layout_row(
+    row: HeatmapRow,
+    y: float,
+    measure: Callable[..., float],
+    geometry: _HeatmapGeometry,
+    commands: list[_DrawCommand],
+) -> float:
+    """Append the row's label and its tokens, wrapped under the label's indent; returns the last line's y."""
+    label = f"{row.label}:"
+    commands.append(("label", 0.0, y, label, {}))
+    indent = measure(label + " ", weight="bold")
+    x = indent
+    for i, (token, shade) in enumerate(zip(row.tokens, _shades(row.weights), strict=True)):
+        text = token.replace("\n", "⏎")
+        width = measure(text) + 2 * geometry.pad_px
+        if x + width > geometry.width_px and x > indent:
+            x, y = indent, y + geometry.line_px
+        commands.append(("token", x, y, text, {"shade": shade, "span": i in row.span}))
+        x += width + 1.0
+    return y
+
+
+def _draw_command(
+    fig: plt.Figure, command: _DrawCommand, height_px: float, geometry: _HeatmapGeometry
+) -> None:
+    """Draw one laid-out piece: a token on its shaded (and, in the critical span, outlined) box, or text."""
+    kind, x, top, text, extra = command
+    fx, fy = x / geometry.width_px, 1.0 - top / height_px
+    font = {"fontsize": geometry.font_size, "family": "monospace", "parse_math": False, "va": "baseline"}
+    if kind != "token":
+        fig.text(fx, fy, text, **font, **_TEXT_STYLES[kind])
+        return
+    pad_px = geometry.pad_px
+    fig.text(
+        fx + pad_px / geometry.width_px,
+        fy,
+        text,
+        **font,
+        bbox={
+            "boxstyle": f"square,pad={pad_px / (geometry.font_size * geometry.dpi / 72):.2f}",
+            "facecolor": _colour(extra["shade"]),
+            "edgecolor": "#1f4e9c" if extra["span"] else "none",
+            "linewidth": 1.4 if extra["span"] else 0.0,
+        },
+    )
 
 
 def save_training_curves_png(

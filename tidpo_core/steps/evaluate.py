@@ -122,86 +122,42 @@ def evaluate_policy(
     log = log_to(log)
     with open_db() as con:
         pairs = store.read_pairs(con, split="eval")
-    eval_settings = eval_settings_for(
-        policy.beta,
-        EncodingSettings(**policy.encoding),
-        batch_size=settings.batch_size,
-        sample_prompts=settings.sample_prompts,
-        critical_pairs=settings.critical_pairs,
-        critical_k=settings.critical_k,
-        sampling=SamplingSettings(
-            max_new_tokens=settings.max_new_tokens,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            temperature=settings.temperature,
-            seed=settings.sample_seed,
-        ),
-        importance=importance,
-    )
+    eval_settings = _policy_eval_settings(policy, settings, importance)
     reference_model, tokenizer = reference.load()
     # The policy is the reference's architecture, saved by the engine: it needs the same code trust.
     policy_model, _ = load_model_and_tokenizer(
         policy.model_path, trust_remote_code=reference.trust_remote_code
     )
-    with threads_for(reference_model):
-        reference_scores = score_pairs(
-            reference_model, tokenizer, pairs, eval_settings.encoding, settings.batch_size, progress=True
-        )
-
-    def evaluate(model: Any) -> ModelEvaluation:
-        return evaluate_model(
-            model,
-            reference_model,
-            tokenizer,
-            pairs,
-            eval_settings,
-            reference_scores=reference_scores,
-            progress=True,
-        )
-
-    evaluations = {"reference": evaluate(reference_model), "policy": evaluate(policy_model)}
-    # The challenger is also judged against today's champion, on the same held-out pairs (none on a first
-    # run, or when this very version already holds the alias).
-    champion_version = tracking.champion_version(tracking_uri, registered_model)
-    if champion_version is not None and champion_version != str(policy.model_version):
-        log(f"evaluating the current champion (version {champion_version}) on the same pairs")
-        evaluations["champion"] = evaluate(
-            tracking.load_registered_model(tracking_uri, f"models:/{registered_model}/{champion_version}")[0]
-        )
-    else:
-        champion_version = None
-    metrics = {model: dict(e.metrics) for model, e in evaluations.items()}
-    bench_results: dict[str, list[BenchmarkResult]] = {}
-    for model, path in (("reference", reference.path), ("policy", policy.model_path)) if benchmarks else ():
-        log(f"benchmarks {list(benchmarks)} on the {model}")
-        bench_results[model] = run_benchmarks(path, benchmarks, benchmark_options or BenchmarkOptions())
-        metrics[model].update(benchmark_metrics(bench_results[model]))
-    gate = promotion_decision(
-        metrics["policy"],
-        metrics["reference"],
-        metrics.get("champion"),
-        gate_rule.gate_metric,
-        gate_rule.gate_margin,
-        gate_rule.gate_tiebreak,
-        gate_rule.champion_margin,
-        champion_version,
+    evaluations, champion_version = _evaluate_models(
+        reference_model,
+        policy_model,
+        tokenizer,
+        pairs,
+        eval_settings,
+        tracking_uri,
+        registered_model,
+        policy,
+        log,
     )
+    metrics = {model: dict(e.metrics) for model, e in evaluations.items()}
+    bench_results = _run_benchmarks(
+        benchmarks,
+        benchmark_options,
+        {"reference": reference.path, "policy": policy.model_path},
+        metrics,
+        log,
+    )
+    gate = _gate(metrics, gate_rule, champion_version)
     shared = _record(
         open_db, tracking_uri, registered_model, policy.mlflow_run_id, metrics, pairs, gate, champion_version
     )
     out_dir = layout.evaluation(policy.mlflow_run_id)
-    pictures = _pictures(
-        out_dir,
-        reference_model,
-        tokenizer,
-        pairs,
-        eval_settings,
-        settings,
-        policy,
-        tracking_uri,
-        registered_model,
-        metrics,
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    pictures = _heatmap_pictures(
+        out_dir, reference_model, tokenizer, pairs, eval_settings, settings, metrics["reference"]
     )
+    pictures |= _training_curves_picture(out_dir, tracking_uri, registered_model, policy)
     _write_files(out_dir, metrics, bench_results, evaluations)
     tracking.log_artifacts(tracking_uri, policy.mlflow_run_id, out_dir, artifact_path="evaluation")
     publish_pictures(pictures.values(), settings.docs_dir)
@@ -219,6 +175,103 @@ def evaluate_policy(
         shared,
         out_dir,
         pictures,
+    )
+
+
+def _policy_eval_settings(
+    policy: TrainedPolicy, settings: EvaluationSettings, importance: dict[str, Any]
+) -> ModelEvalSettings:
+    """The evaluation's settings for this policy: its beta and encoding, the step's batch and sampling settings."""
+    return eval_settings_for(
+        policy.beta,
+        EncodingSettings(**policy.encoding),
+        batch_size=settings.batch_size,
+        sample_prompts=settings.sample_prompts,
+        critical_pairs=settings.critical_pairs,
+        critical_k=settings.critical_k,
+        sampling=SamplingSettings(
+            max_new_tokens=settings.max_new_tokens,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            temperature=settings.temperature,
+            seed=settings.sample_seed,
+        ),
+        importance=importance,
+    )
+
+
+def _evaluate_models(
+    reference_model: Any,
+    policy_model: Any,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    eval_settings: ModelEvalSettings,
+    tracking_uri: str,
+    registered_model: str,
+    policy: TrainedPolicy,
+    log: Callable[[str], None],
+) -> tuple[dict[str, ModelEvaluation], str | None]:
+    """Held-out evaluations of the reference, the policy and the current champion, all scored against the
+    reference's log-probabilities (computed once); returns them with the champion's version (None: not
+    compared)."""
+    with threads_for(reference_model):
+        reference_scores = score_pairs(
+            reference_model, tokenizer, pairs, eval_settings.encoding, eval_settings.batch_size, progress=True
+        )
+
+    def evaluate(model: Any) -> ModelEvaluation:
+        return evaluate_model(
+            model,
+            reference_model,
+            tokenizer,
+            pairs,
+            eval_settings,
+            reference_scores=reference_scores,
+            progress=True,
+        )
+
+    evaluations = {"reference": evaluate(reference_model), "policy": evaluate(policy_model)}
+    # The challenger is also judged against today's champion, on the same held-out pairs (none on a first
+    # run, or when this very version already holds the alias).
+    champion_version = tracking.champion_version(tracking_uri, registered_model)
+    if champion_version is None or champion_version == str(policy.model_version):
+        return evaluations, None
+    log(f"evaluating the current champion (version {champion_version}) on the same pairs")
+    evaluations["champion"] = evaluate(
+        tracking.load_registered_model(tracking_uri, f"models:/{registered_model}/{champion_version}")[0]
+    )
+    return evaluations, champion_version
+
+
+def _run_benchmarks(
+    benchmarks: Sequence[str],
+    options: BenchmarkOptions | None,
+    model_paths: dict[str, str],
+    metrics: dict[str, dict[str, float]],
+    log: Callable[[str], None],
+) -> dict[str, list[BenchmarkResult]]:
+    """The opt-in benchmarks on each model (by name: its path); their scores join that model's `metrics`."""
+    results: dict[str, list[BenchmarkResult]] = {}
+    for model, path in model_paths.items() if benchmarks else ():
+        log(f"benchmarks {list(benchmarks)} on the {model}")
+        results[model] = run_benchmarks(path, benchmarks, options or BenchmarkOptions())
+        metrics[model].update(benchmark_metrics(results[model]))
+    return results
+
+
+def _gate(
+    metrics: dict[str, dict[str, float]], gate_rule: GateRule, champion_version: str | None
+) -> PromotionDecision:
+    """The gate's decision on the policy against the reference and, when one was evaluated, the champion."""
+    return promotion_decision(
+        metrics["policy"],
+        metrics["reference"],
+        metrics.get("champion"),
+        gate_rule.gate_metric,
+        gate_rule.gate_margin,
+        gate_rule.gate_tiebreak,
+        gate_rule.champion_margin,
+        champion_version,
     )
 
 
@@ -289,65 +342,66 @@ def _record(
     return shared
 
 
-def _pictures(
+def _heatmap_pictures(
     out_dir: Path,
     reference_model: Any,
     tokenizer: Any,
     pairs: Sequence[PreferencePair],
     eval_settings: ModelEvalSettings,
     settings: EvaluationSettings,
-    policy: TrainedPolicy,
-    tracking_uri: str,
-    registered_model: str,
-    metrics: dict[str, dict[str, float]],
+    reference_metrics: dict[str, float],
 ) -> dict[str, Path]:
-    """The token-importance heatmap (PNG and HTML) and the training curves, written into `out_dir`."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    pictures: dict[str, Path] = {}
+    """The token-importance heatmap (PNG and HTML) of the first eval pairs, those with critical spans first,
+    written into `out_dir`; rows of the best importance estimator sit beside the paper's attribution."""
     heatmap_pairs = sorted(pairs, key=lambda p: (not has_critical_spans(p), p.pair_id))[
         : max(settings.heatmap_pairs, 0)
     ]
-    best_estimator = best_importance_estimator(metrics["reference"])
-    if heatmap_pairs:
-        with threads_for(reference_model):
-            anchors = sample_responses(
-                reference_model,
-                tokenizer,
-                [p.prompt for p in heatmap_pairs],
-                SamplingSettings(seed=settings.sample_seed),
-            )
-        sections = importance_heatmap_sections(
+    best_estimator = best_importance_estimator(reference_metrics)
+    if not heatmap_pairs:
+        return {}
+    with threads_for(reference_model):
+        anchors = sample_responses(
             reference_model,
             tokenizer,
-            heatmap_pairs,
-            eval_settings.encoding,
-            anchors={p.pair_id: a for p, a in zip(heatmap_pairs, anchors, strict=True)},
-            weight_lambda=eval_settings.weight_lambda,
-            normalization=eval_settings.weight_normalization,
-            batch_size=settings.batch_size,
-            compare_with=best_estimator,
+            [p.prompt for p in heatmap_pairs],
+            SamplingSettings(seed=settings.sample_seed),
         )
-        caption = (
-            f"Hybrid token weight (lambda {eval_settings.weight_lambda}) under the reference model: darker = more important; "
-            "outlined = the critical span; anchor = a response sampled from the reference."
-        )
-        if best_estimator:
-            caption += f" Rows named side: {best_estimator} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
-        (out_dir / HEATMAP_HTML).write_text(
-            f"<html><body>{token_heatmap_html(sections, caption)}</body></html>", encoding="utf-8"
-        )
-        save_token_heatmap_png(sections, out_dir / HEATMAP_PNG, caption=caption)
-        pictures["token_heatmap"] = out_dir / HEATMAP_PNG
-        pictures["token_heatmap_html"] = out_dir / HEATMAP_HTML
+    sections = importance_heatmap_sections(
+        reference_model,
+        tokenizer,
+        heatmap_pairs,
+        eval_settings.encoding,
+        anchors={p.pair_id: a for p, a in zip(heatmap_pairs, anchors, strict=True)},
+        weight_lambda=eval_settings.weight_lambda,
+        normalization=eval_settings.weight_normalization,
+        batch_size=settings.batch_size,
+        compare_with=best_estimator,
+    )
+    caption = (
+        f"Hybrid token weight (lambda {eval_settings.weight_lambda}) under the reference model: darker = more important; "
+        "outlined = the critical span; anchor = a response sampled from the reference."
+    )
+    if best_estimator:
+        caption += f" Rows named side: {best_estimator} use that estimator (the best precision@k of this evaluation) instead of the paper's attribution."
+    (out_dir / HEATMAP_HTML).write_text(
+        f"<html><body>{token_heatmap_html(sections, caption)}</body></html>", encoding="utf-8"
+    )
+    save_token_heatmap_png(sections, out_dir / HEATMAP_PNG, caption=caption)
+    return {"token_heatmap": out_dir / HEATMAP_PNG, "token_heatmap_html": out_dir / HEATMAP_HTML}
+
+
+def _training_curves_picture(
+    out_dir: Path, tracking_uri: str, registered_model: str, policy: TrainedPolicy
+) -> dict[str, Path]:
+    """The policy's training curves, written into `out_dir` (none when no curve has a point)."""
     series = training_series(
         tracking_uri, policy.mlflow_run_id, policy.run_dir, [h["loss"] for h in policy.step_history]
     )
-    if any(series.values()):
-        title = f"training of {registered_model} version {policy.model_version} (MLflow run {policy.mlflow_run_id[:8]})"
-        save_training_curves_png({"policy": series}, out_dir / CURVES_PNG, title=title)
-        pictures["training_curves"] = out_dir / CURVES_PNG
-    return pictures
+    if not any(series.values()):
+        return {}
+    title = f"training of {registered_model} version {policy.model_version} (MLflow run {policy.mlflow_run_id[:8]})"
+    save_training_curves_png({"policy": series}, out_dir / CURVES_PNG, title=title)
+    return {"training_curves": out_dir / CURVES_PNG}
 
 
 def training_series(

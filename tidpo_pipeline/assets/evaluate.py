@@ -3,6 +3,7 @@ KL to the reference, diversity, critical-token metrics, opt-in benchmarks), pict
 importance and of training, and the gate that decides the MLflow `champion` alias."""
 
 import math
+from typing import Any
 
 import dagster as dg
 
@@ -10,7 +11,13 @@ from tidpo_core.evaluation.benchmarks import BenchmarkResult
 from tidpo_core.evaluation.evaluate import ModelEvaluation
 from tidpo_core.evaluation.metrics import KEY_METRICS, STDERR_SUFFIX, comparison_rows, grouped_comparison_rows
 from tidpo_core.steps import handle_of, settings_of
-from tidpo_core.steps.evaluate import EvaluationSettings, GateRule, TrainedPolicy, evaluate_policy
+from tidpo_core.steps.evaluate import (
+    EvaluationReport,
+    EvaluationSettings,
+    GateRule,
+    TrainedPolicy,
+    evaluate_policy,
+)
 from tidpo_core.steps.reference import ReferenceHandle
 from tidpo_pipeline.benchmark_config import BenchmarkConfig
 from tidpo_pipeline.config_from_core import config_class, core_fields
@@ -124,87 +131,123 @@ def evaluation(
         config.benchmark_options(),
         log=context.log.info,
     )
-    metrics, gate, version = report.metrics, report.gate, policy.model_version
-    outcome = f"version {version} is the champion" if report.champion else "the champion is unchanged"
-    # Short enough for the UI's one-line preview; the numbers follow in the key-metrics tables.
-    summary = (
-        f"**Gate {'passed' if gate.passed else 'failed'}** (compared with {gate.compared_with}): {outcome}."
-    )
-    key_names = [name for name, _ in KEY_METRICS if name in metrics["policy"]]
-    skipped = _skipped_rows(report.evaluations, report.benchmarks)
-    samples = _samples_preview(report.evaluations)
-    versus_champion = (
-        {
-            "key_metrics_vs_champion": dg.MetadataValue.md(
-                markdown_table(
-                    comparison_rows(
-                        metrics["policy"],
-                        metrics["champion"],
-                        key_names,
-                        baseline=f"champion v{report.champion_version}",
-                    )
-                )
-            )
-        }
-        if "champion" in metrics
-        else {}
-    )
-    shared = report.shared_with_champion
     return dg.MaterializeResult(
         value={
-            "metrics": metrics,
-            "gate_passed": gate.passed,
+            "metrics": report.metrics,
+            "gate_passed": report.gate.passed,
             "champion": report.champion,
             "output_dir": str(report.out_dir),
         },
-        metadata={
-            "summary": dg.MetadataValue.md(summary),
-            "key_metrics": dg.MetadataValue.md(
-                markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))
-            ),
-            **versus_champion,
-            # The key metrics also as numbers, which the UI plots across materializations.
-            **{f"policy/{k}": round(metrics["policy"][k], 4) for k in key_names},
-            # ... with the standard error of those estimated by sampling (the KL), where it is finite.
-            **{
-                f"policy/{k}{STDERR_SUFFIX}": round(metrics["policy"][k + STDERR_SUFFIX], 4)
-                for k in key_names
-                if math.isfinite(metrics["policy"].get(k + STDERR_SUFFIX, math.nan))
-            },
-            **{
-                f"metrics: {group}": dg.MetadataValue.md(markdown_table(rows))
-                for group, rows in grouped_comparison_rows(metrics["policy"], metrics["reference"]).items()
-            },
-            "skipped": dg.MetadataValue.md(markdown_table(skipped) if skipped else "_nothing skipped_"),
-            "benchmarks": dg.MetadataValue.md(
-                markdown_table(_benchmark_rows(report.benchmarks))
-                if report.benchmarks
-                else "_no benchmarks requested (config `benchmarks`)_"
-            ),
-            "samples": dg.MetadataValue.md(markdown_table(samples, 160) if samples else "_no samples_"),
-            **picture_metadata(report.pictures),
-            "output_dir": dg.MetadataValue.path(str(report.out_dir)),
-            "gate": report.verdict,
-            "compared_with": gate.compared_with,
-            **(
-                {"eval_pairs_shared_with_champion": shared[0], "eval_pairs_new_since_champion": shared[1]}
-                if shared is not None
-                else {}
-            ),
-            "champion": report.champion,
-            "mlflow_run_id": policy.mlflow_run_id,
-            "mlflow_model_version": str(version),
+        metadata=_evaluation_metadata(report, policy),
+        check_results=[_gate_check(report, quality)],
+    )
+
+
+def _evaluation_metadata(report: EvaluationReport, policy: TrainedPolicy) -> dict[str, Any]:
+    """The asset's metadata, in the order the UI lists it: the verdict, key metrics, every metric by group,
+    what was skipped, benchmarks, samples, pictures, then the gate's details and the MLflow lineage."""
+    metrics = report.metrics
+    key_names = [name for name, _ in KEY_METRICS if name in metrics["policy"]]
+    return {
+        "summary": dg.MetadataValue.md(_summary(report, policy.model_version)),
+        **_key_metric_tables(report, key_names),
+        **_key_metric_values(metrics["policy"], key_names),
+        **{
+            f"metrics: {group}": dg.MetadataValue.md(markdown_table(rows))
+            for group, rows in grouped_comparison_rows(metrics["policy"], metrics["reference"]).items()
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="evaluation_gate",
-                passed=gate.passed,
-                metadata={
-                    "description": report.verdict,
-                    "metric": quality.gate_metric,
-                    "margin": quality.gate_margin,
-                    "tiebreak": str(quality.gate_tiebreak),
-                },
+        **_report_tables(report),
+        **picture_metadata(report.pictures),
+        "output_dir": dg.MetadataValue.path(str(report.out_dir)),
+        **_gate_metadata(report),
+        "mlflow_run_id": policy.mlflow_run_id,
+        "mlflow_model_version": str(policy.model_version),
+    }
+
+
+def _summary(report: EvaluationReport, version: int | None) -> str:
+    """The gate's outcome, short enough for the UI's one-line preview (the numbers follow in the tables)."""
+    gate = report.gate
+    outcome = f"version {version} is the champion" if report.champion else "the champion is unchanged"
+    return (
+        f"**Gate {'passed' if gate.passed else 'failed'}** (compared with {gate.compared_with}): {outcome}."
+    )
+
+
+def _key_metric_tables(report: EvaluationReport, key_names: list[str]) -> dict[str, dg.MetadataValue]:
+    """The key metrics of the policy beside the reference's, and beside the champion's when one was compared."""
+    metrics = report.metrics
+    tables = {
+        "key_metrics": dg.MetadataValue.md(
+            markdown_table(comparison_rows(metrics["policy"], metrics["reference"], key_names))
+        )
+    }
+    if "champion" in metrics:
+        tables["key_metrics_vs_champion"] = dg.MetadataValue.md(
+            markdown_table(
+                comparison_rows(
+                    metrics["policy"],
+                    metrics["champion"],
+                    key_names,
+                    baseline=f"champion v{report.champion_version}",
+                )
             )
-        ],
+        )
+    return tables
+
+
+def _key_metric_values(policy_metrics: dict[str, float], key_names: list[str]) -> dict[str, float]:
+    """The policy's key metrics as numbers, which the UI plots across materializations, with the standard
+    error of those estimated by sampling (the KL) where it is finite."""
+    values = {f"policy/{k}": round(policy_metrics[k], 4) for k in key_names}
+    values |= {
+        f"policy/{k}{STDERR_SUFFIX}": round(policy_metrics[k + STDERR_SUFFIX], 4)
+        for k in key_names
+        if math.isfinite(policy_metrics.get(k + STDERR_SUFFIX, math.nan))
+    }
+    return values
+
+
+def _report_tables(report: EvaluationReport) -> dict[str, dg.MetadataValue]:
+    """What was skipped, the benchmark results and a few samples per model, each with a note when empty."""
+    skipped = _skipped_rows(report.evaluations, report.benchmarks)
+    samples = _samples_preview(report.evaluations)
+    return {
+        "skipped": dg.MetadataValue.md(markdown_table(skipped) if skipped else "_nothing skipped_"),
+        "benchmarks": dg.MetadataValue.md(
+            markdown_table(_benchmark_rows(report.benchmarks))
+            if report.benchmarks
+            else "_no benchmarks requested (config `benchmarks`)_"
+        ),
+        "samples": dg.MetadataValue.md(markdown_table(samples, 160) if samples else "_no samples_"),
+    }
+
+
+def _gate_metadata(report: EvaluationReport) -> dict[str, Any]:
+    """The gate's verdict, what it compared with, the eval pairs shared with the champion's evaluation, and
+    whether this version now holds the alias."""
+    shared = report.shared_with_champion
+    return {
+        "gate": report.verdict,
+        "compared_with": report.gate.compared_with,
+        **(
+            {"eval_pairs_shared_with_champion": shared[0], "eval_pairs_new_since_champion": shared[1]}
+            if shared is not None
+            else {}
+        ),
+        "champion": report.champion,
+    }
+
+
+def _gate_check(report: EvaluationReport, quality: QualityRules) -> dg.AssetCheckResult:
+    """The evaluation_gate check: the gate's decision, described by its verdict and rule."""
+    return dg.AssetCheckResult(
+        check_name="evaluation_gate",
+        passed=report.gate.passed,
+        metadata={
+            "description": report.verdict,
+            "metric": quality.gate_metric,
+            "margin": quality.gate_margin,
+            "tiebreak": str(quality.gate_tiebreak),
+        },
     )
