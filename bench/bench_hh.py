@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bench_quality, common, preparation
+from bench import bench_quality, common, preparation, quality_eval
 
 # No critical spans or phrases here; the estimators other than the paper's wait for a longer sitting (the contrastive
 # pair needs two more SFT runs on this data).
@@ -108,13 +108,13 @@ def run(quick: bool = False) -> dict[str, Any]:
             NAME, f"HH-RLHF harmless-base: {data_info['train']} train / {data_info['eval']} eval pairs"
         )
         prepared = prepare_split(work / "data", pairs, eval_ids, sizes)
-        estimator_s = bench_quality._estimator_weights(prepared, sizes, HH_METHODS)
-        evaluator = bench_quality.Evaluator(prepared, sample_new_tokens=0, phrases=False)
+        estimator_s = quality_eval.estimator_weights(prepared, sizes, HH_METHODS)
+        evaluator = quality_eval.Evaluator(prepared, sample_new_tokens=0, phrases=False)
         common.log(NAME, f"reference: {evaluator.reference}")
         runs = []
         for seed in sizes["seeds"]:
             for method, overrides in HH_METHODS.items():
-                result = bench_quality.train_and_evaluate(
+                result = quality_eval.train_and_evaluate(
                     prepared, evaluator, method, overrides, seed, work, sizes["max_steps"]
                 )
                 runs.append(result)

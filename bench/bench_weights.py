@@ -268,17 +268,11 @@ def _anchor_source(database: Path, root: Path, pairs: int) -> Path:
     return cut
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()
-    sizes = _sizes(quick)
+def _workload(sizes: dict[str, Any]):
+    """The synthetic pairs' tokenizer, a fresh tiny model, every response encoded, and its length-sorted batches."""
     from tidpo_core.batching.features import EncodingSettings, encode_response
     from tidpo_core.data.synthetic import generate_synthetic_pairs
-    from tidpo_core.models.modeling import (
-        TinyModelConfig,
-        build_tiny_model,
-        count_parameters,
-        train_tokenizer,
-    )
+    from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
     pairs = generate_synthetic_pairs(sizes["pairs"], seed=1)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=2048)
@@ -299,9 +293,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         encode_response(tokenizer, p.prompt, text, settings) for p in pairs for text in (p.chosen, p.rejected)
     ]
     batches = _batches(encoded, sizes["batch_size"], tokenizer.pad_token_id)
-    tokens = sum(len(e.input_ids) for e in encoded)
-    padded = sum(int(b[0].numel()) for b in batches)
+    return tokenizer, model, encoded, batches
 
+
+def _measure_rounds(model, encoded, batches, sizes: dict[str, Any], tokens: int) -> dict[str, list[float]]:
+    """Seconds of each measurement per round; the order alternates between rounds."""
     # Warm-up (allocator, kernels) outside the measurements.
     _forward_backward(model, batches[:2])
     _importance(model, encoded[: sizes["batch_size"] * 2], sizes["batch_size"])
@@ -325,14 +321,22 @@ def run(quick: bool = False) -> dict[str, Any]:
                 seconds = _forward_only(model, batches)
             measured[key].append(seconds)
             common.log(NAME, f"round {r + 1} {key:<17} {seconds:6.2f}s  {tokens / seconds:8.0f} tokens/s")
+    return measured
+
+
+def _figures(
+    measured: dict[str, list[float]], sizes: dict[str, Any], model, encoded, batches, tokens: int
+) -> dict[str, Any]:
+    """Setup, best-round seconds, tokens/s and the ratios against forward+backward, with the 1.5x target."""
+    from tidpo_core.models.modeling import count_parameters
 
     best = {k: min(v) for k, v in measured.items()}
     ratio = best["importance"] / best["forward_backward"]
-    figures = {
+    return {
         "setup": {
             "sequences": len(encoded),
             "tokens": tokens,
-            "padded_tokens": padded,
+            "padded_tokens": sum(int(b[0].numel()) for b in batches),
             "batch_size": sizes["batch_size"],
             "model_parameters": count_parameters(model),
             "threads": common.THREADS,
@@ -350,12 +354,24 @@ def run(quick: bool = False) -> dict[str, Any]:
         "target": {"importance_over_forward_backward": ratio, "max": TARGET, "met": ratio <= TARGET},
         "sizes": sizes,
     }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = _sizes(quick)
+    from tidpo_core.data.synthetic import generate_synthetic_pairs
+
+    tokenizer, model, encoded, batches = _workload(sizes)
+    tokens = sum(len(e.input_ids) for e in encoded)
+    measured = _measure_rounds(model, encoded, batches, sizes, tokens)
+    figures = _figures(measured, sizes, model, encoded, batches, tokens)
     sharded_pairs = generate_synthetic_pairs(sizes["sharded_pairs"], seed=2)
     figures["data_parallel"] = data_parallel(sizes, tokenizer, model, sharded_pairs)
+    tokens_per_s = figures["tokens_per_s"]
     common.log(
         NAME,
-        f"precompute {tokens / best['importance']:.0f} tok/s vs fwd+bwd {tokens / best['forward_backward']:.0f} tok/s: "
-        f"x{ratio:.2f} (target <= {TARGET})",
+        f"precompute {tokens_per_s['importance']:.0f} tok/s vs fwd+bwd {tokens_per_s['forward_backward']:.0f} tok/s: "
+        f"x{figures['ratios']['importance_over_forward_backward']:.2f} (target <= {TARGET})",
     )
     return common.write_results(NAME, figures, quick, started)
 

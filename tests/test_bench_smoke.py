@@ -51,7 +51,7 @@ def test_trl_throughput_and_loss_agreement(results_dir):
     assert doc["first_batch_loss_check"]["passed"], doc["first_batch_loss_check"]
     # The standing guards (2026-12) reach the README table: tidpo's DPO <= 0.75x TRL, cached KL <= 1.0x TRL.
     assert isinstance(doc["target"]["dpo_met"], bool) and isinstance(doc["target"]["cached_kl_met"], bool)
-    from bench.update_readme import rows_trl
+    from bench.readme_rows import rows_trl
 
     targets = [row[3] for row in rows_trl(doc)]
     assert targets[0].startswith("`dpo` <= 0.75x TRL: ") and any(
@@ -79,7 +79,7 @@ def test_weight_precompute_cost(results_dir):
         == doc["sizes"]["anchor_pairs"]
     )
     assert parallel["two_process_speedup"] > 0 and parallel["anchors_two_process_speedup"] > 0
-    from bench.update_readme import rows_weights
+    from bench.readme_rows import rows_weights
 
     assert any("data-parallel precompute" in row[1] for row in rows_weights(doc))
 
@@ -189,7 +189,7 @@ def test_hh(results_dir, shared_data):
 def test_grpo(results_dir, shared_data):
     """The GRPO baseline's comparison on both data sets, tiny: every method on every data set, a reward model on
     HH-RLHF, a verdict per metric, and the README rows render."""
-    from bench import bench_grpo, update_readme
+    from bench import bench_grpo, readme_rows
 
     doc = bench_grpo.run(quick=True)
     assert doc == _written(results_dir, "grpo")
@@ -201,7 +201,7 @@ def test_grpo(results_dir, shared_data):
     assert doc["datasets"]["builtin"]["reward"].startswith("rule reward")
     assert doc["datasets"]["hh"]["reward"].startswith("reward model")
     assert 0.0 <= doc["datasets"]["hh"]["reward_model"]["held_out_accuracy"] <= 1.0
-    rows = update_readme.rows_grpo(doc)
+    rows = readme_rows.rows_grpo(doc)
     assert any("reward model" in row[1] for row in rows)
     assert any(row[1].startswith("wall-clock training time") for row in rows)
 
@@ -292,7 +292,7 @@ def test_gpu_check_harness_runs_its_kill_and_resume_rows_on_cpu(tmp_path, monkey
 
 
 def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders():
-    from bench import bench_contention, update_readme
+    from bench import bench_contention, readme_rows
 
     sizes = bench_contention._sizes(quick=True)
     default = bench_contention._run_together(1, "sample", "default", sizes)[0]
@@ -323,7 +323,7 @@ def test_contention_workers_time_a_stage_under_each_policy_and_the_table_renders
         },
         "targets": {"slowdown_with_two_processes": 2.5, "idle_cost": 1.05},
     }
-    weights, train = update_readme.rows_contention(doc)
+    weights, train = readme_rows.rows_contention(doc)
     assert weights[2] == "13.50x vs 1.50x; idle 1.02x" and weights[3] == "<= 2.5x: met; idle <= 1.05x: met"
     assert (
         train[2] == "3.60x vs 2.60x (one thread each: 2.55x); idle 1.00x"
