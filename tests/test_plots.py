@@ -107,7 +107,7 @@ def test_empty_sections_still_draw(tmp_path):
 
 
 def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
-    from tidpo_core.evaluation.heatmaps import best_importance_variant
+    from tidpo_core.evaluation.heatmaps import best_importance_estimator
     from tidpo_core.method.importance import compute_token_importance
 
     pairs, tokenizer, model = setup
@@ -132,5 +132,5 @@ def test_heatmap_puts_another_estimator_beside_the_papers_weights(setup):
         "precision_at_k_hybrid_surprisal": 0.3,
         "precision_at_k_hybrid_surprisal_no_eos": 0.4,
     }
-    assert best_importance_variant(metrics) == "surprisal_no_eos"
-    assert best_importance_variant({"precision_at_k_hybrid": 0.5}) is None
+    assert best_importance_estimator(metrics) == "surprisal_no_eos"
+    assert best_importance_estimator({"precision_at_k_hybrid": 0.5}) is None
