@@ -83,7 +83,7 @@ class Evaluator:
             # KL(pi || ref) on pure samples of the policy (temperature 1, no top-k/top-p: unbiased).
             from dataclasses import replace
 
-            from tidpo_core.evaluation.kl import kl_to_reference
+            from tidpo_core.evaluation.kl_estimate import kl_to_reference
             from tidpo_core.evaluation.sampled_responses import KL_SAMPLING
 
             kl_sampling = replace(

@@ -23,7 +23,7 @@ from tidpo_core.evaluation.diversity import distinct_n
 from tidpo_core.evaluation.evaluate import evaluate_model
 from tidpo_core.evaluation.gate import gate_decision, not_worse_than_champion, promotion_decision
 from tidpo_core.evaluation.importance_estimators import parse_importance_estimator
-from tidpo_core.evaluation.kl import kl_from_logps, kl_to_reference
+from tidpo_core.evaluation.kl_estimate import kl_from_logps, kl_to_reference
 from tidpo_core.evaluation.preference import PairScores, preference_metrics
 from tidpo_core.evaluation.sampled_responses import sample_with_tokens
 from tidpo_core.evaluation.settings import ModelEvalSettings

@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-from tidpo_core.evaluation.kl import kl_from_logps, mean_and_stderr
+from tidpo_core.evaluation.kl_estimate import kl_from_logps, mean_and_stderr
 from tidpo_core.evaluation.metrics import comparison_rows, key_metric_lines, with_stderr
 
 

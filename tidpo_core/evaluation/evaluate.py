@@ -25,7 +25,7 @@ from tidpo_core.evaluation.critical_tokens import (
     has_critical_spans,
 )
 from tidpo_core.evaluation.diversity import diversity_metrics
-from tidpo_core.evaluation.kl import kl_to_reference
+from tidpo_core.evaluation.kl_estimate import kl_to_reference
 from tidpo_core.evaluation.preference import PairScores, preference_metrics, score_pairs
 from tidpo_core.evaluation.sampled_responses import SampledResponses, is_pure_sampling
 from tidpo_core.evaluation.settings import ModelEvalSettings
