@@ -276,6 +276,8 @@ def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
         sample_prompts=sizes.sample_prompts,
         max_new_tokens=sizes.max_response_tokens,
         critical_pairs=0,  # HH-RLHF has no planted critical spans
+        # Kept (about 0.5 GB each): a later, stronger judge re-evaluates the runs without training them again.
+        keep_models=True,
     )
     engine_options = {
         "per_device_batch_size": sizes.batch_size,
