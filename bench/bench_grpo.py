@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bench_hh, bench_quality, common, preparation
+from bench import bench_hh, common, preparation
 
 NAME = "grpo"
 METHODS = ("dpo", "tidpo", "grpo")
@@ -194,7 +194,7 @@ def _compare(
 def run_builtin(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     from tidpo_core.data.synthetic import generate_synthetic_pairs
 
-    model_config = bench_quality.tiny_model_config(sizes["tiny"])
+    model_config = preparation.tiny_model_config(sizes["tiny"])
     prepared = preparation.prepare(
         work / "data",
         generate_synthetic_pairs(sizes["builtin_pairs"], seed=0),

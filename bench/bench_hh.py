@@ -80,7 +80,7 @@ def prepare_split(
     data_dir: Path, pairs: list[Any], eval_ids: set[str], sizes: dict[str, Any]
 ) -> preparation.Prepared:
     """The reference (tokenizer + tiny Llama + SFT on the train split), anchors and token weights for HH-RLHF."""
-    model_config = bench_quality.tiny_model_config(sizes["tiny"])
+    model_config = preparation.tiny_model_config(sizes["tiny"])
     return preparation.prepare(
         data_dir,
         pairs,

@@ -47,7 +47,7 @@ def contrastive_pair_paths(
     """TIS-DPO's SFT contrastive models, trained by the pipeline's own step (as the contrastive_models asset)."""
     import dataclasses
 
-    from bench.bench_quality import tiny_model_config
+    from bench.preparation import tiny_model_config
     from tidpo_core.models.contrastive import ContrastiveSFT
     from tidpo_core.runtime.fingerprint import model_fingerprint
     from tidpo_core.runtime.layout import DataDir
@@ -198,7 +198,7 @@ def run_pretrained(model_name_or_path: str, quick: bool = False) -> dict[str, An
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from bench.bench_quality import tiny_model_config
+    from bench.preparation import tiny_model_config
     from tidpo_core.data.synthetic import generate_synthetic_pairs
 
     common.setup_threads()

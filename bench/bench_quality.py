@@ -106,20 +106,6 @@ def _sizes(quick: bool) -> dict[str, Any]:
     }
 
 
-def tiny_model_config(tiny: bool):
-    from tidpo_core.models.modeling import TinyModelConfig
-
-    if tiny:
-        return TinyModelConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    return TinyModelConfig()
-
-
 def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for method in methods:
@@ -242,7 +228,7 @@ def _prepare_position(position: str, sizes: dict[str, Any], work: Path) -> prepa
     """The built-in pairs with the safe phrase at `position`, prepared with the top-k reference cache."""
     from tidpo_core.data.synthetic import generate_synthetic_pairs
 
-    model_config = tiny_model_config(sizes["tiny"])
+    model_config = preparation.tiny_model_config(sizes["tiny"])
     common.log(NAME, f"[{position}] preparing {sizes['pairs']} synthetic pairs")
     return preparation.prepare(
         work / position,

@@ -105,19 +105,8 @@ def _log_loss_check(check: dict[str, Any]) -> None:
 
 def _prepare(sizes: dict[str, Any], work: Path) -> preparation.Prepared:
     from tidpo_core.data.synthetic import generate_synthetic_pairs
-    from tidpo_core.models.modeling import TinyModelConfig
 
-    model_config = (
-        TinyModelConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-        if sizes["tiny"]
-        else TinyModelConfig()
-    )
+    model_config = preparation.tiny_model_config(sizes["tiny"])
     common.log(
         NAME,
         f"preparing {sizes['pairs']} synthetic pairs (tokenizer, tiny Llama + SFT, anchors, token weights)",

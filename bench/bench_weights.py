@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, preparation
 
 NAME = "weights"
 TARGET = 1.5
@@ -272,21 +272,11 @@ def _workload(sizes: dict[str, Any]):
     """The synthetic pairs' tokenizer, a fresh tiny model, every response encoded, and its length-sorted batches."""
     from tidpo_core.batching.features import EncodingSettings, encode_response
     from tidpo_core.data.synthetic import generate_synthetic_pairs
-    from tidpo_core.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+    from tidpo_core.models.modeling import build_tiny_model, train_tokenizer
 
     pairs = generate_synthetic_pairs(sizes["pairs"], seed=1)
     tokenizer = train_tokenizer([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)], vocab_size=2048)
-    config = (
-        TinyModelConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-        if sizes["tiny"]
-        else TinyModelConfig()
-    )
+    config = preparation.tiny_model_config(sizes["tiny"])
     model = build_tiny_model(tokenizer, config, seed=0)
     settings = EncodingSettings()
     encoded = [

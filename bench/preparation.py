@@ -250,3 +250,18 @@ def _read_pairs(prepared: Prepared, split: str) -> list[Any]:
         return store.read_pairs(con, split=split)
     finally:
         con.close()
+
+
+def tiny_model_config(tiny: bool):
+    """The embedded default's model shape, or a much smaller one for the smoke tests' quick sizes."""
+    from tidpo_core.models.modeling import TinyModelConfig
+
+    if tiny:
+        return TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    return TinyModelConfig()
