@@ -377,9 +377,8 @@ def _evaluate_reference(plan: _ComparisonPlan, reference: _Reference) -> Compari
         model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores
     )
     run = ComparisonRun(REFERENCE, 0, evaluation.metrics, plan.inputs.reference_model_path)
-    rewards = judge_rewards(plan.scorer, evaluation.samples)
+    rewards = _judged(run, plan, evaluation.samples)
     if rewards is not None:
-        run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
         run.info["judge_rewards"] = rewards
     if plan.benchmarks:
         _add_benchmarks(run, plan.inputs.reference_model_path, plan)
@@ -415,19 +414,24 @@ def _evaluate_run(
         reused=reused,
         history=summary.get("history", []),
     )
-    rewards = judge_rewards(plan.scorer, evaluation.samples)
-    if rewards is not None:
-        run.metrics["reward_model_score"] = float(np.mean(rewards)) if rewards else float("nan")
-        if baseline is not None and len(baseline) == len(rewards) and rewards:
-            run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(
-                rewards, baseline
-            )
+    rewards = _judged(run, plan, evaluation.samples)
+    if rewards is not None and baseline is not None and len(baseline) == len(rewards):
+        run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(rewards, baseline)
     if plan.benchmarks:
         _add_benchmarks(run, model_path, plan)
     run.eval_seconds = time.perf_counter() - tic
     run.metrics["train_seconds"] = train_seconds
     run.metrics["final_train_loss"] = float(summary.get("last_loss", float("nan")))
     return run
+
+
+def _judged(run: ComparisonRun, plan: _ComparisonPlan, samples: Any) -> list[float] | None:
+    """The judge's reward of each sampled answer (None without a judge or samples); their mean is the run's
+    reward_model_score."""
+    rewards = judge_rewards(plan.scorer, samples)
+    if rewards is not None:
+        run.metrics["reward_model_score"] = float(np.mean(rewards))
+    return rewards
 
 
 def _add_benchmarks(run: ComparisonRun, model_path: str, plan: _ComparisonPlan) -> None:
