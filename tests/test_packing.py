@@ -389,12 +389,19 @@ def _independent_tidpo_loss(policy, reference, rows, weights, config):
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
-def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementation(layout):
+@pytest.mark.parametrize(
+    ("layout", "reference_kl"),
+    [("padded", "forward"), ("shared_prompt", "forward"), ("padded", "cached"), ("shared_prompt", "cached")],
+)
+def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementation(layout, reference_kl):
     """Two pairs with unequal response lengths (2/3/4 and 3/1/2 tokens): the engine's TI-DPO loss and its
-    gradient (KL inside beta, Eq. 13 triplet, live reference) equal docs/method.md computed row by row."""
+    gradient (KL inside beta, Eq. 13 triplet) equal docs/method.md computed row by row, with a live
+    reference or with the reference's log-probs and top-k cached in the batch (k = the whole vocabulary,
+    where the cached SeqKL is exact)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tidpo_core.method.kl import reference_topk
+    from tidpo_core.method.logps import token_logps
     from tidpo_core.method.losses import LossConfig
 
     def model(seed):
@@ -434,9 +441,25 @@ def test_tidpo_loss_of_a_hand_batch_in_float64_equals_an_independent_implementat
             for p in range(2):
                 side_weights[p, side_weights[p] != 0] = torch.tensor(weights[p][s], dtype=torch.float64)
         batch[f"{side}_weights"] = side_weights
+        if reference_kl == "cached":
+            with torch.no_grad():
+                ref_logits = reference(
+                    input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]
+                ).logits
+            response = stacked["response_mask"].bool()
+            batch[f"{side}_reference_logps"] = token_logps(ref_logits, stacked["input_ids"]) * response
+            if s < 2:
+                ids, logp = reference_topk(ref_logits, k=40)
+                batch[f"{side}_reference_topk_ids"] = ids * response.unsqueeze(-1)
+                batch[f"{side}_reference_topk_logp"] = logp.masked_fill(
+                    ~response.unsqueeze(-1), float("-inf")
+                )
 
     policy.zero_grad(set_to_none=True)
-    loss, stats, _ = compute_batch_loss(policy, reference, batch, config, sides, PAD, batch_layout=layout)
+    live_reference = reference if reference_kl == "forward" else None
+    loss, stats, _ = compute_batch_loss(
+        policy, live_reference, batch, config, sides, PAD, batch_layout=layout
+    )
     loss.backward()
     engine_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     assert float(stats["triplet"]) > 0 and float(stats["seq_kl/rejected"]) > 0

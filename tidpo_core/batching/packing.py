@@ -93,11 +93,18 @@ class _TokenMaps:
 
         `log_normalizer`: the logits' logsumexp over the vocabulary, when the caller has it.
         """
+        return self.vocabulary_logps(logits, stacked_input_ids.unsqueeze(-1), log_normalizer).squeeze(-1)
+
+    def vocabulary_logps(self, logits: Tensor, ids: Tensor, log_normalizer: Tensor | None = None) -> Tensor:
+        """Log-probabilities ``[S*B, T, m]`` of the vocabulary ids ``[S*B, T, m]`` at each stacked token's
+        predicting position (0 off-response). Asking for every id at once (the tokens and the reference's
+        cached top-k) makes one gather of the logits, so the backward builds one gradient of them.
+        """
         logits = logits.to(compute_dtype(logits))
         if log_normalizer is None:
             log_normalizer = torch.logsumexp(logits, dim=-1)
-        picked = self.gather_vocabulary(logits, stacked_input_ids.unsqueeze(-1)).squeeze(-1)
-        return self.scored_only(picked) - self.per_token(log_normalizer)
+        picked = self.gather_vocabulary(logits, ids)
+        return self.scored_only(picked - self.per_token(log_normalizer).unsqueeze(-1))
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,6 @@ class TokenMap(Protocol):
 
     def per_token(self, per_position: Tensor) -> Tensor: ...
 
-    def gather_vocabulary(self, per_position: Tensor, ids: Tensor) -> Tensor: ...
-
     def scored_only(self, values: Tensor) -> Tensor: ...
 
 
@@ -142,26 +140,25 @@ def pair_sequence_kl(
     response_mask: Tensor,
     *,
     reference_logits: Tensor | None = None,
-    reference_topk_ids: Tensor | None = None,
     reference_topk_logp: Tensor | None = None,
+    policy_topk_logp: Tensor | None = None,
 ) -> Tensor | None:
     """SeqKL ``[2B]`` of chosen and rejected from one forward's per-position outputs; None without a reference.
 
     `pairs` maps the positions of the logits (computed over the whole batch) to the stacked chosen and
-    rejected tokens. The reference is its full logits (exact KL) or else its cached top-k (coarsened_kl,
-    exact when k covers the vocabulary). The exact KL is taken per position and only then mapped to
-    tokens, so no per-token ``[2B, T, V]`` gather of the logits is built.
+    rejected tokens. The reference is its full logits (exact KL) or else its cached top-k log-probs
+    ``[2B, T, k]`` beside the policy's log-probs of the same ids (`policy_topk_logp`, taken by the caller
+    in the gather that also reads the tokens' log-probs; coarsened_kl, exact when k covers the
+    vocabulary). The exact KL is taken per position and only then mapped to tokens, so no per-token
+    ``[2B, T, V]`` gather of the logits is built.
     """
     if reference_logits is not None:
         per_position = kl_from_logits(
             pairs.prefix(reference_logits), pairs.prefix(policy_logits), pairs.prefix(policy_log_normalizer)
         )
         return sequence_kl(pairs.per_token(per_position), response_mask)
-    if reference_topk_ids is None or reference_topk_logp is None:
+    if reference_topk_logp is None or policy_topk_logp is None:
         return None
-    policy_top = pairs.gather_vocabulary(pairs.prefix(policy_logits), reference_topk_ids) - pairs.per_token(
-        pairs.prefix(policy_log_normalizer)
-    ).unsqueeze(-1)
-    whole_vocabulary = reference_topk_ids.shape[-1] >= policy_logits.shape[-1]
-    per_token = coarsened_kl(reference_topk_logp, policy_top, whole_vocabulary=whole_vocabulary)
+    whole_vocabulary = reference_topk_logp.shape[-1] >= policy_logits.shape[-1]
+    per_token = coarsened_kl(reference_topk_logp, policy_topk_logp, whole_vocabulary=whole_vocabulary)
     return sequence_kl(pairs.scored_only(per_token), response_mask)

@@ -95,6 +95,16 @@ class _ForwardResult:
     tokens: int
 
 
+def _token_and_topk_ids(input_ids: torch.Tensor, topk_ids: torch.Tensor | None) -> torch.Tensor:
+    """``[S*B, T, 1 + k]``: each token's id, then the reference's cached top-k ids (chosen and rejected
+    rows; the anchor rows, which SeqKL skips, ask for id 0), read from the logits in one gather."""
+    ids = input_ids.unsqueeze(-1)
+    if topk_ids is None:
+        return ids
+    unused = topk_ids.new_zeros((ids.shape[0] - topk_ids.shape[0], *topk_ids.shape[1:]))
+    return torch.cat([ids, torch.cat([topk_ids.to(ids.dtype), unused.to(ids.dtype)])], dim=-1)
+
+
 def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _ForwardResult:
     """The policy (and where needed the reference) over one batch in either layout (tidpo_core.batching.packing)."""
     pairs = layout.first_sides(2)
@@ -113,6 +123,10 @@ def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _F
     logits = out.logits.to(compute_dtype(out.logits))
     # One logsumexp serves the log-probs and the KL: no log-softmax of the policy's logits is built.
     log_normalizer = torch.logsumexp(logits, dim=-1)
+    topk_ids = stacked.get("reference_topk_ids") if loss_config.needs_kl and ref_logits is None else None
+    logps = layout.vocabulary_logps(
+        logits, _token_and_topk_ids(stacked["input_ids"], topk_ids), log_normalizer
+    )
     kl = None
     if loss_config.needs_kl:
         kl = pair_sequence_kl(
@@ -121,11 +135,11 @@ def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _F
             log_normalizer,
             pair_mask,
             reference_logits=ref_logits,
-            reference_topk_ids=stacked.get("reference_topk_ids"),
             reference_topk_logp=stacked.get("reference_topk_logp"),
+            policy_topk_logp=None if topk_ids is None else logps[: topk_ids.shape[0], :, 1:],
         )
     return _ForwardResult(
-        policy_logps=layout.token_logps(logits, stacked["input_ids"], log_normalizer),
+        policy_logps=logps[..., 0],
         reference_logps=reference_logps,
         seq_kl=kl,
         pooled_hidden=_pooled_hidden(
