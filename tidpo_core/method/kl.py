@@ -100,20 +100,21 @@ def coarsened_kl(reference_topk_logp: Tensor, policy_topk_logp: Tensor, *, whole
     bound otherwise (merging outcomes never increases a KL); the gap is what the tail mass hides.
     """
     dtype = compute_dtype(policy_topk_logp)
-    ref_logp = reference_topk_logp.to(dtype)
+    # A cached log-prob of -inf (no reference mass) becomes the most negative finite value, so its
+    # term is 0 * finite = 0 without a mask: 0 * -inf would be nan.
+    ref_logp = reference_topk_logp.to(dtype).clamp_min(torch.finfo(dtype).min)
     pol_top = policy_topk_logp.to(dtype)
     ref_p = ref_logp.exp()
-    head = torch.where(ref_p > 0, ref_p * (ref_logp - pol_top), torch.zeros_like(ref_p)).sum(-1)
+    head = (ref_p * (ref_logp - pol_top)).sum(-1)
     if whole_vocabulary:
         # Whole vocabulary cached: no rest bucket (1 - sum of probs would be rounding noise, not mass).
         return head.clamp_min(0.0)
-    # The rest bucket: 1 - (top-k mass), for each distribution; clamped so log(0) never appears.
+    # The rest bucket: 1 - (top-k mass), for each distribution; clamped so log(0) never appears (an
+    # empty reference bucket then gives 0 * finite = 0).
     tiny = torch.finfo(dtype).tiny
     ref_rest = (1.0 - ref_p.sum(-1)).clamp_min(0.0)
     pol_rest = (1.0 - pol_top.exp().sum(-1)).clamp_min(tiny)
-    rest = torch.where(
-        ref_rest > 0, ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log()), torch.zeros_like(ref_rest)
-    )
+    rest = ref_rest * (ref_rest.clamp_min(tiny).log() - pol_rest.log())
     return (head + rest).clamp_min(0.0)
 
 
