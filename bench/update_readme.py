@@ -78,11 +78,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     # Only the files this table shows: gpu.json (another machine) has its own table in the GPU section.
     shown = [results[name] for name, _ in RENDERERS if name in results]
     machine = shown[0].get("machine", {})
+    # Files measured on different days may come from different machines: name every CPU.
+    cpus = sorted({d.get("machine", {}).get("cpu_model", "?") for d in shown})
     commits = sorted({d.get("commit", "unknown")[:10] for d in shown})
     dates = sorted(d.get("created_at", "")[:10] for d in shown if d.get("created_at"))
     lines.append("")
     lines.append(
-        f"Measured on {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} cores, "
+        f"Measured on {' and '.join(cpus)}, {machine.get('usable_cores', '?')} cores, "
         f"{common.THREADS} torch threads, torch {machine.get('torch', '?')}, trl {machine.get('trl', '?')}; "
         f"commit {', '.join(commits)}; {dates[0] if dates else '?'}"
         f"{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}. "
