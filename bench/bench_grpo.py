@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_hh, common, preparation
+from bench.verdicts import verdicts as judge_methods
 
 NAME = "grpo"
 METHODS = ("dpo", "tidpo", "grpo")
@@ -79,37 +80,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def verdicts(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per metric: the best method's mean, the runner-up's, and whether the gap exceeds the two spreads together
-    (the seeds' standard deviations), else "within spread"."""
-    out: dict[str, Any] = {}
-    for metric, (label, higher) in VERDICT_METRICS.items():
-        scored = [
-            (m, row[metric])
-            for m, row in table.items()
-            if m != "reference" and isinstance(row.get(metric), dict)
-        ]
-        scored = [(m, v) for m, v in scored if v.get("mean") is not None and math.isfinite(v["mean"])]
-        if len(scored) < 2:
-            continue
-        scored.sort(key=lambda mv: mv[1]["mean"], reverse=higher)
-        (best, b), (second, s) = scored[0], scored[1]
-        gap = abs(b["mean"] - s["mean"])
-        tied = [m for m, v in scored if math.isclose(v["mean"], b["mean"], abs_tol=1e-9)]
-        out[metric] = {
-            "label": label,
-            "higher_is_better": higher,
-            "best": best,
-            "runner_up": second,
-            "tied": tied,
-            "best_mean": b["mean"],
-            "best_std": b["std"],
-            "runner_up_mean": s["mean"],
-            "runner_up_std": s["std"],
-            "separated": gap > b["std"] + s["std"],
-            "sentence": f"{label}: {best} {b['mean']:.3f} ± {b['std']:.3f} vs {second} {s['mean']:.3f} ± {s['std']:.3f}"
-            + ("" if gap > b["std"] + s["std"] else " (within the spread)"),
-        }
-    return out
+    """Per metric of VERDICT_METRICS: the leader and whether it leads by more than the spreads (bench.verdicts)."""
+    return judge_methods(table, VERDICT_METRICS)
 
 
 def _table(result: Any) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.verdicts import verdicts
 
 NAME = "real"
 MODEL = "smollm2-135m-instruct"
@@ -51,6 +52,18 @@ REPORTED = (
     "train_seconds",
     "final_train_loss",
 )
+
+# The metrics the table judges (label, higher is better); mean length has no better direction.
+VERDICT_METRICS: dict[str, tuple[str, bool]] = {
+    "reward_accuracy": ("held-out implicit-reward accuracy", True),
+    "judged_win_rate": ("judged win rate over the reference's answers", True),
+    "reward_model_score": ("judge's mean score of sampled answers", True),
+    "kl_to_reference": ("KL to the reference, nats per answer: lower stayed closer", False),
+    "distinct_2": ("distinct bigrams of sampled answers", True),
+    "truthfulqa_mc1": ("TruthfulQA MC1", True),
+    "truthfulqa_mc2": ("TruthfulQA MC2", True),
+    "train_seconds": ("wall-clock training time, s", False),
+}
 
 
 @dataclass(frozen=True)
@@ -374,6 +387,7 @@ def merge_results(section: dict[str, Any], quick: bool, started: float) -> dict[
     figures.pop("machine", None)
     figures.update(section)
     figures["targets"] = {**figures.get("targets", {}), **targets(figures)}
+    figures["verdicts"] = verdicts(figures.get("methods", {}), VERDICT_METRICS)
     return common.write_results(NAME, figures, quick, started)
 
 

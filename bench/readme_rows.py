@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.quality_eval import phrase_value
+from bench.verdicts import winner
 
 
 def _s(x: float | None) -> str:
@@ -363,15 +364,83 @@ def rows_grpo(doc: dict[str, Any]) -> list[Row]:
             values = " / ".join(
                 _ms(data["methods"][m].get(metric), 1 if metric == "train_seconds" else 3) for m in methods
             )
-            if len(verdict.get("tied", [])) > 1:
-                winner = "tie: " + " = ".join(verdict["tied"])
-            elif verdict["separated"]:
-                winner = f"best: {verdict['best']}"
-            else:
-                winner = f"best: {verdict['best']}, within the spread of {verdict['runner_up']}"
-            rows.append((title, f"{verdict['label']}: {' / '.join(methods)}", values, winner))
+            rows.append((title, f"{verdict['label']}: {' / '.join(methods)}", values, winner(verdict)))
             title = ""
     return rows
+
+
+def rows_real(doc: dict[str, Any]) -> list[Row]:
+    """bench_real: the grid on a pretrained chat model, the estimators' precision@k on it, and TRL on it."""
+    model = doc.get("setup", {}).get("model", "the pretrained model")
+    return _real_grid_rows(doc, model) + _real_importance_rows(doc, model) + _real_trl_rows(doc, model)
+
+
+def _real_grid_rows(doc: dict[str, Any], model: str) -> list[Row]:
+    from bench import bench_real
+    from bench.verdicts import verdicts
+
+    table = doc.get("methods", {})
+    if not table:
+        return []
+    rows: list[Row] = []
+    split = doc["setup"]["split_info"]
+    seeds = max((len(c["seeds"]) for row in table.values() for c in row.values()), default=0)
+    title = f"{model}, HH-RLHF harmless-base ({split['train']} train / {split['eval']} eval, {seeds} seed{'s' if seeds != 1 else ''})"
+    judge = doc.get("judge", {}).get("held_out", {})
+    if judge:
+        accuracy = f"{judge['eval_accuracy']:.3f} on {int(judge['eval_pairs'])} pairs"
+        rows.append((title, "judge (reward model on pairs no policy saw): held-out accuracy", accuracy, ""))
+        title = ""
+    methods = [m for m in (*bench_real.METHODS, "reference") if m in table]
+    judged = verdicts(table, bench_real.VERDICT_METRICS)
+    shown = {**bench_real.VERDICT_METRICS, "mean_length": ("mean answer length, tokens", True)}
+    for metric, (label, _) in shown.items():
+        if not any(metric in table[m] for m in methods):
+            continue
+        digits = 1 if metric in ("train_seconds", "mean_length") else 3
+        values = " / ".join(_ms(table[m].get(metric), digits) for m in methods)
+        verdict = winner(judged[metric]) if metric in judged else ""
+        rows.append((title, f"{label}: {' / '.join(methods)}", values, verdict))
+        title = ""
+    for name, target in doc.get("targets", {}).items():
+        gap = f"gap {target['gap']:+.3f}, spreads {target['spreads']:.3f}"
+        rows.append(("", name, gap, _mark(target["met"])))
+    return rows
+
+
+def _real_importance_rows(doc: dict[str, Any], model: str) -> list[Row]:
+    rows: list[Row] = []
+    title = f"importance precision@k, {model} as the reference"
+    for position in ("uniform", "middle"):
+        rows_at = doc.get("importance", {}).get(position)
+        if not rows_at:
+            continue
+        figures = "; ".join(
+            f"{name} {row['precision_at_k']:.3f}"
+            + (f" (raw {row['raw_precision_at_k']:.3f})" if "raw_precision_at_k" in row else "")
+            for name, row in rows_at.items()
+        )
+        targets = doc.get("importance_targets", {}) if position == "uniform" else {}
+        target = "; ".join(f"{k}: {_mark(v)}" for k, v in targets.items())
+        rows.append((title, f"span_position {position}: hybrid (raw)", figures, target))
+        title = ""
+    return rows
+
+
+def _real_trl_rows(doc: dict[str, Any], model: str) -> list[Row]:
+    trl = doc.get("trl", {})
+    if not trl:
+        return []
+    ratios = " / ".join(
+        f"{name} {_r(row['epoch_ratio_vs_trl'])}"
+        for name, row in trl.items()
+        if isinstance(row, dict) and "epoch_ratio_vs_trl" in row
+    )
+    targets = "; ".join(f"{k}: {_mark(v)}" for k, v in doc.get("trl_targets", {}).items())
+    return [
+        (f"vs TRL DPOTrainer on {model}", "epoch time over TRL's (median of paired rounds)", ratios, targets),
+        ("", "first-batch DPO loss, tidpo vs TRL", f"|diff| {trl['first_batch_loss_abs_diff']:.1e}", ""),
+    ]
 
 
 def rows_contention(doc: dict[str, Any]) -> list[Row]:

@@ -23,6 +23,7 @@ from bench.readme_rows import (
     rows_hh,
     rows_importance,
     rows_quality,
+    rows_real,
     rows_scaling,
     rows_training,
     rows_trl,
@@ -57,6 +58,7 @@ RENDERERS: tuple[tuple[str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("importance", rows_importance),
     ("quality", rows_quality),
     ("hh", rows_hh),
+    ("real", rows_real),
     ("grpo", rows_grpo),
     ("contention", rows_contention),
 )

@@ -98,3 +98,56 @@ def test_the_trl_and_importance_parts_fill_their_sections(tmp_path, monkeypatch,
             )
     assert "trl" in doc  # the other part's section is kept
     assert doc["importance"]["commit"] == doc["trl"]["commit"] == doc["commit"]  # each part says where it ran
+
+
+def _cell(*seeds: float) -> dict:
+    mean = sum(seeds) / len(seeds)
+    std = (sum((s - mean) ** 2 for s in seeds) / max(len(seeds) - 1, 1)) ** 0.5
+    return {"seeds": list(seeds), "mean": mean, "std": std, "n": len(seeds)}
+
+
+def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
+    """A hand-made real.json: the rendered rows name the leader only where its lead exceeds both seeds'
+    spreads, lower is better for KL and time, and the targets of the three parts read met / not met."""
+    from bench.bench_real import targets
+    from bench.readme_rows import rows_real
+
+    doc = {
+        "setup": {"model": "smollm2", "split_info": {"train": 512, "eval": 256}},
+        "judge": {"held_out": {"eval_accuracy": 0.555, "eval_pairs": 256.0}},
+        "methods": {
+            # win rate: tidpo leads dpo by 0.10 > 0.01 + 0.01; simpo trails.
+            "dpo": {"judged_win_rate": _cell(0.40, 0.41, 0.42), "kl_to_reference": _cell(2.0, 2.0, 2.0)},
+            "tidpo": {"judged_win_rate": _cell(0.50, 0.51, 0.52), "kl_to_reference": _cell(1.0, 3.0, 2.0)},
+            "simpo": {"judged_win_rate": _cell(0.30, 0.31, 0.32), "kl_to_reference": _cell(5.0, 5.0, 5.0)},
+        },
+        "importance": {"uniform": {"contrastive": {"precision_at_k": 0.85, "raw_precision_at_k": 0.9}}},
+        "importance_targets": {"contrastive hybrid precision@k at uniform >= 0.8": True},
+        "trl": {"tidpo_dpo": {"epoch_ratio_vs_trl": 0.7}, "first_batch_loss_abs_diff": 3e-9},
+        "trl_targets": {"tidpo_dpo <= 0.8x TRL": True},
+    }
+    doc["targets"] = targets(doc)
+    rows = {figure.split(":")[0]: (result, verdict) for _, figure, result, verdict in rows_real(doc)}
+    assert rows["judged win rate over the reference's answers"] == (
+        "0.410 ± 0.010 / 0.510 ± 0.010 / 0.310 ± 0.010",
+        "best: tidpo",
+    )
+    # KL: dpo's 2.0 is the lowest mean tied with tidpo's 2.0 (spread 1.0): a tie, not a winner.
+    assert rows["KL to the reference, nats per answer"][1] == "tie: dpo = tidpo"
+    assert rows["tidpo judged_win_rate beats dpo by more than both stds"] == (
+        "gap +0.100, spreads 0.020",
+        "met",
+    )
+    assert rows["judge (reward model on pairs no policy saw)"][0] == "0.555 on 256 pairs"
+    assert rows["span_position uniform"] == (
+        "contrastive 0.850 (raw 0.900)",
+        "contrastive hybrid precision@k at uniform >= 0.8: met",
+    )
+    assert rows["epoch time over TRL's (median of paired rounds)"] == (
+        "tidpo_dpo 0.70x",
+        "tidpo_dpo <= 0.8x TRL: met",
+    )
+    # Within the spread: tidpo 0.45 ± 0.05 against dpo 0.41 ± 0.01 names the leader with its caveat.
+    doc["methods"]["tidpo"]["judged_win_rate"] = _cell(0.40, 0.45, 0.50)
+    rows = {figure.split(":")[0]: verdict for _, figure, _, verdict in rows_real(doc)}
+    assert rows["judged win rate over the reference's answers"] == "best: tidpo, within the spread of dpo"
