@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.quality_eval import phrase_value
-from bench.verdicts import winner
+from bench.verdicts import verdicts, winner
 
 
 def _s(x: float | None) -> str:
@@ -377,7 +377,6 @@ def rows_real(doc: dict[str, Any]) -> list[Row]:
 
 def _real_grid_rows(doc: dict[str, Any], model: str) -> list[Row]:
     from bench import bench_real
-    from bench.verdicts import verdicts
 
     table = doc.get("methods", {})
     if not table:

@@ -101,8 +101,9 @@ def _token_and_topk_ids(input_ids: torch.Tensor, topk_ids: torch.Tensor | None) 
     ids = input_ids.unsqueeze(-1)
     if topk_ids is None:
         return ids
+    topk_ids = topk_ids.to(ids.dtype)
     unused = topk_ids.new_zeros((ids.shape[0] - topk_ids.shape[0], *topk_ids.shape[1:]))
-    return torch.cat([ids, torch.cat([topk_ids.to(ids.dtype), unused.to(ids.dtype)])], dim=-1)
+    return torch.cat([ids, torch.cat([topk_ids, unused])], dim=-1)
 
 
 def _forward(policy, reference, layout, stacked, loss_config, want_hidden) -> _ForwardResult:
