@@ -20,7 +20,7 @@ from tidpo_core.evaluation.comparison import (
     method_train_config,
     run_method_comparison,
 )
-from tidpo_core.evaluation.comparison_judge import win_rate
+from tidpo_core.evaluation.comparison_judge import length_controlled_win_rate, win_rate
 from tidpo_core.evaluation.comparison_report import comparison_markdown
 from tidpo_core.runtime import tracking
 from tidpo_pipeline.assets.anchors import anchor_responses
@@ -89,6 +89,80 @@ def test_win_rate_counts_a_tie_as_half_by_hand():
         win_rate([1.0, 2.0], [1.0])
 
 
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def _outcomes(wins: int, losses: int) -> tuple[list[float], list[float]]:
+    """(rewards, baseline rewards) for `wins` won and `losses` lost prompts."""
+    return [1.0] * wins + [0.0] * losses, [0.5] * (wins + losses)
+
+
+def test_length_control_with_equal_lengths_is_the_plain_win_rate():
+    rewards, baseline = [1.0, 0.2, 0.5, 3.0], [0.0, 0.4, 0.5, 1.0]  # win, loss, tie, win
+    assert length_controlled_win_rate(rewards, baseline, [7, 7, 7, 7], [3, 3, 3, 3]) == 2.5 / 4
+
+
+def test_length_control_of_two_length_groups_by_hand():
+    # Longer answers (d = +10) win 8 of 10, shorter ones (d = -10) win 4 of 10. tanh(d / std d) takes two
+    # values, +-c, so the model is saturated: theta + phi c = logit 0.8 and theta - phi c = logit 0.4, and
+    # the win rate at equal length is sigmoid((1.3863 - 0.4055) / 2) = sigmoid(0.4904) = 0.6202.
+    longer, shorter = _outcomes(8, 2), _outcomes(4, 6)
+    rewards, baseline = longer[0] + shorter[0], longer[1] + shorter[1]
+    lengths = [30] * 10 + [10] * 10
+    rate = length_controlled_win_rate(rewards, baseline, lengths, [20] * 20)
+    assert rate == pytest.approx(_sigmoid((_logit(0.8) + _logit(0.4)) / 2), abs=1e-9)
+    assert rate == pytest.approx(0.62020, abs=1e-5)
+    assert win_rate(rewards, baseline)[0] == pytest.approx(0.6)
+
+
+def test_a_win_that_comes_only_from_length_is_controlled_to_one_half():
+    # 30 longer answers win 90 %, 10 shorter ones win 10 %: the plain win rate is 0.7, but at equal length the
+    # judge is indifferent (logit 0.9 = -logit 0.1).
+    longer, shorter = _outcomes(27, 3), _outcomes(1, 9)
+    rewards, baseline = longer[0] + shorter[0], longer[1] + shorter[1]
+    lengths = [50] * 30 + [20] * 10
+    assert win_rate(rewards, baseline)[0] == pytest.approx(0.7)
+    assert length_controlled_win_rate(rewards, baseline, lengths, [35] * 40) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_length_control_agrees_with_an_independent_logistic_fit():
+    np = pytest.importorskip("numpy")
+    optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(3)
+    lengths, baseline_lengths = rng.integers(20, 90, 200), rng.integers(5, 60, 200)  # mostly longer
+    d = (lengths - baseline_lengths).astype(float)
+    x = np.tanh(d / d.std())
+    won = rng.random(200) < 1 / (1 + np.exp(-(0.4 + 1.5 * x)))
+    rewards = np.where(won, 1.0, 0.0)
+    rewards[:5] = 0.5  # ties count half
+    y = np.where(rewards > 0.5, 1.0, np.where(rewards == 0.5, 0.5, 0.0))
+
+    def negative_log_likelihood(beta):
+        z = beta[0] + beta[1] * x
+        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+
+    fitted = optimize.minimize(
+        negative_log_likelihood,
+        np.zeros(2),
+        method="Nelder-Mead",
+        options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 10000},
+    )
+    expected = 1 / (1 + np.exp(-fitted.x[0]))
+    rate = length_controlled_win_rate(list(rewards), [0.5] * 200, list(lengths), list(baseline_lengths))
+    assert rate == pytest.approx(expected, abs=1e-6)
+    assert abs(rate - win_rate(list(rewards), [0.5] * 200)[0]) > 0.01  # the control moved it
+
+
+def test_length_control_needs_one_length_per_answer():
+    with pytest.raises(ValueError, match="one length per answer"):
+        length_controlled_win_rate([1.0, 0.0], [0.5, 0.5], [3], [3, 4])
+
+
 def test_method_comparison_job_is_separate_from_training():
     training = defs.resolve_job_def("tidpo_training")
     comparison = defs.resolve_job_def("method_comparison")
@@ -134,6 +208,8 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
         "distinct_2",
         "precision_at_k_hybrid",
         "critical_phrase_chosen_rate",
+        "judged_win_rate",  # the rule reward of the built-in data judges the sampled answers
+        "judged_win_rate_length_controlled",
     ):
         assert f"| {metric} |" in table
     report = meta["report_dir"].value

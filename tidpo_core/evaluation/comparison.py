@@ -30,15 +30,18 @@ import numpy as np
 import yaml
 
 from tidpo_core import store
+from tidpo_core.batching.chat import stop_token_ids
 from tidpo_core.data.pairs import PreferencePair
 from tidpo_core.evaluation.benchmark_runner import run_benchmarks
 from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics
 from tidpo_core.evaluation.comparison_judge import (
     grpo_reward_setting,
     judge_rewards,
+    length_controlled_win_rate,
     scoring_reward,
     win_rate,
 )
+from tidpo_core.evaluation.diversity import answer_tokens
 from tidpo_core.evaluation.evaluate import evaluate_model
 from tidpo_core.evaluation.preference import score_pairs
 from tidpo_core.evaluation.settings import ModelEvalSettings
@@ -342,7 +345,7 @@ def _run_plan(
     if reference_run is None:
         reference_run = _evaluate_reference(plan, reference)
         _store_run(plan.output_dir / REFERENCE, plan.eval_key, "", reference_run, plan.record)
-    baseline = reference_run.info.get("judge_rewards")
+    baseline = reference_run.info
     runs = [reference_run]
     for index, (method, seed) in enumerate(plan.runs, start=1):
         config = plan.config(method, seed)
@@ -377,9 +380,7 @@ def _evaluate_reference(plan: _ComparisonPlan, reference: _Reference) -> Compari
         model, model, tokenizer, plan.eval_pairs, plan.settings, reference_scores=scores
     )
     run = ComparisonRun(REFERENCE, 0, evaluation.metrics, plan.inputs.reference_model_path)
-    rewards = _judged(run, plan, evaluation.samples)
-    if rewards is not None:
-        run.info["judge_rewards"] = rewards
+    _judged(run, plan, evaluation.samples, tokenizer)
     if plan.benchmarks:
         _add_benchmarks(run, plan.inputs.reference_model_path, plan)
     run.eval_seconds = time.perf_counter() - tic
@@ -394,8 +395,9 @@ def _evaluate_run(
     summary: Mapping[str, Any],
     reused: bool,
     train_seconds: float,
-    baseline: Sequence[float] | None,
+    baseline: Mapping[str, Any],
 ) -> ComparisonRun:
+    """Evaluate one trained run; `baseline` is the reference run's info (its judged answers)."""
     model, tokenizer, scores = reference.loaded()
     tic = time.perf_counter()
     model_path = str(summary["final_model_path"])
@@ -414,9 +416,8 @@ def _evaluate_run(
         reused=reused,
         history=summary.get("history", []),
     )
-    rewards = _judged(run, plan, evaluation.samples)
-    if rewards is not None and baseline is not None and len(baseline) == len(rewards):
-        run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(rewards, baseline)
+    _judged(run, plan, evaluation.samples, tokenizer)
+    _add_win_rates(run, baseline)
     if plan.benchmarks:
         _add_benchmarks(run, model_path, plan)
     run.eval_seconds = time.perf_counter() - tic
@@ -425,13 +426,31 @@ def _evaluate_run(
     return run
 
 
-def _judged(run: ComparisonRun, plan: _ComparisonPlan, samples: Any) -> list[float] | None:
-    """The judge's reward of each sampled answer (None without a judge or samples); their mean is the run's
-    reward_model_score."""
+def _judged(run: ComparisonRun, plan: _ComparisonPlan, samples: Any, tokenizer: Any) -> None:
+    """The judge's reward of each sampled answer and its length in tokens, kept in the run's info (so that a
+    later analysis can pair answers by prompt); their mean reward is the run's reward_model_score."""
     rewards = judge_rewards(plan.scorer, samples)
     if rewards is not None:
         run.metrics["reward_model_score"] = float(np.mean(rewards))
-    return rewards
+        run.info["judge_rewards"] = rewards
+        run.info["answer_lengths"] = [len(t) for t in answer_tokens(samples, stop_token_ids(tokenizer))]
+
+
+def _add_win_rates(run: ComparisonRun, baseline: Mapping[str, Any]) -> None:
+    """judged_win_rate (with its standard error) over the reference's answers to the same prompts, and the
+    same at equal lengths where both runs kept their answers' lengths (a reference evaluated before they were
+    kept has none)."""
+    rewards, reference_rewards = run.info.get("judge_rewards"), baseline.get("judge_rewards")
+    if rewards is None or reference_rewards is None or len(rewards) != len(reference_rewards):
+        return
+    run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(
+        rewards, reference_rewards
+    )
+    lengths, reference_lengths = run.info.get("answer_lengths"), baseline.get("answer_lengths")
+    if lengths is not None and reference_lengths is not None:
+        run.metrics["judged_win_rate_length_controlled"] = length_controlled_win_rate(
+            rewards, reference_rewards, lengths, reference_lengths
+        )
 
 
 def _add_benchmarks(run: ComparisonRun, model_path: str, plan: _ComparisonPlan) -> None:

@@ -1,5 +1,6 @@
-"""The reward that judges a comparison's sampled answers: `reward_model_score` (their mean reward) and
-`judged_win_rate` (how often a run's answer out-scores the reference's answer to the same prompt)."""
+"""The reward that judges a comparison's sampled answers: `reward_model_score` (their mean reward),
+`judged_win_rate` (how often a run's answer out-scores the reference's answer to the same prompt) and
+`judged_win_rate_length_controlled` (that win rate at equal answer lengths)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,76 @@ def judge_rewards(scorer: RewardFunction | None, samples: Any) -> list[float] | 
 def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
     """(win rate, its standard error): the share of prompts whose answer out-scores the baseline's answer to
     the same prompt, a tie counting half; the standard error is that of the mean of the per-prompt outcomes."""
+    outcomes = outcomes_of(rewards, baseline)
+    stderr = float(outcomes.std(ddof=1) / math.sqrt(len(outcomes))) if len(outcomes) > 1 else float("nan")
+    return float(outcomes.mean()), stderr
+
+
+def outcomes_of(rewards: Sequence[float], baseline: Sequence[float]) -> np.ndarray:
+    """Per prompt: 1 where the answer out-scores the baseline's, 0.5 on a tie, else 0."""
     if len(rewards) != len(baseline) or not rewards:
         raise ValueError(
             f"one baseline reward per reward: {len(rewards)} rewards, {len(baseline)} baseline rewards"
         )
-    outcomes = np.array(
+    return np.array(
         [1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline, strict=True)]
     )
-    stderr = float(outcomes.std(ddof=1) / math.sqrt(len(outcomes))) if len(outcomes) > 1 else float("nan")
-    return float(outcomes.mean()), stderr
+
+
+def length_controlled_win_rate(
+    rewards: Sequence[float],
+    baseline: Sequence[float],
+    lengths: Sequence[int],
+    baseline_lengths: Sequence[int],
+) -> float:
+    """The win rate over the baseline that the judge would give at equal answer lengths.
+
+    AlpacaEval 2's length control (Dubois et al. 2024) for one model against one baseline: a logistic model
+    P(win) = sigmoid(theta + phi * tanh(d / s)) of the per-prompt outcomes (a tie counts half), with d the
+    answer's length minus the baseline's in tokens and s the standard deviation of d; the result is
+    sigmoid(theta), the fitted win rate at d = 0. A judge that rewards length moves phi, not theta, so a
+    method that wins only by answering longer (or shorter) drops towards 0.5.
+    """
+    outcomes = outcomes_of(rewards, baseline)
+    if len(lengths) != len(outcomes) or len(baseline_lengths) != len(outcomes):
+        raise ValueError(
+            f"one length per answer: {len(outcomes)} answers, {len(lengths)} lengths, "
+            f"{len(baseline_lengths)} baseline lengths"
+        )
+    difference = np.asarray(lengths, dtype=float) - np.asarray(baseline_lengths, dtype=float)
+    spread = float(difference.std())
+    if spread == 0.0:  # no length difference to control for
+        return float(outcomes.mean())
+    design = np.column_stack([np.ones_like(difference), np.tanh(difference / spread)])
+    return float(_sigmoid(_logistic_fit(design, outcomes)[0]))
+
+
+def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x)))  # overflow-free logistic
+
+
+def _logistic_fit(design: np.ndarray, outcomes: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """Maximum-likelihood coefficients of a logistic regression with fractional outcomes (Newton's method,
+    step-halving so that the log-likelihood never falls; on separable data the coefficients grow until the
+    step is negligible, and the fitted rate tends to 0 or 1)."""
+
+    def log_likelihood(beta: np.ndarray) -> float:
+        z = design @ beta
+        return float(np.sum(outcomes * z - np.logaddexp(0.0, z)))
+
+    beta = np.zeros(design.shape[1])
+    current = log_likelihood(beta)
+    for _ in range(iterations):
+        p = _sigmoid(design @ beta)
+        gradient = design.T @ (outcomes - p)
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-9 * np.eye(design.shape[1])
+        step = np.linalg.solve(hessian, gradient)
+        scale = 1.0
+        while scale > 1e-6 and log_likelihood(beta + scale * step) < current:
+            scale /= 2
+        beta = beta + scale * step
+        improved = log_likelihood(beta)
+        if abs(improved - current) < 1e-12:
+            break
+        current = improved
+    return beta

@@ -44,6 +44,7 @@ TABLE_METRICS: tuple[str, ...] = (
     "reward_model_score",
     "judged_win_rate",
     "judged_win_rate_stderr",
+    "judged_win_rate_length_controlled",
     "truthfulqa_mc1",
     "truthfulqa_mc2",
     "train_seconds",
@@ -60,6 +61,7 @@ PLOT_METRICS: tuple[str, ...] = (
     "critical_phrase_neither_rate",
     "reward_model_score",
     "judged_win_rate",
+    "judged_win_rate_length_controlled",
     "train_seconds",
 )
 

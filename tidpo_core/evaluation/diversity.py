@@ -28,10 +28,15 @@ def distinct_n(texts: Sequence[str] | Sequence[Sequence[Any]], n: int) -> float:
     return len(seen) / total if total else float("nan")
 
 
+def answer_tokens(samples: SampledResponses, stops: Collection[int]) -> list[list[int]]:
+    """Each sampled answer's token ids without the `stops` tokens (eos, end of turn): what its length counts."""
+    stops = set(stops)
+    return [[t for t in ids if t not in stops] for ids in samples.response_ids]
+
+
 def diversity_metrics(samples: SampledResponses, stops: Collection[int]) -> dict[str, float]:
     """distinct-1/2 over the sampled token ids (the `stops` tokens excluded), mean length in tokens, share that stopped."""
-    stops = set(stops)
-    tokens = [[t for t in ids if t not in stops] for ids in samples.response_ids]
+    tokens = answer_tokens(samples, stops)
     return {
         "distinct_1": distinct_n(tokens, 1),
         "distinct_2": distinct_n(tokens, 2),
