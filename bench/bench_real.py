@@ -14,6 +14,7 @@ which the judge prefers the model's answer to the reference's.
 
     python -m bench.bench_real                  # all three parts (hours on a 2-core CPU; the grid resumes)
     python -m bench.bench_real --part grid      # or one: grid, importance (precision@k), trl (TRL's DPOTrainer)
+    python -m bench.bench_real --part rejudge   # the grid's kept models answer again; win rate at equal lengths
     python -m bench.bench_real --quick          # the smoke test's sizes
 
 Results go to bench/results/real.json ("methods", "importance", "trl": each part replaces its own section).
@@ -43,6 +44,7 @@ REPORTED = (
     "reward_accuracy",
     "reward_margin",
     "judged_win_rate",
+    "judged_win_rate_length_controlled",
     "reward_model_score",
     "kl_to_reference",
     "mean_length",
@@ -57,6 +59,7 @@ REPORTED = (
 VERDICT_METRICS: dict[str, tuple[str, bool]] = {
     "reward_accuracy": ("held-out implicit-reward accuracy", True),
     "judged_win_rate": ("judged win rate over the reference's answers", True),
+    "judged_win_rate_length_controlled": ("judged win rate at equal answer lengths", True),
     "reward_model_score": ("judge's mean score of sampled answers", True),
     "kl_to_reference": ("KL to the reference, nats per answer: lower stayed closer", False),
     "distinct_2": ("distinct bigrams of sampled answers", True),
@@ -261,12 +264,39 @@ def train_judge(work: Path, reference: Any, split: Split, sizes: GridSizes) -> d
     }
 
 
+def grid_settings(sizes: GridSizes) -> Any:
+    """The comparison's settings for the grid (ComparisonSettings)."""
+    from tidpo_core.steps.compare import ComparisonSettings
+
+    return ComparisonSettings(
+        methods=list(sizes.methods),
+        seeds=list(sizes.seeds),
+        max_steps=sizes.max_steps,
+        batch_size=sizes.eval_batch_size,
+        sample_prompts=sizes.sample_prompts,
+        max_new_tokens=sizes.max_response_tokens,
+        critical_pairs=0,  # HH-RLHF has no planted critical spans
+        # Kept (about 0.5 GB each): a later judge re-evaluates the runs without training them again (--part rejudge).
+        keep_models=True,
+    )
+
+
+def grid_engine_options(sizes: GridSizes, judge_path: str) -> dict[str, Any]:
+    return {
+        "per_device_batch_size": sizes.batch_size,
+        "warmup_steps": sizes.warmup_steps,
+        # The judge scores the sampled answers (reward_model_score, judged_win_rate); GRPO is not in the grid.
+        "grpo_reward": "model",
+        "grpo_reward_model": judge_path,
+    }
+
+
 def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
     """Prepare, train the judge, then compare the methods through the method_comparison step."""
     from tidpo_core.evaluation.benchmarks import BenchmarkOptions
     from tidpo_core.runtime import tracking
     from tidpo_core.steps import RunTracking
-    from tidpo_core.steps.compare import ComparisonSettings, compare_methods
+    from tidpo_core.steps.compare import compare_methods
 
     split = split_pairs(common.SHARED_DATA / DATA_FILE, sizes)
     common.log(NAME, f"HH-RLHF harmless-base: {split.info}")
@@ -281,24 +311,8 @@ def run_grid(work: Path, model: str, sizes: GridSizes) -> dict[str, Any]:
         tracking.ensure_experiment(layout.tracking_uri, layout.artifacts.as_uri()),
         {"tidpo.bench": NAME},
     )
-    settings = ComparisonSettings(
-        methods=list(sizes.methods),
-        seeds=list(sizes.seeds),
-        max_steps=sizes.max_steps,
-        batch_size=sizes.eval_batch_size,
-        sample_prompts=sizes.sample_prompts,
-        max_new_tokens=sizes.max_response_tokens,
-        critical_pairs=0,  # HH-RLHF has no planted critical spans
-        # Kept (about 0.5 GB each): a later, stronger judge re-evaluates the runs without training them again.
-        keep_models=True,
-    )
-    engine_options = {
-        "per_device_batch_size": sizes.batch_size,
-        "warmup_steps": sizes.warmup_steps,
-        # The judge scores the sampled answers (reward_model_score, judged_win_rate); GRPO is not in the grid.
-        "grpo_reward": "model",
-        "grpo_reward_model": judge["path"],
-    }
+    settings = grid_settings(sizes)
+    engine_options = grid_engine_options(sizes, judge["path"])
     report = compare_methods(
         stages["open_db"],
         layout,
@@ -360,19 +374,18 @@ def method_rows(result: Any) -> dict[str, Any]:
     return {"methods": methods, "commits": commits, "one_commit": len(commits) == 1, "runs": runs}
 
 
-def targets(figures: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, measured: some TI-DPO beats DPO on judged win rate by more than both spreads."""
-    methods = figures.get("methods", {})
-    dpo = methods.get("dpo", {}).get("judged_win_rate")
+def beats_dpo(methods: dict[str, Any], metric: str = "judged_win_rate") -> dict[str, Any]:
+    """The issue's target on `metric`, measured: does some TI-DPO beat DPO by more than both spreads?"""
+    dpo = methods.get("dpo", {}).get(metric)
     out: dict[str, Any] = {}
     if dpo is None:
         return out
     for method in (m for m in methods if m.startswith("tidpo")):
-        cell = methods[method].get("judged_win_rate")
+        cell = methods[method].get(metric)
         if cell is None:
             continue
         gap = cell["mean"] - dpo["mean"]
-        out[f"{method} judged_win_rate beats dpo by more than both stds"] = {
+        out[f"{method} {metric} beats dpo by more than both stds"] = {
             "gap": gap,
             "spreads": cell["std"] + dpo["std"],
             "met": bool(gap > cell["std"] + dpo["std"]),
@@ -386,7 +399,12 @@ def merge_results(section: dict[str, Any], quick: bool, started: float) -> dict[
     figures = json.loads(path.read_text()) if path.exists() else {}
     figures.pop("machine", None)
     figures.update(section)
-    figures["targets"] = {**figures.get("targets", {}), **targets(figures)}
+    rejudged = figures.get("rejudged", {}).get("methods", {})
+    figures["targets"] = {
+        **figures.get("targets", {}),
+        **beats_dpo(figures.get("methods", {})),
+        **beats_dpo(rejudged, "judged_win_rate_length_controlled"),
+    }
     figures["verdicts"] = verdicts(figures.get("methods", {}), VERDICT_METRICS)
     return common.write_results(NAME, figures, quick, started)
 
@@ -411,10 +429,13 @@ def run(
         figures = merge_results(importance_section(model, quick), quick, started)
     if part in ("trl", "all"):
         figures = merge_results(trl_section(model, quick), quick, started)
+    if part == "rejudge":
+        figures = merge_results(rejudge_section(work, model, sizes, quick), quick, started)
     return figures
 
 
-PARTS = ("grid", "importance", "trl", "all")
+# rejudge is not in "all": a grid evaluated by this commit's comparison already carries every judged figure.
+PARTS = ("grid", "importance", "trl", "rejudge", "all")
 
 
 def importance_section(model: str, quick: bool) -> dict[str, Any]:
@@ -455,6 +476,167 @@ def trl_section(model: str, quick: bool) -> dict[str, Any]:
     return {"trl": section, "trl_targets": doc["target"]}
 
 
+REJUDGED = ("judged_win_rate", "judged_win_rate_length_controlled", "reward_model_score", "mean_length")
+
+
+def rejudge_section(work: Path, model: str, sizes: GridSizes, quick: bool) -> dict[str, Any]:
+    """real.json's "rejudged": the grid's kept models answer the same held-out prompts again (the comparison's
+    settings and sampling seed), the judge scores each answer, and each run gets its win rate over the
+    reference's answers, plain and at equal lengths (judged_win_rate_length_controlled). For a grid evaluated
+    before the comparison kept its answers' lengths; "reproduces_grid" compares the plain figures with the
+    grid's own. Each model's answers are kept in `work`/rejudged, so a stopped part resumes."""
+    from tidpo_core import store
+    from tidpo_core.batching.features import EncodingSettings
+    from tidpo_core.evaluation.comparison_judge import length_controlled_win_rate, win_rate
+    from tidpo_core.evaluation.evaluate import sample_prompt_pairs
+    from tidpo_core.runtime.layout import DataDir
+    from tidpo_core.steps.compare import comparison_eval_settings
+
+    grid = (
+        json.loads(common.result_path(NAME, quick).read_text())
+        if common.result_path(NAME, quick).exists()
+        else {}
+    )
+    comparison_id = grid.get("setup", {}).get("comparison_id")
+    folder = DataDir.at(work).comparison_run(comparison_id) if comparison_id else None
+    judge_dir = work / "judge"
+    if folder is None or not (folder / "reference").is_dir() or not judge_dir.is_dir():
+        raise FileNotFoundError(
+            f"--part rejudge needs a grid evaluated in {work} and recorded in {common.result_path(NAME, quick)}"
+        )
+    split = split_pairs(common.SHARED_DATA / DATA_FILE, sizes)
+    stages = prepare(work, model, split, sizes)
+    settings = comparison_eval_settings(
+        grid_settings(sizes),
+        grid_engine_options(sizes, str(judge_dir)),
+        EncodingSettings(**stages["weights"]["encoding"]),
+    )
+    eval_pairs = store.read_pairs_at(str(stages["layout"].database), split="eval")
+    prompts = [p.prompt for p in sample_prompt_pairs(eval_pairs, settings.sample_prompts)]
+    judge = _Judge(judge_dir, eval_pairs)
+    cache = work / "rejudged"
+    stored = {"reference": _stored_eval(folder / "reference")}
+    answers = {"reference": _answers(cache, "reference", stages["reference"].path, prompts, settings, judge)}
+    for method in sizes.methods:
+        for seed in sizes.seeds:
+            name = f"{method}/seed_{seed}"
+            stored[name] = _stored_eval(folder / method / f"seed_{seed}")
+            answers[name] = _answers(cache, name, stored[name]["model_path"], prompts, settings, judge)
+    reference = answers["reference"]
+    methods: dict[str, Any] = {}
+    differences: dict[str, list[float]] = {"judged_win_rate": [], "reward_model_score": [], "mean_length": []}
+    for name, got in answers.items():
+        figures = {
+            "reward_model_score": sum(got["rewards"]) / len(got["rewards"]),
+            "mean_length": sum(got["lengths"]) / len(got["lengths"]),
+        }
+        if name != "reference":
+            figures["judged_win_rate"] = win_rate(got["rewards"], reference["rewards"])[0]
+            figures["judged_win_rate_length_controlled"] = length_controlled_win_rate(
+                got["rewards"], reference["rewards"], got["lengths"], reference["lengths"]
+            )
+        for metric, values in differences.items():
+            if metric in figures and metric in stored[name]["metrics"]:
+                values.append(abs(figures[metric] - float(stored[name]["metrics"][metric])))
+        row = methods.setdefault(name.split("/")[0], {})
+        for metric in REJUDGED:
+            if metric in figures:
+                row.setdefault(metric, {"seeds": []})["seeds"].append(figures[metric])
+    for row in methods.values():
+        for cell in row.values():
+            cell.update(common.mean_std(cell["seeds"]))
+    common.log(
+        NAME,
+        "rejudged: "
+        + ", ".join(
+            f"{m} {row['judged_win_rate_length_controlled']['mean']:.3f}"
+            for m, row in methods.items()
+            if "judged_win_rate_length_controlled" in row
+        )
+        + " (win rate at equal lengths)",
+    )
+    return {
+        "rejudged": {
+            "methods": methods,
+            "reproduces_grid": {f"{m}_max_abs_diff": max(v, default=None) for m, v in differences.items()},
+            "prompts": len(prompts),
+            "grid_commits": grid.get("commits", []),
+            "commit": common.git_commit(),
+            "seconds": {name: got["seconds"] for name, got in answers.items()},
+        }
+    }
+
+
+class _Judge:
+    """The grid's judge, loaded on first use (a resumed part whose answers are all kept never loads it)."""
+
+    def __init__(self, path: Path, eval_pairs: list[Any]):
+        self.path, self.eval_pairs, self._scorer = path, eval_pairs, None
+
+    def __call__(self, samples: Any) -> list[float]:
+        from tidpo_core.evaluation.comparison_judge import judge_rewards
+        from tidpo_core.method.grpo import reward_function
+
+        if self._scorer is None:
+            self._scorer = reward_function("model", str(self.path), self.eval_pairs)
+        return judge_rewards(self._scorer, samples) or []
+
+
+def _stored_eval(folder: Path) -> dict[str, Any]:
+    """The grid's evaluation of one run (its comparison_eval.json): model_path and metrics."""
+    return json.loads((folder / "comparison_eval.json").read_text())["run"]
+
+
+def _answers(
+    cache: Path, name: str, model_path: str, prompts: list[str], settings: Any, judge: _Judge
+) -> dict[str, Any]:
+    """One model's answers to `prompts` (the comparison's sampling), their judge rewards and lengths in tokens;
+    kept in `cache` under a key of the model, prompts, sampling and judge."""
+    from tidpo_core.batching.chat import stop_token_ids
+    from tidpo_core.evaluation.diversity import answer_tokens
+    from tidpo_core.evaluation.sampled_responses import sample_with_tokens
+    from tidpo_core.models.modeling import load_model_and_tokenizer
+    from tidpo_core.runtime.fingerprint import digest
+    from tidpo_core.runtime.threads import threads_for
+
+    key = digest(
+        {
+            "model": model_path,
+            "prompts": prompts,
+            "sampling": asdict(settings.sampling),
+            "judge": (judge.path / "tidpo_reward.json").read_text()
+            if (judge.path / "tidpo_reward.json").exists()
+            else "",
+        }
+    )
+    path = cache / f"{name.replace('/', '-')}.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept
+    tic = time.perf_counter()
+    policy, tokenizer = load_model_and_tokenizer(model_path)
+    with threads_for(policy):
+        samples = sample_with_tokens(policy, tokenizer, prompts, settings.sampling, progress=True)
+    del policy
+    rewards = judge(samples)
+    lengths = [len(t) for t in answer_tokens(samples, stop_token_ids(tokenizer))]
+    got = {
+        "key": key,
+        "model_path": model_path,
+        "texts": samples.texts,
+        "rewards": rewards,
+        "lengths": lengths,
+        "seconds": time.perf_counter() - tic,
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(got))
+    staging.replace(path)
+    common.log(NAME, f"rejudged {name}: {len(rewards)} answers in {got['seconds']:.0f} s")
+    return got
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="the paper's comparison on a pretrained chat model (resumable)"
@@ -473,7 +655,7 @@ def main() -> None:
         "--part",
         default="all",
         choices=PARTS,
-        help="the grid, the estimators' precision@k, TRL's timing, or all three",
+        help="the grid, the estimators' precision@k, TRL's timing, all three, or rejudge (the grid's kept models' answers judged again, with the win rate at equal lengths)",
     )
     args = parser.parse_args()
     run(quick=args.quick, work=args.work, model=args.model, part=args.part)

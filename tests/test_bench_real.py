@@ -54,6 +54,7 @@ def test_the_grid_runs_through_the_comparison_step_and_resumes(tmp_path, monkeyp
         for metric in (
             "reward_accuracy",
             "judged_win_rate",
+            "judged_win_rate_length_controlled",
             "kl_to_reference",
             "distinct_2",
             "truthfulqa_mc1",
@@ -75,6 +76,19 @@ def test_the_grid_runs_through_the_comparison_step_and_resumes(tmp_path, monkeyp
     assert all(r["reused"] for r in second["runs"])
     assert second["methods"] == first["methods"]
     assert (tmp_path / "results" / "real-quick.json").exists()
+
+    # rejudge: the kept models answer the same prompts again and the judge scores them; on a grid that this
+    # commit evaluated, every judged figure must come back as the comparison computed it.
+    third = bench_real.run(quick=True, work=tmp_path / "work", model=str(tiny_chat_model), part="rejudge")
+    rejudged = third["rejudged"]
+    assert all(v == pytest.approx(0.0, abs=1e-6) for v in rejudged["reproduces_grid"].values())
+    for method in bench_real.METHODS:
+        for metric in ("judged_win_rate", "judged_win_rate_length_controlled", "mean_length"):
+            assert rejudged["methods"][method][metric]["mean"] == pytest.approx(
+                first["methods"][method][metric]["mean"], abs=1e-6
+            ), (method, metric)
+    assert third["methods"] == first["methods"]  # the grid's section is kept
+    assert "tidpo judged_win_rate_length_controlled beats dpo by more than both stds" in third["targets"]
 
 
 def test_the_trl_and_importance_parts_fill_their_sections(tmp_path, monkeypatch, tiny_chat_model):
@@ -109,7 +123,7 @@ def _cell(*seeds: float) -> dict:
 def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
     """A hand-made real.json: the rendered rows name the leader only where its lead exceeds both seeds'
     spreads, lower is better for KL and time, and the targets of the three parts read met / not met."""
-    from bench.bench_real import targets
+    from bench.bench_real import beats_dpo
     from bench.readme_rows import rows_real
 
     doc = {
@@ -126,7 +140,7 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
         "trl": {"tidpo_dpo": {"epoch_ratio_vs_trl": 0.7}, "first_batch_loss_abs_diff": 3e-9},
         "trl_targets": {"tidpo_dpo <= 0.8x TRL": True},
     }
-    doc["targets"] = targets(doc)
+    doc["targets"] = beats_dpo(doc["methods"])
     rows = {figure.split(":")[0]: (result, verdict) for _, figure, result, verdict in rows_real(doc)}
     assert rows["judged win rate over the reference's answers"] == (
         "0.410 ± 0.010 / 0.510 ± 0.010 / 0.310 ± 0.010",

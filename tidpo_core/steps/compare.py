@@ -141,7 +141,7 @@ def compare_methods(
         methods=settings.methods,
         seeds=settings.seeds,
         train_overrides={"max_steps": settings.max_steps, **engine_options},
-        eval_settings=_run_evaluation(settings, engine_options, EncodingSettings(**weights["encoding"])),
+        eval_settings=comparison_eval_settings(settings, engine_options, EncodingSettings(**weights["encoding"])),
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
@@ -184,7 +184,7 @@ def _comparison_inputs(
     )
 
 
-def _run_evaluation(
+def comparison_eval_settings(
     settings: ComparisonSettings, engine_options: Mapping[str, Any], encoding: EncodingSettings
 ) -> ModelEvalSettings:
     """How each run is evaluated: sampled from pi itself (temperature 1, no top-k/top-p), so the KL estimate is
