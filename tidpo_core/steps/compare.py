@@ -141,7 +141,9 @@ def compare_methods(
         methods=settings.methods,
         seeds=settings.seeds,
         train_overrides={"max_steps": settings.max_steps, **engine_options},
-        eval_settings=comparison_eval_settings(settings, engine_options, EncodingSettings(**weights["encoding"])),
+        eval_settings=comparison_eval_settings(
+            settings, engine_options, EncodingSettings(**weights["encoding"])
+        ),
         benchmarks=benchmarks,
         benchmark_options=benchmark_options,
         keep_models=settings.keep_models,
