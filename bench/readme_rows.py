@@ -372,7 +372,12 @@ def rows_grpo(doc: dict[str, Any]) -> list[Row]:
 def rows_real(doc: dict[str, Any]) -> list[Row]:
     """bench_real: the grid on a pretrained chat model, the estimators' precision@k on it, and TRL on it."""
     model = doc.get("setup", {}).get("model", "the pretrained model")
-    return _real_grid_rows(doc, model) + _real_importance_rows(doc, model) + _real_trl_rows(doc, model)
+    return (
+        _real_grid_rows(doc, model)
+        + _real_rejudged_rows(doc)
+        + _real_importance_rows(doc, model)
+        + _real_trl_rows(doc, model)
+    )
 
 
 def _real_grid_rows(doc: dict[str, Any], model: str) -> list[Row]:
@@ -401,10 +406,53 @@ def _real_grid_rows(doc: dict[str, Any], model: str) -> list[Row]:
         verdict = winner(judged[metric]) if metric in judged else ""
         rows.append((title, f"{label}: {' / '.join(methods)}", values, verdict))
         title = ""
-    for name, target in doc.get("targets", {}).items():
-        gap = f"gap {target['gap']:+.3f}, spreads {target['spreads']:.3f}"
-        rows.append(("", name, gap, _mark(target["met"])))
+    rows += _target_rows(doc, rejudged=False)
     return rows
+
+
+def _target_rows(doc: dict[str, Any], rejudged: bool) -> list[Row]:
+    """The grid's targets, or (rejudged) those on the win rate at equal lengths."""
+    return [
+        ("", name, f"gap {target['gap']:+.3f}, spreads {target['spreads']:.3f}", _mark(target["met"]))
+        for name, target in doc.get("targets", {}).items()
+        if ("length_controlled" in name) == rejudged
+    ]
+
+
+def _real_rejudged_rows(doc: dict[str, Any]) -> list[Row]:
+    """bench_real --part rejudge: the grid's answers judged again, and the win rate at equal lengths."""
+    from bench import bench_real
+
+    rejudged = doc.get("rejudged", {})
+    table = rejudged.get("methods", {})
+    if not table:
+        return []
+    methods = [m for m in (*bench_real.METHODS, "reference") if m in table]
+    labels = {
+        "judged_win_rate": "judged win rate, answers sampled again",
+        "judged_win_rate_length_controlled": "judged win rate at equal answer lengths",
+        "mean_length": "mean answer length, tokens",
+    }
+    judged = verdicts(table, {m: (label, True) for m, label in labels.items() if m != "mean_length"})
+    rows: list[Row] = []
+    title = f"the grid's answers judged again ({rejudged['prompts']} prompts per run)"
+    for metric, label in labels.items():
+        shown = [m for m in methods if metric in table[m]]
+        values = " / ".join(_ms(table[m][metric], 1 if metric == "mean_length" else 3) for m in shown)
+        rows.append(
+            (
+                title,
+                f"{label}: {' / '.join(shown)}",
+                values,
+                winner(judged[metric]) if metric in judged else "",
+            )
+        )
+        title = ""
+    differences = rejudged.get("reproduces_grid", {})
+    worst = max((v for v in differences.values() if v is not None), default=None)
+    if worst is not None:
+        rows.append(("", "largest difference from the grid's own judged figures", f"{worst:.2g}", ""))
+    return rows + _target_rows(doc, rejudged=True)
 
 
 def _real_importance_rows(doc: dict[str, Any], model: str) -> list[Row]:

@@ -140,7 +140,25 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
         "trl": {"tidpo_dpo": {"epoch_ratio_vs_trl": 0.7}, "first_batch_loss_abs_diff": 3e-9},
         "trl_targets": {"tidpo_dpo <= 0.8x TRL": True},
     }
-    doc["targets"] = beats_dpo(doc["methods"])
+    doc["rejudged"] = {
+        "prompts": 128,
+        "methods": {  # at equal lengths dpo leads tidpo by 0.10 > 0.02 + 0.02
+            "dpo": {
+                "judged_win_rate_length_controlled": _cell(0.58, 0.60, 0.62),
+                "mean_length": _cell(50, 52),
+            },
+            "tidpo": {
+                "judged_win_rate_length_controlled": _cell(0.48, 0.50, 0.52),
+                "mean_length": _cell(55, 55),
+            },
+            "reference": {"mean_length": _cell(55, 55)},
+        },
+        "reproduces_grid": {"judged_win_rate_max_abs_diff": 0.0, "mean_length_max_abs_diff": 0.02},
+    }
+    doc["targets"] = {
+        **beats_dpo(doc["methods"]),
+        **beats_dpo(doc["rejudged"]["methods"], "judged_win_rate_length_controlled"),
+    }
     rows = {figure.split(":")[0]: (result, verdict) for _, figure, result, verdict in rows_real(doc)}
     assert rows["judged win rate over the reference's answers"] == (
         "0.410 ± 0.010 / 0.510 ± 0.010 / 0.310 ± 0.010",
@@ -153,6 +171,13 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
         "met",
     )
     assert rows["judge (reward model on pairs no policy saw)"][0] == "0.555 on 256 pairs"
+    assert rows["judged win rate at equal answer lengths"] == ("0.600 ± 0.020 / 0.500 ± 0.020", "best: dpo")
+    assert rows["mean answer length, tokens"][0] == "51.0 ± 1.4 / 55.0 ± 0.0 / 55.0 ± 0.0"
+    assert rows["largest difference from the grid's own judged figures"] == ("0.02", "")
+    assert rows["tidpo judged_win_rate_length_controlled beats dpo by more than both stds"] == (
+        "gap -0.100, spreads 0.040",
+        "not met",
+    )
     assert rows["span_position uniform"] == (
         "contrastive 0.850 (raw 0.900)",
         "contrastive hybrid precision@k at uniform >= 0.8: met",
