@@ -406,6 +406,18 @@ def _real_grid_rows(doc: dict[str, Any], model: str) -> list[Row]:
         verdict = winner(judged[metric]) if metric in judged else ""
         rows.append((title, f"{label}: {' / '.join(methods)}", values, verdict))
         title = ""
+    frontier = doc.get("frontier", {})
+    if frontier:
+        above = frontier["above_the_line"]
+        shown = [m for m in methods if m in above]
+        rows.append(
+            (
+                "",
+                f"win rate at matched KL, above one line through all runs ({frontier['slope_per_nat']:+.3f} per nat): {' / '.join(shown)}",
+                " / ".join(f"{above[m]['mean']:+.3f} ± {above[m]['std']:.3f}" for m in shown),
+                "",
+            )
+        )
     rows += _target_rows(doc, rejudged=False)
     return rows
 

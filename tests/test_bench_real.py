@@ -120,6 +120,26 @@ def _cell(*seeds: float) -> dict:
     return {"seeds": list(seeds), "mean": mean, "std": std, "n": len(seeds)}
 
 
+def test_the_win_rate_frontier_by_hand():
+    from bench.bench_real import win_rate_frontier
+
+    # Pooled points (0, 0), (1, 1), (2, 0), (3, 1): mean x 1.5, mean y 0.5, Sxy 1.0, Sxx 5.0, so the line is
+    # y = 0.2 + 0.2 x; residuals -0.2, +0.6 (method a) and -0.6, +0.2 (method b).
+    table = {
+        "a": {"kl_to_reference": _cell(0.0, 1.0), "judged_win_rate": _cell(0.0, 1.0)},
+        "b": {"kl_to_reference": _cell(2.0, 3.0), "judged_win_rate": _cell(0.0, 1.0)},
+        "reference": {"kl_to_reference": _cell(0.0)},  # no win rate: not on the frontier
+    }
+    frontier = win_rate_frontier(table)
+    assert frontier["slope_per_nat"] == pytest.approx(0.2) and frontier["intercept"] == pytest.approx(0.2)
+    assert frontier["above_the_line"]["a"]["mean"] == pytest.approx(0.2)
+    assert frontier["above_the_line"]["b"]["mean"] == pytest.approx(-0.2)
+    assert frontier["above_the_line"]["a"]["std"] == pytest.approx(math.sqrt(0.32))  # sample std of -0.2, 0.6
+    assert set(frontier["above_the_line"]) == {"a", "b"}
+    assert win_rate_frontier({"a": table["a"]}) == {}  # a line through two runs says nothing
+    assert win_rate_frontier({"a": {"kl_to_reference": _cell(1.0), "judged_win_rate": _cell(0.5)}}) == {}
+
+
 def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
     """A hand-made real.json: the rendered rows name the leader only where its lead exceeds both seeds'
     spreads, lower is better for KL and time, and the targets of the three parts read met / not met."""
@@ -155,6 +175,11 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
         },
         "reproduces_grid": {"judged_win_rate_max_abs_diff": 0.0, "mean_length_max_abs_diff": 0.02},
     }
+    doc["frontier"] = {
+        "slope_per_nat": 0.05,
+        "intercept": 0.5,
+        "above_the_line": {"dpo": _cell(-0.01, 0.01), "tidpo": _cell(0.02, 0.04)},
+    }
     doc["targets"] = {
         **beats_dpo(doc["methods"]),
         **beats_dpo(doc["rejudged"]["methods"], "judged_win_rate_length_controlled"),
@@ -171,6 +196,10 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
         "met",
     )
     assert rows["judge (reward model on pairs no policy saw)"][0] == "0.555 on 256 pairs"
+    assert rows["win rate at matched KL, above one line through all runs (+0.050 per nat)"] == (
+        "+0.000 ± 0.014 / +0.030 ± 0.014",
+        "",
+    )
     assert rows["judged win rate at equal answer lengths"] == ("0.600 ± 0.020 / 0.500 ± 0.020", "best: dpo")
     assert rows["mean answer length, tokens"][0] == "51.0 ± 1.4 / 55.0 ± 0.0 / 55.0 ± 0.0"
     assert rows["largest difference from the grid's own judged figures"] == ("0.02", "")

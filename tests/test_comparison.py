@@ -21,7 +21,7 @@ from tidpo_core.evaluation.comparison import (
     run_method_comparison,
 )
 from tidpo_core.evaluation.comparison_judge import length_controlled_win_rate, win_rate
-from tidpo_core.evaluation.comparison_report import comparison_markdown
+from tidpo_core.evaluation.comparison_report import comparison_markdown, tradeoff_points
 from tidpo_core.runtime import tracking
 from tidpo_pipeline.assets.anchors import anchor_responses
 from tidpo_pipeline.assets.compare import method_comparison
@@ -163,6 +163,19 @@ def test_length_control_needs_one_length_per_answer():
         length_controlled_win_rate([1.0, 0.0], [0.5, 0.5], [3], [3, 4])
 
 
+def test_the_tradeoff_takes_one_point_per_run_that_measured_both():
+    runs = [
+        ComparisonRun("reference", 0, {"kl_to_reference": 0.0}),  # no win rate over itself
+        ComparisonRun("dpo", 0, {"kl_to_reference": 1.5, "judged_win_rate": 0.6}),
+        ComparisonRun("dpo", 1, {"kl_to_reference": float("nan"), "judged_win_rate": 0.7}),
+        ComparisonRun("tidpo", 0, {"kl_to_reference": 0.4, "judged_win_rate": 0.5}),
+    ]
+    assert tradeoff_points(runs, "kl_to_reference", "judged_win_rate") == {
+        "dpo": [(1.5, 0.6)],
+        "tidpo": [(0.4, 0.5)],
+    }
+
+
 def test_method_comparison_job_is_separate_from_training():
     training = defs.resolve_job_def("tidpo_training")
     comparison = defs.resolve_job_def("method_comparison")
@@ -212,12 +225,14 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
         "judged_win_rate_length_controlled",
     ):
         assert f"| {metric} |" in table
+    assert "method_comparison_tradeoff.png" in meta["tradeoff"].value  # the frontier, inline in the UI
     report = meta["report_dir"].value
     with open(f"{report}/method_comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == ["reference", *methods]
     assert all(0.0 <= float(r["reward_accuracy_mean"]) <= 1.0 for r in rows)
     assert (tmp_path / "docs" / "img" / "method_comparison.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "img" / "method_comparison_tradeoff.png").stat().st_size > 0
 
     con = store.connect(tmp_path / "data" / store.DATABASE_FILE, read_only=True)
     try:

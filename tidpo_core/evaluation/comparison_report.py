@@ -191,3 +191,16 @@ def training_curves(
                 if len(values) == len(group)
             ]
     return series
+
+
+def tradeoff_points(
+    runs: Sequence[ComparisonRun], x_metric: str, y_metric: str
+) -> dict[str, list[tuple[float, float]]]:
+    """Per method, one (x, y) point per run that measured both metrics (the reference row has no win rate
+    over itself, so a win-rate trade-off leaves it out)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        x, y = run.metrics.get(x_metric), run.metrics.get(y_metric)
+        if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y)):
+            points.setdefault(run.method, []).append((float(x), float(y)))
+    return points

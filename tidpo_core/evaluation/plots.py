@@ -29,7 +29,9 @@ __all__ = [
     "HeatmapRow",
     "HeatmapSection",
     "png_markdown",
+    "TradeoffPanel",
     "save_comparison_png",
+    "save_tradeoff_png",
     "save_token_heatmap_png",
     "save_training_curves_png",
     "token_display_text",
@@ -325,6 +327,45 @@ def save_comparison_png(
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _fig_to_file(fig, path, 110)
+
+
+@dataclass(frozen=True)
+class TradeoffPanel:
+    """One scatter of a trade-off: per method, one (x, y) point per run; `level` draws a dashed line at that y
+    (0.5 for a win rate: parity with the baseline)."""
+
+    x_label: str
+    y_label: str
+    points: Mapping[str, Sequence[tuple[float, float]]]
+    level: float | None = None
+
+
+def save_tradeoff_png(panels: Sequence[TradeoffPanel], path: str | Path, *, title: str = "") -> Path:
+    """Side-by-side scatters, a colour per method: each run as a dot, the method's mean as a large cross.
+    The DPO paper's reward-KL frontier is one (KL to the reference on x, win rate on y)."""
+    if not any(p.points for p in panels):
+        raise ValueError("no points to draw")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    methods = list(dict.fromkeys(m for p in panels for m in p.points))
+    colours = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
+    for ax, panel in zip(axes.flat, panels, strict=True):
+        for method, points in panel.points.items():
+            finite = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+            if not finite:
+                continue
+            xs, ys = zip(*finite, strict=True)
+            ax.scatter(xs, ys, color=colours[method], s=22, alpha=0.6)
+            ax.scatter(np.mean(xs), np.mean(ys), color=colours[method], marker="X", s=110, label=method)
+        if panel.level is not None:
+            ax.axhline(panel.level, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(panel.x_label, fontsize=9)
+        ax.set_ylabel(panel.y_label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -23,12 +23,18 @@ from tidpo_core.evaluation.comparison import (
 from tidpo_core.evaluation.comparison_report import (
     PLOT_METRICS,
     comparison_markdown,
+    tradeoff_points,
     training_curves,
     write_comparison_csv,
     write_comparison_table,
     write_runs_csv,
 )
-from tidpo_core.evaluation.plots import save_comparison_png, save_training_curves_png
+from tidpo_core.evaluation.plots import (
+    TradeoffPanel,
+    save_comparison_png,
+    save_tradeoff_png,
+    save_training_curves_png,
+)
 from tidpo_core.evaluation.settings import ModelEvalSettings
 from tidpo_core.models.generation import SamplingSettings
 from tidpo_core.runtime import tracking
@@ -42,6 +48,7 @@ from tidpo_core.steps.weights import WeighingSettings, weigh_tokens
 
 COMPARISON_PNG = "method_comparison.png"
 COMPARISON_CURVES_PNG = "method_comparison_curves.png"
+COMPARISON_TRADEOFF_PNG = "method_comparison_tradeoff.png"
 
 
 @dataclass(frozen=True)
@@ -270,6 +277,21 @@ def _write_report(
             curves, report_dir / COMPARISON_CURVES_PNG, title="training, mean over seeds"
         )
         pictures["training_curves"] = report_dir / COMPARISON_CURVES_PNG
+    frontier = tradeoff_points(result.runs, "kl_to_reference", "judged_win_rate")
+    if frontier:  # the DPO paper's frontier: how far each run moved from the reference, for what gain
+        save_tradeoff_png(
+            [
+                TradeoffPanel(
+                    "KL to the reference, nats per answer",
+                    "judged win rate over the reference",
+                    frontier,
+                    level=0.5,
+                )
+            ],
+            report_dir / COMPARISON_TRADEOFF_PNG,
+            title="one dot per run, a cross per method's mean",
+        )
+        pictures["tradeoff"] = report_dir / COMPARISON_TRADEOFF_PNG
     return table_markdown, csv_path, pictures
 
 
