@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, real_frontier
 from bench.verdicts import verdicts
 
 NAME = "real"
@@ -406,68 +406,11 @@ def merge_results(section: dict[str, Any], quick: bool, started: float) -> dict[
         **beats_dpo(rejudged, "judged_win_rate_length_controlled"),
     }
     figures["verdicts"] = verdicts(figures.get("methods", {}), VERDICT_METRICS)
-    figures["frontier"] = win_rate_frontier(figures.get("methods", {}))
-    save_tradeoffs(figures, common.results_dir() / f"{NAME}{'-quick' if quick else ''}-tradeoff.png")
-    return common.write_results(NAME, figures, quick, started)
-
-
-def win_rate_frontier(table: dict[str, Any]) -> dict[str, Any]:
-    """The win rate at matched KL: one least-squares line of judged win rate on KL to the reference through
-    every run of every method, and per method its runs' mean distance above that line (mean, std over
-    seeds). A method that wins only by moving further from the reference sits on the line."""
-    points = _seed_points(table, "kl_to_reference", "judged_win_rate")
-    pooled = [xy for method_points in points.values() for xy in method_points]
-    if len(pooled) < 3 or len({x for x, _ in pooled}) < 2:
-        return {}
-    xs, ys = zip(*pooled, strict=True)
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in pooled) / sum((x - mean_x) ** 2 for x in xs)
-    intercept = mean_y - slope * mean_x
-    above = {
-        method: common.mean_std([y - (intercept + slope * x) for x, y in method_points])
-        for method, method_points in points.items()
-    }
-    return {"slope_per_nat": slope, "intercept": intercept, "above_the_line": above}
-
-
-def _seed_points(table: dict[str, Any], x: str, y: str) -> dict[str, list[tuple[float, float]]]:
-    """Per method, the (x, y) of each seed (the cells list their seeds in one order)."""
-    return {
-        method: list(zip(row[x]["seeds"], row[y]["seeds"], strict=True))
-        for method, row in table.items()
-        if x in row and y in row
-    }
-
-
-def save_tradeoffs(figures: dict[str, Any], path: Path) -> Path | None:
-    """The grid's trade-offs, one dot per seed: judged win rate against KL to the reference (the DPO paper's
-    frontier), and with the rejudged answers, the win rate at equal lengths against answer length."""
-    from tidpo_core.evaluation.plots import TradeoffPanel, save_tradeoff_png
-
-    panels = [
-        TradeoffPanel(
-            "KL to the reference, nats per answer",
-            "judged win rate over the reference",
-            _seed_points(figures.get("methods", {}), "kl_to_reference", "judged_win_rate"),
-            level=0.5,
-        ),
-        TradeoffPanel(
-            "mean answer length, tokens",
-            "judged win rate at equal lengths",
-            _seed_points(
-                figures.get("rejudged", {}).get("methods", {}),
-                "mean_length",
-                "judged_win_rate_length_controlled",
-            ),
-            level=0.5,
-        ),
-    ]
-    panels = [p for p in panels if p.points]
-    if not panels:
-        return None
-    return save_tradeoff_png(
-        panels, path, title=f"{figures.get('setup', {}).get('model', '')}: one dot per seed"
+    figures["frontier"] = real_frontier.win_rate_frontier(figures.get("methods", {}))
+    real_frontier.save_tradeoffs(
+        figures, common.results_dir() / f"{NAME}{'-quick' if quick else ''}-tradeoff.png"
     )
+    return common.write_results(NAME, figures, quick, started)
 
 
 def run(
@@ -483,219 +426,22 @@ def run(
     work = work or common.ROOT / ".tidpo" / (f"bench-{NAME}-quick" if quick else f"bench-{NAME}")
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+    from bench import real_parts  # it builds on this module's grid
+
     figures: dict[str, Any] = {}
     if part in ("grid", "all"):
         figures = merge_results(run_grid(work, model, sizes), quick, started)
     if part in ("importance", "all"):
-        figures = merge_results(importance_section(model, quick), quick, started)
+        figures = merge_results(real_parts.importance_section(model, quick), quick, started)
     if part in ("trl", "all"):
-        figures = merge_results(trl_section(model, quick), quick, started)
+        figures = merge_results(real_parts.trl_section(model, quick), quick, started)
     if part == "rejudge":
-        figures = merge_results(rejudge_section(work, model, sizes, quick), quick, started)
+        figures = merge_results(real_parts.rejudge_section(work, model, sizes, quick), quick, started)
     return figures
 
 
 # rejudge is not in "all": a grid evaluated by this commit's comparison already carries every judged figure.
 PARTS = ("grid", "importance", "trl", "rejudge", "all")
-
-
-def importance_section(model: str, quick: bool) -> dict[str, Any]:
-    """real.json's "importance": every estimator's precision@k (hybrid, and raw beside it) with `model` as the
-    reference, at both span positions (bench_importance.run_pretrained, which also writes its own file)."""
-    from bench import bench_importance
-
-    doc = bench_importance.run_pretrained(model, quick=quick)
-    section: dict[str, Any] = {}
-    for position, rows in doc["span_position"].items():
-        section[position] = {
-            name: {key: row[key] for key in ("precision_at_k", "raw_precision_at_k") if key in row}
-            for name, row in rows.items()
-            if isinstance(row, dict) and "precision_at_k" in row
-        }
-    section["commit"] = doc["commit"]
-    return {"importance": section, "importance_targets": doc["target"]}
-
-
-def trl_section(model: str, quick: bool) -> dict[str, Any]:
-    """real.json's "trl": tidpo's epoch time over TRL's DPOTrainer's on `model` (bench_trl.run_pretrained, which
-    also writes its own file), and the first-batch loss difference."""
-    from bench import bench_trl
-
-    doc = bench_trl.run_pretrained(model, quick=quick)
-    section: dict[str, Any] = {
-        method: {
-            "epoch_ratio_vs_trl": row["epoch_ratio_vs_trl"],
-            "epoch_ratio_vs_trl_rounds": row["epoch_ratio_vs_trl_rounds"],
-        }
-        for method, row in doc["methods"].items()
-        if method != "trl_dpo"
-    }
-    section["first_batch_loss_abs_diff"] = doc["first_batch_loss_abs_diff"]
-    section["token_ids"] = doc["methods"]["trl_dpo"]["token_ids"]
-    section["setup"] = doc["setup"]
-    section["commit"] = doc["commit"]
-    return {"trl": section, "trl_targets": doc["target"]}
-
-
-REJUDGED = ("judged_win_rate", "judged_win_rate_length_controlled", "reward_model_score", "mean_length")
-
-
-def rejudge_section(work: Path, model: str, sizes: GridSizes, quick: bool) -> dict[str, Any]:
-    """real.json's "rejudged": the grid's kept models answer the same held-out prompts again (the comparison's
-    settings and sampling seed), the judge scores each answer, and each run gets its win rate over the
-    reference's answers, plain and at equal lengths (judged_win_rate_length_controlled). For a grid evaluated
-    before the comparison kept its answers' lengths; "reproduces_grid" compares the plain figures with the
-    grid's own. Each model's answers are kept in `work`/rejudged, so a stopped part resumes."""
-    from tidpo_core import store
-    from tidpo_core.batching.features import EncodingSettings
-    from tidpo_core.evaluation.comparison_judge import length_controlled_win_rate, win_rate
-    from tidpo_core.evaluation.evaluate import sample_prompt_pairs
-    from tidpo_core.runtime.layout import DataDir
-    from tidpo_core.steps.compare import comparison_eval_settings
-
-    grid = (
-        json.loads(common.result_path(NAME, quick).read_text())
-        if common.result_path(NAME, quick).exists()
-        else {}
-    )
-    comparison_id = grid.get("setup", {}).get("comparison_id")
-    folder = DataDir.at(work).comparison_run(comparison_id) if comparison_id else None
-    judge_dir = work / "judge"
-    if folder is None or not (folder / "reference").is_dir() or not judge_dir.is_dir():
-        raise FileNotFoundError(
-            f"--part rejudge needs a grid evaluated in {work} and recorded in {common.result_path(NAME, quick)}"
-        )
-    split = split_pairs(common.SHARED_DATA / DATA_FILE, sizes)
-    stages = prepare(work, model, split, sizes)
-    settings = comparison_eval_settings(
-        grid_settings(sizes),
-        grid_engine_options(sizes, str(judge_dir)),
-        EncodingSettings(**stages["weights"]["encoding"]),
-    )
-    eval_pairs = store.read_pairs_at(str(stages["layout"].database), split="eval")
-    prompts = [p.prompt for p in sample_prompt_pairs(eval_pairs, settings.sample_prompts)]
-    judge = _Judge(judge_dir, eval_pairs)
-    cache = work / "rejudged"
-    stored = {"reference": _stored_eval(folder / "reference")}
-    answers = {"reference": _answers(cache, "reference", stages["reference"].path, prompts, settings, judge)}
-    for method in sizes.methods:
-        for seed in sizes.seeds:
-            name = f"{method}/seed_{seed}"
-            stored[name] = _stored_eval(folder / method / f"seed_{seed}")
-            answers[name] = _answers(cache, name, stored[name]["model_path"], prompts, settings, judge)
-    reference = answers["reference"]
-    methods: dict[str, Any] = {}
-    differences: dict[str, list[float]] = {"judged_win_rate": [], "reward_model_score": [], "mean_length": []}
-    for name, got in answers.items():
-        figures = {
-            "reward_model_score": sum(got["rewards"]) / len(got["rewards"]),
-            "mean_length": sum(got["lengths"]) / len(got["lengths"]),
-        }
-        if name != "reference":
-            figures["judged_win_rate"] = win_rate(got["rewards"], reference["rewards"])[0]
-            figures["judged_win_rate_length_controlled"] = length_controlled_win_rate(
-                got["rewards"], reference["rewards"], got["lengths"], reference["lengths"]
-            )
-        for metric, values in differences.items():
-            if metric in figures and metric in stored[name]["metrics"]:
-                values.append(abs(figures[metric] - float(stored[name]["metrics"][metric])))
-        row = methods.setdefault(name.split("/")[0], {})
-        for metric in REJUDGED:
-            if metric in figures:
-                row.setdefault(metric, {"seeds": []})["seeds"].append(figures[metric])
-    for row in methods.values():
-        for cell in row.values():
-            cell.update(common.mean_std(cell["seeds"]))
-    common.log(
-        NAME,
-        "rejudged: "
-        + ", ".join(
-            f"{m} {row['judged_win_rate_length_controlled']['mean']:.3f}"
-            for m, row in methods.items()
-            if "judged_win_rate_length_controlled" in row
-        )
-        + " (win rate at equal lengths)",
-    )
-    return {
-        "rejudged": {
-            "methods": methods,
-            "reproduces_grid": {f"{m}_max_abs_diff": max(v, default=None) for m, v in differences.items()},
-            "prompts": len(prompts),
-            "grid_commits": grid.get("commits", []),
-            "commit": common.git_commit(),
-            "seconds": {name: got["seconds"] for name, got in answers.items()},
-        }
-    }
-
-
-class _Judge:
-    """The grid's judge, loaded on first use (a resumed part whose answers are all kept never loads it)."""
-
-    def __init__(self, path: Path, eval_pairs: list[Any]):
-        self.path, self.eval_pairs, self._scorer = path, eval_pairs, None
-
-    def __call__(self, samples: Any) -> list[float]:
-        from tidpo_core.evaluation.comparison_judge import judge_rewards
-        from tidpo_core.method.grpo import reward_function
-
-        if self._scorer is None:
-            self._scorer = reward_function("model", str(self.path), self.eval_pairs)
-        return judge_rewards(self._scorer, samples) or []
-
-
-def _stored_eval(folder: Path) -> dict[str, Any]:
-    """The grid's evaluation of one run (its comparison_eval.json): model_path and metrics."""
-    return json.loads((folder / "comparison_eval.json").read_text())["run"]
-
-
-def _answers(
-    cache: Path, name: str, model_path: str, prompts: list[str], settings: Any, judge: _Judge
-) -> dict[str, Any]:
-    """One model's answers to `prompts` (the comparison's sampling), their judge rewards and lengths in tokens;
-    kept in `cache` under a key of the model, prompts, sampling and judge."""
-    from tidpo_core.batching.chat import stop_token_ids
-    from tidpo_core.evaluation.diversity import answer_tokens
-    from tidpo_core.evaluation.sampled_responses import sample_with_tokens
-    from tidpo_core.models.modeling import load_model_and_tokenizer
-    from tidpo_core.runtime.fingerprint import digest
-    from tidpo_core.runtime.threads import threads_for
-
-    key = digest(
-        {
-            "model": model_path,
-            "prompts": prompts,
-            "sampling": asdict(settings.sampling),
-            "judge": (judge.path / "tidpo_reward.json").read_text()
-            if (judge.path / "tidpo_reward.json").exists()
-            else "",
-        }
-    )
-    path = cache / f"{name.replace('/', '-')}.json"
-    if path.exists():
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return kept
-    tic = time.perf_counter()
-    policy, tokenizer = load_model_and_tokenizer(model_path)
-    with threads_for(policy):
-        samples = sample_with_tokens(policy, tokenizer, prompts, settings.sampling, progress=True)
-    del policy
-    rewards = judge(samples)
-    lengths = [len(t) for t in answer_tokens(samples, stop_token_ids(tokenizer))]
-    got = {
-        "key": key,
-        "model_path": model_path,
-        "texts": samples.texts,
-        "rewards": rewards,
-        "lengths": lengths,
-        "seconds": time.perf_counter() - tic,
-    }
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(got))
-    staging.replace(path)
-    common.log(NAME, f"rejudged {name}: {len(rewards)} answers in {got['seconds']:.0f} s")
-    return got
 
 
 def main() -> None:

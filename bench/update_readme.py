@@ -23,12 +23,12 @@ from bench.readme_rows import (
     rows_hh,
     rows_importance,
     rows_quality,
-    rows_real,
     rows_scaling,
     rows_training,
     rows_trl,
     rows_weights,
 )
+from bench.readme_rows_real import rows_real
 
 # The page that holds the table, unless a caller names another file.
 DEFAULT_PATH = Path("docs") / "benchmarks.md"

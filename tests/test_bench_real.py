@@ -121,7 +121,7 @@ def _cell(*seeds: float) -> dict:
 
 
 def test_the_win_rate_frontier_by_hand():
-    from bench.bench_real import win_rate_frontier
+    from bench.real_frontier import win_rate_frontier
 
     # Pooled points (0, 0), (1, 1), (2, 0), (3, 1): mean x 1.5, mean y 0.5, Sxy 1.0, Sxx 5.0, so the line is
     # y = 0.2 + 0.2 x; residuals -0.2, +0.6 (method a) and -0.6, +0.2 (method b).
@@ -144,7 +144,7 @@ def test_the_table_judges_real_json_by_the_spread_of_the_seeds():
     """A hand-made real.json: the rendered rows name the leader only where its lead exceeds both seeds'
     spreads, lower is better for KL and time, and the targets of the three parts read met / not met."""
     from bench.bench_real import beats_dpo
-    from bench.readme_rows import rows_real
+    from bench.readme_rows_real import rows_real
 
     doc = {
         "setup": {"model": "smollm2", "split_info": {"train": 512, "eval": 256}},

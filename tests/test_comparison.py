@@ -225,7 +225,9 @@ def test_method_comparison_runs_on_a_tiny_config_and_writes_its_table(tmp_path):
         "judged_win_rate_length_controlled",
     ):
         assert f"| {metric} |" in table
-    assert "method_comparison_tradeoff.png" in meta["tradeoff"].value  # the frontier, inline in the UI
+    # the frontier, inline in the UI
+    assert meta["tradeoff"].value.startswith("![tradeoff](data:image/png;base64,")
+    assert meta["tradeoff_png"].value.endswith("method_comparison_tradeoff.png")
     report = meta["report_dir"].value
     with open(f"{report}/method_comparison.csv") as handle:
         rows = list(csv.DictReader(handle))

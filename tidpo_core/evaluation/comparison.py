@@ -36,12 +36,10 @@ from tidpo_core.evaluation.benchmark_runner import run_benchmarks
 from tidpo_core.evaluation.benchmarks import BenchmarkOptions, BenchmarkResult, benchmark_metrics
 from tidpo_core.evaluation.comparison_judge import (
     grpo_reward_setting,
-    judge_rewards,
-    length_controlled_win_rate,
+    judged_answers,
+    judged_metrics,
     scoring_reward,
-    win_rate,
 )
-from tidpo_core.evaluation.diversity import answer_tokens
 from tidpo_core.evaluation.evaluate import evaluate_model
 from tidpo_core.evaluation.preference import score_pairs
 from tidpo_core.evaluation.settings import ModelEvalSettings
@@ -416,8 +414,7 @@ def _evaluate_run(
         reused=reused,
         history=summary.get("history", []),
     )
-    _judged(run, plan, evaluation.samples, tokenizer)
-    _add_win_rates(run, baseline)
+    _judged(run, plan, evaluation.samples, tokenizer, baseline)
     if plan.benchmarks:
         _add_benchmarks(run, model_path, plan)
     run.eval_seconds = time.perf_counter() - tic
@@ -426,31 +423,19 @@ def _evaluate_run(
     return run
 
 
-def _judged(run: ComparisonRun, plan: _ComparisonPlan, samples: Any, tokenizer: Any) -> None:
-    """The judge's reward of each sampled answer and its length in tokens, kept in the run's info (so that a
-    later analysis can pair answers by prompt); their mean reward is the run's reward_model_score."""
-    rewards = judge_rewards(plan.scorer, samples)
-    if rewards is not None:
-        run.metrics["reward_model_score"] = float(np.mean(rewards))
-        run.info["judge_rewards"] = rewards
-        run.info["answer_lengths"] = [len(t) for t in answer_tokens(samples, stop_token_ids(tokenizer))]
-
-
-def _add_win_rates(run: ComparisonRun, baseline: Mapping[str, Any]) -> None:
-    """judged_win_rate (with its standard error) over the reference's answers to the same prompts, and the
-    same at equal lengths where both runs kept their answers' lengths (a reference evaluated before they were
-    kept has none)."""
-    rewards, reference_rewards = run.info.get("judge_rewards"), baseline.get("judge_rewards")
-    if rewards is None or reference_rewards is None or len(rewards) != len(reference_rewards):
-        return
-    run.metrics["judged_win_rate"], run.metrics["judged_win_rate_stderr"] = win_rate(
-        rewards, reference_rewards
-    )
-    lengths, reference_lengths = run.info.get("answer_lengths"), baseline.get("answer_lengths")
-    if lengths is not None and reference_lengths is not None:
-        run.metrics["judged_win_rate_length_controlled"] = length_controlled_win_rate(
-            rewards, reference_rewards, lengths, reference_lengths
-        )
+def _judged(
+    run: ComparisonRun,
+    plan: _ComparisonPlan,
+    samples: Any,
+    tokenizer: Any,
+    baseline: Mapping[str, Any] | None = None,
+) -> None:
+    """The judge's figures of the run's answers (the reference run's info is the `baseline` of the others),
+    and the answers' rewards and lengths kept in the run's info."""
+    answers = judged_answers(plan.scorer, samples, stop_token_ids(tokenizer))
+    if answers is not None:
+        run.info.update(answers)
+        run.metrics.update(judged_metrics(answers, baseline))
 
 
 def _add_benchmarks(run: ComparisonRun, model_path: str, plan: _ComparisonPlan) -> None:

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
 from tidpo_core.data.pairs import PreferencePair
+from tidpo_core.evaluation.diversity import answer_tokens
 from tidpo_core.method.grpo import RewardFunction, phrase_reward, reward_function
 from tidpo_core.training import TrainConfig
 
@@ -46,6 +47,35 @@ def judge_rewards(scorer: RewardFunction | None, samples: Any) -> list[float] | 
     if len(values) != len(samples.texts):
         raise ValueError(f"the reward returned {len(values)} values for {len(samples.texts)} completions")
     return values
+
+
+def judged_answers(
+    scorer: RewardFunction | None, samples: Any, stops: Collection[int]
+) -> dict[str, list[Any]] | None:
+    """The judge's reward of each sampled answer and its length in tokens without the `stops` tokens (None
+    without a judge or samples): what a run keeps so that a later analysis can pair answers by prompt."""
+    rewards = judge_rewards(scorer, samples)
+    if rewards is None:
+        return None
+    return {"judge_rewards": rewards, "answer_lengths": [len(t) for t in answer_tokens(samples, stops)]}
+
+
+def judged_metrics(answers: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """reward_model_score (the mean reward), and against the baseline's answers to the same prompts
+    judged_win_rate with its standard error and, where both kept their lengths,
+    judged_win_rate_length_controlled."""
+    rewards = answers["judge_rewards"]
+    metrics = {"reward_model_score": float(np.mean(rewards))}
+    reference = (baseline or {}).get("judge_rewards")
+    if reference is None or len(reference) != len(rewards):
+        return metrics
+    metrics["judged_win_rate"], metrics["judged_win_rate_stderr"] = win_rate(rewards, reference)
+    lengths, reference_lengths = answers.get("answer_lengths"), (baseline or {}).get("answer_lengths")
+    if lengths is not None and reference_lengths is not None:
+        metrics["judged_win_rate_length_controlled"] = length_controlled_win_rate(
+            rewards, reference, lengths, reference_lengths
+        )
+    return metrics
 
 
 def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
