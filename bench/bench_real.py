@@ -17,8 +17,9 @@ which the judge prefers the model's answer to the reference's.
     python -m bench.bench_real --part rejudge   # the grid's kept models answer again; win rate at equal lengths
     python -m bench.bench_real --quick          # the smoke test's sizes
 
-Results go to bench/results/real.json ("methods", "importance", "trl": each part replaces its own section).
-"""
+Results go to bench/results/real.json ("methods", "importance", "trl", "rejudged": each part replaces its own
+section; "frontier", the win rate at matched KL, follows the grid) and the trade-off picture beside it
+(real-tradeoff.png)."""
 
 from __future__ import annotations
 
