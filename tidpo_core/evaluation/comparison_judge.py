@@ -64,13 +64,13 @@ def judged_metrics(answers: Mapping[str, Any], baseline: Mapping[str, Any] | Non
     """reward_model_score (the mean reward), and against the baseline's answers to the same prompts
     judged_win_rate with its standard error and, where both kept their lengths,
     judged_win_rate_length_controlled."""
-    rewards = answers["judge_rewards"]
+    rewards, baseline = answers["judge_rewards"], baseline or {}
     metrics = {"reward_model_score": float(np.mean(rewards))}
-    reference = (baseline or {}).get("judge_rewards")
+    reference = baseline.get("judge_rewards")
     if reference is None or len(reference) != len(rewards):
         return metrics
     metrics["judged_win_rate"], metrics["judged_win_rate_stderr"] = win_rate(rewards, reference)
-    lengths, reference_lengths = answers.get("answer_lengths"), (baseline or {}).get("answer_lengths")
+    lengths, reference_lengths = answers.get("answer_lengths"), baseline.get("answer_lengths")
     if lengths is not None and reference_lengths is not None:
         metrics["judged_win_rate_length_controlled"] = length_controlled_win_rate(
             rewards, reference, lengths, reference_lengths
@@ -146,10 +146,11 @@ def _logistic_fit(design: np.ndarray, outcomes: np.ndarray, iterations: int = 10
         hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-9 * np.eye(design.shape[1])
         step = np.linalg.solve(hessian, gradient)
         scale = 1.0
-        while scale > 1e-6 and log_likelihood(beta + scale * step) < current:
+        improved = log_likelihood(beta + step)
+        while scale > 1e-6 and improved < current:
             scale /= 2
+            improved = log_likelihood(beta + scale * step)
         beta = beta + scale * step
-        improved = log_likelihood(beta)
         if abs(improved - current) < 1e-12:
             break
         current = improved
